@@ -1,0 +1,421 @@
+//! DNS: A/AAAA/SRV answers as nodes, re-resolved in the background when their TTL expires
+//! (`discovery.dns`, APISIX's `apisix/discovery/dns`), and the global resolver for hostnames in
+//! static node lists (`apisix.dns_resolver`).
+//!
+//! * `service_name` is `host` or `host:port`;
+//! * record types are tried in `order` (default `last, SRV, A, AAAA, CNAME`; `last` is the type
+//!   that last answered for that name);
+//! * SRV answers carry weight (0 becomes 1, split over the target's addresses), priority
+//!   (lower SRV priority is tried first: priority = -srv_priority) and port (a port in
+//!   `service_name` wins).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::NetError;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use serde_json::Map;
+
+use crate::{BoxFuture, Discovery, DiscoveryError, NodeSet, NodeSpec, Query, Resolution};
+
+/// A DNS record type in the lookup order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    Last,
+    Srv,
+    A,
+    Aaaa,
+    Cname,
+}
+
+impl RecordKind {
+    /// Parses APISIX's names (`last`, `SRV`, `A`, `AAAA`, `CNAME`).
+    pub fn parse(s: &str) -> Option<RecordKind> {
+        Some(match s {
+            "last" => RecordKind::Last,
+            "SRV" => RecordKind::Srv,
+            "A" => RecordKind::A,
+            "AAAA" => RecordKind::Aaaa,
+            "CNAME" => RecordKind::Cname,
+            _ => return None,
+        })
+    }
+}
+
+/// Settings of a resolver.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    /// Name servers; empty means the system configuration (or `resolv_conf`).
+    pub servers: Vec<SocketAddr>,
+    /// Contents of a resolv.conf to use instead of the system one.
+    pub resolv_conf: Option<String>,
+    pub order: Vec<RecordKind>,
+    pub timeout: Duration,
+    /// Overrides every TTL (`apisix.dns_resolver_valid`).
+    pub ttl_override: Option<Duration>,
+    /// Consult /etc/hosts first.
+    pub hosts_file: bool,
+    pub ipv6: bool,
+}
+
+impl Default for DnsOptions {
+    fn default() -> Self {
+        DnsOptions {
+            servers: vec![],
+            resolv_conf: None,
+            order: vec![
+                RecordKind::Last,
+                RecordKind::Srv,
+                RecordKind::A,
+                RecordKind::Aaaa,
+                RecordKind::Cname,
+            ],
+            timeout: Duration::from_secs(2),
+            ttl_override: None,
+            hosts_file: false,
+            ipv6: true,
+        }
+    }
+}
+
+/// Shortest and longest wait before re-resolving, whatever the TTL says.
+const MIN_TTL: Duration = Duration::from_secs(1);
+const MAX_TTL: Duration = Duration::from_secs(3600);
+
+/// A DNS backend.
+pub struct DnsDiscovery {
+    resolver: TokioResolver,
+    opts: DnsOptions,
+    last: Mutex<HashMap<String, RecordKind>>,
+}
+
+impl DnsDiscovery {
+    /// Builds the resolver.
+    pub fn new(opts: DnsOptions) -> Result<Self, DiscoveryError> {
+        let (config, mut ropts) = if !opts.servers.is_empty() {
+            let servers = opts
+                .servers
+                .iter()
+                .map(|s| {
+                    let mut ns = NameServerConfig::udp_and_tcp(s.ip());
+                    for c in &mut ns.connections {
+                        c.port = s.port();
+                    }
+                    ns
+                })
+                .collect();
+            (
+                ResolverConfig::from_name_servers(servers),
+                ResolverOpts::default(),
+            )
+        } else if let Some(text) = &opts.resolv_conf {
+            hickory_resolver::system_conf::parse_resolv_conf(text)
+                .map_err(|e| DiscoveryError::Config(format!("resolv_conf: {e}")))?
+        } else {
+            hickory_resolver::system_conf::read_system_conf()
+                .map_err(|e| DiscoveryError::Config(format!("/etc/resolv.conf: {e}")))?
+        };
+        ropts.timeout = opts.timeout;
+        ropts.attempts = 2;
+        // We schedule re-resolution ourselves at the TTL; a cache would hide outages and changes.
+        ropts.cache_size = 0;
+        ropts.use_hosts_file = if opts.hosts_file {
+            ResolveHosts::Always
+        } else {
+            ResolveHosts::Never
+        };
+        let mut builder =
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+        *builder.options_mut() = ropts;
+        let resolver = builder
+            .build()
+            .map_err(|e| DiscoveryError::Config(e.to_string()))?;
+        Ok(DnsDiscovery {
+            resolver,
+            opts,
+            last: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn ttl(&self, valid_until: Instant) -> Duration {
+        self.opts
+            .ttl_override
+            .unwrap_or_else(|| valid_until.saturating_duration_since(Instant::now()))
+            .clamp(MIN_TTL, MAX_TTL)
+    }
+
+    /// Resolves a host name to its addresses (A first, then AAAA), for static nodes.
+    pub async fn lookup_host(&self, host: &str) -> Result<(Vec<IpAddr>, Duration), DiscoveryError> {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok((vec![ip], MAX_TTL));
+        }
+        let name = fqdn(host);
+        let mut last_err = None;
+        let mut kinds = vec![RecordKind::A];
+        if self.opts.ipv6 {
+            kinds.push(RecordKind::Aaaa);
+        }
+        for kind in kinds {
+            match self.ips(&name, kind).await {
+                Ok(Some((ips, ttl))) => return Ok((ips, ttl)),
+                Ok(None) => {}
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| DiscoveryError::NotFound(host.to_string())))
+    }
+
+    /// A or AAAA records of `name`; `Ok(None)` when there are none.
+    async fn ips(
+        &self,
+        name: &str,
+        kind: RecordKind,
+    ) -> Result<Option<(Vec<IpAddr>, Duration)>, DiscoveryError> {
+        let res = match kind {
+            RecordKind::A => self.resolver.ipv4_lookup(name).await,
+            RecordKind::Aaaa => self.resolver.ipv6_lookup(name).await,
+            _ => return Ok(None),
+        };
+        match res {
+            Ok(lookup) => {
+                let ips: Vec<IpAddr> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    })
+                    .collect();
+                if ips.is_empty() {
+                    Ok(None)
+                } else {
+                    Ok(Some((ips, self.ttl(lookup.valid_until()))))
+                }
+            }
+            Err(e) => classify(e).map(|()| None),
+        }
+    }
+
+    async fn srv(
+        &self,
+        name: &str,
+        port: Option<u16>,
+    ) -> Result<Option<Resolution>, DiscoveryError> {
+        let lookup = match self.resolver.srv_lookup(name).await {
+            Ok(l) => l,
+            Err(e) => return classify(e).map(|()| None),
+        };
+        let mut valid = self.ttl(lookup.valid_until());
+        let mut entries = Vec::new();
+        for r in lookup.answers() {
+            if let RData::SRV(srv) = &r.data {
+                let target = srv.target.to_ascii();
+                let (ips, ttl) = match self.ips(&target, RecordKind::A).await? {
+                    Some(x) => x,
+                    None => match self.ips(&target, RecordKind::Aaaa).await? {
+                        Some(x) => x,
+                        None => continue,
+                    },
+                };
+                valid = valid.min(ttl);
+                entries.push((srv.priority, srv.weight.max(1) as u64, srv.port, ips));
+            }
+        }
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        // Split each SRV weight over its addresses, scaled by the LCM of address counts so
+        // weights stay integers (APISIX).
+        let lcm = entries.iter().map(|e| e.3.len() as u64).fold(1, lcm);
+        let mut nodes = Vec::new();
+        for (prio, weight, srv_port, ips) in entries {
+            let per = weight * lcm / ips.len() as u64;
+            let port = port.or((srv_port != 0).then_some(srv_port));
+            for ip in ips {
+                nodes.push(NodeSpec {
+                    host: ip.to_string(),
+                    port,
+                    weight: per.min(u32::MAX as u64) as u32,
+                    priority: -(prio as i32),
+                    metadata: Map::new(),
+                });
+            }
+        }
+        Ok(Some(Resolution {
+            nodes: NodeSet { nodes },
+            valid_for: Some(valid),
+        }))
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+fn lcm(a: u64, b: u64) -> u64 {
+    if a == 0 || b == 0 {
+        a.max(b)
+    } else {
+        a / gcd(a, b) * b
+    }
+}
+
+/// No records / no such name are answers (`Ok`), anything else is an outage.
+fn classify(e: NetError) -> Result<(), DiscoveryError> {
+    if e.is_nx_domain() || e.is_no_records_found() {
+        Ok(())
+    } else {
+        Err(DiscoveryError::Unavailable(e.to_string()))
+    }
+}
+
+/// Makes a name fully qualified so no search domain is appended.
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    }
+}
+
+/// Splits `host[:port]`.
+pub fn split_service_name(s: &str) -> Result<(String, Option<u16>), DiscoveryError> {
+    let bad = || {
+        DiscoveryError::Config(format!(
+            "invalid service_name {s:?}: expected host or host:port"
+        ))
+    };
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => {
+            let port: u16 = p.parse().map_err(|_| bad())?;
+            if h.is_empty() || port == 0 {
+                return Err(bad());
+            }
+            Ok((h.to_string(), Some(port)))
+        }
+        Some(_) => Err(bad()),
+        None if s.is_empty() => Err(bad()),
+        None => Ok((s.to_string(), None)),
+    }
+}
+
+impl Discovery for DnsDiscovery {
+    fn kind(&self) -> &'static str {
+        "dns"
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        query: &'a Query,
+    ) -> BoxFuture<'a, Result<Resolution, DiscoveryError>> {
+        Box::pin(async move {
+            let (host, port) = split_service_name(&query.service_name)?;
+            if let Ok(ip) = host.parse::<IpAddr>() {
+                let node = NodeSpec {
+                    host: ip.to_string(),
+                    port,
+                    weight: 1,
+                    priority: 0,
+                    metadata: Map::new(),
+                };
+                return Ok(Resolution {
+                    nodes: NodeSet { nodes: vec![node] },
+                    valid_for: Some(MAX_TTL),
+                });
+            }
+            let name = fqdn(&host);
+            let last = self.last.lock().ok().and_then(|m| m.get(&host).copied());
+            let mut order: Vec<RecordKind> = Vec::with_capacity(self.opts.order.len());
+            for k in &self.opts.order {
+                match (k, last) {
+                    (RecordKind::Last, Some(l)) => order.push(l),
+                    (RecordKind::Last, None) => {}
+                    (RecordKind::Aaaa, _) if !self.opts.ipv6 => {}
+                    (k, _) => order.push(*k),
+                }
+            }
+            order.dedup();
+            let mut error = None;
+            for kind in order {
+                let found = match kind {
+                    RecordKind::Srv => self.srv(&name, port).await,
+                    RecordKind::A | RecordKind::Aaaa | RecordKind::Cname => {
+                        let k = if kind == RecordKind::Cname {
+                            RecordKind::A
+                        } else {
+                            kind
+                        };
+                        self.ips(&name, k).await.map(|o| {
+                            o.map(|(ips, ttl)| Resolution {
+                                nodes: NodeSet {
+                                    nodes: ips
+                                        .into_iter()
+                                        .map(|ip| NodeSpec {
+                                            host: ip.to_string(),
+                                            port,
+                                            weight: 1,
+                                            priority: 0,
+                                            metadata: Map::new(),
+                                        })
+                                        .collect(),
+                                },
+                                valid_for: Some(ttl),
+                            })
+                        })
+                    }
+                    RecordKind::Last => Ok(None),
+                };
+                match found {
+                    Ok(Some(res)) => {
+                        if let Ok(mut m) = self.last.lock() {
+                            m.insert(host.clone(), kind);
+                        }
+                        return Ok(res);
+                    }
+                    Ok(None) => {}
+                    Err(e) => error = Some(e),
+                }
+            }
+            Err(error.unwrap_or_else(|| DiscoveryError::NotFound(query.service_name.clone())))
+        })
+    }
+}
+
+/// A shared handle to a resolver.
+pub type SharedDns = Arc<DnsDiscovery>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        assert_eq!(
+            split_service_name("web.svc").unwrap(),
+            ("web.svc".into(), None)
+        );
+        assert_eq!(
+            split_service_name("web.svc:8080").unwrap(),
+            ("web.svc".into(), Some(8080))
+        );
+        assert!(split_service_name("web.svc:x").is_err());
+        assert!(split_service_name(":80").is_err());
+        assert!(split_service_name("").is_err());
+    }
+
+    #[test]
+    fn lcm_of_address_counts() {
+        assert_eq!([1u64, 2, 3].into_iter().fold(1, lcm), 6);
+        assert_eq!(RecordKind::parse("SRV"), Some(RecordKind::Srv));
+        assert_eq!(RecordKind::parse("srv"), None);
+    }
+}

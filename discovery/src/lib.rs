@@ -1,0 +1,251 @@
+//! Service discovery for Strait: one [`Discovery`] trait, one module per registry.
+//!
+//! This crate knows nothing about proxies. A backend turns a service name (plus backend-specific
+//! arguments) into a [`NodeSet`]; the core reconciles node sets into its balancer.
+//!
+//! The contract every backend keeps, whatever the registry does:
+//! * `watch` publishes only when the node set changed;
+//! * an error never publishes an empty set: the backend logs it, counts it, backs off and keeps
+//!   the last good set (reported through [`SyncStatus`]);
+//! * a service that never resolved publishes nothing (the core answers 503).
+#![forbid(unsafe_code)]
+
+pub mod dns;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+/// A boxed future, so backends stay object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One discovered node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSpec {
+    /// An IP address literal (backends resolve names before publishing).
+    pub host: String,
+    /// `None` when the registry gave no port (HTTP fills the scheme's default port).
+    pub port: Option<u16>,
+    pub weight: u32,
+    /// Higher is tried first (SRV priority 10 becomes -10).
+    pub priority: i32,
+    pub metadata: Map<String, Value>,
+}
+
+/// The nodes of one service at one moment, in a stable order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NodeSet {
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// What to look up: the upstream's `service_name` and `discovery_args`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Query {
+    pub service_name: String,
+    /// `discovery_args`, as sorted `(key, value)` pairs.
+    pub args: Vec<(String, String)>,
+    /// The upstream scheme (`grpc` upstreams use Nacos' `gRPC_port` metadata).
+    pub scheme: String,
+}
+
+impl Query {
+    /// The value of a `discovery_args` key.
+    pub fn arg(&self, key: &str) -> Option<&str> {
+        self.args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One answer of a backend, with how long it stays valid (DNS TTL), if the backend knows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolution {
+    pub nodes: NodeSet,
+    pub valid_for: Option<Duration>,
+}
+
+/// Why a lookup failed. None of these ever empties an upstream.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DiscoveryError {
+    /// The registry answered that the service does not exist or has no instances.
+    #[error("service {0:?} not found")]
+    NotFound(String),
+    /// The registry could not be reached or gave an error.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// The registry's answer could not be understood.
+    #[error("invalid registry answer: {0}")]
+    Invalid(String),
+    /// The backend configuration is wrong.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Sync state of one watched service, shown by the control API (`/v1/discovery/{type}/dump`).
+#[derive(Debug, Clone, Default)]
+pub struct SyncStatus {
+    pub last_success: Option<SystemTime>,
+    pub last_error: Option<(SystemTime, String)>,
+    pub last_change: Option<SystemTime>,
+    pub node_count: usize,
+    pub errors: u64,
+    /// Whether a good answer was ever received.
+    pub synced: bool,
+}
+
+impl SyncStatus {
+    /// Seconds since the last success, when the last attempt failed (the set is stale).
+    pub fn stale_since(&self) -> Option<SystemTime> {
+        match (&self.last_error, self.last_success) {
+            (Some((t, _)), Some(ok)) if *t > ok => Some(ok),
+            (Some((t, _)), None) => Some(*t),
+            _ => None,
+        }
+    }
+}
+
+/// Shared, updatable sync state of one watch.
+pub type SharedStatus = Arc<Mutex<SyncStatus>>;
+
+/// Exponential backoff between failed attempts: 1 s, 2 s, 4 s, ... capped at `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(max: Duration) -> Self {
+        Backoff {
+            next: Duration::from_secs(1),
+            max,
+        }
+    }
+    /// The delay before the next attempt; doubles each time.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+    pub fn reset(&mut self) {
+        self.next = Duration::from_secs(1);
+    }
+}
+
+/// A registry backend.
+pub trait Discovery: Send + Sync + 'static {
+    /// The `discovery_type` this backend serves (`dns`, `nacos`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// One lookup.
+    fn resolve<'a>(&'a self, query: &'a Query)
+    -> BoxFuture<'a, Result<Resolution, DiscoveryError>>;
+
+    /// How often `watch` polls when the answer carries no validity (registries without push).
+    fn poll_interval(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    /// Publishes the node set of `query` into `tx` until `tx` has no receivers. The default
+    /// polls `resolve` (at the answer's validity, else [`Discovery::poll_interval`]); backends
+    /// with blocking queries, push or watch APIs override it. Must keep the contract in the
+    /// crate docs.
+    fn watch(
+        self: Arc<Self>,
+        query: Query,
+        tx: watch::Sender<Option<NodeSet>>,
+        status: SharedStatus,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut backoff = Backoff::new(Duration::from_secs(60));
+            loop {
+                let delay = match self.resolve(&query).await {
+                    Ok(res) => {
+                        backoff.reset();
+                        publish(&tx, &status, res.nodes);
+                        res.valid_for.unwrap_or_else(|| self.poll_interval())
+                    }
+                    Err(e) => {
+                        record_error(&status, self.kind(), &query, &e);
+                        backoff
+                            .next_delay()
+                            .min(self.poll_interval().max(Duration::from_secs(1)))
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(delay.max(Duration::from_millis(200))) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        })
+    }
+}
+
+/// Publishes `nodes` if they differ from what `tx` holds, and records the success.
+pub fn publish(tx: &watch::Sender<Option<NodeSet>>, status: &SharedStatus, nodes: NodeSet) {
+    let count = nodes.nodes.len();
+    let changed = tx.send_if_modified(|cur| {
+        if cur.as_ref() == Some(&nodes) {
+            false
+        } else {
+            *cur = Some(nodes);
+            true
+        }
+    });
+    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    let now = SystemTime::now();
+    s.last_success = Some(now);
+    s.synced = true;
+    s.node_count = count;
+    if changed {
+        s.last_change = Some(now);
+    }
+}
+
+/// Records a failed lookup (the last good set stays published).
+pub fn record_error(status: &SharedStatus, kind: &str, query: &Query, e: &DiscoveryError) {
+    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    s.errors += 1;
+    s.last_error = Some((SystemTime::now(), e.to_string()));
+    tracing::warn!(discovery = kind, service = %query.service_name, error = %e, "discovery lookup failed; keeping the last good nodes");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let mut b = Backoff::new(Duration::from_secs(5));
+        let d: Vec<_> = (0..5).map(|_| b.next_delay().as_secs()).collect();
+        assert_eq!(d, [1, 2, 4, 5, 5]);
+        b.reset();
+        assert_eq!(b.next_delay().as_secs(), 1);
+    }
+
+    #[test]
+    fn publish_only_on_change() {
+        let (tx, mut rx) = watch::channel(None);
+        let st = SharedStatus::default();
+        let set = NodeSet {
+            nodes: vec![NodeSpec {
+                host: "10.0.0.1".into(),
+                port: Some(80),
+                weight: 1,
+                priority: 0,
+                metadata: Map::new(),
+            }],
+        };
+        publish(&tx, &st, set.clone());
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        publish(&tx, &st, set);
+        assert!(!rx.has_changed().unwrap());
+        assert!(st.lock().unwrap().synced);
+    }
+}

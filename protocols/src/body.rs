@@ -1,0 +1,224 @@
+//! The one body type Strait sends in both directions.
+//!
+//! An enum rather than a boxed trait object, so the common cases (an upstream body streamed
+//! through, a small gateway-generated body) cost no allocation. Upstream response bodies carry
+//! the per-read timeout, the node's feedback handle and the pooled connection, which goes back to
+//! the pool only once the body has been read to its end.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::pool::Pooled;
+use crate::{Outcome, Peer, grpc};
+
+/// Error type of [`ProxyBody`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A boxed body for the rare producers that need one (transcoding, streaming JSON).
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request or response body flowing through Strait.
+pub enum ProxyBody {
+    /// No body.
+    Empty,
+    /// A complete body, sent as one frame.
+    Full(Option<Bytes>),
+    /// A body received from a client or node and forwarded as it arrives.
+    Incoming(Incoming),
+    /// A response body from a node, with read timeout and connection reuse.
+    Upstream(Box<UpstreamBody>),
+    /// Anything else.
+    Boxed(BoxBody),
+}
+
+impl ProxyBody {
+    /// An empty body.
+    pub fn empty() -> Self {
+        ProxyBody::Empty
+    }
+    /// A body with these bytes.
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        if b.is_empty() {
+            ProxyBody::Empty
+        } else {
+            ProxyBody::Full(Some(b))
+        }
+    }
+    /// Wraps any body.
+    pub fn boxed<B>(b: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt;
+        ProxyBody::Boxed(b.map_err(Into::into).boxed_unsync())
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Upstream(b) => Pin::new(&mut **b).poll_frame(cx),
+            ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b) => b.inner.is_end_stream(),
+            ProxyBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::Upstream(b) => b.inner.size_hint(),
+            ProxyBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A response body from a node.
+///
+/// * Each wait for the next frame is bounded by the upstream's read timeout (so a long gRPC stream
+///   stays up as long as messages flow).
+/// * At the end of a gRPC call the `grpc-status` of the trailers is reported to the node.
+/// * When the body was read to its end the HTTP/1 connection returns to the pool; if it is
+///   dropped early the connection is closed instead.
+pub struct UpstreamBody {
+    inner: Incoming,
+    read_timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Whether `sleep` is set for the current wait.
+    armed: bool,
+    pooled: Option<Pooled>,
+    peer: Option<Peer>,
+    /// Set for gRPC calls whose status is still to come in the trailers.
+    grpc_pending: bool,
+    started: Instant,
+}
+
+impl UpstreamBody {
+    pub(crate) fn new(
+        inner: Incoming,
+        read_timeout: Duration,
+        pooled: Option<Pooled>,
+        peer: Peer,
+        grpc_pending: bool,
+        started: Instant,
+    ) -> Self {
+        UpstreamBody {
+            inner,
+            read_timeout,
+            sleep: None,
+            armed: false,
+            pooled,
+            peer: Some(peer),
+            grpc_pending,
+            started,
+        }
+    }
+
+    fn finish(&mut self, grpc_status: Option<u16>) {
+        if self.grpc_pending {
+            self.grpc_pending = false;
+            if let Some(peer) = &self.peer {
+                let code = grpc_status.unwrap_or(grpc::Code::Unknown as u16);
+                peer.report(Outcome::GrpcStatus(code), self.started.elapsed());
+            }
+        }
+        if let Some(p) = self.pooled.take() {
+            p.release();
+        }
+        self.peer = None;
+    }
+
+    fn fail(&mut self, outcome: Outcome) {
+        self.pooled = None;
+        if let Some(peer) = self.peer.take() {
+            peer.report(outcome, self.started.elapsed());
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.armed = false;
+                if let Some(t) = frame.trailers_ref() {
+                    let status = grpc::status_of(t);
+                    this.finish(status);
+                } else if this.inner.is_end_stream() {
+                    this.finish(None);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.finish(None);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.fail(Outcome::TcpFailure);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.read_timeout;
+                let sleep = match &mut this.sleep {
+                    Some(s) => {
+                        if !this.armed {
+                            s.as_mut().reset(deadline);
+                        }
+                        s
+                    }
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                this.armed = true;
+                ready!(sleep.as_mut().poll(cx));
+                this.fail(Outcome::Timeout);
+                Poll::Ready(Some(Err("upstream read timed out".into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,719 @@
+//! HTTP forwarding: one client request to one node, with retries to other nodes.
+//!
+//! Retries follow nginx's `proxy_next_upstream error timeout` (what APISIX inherits): a connect
+//! error or timeout moves to a node not tried yet, never a node already tried, within `retries`
+//! and `retry_timeout`. A request whose body was already sent is never sent again; an idempotent
+//! request without a body is.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::body::{ProxyBody, UpstreamBody};
+use crate::connect::{ConnectError, NodeStream, connect_tcp, connect_tls};
+use crate::pool::{self, Limits, PoolKey, Pooled};
+use crate::respond::error_response;
+use crate::{
+    Outcome, PassHost, Peer, ProxyError, Scheme, Timeouts, Tried, UpstreamPicker, UpstreamSettings,
+    grpc,
+};
+
+/// Per-request facts the forwarder needs besides the request itself.
+#[derive(Debug, Clone)]
+pub struct ForwardCtx<'a> {
+    /// The client's address (after PROXY protocol, if any).
+    pub client_addr: SocketAddr,
+    /// The local port the request arrived on (`X-Forwarded-Port`).
+    pub local_port: u16,
+    /// Whether the client connection is TLS (`X-Forwarded-Proto`).
+    pub downstream_tls: bool,
+    /// Consistent-hash key, computed by the core from the upstream's `hash_on` / `key`.
+    pub hash_key: &'a [u8],
+    /// Route-level `timeout`, overriding the upstream's.
+    pub timeouts: Option<Timeouts>,
+    /// Route has `enable_websocket`.
+    pub websocket: bool,
+    /// The client speaks gRPC: errors are answered with gRPC statuses.
+    pub grpc: bool,
+    /// Absolute deadline of the call (gRPC `grpc-timeout`), if any.
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+/// Headers that describe one hop and are never forwarded.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::EXPECT,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION)
+        && let Ok(list) = conn.to_str()
+    {
+        let named: Vec<HeaderName> = list
+            .split(',')
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+/// Whether this HTTP/1.1 request asks for a WebSocket upgrade.
+pub fn is_websocket_upgrade(parts: &Parts) -> bool {
+    parts.version == Version::HTTP_11
+        && parts
+            .headers
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        && parts
+            .headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The request as it goes to nodes: rewritten once, adjusted per attempt only where the node
+/// matters (Host for `pass_host: node`, URI form for HTTP/2).
+struct Outgoing {
+    parts: Parts,
+    body: ProxyBody,
+    /// Host the client asked for (`pass_host: pass`).
+    client_host: Option<HeaderValue>,
+    /// A copy to re-send after a failure that consumed the request (idempotent, no body).
+    replay: Option<Parts>,
+}
+
+/// Forwards `req` to a node of `picker`'s upstream and returns the response for the client.
+pub async fn forward<P: UpstreamPicker + ?Sized>(
+    req: Request<Incoming>,
+    ctx: &ForwardCtx<'_>,
+    picker: &P,
+) -> Response<ProxyBody> {
+    match forward_inner(req, ctx, picker).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e, ctx.grpc),
+    }
+}
+
+async fn forward_inner<P: UpstreamPicker + ?Sized>(
+    req: Request<Incoming>,
+    ctx: &ForwardCtx<'_>,
+    picker: &P,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let settings = picker.settings();
+    let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
+    let (mut parts, body) = req.into_parts();
+
+    let upgrade = if ctx.websocket && is_websocket_upgrade(&parts) {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    prepare_request_headers(
+        &mut parts,
+        ctx,
+        client_host.as_ref(),
+        upgrade.is_some(),
+        settings.scheme,
+    );
+
+    let body_empty = body.is_end_stream();
+    let body = if body_empty {
+        ProxyBody::Empty
+    } else {
+        ProxyBody::Incoming(body)
+    };
+
+    let node_count = picker.node_count();
+    let retries = settings
+        .retries
+        .unwrap_or(node_count.saturating_sub(1) as u32);
+    let replay = (retries > 0 && body_empty && idempotent(&parts.method) && upgrade.is_none())
+        .then(|| clone_parts(&parts));
+    let mut out = Outgoing {
+        parts,
+        body,
+        client_host,
+        replay,
+    };
+
+    let started = Instant::now();
+    let retry_deadline = settings.retry_timeout.map(|t| started + t);
+    let mut tried = Tried::default();
+    let mut attempt: u32 = 0;
+    loop {
+        let peer = match picker.pick(ctx.hash_key, &tried) {
+            Ok(p) => p,
+            Err(e) if tried.is_empty() => return Err(e.into()),
+            // Every node was tried: answer with the last attempt's error (set below).
+            Err(_) => return Err(ProxyError::Connect("all upstream nodes tried".into())),
+        };
+        attempt += 1;
+        match attempt_once(&mut out, &peer, ctx, settings, timeouts, upgrade.is_some()).await {
+            Ok(resp) => return Ok(finish_response(resp, peer, ctx, upgrade, timeouts)),
+            Err(fail) => {
+                peer.report(fail.outcome, fail.elapsed);
+                tracing::warn!(
+                    upstream = &*settings.id,
+                    node = %peer.addr,
+                    attempt,
+                    error = %fail.error,
+                    "upstream attempt failed"
+                );
+                tried.push(peer.addr);
+                drop(peer);
+                let can_resend = fail.request_intact || out.replay.is_some();
+                if attempt > retries || !can_resend {
+                    return Err(fail.error);
+                }
+                if retry_deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(ProxyError::RetryTimeout);
+                }
+                if ctx
+                    .deadline
+                    .is_some_and(|d| tokio::time::Instant::now() >= d)
+                {
+                    return Err(ProxyError::DeadlineExceeded);
+                }
+                if !fail.request_intact
+                    && let Some(p) = out.replay.take()
+                {
+                    out.replay = Some(clone_parts(&p));
+                    out.parts = p;
+                    out.body = ProxyBody::Empty;
+                }
+            }
+        }
+    }
+}
+
+/// Rewrites the client's headers for the upstream once per request.
+fn prepare_request_headers(
+    parts: &mut Parts,
+    ctx: &ForwardCtx<'_>,
+    client_host: Option<&HeaderValue>,
+    websocket: bool,
+    scheme: Scheme,
+) {
+    let h = &mut parts.headers;
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    let ws = if websocket {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    strip_hop_by_hop(h);
+    h.remove(header::HOST);
+    if let Some(up) = ws {
+        h.insert(header::UPGRADE, up);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if te_trailers || scheme.is_grpc() {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+
+    let ip = ctx.client_addr.ip();
+    let ip_value =
+        HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {ip}")).unwrap_or_else(|_| ip_value.clone())
+        }
+        _ => ip_value.clone(),
+    };
+    h.insert(&X_FORWARDED_FOR, xff);
+    h.insert(&X_REAL_IP, ip_value);
+    if !h.contains_key(&X_FORWARDED_PROTO) {
+        let proto = if ctx.downstream_tls { "https" } else { "http" };
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !h.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = client_host
+    {
+        h.insert(&X_FORWARDED_HOST, host.clone());
+    }
+    if !h.contains_key(&X_FORWARDED_PORT) {
+        h.insert(&X_FORWARDED_PORT, HeaderValue::from(ctx.local_port));
+    }
+}
+
+fn clone_parts(p: &Parts) -> Parts {
+    let mut b = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
+    }
+    let (parts, ()) = b
+        .body(())
+        .map(|r| r.into_parts())
+        .unwrap_or_else(|_| Request::new(()).into_parts());
+    parts
+}
+
+/// The Host value sent to `peer`, per `pass_host`.
+fn upstream_host(
+    pass: &PassHost,
+    client_host: Option<&HeaderValue>,
+    peer: &Peer,
+    scheme: Scheme,
+) -> HeaderValue {
+    match pass {
+        PassHost::Pass => client_host
+            .cloned()
+            .unwrap_or_else(|| node_host(peer, scheme)),
+        PassHost::Node => node_host(peer, scheme),
+        PassHost::Rewrite(v) => v.clone(),
+    }
+}
+
+fn node_host(peer: &Peer, scheme: Scheme) -> HeaderValue {
+    let host = &*peer.host;
+    let bracket = host.contains(':') && !host.starts_with('[');
+    let text = match (peer.port == scheme.default_port(), bracket) {
+        (true, false) => host.to_string(),
+        (true, true) => format!("[{host}]"),
+        (false, false) => format!("{host}:{}", peer.port),
+        (false, true) => format!("[{host}]:{}", peer.port),
+    };
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("localhost"))
+}
+
+/// The TLS server name for `host` (a Host header value): without port and brackets.
+fn sni_of(host: &HeaderValue) -> Option<Arc<str>> {
+    let s = host.to_str().ok()?;
+    let name = if let Some(rest) = s.strip_prefix('[') {
+        rest.split(']').next()?
+    } else {
+        s.rsplit_once(':')
+            .map(|(h, p)| {
+                if p.bytes().all(|b| b.is_ascii_digit()) {
+                    h
+                } else {
+                    s
+                }
+            })
+            .unwrap_or(s)
+    };
+    Some(Arc::from(name))
+}
+
+struct AttemptError {
+    error: ProxyError,
+    outcome: Outcome,
+    elapsed: Duration,
+    /// The request was not consumed and can go to another node as it is.
+    request_intact: bool,
+}
+
+enum Sender {
+    H1(Pooled),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+async fn attempt_once(
+    out: &mut Outgoing,
+    peer: &Peer,
+    ctx: &ForwardCtx<'_>,
+    settings: &UpstreamSettings,
+    timeouts: Timeouts,
+    websocket: bool,
+) -> Result<(Response<Incoming>, Option<Pooled>, Instant), AttemptError> {
+    let start = Instant::now();
+    let scheme = settings.scheme;
+    let tls = settings.tls.as_deref();
+    let keepalive = settings.keepalive;
+    let host = upstream_host(&settings.pass_host, out.client_host.as_ref(), peer, scheme);
+    let sni = if scheme.is_tls() { sni_of(&host) } else { None };
+    let key = PoolKey {
+        addr: peer.addr,
+        tls: tls.map_or(0, |t| t.pool_id),
+        sni,
+    };
+    let limits = Limits {
+        size: keepalive.size,
+        idle_timeout: keepalive.idle_timeout,
+        max_requests: keepalive.requests,
+    };
+
+    let fail = |error: ProxyError, outcome: Outcome, intact: bool| AttemptError {
+        error,
+        outcome,
+        elapsed: start.elapsed(),
+        request_intact: intact,
+    };
+
+    let sender = get_sender(&key, scheme, tls, timeouts, limits, websocket)
+        .await
+        .map_err(|e| {
+            let outcome = if e.is_timeout() {
+                Outcome::Timeout
+            } else {
+                Outcome::TcpFailure
+            };
+            let err = if e.is_timeout() {
+                ProxyError::Timeout("connect")
+            } else {
+                ProxyError::Connect(e.to_string())
+            };
+            fail(err, outcome, true)
+        })?;
+
+    // Build the request for this node.
+    let mut parts = std::mem::replace(&mut out.parts, Request::new(()).into_parts().0);
+    let body = std::mem::replace(&mut out.body, ProxyBody::Empty);
+    let is_h2 = matches!(sender, Sender::H2(_));
+    if is_h2 {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let uri_scheme = if scheme.is_tls() { "https" } else { "http" };
+        let authority = host.to_str().unwrap_or("localhost");
+        parts.uri = Uri::builder()
+            .scheme(uri_scheme)
+            .authority(authority)
+            .path_and_query(pq)
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+    } else {
+        parts.version = Version::HTTP_11;
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".into());
+            parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+        }
+        parts.headers.insert(header::HOST, host);
+    }
+    let req = Request::from_parts(parts, body);
+
+    let read_timeout = match ctx.deadline {
+        Some(d) => timeouts
+            .read
+            .min(d.saturating_duration_since(tokio::time::Instant::now())),
+        None => timeouts.read,
+    };
+    let deadline_bound = ctx.deadline.is_some() && read_timeout < timeouts.read;
+
+    let restore = |out: &mut Outgoing, req: Request<ProxyBody>| {
+        let (p, b) = req.into_parts();
+        out.parts = p;
+        out.body = b;
+    };
+
+    match sender {
+        Sender::H1(mut pooled) => {
+            if let Err(e) = pooled.sender.ready().await {
+                restore(out, req);
+                return Err(fail(
+                    ProxyError::Connect(e.to_string()),
+                    Outcome::TcpFailure,
+                    true,
+                ));
+            }
+            pooled.uses += 1;
+            let fut = pooled.sender.try_send_request(req);
+            match tokio::time::timeout(read_timeout, fut).await {
+                Ok(Ok(resp)) => Ok((resp, Some(pooled), start)),
+                Ok(Err(mut e)) => {
+                    let intact = match e.take_message() {
+                        Some(r) => {
+                            restore(out, r);
+                            true
+                        }
+                        None => false,
+                    };
+                    let err = e.into_error();
+                    Err(fail(classify_send_error(&err), Outcome::TcpFailure, intact))
+                }
+                Err(_) => {
+                    let err = if deadline_bound {
+                        ProxyError::DeadlineExceeded
+                    } else {
+                        ProxyError::Timeout("read")
+                    };
+                    Err(fail(err, Outcome::Timeout, false))
+                }
+            }
+        }
+        Sender::H2(mut sender) => {
+            let ready = tokio::time::timeout(timeouts.send, sender.ready()).await;
+            if !matches!(ready, Ok(Ok(()))) {
+                restore(out, req);
+                return Err(fail(
+                    ProxyError::Connect("HTTP/2 connection not ready".into()),
+                    Outcome::TcpFailure,
+                    true,
+                ));
+            }
+            let fut = sender.try_send_request(req);
+            match tokio::time::timeout(read_timeout, fut).await {
+                Ok(Ok(resp)) => Ok((resp, None, start)),
+                Ok(Err(mut e)) => {
+                    let intact = match e.take_message() {
+                        Some(r) => {
+                            restore(out, r);
+                            true
+                        }
+                        None => false,
+                    };
+                    let err = e.into_error();
+                    Err(fail(classify_send_error(&err), Outcome::TcpFailure, intact))
+                }
+                Err(_) => {
+                    let err = if deadline_bound {
+                        ProxyError::DeadlineExceeded
+                    } else {
+                        ProxyError::Timeout("read")
+                    };
+                    Err(fail(err, Outcome::Timeout, false))
+                }
+            }
+        }
+    }
+}
+
+/// Maps a hyper client error to the gateway error the client sees.
+fn classify_send_error(e: &hyper::Error) -> ProxyError {
+    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+        ProxyError::BadResponse(e.to_string())
+    } else {
+        ProxyError::Connect(e.to_string())
+    }
+}
+
+/// Finds or opens a connection to the node for this key.
+async fn get_sender(
+    key: &PoolKey,
+    scheme: Scheme,
+    tls: Option<&crate::tls::ClientTls>,
+    timeouts: Timeouts,
+    limits: Limits,
+    websocket: bool,
+) -> Result<Sender, ConnectError> {
+    let h2_capable = !websocket && matches!(scheme, Scheme::Grpc | Scheme::Grpcs | Scheme::Https);
+    if h2_capable && let Some(s) = pool::checkout_h2(key) {
+        return Ok(Sender::H2(s));
+    }
+    if !matches!(scheme, Scheme::Grpc | Scheme::Grpcs)
+        && let Some(p) = pool::checkout_h1(key, limits)
+    {
+        return Ok(Sender::H1(p));
+    }
+    let tcp = connect_tcp(key.addr, timeouts.connect).await?;
+    let stream = match (scheme.is_tls(), tls) {
+        (true, Some(t)) => {
+            let cfg = match scheme {
+                Scheme::Grpcs => t.h2.clone(),
+                _ if websocket => t.raw.clone(),
+                _ => t.auto.clone(),
+            };
+            let sni = key.sni.as_deref().unwrap_or("localhost");
+            NodeStream::Tls(Box::new(
+                connect_tls(tcp, key.addr, cfg, sni, timeouts.connect).await?,
+            ))
+        }
+        _ => NodeStream::Plain(tcp),
+    };
+    let use_h2 = scheme.is_grpc() || stream.alpn() == Some(b"h2");
+    let io = TokioIo::new(stream);
+    if use_h2 {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake(io)
+            .await
+            .map_err(|e| ConnectError::Io(key.addr, std::io::Error::other(e)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        pool::store_h2(key.clone(), sender.clone());
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(256 * 1024)
+            .handshake(io)
+            .await
+            .map_err(|e| ConnectError::Io(key.addr, std::io::Error::other(e)))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Sender::H1(Pooled::new(key.clone(), sender, limits)))
+    }
+}
+
+/// Turns a node's response into the client's response: reports the outcome, strips hop-by-hop
+/// headers, and wraps the body so the connection is reused once the body is done.
+fn finish_response(
+    (resp, pooled, start): (Response<Incoming>, Option<Pooled>, Instant),
+    peer: Peer,
+    ctx: &ForwardCtx<'_>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    timeouts: Timeouts,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    let elapsed = start.elapsed();
+
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_up) = upgrade
+    {
+        peer.report(Outcome::HttpStatus(101), elapsed);
+        let node_up = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
+        tokio::spawn(async move {
+            let _peer = peer; // in flight until the tunnel closes
+            if let (Ok(c), Ok(n)) = (client_up.await, node_up.await) {
+                let mut c = TokioIo::new(c);
+                let mut n = TokioIo::new(n);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut n).await;
+            }
+        });
+        parts.version = Version::HTTP_11;
+        return Response::from_parts(parts, ProxyBody::Empty);
+    }
+
+    let grpc_status = if ctx.grpc {
+        grpc::status_of(&parts.headers)
+    } else {
+        None
+    };
+    let grpc_pending = ctx.grpc && grpc_status.is_none() && parts.status == StatusCode::OK;
+    match grpc_status {
+        Some(code) => peer.report(Outcome::GrpcStatus(code), elapsed),
+        None if !grpc_pending => peer.report(Outcome::HttpStatus(parts.status.as_u16()), elapsed),
+        None => {}
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+
+    let body = if body.is_end_stream() && !grpc_pending {
+        // Nothing more to read: the connection can serve the next request right away.
+        if let Some(p) = pooled {
+            p.release();
+        }
+        ProxyBody::Empty
+    } else {
+        let read_timeout = match ctx.deadline {
+            Some(d) => timeouts
+                .read
+                .min(d.saturating_duration_since(tokio::time::Instant::now())),
+            None => timeouts.read,
+        };
+        ProxyBody::Upstream(Box::new(UpstreamBody::new(
+            body,
+            read_timeout,
+            pooled,
+            peer,
+            grpc_pending,
+            start,
+        )))
+    };
+    Response::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_tokens_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn sni_drops_port_and_brackets() {
+        assert_eq!(
+            &*sni_of(&HeaderValue::from_static("api.test:8443")).unwrap(),
+            "api.test"
+        );
+        assert_eq!(
+            &*sni_of(&HeaderValue::from_static("api.test")).unwrap(),
+            "api.test"
+        );
+        assert_eq!(
+            &*sni_of(&HeaderValue::from_static("[::1]:443")).unwrap(),
+            "::1"
+        );
+    }
+
+    #[test]
+    fn node_host_omits_default_port() {
+        let p = Peer::detached("127.0.0.1:80".parse().unwrap());
+        assert_eq!(node_host(&p, Scheme::Http), "127.0.0.1");
+        let p = Peer::detached("127.0.0.1:8080".parse().unwrap());
+        assert_eq!(node_host(&p, Scheme::Http), "127.0.0.1:8080");
+        let p = Peer::detached("[::1]:443".parse().unwrap());
+        assert_eq!(node_host(&p, Scheme::Https), "[::1]");
+    }
+}

@@ -1,0 +1,165 @@
+//! Keep-alive connections to nodes, one pool per worker thread.
+//!
+//! Every Strait worker runs its own single-threaded runtime, so each worker keeps its own pool in
+//! a thread-local: checkout and return take no lock. Connections are keyed by node address, TLS
+//! settings and SNI, so a connection is only reused with exactly the settings it was made with.
+//!
+//! HTTP/1 connections are exclusive: a checked-out connection comes back (via [`Pooled::release`])
+//! only when the response body was read to its end. HTTP/2 connections are shared: every request
+//! clones the sender of a live connection.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::{http1, http2};
+
+use crate::body::ProxyBody;
+
+/// Identity of a pooled connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub addr: SocketAddr,
+    /// 0 for plain TCP, else [`crate::tls::ClientTls::pool_id`].
+    pub tls: u64,
+    /// Server name sent in the TLS handshake.
+    pub sni: Option<Arc<str>>,
+}
+
+/// Limits applied when returning a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub size: usize,
+    pub idle_timeout: Duration,
+    pub max_requests: u32,
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    uses: u32,
+    since: Instant,
+    idle_timeout: Duration,
+}
+
+/// An HTTP/1 connection checked out of the pool.
+pub struct Pooled {
+    pub(crate) key: PoolKey,
+    pub(crate) sender: http1::SendRequest<ProxyBody>,
+    pub(crate) uses: u32,
+    pub(crate) limits: Limits,
+}
+
+impl Pooled {
+    pub(crate) fn new(key: PoolKey, sender: http1::SendRequest<ProxyBody>, limits: Limits) -> Self {
+        Pooled {
+            key,
+            sender,
+            uses: 0,
+            limits,
+        }
+    }
+
+    /// Returns the connection to this worker's pool if it may be reused.
+    pub fn release(self) {
+        if self.sender.is_closed() || self.uses >= self.limits.max_requests || self.limits.size == 0
+        {
+            return;
+        }
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let list = p.h1.entry(self.key).or_default();
+            if list.len() < self.limits.size {
+                list.push(Idle {
+                    sender: self.sender,
+                    uses: self.uses,
+                    since: Instant::now(),
+                    idle_timeout: self.limits.idle_timeout,
+                });
+            }
+        });
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    h1: HashMap<PoolKey, Vec<Idle>>,
+    h2: HashMap<PoolKey, Vec<http2::SendRequest<ProxyBody>>>,
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// Takes an idle HTTP/1 connection for `key`, newest first, dropping closed or expired ones.
+pub(crate) fn checkout_h1(key: &PoolKey, limits: Limits) -> Option<Pooled> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.h1.get_mut(key)?;
+        while let Some(idle) = list.pop() {
+            if idle.sender.is_closed() || idle.since.elapsed() >= limits.idle_timeout {
+                continue;
+            }
+            return Some(Pooled {
+                key: key.clone(),
+                sender: idle.sender,
+                uses: idle.uses,
+                limits,
+            });
+        }
+        None
+    })
+}
+
+/// How many HTTP/2 connections one worker opens to one node at most.
+const H2_CONNS_PER_NODE: usize = 4;
+
+/// A live shared HTTP/2 connection for `key`, if any.
+pub(crate) fn checkout_h2(key: &PoolKey) -> Option<http2::SendRequest<ProxyBody>> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.h2.get_mut(key)?;
+        list.retain(|s| !s.is_closed());
+        // Prefer a connection with free stream capacity; rotate so load spreads.
+        let idx = list
+            .iter()
+            .position(|s| s.is_ready())
+            .or(if list.is_empty() { None } else { Some(0) })?;
+        let s = list.remove(idx);
+        list.push(s.clone());
+        Some(s)
+    })
+}
+
+/// Stores a new HTTP/2 connection for sharing.
+pub(crate) fn store_h2(key: PoolKey, sender: http2::SendRequest<ProxyBody>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.h2.entry(key).or_default();
+        if list.len() < H2_CONNS_PER_NODE {
+            list.push(sender);
+        }
+    });
+}
+
+/// Drops idle connections older than their idle timeout and closed HTTP/2 connections. Run
+/// periodically by each worker.
+pub fn sweep() {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        p.h1.retain(|_, list| {
+            list.retain(|i| !i.sender.is_closed() && i.since.elapsed() < i.idle_timeout);
+            !list.is_empty()
+        });
+        p.h2.retain(|_, list| {
+            list.retain(|s| !s.is_closed());
+            !list.is_empty()
+        });
+    });
+}
+
+/// Number of idle HTTP/1 connections in this worker's pool (for tests and the status API).
+pub fn idle_h1_count() -> usize {
+    POOL.with(|p| p.borrow().h1.values().map(Vec::len).sum())
+}

@@ -1,0 +1,484 @@
+//! L4 helpers: PROXY protocol v1/v2 (read and write), the SNI of a TLS ClientHello (for
+//! passthrough routing without terminating TLS), and a bidirectional copy with half-close and an
+//! idle timeout.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Addresses carried by a PROXY protocol header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyHeader {
+    /// The original client; `None` for `UNKNOWN` / `LOCAL`.
+    pub source: Option<SocketAddr>,
+    pub destination: Option<SocketAddr>,
+}
+
+const V2_SIG: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+
+fn bad(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("PROXY protocol: {msg}"))
+}
+
+/// Reads a PROXY protocol header (v1 or v2) from the start of `s`, consuming exactly the header.
+pub async fn read_proxy_header(s: &mut TcpStream) -> io::Result<ProxyHeader> {
+    let mut first = [0u8; 16];
+    s.read_exact(&mut first[..12]).await?;
+    if first[..12] == V2_SIG {
+        s.read_exact(&mut first[12..16]).await?;
+        let ver_cmd = first[12];
+        if ver_cmd >> 4 != 2 {
+            return Err(bad("unsupported version"));
+        }
+        let fam = first[13];
+        let len = u16::from_be_bytes([first[14], first[15]]) as usize;
+        if len > 4096 {
+            return Err(bad("header too long"));
+        }
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await?;
+        return parse_v2_body(ver_cmd & 0x0f, fam, &body);
+    }
+    if &first[..5] != b"PROXY" {
+        return Err(bad("missing header"));
+    }
+    // v1: text up to CRLF, at most 107 bytes.
+    let mut line = first[..12].to_vec();
+    while !line.ends_with(b"\r\n") {
+        if line.len() >= 107 {
+            return Err(bad("v1 line too long"));
+        }
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        line.push(b[0]);
+    }
+    parse_v1(&line)
+}
+
+/// Parses a v1 line including its CRLF.
+pub fn parse_v1(line: &[u8]) -> io::Result<ProxyHeader> {
+    let text = std::str::from_utf8(line).map_err(|_| bad("v1 is not text"))?;
+    let text = text
+        .strip_suffix("\r\n")
+        .ok_or_else(|| bad("v1 without CRLF"))?;
+    let parts: Vec<&str> = text.split(' ').collect();
+    match parts.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => Ok(ProxyHeader {
+            source: None,
+            destination: None,
+        }),
+        ["PROXY", fam @ ("TCP4" | "TCP6"), src, dst, sp, dp] => {
+            let src: IpAddr = src.parse().map_err(|_| bad("bad source address"))?;
+            let dst: IpAddr = dst.parse().map_err(|_| bad("bad destination address"))?;
+            if (*fam == "TCP4") != src.is_ipv4() || src.is_ipv4() != dst.is_ipv4() {
+                return Err(bad("address family mismatch"));
+            }
+            let sp: u16 = sp.parse().map_err(|_| bad("bad source port"))?;
+            let dp: u16 = dp.parse().map_err(|_| bad("bad destination port"))?;
+            Ok(ProxyHeader {
+                source: Some(SocketAddr::new(src, sp)),
+                destination: Some(SocketAddr::new(dst, dp)),
+            })
+        }
+        _ => Err(bad("malformed v1 line")),
+    }
+}
+
+fn parse_v2_body(cmd: u8, fam: u8, body: &[u8]) -> io::Result<ProxyHeader> {
+    if cmd == 0 {
+        return Ok(ProxyHeader {
+            source: None,
+            destination: None,
+        }); // LOCAL
+    }
+    if cmd != 1 {
+        return Err(bad("unknown command"));
+    }
+    match fam >> 4 {
+        1 if body.len() >= 12 => {
+            let src = Ipv4Addr::new(body[0], body[1], body[2], body[3]);
+            let dst = Ipv4Addr::new(body[4], body[5], body[6], body[7]);
+            let sp = u16::from_be_bytes([body[8], body[9]]);
+            let dp = u16::from_be_bytes([body[10], body[11]]);
+            Ok(ProxyHeader {
+                source: Some(SocketAddr::new(src.into(), sp)),
+                destination: Some(SocketAddr::new(dst.into(), dp)),
+            })
+        }
+        2 if body.len() >= 36 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&body[..16]);
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&body[16..32]);
+            let sp = u16::from_be_bytes([body[32], body[33]]);
+            let dp = u16::from_be_bytes([body[34], body[35]]);
+            Ok(ProxyHeader {
+                source: Some(SocketAddr::new(Ipv6Addr::from(a).into(), sp)),
+                destination: Some(SocketAddr::new(Ipv6Addr::from(b).into(), dp)),
+            })
+        }
+        0 | 3 => Ok(ProxyHeader {
+            source: None,
+            destination: None,
+        }), // UNSPEC / UNIX
+        _ => Err(bad("truncated address block")),
+    }
+}
+
+/// A PROXY protocol v1 line for a connection from `src` to `dst`.
+pub fn v1_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let (src_ip, dst_ip) = (canonical(src.ip()), canonical(dst.ip()));
+    if src_ip.is_ipv4() == dst_ip.is_ipv4() {
+        let fam = if src_ip.is_ipv4() { "TCP4" } else { "TCP6" };
+        format!(
+            "PROXY {fam} {src_ip} {dst_ip} {} {}\r\n",
+            src.port(),
+            dst.port()
+        )
+        .into_bytes()
+    } else {
+        b"PROXY UNKNOWN\r\n".to_vec()
+    }
+}
+
+/// A PROXY protocol v2 header for a connection from `src` to `dst`.
+pub fn v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut out = V2_SIG.to_vec();
+    out.push(0x21); // version 2, PROXY
+    match (canonical(src.ip()), canonical(dst.ip())) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.push(0x11);
+            out.extend_from_slice(&12u16.to_be_bytes());
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        (s, d) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            out.push(0x21);
+            out.extend_from_slice(&36u16.to_be_bytes());
+            out.extend_from_slice(&v6(s).octets());
+            out.extend_from_slice(&v6(d).octets());
+        }
+    }
+    out.extend_from_slice(&src.port().to_be_bytes());
+    out.extend_from_slice(&dst.port().to_be_bytes());
+    out
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// What peeking at the first bytes of a connection found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hello {
+    /// A TLS ClientHello, with its SNI if it has one.
+    Tls(Option<String>),
+    /// Not TLS.
+    NotTls,
+    /// More bytes are needed.
+    Incomplete,
+}
+
+/// Parses the SNI of a TLS ClientHello at the start of `buf` (one handshake record).
+pub fn parse_client_hello(buf: &[u8]) -> Hello {
+    if buf.is_empty() {
+        return Hello::Incomplete;
+    }
+    if buf[0] != 0x16 {
+        return Hello::NotTls;
+    }
+    if buf.len() < 5 {
+        return Hello::Incomplete;
+    }
+    if buf[1] != 3 {
+        return Hello::NotTls;
+    }
+    let rec_len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
+    if buf.len() < 5 + rec_len {
+        return Hello::Incomplete;
+    }
+    let hs = &buf[5..5 + rec_len];
+    // handshake: type(1)=1 len(3) version(2) random(32) sid(1+n) suites(2+n) comp(1+n) ext(2+n)
+    let parse = || -> Option<Option<String>> {
+        if *hs.first()? != 1 {
+            return None;
+        }
+        let mut p = 4 + 2 + 32;
+        let sid = *hs.get(p)? as usize;
+        p += 1 + sid;
+        let suites = u16::from_be_bytes([*hs.get(p)?, *hs.get(p + 1)?]) as usize;
+        p += 2 + suites;
+        let comp = *hs.get(p)? as usize;
+        p += 1 + comp;
+        if p + 2 > hs.len() {
+            return Some(None); // no extensions
+        }
+        let ext_len = u16::from_be_bytes([hs[p], hs[p + 1]]) as usize;
+        p += 2;
+        let end = (p + ext_len).min(hs.len());
+        while p + 4 <= end {
+            let ty = u16::from_be_bytes([hs[p], hs[p + 1]]);
+            let len = u16::from_be_bytes([hs[p + 2], hs[p + 3]]) as usize;
+            p += 4;
+            let data = hs.get(p..p + len)?;
+            if ty == 0 {
+                // server_name list: len(2) then entries type(1) len(2) name
+                let mut q = 2;
+                while q + 3 <= data.len() {
+                    let nt = data[q];
+                    let nl = u16::from_be_bytes([data[q + 1], data[q + 2]]) as usize;
+                    let name = data.get(q + 3..q + 3 + nl)?;
+                    if nt == 0 {
+                        return Some(
+                            std::str::from_utf8(name)
+                                .ok()
+                                .map(|s| s.to_ascii_lowercase()),
+                        );
+                    }
+                    q += 3 + nl;
+                }
+                return Some(None);
+            }
+            p += len;
+        }
+        Some(None)
+    };
+    match parse() {
+        Some(sni) => Hello::Tls(sni),
+        None => Hello::NotTls,
+    }
+}
+
+/// Peeks (without consuming) at the start of `s` until a whole ClientHello record is visible,
+/// or it is clear the stream is not TLS.
+pub async fn peek_client_hello(s: &TcpStream, timeout: Duration) -> io::Result<Hello> {
+    let mut buf = vec![0u8; 2048];
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = 0;
+    loop {
+        let n = tokio::time::timeout_at(deadline, s.peek(&mut buf))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "ClientHello timed out"))??;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before ClientHello",
+            ));
+        }
+        match parse_client_hello(&buf[..n]) {
+            Hello::Incomplete => {
+                if n == buf.len() {
+                    if buf.len() >= 16 * 1024 + 5 {
+                        return Ok(Hello::NotTls);
+                    }
+                    buf.resize(buf.len() * 2, 0);
+                } else if n == last {
+                    // Peeking does not consume, so readiness stays set: poll gently for the rest.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                last = n;
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
+/// Records when a stream last moved bytes.
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<AtomicU64>, Instant);
+
+impl Activity {
+    pub fn new() -> Self {
+        Activity(Arc::new(AtomicU64::new(0)), Instant::now())
+    }
+    fn touch(&self) {
+        self.0
+            .store(self.1.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// Time since the last byte moved.
+    pub fn idle(&self) -> Duration {
+        let last = self.0.load(Ordering::Relaxed);
+        self.1.elapsed().saturating_sub(Duration::from_millis(last))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Wraps a stream so reads mark activity.
+pub struct Tracked<S> {
+    inner: S,
+    activity: Activity,
+}
+
+impl<S> Tracked<S> {
+    pub fn new(inner: S, activity: Activity) -> Self {
+        Tracked { inner, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Copies both directions until both are closed, propagating half-close (EOF in one direction
+/// shuts down writing on the other side). With `idle`, the session ends after that long without
+/// a byte in either direction. Returns bytes (client->node, node->client).
+pub async fn proxy<A, B>(a: A, b: B, idle: Option<Duration>) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Activity::new();
+    let mut a = Tracked::new(a, activity.clone());
+    let mut b = Tracked::new(b, activity.clone());
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024);
+    match idle {
+        None => copy.await,
+        Some(limit) => {
+            tokio::pin!(copy);
+            loop {
+                let wait = limit
+                    .saturating_sub(activity.idle())
+                    .max(Duration::from_millis(10));
+                tokio::select! {
+                    r = &mut copy => return r,
+                    _ = tokio::time::sleep(wait) => {
+                        if activity.idle() >= limit {
+                            return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_round_trip() {
+        let src: SocketAddr = "192.0.2.1:5555".parse().unwrap();
+        let dst: SocketAddr = "198.51.100.2:443".parse().unwrap();
+        let line = v1_header(src, dst);
+        assert_eq!(line, b"PROXY TCP4 192.0.2.1 198.51.100.2 5555 443\r\n");
+        let h = parse_v1(&line).unwrap();
+        assert_eq!(h.source, Some(src));
+        assert_eq!(h.destination, Some(dst));
+        assert!(parse_v1(b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n").is_err());
+        assert_eq!(parse_v1(b"PROXY UNKNOWN\r\n").unwrap().source, None);
+    }
+
+    #[test]
+    fn v2_round_trip() {
+        for (s, d) in [
+            ("192.0.2.1:5555", "198.51.100.2:443"),
+            ("[2001:db8::1]:1", "[2001:db8::2]:2"),
+        ] {
+            let (src, dst): (SocketAddr, SocketAddr) = (s.parse().unwrap(), d.parse().unwrap());
+            let h = v2_header(src, dst);
+            assert_eq!(&h[..12], &V2_SIG);
+            let len = u16::from_be_bytes([h[14], h[15]]) as usize;
+            let parsed = parse_v2_body(h[12] & 0xf, h[13], &h[16..16 + len]).unwrap();
+            assert_eq!(parsed.source, Some(src));
+            assert_eq!(parsed.destination, Some(dst));
+        }
+    }
+
+    fn hello_with_sni(name: &str) -> Vec<u8> {
+        let mut ext = vec![];
+        let mut sni = vec![];
+        sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+        sni.push(0);
+        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        sni.extend_from_slice(name.as_bytes());
+        ext.extend_from_slice(&0u16.to_be_bytes());
+        ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+        ext.extend_from_slice(&sni);
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[0u8; 32]);
+        body.push(0); // session id
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // suites
+        body.extend_from_slice(&[1, 0]); // compression
+        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        body.extend_from_slice(&ext);
+        let mut hs = vec![1];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        let mut rec = vec![0x16, 3, 1];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    #[test]
+    fn client_hello_sni() {
+        let h = hello_with_sni("DB.Example.com");
+        assert_eq!(
+            parse_client_hello(&h),
+            Hello::Tls(Some("db.example.com".into()))
+        );
+        assert_eq!(parse_client_hello(&h[..20]), Hello::Incomplete);
+        assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
+        assert_eq!(parse_client_hello(b"*2\r\n$4\r\nPING"), Hello::NotTls);
+    }
+}

@@ -1,0 +1,224 @@
+//! Configuration: `conf/config.yaml` (node settings) and `apisix.yaml` beside it (resources),
+//! both in Apache APISIX's format.
+//!
+//! Loading goes raw text -> `${{VAR}}` substitution -> YAML tree -> typed, validated [`Config`].
+//! Every problem is reported as `file: yaml.path: reason`, and all problems of a file are reported
+//! together where the shape allows it. Unknown keys are errors; keys that APISIX has but Strait
+//! does not implement are errors that say "unsupported".
+
+pub mod discovery;
+pub mod node;
+pub mod raw;
+pub mod resources;
+mod value;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use node::NodeConfig;
+pub use resources::Resources;
+
+/// One configuration problem, located by file and YAML path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// Dotted YAML path, e.g. `routes[2].upstream.nodes`; empty for the whole file.
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.path, self.reason)
+        }
+    }
+}
+
+/// All problems found while loading a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects errors for one file, with a path prefix.
+#[derive(Debug)]
+pub struct Errors {
+    file: String,
+    list: Vec<ConfigError>,
+}
+
+impl Errors {
+    pub fn new(file: impl Into<String>) -> Self {
+        Errors {
+            file: file.into(),
+            list: Vec::new(),
+        }
+    }
+    /// Records a problem at `path`.
+    pub fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.clone(),
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+    pub fn into_result<T>(self, v: T) -> Result<T, ConfigErrors> {
+        if self.list.is_empty() {
+            Ok(v)
+        } else {
+            Err(ConfigErrors(self.list))
+        }
+    }
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+    pub fn extend(&mut self, other: ConfigErrors) {
+        self.list.extend(other.0);
+    }
+}
+
+/// The whole configuration: node settings and resources.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub resources: Resources,
+    /// Path of `config.yaml`.
+    pub config_path: PathBuf,
+    /// Path of `apisix.yaml`.
+    pub resources_path: PathBuf,
+}
+
+impl Config {
+    /// Loads `config.yaml` at `path` and `apisix.yaml` beside it.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let node = NodeConfig::load(path)?;
+        let resources_path = resources_path_for(path);
+        let resources = Resources::load(&resources_path, &node)?;
+        Ok(Config {
+            node,
+            resources,
+            config_path: path.to_path_buf(),
+            resources_path,
+        })
+    }
+}
+
+/// `apisix.yaml` in the directory of `config.yaml`.
+pub fn resources_path_for(config: &Path) -> PathBuf {
+    config
+        .parent()
+        .map(|d| d.join("apisix.yaml"))
+        .unwrap_or_else(|| PathBuf::from("apisix.yaml"))
+}
+
+/// Reads a file for the configuration, naming it in the error.
+pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            path: String::new(),
+            reason: format!("cannot read file: {e}"),
+        }])
+    })
+}
+
+/// Replaces `${{VAR}}` and `${{VAR:=default}}` with environment values, as APISIX does before
+/// parsing. A variable that is unset and has no default is an error.
+pub fn substitute_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 3..];
+        let Some(end) = after.find("}}") else {
+            return Err("unterminated ${{ in configuration".into());
+        };
+        let inner = after[..end].trim();
+        let (name, default) = match inner.split_once(":=") {
+            Some((n, d)) => (n.trim(), Some(d.trim())),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("invalid environment variable name {name:?}"));
+        }
+        match lookup(name).or_else(|| default.map(str::to_string)) {
+            Some(v) => out.push_str(&v),
+            None => {
+                return Err(format!(
+                    "environment variable {name} is not set and has no default"
+                ));
+            }
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parses YAML text into a JSON-like tree (map order kept).
+pub fn parse_yaml(text: &str) -> Result<serde_json::Value, String> {
+    if text.trim().is_empty() {
+        return Ok(serde_json::Value::Object(Default::default()));
+    }
+    let v: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
+    Ok(match v {
+        serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+        other => other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_substitution_with_defaults() {
+        let env = |k: &str| (k == "PORT").then(|| "9081".to_string());
+        assert_eq!(substitute_env("p: ${{PORT}}", env).unwrap(), "p: 9081");
+        assert_eq!(
+            substitute_env("p: ${{ HOST:=127.0.0.1 }}", env).unwrap(),
+            "p: 127.0.0.1"
+        );
+        assert_eq!(substitute_env("p: ${{PORT:=1}}", env).unwrap(), "p: 9081");
+        assert!(
+            substitute_env("p: ${{MISSING}}", env)
+                .unwrap_err()
+                .contains("MISSING")
+        );
+        assert!(substitute_env("p: ${{PORT", env).is_err());
+        assert_eq!(
+            substitute_env("no vars $HOME {{x}}", env).unwrap(),
+            "no vars $HOME {{x}}"
+        );
+    }
+
+    #[test]
+    fn yaml_keeps_map_order_and_rejects_garbage() {
+        let v = parse_yaml("b: 1\na: 2\n").unwrap();
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["b", "a"]);
+        assert!(parse_yaml("a: [1, 2").is_err());
+    }
+}

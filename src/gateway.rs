@@ -1,0 +1,328 @@
+//! The gateway: configuration -> runtime state, hot reload, and the running process (workers,
+//! background runtime, control API, drain).
+//!
+//! All request-path state (routes, upstreams, certificates) is one [`State`] behind one
+//! `ArcSwap`, so a reload swaps everything at once. Upstreams that survive a reload keep their
+//! node states (health, in-flight counts), and connections in flight keep the state they
+//! started with.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use strait_discovery::Discovery;
+use strait_discovery::dns::DnsDiscovery;
+use strait_protocols::tls::CertStore;
+use tokio::task::AbortHandle;
+
+use crate::config::node::NodeConfig;
+use crate::config::resources::Resources;
+use crate::config::{Config, ConfigErrors};
+use crate::route::stream::{StreamRoute, StreamRouter};
+use crate::route::{Route, Router};
+use crate::upstream::source::{self, DiscoveryHub};
+use crate::upstream::{BuildContext, Upstream};
+
+/// Everything the request path reads, swapped as one.
+pub struct State {
+    pub router: Router,
+    pub stream_router: StreamRouter,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub certs: CertStore,
+    pub version: u64,
+    feeds: Vec<AbortHandle>,
+}
+
+impl State {
+    fn empty() -> State {
+        State {
+            router: Router::default(),
+            stream_router: StreamRouter::default(),
+            upstreams: HashMap::new(),
+            certs: CertStore::default(),
+            version: 0,
+            feeds: vec![],
+        }
+    }
+
+    /// Stops the background work of this state (feeds and probes).
+    fn retire(&self) {
+        for f in &self.feeds {
+            f.abort();
+        }
+        for u in self.upstreams.values() {
+            u.stop();
+        }
+    }
+}
+
+/// Result of the last reload attempt, for the status API.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub last_success: Option<SystemTime>,
+    pub last_error: Option<(SystemTime, String)>,
+    pub reloads: u64,
+    pub rejected: u64,
+}
+
+/// Process-wide counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub http_requests: AtomicU64,
+    pub http_no_route: AtomicU64,
+    pub stream_connections: AtomicU64,
+    pub stream_no_route: AtomicU64,
+    pub connections_active: AtomicU64,
+}
+
+/// State shared by workers, background tasks and the control API.
+pub struct Shared {
+    pub state: Arc<ArcSwap<State>>,
+    pub node: NodeConfig,
+    pub resources_path: PathBuf,
+    pub hub: Arc<DiscoveryHub>,
+    pub ctx: BuildContext,
+    pub reload: Mutex<ReloadStatus>,
+    pub metrics: Metrics,
+    /// Serializes reloads.
+    reload_lock: Mutex<()>,
+    /// Hash of the resources text last applied.
+    applied_hash: AtomicU64,
+    stream_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
+}
+
+impl Shared {
+    /// Builds shared state from a loaded configuration; starts node feeds on `background`.
+    pub fn new(config: Config, background: tokio::runtime::Handle) -> Result<Arc<Shared>, String> {
+        let roots = strait_protocols::tls::root_store(config.node.trusted_ca_pem.as_deref())
+            .map_err(|e| format!("trusted certificates: {e}"))?;
+        let ctx = BuildContext {
+            background: background.clone(),
+            roots,
+        };
+        let mut backends: Vec<Arc<dyn Discovery>> = Vec::new();
+        if let Some(dns) = &config.node.discovery_config.dns {
+            let d = DnsDiscovery::new(dns.clone()).map_err(|e| format!("discovery.dns: {e}"))?;
+            backends.push(Arc::new(d));
+        }
+        let global = crate::config::discovery::global_resolver(
+            &config.node.dns_resolver,
+            config.node.dns_resolver_valid,
+            config.node.resolver_timeout,
+            true,
+        );
+        let global_dns = match DnsDiscovery::new(global) {
+            Ok(d) => Some(Arc::new(d)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no DNS resolver for host names in nodes");
+                None
+            }
+        };
+        let hub = Arc::new(DiscoveryHub::new(backends, global_dns, background));
+        let shared = Arc::new(Shared {
+            state: Arc::new(ArcSwap::from_pointee(State::empty())),
+            node: config.node,
+            resources_path: config.resources_path,
+            hub,
+            ctx,
+            reload: Mutex::new(ReloadStatus::default()),
+            metrics: Metrics::default(),
+            reload_lock: Mutex::new(()),
+            applied_hash: AtomicU64::new(0),
+            stream_tls: std::sync::OnceLock::new(),
+        });
+        shared.apply(&config.resources)?;
+        if let Ok(text) = std::fs::read(&shared.resources_path) {
+            shared.applied_hash.store(hash(&text), Ordering::Relaxed);
+        }
+        Ok(shared)
+    }
+
+    /// Builds a new state from `res` (carrying over upstream state) and swaps it in.
+    pub fn apply(&self, res: &Resources) -> Result<(), String> {
+        let _l = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = self.state.load_full();
+        let mut upstreams = HashMap::new();
+        for spec in &res.upstreams {
+            let up = Upstream::new(
+                spec.clone(),
+                prev.upstreams.get(&spec.key).map(|u| &**u),
+                &self.ctx,
+            )?;
+            upstreams.insert(spec.key.clone(), up);
+        }
+        let mut routes = Vec::with_capacity(res.routes.len());
+        for spec in &res.routes {
+            let upstream = spec
+                .upstream
+                .as_ref()
+                .and_then(|k| upstreams.get(k))
+                .cloned();
+            routes.push(Arc::new(Route {
+                spec: spec.clone(),
+                upstream,
+                transcode: None,
+            }));
+        }
+        let mut streams = Vec::with_capacity(res.stream_routes.len());
+        for spec in &res.stream_routes {
+            let Some(upstream) = upstreams.get(&spec.upstream).cloned() else {
+                return Err(format!(
+                    "stream route {}: upstream {} missing",
+                    spec.id, spec.upstream
+                ));
+            };
+            streams.push(Arc::new(StreamRoute {
+                spec: spec.clone(),
+                upstream,
+            }));
+        }
+        let mut certs = CertStore::default();
+        for ssl in res.ssls.iter().filter(|s| !s.client) {
+            let key = strait_protocols::tls::certified_key(&ssl.cert, &ssl.key)
+                .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
+            for sni in &ssl.snis {
+                certs.insert(sni, key.clone());
+            }
+        }
+        if let Some(f) = &self.node.fallback_sni {
+            certs.set_fallback(f);
+        }
+        // Everything is built; now start feeding the new upstreams and swap.
+        let mut feeds = Vec::new();
+        for up in upstreams.values() {
+            if let Some(h) = source::start(up, &self.hub) {
+                feeds.push(h);
+            }
+        }
+        let state = State {
+            router: Router::new(routes),
+            stream_router: StreamRouter::new(streams),
+            upstreams,
+            certs,
+            version: prev.version + 1,
+            feeds,
+        };
+        self.state.store(Arc::new(state));
+        prev.retire();
+        self.hub.prune();
+        Ok(())
+    }
+
+    /// Re-reads `apisix.yaml` if its content changed; a file that fails validation is rejected
+    /// whole and the running configuration keeps serving. Returns whether a new state was applied.
+    pub fn reload_if_changed(&self) -> bool {
+        let Ok(text) = std::fs::read(&self.resources_path) else {
+            return false;
+        };
+        let h = hash(&text);
+        if h == self.applied_hash.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.applied_hash.store(h, Ordering::Relaxed);
+        let text = String::from_utf8_lossy(&text);
+        let file = self.resources_path.display().to_string();
+        let parsed = Resources::parse(&file, &text, &self.node, |k| std::env::var(k).ok());
+        let result = parsed
+            .map_err(|e: ConfigErrors| e.to_string())
+            .and_then(|res| self.apply(&res));
+        let mut st = self.reload.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => {
+                st.reloads += 1;
+                st.last_success = Some(SystemTime::now());
+                tracing::info!(file = %file, version = self.state.load().version, "configuration reloaded");
+                true
+            }
+            Err(e) => {
+                st.rejected += 1;
+                st.last_error = Some((SystemTime::now(), e.clone()));
+                for line in e.lines() {
+                    tracing::error!(
+                        "configuration rejected, previous configuration keeps serving: {line}"
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// Polls `apisix.yaml` for changes until the process ends (APISIX checks every second).
+    pub async fn watch_resources(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
+        }
+    }
+
+    /// TLS settings for `tls: true` stream listeners (certificates by SNI, no ALPN).
+    pub fn stream_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        if let Some(c) = self.stream_tls.get() {
+            return Some(c.clone());
+        }
+        let resolver = Arc::new(StateCerts(self.state.clone()));
+        match strait_protocols::tls::server_config(resolver, &[]) {
+            Ok(c) => Some(self.stream_tls.get_or_init(|| c).clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "stream TLS setup failed");
+                None
+            }
+        }
+    }
+
+    /// The upstream with `key`, for the control API.
+    pub fn upstream(&self, key: &str) -> Option<Arc<Upstream>> {
+        self.state.load().upstreams.get(key).cloned()
+    }
+}
+
+fn hash(b: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish() | 1
+}
+
+/// TLS certificates by SNI, read from the current state at every handshake.
+#[derive(Debug)]
+pub struct StateCerts(pub Arc<ArcSwap<State>>);
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("resources", &self.resources_path)
+            .finish()
+    }
+}
+
+impl ResolvesServerCert for StateCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.load().certs.resolve(hello.server_name())
+    }
+}
+
+/// Bound listener addresses of a running gateway.
+#[derive(Debug, Clone, Default)]
+pub struct Addresses {
+    pub http: Vec<SocketAddr>,
+    pub tls: Vec<SocketAddr>,
+    pub stream: Vec<SocketAddr>,
+    pub control: Option<SocketAddr>,
+}

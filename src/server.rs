@@ -1,0 +1,536 @@
+//! Listeners, workers and the HTTP service.
+//!
+//! Each worker is a thread with its own single-threaded tokio runtime and its own listening
+//! sockets (`SO_REUSEPORT`, so the kernel spreads connections), its own connection pools, and no
+//! shared locks on the request path. A separate background runtime runs the control API, config
+//! reloads, node sources and health probes.
+//!
+//! SIGTERM (or [`Running::shutdown`]) drains: listeners close, idle keep-alive connections are
+//! told to finish, in-flight requests complete up to the drain deadline, then the process exits.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use socket2::{Domain, Socket, Type};
+use strait_protocols::http::{ForwardCtx, forward};
+use strait_protocols::respond::error_response;
+use strait_protocols::{ProxyBody, ProxyError, grpc};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::gateway::{Addresses, Shared, StateCerts};
+use crate::route::RequestView;
+
+/// How the gateway runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Worker threads (default: number of cores).
+    pub workers: usize,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// How often `apisix.yaml` is checked for changes.
+    pub reload_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            drain_timeout: Duration::from_secs(30),
+            reload_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Errors that stop the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What kind of traffic a listener takes.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Http { http2: bool },
+    Tls { http2: bool },
+    Stream { index: usize },
+}
+
+struct Listener {
+    kind: Kind,
+    socket: std::net::TcpListener,
+}
+
+/// Tracks live connections of a worker so a drain can wait for them.
+#[derive(Default)]
+pub(crate) struct ConnTracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+pub(crate) struct ConnGuard(Arc<ConnTracker>, Arc<Shared>);
+
+impl ConnTracker {
+    pub(crate) fn enter(self: &Arc<Self>, shared: &Arc<Shared>) -> ConnGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
+        ConnGuard(self.clone(), shared.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.1
+            .metrics
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A running gateway.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    pub addrs: Addresses,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    background: Option<tokio::runtime::Runtime>,
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_tcp_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Binds `n` sockets on `addr` (the first one picks the port when it is 0).
+fn bind_group(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), StartError> {
+    let first = bind_one(addr).map_err(|e| StartError::Bind(addr, e))?;
+    let actual = first.local_addr().map_err(|e| StartError::Bind(addr, e))?;
+    let mut v = vec![first];
+    for _ in 1..n {
+        v.push(bind_one(actual).map_err(|e| StartError::Bind(actual, e))?);
+    }
+    Ok((actual, v))
+}
+
+impl Running {
+    /// Binds every listener and starts workers and background tasks.
+    pub fn start(config: Config, opts: Options) -> Result<Running, StartError> {
+        let workers = opts.workers.max(1);
+        let background = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("strait-bg")
+            .enable_all()
+            .build()
+            .map_err(|e| StartError::Setup(format!("background runtime: {e}")))?;
+        let control = config.node.control;
+        let shared = {
+            let _g = background.enter();
+            Shared::new(config, background.handle().clone()).map_err(StartError::Setup)?
+        };
+
+        // Bind everything before starting anything, so a busy port fails the start cleanly.
+        let mut addrs = Addresses::default();
+        let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut add = |kind: Kind, addr: SocketAddr| -> Result<SocketAddr, StartError> {
+            let (actual, socks) = bind_group(addr, workers)?;
+            for (w, socket) in socks.into_iter().enumerate() {
+                per_worker[w].push(Listener { kind, socket });
+            }
+            Ok(actual)
+        };
+        for l in &shared.node.http {
+            addrs.http.push(add(Kind::Http { http2: l.http2 }, l.addr)?);
+        }
+        for l in &shared.node.tls {
+            addrs.tls.push(add(Kind::Tls { http2: l.http2 }, l.addr)?);
+        }
+        for (i, l) in shared.node.stream.iter().enumerate() {
+            addrs.stream.push(add(Kind::Stream { index: i }, l.addr)?);
+        }
+
+        if let Some(addr) = control {
+            let bound =
+                std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l));
+            match bound {
+                Ok(l) => {
+                    addrs.control = l.local_addr().ok();
+                    let shared = shared.clone();
+                    background.spawn(async move {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => crate::admin::serve(l, shared).await,
+                            Err(e) => tracing::error!(error = %e, "cannot start the control API"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "cannot start the control API; continuing without it")
+                }
+            }
+        }
+        background.spawn(shared.clone().watch_resources(opts.reload_interval));
+
+        let (shutdown, _) = watch::channel(false);
+        let mut threads = Vec::new();
+        for (i, listeners) in per_worker.into_iter().enumerate() {
+            let shared = shared.clone();
+            let rx = shutdown.subscribe();
+            let drain = opts.drain_timeout;
+            let t = std::thread::Builder::new()
+                .name(format!("strait-w{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start worker runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(worker(listeners, shared, rx, drain));
+                })
+                .map_err(|e| StartError::Setup(format!("worker thread: {e}")))?;
+            threads.push(t);
+        }
+        tracing::info!(
+            http = ?addrs.http,
+            tls = ?addrs.tls,
+            stream = ?addrs.stream,
+            control = ?addrs.control,
+            workers,
+            "strait is serving"
+        );
+        Ok(Running {
+            shared,
+            addrs,
+            shutdown,
+            workers: threads,
+            background: Some(background),
+        })
+    }
+
+    /// Stops accepting, drains in-flight requests (up to the drain timeout) and stops.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.workers.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(bg) = self.background.take() {
+            self.shared
+                .state
+                .load()
+                .upstreams
+                .values()
+                .for_each(|u| u.stop());
+            bg.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn worker(
+    listeners: Vec<Listener>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let tracker = Arc::new(ConnTracker::default());
+    let tls = match strait_protocols::tls::server_config(
+        Arc::new(StateCerts(shared.state.clone())),
+        &[b"h2", b"http/1.1"],
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "TLS setup failed");
+            return;
+        }
+    };
+    let tls_h1 = match strait_protocols::tls::server_config(
+        Arc::new(StateCerts(shared.state.clone())),
+        &[b"http/1.1"],
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "TLS setup failed");
+            return;
+        }
+    };
+    let mut accepts = Vec::new();
+    for l in listeners {
+        let listener = match TcpListener::from_std(l.socket) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register listener");
+                continue;
+            }
+        };
+        let acceptor = match l.kind {
+            Kind::Tls { http2: true } => Some(TlsAcceptor::from(tls.clone())),
+            Kind::Tls { http2: false } => Some(TlsAcceptor::from(tls_h1.clone())),
+            _ => None,
+        };
+        accepts.push(tokio::spawn(accept_loop(
+            listener,
+            l.kind,
+            acceptor,
+            shared.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        )));
+    }
+    tokio::spawn(async {
+        let mut t = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            t.tick().await;
+            strait_protocols::pool::sweep();
+        }
+    });
+    let _ = shutdown.wait_for(|s| *s).await;
+    for a in accepts {
+        let _ = a.await;
+    }
+    // Drain: wait for connections to finish, up to the deadline.
+    let deadline = tokio::time::sleep(drain);
+    tokio::pin!(deadline);
+    loop {
+        let idle = tracker.idle.notified();
+        if tracker.active.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = idle => {}
+            _ = &mut deadline => {
+                tracing::warn!(open = tracker.active.load(Ordering::Relaxed), "drain deadline reached; closing remaining connections");
+                break;
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: Kind,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    tracker: Arc<ConnTracker>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+        let guard = tracker.enter(&shared);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        match kind {
+            Kind::Http { http2 } => {
+                tokio::spawn(async move {
+                    serve_http(stream, peer, local, false, http2, shared, shutdown).await;
+                    drop(guard);
+                });
+            }
+            Kind::Tls { http2 } => {
+                let acceptor = tls.clone();
+                tokio::spawn(async move {
+                    let Some(acceptor) = acceptor else { return };
+                    let hs = tokio::time::timeout(
+                        shared.node.client_header_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    match hs {
+                        Ok(Ok(tls)) => {
+                            let h2 = http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                            serve_http(tls, peer, local, true, h2 || http2, shared, shutdown).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(guard);
+                });
+            }
+            Kind::Stream { index } => {
+                tokio::spawn(async move {
+                    crate::stream::serve(stream, peer, local, index, shared, shutdown).await;
+                    drop(guard);
+                });
+            }
+        }
+    }
+}
+
+/// Per-connection facts the HTTP service needs.
+struct ConnCtx {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+}
+
+async fn serve_http<IO>(
+    io: IO,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    http2: bool,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = shared.node.client_header_timeout;
+    let ctx = Arc::new(ConnCtx {
+        shared,
+        peer,
+        local,
+        tls,
+    });
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(64 * 1024)
+        .writev(true)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .max_header_list_size(64 * 1024)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .keep_alive_interval(Duration::from_secs(60))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let builder = if http2 { builder } else { builder.http1_only() };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+            return;
+        }
+        _ = shutdown.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// One request: route, then forward (or answer an error).
+async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
+    let shared = &c.shared;
+    shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+    let is_grpc = grpc::is_grpc_request(req.headers());
+    let (parts, body) = req.into_parts();
+    let (route, key) = {
+        let state = shared.state.load();
+        let view = RequestView::new(&parts, c.peer, c.local, c.tls);
+        match state.router.find(&view) {
+            None => {
+                shared.metrics.http_no_route.fetch_add(1, Ordering::Relaxed);
+                return error_response(&ProxyError::NoRoute, is_grpc);
+            }
+            Some(r) => {
+                let key = match &r.upstream {
+                    Some(u) => u.hash_key(&view).into_owned(),
+                    None => Vec::new(),
+                };
+                (r.clone(), key)
+            }
+        }
+    };
+    let deadline = if is_grpc {
+        parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(grpc::parse_timeout)
+            .map(|d| tokio::time::Instant::now() + d)
+    } else {
+        None
+    };
+    let req = Request::from_parts(parts, body);
+    let Some(upstream) = &route.upstream else {
+        return error_response(&ProxyError::NoNode, is_grpc);
+    };
+    let ctx = ForwardCtx {
+        client_addr: c.peer,
+        local_port: c.local.port(),
+        downstream_tls: c.tls,
+        hash_key: &key,
+        timeouts: route.spec.timeout,
+        websocket: route.spec.websocket,
+        grpc: is_grpc,
+        deadline,
+    };
+    match deadline {
+        None => forward(req, &ctx, &**upstream).await,
+        Some(d) => match tokio::time::timeout_at(d, forward(req, &ctx, &**upstream)).await {
+            Ok(resp) => resp,
+            Err(_) => error_response(&ProxyError::DeadlineExceeded, true),
+        },
+    }
+}

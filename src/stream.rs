@@ -1,0 +1,256 @@
+//! The L4 proxy: one TCP (or TLS) session from a client to a node.
+//!
+//! Per connection: optional PROXY protocol header (the real client address then drives
+//! `remote_addr` matching and chash), then the SNI, by terminating TLS on `tls: true` listeners
+//! or by peeking at the ClientHello on plain listeners that have SNI routes (passthrough: the
+//! client talks TLS to the node itself), then routing, a node pick with retries on connect
+//! failure, optional TLS origination and PROXY protocol towards the node, and a bidirectional
+//! copy with half-close and the route's idle timeout.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use strait_protocols::stream::{Hello, peek_client_hello, proxy, read_proxy_header, v1_header};
+use strait_protocols::{Outcome, Scheme, Tried, UpstreamPicker, connect_tcp, connect_tls};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::gateway::Shared;
+use crate::route::expr::{Var, VarSource};
+use crate::upstream::Upstream;
+
+/// Variables a stream connection offers to chash.
+struct StreamVars<'a> {
+    client: SocketAddr,
+    local: SocketAddr,
+    sni: Option<&'a str>,
+}
+
+impl VarSource for StreamVars<'_> {
+    fn var(&self, v: &Var) -> Option<Cow<'_, str>> {
+        Some(match v {
+            Var::RemoteAddr => Cow::Owned(self.client.ip().to_string()),
+            Var::RemotePort => Cow::Owned(self.client.port().to_string()),
+            Var::ServerAddr => Cow::Owned(self.local.ip().to_string()),
+            Var::ServerPort => Cow::Owned(self.local.port().to_string()),
+            Var::Host => Cow::Borrowed(self.sni?),
+            _ => return None,
+        })
+    }
+}
+
+/// Serves one accepted stream connection.
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    index: usize,
+    shared: Arc<Shared>,
+    _shutdown: watch::Receiver<bool>,
+) {
+    shared
+        .metrics
+        .stream_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let Some(listener) = shared.node.stream.get(index).cloned() else {
+        return;
+    };
+    let handshake_timeout = shared.node.client_header_timeout;
+    let mut client = peer;
+    let mut dest = local;
+    if listener.proxy_protocol {
+        match tokio::time::timeout(handshake_timeout, read_proxy_header(&mut stream)).await {
+            Ok(Ok(h)) => {
+                client = h.source.unwrap_or(peer);
+                dest = h.destination.unwrap_or(local);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "bad PROXY protocol header; closing");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no PROXY protocol header in time; closing");
+                return;
+            }
+        }
+    }
+    let state = shared.state.load_full();
+
+    if listener.tls {
+        let Some(config) = shared.stream_tls() else {
+            return;
+        };
+        let acceptor = TlsAcceptor::from(config);
+        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let sni = tls.get_ref().1.server_name().map(str::to_string);
+        let Some(route) = state
+            .stream_router
+            .find(sni.as_deref(), client, local)
+            .cloned()
+        else {
+            shared
+                .metrics
+                .stream_no_route
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let vars = StreamVars {
+            client,
+            local,
+            sni: sni.as_deref(),
+        };
+        session(
+            tls,
+            &route.upstream,
+            &vars,
+            sni.as_deref(),
+            dest,
+            listener.proxy_protocol_to_upstream,
+            route.spec.idle_timeout,
+        )
+        .await;
+        return;
+    }
+
+    let sni = if state.stream_router.has_sni_routes() {
+        match peek_client_hello(&stream, handshake_timeout).await {
+            Ok(Hello::Tls(sni)) => sni,
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "no ClientHello");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let Some(route) = state
+        .stream_router
+        .find(sni.as_deref(), client, local)
+        .cloned()
+    else {
+        shared
+            .metrics
+            .stream_no_route
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    drop(state);
+    let vars = StreamVars {
+        client,
+        local,
+        sni: sni.as_deref(),
+    };
+    session(
+        stream,
+        &route.upstream,
+        &vars,
+        sni.as_deref(),
+        dest,
+        listener.proxy_protocol_to_upstream,
+        route.spec.idle_timeout,
+    )
+    .await;
+}
+
+/// Connects to a node (retrying other nodes on connect failure) and relays the session.
+async fn session<C>(
+    mut client_io: C,
+    upstream: &Arc<Upstream>,
+    vars: &StreamVars<'_>,
+    client_sni: Option<&str>,
+    dest: SocketAddr,
+    send_pp: bool,
+    idle: Option<Duration>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let settings = upstream.settings();
+    let key = upstream.hash_key(vars).into_owned();
+    let retries = settings
+        .retries
+        .unwrap_or(upstream.node_count().saturating_sub(1) as u32);
+    let deadline = settings.retry_timeout.map(|t| Instant::now() + t);
+    let mut tried = Tried::default();
+    let mut attempt = 0;
+    let (peer, mut tcp) = loop {
+        let peer = match upstream.pick(&key, &tried) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(upstream = %settings.id, client = %vars.client, error = ?e, "no node for stream session");
+                return;
+            }
+        };
+        attempt += 1;
+        let started = Instant::now();
+        match connect_tcp(peer.addr, settings.timeouts.connect).await {
+            Ok(s) => break (peer, s),
+            Err(e) => {
+                let outcome = if e.is_timeout() {
+                    Outcome::Timeout
+                } else {
+                    Outcome::TcpFailure
+                };
+                peer.report(outcome, started.elapsed());
+                tracing::warn!(upstream = %settings.id, node = %peer.addr, attempt, error = %e, "stream connect failed");
+                tried.push(peer.addr);
+                if attempt > retries || deadline.is_some_and(|d| Instant::now() >= d) {
+                    return;
+                }
+            }
+        }
+    };
+    let started = Instant::now();
+    if send_pp {
+        let header = v1_header(vars.client, dest);
+        if tcp.write_all(&header).await.is_err() {
+            peer.report(Outcome::TcpFailure, started.elapsed());
+            return;
+        }
+    }
+    let result = if settings.scheme == Scheme::Tls {
+        let Some(tls) = &settings.tls else { return };
+        let sni = match &settings.pass_host {
+            strait_protocols::PassHost::Rewrite(h) => h.to_str().unwrap_or("localhost").to_string(),
+            _ => client_sni
+                .map(str::to_string)
+                .unwrap_or_else(|| peer.host.to_string()),
+        };
+        let node = match connect_tls(
+            tcp,
+            peer.addr,
+            tls.raw.clone(),
+            &sni,
+            settings.timeouts.connect,
+        )
+        .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                peer.report(Outcome::TcpFailure, started.elapsed());
+                tracing::warn!(upstream = %settings.id, node = %peer.addr, error = %e, "TLS to node failed");
+                return;
+            }
+        };
+        peer.report(Outcome::StreamOk, started.elapsed());
+        proxy(&mut client_io, node, idle).await
+    } else {
+        peer.report(Outcome::StreamOk, started.elapsed());
+        proxy(&mut client_io, tcp, idle).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(upstream = %settings.id, node = %peer.addr, error = %e, "stream session ended");
+    }
+}

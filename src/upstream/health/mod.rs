@@ -1,0 +1,195 @@
+//! Active health checking: one probe task per node (not per worker), with jitter, at most
+//! `concurrency` probes of one upstream at a time. Probe results and passive reports from real
+//! traffic update the same per-node state machine ([`state`]), which is exactly what the balancer
+//! reads.
+
+pub mod probe;
+pub mod state;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use strait_protocols::{PassHost, Scheme, UpstreamSettings};
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+
+use super::BuildContext;
+use super::node::{Node, NodeState, ProbeRecord};
+use crate::config::resources::{ActiveCheck, UpstreamSpec};
+use probe::{ProbeTarget, run_probe};
+use state::Thresholds;
+
+/// The probe tasks of one upstream.
+pub struct HealthProbes {
+    check: Option<Arc<ActiveCheck>>,
+    ctx: BuildContext,
+    sem: Arc<Semaphore>,
+    tasks: Mutex<HashMap<SocketAddr, AbortHandle>>,
+    upstream: Arc<str>,
+    /// The upstream's mTLS client certificate, presented by https / grpcs probes too.
+    client_cert: Option<(String, String)>,
+}
+
+impl HealthProbes {
+    pub fn new(spec: &UpstreamSpec, ctx: &BuildContext) -> Self {
+        let check = spec.checks.as_ref().map(|c| Arc::new(c.active.clone()));
+        let permits = check.as_ref().map_or(1, |c| c.concurrency.max(1) as usize);
+        HealthProbes {
+            check,
+            ctx: ctx.clone(),
+            sem: Arc::new(Semaphore::new(permits)),
+            tasks: Mutex::new(HashMap::new()),
+            upstream: Arc::from(spec.id.as_str()),
+            client_cert: spec.tls.as_ref().and_then(|t| t.client_cert.clone()),
+        }
+    }
+
+    /// Starts probes for new addresses and stops those of removed ones.
+    pub fn sync(&self, nodes: &[Arc<Node>], settings: &UpstreamSettings) {
+        let Some(check) = &self.check else { return };
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted: HashMap<SocketAddr, &Arc<Node>> = nodes.iter().map(|n| (n.addr, n)).collect();
+        tasks.retain(|addr, h| {
+            let keep = wanted.contains_key(addr);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for (addr, node) in wanted {
+            if tasks.contains_key(&addr) {
+                continue;
+            }
+            let target = ProbeTarget::new(
+                node,
+                check,
+                settings,
+                &self.ctx.roots,
+                self.client_cert.clone(),
+            );
+            let fut = probe_loop(
+                node.state.clone(),
+                check.clone(),
+                target,
+                self.sem.clone(),
+                self.upstream.clone(),
+            );
+            let handle = self.ctx.background.spawn(fut);
+            tasks.insert(addr, handle.abort_handle());
+        }
+    }
+
+    /// Stops every probe.
+    pub fn stop(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, h) in tasks.drain() {
+            h.abort();
+        }
+    }
+
+    /// Whether active checks are configured.
+    pub fn enabled(&self) -> bool {
+        self.check.is_some()
+    }
+}
+
+impl Drop for HealthProbes {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Thresholds of active checks.
+pub fn active_thresholds(c: &ActiveCheck) -> Thresholds {
+    Thresholds {
+        successes: c.healthy_successes,
+        http_failures: c.http_failures,
+        tcp_failures: c.tcp_failures,
+        timeouts: c.timeouts,
+    }
+}
+
+/// A uniformly random duration in `[0, max)`.
+fn jitter(max: Duration) -> Duration {
+    let nanos = max.as_nanos() as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(super::balancer::rand_u64() % nanos)
+}
+
+async fn probe_loop(
+    state: Arc<NodeState>,
+    check: Arc<ActiveCheck>,
+    target: ProbeTarget,
+    sem: Arc<Semaphore>,
+    upstream: Arc<str>,
+) {
+    let thresholds = active_thresholds(&check);
+    // Spread the first probes of many nodes over the first interval.
+    tokio::time::sleep(jitter(check.healthy_interval.min(Duration::from_secs(1)))).await;
+    loop {
+        let result = {
+            let _permit = sem.acquire().await;
+            run_probe(&target, &check).await
+        };
+        let ok = matches!(result.event, Some(state::Event::Success));
+        if let Ok(mut p) = state.last_probe.lock() {
+            *p = Some(ProbeRecord {
+                at: SystemTime::now(),
+                ok,
+                detail: result.detail.clone(),
+            });
+        }
+        if let Some(ev) = result.event
+            && let Some((from, to)) = state.health.report(ev, thresholds)
+        {
+            tracing::warn!(
+                upstream = &*upstream,
+                node = %state.addr,
+                from = from.as_str(),
+                to = to.as_str(),
+                reason = %result.detail,
+                "node health changed (active)"
+            );
+        }
+        let base = if state.health.routable() {
+            check.healthy_interval
+        } else {
+            check.unhealthy_interval
+        };
+        // +-10% so probes of many nodes do not line up.
+        let spread = base / 5;
+        tokio::time::sleep(base - spread / 2 + jitter(spread)).await;
+    }
+}
+
+/// The Host a probe sends for `node`: `checks.active.host`, else `upstream_host` when
+/// `pass_host: rewrite`, else the node's own host.
+pub(crate) fn probe_host(node: &Node, check: &ActiveCheck, settings: &UpstreamSettings) -> String {
+    if let Some(h) = &check.host {
+        return h.clone();
+    }
+    if let PassHost::Rewrite(v) = &settings.pass_host
+        && let Ok(s) = v.to_str()
+    {
+        return s.to_string();
+    }
+    let port = check.port.unwrap_or(node.port);
+    let default = match settings.scheme {
+        Scheme::Https | Scheme::Grpcs => 443,
+        _ => 80,
+    };
+    let host = if node.host.contains(':') {
+        format!("[{}]", node.host)
+    } else {
+        node.host.to_string()
+    };
+    if port == default {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}

@@ -1,0 +1,324 @@
+//! One active probe: `tcp` (connect), `http`/`https` (status line of a request), and `grpc`
+//! (grpc.health.v1 `Health/Check`, h2c or h2 over TLS). Intervals, thresholds and jitter live
+//! in the engine, not here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ClientConfig;
+use strait_protocols::tls::{ClientTls, ClientTlsOptions};
+use strait_protocols::{Scheme, UpstreamSettings, grpc};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::probe_host;
+use super::state::Event;
+use crate::config::resources::{ActiveCheck, ProbeType};
+use crate::upstream::node::Node;
+
+/// Where and how to probe one node.
+pub struct ProbeTarget {
+    addr: SocketAddr,
+    host: String,
+    sni: String,
+    tls: Option<Arc<ClientConfig>>,
+}
+
+/// What one probe found.
+pub struct ProbeResult {
+    /// `None` when the answer counts neither way (an HTTP status in neither list).
+    pub event: Option<Event>,
+    pub detail: String,
+}
+
+impl ProbeTarget {
+    pub fn new(
+        node: &Node,
+        check: &ActiveCheck,
+        settings: &UpstreamSettings,
+        roots: &Arc<rustls::RootCertStore>,
+        client_cert: Option<(String, String)>,
+    ) -> Self {
+        let addr = SocketAddr::new(node.addr.ip(), check.port.unwrap_or(node.addr.port()));
+        let host = probe_host(node, check, settings);
+        let sni = host
+            .strip_prefix('[')
+            .and_then(|h| h.split(']').next())
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                host.rsplit_once(':')
+                    .map_or(host.clone(), |(h, _)| h.to_string())
+            });
+        let use_tls = match check.kind {
+            ProbeType::Https => true,
+            ProbeType::Grpc => matches!(settings.scheme, Scheme::Grpcs | Scheme::Https),
+            _ => false,
+        };
+        let tls = use_tls
+            .then(|| {
+                ClientTls::new(ClientTlsOptions {
+                    verify: check.https_verify_certificate,
+                    roots: roots.clone(),
+                    client_cert,
+                })
+                .ok()
+            })
+            .flatten()
+            .map(|t| {
+                if check.kind == ProbeType::Grpc {
+                    t.h2.clone()
+                } else {
+                    t.raw.clone()
+                }
+            });
+        ProbeTarget {
+            addr,
+            host,
+            sni,
+            tls,
+        }
+    }
+}
+
+fn result(event: Option<Event>, detail: impl Into<String>) -> ProbeResult {
+    ProbeResult {
+        event,
+        detail: detail.into(),
+    }
+}
+
+/// Runs one probe within the check's timeout.
+pub async fn run_probe(t: &ProbeTarget, c: &ActiveCheck) -> ProbeResult {
+    match timeout(c.timeout, probe(t, c)).await {
+        Ok(r) => r,
+        Err(_) => result(
+            Some(Event::Timeout),
+            format!("timed out after {:?}", c.timeout),
+        ),
+    }
+}
+
+async fn probe(t: &ProbeTarget, c: &ActiveCheck) -> ProbeResult {
+    let tcp = match TcpStream::connect(t.addr).await {
+        Ok(s) => s,
+        Err(e) => return result(Some(Event::TcpFailure), format!("connect: {e}")),
+    };
+    let _ = tcp.set_nodelay(true);
+    match c.kind {
+        ProbeType::Tcp => result(Some(Event::Success), "connected"),
+        ProbeType::Http | ProbeType::Https => match &t.tls {
+            Some(cfg) => match tls(tcp, cfg.clone(), &t.sni).await {
+                Ok(s) => http_probe(s, t, c).await,
+                Err(e) => result(Some(Event::TcpFailure), format!("TLS: {e}")),
+            },
+            None => http_probe(tcp, t, c).await,
+        },
+        ProbeType::Grpc => match &t.tls {
+            Some(cfg) => match tls(tcp, cfg.clone(), &t.sni).await {
+                Ok(s) => grpc_probe(s, t, c).await,
+                Err(e) => result(Some(Event::TcpFailure), format!("TLS: {e}")),
+            },
+            None => grpc_probe(tcp, t, c).await,
+        },
+    }
+}
+
+async fn tls(
+    tcp: TcpStream,
+    cfg: Arc<ClientConfig>,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = strait_protocols::tls::server_name(sni)
+        .ok_or_else(|| std::io::Error::other(format!("invalid server name {sni:?}")))?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+}
+
+/// Classifies an HTTP status per the check's lists.
+pub fn classify_status(status: u16, c: &ActiveCheck) -> Option<Event> {
+    if c.healthy_statuses.contains(&status) {
+        Some(Event::Success)
+    } else if c.unhealthy_statuses.contains(&status) {
+        Some(Event::HttpFailure)
+    } else {
+        None
+    }
+}
+
+async fn http_probe<S>(mut s: S, t: &ProbeTarget, c: &ActiveCheck) -> ProbeResult
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut req = format!(
+        "{} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: strait-healthcheck\r\n",
+        c.http_method, c.http_path, t.host
+    );
+    for (k, v) in &c.req_headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !c.http_req_body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", c.http_req_body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(&c.http_req_body);
+    if let Err(e) = s.write_all(req.as_bytes()).await {
+        return result(Some(Event::TcpFailure), format!("send: {e}"));
+    }
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
+        match s.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return result(Some(Event::TcpFailure), format!("receive: {e}")),
+        }
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let line = line.lines().next().unwrap_or("");
+    let status = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|s| s.parse::<u16>().ok());
+    match status {
+        Some(code) => result(classify_status(code, c), format!("HTTP {code}")),
+        None => result(
+            Some(Event::HttpFailure),
+            format!("bad status line {line:?}"),
+        ),
+    }
+}
+
+/// `grpc.health.v1.HealthCheckRequest { service }` framed for the wire.
+pub fn health_request(service: &str) -> Bytes {
+    let mut msg = Vec::with_capacity(service.len() + 3);
+    if !service.is_empty() {
+        msg.push(0x0a);
+        let mut len = service.len();
+        while len >= 0x80 {
+            msg.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        msg.push(len as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    grpc::frame(&msg)
+}
+
+/// Reads `HealthCheckResponse.status` (field 1, varint) from a framed response body.
+pub fn health_status(body: &[u8]) -> Option<u64> {
+    let msg = body.get(5..)?;
+    let mut i = 0;
+    while i < msg.len() {
+        let tag = msg[i];
+        i += 1;
+        let (field, wire) = (tag >> 3, tag & 7);
+        let mut v: u64 = 0;
+        let mut shift = 0;
+        match wire {
+            0 => loop {
+                let b = *msg.get(i)?;
+                i += 1;
+                v |= ((b & 0x7f) as u64) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            },
+            2 => {
+                let len = *msg.get(i)? as usize;
+                i += 1 + len;
+                continue;
+            }
+            _ => return None,
+        }
+        if field == 1 {
+            return Some(v);
+        }
+    }
+    Some(0) // proto3 default: UNKNOWN
+}
+
+async fn grpc_probe<S>(s: S, t: &ProbeTarget, c: &ActiveCheck) -> ProbeResult
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(s))
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => return result(Some(Event::TcpFailure), format!("HTTP/2 handshake: {e}")),
+    };
+    let conn = tokio::spawn(conn);
+    let scheme = if t.tls.is_some() { "https" } else { "http" };
+    let req = http::Request::post(format!("{scheme}://{}/grpc.health.v1.Health/Check", t.host))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "strait-healthcheck")
+        .body(Full::new(health_request(&c.grpc_service)));
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => return result(Some(Event::HttpFailure), format!("bad probe request: {e}")),
+    };
+    let out = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status();
+        let head_status = grpc::status_of(resp.headers());
+        let collected = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?;
+        let trailer_status = collected.trailers().and_then(grpc::status_of);
+        Ok::<_, String>((status, head_status.or(trailer_status), collected.to_bytes()))
+    }
+    .await;
+    conn.abort();
+    match out {
+        Err(e) => result(Some(Event::TcpFailure), e),
+        Ok((status, _, _)) if status != http::StatusCode::OK => {
+            result(Some(Event::HttpFailure), format!("HTTP {status}"))
+        }
+        Ok((_, Some(0), body)) => match health_status(&body) {
+            Some(1) => result(Some(Event::Success), "SERVING"),
+            Some(s) => result(
+                Some(Event::HttpFailure),
+                format!("health status {s} (not SERVING)"),
+            ),
+            None => result(Some(Event::HttpFailure), "undecodable HealthCheckResponse"),
+        },
+        Ok((_, code, _)) => result(
+            Some(Event::HttpFailure),
+            format!(
+                "grpc-status {}",
+                code.map_or("missing".into(), |c| c.to_string())
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_messages_encode_and_decode() {
+        assert_eq!(&health_request("")[..], &[0, 0, 0, 0, 0]);
+        assert_eq!(
+            &health_request("svc")[..],
+            &[0, 0, 0, 0, 5, 0x0a, 3, b's', b'v', b'c']
+        );
+        assert_eq!(health_status(&[0, 0, 0, 0, 2, 0x08, 1]), Some(1));
+        assert_eq!(health_status(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
+        assert_eq!(health_status(&[0, 0, 0, 0, 0]), Some(0));
+        assert_eq!(health_status(&[0, 0]), None);
+    }
+}

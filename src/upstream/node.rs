@@ -1,0 +1,199 @@
+//! Nodes: the immutable attributes of one membership version ([`Node`]) and the state that lives
+//! as long as the address stays in the upstream ([`NodeState`]: health, in-flight count, EWMA,
+//! counters).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value};
+use strait_protocols::{Outcome, PeerNode};
+
+use super::health::state::{Event, Health, Thresholds};
+
+/// Time origin for the EWMA clock.
+fn clock_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// EWMA decay time constant (APISIX: 10 s).
+const EWMA_TAU_NS: f64 = 10e9;
+
+/// The last active probe of a node, for the control API.
+#[derive(Debug, Clone)]
+pub struct ProbeRecord {
+    pub at: SystemTime,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// State of one node address in one upstream; survives re-discovery, weight changes and
+/// reloads. Only atomics on the request path.
+#[derive(Debug)]
+pub struct NodeState {
+    pub addr: SocketAddr,
+    pub health: Health,
+    in_flight: AtomicU32,
+    /// Peak-EWMA of latency in nanoseconds, as f64 bits.
+    ewma: AtomicU64,
+    ewma_at: AtomicU64,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    /// Written by the probe task only.
+    pub last_probe: Mutex<Option<ProbeRecord>>,
+}
+
+impl NodeState {
+    pub fn new(addr: SocketAddr) -> Self {
+        NodeState {
+            addr,
+            health: Health::default(),
+            in_flight: AtomicU32::new(0),
+            ewma: AtomicU64::new(0f64.to_bits()),
+            ewma_at: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_probe: Mutex::new(None),
+        }
+    }
+
+    /// Requests currently in flight to this node (all workers).
+    #[inline]
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub(crate) fn acquire(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn release(&self) {
+        // Never underflow, even if a release races a state carried over from a reload.
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    }
+
+    /// The latency estimate decayed to now (idle nodes drift toward 0 and get tried again).
+    pub fn ewma_ns(&self) -> f64 {
+        let v = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        if v == 0.0 {
+            return 0.0;
+        }
+        let dt = clock_ns().saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
+        v * (-dt / EWMA_TAU_NS).exp()
+    }
+
+    /// Folds one latency sample into the peak-EWMA.
+    pub fn observe_latency(&self, rtt: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        let cur = self.ewma_ns();
+        let next = if rtt > cur {
+            rtt // peak: jump up at once
+        } else {
+            // Decay toward the sample, weighted by the time since the last one.
+            let now = clock_ns();
+            let dt = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
+            let w = (-dt / EWMA_TAU_NS).exp();
+            cur * w + rtt * (1.0 - w)
+        };
+        self.ewma.store(next.to_bits(), Ordering::Relaxed);
+        self.ewma_at.store(clock_ns(), Ordering::Relaxed);
+    }
+}
+
+/// Passive health settings of an upstream, as the request path needs them.
+#[derive(Debug, Clone)]
+pub struct PassivePolicy {
+    pub healthy_statuses: Vec<u16>,
+    pub unhealthy_statuses: Vec<u16>,
+    pub thresholds: Thresholds,
+    /// gRPC statuses counted as failures (UNAVAILABLE, DEADLINE_EXCEEDED, ...).
+    pub grpc_failures: Vec<u16>,
+}
+
+impl PassivePolicy {
+    /// The health event for an outcome, if it counts.
+    pub fn classify(&self, o: Outcome) -> Option<Event> {
+        match o {
+            Outcome::HttpStatus(s) => {
+                if self.unhealthy_statuses.contains(&s) {
+                    Some(Event::HttpFailure)
+                } else if self.healthy_statuses.contains(&s) {
+                    Some(Event::Success)
+                } else {
+                    None
+                }
+            }
+            Outcome::GrpcStatus(c) => {
+                if self.grpc_failures.contains(&c) {
+                    Some(Event::HttpFailure)
+                } else {
+                    Some(Event::Success)
+                }
+            }
+            Outcome::TcpFailure => Some(Event::TcpFailure),
+            Outcome::Timeout => Some(Event::Timeout),
+            Outcome::StreamOk => Some(Event::Success),
+        }
+    }
+}
+
+/// A node in one membership version of an upstream.
+#[derive(Debug)]
+pub struct Node {
+    pub addr: SocketAddr,
+    /// Host as configured or discovered (domain or IP literal).
+    pub host: Arc<str>,
+    pub port: u16,
+    pub weight: u32,
+    pub priority: i32,
+    pub metadata: Map<String, Value>,
+    pub state: Arc<NodeState>,
+    /// Passive checks of the upstream, if configured.
+    pub passive: Option<Arc<PassivePolicy>>,
+    /// Identity of the membership source(s), for the status API.
+    pub upstream_id: Arc<str>,
+}
+
+impl Node {
+    /// Whether the balancer may use this node.
+    #[inline]
+    pub fn ready(&self) -> bool {
+        self.state.health.routable()
+    }
+}
+
+impl PeerNode for Node {
+    fn report(&self, outcome: Outcome, elapsed: Duration) {
+        match outcome {
+            Outcome::HttpStatus(_) | Outcome::GrpcStatus(_) | Outcome::StreamOk => {
+                self.state.observe_latency(elapsed)
+            }
+            Outcome::TcpFailure | Outcome::Timeout => {
+                self.state.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(p) = &self.passive
+            && let Some(ev) = p.classify(outcome)
+            && let Some((from, to)) = self.state.health.report(ev, p.thresholds)
+        {
+            tracing::warn!(
+                upstream = &*self.upstream_id,
+                node = %self.addr,
+                from = from.as_str(),
+                to = to.as_str(),
+                "node health changed (passive)"
+            );
+        }
+    }
+
+    fn release(&self) {
+        self.state.release();
+    }
+}
