@@ -182,12 +182,12 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
     let retry_deadline = settings.retry_timeout.map(|t| started + t);
     let mut tried = Tried::default();
     let mut attempt: u32 = 0;
+    let mut last_error: Option<ProxyError> = None;
     loop {
         let peer = match picker.pick(ctx.hash_key, &tried) {
             Ok(p) => p,
-            Err(e) if tried.is_empty() => return Err(e.into()),
-            // Every node was tried: answer with the last attempt's error (set below).
-            Err(_) => return Err(ProxyError::Connect("all upstream nodes tried".into())),
+            // Every node was tried: answer with the last attempt's error.
+            Err(e) => return Err(last_error.unwrap_or_else(|| e.into())),
         };
         attempt += 1;
         match attempt_once(&mut out, &peer, ctx, settings, timeouts, upgrade.is_some()).await {
@@ -207,6 +207,7 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
                 if attempt > retries || !can_resend {
                     return Err(fail.error);
                 }
+                last_error = Some(fail.error);
                 if retry_deadline.is_some_and(|d| Instant::now() >= d) {
                     return Err(ProxyError::RetryTimeout);
                 }

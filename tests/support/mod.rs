@@ -179,6 +179,8 @@ pub struct Backend {
     pub name: String,
     pub state: Arc<BackendState>,
     task: JoinHandle<()>,
+    /// Closes every open connection when set.
+    kill: tokio::sync::watch::Sender<bool>,
 }
 
 impl Backend {
@@ -231,57 +233,57 @@ impl Backend {
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(A::new(cfg));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(BackendState::default());
-        let (st, nm) = (state.clone(), name.to_string());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (st, nm, acceptor) = (st.clone(), nm.clone(), acceptor.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(stream).await else {
-                        return;
-                    };
-                    st.connections.fetch_add(1, Ordering::Relaxed);
-                    let svc = service_fn(move |req| {
-                        let (st, nm) = (st.clone(), nm.clone());
-                        async move { backend_handle(req, &st, &nm).await }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
-        });
-        Backend {
-            addr,
-            name: name.to_string(),
-            state,
-            task,
-        }
+        Self::spawn(listener, name, Some(acceptor))
     }
 
     async fn serve(listener: TcpListener, name: &str) -> Backend {
+        Self::spawn(listener, name, None)
+    }
+
+    fn spawn(listener: TcpListener, name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(BackendState::default());
         let (st, nm) = (state.clone(), name.to_string());
+        let (kill, killed) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                st.connections.fetch_add(1, Ordering::Relaxed);
-                let (st, nm) = (st.clone(), nm.clone());
+                let (st, nm, tls) = (st.clone(), nm.clone(), tls.clone());
+                let mut killed = killed.clone();
                 tokio::spawn(async move {
+                    let counter = st.clone();
                     let svc = service_fn(move |req| {
                         let (st, nm) = (st.clone(), nm.clone());
                         async move { backend_handle(req, &st, &nm).await }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let st = counter;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            st.connections.fetch_add(1, Ordering::Relaxed);
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = killed.wait_for(|k| *k) => {}
+                            }
+                        }
+                        None => {
+                            st.connections.fetch_add(1, Ordering::Relaxed);
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = killed.wait_for(|k| *k) => {}
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -290,6 +292,7 @@ impl Backend {
             name: name.to_string(),
             state,
             task,
+            kill,
         }
     }
 
@@ -297,9 +300,8 @@ impl Backend {
         self.state.requests.load(Ordering::Relaxed)
     }
 
-    /// Stops listening (connections are refused from now on).
+    /// Stops listening and closes open connections (new ones are refused from now on).
     pub fn stop(self) -> SocketAddr {
-        self.task.abort();
         self.addr
     }
 }
@@ -307,6 +309,7 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
+        let _ = self.kill.send(true);
     }
 }
 
@@ -343,6 +346,7 @@ async fn backend_handle(
     if forced != 0 {
         let mut r = Response::new(full(format!("forced {forced}")));
         *r.status_mut() = StatusCode::from_u16(forced).unwrap();
+        r.headers_mut().insert("x-backend", name.parse().unwrap());
         return Ok(r);
     }
     let path = req.uri().path().to_string();

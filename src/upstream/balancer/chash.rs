@@ -122,6 +122,48 @@ mod tests {
         assert_eq!(chash_id("[::1]:80".parse().unwrap()), b"[\x00\x001]\x0080");
     }
 
+    /// Reference trace produced by lua-resty-balancer's own `chash.c` (the ring APISIX uses),
+    /// built with the same ids and weights and looked up with `find` (first point >= crc32(key)).
+    #[test]
+    fn agrees_with_the_apisix_ring() {
+        let ns = nodes(&[
+            ("127.0.0.1:1980", 1),
+            ("127.0.0.1:1981", 2),
+            ("127.0.0.1:1982", 3),
+            ("10.0.0.7:8080", 1),
+        ]);
+        let ring = Ring::new(&ns);
+        assert_eq!(ring.points(), 1120);
+        assert_eq!(ring.points.first().unwrap().0, 3_619_986);
+        assert_eq!(ring.points.last().unwrap().0, 4_286_551_731);
+        let trace: &[(&str, usize)] = &[
+            ("user-1", 0),
+            ("user-2", 2),
+            ("user-3", 2),
+            ("session-abc", 1),
+            ("192.168.1.10", 3),
+            ("/api/v1/items", 2),
+            ("", 2),
+            ("x", 2),
+            ("apisix", 2),
+            ("nginx", 1),
+            ("k0", 2),
+            ("k1", 2),
+            ("k2", 0),
+            ("k3", 3),
+            ("k4", 2),
+            ("k5", 2),
+            ("k6", 3),
+            ("k7", 2),
+            ("k8", 2),
+            ("k9", 2),
+        ];
+        for (key, want) in trace {
+            let got = ring.pick(&ns, key.as_bytes(), &mut |_| true).unwrap();
+            assert_eq!(got.addr, ns[*want].addr, "key {key:?}");
+        }
+    }
+
     #[test]
     fn weights_are_reduced_by_gcd_and_zero_gets_no_points() {
         let ns = nodes(&[
