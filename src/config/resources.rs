@@ -1167,17 +1167,10 @@ impl Builder<'_> {
                 if let Some(u) = self.res.upstream(key) {
                     match u.scheme {
                         Scheme::Tcp | Scheme::Tls => {}
-                        // APISIX rewrites a stored `http` to `tcp` in the stream subsystem.
-                        Scheme::Http => {
-                            let mut spec = (**u).clone();
-                            spec.scheme = Scheme::Tcp;
-                            let stream_key = format!("{key}#stream");
-                            spec.key = stream_key.clone();
-                            if self.res.upstream(&stream_key).is_none() {
-                                self.res.upstreams.push(Arc::new(spec));
-                            }
-                            upstream = Some(stream_key);
-                        }
+                        // APISIX rewrites a stored `http` to `tcp` in the stream subsystem; the
+                        // stream proxy treats `http` as plain TCP, so one upstream (one health
+                        // state) serves both kinds of routes.
+                        Scheme::Http => {}
                         other => self.errs.add(
                             path.clone(),
                             format!("upstream {} has scheme {} which is not a stream scheme (tcp or tls)", u.id, other.as_str()),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod servers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

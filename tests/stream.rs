@@ -1,0 +1,393 @@
+//! The L4 proxy with real clients and servers: TCP echo with half-close and a 32 MiB transfer,
+//! redis-cli and redis-benchmark against a real redis-server, TLS termination by SNI, SNI
+//! passthrough, TLS origination, PROXY protocol in and out, health checks, idle timeouts.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::certs::{Ca, Leaf, yaml_block};
+use support::servers::{Echo, ProxyRecorder, Redis, require_bin};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn stream_config(listeners: &str) -> String {
+    format!(
+        "apisix:
+  proxy_mode: http&stream
+  node_listen:
+    - ip: 127.0.0.1
+      port: 0
+  stream_proxy:
+    tcp:
+{listeners}
+  control:
+    ip: 127.0.0.1
+    port: 0
+nginx_config:
+  http:
+    client_header_timeout: 2s
+"
+    )
+}
+
+const PLAIN: &str = "      - \"127.0.0.1:0\"\n";
+
+/// Sends `msg`, half-closes, and reads everything back.
+async fn round_trip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("no EOF")
+        .unwrap();
+    out
+}
+
+/// Sends `msg` and expects the gateway to close (EOF or reset) without sending anything.
+async fn closed_without_data(addr: SocketAddr, msg: &[u8]) -> bool {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(msg).await;
+    let mut out = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await {
+        Ok(Ok(_)) => out.is_empty(),
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Err(_) => false,
+    }
+}
+
+fn client_tls(ca: &Ca) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in strait_protocols::tls::parse_certs(&ca.pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// Connects with TLS and SNI `name`; returns the stream and whether the server presented `leaf`.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Ca,
+    name: &str,
+    leaf: &Leaf,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, bool) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let sn = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let s = client_tls(ca)
+        .connect(sn, tcp)
+        .await
+        .expect("TLS handshake");
+    let presented = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let want = strait_protocols::tls::parse_certs(&leaf.cert).unwrap()[0].clone();
+    (s, presented == want)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_relay_with_half_close_and_32_mib_byte_for_byte() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - id: s\n    upstream: {{scheme: tcp, nodes: {}}}\n",
+            nodes_yaml(&[echo.addr])
+        ),
+        2,
+    );
+    // Half-close: the client's EOF reaches the node, whose answer still comes back.
+    assert_eq!(round_trip(gw.stream(0), b"hello").await, b"hellobye");
+
+    let data: Vec<u8> = (0..32 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let s = TcpStream::connect(gw.stream(0)).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let to_send = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&to_send).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len() + 3);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), data.len() + 3);
+    assert!(back[..data.len()] == data[..], "bytes differ");
+    assert_eq!(&back[data.len()..], b"bye");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_through_the_proxy_with_redis_cli_and_redis_benchmark() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    if !require_bin("redis-cli") || !require_bin("redis-benchmark") {
+        return;
+    }
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - id: redis\n    upstream: {{nodes: {}}}\n",
+            nodes_yaml(&[redis.addr])
+        ),
+        2,
+    );
+    let port = gw.stream(0).port().to_string();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["SET", "strait", "through-the-proxy"]), "OK");
+    assert_eq!(cli(&["GET", "strait"]), "through-the-proxy");
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "-n",
+            "2000",
+            "-c",
+            "8",
+            "-t",
+            "set,get",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("SET:") && text.contains("GET:"), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination_routes_by_sni_with_wildcards() {
+    let ca = Ca::new("stream-ca");
+    let (db, wild) = (ca.leaf(&["db.test"]), ca.leaf(&["*.cache.test"]));
+    let (echo_db, echo_cache, echo_other) = (
+        Echo::start().await,
+        Echo::start().await,
+        Echo::start().await,
+    );
+    let gw = TestGateway::start_with(
+        &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
+        &format!(
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}  - snis: [\"*.cache.test\"]\n    cert: {}    key: {}stream_routes:
+  - sni: db.test
+    upstream: {{nodes: {}}}
+  - sni: \"*.cache.test\"
+    upstream: {{nodes: {}}}
+  - upstream: {{nodes: {}}}
+",
+            yaml_block(&db.cert, 6),
+            yaml_block(&db.key, 6),
+            yaml_block(&wild.cert, 6),
+            yaml_block(&wild.key, 6),
+            nodes_yaml(&[echo_db.addr]),
+            nodes_yaml(&[echo_cache.addr]),
+            nodes_yaml(&[echo_other.addr])
+        ),
+        2,
+    );
+    for (name, leaf, echo) in [
+        ("db.test", &db, &echo_db),
+        ("a.cache.test", &wild, &echo_cache),
+    ] {
+        let (mut s, presented) = tls_connect(gw.stream(0), &ca, name, leaf).await;
+        assert!(presented, "{name}: wrong certificate");
+        s.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ping");
+        assert_eq!(
+            *echo.connections.lock().unwrap(),
+            1,
+            "{name} routed to its node"
+        );
+    }
+    assert_eq!(*echo_other.connections.lock().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_passthrough_on_a_plain_listener_the_client_sees_the_node_certificate() {
+    let ca = Ca::new("passthrough-ca");
+    let leaf = ca.leaf(&["secure.test"]);
+    let tls_echo = Echo::start_tls(&leaf).await;
+    let plain_echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - sni: secure.test\n    upstream: {{nodes: {}}}\n  - upstream: {{nodes: {}}}\n",
+            nodes_yaml(&[tls_echo.addr]),
+            nodes_yaml(&[plain_echo.addr])
+        ),
+        2,
+    );
+    // The TLS session is end to end with the node: its certificate, its echo.
+    let (mut s, presented) = tls_connect(gw.stream(0), &ca, "secure.test", &leaf).await;
+    assert!(presented, "the client must see the node's own certificate");
+    s.write_all(b"over tls").await.unwrap();
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"over tls");
+    // Plain TCP on the same port goes to the route without SNI.
+    assert_eq!(round_trip(gw.stream(0), b"plain").await, b"plainbye");
+    assert_eq!(*plain_echo.connections.lock().unwrap(), 1);
+    assert_eq!(*tls_echo.connections.lock().unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_to_a_tls_node() {
+    let ca = Ca::new("origination-ca");
+    let leaf = ca.leaf(&["node.internal"]);
+    let tls_echo = Echo::start_tls(&leaf).await;
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - upstream:\n      scheme: tls\n      pass_host: rewrite\n      upstream_host: node.internal\n      nodes: {}\n",
+            nodes_yaml(&[tls_echo.addr])
+        ),
+        2,
+    );
+    assert_eq!(
+        round_trip(gw.stream(0), b"clear to tls").await,
+        b"clear to tlsbye"
+    );
+    assert_eq!(*tls_echo.connections.lock().unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_in_drives_remote_addr_matching_and_out_reaches_the_node() {
+    let (trusted, recorder) = (Echo::start().await, ProxyRecorder::start().await);
+    let gw = TestGateway::start_with(
+        &stream_config(
+            "      - addr: \"127.0.0.1:0\"\n        proxy_protocol: true\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol_to_upstream: true\n",
+        ),
+        &format!(
+            "stream_routes:\n  - remote_addr: 192.0.2.0/24\n    upstream: {{nodes: {}}}\n  - remote_addr: 127.0.0.1\n    upstream: {{nodes: {}}}\n",
+            nodes_yaml(&[trusted.addr]),
+            nodes_yaml(&[recorder.addr])
+        ),
+        2,
+    );
+    let pp_port = gw.stream(0).port();
+    // v1 header claiming 192.0.2.7: routed by that address.
+    let mut msg = format!("PROXY TCP4 192.0.2.7 127.0.0.1 5555 {pp_port}\r\n").into_bytes();
+    msg.extend_from_slice(b"data");
+    assert_eq!(round_trip(gw.stream(0), &msg).await, b"databye");
+    // v2 header.
+    let mut v2 =
+        strait_protocols::stream::v2_header("192.0.2.9:4444".parse().unwrap(), gw.stream(0));
+    v2.extend_from_slice(b"v2!");
+    assert_eq!(round_trip(gw.stream(0), &v2).await, b"v2!bye");
+    assert_eq!(*trusted.connections.lock().unwrap(), 2);
+    // An address no route accepts: closed without reaching a node.
+    let mut other = format!("PROXY TCP4 198.51.100.1 127.0.0.1 5555 {pp_port}\r\n").into_bytes();
+    other.extend_from_slice(b"x");
+    assert!(closed_without_data(gw.stream(0), &other).await);
+    // A listener without proxy_protocol sends one to the node.
+    let mut s = TcpStream::connect(gw.stream(1)).await.unwrap();
+    let client_port = s.local_addr().unwrap().port();
+    s.write_all(b"hi").await.unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"hi");
+    let lines = recorder.lines.lock().unwrap().clone();
+    assert_eq!(
+        lines,
+        [format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {}",
+            gw.stream(1).port()
+        )]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_skipped_by_checks_and_connect_retries() {
+    let echo = Echo::start().await;
+    let dead = closed_port();
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "upstreams:\n  - id: db\n    retries: 0\n    nodes: {}\n    checks:\n      active:\n        type: tcp\n        healthy: {{interval: 1, successes: 1}}\n        unhealthy: {{interval: 1, tcp_failures: 1}}\nstream_routes:\n  - upstream_id: db\n",
+            nodes_yaml(&[dead, echo.addr])
+        ),
+        2,
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let j = gw.control_json("/v1/healthcheck/upstreams/db").await;
+            j["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["port"] == dead.port() && n["status"] == "unhealthy")
+        })
+        .await
+    );
+    // retries: 0, so a pick of the dead node would fail the session.
+    for i in 0..10 {
+        assert_eq!(round_trip(gw.stream(0), b"x").await, b"xbye", "session {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_is_per_route_and_off_by_default() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.1:0\"\n"),
+        &format!(
+            "stream_routes:\n  - server_port: SHORT\n    idle_timeout: 0.3\n    upstream: {{nodes: {n}}}\n  - upstream: {{nodes: {n}}}\n",
+            n = nodes_yaml(&[echo.addr])
+        )
+        .replace("server_port: SHORT", "server_port: 1"),
+        2,
+    );
+    // Bind the short route to the first listener's real port.
+    let short = gw.stream(0).port();
+    let v = gw.version();
+    gw.write_resources(&format!(
+        "stream_routes:\n  - server_port: {short}\n    idle_timeout: 0.3\n    upstream: {{nodes: {n}}}\n  - upstream: {{nodes: {n}}}\n",
+        n = nodes_yaml(&[echo.addr])
+    ));
+    assert!(eventually(Duration::from_secs(3), || async { gw.version() > v }).await);
+    let mut s = TcpStream::connect(gw.stream(0)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle session was closed");
+
+    // Without idle_timeout a quiet session stays open.
+    let mut s = TcpStream::connect(gw.stream(1)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(800), s.read(&mut b)).await;
+    assert!(
+        quiet.is_err(),
+        "a session without idle_timeout must not be cut"
+    );
+    s.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+}

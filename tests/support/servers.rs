@@ -1,0 +1,217 @@
+//! Real servers for the tests, started on free loopback ports and stopped on drop: TCP echo
+//! servers (plain and TLS), a PROXY-protocol recorder, and `redis-server`.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::certs::Leaf;
+
+/// Whether binary `name` can be used; in CI (`CI=true`) a missing binary fails the test.
+pub fn require_bin(name: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{name} is not installed (run scripts/install-test-deps.sh)");
+        }
+        eprintln!("skipping: {name} is not installed");
+    }
+    found
+}
+
+/// A TCP echo server: echoes what it reads; on EOF from the client it writes `bye` and closes
+/// its side (so half-close can be observed). Counts connections.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub connections: Arc<Mutex<usize>>,
+    task: JoinHandle<()>,
+}
+
+impl Echo {
+    pub async fn start() -> Echo {
+        Self::start_inner(None).await
+    }
+
+    /// The same over TLS with `leaf`.
+    pub async fn start_tls(leaf: &Leaf) -> Echo {
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
+            strait_protocols::tls::parse_key(&leaf.key).unwrap(),
+        )
+        .unwrap();
+        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> Echo {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let connections = Arc::new(Mutex::new(0));
+        let c = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                *c.lock().unwrap() += 1;
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        Some(a) => {
+                            if let Ok(t) = a.accept(s).await {
+                                echo(t).await;
+                            }
+                        }
+                        None => echo(s).await,
+                    }
+                });
+            }
+        });
+        Echo {
+            addr,
+            connections,
+            task,
+        }
+    }
+}
+
+async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => {
+                let _ = s.write_all(b"bye").await;
+                let _ = s.shutdown().await;
+                return;
+            }
+            Ok(n) => {
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Records the first line each connection sends (a PROXY protocol header), then echoes.
+pub struct ProxyRecorder {
+    pub addr: SocketAddr,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl ProxyRecorder {
+    pub async fn start() -> ProxyRecorder {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let ls = lines.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let ls = ls.clone();
+                tokio::spawn(async move {
+                    let mut line = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !line.ends_with(b"\r\n") && line.len() < 200 {
+                        if s.read_exact(&mut b).await.is_err() {
+                            return;
+                        }
+                        line.push(b[0]);
+                    }
+                    ls.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&line).trim_end().to_string());
+                    echo(s).await;
+                });
+            }
+        });
+        ProxyRecorder { addr, lines, task }
+    }
+}
+
+impl Drop for ProxyRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A real `redis-server` on a free port, without persistence.
+pub struct Redis {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub async fn start() -> Option<Redis> {
+        if !require_bin("redis-server") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = super::closed_port().port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let ready = super::eventually(Duration::from_secs(10), || async {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(mut s) => {
+                    let _ = s.write_all(b"PING\r\n").await;
+                    let mut b = [0u8; 7];
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut b)).await,
+                        Ok(Ok(_))
+                    ) && &b == b"+PONG\r\n"
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(ready, "redis-server did not start");
+        Some(Redis {
+            addr,
+            child,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
