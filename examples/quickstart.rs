@@ -48,22 +48,15 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
         demo_backend("127.0.0.1:18001".parse()?, "demo-1").await?;
         demo_backend("127.0.0.1:18002".parse()?, "demo-2").await?;
         anyhow::Ok(())
     })?;
-    let config =
-        strait::Config::load(Path::new("conf/config.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = strait::Config::load(Path::new("conf/config.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let running = strait::Running::start(config, strait::Options::default())?;
-    println!(
-        "strait is serving on {:?}; try: curl http://127.0.0.1:9080/demo/x",
-        running.addrs.http
-    );
+    println!("strait is serving on {:?}; try: curl http://127.0.0.1:9080/demo/x", running.addrs.http);
     rt.block_on(tokio::signal::ctrl_c())?;
     running.shutdown();
     Ok(())

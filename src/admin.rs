@@ -42,26 +42,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(&req, &shared)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
 fn secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     r
 }
 
@@ -72,33 +66,22 @@ fn not_found(msg: &str) -> Response<Full<Bytes>> {
 /// Answers one control request.
 pub fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error_msg": "only GET"}),
-        );
+        return json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error_msg": "only GET"}));
     }
     let path = req.uri().path().trim_end_matches('/');
     let segs: Vec<&str> = path.split('/').skip(1).collect();
     match segs.as_slice() {
         ["v1", "healthcheck"] => {
             let state = shared.state.load();
-            let mut list: Vec<&Arc<Upstream>> = state
-                .upstreams
-                .values()
-                .filter(|u| u.spec.checks.is_some())
-                .collect();
+            let mut list: Vec<&Arc<Upstream>> =
+                state.upstreams.values().filter(|u| u.spec.checks.is_some()).collect();
             list.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
-            json_response(
-                StatusCode::OK,
-                &Value::Array(list.iter().map(|u| health_json(u)).collect()),
-            )
+            json_response(StatusCode::OK, &Value::Array(list.iter().map(|u| health_json(u)).collect()))
         }
         ["v1", "healthcheck", kind, id] => {
             let key = format!("{kind}/{id}");
             match shared.upstream(&key) {
-                Some(u) if u.spec.checks.is_some() => {
-                    json_response(StatusCode::OK, &health_json(&u))
-                }
+                Some(u) if u.spec.checks.is_some() => json_response(StatusCode::OK, &health_json(&u)),
                 Some(_) => not_found(&format!("upstream {key} has no health checker")),
                 None => not_found(&format!("no upstream {key}")),
             }
@@ -107,10 +90,7 @@ pub fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> 
             let state = shared.state.load();
             let mut list: Vec<&Arc<Upstream>> = state.upstreams.values().collect();
             list.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
-            json_response(
-                StatusCode::OK,
-                &Value::Array(list.iter().map(|u| upstream_json(u)).collect()),
-            )
+            json_response(StatusCode::OK, &Value::Array(list.iter().map(|u| upstream_json(u)).collect()))
         }
         ["v1", "discovery", kind, "dump"] => {
             if !shared.hub.has(kind) {
@@ -161,10 +141,8 @@ pub fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> 
         }
         ["v1", "metrics"] => {
             let mut r = Response::new(Full::new(Bytes::from(metrics(shared))));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
             r
         }
         _ => not_found("not found"),
@@ -196,16 +174,12 @@ fn node_json(n: &crate::upstream::node::Node) -> Value {
 
 fn health_json(u: &Upstream) -> Value {
     let snap = u.snapshot();
-    let kind = u
-        .spec
-        .checks
-        .as_ref()
-        .map_or("http", |c| match c.active.kind {
-            ProbeType::Http => "http",
-            ProbeType::Https => "https",
-            ProbeType::Tcp => "tcp",
-            ProbeType::Grpc => "grpc",
-        });
+    let kind = u.spec.checks.as_ref().map_or("http", |c| match c.active.kind {
+        ProbeType::Http => "http",
+        ProbeType::Https => "https",
+        ProbeType::Tcp => "tcp",
+        ProbeType::Grpc => "grpc",
+    });
     json!({
         "name": format!("/apisix/{}", u.spec.key),
         "id": u.spec.id,
@@ -216,11 +190,7 @@ fn health_json(u: &Upstream) -> Value {
 
 fn upstream_json(u: &Upstream) -> Value {
     let snap = u.snapshot();
-    let src = u
-        .source_status
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+    let src = u.source_status.lock().map(|s| s.clone()).unwrap_or_default();
     json!({
         "key": u.spec.key,
         "id": u.spec.id,
@@ -243,39 +213,20 @@ fn metrics(shared: &Shared) -> String {
     let m = &shared.metrics;
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE strait_http_requests_total counter");
-    let _ = writeln!(
-        out,
-        "strait_http_requests_total {}",
-        m.http_requests.load(Ordering::Relaxed)
-    );
+    let _ = writeln!(out, "strait_http_requests_total {}", m.http_requests.load(Ordering::Relaxed));
     let _ = writeln!(out, "# TYPE strait_http_no_route_total counter");
-    let _ = writeln!(
-        out,
-        "strait_http_no_route_total {}",
-        m.http_no_route.load(Ordering::Relaxed)
-    );
+    let _ = writeln!(out, "strait_http_no_route_total {}", m.http_no_route.load(Ordering::Relaxed));
     let _ = writeln!(out, "# TYPE strait_stream_connections_total counter");
-    let _ = writeln!(
-        out,
-        "strait_stream_connections_total {}",
-        m.stream_connections.load(Ordering::Relaxed)
-    );
+    let _ = writeln!(out, "strait_stream_connections_total {}", m.stream_connections.load(Ordering::Relaxed));
     let _ = writeln!(out, "# TYPE strait_connections_active gauge");
-    let _ = writeln!(
-        out,
-        "strait_connections_active {}",
-        m.connections_active.load(Ordering::Relaxed)
-    );
+    let _ = writeln!(out, "strait_connections_active {}", m.connections_active.load(Ordering::Relaxed));
     let state = shared.state.load();
     let _ = writeln!(out, "# TYPE strait_config_version gauge");
     let _ = writeln!(out, "strait_config_version {}", state.version);
     let _ = writeln!(out, "# TYPE strait_upstream_node_healthy gauge");
     let _ = writeln!(out, "# TYPE strait_upstream_node_in_flight gauge");
     let _ = writeln!(out, "# TYPE strait_upstream_node_requests_total counter");
-    let _ = writeln!(
-        out,
-        "# TYPE strait_upstream_all_unhealthy_picks_total counter"
-    );
+    let _ = writeln!(out, "# TYPE strait_upstream_all_unhealthy_picks_total counter");
     let mut ups: Vec<_> = state.upstreams.values().collect();
     ups.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
     for u in ups {
@@ -287,16 +238,8 @@ fn metrics(shared: &Shared) -> String {
         );
         for n in u.snapshot().nodes.iter() {
             let labels = format!("upstream=\"{key}\",node=\"{}\"", n.addr);
-            let _ = writeln!(
-                out,
-                "strait_upstream_node_healthy{{{labels}}} {}",
-                u8::from(n.ready())
-            );
-            let _ = writeln!(
-                out,
-                "strait_upstream_node_in_flight{{{labels}}} {}",
-                n.state.in_flight()
-            );
+            let _ = writeln!(out, "strait_upstream_node_healthy{{{labels}}} {}", u8::from(n.ready()));
+            let _ = writeln!(out, "strait_upstream_node_in_flight{{{labels}}} {}", n.state.in_flight());
             let _ = writeln!(
                 out,
                 "strait_upstream_node_requests_total{{{labels}}} {}",
@@ -307,26 +250,14 @@ fn metrics(shared: &Shared) -> String {
     for kind in ["dns", "consul", "nacos", "eureka", "kubernetes"] {
         for w in shared.hub.dump(kind) {
             let labels = format!("discovery=\"{kind}\",service=\"{}\"", w.query.service_name);
-            let _ = writeln!(
-                out,
-                "strait_discovery_nodes{{{labels}}} {}",
-                w.status.node_count
-            );
-            let _ = writeln!(
-                out,
-                "strait_discovery_synced{{{labels}}} {}",
-                u8::from(w.status.synced)
-            );
+            let _ = writeln!(out, "strait_discovery_nodes{{{labels}}} {}", w.status.node_count);
+            let _ = writeln!(out, "strait_discovery_synced{{{labels}}} {}", u8::from(w.status.synced));
             let _ = writeln!(
                 out,
                 "strait_discovery_stale{{{labels}}} {}",
                 u8::from(w.status.stale_since().is_some())
             );
-            let _ = writeln!(
-                out,
-                "strait_discovery_errors_total{{{labels}}} {}",
-                w.status.errors
-            );
+            let _ = writeln!(out, "strait_discovery_errors_total{{{labels}}} {}", w.status.errors);
         }
     }
     out

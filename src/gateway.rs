@@ -103,10 +103,7 @@ impl Shared {
     pub fn new(config: Config, background: tokio::runtime::Handle) -> Result<Arc<Shared>, String> {
         let roots = strait_protocols::tls::root_store(config.node.trusted_ca_pem.as_deref())
             .map_err(|e| format!("trusted certificates: {e}"))?;
-        let ctx = BuildContext {
-            background: background.clone(),
-            roots,
-        };
+        let ctx = BuildContext { background: background.clone(), roots };
         let mut backends: Vec<Arc<dyn Discovery>> = Vec::new();
         if let Some(dns) = &config.node.discovery_config.dns {
             let d = DnsDiscovery::new(dns.clone()).map_err(|e| format!("discovery.dns: {e}"))?;
@@ -151,38 +148,27 @@ impl Shared {
         let prev = self.state.load_full();
         let mut upstreams = HashMap::new();
         for spec in &res.upstreams {
-            let up = Upstream::new(
-                spec.clone(),
-                prev.upstreams.get(&spec.key).map(|u| &**u),
-                &self.ctx,
-            )?;
+            let up = Upstream::new(spec.clone(), prev.upstreams.get(&spec.key).map(|u| &**u), &self.ctx)?;
             upstreams.insert(spec.key.clone(), up);
         }
         let mut routes = Vec::with_capacity(res.routes.len());
         for spec in &res.routes {
-            let upstream = spec
-                .upstream
-                .as_ref()
-                .and_then(|k| upstreams.get(k))
-                .cloned();
-            routes.push(Arc::new(Route {
-                spec: spec.clone(),
-                upstream,
-                transcode: None,
-            }));
+            let upstream = spec.upstream.as_ref().and_then(|k| upstreams.get(k)).cloned();
+            let transcode = match &spec.plugins.grpc_transcode {
+                Some(conf) => Some(Arc::new(
+                    crate::transcode::build(conf, &res.protos)
+                        .map_err(|(p, m)| format!("route {}: grpc-transcode{p}: {m}", spec.id))?,
+                )),
+                None => None,
+            };
+            routes.push(Arc::new(Route { spec: spec.clone(), upstream, transcode }));
         }
         let mut streams = Vec::with_capacity(res.stream_routes.len());
         for spec in &res.stream_routes {
             let Some(upstream) = upstreams.get(&spec.upstream).cloned() else {
-                return Err(format!(
-                    "stream route {}: upstream {} missing",
-                    spec.id, spec.upstream
-                ));
+                return Err(format!("stream route {}: upstream {} missing", spec.id, spec.upstream));
             };
-            streams.push(Arc::new(StreamRoute {
-                spec: spec.clone(),
-                upstream,
-            }));
+            streams.push(Arc::new(StreamRoute { spec: spec.clone(), upstream }));
         }
         let mut certs = CertStore::default();
         for ssl in res.ssls.iter().filter(|s| !s.client) {
@@ -230,9 +216,7 @@ impl Shared {
         let text = String::from_utf8_lossy(&text);
         let file = self.resources_path.display().to_string();
         let parsed = Resources::parse(&file, &text, &self.node, |k| std::env::var(k).ok());
-        let result = parsed
-            .map_err(|e: ConfigErrors| e.to_string())
-            .and_then(|res| self.apply(&res));
+        let result = parsed.map_err(|e: ConfigErrors| e.to_string()).and_then(|res| self.apply(&res));
         let mut st = self.reload.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(()) => {
@@ -245,9 +229,7 @@ impl Shared {
                 st.rejected += 1;
                 st.last_error = Some((SystemTime::now(), e.clone()));
                 for line in e.lines() {
-                    tracing::error!(
-                        "configuration rejected, previous configuration keeps serving: {line}"
-                    );
+                    tracing::error!("configuration rejected, previous configuration keeps serving: {line}");
                 }
                 false
             }
@@ -298,17 +280,13 @@ pub struct StateCerts(pub Arc<ArcSwap<State>>);
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
-            .field("version", &self.version)
-            .finish()
+        f.debug_struct("State").field("version", &self.version).finish()
     }
 }
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("resources", &self.resources_path)
-            .finish()
+        f.debug_struct("Shared").field("resources", &self.resources_path).finish()
     }
 }
 

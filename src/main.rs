@@ -54,9 +54,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "-c" | "--config" => args.config = it.next().ok_or("-c needs a path")?.into(),
             "-w" | "--workers" => {
                 let v = it.next().ok_or("--workers needs a number")?;
-                let n: usize = v
-                    .parse()
-                    .map_err(|_| format!("--workers: not a number: {v}"))?;
+                let n: usize = v.parse().map_err(|_| format!("--workers: not a number: {v}"))?;
                 if n == 0 || n > 1024 {
                     return Err("--workers must be 1..1024".into());
                 }
@@ -64,9 +62,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             }
             "--drain-timeout" => {
                 let v = it.next().ok_or("--drain-timeout needs seconds")?;
-                let s: f64 = v
-                    .parse()
-                    .map_err(|_| format!("--drain-timeout: not a number: {v}"))?;
+                let s: f64 = v.parse().map_err(|_| format!("--drain-timeout: not a number: {v}"))?;
                 if !(s.is_finite() && s >= 0.0) {
                     return Err("--drain-timeout must be >= 0".into());
                 }
@@ -121,10 +117,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let mut opts = Options {
-        drain_timeout: args.drain,
-        ..Options::default()
-    };
+    let mut opts = Options { drain_timeout: args.drain, ..Options::default() };
     if let Some(w) = args.workers {
         opts.workers = w;
     }
@@ -135,16 +128,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let signals = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
+    let signals = tokio::runtime::Builder::new_current_thread().enable_all().build();
     match signals {
         Ok(rt) => rt.block_on(async {
             use tokio::signal::unix::{SignalKind, signal};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
                 (Ok(mut term), Ok(mut int)) => {
                     tokio::select! {
                         _ = term.recv() => {}

@@ -47,9 +47,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            workers: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             drain_timeout: Duration::from_secs(30),
             reload_interval: Duration::from_millis(500),
         }
@@ -90,20 +88,14 @@ pub(crate) struct ConnGuard(Arc<ConnTracker>, Arc<Shared>);
 impl ConnTracker {
     pub(crate) fn enter(self: &Arc<Self>, shared: &Arc<Shared>) -> ConnGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
-        shared
-            .metrics
-            .connections_active
-            .fetch_add(1, Ordering::Relaxed);
+        shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
         ConnGuard(self.clone(), shared.clone())
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.1
-            .metrics
-            .connections_active
-            .fetch_sub(1, Ordering::Relaxed);
+        self.1.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
         if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -134,10 +126,7 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Binds `n` sockets on `addr` (the first one picks the port when it is 0).
-fn bind_group(
-    addr: SocketAddr,
-    n: usize,
-) -> Result<(SocketAddr, Vec<std::net::TcpListener>), StartError> {
+fn bind_group(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<std::net::TcpListener>), StartError> {
     let first = bind_one(addr).map_err(|e| StartError::Bind(addr, e))?;
     let actual = first.local_addr().map_err(|e| StartError::Bind(addr, e))?;
     let mut v = vec![first];
@@ -184,8 +173,7 @@ impl Running {
         }
 
         if let Some(addr) = control {
-            let bound =
-                std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l));
+            let bound = std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l));
             match bound {
                 Ok(l) => {
                     addrs.control = l.local_addr().ok();
@@ -213,10 +201,7 @@ impl Running {
             let t = std::thread::Builder::new()
                 .name(format!("strait-w{i}"))
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(rt) => rt,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot start worker runtime");
@@ -236,13 +221,7 @@ impl Running {
             workers,
             "strait is serving"
         );
-        Ok(Running {
-            shared,
-            addrs,
-            shutdown,
-            workers: threads,
-            background: Some(background),
-        })
+        Ok(Running { shared, addrs, shutdown, workers: threads, background: Some(background) })
     }
 
     /// Stops accepting, drains in-flight requests (up to the drain timeout) and stops.
@@ -256,12 +235,7 @@ impl Running {
             let _ = t.join();
         }
         if let Some(bg) = self.background.take() {
-            self.shared
-                .state
-                .load()
-                .upstreams
-                .values()
-                .for_each(|u| u.stop());
+            self.shared.state.load().upstreams.values().for_each(|u| u.stop());
             bg.shutdown_background();
         }
     }
@@ -391,11 +365,8 @@ async fn accept_loop(
                 let acceptor = tls.clone();
                 tokio::spawn(async move {
                     let Some(acceptor) = acceptor else { return };
-                    let hs = tokio::time::timeout(
-                        shared.node.client_header_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await;
+                    let hs = tokio::time::timeout(shared.node.client_header_timeout, acceptor.accept(stream))
+                        .await;
                     match hs {
                         Ok(Ok(tls)) => {
                             let h2 = http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -437,12 +408,7 @@ async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let header_timeout = shared.node.client_header_timeout;
-    let ctx = Arc::new(ConnCtx {
-        shared,
-        peer,
-        local,
-        tls,
-    });
+    let ctx = Arc::new(ConnCtx { shared, peer, local, tls });
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
@@ -512,7 +478,6 @@ async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
     } else {
         None
     };
-    let req = Request::from_parts(parts, body);
     let Some(upstream) = &route.upstream else {
         return error_response(&ProxyError::NoNode, is_grpc);
     };
@@ -526,6 +491,10 @@ async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
         grpc: is_grpc,
         deadline,
     };
+    if let Some(t) = &route.transcode {
+        return crate::transcode::handle(Request::from_parts(parts, body), t, upstream, &ctx).await;
+    }
+    let req = Request::from_parts(parts, ProxyBody::Incoming(body));
     match deadline {
         None => forward(req, &ctx, &**upstream).await,
         Some(d) => match tokio::time::timeout_at(d, forward(req, &ctx, &**upstream)).await {

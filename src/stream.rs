@@ -53,10 +53,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     _shutdown: watch::Receiver<bool>,
 ) {
-    shared
-        .metrics
-        .stream_connections
-        .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.stream_connections.fetch_add(1, Ordering::Relaxed);
     let Some(listener) = shared.node.stream.get(index).cloned() else {
         return;
     };
@@ -95,22 +92,11 @@ pub async fn serve(
             Err(_) => return,
         };
         let sni = tls.get_ref().1.server_name().map(str::to_string);
-        let Some(route) = state
-            .stream_router
-            .find(sni.as_deref(), client, local)
-            .cloned()
-        else {
-            shared
-                .metrics
-                .stream_no_route
-                .fetch_add(1, Ordering::Relaxed);
+        let Some(route) = state.stream_router.find(sni.as_deref(), client, local).cloned() else {
+            shared.metrics.stream_no_route.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let vars = StreamVars {
-            client,
-            local,
-            sni: sni.as_deref(),
-        };
+        let vars = StreamVars { client, local, sni: sni.as_deref() };
         session(
             tls,
             &route.upstream,
@@ -136,23 +122,12 @@ pub async fn serve(
     } else {
         None
     };
-    let Some(route) = state
-        .stream_router
-        .find(sni.as_deref(), client, local)
-        .cloned()
-    else {
-        shared
-            .metrics
-            .stream_no_route
-            .fetch_add(1, Ordering::Relaxed);
+    let Some(route) = state.stream_router.find(sni.as_deref(), client, local).cloned() else {
+        shared.metrics.stream_no_route.fetch_add(1, Ordering::Relaxed);
         return;
     };
     drop(state);
-    let vars = StreamVars {
-        client,
-        local,
-        sni: sni.as_deref(),
-    };
+    let vars = StreamVars { client, local, sni: sni.as_deref() };
     session(
         stream,
         &route.upstream,
@@ -179,9 +154,7 @@ async fn session<C>(
 {
     let settings = upstream.settings();
     let key = upstream.hash_key(vars).into_owned();
-    let retries = settings
-        .retries
-        .unwrap_or(upstream.node_count().saturating_sub(1) as u32);
+    let retries = settings.retries.unwrap_or(upstream.node_count().saturating_sub(1) as u32);
     let deadline = settings.retry_timeout.map(|t| Instant::now() + t);
     let mut tried = Tried::default();
     let mut attempt = 0;
@@ -198,11 +171,7 @@ async fn session<C>(
         match connect_tcp(peer.addr, settings.timeouts.connect).await {
             Ok(s) => break (peer, s),
             Err(e) => {
-                let outcome = if e.is_timeout() {
-                    Outcome::Timeout
-                } else {
-                    Outcome::TcpFailure
-                };
+                let outcome = if e.is_timeout() { Outcome::Timeout } else { Outcome::TcpFailure };
                 peer.report(outcome, started.elapsed());
                 tracing::warn!(upstream = %settings.id, node = %peer.addr, attempt, error = %e, "stream connect failed");
                 tried.push(peer.addr);
@@ -224,19 +193,9 @@ async fn session<C>(
         let Some(tls) = &settings.tls else { return };
         let sni = match &settings.pass_host {
             strait_protocols::PassHost::Rewrite(h) => h.to_str().unwrap_or("localhost").to_string(),
-            _ => client_sni
-                .map(str::to_string)
-                .unwrap_or_else(|| peer.host.to_string()),
+            _ => client_sni.map(str::to_string).unwrap_or_else(|| peer.host.to_string()),
         };
-        let node = match connect_tls(
-            tcp,
-            peer.addr,
-            tls.raw.clone(),
-            &sni,
-            settings.timeouts.connect,
-        )
-        .await
-        {
+        let node = match connect_tls(tcp, peer.addr, tls.raw.clone(), &sni, settings.timeouts.connect).await {
             Ok(t) => t,
             Err(e) => {
                 peer.report(Outcome::TcpFailure, started.elapsed());

@@ -15,23 +15,14 @@ fn strait() -> Command {
 
 #[test]
 fn every_bundled_config_file_is_valid() {
-    let out = strait()
-        .args(["validate", "-c", "conf/config.yaml"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = strait().args(["validate", "-c", "conf/config.yaml"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("conf/apisix.yaml: ok"), "{text}");
     // Every YAML file under conf/ is parsed by a test.
     for entry in std::fs::read_dir("conf").unwrap() {
         let p = entry.unwrap().path();
-        if p.extension().is_some_and(|e| e == "yaml")
-            && p.file_name() != Some("apisix.yaml".as_ref())
-        {
+        if p.extension().is_some_and(|e| e == "yaml") && p.file_name() != Some("apisix.yaml".as_ref()) {
             strait::Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         }
     }
@@ -40,34 +31,21 @@ fn every_bundled_config_file_is_valid() {
 #[test]
 fn validate_reports_every_problem_as_file_path_reason() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.yaml"),
-        "apisix:\n  node_listen: [{ip: 127.0.0.1, port: 0}]\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config.yaml"), "apisix:\n  node_listen: [{ip: 127.0.0.1, port: 0}]\n")
+        .unwrap();
     std::fs::write(
         dir.path().join("apisix.yaml"),
         "routes:\n  - uri: /a\n    upstream_id: nope\n  - uri: /b\n    upstream:\n      nodes: {\"127.0.0.1:80\": 1}\n      timeout: {connect: 1, send: 1, read: -1}\n#END\n",
     )
     .unwrap();
     let cfg = dir.path().join("config.yaml");
-    let out = strait()
-        .args(["validate", "-c", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = strait().args(["validate", "-c", cfg.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let file = dir.path().join("apisix.yaml").display().to_string();
+    assert!(err.contains(&format!("{file}: routes[0].upstream_id: no upstream with id \"nope\"")), "{err}");
     assert!(
-        err.contains(&format!(
-            "{file}: routes[0].upstream_id: no upstream with id \"nope\""
-        )),
-        "{err}"
-    );
-    assert!(
-        err.contains(&format!(
-            "{file}: routes[1].upstream.timeout.read: must be a number of seconds > 0"
-        )),
+        err.contains(&format!("{file}: routes[1].upstream.timeout.read: must be a number of seconds > 0")),
         "{err}"
     );
     assert_eq!(err.lines().count(), 2, "{err}");
@@ -78,19 +56,11 @@ fn validate_reports_every_problem_as_file_path_reason() {
         "apisix:\n  node_listen: 9080\n  bogus_key: 1\nnginx_config:\n  error_log: x\n",
     )
     .unwrap();
-    let out = strait()
-        .args(["validate", "-c", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = strait().args(["validate", "-c", cfg.to_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     let file = cfg.display().to_string();
-    assert!(
-        err.contains(&format!(
-            "{file}: nginx_config.error_log: unsupported by Strait"
-        )),
-        "{err}"
-    );
+    assert!(err.contains(&format!("{file}: nginx_config.error_log: unsupported by Strait")), "{err}");
     assert!(err.contains("bogus_key"), "{err}");
 }
 
@@ -101,39 +71,25 @@ fn cli_help_version_and_bad_arguments() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("strait "));
     let out = strait().arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("strait run"));
-    let out = strait()
-        .args(["run", "--workers", "zero"])
-        .output()
-        .unwrap();
+    let out = strait().args(["run", "--workers", "zero"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = strait()
-        .args(["validate", "-c", "/nonexistent/config.yaml"])
-        .output()
-        .unwrap();
+    let out = strait().args(["validate", "-c", "/nonexistent/config.yaml"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config.yaml: cannot read file")
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config.yaml: cannot read file"));
 }
 
 #[test]
 fn env_substitution_in_both_files() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.yaml"),
-        "apisix:\n  node_listen: ${{STRAIT_T_PORT:=9080}}\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config.yaml"), "apisix:\n  node_listen: ${{STRAIT_T_PORT:=9080}}\n")
+        .unwrap();
     std::fs::write(
         dir.path().join("apisix.yaml"),
         "routes:\n  - uri: ${{STRAIT_T_URI:=/x}}\n    upstream: {nodes: {\"${{STRAIT_T_NODE}}\": 1}}\n#END\n",
     )
     .unwrap();
     let cfg = dir.path().join("config.yaml");
-    let out = strait()
-        .args(["validate", "-c", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = strait().args(["validate", "-c", cfg.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("STRAIT_T_NODE is not set"));
     let out = strait()
@@ -141,11 +97,7 @@ fn env_substitution_in_both_files() {
         .env("STRAIT_T_NODE", "127.0.0.1:8080")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,16 +118,10 @@ async fn reload_applies_changes_and_rejects_broken_files_whole() {
         b = nodes_yaml(&[b.addr])
     ));
     assert!(
-        eventually(Duration::from_secs(3), || async {
-            get(gw.http(), "/v2").await.0 == StatusCode::OK
-        })
-        .await
+        eventually(Duration::from_secs(3), || async { get(gw.http(), "/v2").await.0 == StatusCode::OK })
+            .await
     );
-    assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "reload took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_millis(1500), "reload took {:?}", started.elapsed());
 
     // A file with one bad item is rejected whole: /v3 does not appear, /v1 and /v2 keep serving.
     let version = gw.version();
@@ -190,10 +136,7 @@ async fn reload_applies_changes_and_rejects_broken_files_whole() {
         .await
     );
     let status = gw.control_json("/v1/status").await;
-    let err = status["last_reload_error"]["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let err = status["last_reload_error"]["error"].as_str().unwrap().to_string();
     assert!(err.contains("routes[2].uri: must start with /"), "{err}");
     assert_eq!(gw.version(), version);
     assert_eq!(get(gw.http(), "/v2").await.0, StatusCode::OK);
@@ -227,10 +170,8 @@ async fn reload_does_not_fail_in_flight_requests() {
         nodes_yaml(&[a.addr])
     ));
     assert!(
-        eventually(Duration::from_secs(3), || async {
-            get(gw.http(), "/new").await.0 == StatusCode::OK
-        })
-        .await
+        eventually(Duration::from_secs(3), || async { get(gw.http(), "/new").await.0 == StatusCode::OK })
+            .await
     );
     assert_eq!(slow.await.unwrap(), StatusCode::OK);
 }
@@ -242,62 +183,33 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     let port = closed_port().port();
     std::fs::write(
         dir.path().join("config.yaml"),
-        format!(
-            "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {port}}}]\n  enable_control: false\n"
-        ),
+        format!("apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {port}}}]\n  enable_control: false\n"),
     )
     .unwrap();
     std::fs::write(
         dir.path().join("apisix.yaml"),
-        format!(
-            "routes:\n  - uri: /delay/*\n    upstream: {{nodes: {}}}\n#END\n",
-            nodes_yaml(&[a.addr])
-        ),
+        format!("routes:\n  - uri: /delay/*\n    upstream: {{nodes: {}}}\n#END\n", nodes_yaml(&[a.addr])),
     )
     .unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
-        .args([
-            "run",
-            "-c",
-            dir.path().join("config.yaml").to_str().unwrap(),
-            "--workers",
-            "1",
-        ])
+        .args(["run", "-c", dir.path().join("config.yaml").to_str().unwrap(), "--workers", "1"])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            tokio::net::TcpStream::connect(addr).await.is_ok()
-        })
-        .await,
+        eventually(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(addr).await.is_ok() })
+            .await,
         "gateway did not start"
     );
     let slow = tokio::spawn(async move { get(addr, "/delay/700").await });
     assert!(eventually(Duration::from_secs(3), || async { a.requests() == 1 }).await);
     let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let (status, _, body) = slow.await.unwrap();
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "in-flight request finished during the drain"
-    );
+    assert_eq!(status, StatusCode::OK, "in-flight request finished during the drain");
     assert!(String::from_utf8_lossy(&body).contains("after 700ms"));
-    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
     assert!(exit.success(), "{exit:?}");
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "listener closed after exit"
-    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed after exit");
 }

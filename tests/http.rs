@@ -34,19 +34,13 @@ async fn proxies_http1_with_forwarding_headers_and_host() {
     let j = json(&body);
     assert_eq!(j["uri"], "/api/items?x=1");
     let h = &j["headers"];
-    assert_eq!(
-        h["host"], "shop.example",
-        "pass_host: pass forwards the client's Host"
-    );
+    assert_eq!(h["host"], "shop.example", "pass_host: pass forwards the client's Host");
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(h["x-real-ip"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "shop.example");
     assert_eq!(h["x-forwarded-port"], gw.http().port().to_string());
-    assert!(
-        h.get("x-hop").is_none(),
-        "headers named in Connection are hop-by-hop"
-    );
+    assert!(h.get("x-hop").is_none(), "headers named in Connection are hop-by-hop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,10 +53,7 @@ async fn no_route_is_apisix_404_json_and_grpc_clients_get_a_grpc_status() {
     let (status, headers, body) = get(gw.http(), "/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(headers["content-type"], "application/json");
-    assert_eq!(
-        json(&body),
-        serde_json::json!({"error_msg": "404 Route Not Found"})
-    );
+    assert_eq!(json(&body), serde_json::json!({"error_msg": "404 Route Not Found"}));
 
     let req = Request::post(format!("http://{}/pkg.Svc/Method", gw.http()))
         .header("content-type", "application/grpc")
@@ -71,10 +62,7 @@ async fn no_route_is_apisix_404_json_and_grpc_clients_get_a_grpc_status() {
         .unwrap();
     let (status, headers, _, _) = send_h2(gw.http(), req).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        headers["grpc-status"], "12",
-        "UNIMPLEMENTED for an unknown method"
-    );
+    assert_eq!(headers["grpc-status"], "12", "UNIMPLEMENTED for an unknown method");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,17 +72,12 @@ async fn h2c_prior_knowledge_on_the_same_port_with_hyper_and_curl() {
         "routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n",
         nodes_yaml(&[b.addr])
     ));
-    let req = Request::get(format!("http://{}/h2?q=1", gw.http()))
-        .body(body(""))
-        .unwrap();
+    let req = Request::get(format!("http://{}/h2?q=1", gw.http())).body(body("")).unwrap();
     let (status, _, body, _) = send_h2(gw.http(), req).await;
     assert_eq!(status, StatusCode::OK);
     let j = json(&body);
     assert_eq!(j["uri"], "/h2?q=1");
-    assert_eq!(
-        j["version"], "HTTP/1.1",
-        "the node is spoken to over HTTP/1.1"
-    );
+    assert_eq!(j["version"], "HTTP/1.1", "the node is spoken to over HTTP/1.1");
 
     let url = format!("http://{}/curl", gw.http());
     let (ok, out, err) = curl(&["--http2-prior-knowledge", "-w", "\n%{http_version}", &url]).await;
@@ -109,10 +92,7 @@ async fn keepalive_pool_reuses_node_connections() {
     let b = Backend::start("b").await;
     let gw = TestGateway::start_with(
         BASE_CONFIG,
-        &format!(
-            "routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n",
-            nodes_yaml(&[b.addr])
-        ),
+        &format!("routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n", nodes_yaml(&[b.addr])),
         1,
     );
     for _ in 0..20 {
@@ -121,9 +101,7 @@ async fn keepalive_pool_reuses_node_connections() {
     }
     assert_eq!(b.requests(), 20);
     assert_eq!(
-        b.state
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed),
+        b.state.connections.load(std::sync::atomic::Ordering::Relaxed),
         1,
         "one pooled connection for 20 sequential requests"
     );
@@ -138,50 +116,26 @@ async fn bodies_stream_both_ways_without_buffering() {
     ));
     // 8 MiB echoed back byte for byte.
     let data: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let req = Request::post("/echo")
-        .header("host", "h")
-        .body(Full::new(Bytes::from(data.clone())))
-        .unwrap();
+    let req = Request::post("/echo").header("host", "h").body(Full::new(Bytes::from(data.clone()))).unwrap();
     let (status, _, back) = send(gw.http(), req).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(
-        back == data,
-        "echoed body differs ({} bytes back)",
-        back.len()
-    );
+    assert!(back == data, "echoed body differs ({} bytes back)", back.len());
 
     // The first chunk arrives before the node finishes the body.
     let stream = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     let start = Instant::now();
     let resp = sender
-        .send_request(
-            Request::get("/slow-body")
-                .header("host", "h")
-                .body(body(""))
-                .unwrap(),
-        )
+        .send_request(Request::get("/slow-body").header("host", "h").body(body("")).unwrap())
         .await
         .unwrap();
     let mut incoming = resp.into_body();
     use http_body_util::BodyExt;
-    let first = incoming
-        .frame()
-        .await
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap();
+    let first = incoming.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"first;");
-    assert!(
-        start.elapsed() < Duration::from_millis(250),
-        "first chunk was held back: {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_millis(250), "first chunk was held back: {:?}", start.elapsed());
     let rest = incoming.collect().await.unwrap().to_bytes();
     assert_eq!(&rest[..], b"second");
 }
@@ -195,16 +149,9 @@ async fn retries_go_to_another_node_on_connect_failure() {
         nodes_yaml(&[dead, b.addr])
     ));
     for _ in 0..6 {
-        let req = Request::post("/echo")
-            .header("host", "h")
-            .body(body("payload"))
-            .unwrap();
+        let req = Request::post("/echo").header("host", "h").body(body("payload")).unwrap();
         let (status, _, body) = send(gw.http(), req).await;
-        assert_eq!(
-            status,
-            StatusCode::OK,
-            "a refused node is retried on the other node"
-        );
+        assert_eq!(status, StatusCode::OK, "a refused node is retried on the other node");
         assert_eq!(&body[..], b"payload");
     }
     assert_eq!(b.requests(), 6);
@@ -225,21 +172,14 @@ async fn a_request_whose_body_was_sent_is_never_sent_again() {
     // `/drop` reads the body and closes without answering: POST must not be replayed.
     let mut failed = 0;
     for _ in 0..4 {
-        let req = Request::post("/drop")
-            .header("host", "h")
-            .body(body("once"))
-            .unwrap();
+        let req = Request::post("/drop").header("host", "h").body(body("once")).unwrap();
         let (status, _, _) = send(gw.http(), req).await;
         if status == StatusCode::BAD_GATEWAY {
             failed += 1;
         }
     }
     assert_eq!(failed, 4);
-    assert_eq!(
-        a.requests() + b.requests(),
-        4,
-        "each POST reached exactly one node"
-    );
+    assert_eq!(a.requests() + b.requests(), 4, "each POST reached exactly one node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,14 +209,8 @@ async fn errors_502_503_504() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(String::from_utf8_lossy(&body).contains("no valid upstream node"));
     let start = Instant::now();
-    assert_eq!(
-        get(gw.http(), "/delay/2000").await.0,
-        StatusCode::GATEWAY_TIMEOUT
-    );
-    assert!(
-        start.elapsed() < Duration::from_millis(1500),
-        "read timeout of the route applies"
-    );
+    assert_eq!(get(gw.http(), "/delay/2000").await.0, StatusCode::GATEWAY_TIMEOUT);
+    assert!(start.elapsed() < Duration::from_millis(1500), "read timeout of the route applies");
     assert_eq!(get(gw.http(), "/delay/10").await.0, StatusCode::OK);
 }
 
@@ -295,10 +229,8 @@ async fn pass_host_node_and_rewrite() {
     ));
     // `localhost` is resolved off the request path; wait until the node is known.
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            get(gw.http(), "/node").await.0 == StatusCode::OK
-        })
-        .await
+        eventually(Duration::from_secs(5), || async { get(gw.http(), "/node").await.0 == StatusCode::OK })
+            .await
     );
     let (_, _, body) = get_host(gw.http(), "/node", "client.example").await;
     assert_eq!(json(&body)["headers"]["host"], format!("localhost:{port}"));
@@ -320,16 +252,10 @@ async fn websocket_upgrade_only_where_enabled() {
     let n = s.read(&mut buf).await.unwrap();
     let head = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.to_ascii_lowercase().contains("upgrade: websocket"),
-        "{head}"
-    );
+    assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
     s.write_all(b"ping through the tunnel").await.unwrap();
     let mut got = vec![0u8; 23];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
     assert_eq!(&got, b"ping through the tunnel");
 
     let out = raw(
@@ -339,10 +265,7 @@ async fn websocket_upgrade_only_where_enabled() {
     )
     .await;
     let text = String::from_utf8_lossy(&out);
-    assert!(
-        !text.starts_with("HTTP/1.1 101"),
-        "no upgrade without enable_websocket: {text}"
-    );
+    assert!(!text.starts_with("HTTP/1.1 101"), "no upgrade without enable_websocket: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,47 +275,20 @@ async fn malformed_and_oversized_requests_and_slow_clients() {
         "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
         nodes_yaml(&[b.addr])
     ));
-    let out = raw(
-        gw.http(),
-        b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n",
-        Duration::from_secs(2),
-    )
-    .await;
-    assert!(
-        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
+    let out = raw(gw.http(), b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n", Duration::from_secs(2)).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&out));
 
-    let big = format!(
-        "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(100 * 1024)
-    );
+    let big = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n", "a".repeat(100 * 1024));
     let out = raw(gw.http(), big.as_bytes(), Duration::from_secs(2)).await;
-    assert!(
-        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"), "{}", String::from_utf8_lossy(&out));
 
     // A client that never finishes its headers is cut off after client_header_timeout (2 s).
     let start = Instant::now();
-    let out = raw(
-        gw.http(),
-        b"GET / HTTP/1.1\r\nHost: h\r\n",
-        Duration::from_secs(6),
-    )
-    .await;
+    let out = raw(gw.http(), b"GET / HTTP/1.1\r\nHost: h\r\n", Duration::from_secs(6)).await;
     let elapsed = start.elapsed();
-    assert!(
-        elapsed < Duration::from_secs(5),
-        "slow client kept for {elapsed:?}"
-    );
+    assert!(elapsed < Duration::from_secs(5), "slow client kept for {elapsed:?}");
     let text = String::from_utf8_lossy(&out);
-    assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 408"),
-        "{text}"
-    );
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
 
     // The gateway still serves others.
     assert_eq!(get(gw.http(), "/fine").await.0, StatusCode::OK);

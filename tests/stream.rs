@@ -42,10 +42,7 @@ async fn round_trip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).await.unwrap();
     s.shutdown().await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("no EOF")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.expect("no EOF").unwrap();
     out
 }
 
@@ -66,13 +63,11 @@ fn client_tls(ca: &Ca) -> tokio_rustls::TlsConnector {
     for c in strait_protocols::tls::parse_certs(&ca.pem).unwrap() {
         roots.add(c).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
@@ -85,10 +80,7 @@ async fn tls_connect(
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, bool) {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let sn = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
-    let s = client_tls(ca)
-        .connect(sn, tcp)
-        .await
-        .expect("TLS handshake");
+    let s = client_tls(ca).connect(sn, tcp).await.expect("TLS handshake");
     let presented = s.get_ref().1.peer_certificates().unwrap()[0].clone();
     let want = strait_protocols::tls::parse_certs(&leaf.cert).unwrap()[0].clone();
     (s, presented == want)
@@ -108,9 +100,8 @@ async fn tcp_relay_with_half_close_and_32_mib_byte_for_byte() {
     // Half-close: the client's EOF reaches the node, whose answer still comes back.
     assert_eq!(round_trip(gw.stream(0), b"hello").await, b"hellobye");
 
-    let data: Vec<u8> = (0..32 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let data: Vec<u8> =
+        (0..32 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     let s = TcpStream::connect(gw.stream(0)).await.unwrap();
     let (mut r, mut w) = s.into_split();
     let to_send = data.clone();
@@ -119,10 +110,7 @@ async fn tcp_relay_with_half_close_and_32_mib_byte_for_byte() {
         w.shutdown().await.unwrap();
     });
     let mut back = Vec::with_capacity(data.len() + 3);
-    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back)).await.unwrap().unwrap();
     writer.await.unwrap();
     assert_eq!(back.len(), data.len() + 3);
     assert!(back[..data.len()] == data[..], "bytes differ");
@@ -139,10 +127,7 @@ async fn redis_through_the_proxy_with_redis_cli_and_redis_benchmark() {
     }
     let gw = TestGateway::start_with(
         &stream_config(PLAIN),
-        &format!(
-            "stream_routes:\n  - id: redis\n    upstream: {{nodes: {}}}\n",
-            nodes_yaml(&[redis.addr])
-        ),
+        &format!("stream_routes:\n  - id: redis\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[redis.addr])),
         2,
     );
     let port = gw.stream(0).port().to_string();
@@ -157,19 +142,7 @@ async fn redis_through_the_proxy_with_redis_cli_and_redis_benchmark() {
     assert_eq!(cli(&["SET", "strait", "through-the-proxy"]), "OK");
     assert_eq!(cli(&["GET", "strait"]), "through-the-proxy");
     let out = std::process::Command::new("redis-benchmark")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "-n",
-            "2000",
-            "-c",
-            "8",
-            "-t",
-            "set,get",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "-n", "2000", "-c", "8", "-t", "set,get"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -182,11 +155,7 @@ async fn redis_through_the_proxy_with_redis_cli_and_redis_benchmark() {
 async fn tls_termination_routes_by_sni_with_wildcards() {
     let ca = Ca::new("stream-ca");
     let (db, wild) = (ca.leaf(&["db.test"]), ca.leaf(&["*.cache.test"]));
-    let (echo_db, echo_cache, echo_other) = (
-        Echo::start().await,
-        Echo::start().await,
-        Echo::start().await,
-    );
+    let (echo_db, echo_cache, echo_other) = (Echo::start().await, Echo::start().await, Echo::start().await);
     let gw = TestGateway::start_with(
         &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
         &format!(
@@ -207,21 +176,14 @@ async fn tls_termination_routes_by_sni_with_wildcards() {
         ),
         2,
     );
-    for (name, leaf, echo) in [
-        ("db.test", &db, &echo_db),
-        ("a.cache.test", &wild, &echo_cache),
-    ] {
+    for (name, leaf, echo) in [("db.test", &db, &echo_db), ("a.cache.test", &wild, &echo_cache)] {
         let (mut s, presented) = tls_connect(gw.stream(0), &ca, name, leaf).await;
         assert!(presented, "{name}: wrong certificate");
         s.write_all(b"ping").await.unwrap();
         let mut b = [0u8; 4];
         s.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"ping");
-        assert_eq!(
-            *echo.connections.lock().unwrap(),
-            1,
-            "{name} routed to its node"
-        );
+        assert_eq!(*echo.connections.lock().unwrap(), 1, "{name} routed to its node");
     }
     assert_eq!(*echo_other.connections.lock().unwrap(), 0);
 }
@@ -267,10 +229,7 @@ async fn tls_origination_to_a_tls_node() {
         ),
         2,
     );
-    assert_eq!(
-        round_trip(gw.stream(0), b"clear to tls").await,
-        b"clear to tlsbye"
-    );
+    assert_eq!(round_trip(gw.stream(0), b"clear to tls").await, b"clear to tlsbye");
     assert_eq!(*tls_echo.connections.lock().unwrap(), 1);
 }
 
@@ -294,8 +253,7 @@ async fn proxy_protocol_in_drives_remote_addr_matching_and_out_reaches_the_node(
     msg.extend_from_slice(b"data");
     assert_eq!(round_trip(gw.stream(0), &msg).await, b"databye");
     // v2 header.
-    let mut v2 =
-        strait_protocols::stream::v2_header("192.0.2.9:4444".parse().unwrap(), gw.stream(0));
+    let mut v2 = strait_protocols::stream::v2_header("192.0.2.9:4444".parse().unwrap(), gw.stream(0));
     v2.extend_from_slice(b"v2!");
     assert_eq!(round_trip(gw.stream(0), &v2).await, b"v2!bye");
     assert_eq!(*trusted.connections.lock().unwrap(), 2);
@@ -311,13 +269,7 @@ async fn proxy_protocol_in_drives_remote_addr_matching_and_out_reaches_the_node(
     s.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"hi");
     let lines = recorder.lines.lock().unwrap().clone();
-    assert_eq!(
-        lines,
-        [format!(
-            "PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {}",
-            gw.stream(1).port()
-        )]
-    );
+    assert_eq!(lines, [format!("PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {}", gw.stream(1).port())]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,10 +334,7 @@ async fn idle_timeout_is_per_route_and_off_by_default() {
     s.write_all(b"a").await.unwrap();
     s.read_exact(&mut b).await.unwrap();
     let quiet = tokio::time::timeout(Duration::from_millis(800), s.read(&mut b)).await;
-    assert!(
-        quiet.is_err(),
-        "a session without idle_timeout must not be cut"
-    );
+    assert!(quiet.is_err(), "a session without idle_timeout must not be cut");
     s.write_all(b"still here").await.unwrap();
     let mut back = [0u8; 10];
     s.read_exact(&mut back).await.unwrap();

@@ -46,11 +46,7 @@ async fn certificates_by_sni_with_wildcards_and_alpn() {
         let proto = if http2 { "--http2" } else { "--http1.1" };
         // X.509 wildcards cover one label; APISIX's SNI wildcard matches any depth, so the
         // certificate is chosen but curl cannot verify it for a deeper name.
-        let insecure = if host.matches('.').count() > 2 {
-            "-k"
-        } else {
-            "-f"
-        };
+        let insecure = if host.matches('.').count() > 2 { "-k" } else { "-f" };
         let (ok, out, err) = curl(&[
             insecure,
             "--cacert",
@@ -67,13 +63,8 @@ async fn certificates_by_sni_with_wildcards_and_alpn() {
         assert!(ok, "{host}: {err}");
         let want = if http2 { "\n2 200" } else { "\n1.1 200" };
         assert!(out.ends_with(want), "{host}: {out}");
-        assert!(
-            err.contains(&format!("CN={expect_cn}")),
-            "{host} got the wrong certificate: {err}"
-        );
-        let j = json(&bytes::Bytes::from(
-            out.rsplit_once('\n').unwrap().0.to_string(),
-        ));
+        assert!(err.contains(&format!("CN={expect_cn}")), "{host} got the wrong certificate: {err}");
+        let j = json(&bytes::Bytes::from(out.rsplit_once('\n').unwrap().0.to_string()));
         assert_eq!(j["headers"]["x-forwarded-proto"], "https");
     }
     // No certificate for this name (and no fallback_sni): the handshake fails.
@@ -99,10 +90,7 @@ async fn https_upstream_with_verification_and_client_certificate() {
     std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
     let config = BASE_CONFIG.replace(
         "  control:",
-        &format!(
-            "  ssl:\n    ssl_trusted_certificate: {}\n  control:",
-            dir.path().join("ca.pem").display()
-        ),
+        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", dir.path().join("ca.pem").display()),
     );
     let gw = TestGateway::start_with(
         &config,
@@ -147,9 +135,5 @@ async fn https_upstream_with_verification_and_client_certificate() {
         StatusCode::BAD_GATEWAY,
         "the node requires a client certificate"
     );
-    assert_eq!(
-        get(gw.http(), "/wrongname").await.0,
-        StatusCode::BAD_GATEWAY,
-        "verification checks the name"
-    );
+    assert_eq!(get(gw.http(), "/wrongname").await.0, StatusCode::BAD_GATEWAY, "verification checks the name");
 }

@@ -109,10 +109,7 @@ impl DnsDiscovery {
                     ns
                 })
                 .collect();
-            (
-                ResolverConfig::from_name_servers(servers),
-                ResolverOpts::default(),
-            )
+            (ResolverConfig::from_name_servers(servers), ResolverOpts::default())
         } else if let Some(text) = &opts.resolv_conf {
             hickory_resolver::system_conf::parse_resolv_conf(text)
                 .map_err(|e| DiscoveryError::Config(format!("resolv_conf: {e}")))?
@@ -124,22 +121,11 @@ impl DnsDiscovery {
         ropts.attempts = 2;
         // We schedule re-resolution ourselves at the TTL; a cache would hide outages and changes.
         ropts.cache_size = 0;
-        ropts.use_hosts_file = if opts.hosts_file {
-            ResolveHosts::Always
-        } else {
-            ResolveHosts::Never
-        };
-        let mut builder =
-            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+        ropts.use_hosts_file = if opts.hosts_file { ResolveHosts::Always } else { ResolveHosts::Never };
+        let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
         *builder.options_mut() = ropts;
-        let resolver = builder
-            .build()
-            .map_err(|e| DiscoveryError::Config(e.to_string()))?;
-        Ok(DnsDiscovery {
-            resolver,
-            opts,
-            last: Mutex::new(HashMap::new()),
-        })
+        let resolver = builder.build().map_err(|e| DiscoveryError::Config(e.to_string()))?;
+        Ok(DnsDiscovery { resolver, opts, last: Mutex::new(HashMap::new()) })
     }
 
     fn ttl(&self, valid_until: Instant) -> Duration {
@@ -151,11 +137,7 @@ impl DnsDiscovery {
 
     /// Resolves a host name to its addresses (A first, then AAAA), for static nodes.
     pub async fn lookup_host(&self, host: &str) -> Result<(Vec<IpAddr>, Duration), DiscoveryError> {
-        if let Ok(ip) = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             return Ok((vec![ip], MAX_TTL));
         }
         let name = fqdn(host);
@@ -196,21 +178,13 @@ impl DnsDiscovery {
                         _ => None,
                     })
                     .collect();
-                if ips.is_empty() {
-                    Ok(None)
-                } else {
-                    Ok(Some((ips, self.ttl(lookup.valid_until()))))
-                }
+                if ips.is_empty() { Ok(None) } else { Ok(Some((ips, self.ttl(lookup.valid_until())))) }
             }
             Err(e) => classify(e).map(|()| None),
         }
     }
 
-    async fn srv(
-        &self,
-        name: &str,
-        port: Option<u16>,
-    ) -> Result<Option<Resolution>, DiscoveryError> {
+    async fn srv(&self, name: &str, port: Option<u16>) -> Result<Option<Resolution>, DiscoveryError> {
         let lookup = match self.resolver.srv_lookup(name).await {
             Ok(l) => l,
             Err(e) => return classify(e).map(|()| None),
@@ -251,10 +225,7 @@ impl DnsDiscovery {
                 });
             }
         }
-        Ok(Some(Resolution {
-            nodes: NodeSet { nodes },
-            valid_for: Some(valid),
-        }))
+        Ok(Some(Resolution { nodes: NodeSet { nodes }, valid_for: Some(valid) }))
     }
 }
 
@@ -262,11 +233,7 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 fn lcm(a: u64, b: u64) -> u64 {
-    if a == 0 || b == 0 {
-        a.max(b)
-    } else {
-        a / gcd(a, b) * b
-    }
+    if a == 0 || b == 0 { a.max(b) } else { a / gcd(a, b) * b }
 }
 
 /// No records / no such name are answers (`Ok`), anything else is an outage.
@@ -280,20 +247,12 @@ fn classify(e: NetError) -> Result<(), DiscoveryError> {
 
 /// Makes a name fully qualified so no search domain is appended.
 fn fqdn(name: &str) -> String {
-    if name.ends_with('.') {
-        name.to_string()
-    } else {
-        format!("{name}.")
-    }
+    if name.ends_with('.') { name.to_string() } else { format!("{name}.") }
 }
 
 /// Splits `host[:port]`.
 pub fn split_service_name(s: &str) -> Result<(String, Option<u16>), DiscoveryError> {
-    let bad = || {
-        DiscoveryError::Config(format!(
-            "invalid service_name {s:?}: expected host or host:port"
-        ))
-    };
+    let bad = || DiscoveryError::Config(format!("invalid service_name {s:?}: expected host or host:port"));
     match s.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') => {
             let port: u16 = p.parse().map_err(|_| bad())?;
@@ -313,24 +272,13 @@ impl Discovery for DnsDiscovery {
         "dns"
     }
 
-    fn resolve<'a>(
-        &'a self,
-        query: &'a Query,
-    ) -> BoxFuture<'a, Result<Resolution, DiscoveryError>> {
+    fn resolve<'a>(&'a self, query: &'a Query) -> BoxFuture<'a, Result<Resolution, DiscoveryError>> {
         Box::pin(async move {
             let (host, port) = split_service_name(&query.service_name)?;
             if let Ok(ip) = host.parse::<IpAddr>() {
-                let node = NodeSpec {
-                    host: ip.to_string(),
-                    port,
-                    weight: 1,
-                    priority: 0,
-                    metadata: Map::new(),
-                };
-                return Ok(Resolution {
-                    nodes: NodeSet { nodes: vec![node] },
-                    valid_for: Some(MAX_TTL),
-                });
+                let node =
+                    NodeSpec { host: ip.to_string(), port, weight: 1, priority: 0, metadata: Map::new() };
+                return Ok(Resolution { nodes: NodeSet { nodes: vec![node] }, valid_for: Some(MAX_TTL) });
             }
             let name = fqdn(&host);
             let last = self.last.lock().ok().and_then(|m| m.get(&host).copied());
@@ -349,11 +297,7 @@ impl Discovery for DnsDiscovery {
                 let found = match kind {
                     RecordKind::Srv => self.srv(&name, port).await,
                     RecordKind::A | RecordKind::Aaaa | RecordKind::Cname => {
-                        let k = if kind == RecordKind::Cname {
-                            RecordKind::A
-                        } else {
-                            kind
-                        };
+                        let k = if kind == RecordKind::Cname { RecordKind::A } else { kind };
                         self.ips(&name, k).await.map(|o| {
                             o.map(|(ips, ttl)| Resolution {
                                 nodes: NodeSet {
@@ -399,14 +343,8 @@ mod tests {
 
     #[test]
     fn service_names() {
-        assert_eq!(
-            split_service_name("web.svc").unwrap(),
-            ("web.svc".into(), None)
-        );
-        assert_eq!(
-            split_service_name("web.svc:8080").unwrap(),
-            ("web.svc".into(), Some(8080))
-        );
+        assert_eq!(split_service_name("web.svc").unwrap(), ("web.svc".into(), None));
+        assert_eq!(split_service_name("web.svc:8080").unwrap(), ("web.svc".into(), Some(8080)));
         assert!(split_service_name("web.svc:x").is_err());
         assert!(split_service_name(":80").is_err());
         assert!(split_service_name("").is_err());

@@ -55,10 +55,7 @@ pub struct Query {
 impl Query {
     /// The value of a `discovery_args` key.
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.args
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.args.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
 
@@ -121,10 +118,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(max: Duration) -> Self {
-        Backoff {
-            next: Duration::from_secs(1),
-            max,
-        }
+        Backoff { next: Duration::from_secs(1), max }
     }
     /// The delay before the next attempt; doubles each time.
     pub fn next_delay(&mut self) -> Duration {
@@ -143,8 +137,7 @@ pub trait Discovery: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 
     /// One lookup.
-    fn resolve<'a>(&'a self, query: &'a Query)
-    -> BoxFuture<'a, Result<Resolution, DiscoveryError>>;
+    fn resolve<'a>(&'a self, query: &'a Query) -> BoxFuture<'a, Result<Resolution, DiscoveryError>>;
 
     /// How often `watch` polls when the answer carries no validity (registries without push).
     fn poll_interval(&self) -> Duration {
@@ -172,9 +165,7 @@ pub trait Discovery: Send + Sync + 'static {
                     }
                     Err(e) => {
                         record_error(&status, self.kind(), &query, &e);
-                        backoff
-                            .next_delay()
-                            .min(self.poll_interval().max(Duration::from_secs(1)))
+                        backoff.next_delay().min(self.poll_interval().max(Duration::from_secs(1)))
                     }
                 };
                 tokio::select! {

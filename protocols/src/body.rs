@@ -46,11 +46,7 @@ impl ProxyBody {
     /// A body with these bytes.
     pub fn full(b: impl Into<Bytes>) -> Self {
         let b = b.into();
-        if b.is_empty() {
-            ProxyBody::Empty
-        } else {
-            ProxyBody::Full(Some(b))
-        }
+        if b.is_empty() { ProxyBody::Empty } else { ProxyBody::Full(Some(b)) }
     }
     /// Wraps any body.
     pub fn boxed<B>(b: B) -> Self
@@ -120,27 +116,53 @@ pub struct UpstreamBody {
     /// Set for gRPC calls whose status is still to come in the trailers.
     grpc_pending: bool,
     started: Instant,
+    /// End of the call (gRPC `grpc-timeout`), if any.
+    deadline: Option<tokio::time::Instant>,
+    /// The client speaks gRPC: a timeout or a broken node stream ends the response with a
+    /// `grpc-status` trailer instead of a reset.
+    grpc_client: bool,
+    ended: bool,
+}
+
+/// How an [`UpstreamBody`] should behave beyond carrying bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyPolicy {
+    pub read_timeout: Duration,
+    pub deadline: Option<tokio::time::Instant>,
+    pub grpc_client: bool,
+    pub grpc_pending: bool,
 }
 
 impl UpstreamBody {
     pub(crate) fn new(
         inner: Incoming,
-        read_timeout: Duration,
+        policy: BodyPolicy,
         pooled: Option<Pooled>,
         peer: Peer,
-        grpc_pending: bool,
         started: Instant,
     ) -> Self {
         UpstreamBody {
             inner,
-            read_timeout,
+            read_timeout: policy.read_timeout,
             sleep: None,
             armed: false,
             pooled,
             peer: Some(peer),
-            grpc_pending,
+            grpc_pending: policy.grpc_pending,
             started,
+            deadline: policy.deadline,
+            grpc_client: policy.grpc_client,
+            ended: false,
         }
+    }
+
+    /// Ends a gRPC response with a status trailer (the node stream is dropped, which cancels it).
+    fn grpc_end(&mut self, code: grpc::Code, message: &str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.ended = true;
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", code.as_header());
+        t.insert("grpc-message", grpc::encode_message(message));
+        Poll::Ready(Some(Ok(Frame::trailers(t))))
     }
 
     fn finish(&mut self, grpc_status: Option<u16>) {
@@ -174,6 +196,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.armed = false;
@@ -191,10 +216,17 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.fail(Outcome::TcpFailure);
+                if this.grpc_client {
+                    return this.grpc_end(grpc::Code::Unavailable, &format!("upstream stream broke: {e}"));
+                }
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => {
-                let deadline = tokio::time::Instant::now() + this.read_timeout;
+                let mut deadline = tokio::time::Instant::now() + this.read_timeout;
+                let call_deadline = this.deadline.is_some_and(|d| d <= deadline);
+                if let Some(d) = this.deadline.filter(|_| call_deadline) {
+                    deadline = d;
+                }
                 let sleep = match &mut this.sleep {
                     Some(s) => {
                         if !this.armed {
@@ -202,12 +234,21 @@ impl Body for UpstreamBody {
                         }
                         s
                     }
-                    None => this
-                        .sleep
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    None => this.sleep.insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
                 this.armed = true;
                 ready!(sleep.as_mut().poll(cx));
+                if this.grpc_client {
+                    if call_deadline {
+                        // The client's budget ran out; that says nothing about the node.
+                        this.pooled = None;
+                        this.peer = None;
+                    } else {
+                        this.fail(Outcome::Timeout);
+                    }
+                    let msg = if call_deadline { "deadline exceeded" } else { "upstream read timed out" };
+                    return this.grpc_end(grpc::Code::DeadlineExceeded, msg);
+                }
                 this.fail(Outcome::Timeout);
                 Poll::Ready(Some(Err("upstream read timed out".into())))
             }

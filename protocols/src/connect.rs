@@ -77,11 +77,7 @@ impl NodeStream {
 }
 
 impl AsyncRead for NodeStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             NodeStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             NodeStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
@@ -90,11 +86,7 @@ impl AsyncRead for NodeStream {
 }
 
 impl AsyncWrite for NodeStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             NodeStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             NodeStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),

@@ -34,10 +34,8 @@ pub enum Code {
 impl Code {
     /// The decimal form used in the `grpc-status` header.
     pub fn as_header(self) -> HeaderValue {
-        const V: [&str; 17] = [
-            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
-            "16",
-        ];
+        const V: [&str; 17] =
+            ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"];
         HeaderValue::from_static(V[self as usize])
     }
 }
@@ -60,9 +58,7 @@ pub fn is_grpc_request(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.starts_with("application/grpc") && !ct.starts_with("application/grpc-web")
-        })
+        .is_some_and(|ct| ct.starts_with("application/grpc") && !ct.starts_with("application/grpc-web"))
 }
 
 /// Parses a `grpc-timeout` header value (`<1-8 digits><H|M|S|m|u|n>`).
@@ -136,10 +132,7 @@ pub fn trailers_only(code: Code, message: &str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     h.insert("grpc-status", code.as_header());
     if !message.is_empty() {
         h.insert("grpc-message", encode_message(message));

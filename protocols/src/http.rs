@@ -17,13 +17,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::body::{ProxyBody, UpstreamBody};
+use crate::body::{BodyPolicy, ProxyBody, UpstreamBody};
 use crate::connect::{ConnectError, NodeStream, connect_tcp, connect_tls};
 use crate::pool::{self, Limits, PoolKey, Pooled};
 use crate::respond::error_response;
 use crate::{
-    Outcome, PassHost, Peer, ProxyError, Scheme, Timeouts, Tried, UpstreamPicker, UpstreamSettings,
-    grpc,
+    Outcome, PassHost, Peer, ProxyError, Scheme, Timeouts, Tried, UpstreamPicker, UpstreamSettings, grpc,
 };
 
 /// Per-request facts the forwarder needs besides the request itself.
@@ -69,10 +68,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if let Some(conn) = headers.get(header::CONNECTION)
         && let Ok(list) = conn.to_str()
     {
-        let named: Vec<HeaderName> = list
-            .split(',')
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
+        let named: Vec<HeaderName> =
+            list.split(',').filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()).collect();
         for n in named {
             headers.remove(n);
         }
@@ -94,17 +91,11 @@ pub fn is_websocket_upgrade(parts: &Parts) -> bool {
             .headers
             .get(header::CONNECTION)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
 fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
 /// The request as it goes to nodes: rewritten once, adjusted per attempt only where the node
@@ -120,7 +111,7 @@ struct Outgoing {
 
 /// Forwards `req` to a node of `picker`'s upstream and returns the response for the client.
 pub async fn forward<P: UpstreamPicker + ?Sized>(
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     ctx: &ForwardCtx<'_>,
     picker: &P,
 ) -> Response<ProxyBody> {
@@ -131,7 +122,7 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
 }
 
 async fn forward_inner<P: UpstreamPicker + ?Sized>(
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     ctx: &ForwardCtx<'_>,
     picker: &P,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -144,39 +135,21 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
     } else {
         None
     };
-    let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    prepare_request_headers(
-        &mut parts,
-        ctx,
-        client_host.as_ref(),
-        upgrade.is_some(),
-        settings.scheme,
-    );
+    let client_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    prepare_request_headers(&mut parts, ctx, client_host.as_ref(), upgrade.is_some(), settings.scheme);
 
     let body_empty = body.is_end_stream();
-    let body = if body_empty {
-        ProxyBody::Empty
-    } else {
-        ProxyBody::Incoming(body)
-    };
+    let body = if body_empty { ProxyBody::Empty } else { body };
 
     let node_count = picker.node_count();
-    let retries = settings
-        .retries
-        .unwrap_or(node_count.saturating_sub(1) as u32);
+    let retries = settings.retries.unwrap_or(node_count.saturating_sub(1) as u32);
     let replay = (retries > 0 && body_empty && idempotent(&parts.method) && upgrade.is_none())
         .then(|| clone_parts(&parts));
-    let mut out = Outgoing {
-        parts,
-        body,
-        client_host,
-        replay,
-    };
+    let mut out = Outgoing { parts, body, client_host, replay };
 
     let started = Instant::now();
     let retry_deadline = settings.retry_timeout.map(|t| started + t);
@@ -211,10 +184,7 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
                 if retry_deadline.is_some_and(|d| Instant::now() >= d) {
                     return Err(ProxyError::RetryTimeout);
                 }
-                if ctx
-                    .deadline
-                    .is_some_and(|d| tokio::time::Instant::now() >= d)
-                {
+                if ctx.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                     return Err(ProxyError::DeadlineExceeded);
                 }
                 if !fail.request_intact
@@ -241,15 +211,8 @@ fn prepare_request_headers(
     let te_trailers = h
         .get(header::TE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    let ws = if websocket {
-        h.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    let ws = if websocket { h.get(header::UPGRADE).cloned() } else { None };
     strip_hop_by_hop(h);
     h.remove(header::HOST);
     if let Some(up) = ws {
@@ -261,8 +224,7 @@ fn prepare_request_headers(
     }
 
     let ip = ctx.client_addr.ip();
-    let ip_value =
-        HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+    let ip_value = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => {
             HeaderValue::from_str(&format!("{prev}, {ip}")).unwrap_or_else(|_| ip_value.clone())
@@ -286,17 +248,11 @@ fn prepare_request_headers(
 }
 
 fn clone_parts(p: &Parts) -> Parts {
-    let mut b = Request::builder()
-        .method(p.method.clone())
-        .uri(p.uri.clone())
-        .version(p.version);
+    let mut b = Request::builder().method(p.method.clone()).uri(p.uri.clone()).version(p.version);
     if let Some(h) = b.headers_mut() {
         *h = p.headers.clone();
     }
-    let (parts, ()) = b
-        .body(())
-        .map(|r| r.into_parts())
-        .unwrap_or_else(|_| Request::new(()).into_parts());
+    let (parts, ()) = b.body(()).map(|r| r.into_parts()).unwrap_or_else(|_| Request::new(()).into_parts());
     parts
 }
 
@@ -308,9 +264,7 @@ fn upstream_host(
     scheme: Scheme,
 ) -> HeaderValue {
     match pass {
-        PassHost::Pass => client_host
-            .cloned()
-            .unwrap_or_else(|| node_host(peer, scheme)),
+        PassHost::Pass => client_host.cloned().unwrap_or_else(|| node_host(peer, scheme)),
         PassHost::Node => node_host(peer, scheme),
         PassHost::Rewrite(v) => v.clone(),
     }
@@ -335,13 +289,7 @@ fn sni_of(host: &HeaderValue) -> Option<Arc<str>> {
         rest.split(']').next()?
     } else {
         s.rsplit_once(':')
-            .map(|(h, p)| {
-                if p.bytes().all(|b| b.is_ascii_digit()) {
-                    h
-                } else {
-                    s
-                }
-            })
+            .map(|(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { s })
             .unwrap_or(s)
     };
     Some(Arc::from(name))
@@ -374,11 +322,7 @@ async fn attempt_once(
     let keepalive = settings.keepalive;
     let host = upstream_host(&settings.pass_host, out.client_host.as_ref(), peer, scheme);
     let sni = if scheme.is_tls() { sni_of(&host) } else { None };
-    let key = PoolKey {
-        addr: peer.addr,
-        tls: tls.map_or(0, |t| t.pool_id),
-        sni,
-    };
+    let key = PoolKey { addr: peer.addr, tls: tls.map_or(0, |t| t.pool_id), sni };
     let limits = Limits {
         size: keepalive.size,
         idle_timeout: keepalive.idle_timeout,
@@ -392,21 +336,12 @@ async fn attempt_once(
         request_intact: intact,
     };
 
-    let sender = get_sender(&key, scheme, tls, timeouts, limits, websocket)
-        .await
-        .map_err(|e| {
-            let outcome = if e.is_timeout() {
-                Outcome::Timeout
-            } else {
-                Outcome::TcpFailure
-            };
-            let err = if e.is_timeout() {
-                ProxyError::Timeout("connect")
-            } else {
-                ProxyError::Connect(e.to_string())
-            };
-            fail(err, outcome, true)
-        })?;
+    let sender = get_sender(&key, scheme, tls, timeouts, limits, websocket).await.map_err(|e| {
+        let outcome = if e.is_timeout() { Outcome::Timeout } else { Outcome::TcpFailure };
+        let err =
+            if e.is_timeout() { ProxyError::Timeout("connect") } else { ProxyError::Connect(e.to_string()) };
+        fail(err, outcome, true)
+    })?;
 
     // Build the request for this node.
     let mut parts = std::mem::replace(&mut out.parts, Request::new(()).into_parts().0);
@@ -415,11 +350,7 @@ async fn attempt_once(
     if is_h2 {
         parts.version = Version::HTTP_2;
         parts.headers.remove(header::HOST);
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let uri_scheme = if scheme.is_tls() { "https" } else { "http" };
         let authority = host.to_str().unwrap_or("localhost");
         parts.uri = Uri::builder()
@@ -431,11 +362,7 @@ async fn attempt_once(
     } else {
         parts.version = Version::HTTP_11;
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_else(|| "/".into());
+            let pq = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
             parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
         }
         parts.headers.insert(header::HOST, host);
@@ -443,9 +370,7 @@ async fn attempt_once(
     let req = Request::from_parts(parts, body);
 
     let read_timeout = match ctx.deadline {
-        Some(d) => timeouts
-            .read
-            .min(d.saturating_duration_since(tokio::time::Instant::now())),
+        Some(d) => timeouts.read.min(d.saturating_duration_since(tokio::time::Instant::now())),
         None => timeouts.read,
     };
     let deadline_bound = ctx.deadline.is_some() && read_timeout < timeouts.read;
@@ -460,11 +385,7 @@ async fn attempt_once(
         Sender::H1(mut pooled) => {
             if let Err(e) = pooled.sender.ready().await {
                 restore(out, req);
-                return Err(fail(
-                    ProxyError::Connect(e.to_string()),
-                    Outcome::TcpFailure,
-                    true,
-                ));
+                return Err(fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure, true));
             }
             pooled.uses += 1;
             let fut = pooled.sender.try_send_request(req);
@@ -564,9 +485,7 @@ async fn get_sender(
                 _ => t.auto.clone(),
             };
             let sni = key.sni.as_deref().unwrap_or("localhost");
-            NodeStream::Tls(Box::new(
-                connect_tls(tcp, key.addr, cfg, sni, timeouts.connect).await?,
-            ))
+            NodeStream::Tls(Box::new(connect_tls(tcp, key.addr, cfg, sni, timeouts.connect).await?))
         }
         _ => NodeStream::Plain(tcp),
     };
@@ -629,11 +548,7 @@ fn finish_response(
         return Response::from_parts(parts, ProxyBody::Empty);
     }
 
-    let grpc_status = if ctx.grpc {
-        grpc::status_of(&parts.headers)
-    } else {
-        None
-    };
+    let grpc_status = if ctx.grpc { grpc::status_of(&parts.headers) } else { None };
     let grpc_pending = ctx.grpc && grpc_status.is_none() && parts.status == StatusCode::OK;
     match grpc_status {
         Some(code) => peer.report(Outcome::GrpcStatus(code), elapsed),
@@ -651,20 +566,13 @@ fn finish_response(
         }
         ProxyBody::Empty
     } else {
-        let read_timeout = match ctx.deadline {
-            Some(d) => timeouts
-                .read
-                .min(d.saturating_duration_since(tokio::time::Instant::now())),
-            None => timeouts.read,
-        };
-        ProxyBody::Upstream(Box::new(UpstreamBody::new(
-            body,
-            read_timeout,
-            pooled,
-            peer,
+        let policy = BodyPolicy {
+            read_timeout: timeouts.read,
+            deadline: ctx.deadline,
+            grpc_client: ctx.grpc,
             grpc_pending,
-            start,
-        )))
+        };
+        ProxyBody::Upstream(Box::new(UpstreamBody::new(body, policy, pooled, peer, start)))
     };
     Response::from_parts(parts, body)
 }
@@ -676,16 +584,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_connection_tokens_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
@@ -694,18 +596,9 @@ mod tests {
 
     #[test]
     fn sni_drops_port_and_brackets() {
-        assert_eq!(
-            &*sni_of(&HeaderValue::from_static("api.test:8443")).unwrap(),
-            "api.test"
-        );
-        assert_eq!(
-            &*sni_of(&HeaderValue::from_static("api.test")).unwrap(),
-            "api.test"
-        );
-        assert_eq!(
-            &*sni_of(&HeaderValue::from_static("[::1]:443")).unwrap(),
-            "::1"
-        );
+        assert_eq!(&*sni_of(&HeaderValue::from_static("api.test:8443")).unwrap(), "api.test");
+        assert_eq!(&*sni_of(&HeaderValue::from_static("api.test")).unwrap(), "api.test");
+        assert_eq!(&*sni_of(&HeaderValue::from_static("[::1]:443")).unwrap(), "::1");
     }
 
     #[test]

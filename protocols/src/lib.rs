@@ -69,22 +69,12 @@ pub struct Peer {
 impl Peer {
     /// A peer that reports to `node`.
     pub fn new(addr: SocketAddr, host: Arc<str>, port: u16, node: Arc<dyn PeerNode>) -> Self {
-        Peer {
-            addr,
-            host,
-            port,
-            node: Some(node),
-        }
+        Peer { addr, host, port, node: Some(node) }
     }
 
     /// A peer without feedback (tests, health probes).
     pub fn detached(addr: SocketAddr) -> Self {
-        Peer {
-            host: addr.ip().to_string().into(),
-            port: addr.port(),
-            addr,
-            node: None,
-        }
+        Peer { host: addr.ip().to_string().into(), port: addr.port(), addr, node: None }
     }
 
     /// Records the outcome of this attempt.
@@ -105,10 +95,7 @@ impl Drop for Peer {
 
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peer")
-            .field("addr", &self.addr)
-            .field("host", &self.host)
-            .finish()
+        f.debug_struct("Peer").field("addr", &self.addr).field("host", &self.host).finish()
     }
 }
 
@@ -234,11 +221,7 @@ impl Default for Timeouts {
     /// nginx's defaults, which APISIX inherits: 60 s each.
     fn default() -> Self {
         let s = Duration::from_secs(60);
-        Timeouts {
-            connect: s,
-            send: s,
-            read: s,
-        }
+        Timeouts { connect: s, send: s, read: s }
     }
 }
 
@@ -255,11 +238,7 @@ pub struct KeepalivePool {
 
 impl Default for KeepalivePool {
     fn default() -> Self {
-        KeepalivePool {
-            size: 320,
-            idle_timeout: Duration::from_secs(60),
-            requests: 1000,
-        }
+        KeepalivePool { size: 320, idle_timeout: Duration::from_secs(60), requests: 1000 }
     }
 }
 

@@ -53,18 +53,12 @@ pub struct Pooled {
 
 impl Pooled {
     pub(crate) fn new(key: PoolKey, sender: http1::SendRequest<ProxyBody>, limits: Limits) -> Self {
-        Pooled {
-            key,
-            sender,
-            uses: 0,
-            limits,
-        }
+        Pooled { key, sender, uses: 0, limits }
     }
 
     /// Returns the connection to this worker's pool if it may be reused.
     pub fn release(self) {
-        if self.sender.is_closed() || self.uses >= self.limits.max_requests || self.limits.size == 0
-        {
+        if self.sender.is_closed() || self.uses >= self.limits.max_requests || self.limits.size == 0 {
             return;
         }
         POOL.with(|p| {
@@ -101,12 +95,7 @@ pub(crate) fn checkout_h1(key: &PoolKey, limits: Limits) -> Option<Pooled> {
             if idle.sender.is_closed() || idle.since.elapsed() >= limits.idle_timeout {
                 continue;
             }
-            return Some(Pooled {
-                key: key.clone(),
-                sender: idle.sender,
-                uses: idle.uses,
-                limits,
-            });
+            return Some(Pooled { key: key.clone(), sender: idle.sender, uses: idle.uses, limits });
         }
         None
     })
@@ -122,10 +111,7 @@ pub(crate) fn checkout_h2(key: &PoolKey) -> Option<http2::SendRequest<ProxyBody>
         let list = p.h2.get_mut(key)?;
         list.retain(|s| !s.is_closed());
         // Prefer a connection with free stream capacity; rotate so load spreads.
-        let idx = list
-            .iter()
-            .position(|s| s.is_ready())
-            .or(if list.is_empty() { None } else { Some(0) })?;
+        let idx = list.iter().position(|s| s.is_ready()).or(if list.is_empty() { None } else { Some(0) })?;
         let s = list.remove(idx);
         list.push(s.clone());
         Some(s)

@@ -61,10 +61,7 @@ pub fn json_error(status: StatusCode, msg: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error_msg": msg }).to_string();
     let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 

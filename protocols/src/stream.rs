@@ -21,9 +21,7 @@ pub struct ProxyHeader {
     pub destination: Option<SocketAddr>,
 }
 
-const V2_SIG: [u8; 12] = [
-    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
-];
+const V2_SIG: [u8; 12] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A];
 
 fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("PROXY protocol: {msg}"))
@@ -67,15 +65,10 @@ pub async fn read_proxy_header(s: &mut TcpStream) -> io::Result<ProxyHeader> {
 /// Parses a v1 line including its CRLF.
 pub fn parse_v1(line: &[u8]) -> io::Result<ProxyHeader> {
     let text = std::str::from_utf8(line).map_err(|_| bad("v1 is not text"))?;
-    let text = text
-        .strip_suffix("\r\n")
-        .ok_or_else(|| bad("v1 without CRLF"))?;
+    let text = text.strip_suffix("\r\n").ok_or_else(|| bad("v1 without CRLF"))?;
     let parts: Vec<&str> = text.split(' ').collect();
     match parts.as_slice() {
-        ["PROXY", "UNKNOWN", ..] => Ok(ProxyHeader {
-            source: None,
-            destination: None,
-        }),
+        ["PROXY", "UNKNOWN", ..] => Ok(ProxyHeader { source: None, destination: None }),
         ["PROXY", fam @ ("TCP4" | "TCP6"), src, dst, sp, dp] => {
             let src: IpAddr = src.parse().map_err(|_| bad("bad source address"))?;
             let dst: IpAddr = dst.parse().map_err(|_| bad("bad destination address"))?;
@@ -95,10 +88,7 @@ pub fn parse_v1(line: &[u8]) -> io::Result<ProxyHeader> {
 
 fn parse_v2_body(cmd: u8, fam: u8, body: &[u8]) -> io::Result<ProxyHeader> {
     if cmd == 0 {
-        return Ok(ProxyHeader {
-            source: None,
-            destination: None,
-        }); // LOCAL
+        return Ok(ProxyHeader { source: None, destination: None }); // LOCAL
     }
     if cmd != 1 {
         return Err(bad("unknown command"));
@@ -126,10 +116,7 @@ fn parse_v2_body(cmd: u8, fam: u8, body: &[u8]) -> io::Result<ProxyHeader> {
                 destination: Some(SocketAddr::new(Ipv6Addr::from(b).into(), dp)),
             })
         }
-        0 | 3 => Ok(ProxyHeader {
-            source: None,
-            destination: None,
-        }), // UNSPEC / UNIX
+        0 | 3 => Ok(ProxyHeader { source: None, destination: None }), // UNSPEC / UNIX
         _ => Err(bad("truncated address block")),
     }
 }
@@ -139,12 +126,7 @@ pub fn v1_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let (src_ip, dst_ip) = (canonical(src.ip()), canonical(dst.ip()));
     if src_ip.is_ipv4() == dst_ip.is_ipv4() {
         let fam = if src_ip.is_ipv4() { "TCP4" } else { "TCP6" };
-        format!(
-            "PROXY {fam} {src_ip} {dst_ip} {} {}\r\n",
-            src.port(),
-            dst.port()
-        )
-        .into_bytes()
+        format!("PROXY {fam} {src_ip} {dst_ip} {} {}\r\n", src.port(), dst.port()).into_bytes()
     } else {
         b"PROXY UNKNOWN\r\n".to_vec()
     }
@@ -245,11 +227,7 @@ pub fn parse_client_hello(buf: &[u8]) -> Hello {
                     let nl = u16::from_be_bytes([data[q + 1], data[q + 2]]) as usize;
                     let name = data.get(q + 3..q + 3 + nl)?;
                     if nt == 0 {
-                        return Some(
-                            std::str::from_utf8(name)
-                                .ok()
-                                .map(|s| s.to_ascii_lowercase()),
-                        );
+                        return Some(std::str::from_utf8(name).ok().map(|s| s.to_ascii_lowercase()));
                     }
                     q += 3 + nl;
                 }
@@ -276,10 +254,7 @@ pub async fn peek_client_hello(s: &TcpStream, timeout: Duration) -> io::Result<H
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "ClientHello timed out"))??;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed before ClientHello",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before ClientHello"));
         }
         match parse_client_hello(&buf[..n]) {
             Hello::Incomplete => {
@@ -308,8 +283,7 @@ impl Activity {
         Activity(Arc::new(AtomicU64::new(0)), Instant::now())
     }
     fn touch(&self) {
-        self.0
-            .store(self.1.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.0.store(self.1.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     /// Time since the last byte moved.
     pub fn idle(&self) -> Duration {
@@ -337,11 +311,7 @@ impl<S> Tracked<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -353,11 +323,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -395,9 +361,7 @@ where
         Some(limit) => {
             tokio::pin!(copy);
             loop {
-                let wait = limit
-                    .saturating_sub(activity.idle())
-                    .max(Duration::from_millis(10));
+                let wait = limit.saturating_sub(activity.idle()).max(Duration::from_millis(10));
                 tokio::select! {
                     r = &mut copy => return r,
                     _ = tokio::time::sleep(wait) => {
@@ -430,10 +394,7 @@ mod tests {
 
     #[test]
     fn v2_round_trip() {
-        for (s, d) in [
-            ("192.0.2.1:5555", "198.51.100.2:443"),
-            ("[2001:db8::1]:1", "[2001:db8::2]:2"),
-        ] {
+        for (s, d) in [("192.0.2.1:5555", "198.51.100.2:443"), ("[2001:db8::1]:1", "[2001:db8::2]:2")] {
             let (src, dst): (SocketAddr, SocketAddr) = (s.parse().unwrap(), d.parse().unwrap());
             let h = v2_header(src, dst);
             assert_eq!(&h[..12], &V2_SIG);
@@ -473,10 +434,7 @@ mod tests {
     #[test]
     fn client_hello_sni() {
         let h = hello_with_sni("DB.Example.com");
-        assert_eq!(
-            parse_client_hello(&h),
-            Hello::Tls(Some("db.example.com".into()))
-        );
+        assert_eq!(parse_client_hello(&h), Hello::Tls(Some("db.example.com".into())));
         assert_eq!(parse_client_hello(&h[..20]), Hello::Incomplete);
         assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
         assert_eq!(parse_client_hello(b"*2\r\n$4\r\nPING"), Hello::NotTls);

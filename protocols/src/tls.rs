@@ -16,8 +16,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 /// The crypto provider used everywhere (ring).
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
+    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
 }
 
 /// Errors while loading certificates and keys.
@@ -106,14 +105,12 @@ impl ClientTls {
         let pool_id = h.finish() | 1;
 
         let build = |alpn: Vec<Vec<u8>>| -> Result<Arc<ClientConfig>, TlsError> {
-            let builder = ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()?;
+            let builder =
+                ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
             let builder = if opts.verify {
                 builder.with_root_certificates(opts.roots.clone())
             } else {
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
             };
             let mut cfg = match &opts.client_cert {
                 Some((c, k)) => builder.with_client_auth_cert(parse_certs(c)?, parse_key(k)?)?,
@@ -160,12 +157,7 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -173,12 +165,7 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()

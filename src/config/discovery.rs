@@ -18,34 +18,22 @@ pub struct DiscoveryConfig {
 }
 
 /// Parses the `discovery` map of `config.yaml`.
-pub fn parse(
-    file: &str,
-    map: &Map<String, Value>,
-    ipv6: bool,
-    errs: &mut Errors,
-) -> DiscoveryConfig {
+pub fn parse(file: &str, map: &Map<String, Value>, ipv6: bool, errs: &mut Errors) -> DiscoveryConfig {
     let mut out = DiscoveryConfig::default();
     for (kind, v) in map {
         let path = join("discovery", kind);
         match kind.as_str() {
             "dns" => out.dns = parse_dns(file, v, &path, ipv6, errs),
-            "consul" | "consul_kv" | "nacos" | "eureka" | "kubernetes" | "tars" => errs.add(
-                path,
-                "unsupported by Strait: this discovery backend is not implemented yet",
-            ),
+            "consul" | "consul_kv" | "nacos" | "eureka" | "kubernetes" | "tars" => {
+                errs.add(path, "unsupported by Strait: this discovery backend is not implemented yet")
+            }
             other => errs.add(path, format!("unknown discovery type {other:?}")),
         }
     }
     out
 }
 
-fn parse_dns(
-    file: &str,
-    v: &Value,
-    path: &str,
-    ipv6: bool,
-    errs: &mut Errors,
-) -> Option<DnsOptions> {
+fn parse_dns(file: &str, v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -> Option<DnsOptions> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Raw {
@@ -55,10 +43,7 @@ fn parse_dns(
         timeout: Option<f64>,
     }
     let r: Raw = decode(v, path, errs)?;
-    let mut opts = DnsOptions {
-        ipv6,
-        ..DnsOptions::default()
-    };
+    let mut opts = DnsOptions { ipv6, ..DnsOptions::default() };
     match (&r.servers, &r.resolv_conf) {
         (Some(_), Some(_)) | (None, None) => {
             errs.add(path, "set exactly one of servers or resolv_conf");
@@ -71,10 +56,9 @@ fn parse_dns(
             for (i, s) in list.iter().enumerate() {
                 match parse_host_port(s, 53) {
                     Some(a) => opts.servers.push(a),
-                    None => errs.add(
-                        index(&join(path, "servers"), i),
-                        format!("expected ip[:port], found {s:?}"),
-                    ),
+                    None => {
+                        errs.add(index(&join(path, "servers"), i), format!("expected ip[:port], found {s:?}"))
+                    }
                 }
             }
         }
@@ -82,10 +66,7 @@ fn parse_dns(
             let full = resolve_relative(file, p);
             match std::fs::read_to_string(&full) {
                 Ok(t) => opts.resolv_conf = Some(t),
-                Err(e) => errs.add(
-                    join(path, "resolv_conf"),
-                    format!("cannot read {}: {e}", full.display()),
-                ),
+                Err(e) => errs.add(join(path, "resolv_conf"), format!("cannot read {}: {e}", full.display())),
             }
         }
     }
@@ -110,10 +91,7 @@ fn parse_dns(
         if t > 0.0 && t.is_finite() {
             opts.timeout = Duration::from_secs_f64(t);
         } else {
-            errs.add(
-                join(path, "timeout"),
-                "must be a positive number of seconds",
-            );
+            errs.add(join(path, "timeout"), "must be a positive number of seconds");
         }
     }
     Some(opts)

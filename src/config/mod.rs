@@ -64,28 +64,17 @@ pub struct Errors {
 
 impl Errors {
     pub fn new(file: impl Into<String>) -> Self {
-        Errors {
-            file: file.into(),
-            list: Vec::new(),
-        }
+        Errors { file: file.into(), list: Vec::new() }
     }
     /// Records a problem at `path`.
     pub fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
-        self.list.push(ConfigError {
-            file: self.file.clone(),
-            path: path.into(),
-            reason: reason.into(),
-        });
+        self.list.push(ConfigError { file: self.file.clone(), path: path.into(), reason: reason.into() });
     }
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
     pub fn into_result<T>(self, v: T) -> Result<T, ConfigErrors> {
-        if self.list.is_empty() {
-            Ok(v)
-        } else {
-            Err(ConfigErrors(self.list))
-        }
+        if self.list.is_empty() { Ok(v) } else { Err(ConfigErrors(self.list)) }
     }
     pub fn file(&self) -> &str {
         &self.file
@@ -112,21 +101,13 @@ impl Config {
         let node = NodeConfig::load(path)?;
         let resources_path = resources_path_for(path);
         let resources = Resources::load(&resources_path, &node)?;
-        Ok(Config {
-            node,
-            resources,
-            config_path: path.to_path_buf(),
-            resources_path,
-        })
+        Ok(Config { node, resources, config_path: path.to_path_buf(), resources_path })
     }
 }
 
 /// `apisix.yaml` in the directory of `config.yaml`.
 pub fn resources_path_for(config: &Path) -> PathBuf {
-    config
-        .parent()
-        .map(|d| d.join("apisix.yaml"))
-        .unwrap_or_else(|| PathBuf::from("apisix.yaml"))
+    config.parent().map(|d| d.join("apisix.yaml")).unwrap_or_else(|| PathBuf::from("apisix.yaml"))
 }
 
 /// Reads a file for the configuration, naming it in the error.
@@ -142,10 +123,7 @@ pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
 
 /// Replaces `${{VAR}}` and `${{VAR:=default}}` with environment values, as APISIX does before
 /// parsing. A variable that is unset and has no default is an error.
-pub fn substitute_env(
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, String> {
+pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${{") {
@@ -165,9 +143,7 @@ pub fn substitute_env(
         match lookup(name).or_else(|| default.map(str::to_string)) {
             Some(v) => out.push_str(&v),
             None => {
-                return Err(format!(
-                    "environment variable {name} is not set and has no default"
-                ));
+                return Err(format!("environment variable {name} is not set and has no default"));
             }
         }
         rest = &after[end + 2..];
@@ -181,8 +157,7 @@ pub fn parse_yaml(text: &str) -> Result<serde_json::Value, String> {
     if text.trim().is_empty() {
         return Ok(serde_json::Value::Object(Default::default()));
     }
-    let v: serde_json::Value =
-        serde_saphyr::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
+    let v: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
     Ok(match v {
         serde_json::Value::Null => serde_json::Value::Object(Default::default()),
         other => other,
@@ -197,21 +172,11 @@ mod tests {
     fn env_substitution_with_defaults() {
         let env = |k: &str| (k == "PORT").then(|| "9081".to_string());
         assert_eq!(substitute_env("p: ${{PORT}}", env).unwrap(), "p: 9081");
-        assert_eq!(
-            substitute_env("p: ${{ HOST:=127.0.0.1 }}", env).unwrap(),
-            "p: 127.0.0.1"
-        );
+        assert_eq!(substitute_env("p: ${{ HOST:=127.0.0.1 }}", env).unwrap(), "p: 127.0.0.1");
         assert_eq!(substitute_env("p: ${{PORT:=1}}", env).unwrap(), "p: 9081");
-        assert!(
-            substitute_env("p: ${{MISSING}}", env)
-                .unwrap_err()
-                .contains("MISSING")
-        );
+        assert!(substitute_env("p: ${{MISSING}}", env).unwrap_err().contains("MISSING"));
         assert!(substitute_env("p: ${{PORT", env).is_err());
-        assert_eq!(
-            substitute_env("no vars $HOME {{x}}", env).unwrap(),
-            "no vars $HOME {{x}}"
-        );
+        assert_eq!(substitute_env("no vars $HOME {{x}}", env).unwrap(), "no vars $HOME {{x}}");
     }
 
     #[test]

@@ -100,24 +100,11 @@ const APISIX_UNSUPPORTED: &[&str] = &[
     "config_center",
 ];
 
-const TOP_UNSUPPORTED: &[&str] = &[
-    "plugins",
-    "stream_plugins",
-    "plugin_attr",
-    "graphql",
-    "ext-plugin",
-    "wasm",
-    "xrpc",
-    "etcd",
-];
+const TOP_UNSUPPORTED: &[&str] =
+    &["plugins", "stream_plugins", "plugin_attr", "graphql", "ext-plugin", "wasm", "xrpc", "etcd"];
 
-const SSL_UNSUPPORTED: &[&str] = &[
-    "ssl_protocols",
-    "ssl_ciphers",
-    "ssl_session_tickets",
-    "ssl_session_timeout",
-    "key_encrypt_salt",
-];
+const SSL_UNSUPPORTED: &[&str] =
+    &["ssl_protocols", "ssl_ciphers", "ssl_session_tickets", "ssl_session_timeout", "key_encrypt_salt"];
 
 const NGINX_HTTP_UNSUPPORTED: &[&str] = &[
     "enable_access_log",
@@ -165,9 +152,7 @@ impl NodeConfig {
     /// Reads and validates `config.yaml` at `path`.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigErrors> {
         let text = read_file(path)?;
-        Self::parse(&path.display().to_string(), &text, |k| {
-            std::env::var(k).ok()
-        })
+        Self::parse(&path.display().to_string(), &text, |k| std::env::var(k).ok())
     }
 
     /// Validates config text; `file` names it in errors.
@@ -192,10 +177,7 @@ impl NodeConfig {
             }
         };
         if !tree.is_object() {
-            errs.add(
-                "",
-                format!("expected a map at the top level, found {}", kind(&tree)),
-            );
+            errs.add("", format!("expected a map at the top level, found {}", kind(&tree)));
             return errs.into_result(NodeConfig::defaults(file));
         }
         reject_unsupported(&mut tree, "", TOP_UNSUPPORTED, &mut errs);
@@ -222,10 +204,7 @@ impl NodeConfig {
         NodeConfig {
             file: file.to_string(),
             proxy_mode: ProxyMode::Http,
-            http: vec![Listen {
-                addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9080)),
-                http2: true,
-            }],
+            http: vec![Listen { addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9080)), http2: true }],
             tls: vec![],
             stream: vec![],
             control: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9090))),
@@ -257,11 +236,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
             ),
             Some(other) => errs.add("deployment.role", format!("unknown role {other:?}")),
         }
-        if let Some(p) = d
-            .role_data_plane
-            .as_ref()
-            .and_then(|r| r.config_provider.as_deref())
-        {
+        if let Some(p) = d.role_data_plane.as_ref().and_then(|r| r.config_provider.as_deref()) {
             match p {
                 "yaml" => {}
                 "json" | "etcd" => errs.add(
@@ -291,10 +266,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         Some("stream") => ProxyMode::Stream,
         Some("http&stream") => ProxyMode::Both,
         Some(other) => {
-            errs.add(
-                "apisix.proxy_mode",
-                format!("must be http, stream or http&stream, not {other:?}"),
-            );
+            errs.add("apisix.proxy_mode", format!("must be http, stream or http&stream, not {other:?}"));
             ProxyMode::Http
         }
     };
@@ -302,10 +274,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     if let Some(v) = &a.node_listen {
         cfg.http = listen_list(v, "apisix.node_listen", cfg.enable_ipv6, errs);
     } else if cfg.enable_ipv6 {
-        cfg.http.push(Listen {
-            addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9080)),
-            http2: true,
-        });
+        cfg.http.push(Listen { addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9080)), http2: true });
     }
     if !cfg.proxy_mode.http() {
         cfg.http.clear();
@@ -316,10 +285,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         if enabled && cfg.proxy_mode.http() {
             cfg.tls = match &ssl.listen {
                 Some(v) => listen_list(v, "apisix.ssl.listen", cfg.enable_ipv6, errs),
-                None => vec![Listen {
-                    addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9443)),
-                    http2: true,
-                }],
+                None => vec![Listen { addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9443)), http2: true }],
             };
         }
         if let Some(p) = &ssl.ssl_trusted_certificate {
@@ -327,10 +293,9 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
             match std::fs::read_to_string(&path) {
                 Ok(t) => match strait_protocols::tls::parse_certs(&t) {
                     Ok(_) => cfg.trusted_ca_pem = Some(t),
-                    Err(e) => errs.add(
-                        "apisix.ssl.ssl_trusted_certificate",
-                        format!("{}: {e}", path.display()),
-                    ),
+                    Err(e) => {
+                        errs.add("apisix.ssl.ssl_trusted_certificate", format!("{}: {e}", path.display()))
+                    }
                 },
                 Err(e) => errs.add(
                     "apisix.ssl.ssl_trusted_certificate",
@@ -359,21 +324,11 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
 
     if let Some(sp) = &a.stream_proxy {
         if sp.udp.as_ref().is_some_and(|u| !u.is_empty()) {
-            errs.add(
-                "apisix.stream_proxy.udp",
-                "unsupported by Strait: UDP proxying is not implemented",
-            );
+            errs.add("apisix.stream_proxy.udp", "unsupported by Strait: UDP proxying is not implemented");
         }
-        let pp_default = a
-            .proxy_protocol
-            .as_ref()
-            .and_then(|p| p.enable_tcp_pp)
-            .unwrap_or(false);
-        let pp_up_default = a
-            .proxy_protocol
-            .as_ref()
-            .and_then(|p| p.enable_tcp_pp_to_upstream)
-            .unwrap_or(false);
+        let pp_default = a.proxy_protocol.as_ref().and_then(|p| p.enable_tcp_pp).unwrap_or(false);
+        let pp_up_default =
+            a.proxy_protocol.as_ref().and_then(|p| p.enable_tcp_pp_to_upstream).unwrap_or(false);
         if cfg.proxy_mode.stream() {
             for (i, item) in sp.tcp.iter().flatten().enumerate() {
                 let path = index("apisix.stream_proxy.tcp", i);
@@ -385,16 +340,10 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     }
     if let Some(pp) = &a.proxy_protocol {
         if pp.listen_http_port.is_some() {
-            errs.add(
-                "apisix.proxy_protocol.listen_http_port",
-                "unsupported by Strait",
-            );
+            errs.add("apisix.proxy_protocol.listen_http_port", "unsupported by Strait");
         }
         if pp.listen_https_port.is_some() {
-            errs.add(
-                "apisix.proxy_protocol.listen_https_port",
-                "unsupported by Strait",
-            );
+            errs.add("apisix.proxy_protocol.listen_https_port", "unsupported by Strait");
         }
     }
 
@@ -414,10 +363,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         if t > 0.0 && t.is_finite() {
             cfg.resolver_timeout = Duration::from_secs_f64(t);
         } else {
-            errs.add(
-                "apisix.resolver_timeout",
-                "must be a positive number of seconds",
-            );
+            errs.add("apisix.resolver_timeout", "must be a positive number of seconds");
         }
     }
 
@@ -425,28 +371,21 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         if let Some(w) = &n.worker_processes
             && !(w.as_str() == Some("auto") || w.as_u64().is_some_and(|n| n > 0))
         {
-            errs.add(
-                "nginx_config.worker_processes",
-                "must be `auto` or a positive integer",
-            );
+            errs.add("nginx_config.worker_processes", "must be `auto` or a positive integer");
         }
         if let Some(h) = &n.http {
             if let Some(v) = &h.client_header_timeout {
                 match parse_duration(v) {
                     Some(d) => cfg.client_header_timeout = d,
-                    None => errs.add(
-                        "nginx_config.http.client_header_timeout",
-                        "expected a duration like 60s",
-                    ),
+                    None => {
+                        errs.add("nginx_config.http.client_header_timeout", "expected a duration like 60s")
+                    }
                 }
             }
             if let Some(v) = &h.keepalive_timeout {
                 match parse_duration(v) {
                     Some(d) => cfg.keepalive_timeout = d,
-                    None => errs.add(
-                        "nginx_config.http.keepalive_timeout",
-                        "expected a duration like 60s",
-                    ),
+                    None => errs.add("nginx_config.http.keepalive_timeout", "expected a duration like 60s"),
                 }
             }
         }
@@ -476,31 +415,21 @@ pub fn resolve_relative(file: &str, p: &str) -> std::path::PathBuf {
     if path.is_absolute() {
         return path.to_path_buf();
     }
-    Path::new(file)
-        .parent()
-        .map(|d| d.join(path))
-        .unwrap_or_else(|| path.to_path_buf())
+    Path::new(file).parent().map(|d| d.join(path)).unwrap_or_else(|| path.to_path_buf())
 }
 
 /// `9080`, `[9080, 9081]`, `["127.0.0.1:9080"]` or `[{ip, port, enable_http2}]`.
 fn listen_list(v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -> Vec<Listen> {
     let mut out = Vec::new();
     let items: Vec<(String, &Value)> = match v {
-        Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .map(|(i, x)| (index(path, i), x))
-            .collect(),
+        Value::Array(a) => a.iter().enumerate().map(|(i, x)| (index(path, i), x)).collect(),
         other => vec![(path.to_string(), other)],
     };
     for (p, item) in items {
         match item {
             Value::Number(n) => match n.as_u64().and_then(|n| u16::try_from(n).ok()) {
                 Some(port) => {
-                    out.push(Listen {
-                        addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                        http2: true,
-                    });
+                    out.push(Listen { addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), http2: true });
                     if ipv6 {
                         out.push(Listen {
                             addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
@@ -511,9 +440,7 @@ fn listen_list(v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -> Vec<List
                 None => errs.add(p, "port must be 0..65535"),
             },
             Value::String(s) => match parse_host_port(s, 0) {
-                Some(addr) if addr.port() != 0 || s.ends_with(":0") => {
-                    out.push(Listen { addr, http2: true })
-                }
+                Some(addr) if addr.port() != 0 || s.ends_with(":0") => out.push(Listen { addr, http2: true }),
                 _ => errs.add(p, format!("expected ip:port, found {s:?}")),
             },
             Value::Object(m) => {
@@ -523,35 +450,23 @@ fn listen_list(v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -> Vec<List
                     }
                 }
                 if m.get("enable_http3").and_then(Value::as_bool) == Some(true) {
-                    errs.add(
-                        join(&p, "enable_http3"),
-                        "unsupported by Strait: HTTP/3 is not implemented",
-                    );
+                    errs.add(join(&p, "enable_http3"), "unsupported by Strait: HTTP/3 is not implemented");
                 }
                 let ip = match m.get("ip") {
                     None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    Some(Value::String(s)) => {
-                        match s.trim_matches(|c| c == '[' || c == ']').parse() {
-                            Ok(ip) => ip,
-                            Err(_) => {
-                                errs.add(join(&p, "ip"), format!("not an IP address: {s:?}"));
-                                continue;
-                            }
+                    Some(Value::String(s)) => match s.trim_matches(|c| c == '[' || c == ']').parse() {
+                        Ok(ip) => ip,
+                        Err(_) => {
+                            errs.add(join(&p, "ip"), format!("not an IP address: {s:?}"));
+                            continue;
                         }
-                    }
+                    },
                     Some(other) => {
-                        errs.add(
-                            join(&p, "ip"),
-                            format!("expected a string, found {}", kind(other)),
-                        );
+                        errs.add(join(&p, "ip"), format!("expected a string, found {}", kind(other)));
                         continue;
                     }
                 };
-                let port = match m
-                    .get("port")
-                    .and_then(Value::as_u64)
-                    .and_then(|n| u16::try_from(n).ok())
-                {
+                let port = match m.get("port").and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok()) {
                     Some(port) => port,
                     None => {
                         errs.add(join(&p, "port"), "required, 0..65535");
@@ -569,15 +484,9 @@ fn listen_list(v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -> Vec<List
                         true
                     }
                 };
-                out.push(Listen {
-                    addr: SocketAddr::new(ip, port),
-                    http2,
-                });
+                out.push(Listen { addr: SocketAddr::new(ip, port), http2 });
             }
-            other => errs.add(
-                p,
-                format!("expected a port, ip:port or a map, found {}", kind(other)),
-            ),
+            other => errs.add(p, format!("expected a port, ip:port or a map, found {}", kind(other))),
         }
     }
     out
@@ -614,10 +523,7 @@ fn stream_listen(
                 },
             },
             other => {
-                errs.add(
-                    p,
-                    format!("expected a port or ip:port, found {}", kind(other)),
-                );
+                errs.add(p, format!("expected a port or ip:port, found {}", kind(other)));
                 None
             }
         }
@@ -625,14 +531,7 @@ fn stream_listen(
     match v {
         Value::Object(m) => {
             for k in m.keys() {
-                if ![
-                    "addr",
-                    "tls",
-                    "proxy_protocol",
-                    "proxy_protocol_to_upstream",
-                ]
-                .contains(&k.as_str())
-                {
+                if !["addr", "tls", "proxy_protocol", "proxy_protocol_to_upstream"].contains(&k.as_str()) {
                     errs.add(join(path, k), "unknown key");
                 }
             }
@@ -645,10 +544,7 @@ fn stream_listen(
                 None => d,
                 Some(Value::Bool(b)) => *b,
                 Some(other) => {
-                    errs.add(
-                        join(path, k),
-                        format!("expected a boolean, found {}", kind(other)),
-                    );
+                    errs.add(join(path, k), format!("expected a boolean, found {}", kind(other)));
                     d
                 }
             };
@@ -674,9 +570,7 @@ pub fn parse_host_port(s: &str, default_port: u16) -> Option<SocketAddr> {
         return Some(a);
     }
     let bare = s.trim_start_matches('[').trim_end_matches(']');
-    bare.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, default_port))
+    bare.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, default_port))
 }
 
 /// nginx durations: a number of seconds, or `500ms`, `60s`, `5m`, `1h`.
@@ -711,23 +605,13 @@ mod tests {
     #[test]
     fn node_listen_forms() {
         let c = parse("apisix:\n  node_listen: 9080\n").unwrap();
-        assert_eq!(
-            c.http,
-            vec![Listen {
-                addr: "0.0.0.0:9080".parse().unwrap(),
-                http2: true
-            }]
-        );
+        assert_eq!(c.http, vec![Listen { addr: "0.0.0.0:9080".parse().unwrap(), http2: true }]);
         let c = parse("apisix:\n  node_listen: [9080, 9081]\n").unwrap();
         assert_eq!(c.http.len(), 2);
-        let c = parse("apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n      enable_http2: false\n").unwrap();
-        assert_eq!(
-            c.http,
-            vec![Listen {
-                addr: "127.0.0.1:0".parse().unwrap(),
-                http2: false
-            }]
-        );
+        let c =
+            parse("apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n      enable_http2: false\n")
+                .unwrap();
+        assert_eq!(c.http, vec![Listen { addr: "127.0.0.1:0".parse().unwrap(), http2: false }]);
     }
 
     #[test]
@@ -742,20 +626,10 @@ mod tests {
 
     #[test]
     fn apisix_keys_not_implemented_say_unsupported() {
-        let e =
-            parse("apisix:\n  enable_dev_mode: false\nplugins:\n  - limit-count\n").unwrap_err();
-        let paths: Vec<_> =
-            e.0.iter()
-                .map(|e| (e.path.as_str(), e.reason.as_str()))
-                .collect();
-        assert!(
-            paths.contains(&("plugins", "unsupported by Strait")),
-            "{paths:?}"
-        );
-        assert!(
-            paths.contains(&("apisix.enable_dev_mode", "unsupported by Strait")),
-            "{paths:?}"
-        );
+        let e = parse("apisix:\n  enable_dev_mode: false\nplugins:\n  - limit-count\n").unwrap_err();
+        let paths: Vec<_> = e.0.iter().map(|e| (e.path.as_str(), e.reason.as_str())).collect();
+        assert!(paths.contains(&("plugins", "unsupported by Strait")), "{paths:?}");
+        assert!(paths.contains(&("apisix.enable_dev_mode", "unsupported by Strait")), "{paths:?}");
     }
 
     #[test]
@@ -783,22 +657,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(
-            parse_duration(&Value::from("500ms")),
-            Some(Duration::from_millis(500))
-        );
-        assert_eq!(
-            parse_duration(&Value::from("60s")),
-            Some(Duration::from_secs(60))
-        );
-        assert_eq!(
-            parse_duration(&Value::from("2m")),
-            Some(Duration::from_secs(120))
-        );
-        assert_eq!(
-            parse_duration(&Value::from(3)),
-            Some(Duration::from_secs(3))
-        );
+        assert_eq!(parse_duration(&Value::from("500ms")), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration(&Value::from("60s")), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration(&Value::from("2m")), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration(&Value::from(3)), Some(Duration::from_secs(3)));
         assert_eq!(parse_duration(&Value::from("x")), None);
     }
 }

@@ -24,14 +24,11 @@ impl<'de> Deserialize<'de> for Id {
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Id, E> {
                 let ok = !s.is_empty()
                     && s.len() <= 64
-                    && s.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
                 if ok {
                     Ok(Id(s.to_string()))
                 } else {
-                    Err(E::custom(format!(
-                        "invalid id {s:?}: 1 to 64 characters of [a-zA-Z0-9-_.]"
-                    )))
+                    Err(E::custom(format!("invalid id {s:?}: 1 to 64 characters of [a-zA-Z0-9-_.]")))
                 }
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<Id, E> {

@@ -230,14 +230,7 @@ pub struct ProtoSpec {
     pub content: String,
 }
 
-const TOP_KEYS: &[&str] = &[
-    "routes",
-    "services",
-    "upstreams",
-    "stream_routes",
-    "ssls",
-    "protos",
-];
+const TOP_KEYS: &[&str] = &["routes", "services", "upstreams", "stream_routes", "ssls", "protos"];
 const TOP_UNSUPPORTED: &[&str] = &[
     "global_rules",
     "consumers",
@@ -249,23 +242,13 @@ const TOP_UNSUPPORTED: &[&str] = &[
 ];
 
 /// Discovery types APISIX knows.
-pub const DISCOVERY_TYPES: &[&str] = &[
-    "dns",
-    "consul",
-    "consul_kv",
-    "nacos",
-    "eureka",
-    "kubernetes",
-    "tars",
-];
+pub const DISCOVERY_TYPES: &[&str] = &["dns", "consul", "consul_kv", "nacos", "eureka", "kubernetes", "tars"];
 
 impl Resources {
     /// Reads and validates `apisix.yaml` at `path`.
     pub fn load(path: &Path, node: &NodeConfig) -> Result<Resources, ConfigErrors> {
         let text = read_file(path)?;
-        Self::parse(&path.display().to_string(), &text, node, |k| {
-            std::env::var(k).ok()
-        })
+        Self::parse(&path.display().to_string(), &text, node, |k| std::env::var(k).ok())
     }
 
     /// Validates resources text; `file` names it in errors.
@@ -277,10 +260,7 @@ impl Resources {
     ) -> Result<Resources, ConfigErrors> {
         let mut errs = Errors::new(file);
         if !has_end_marker(text) {
-            errs.add(
-                "",
-                "missing valid end flag: the file must end with a `#END` line",
-            );
+            errs.add("", "missing valid end flag: the file must end with a `#END` line");
             return errs.into_result(Resources::default());
         }
         let text = match substitute_env(text, env) {
@@ -299,10 +279,7 @@ impl Resources {
         };
         reject_unsupported(&mut tree, "", TOP_UNSUPPORTED, &mut errs);
         let Value::Object(top) = tree else {
-            errs.add(
-                "",
-                format!("expected a map at the top level, found {}", kind(&tree)),
-            );
+            errs.add("", format!("expected a map at the top level, found {}", kind(&tree)));
             return errs.into_result(Resources::default());
         };
         for k in top.keys() {
@@ -371,16 +348,13 @@ struct Builder<'a> {
 }
 
 fn item_id(id: &Option<Id>, i: usize) -> String {
-    id.as_ref()
-        .map(|i| i.0.clone())
-        .unwrap_or_else(|| format!("arr_{}", i + 1))
+    id.as_ref().map(|i| i.0.clone()).unwrap_or_else(|| format!("arr_{}", i + 1))
 }
 
 impl Builder<'_> {
     fn check_unique(&mut self, seen: &mut HashSet<String>, id: &str, path: &str) {
         if !seen.insert(id.to_string()) {
-            self.errs
-                .add(join(path, "id"), format!("duplicate id {id:?}"));
+            self.errs.add(join(path, "id"), format!("duplicate id {id:?}"));
         }
     }
 
@@ -399,19 +373,14 @@ impl Builder<'_> {
                 continue;
             }
             if r.certs.is_some() || r.keys.is_some() {
-                self.errs.add(
-                    join(&path, "certs"),
-                    "unsupported by Strait: use one cert/key pair per ssl object",
-                );
+                self.errs
+                    .add(join(&path, "certs"), "unsupported by Strait: use one cert/key pair per ssl object");
             }
             let client = match r.kind.as_deref() {
                 None | Some("server") => false,
                 Some("client") => true,
                 Some(other) => {
-                    self.errs.add(
-                        join(&path, "type"),
-                        format!("must be server or client, not {other:?}"),
-                    );
+                    self.errs.add(join(&path, "type"), format!("must be server or client, not {other:?}"));
                     false
                 }
             };
@@ -420,10 +389,7 @@ impl Builder<'_> {
                 continue;
             };
             if let Err(e) = strait_protocols::tls::certified_key(&cert, &key) {
-                self.errs.add(
-                    join(&path, "cert"),
-                    format!("cannot use certificate and key: {e}"),
-                );
+                self.errs.add(join(&path, "cert"), format!("cannot use certificate and key: {e}"));
                 continue;
             }
             let mut snis: Vec<String> = r.snis.clone().unwrap_or_default();
@@ -431,15 +397,11 @@ impl Builder<'_> {
                 snis.push(s.clone());
             }
             if snis.is_empty() && !client {
-                self.errs.add(
-                    join(&path, "snis"),
-                    "required: the names this certificate serves",
-                );
+                self.errs.add(join(&path, "snis"), "required: the names this certificate serves");
             }
             for (j, s) in snis.iter().enumerate() {
                 if !valid_host(s) {
-                    self.errs
-                        .add(index(&join(&path, "snis"), j), format!("invalid SNI {s:?}"));
+                    self.errs.add(index(&join(&path, "snis"), j), format!("invalid SNI {s:?}"));
                 }
             }
             let spec = SslSpec {
@@ -463,8 +425,7 @@ impl Builder<'_> {
             };
             let id = item_id(&r.id, i);
             if self.upstream_ids.contains_key(&id) {
-                self.errs
-                    .add(join(&path, "id"), format!("duplicate id {id:?}"));
+                self.errs.add(join(&path, "id"), format!("duplicate id {id:?}"));
                 continue;
             }
             let key = format!("upstreams/{id}");
@@ -507,10 +468,7 @@ impl Builder<'_> {
             "tcp" => Scheme::Tcp,
             "tls" => Scheme::Tls,
             s @ ("udp" | "kafka") => {
-                e.add(
-                    join(path, "scheme"),
-                    format!("unsupported by Strait: scheme {s}"),
-                );
+                e.add(join(path, "scheme"), format!("unsupported by Strait: scheme {s}"));
                 Scheme::Http
             }
             other => {
@@ -523,10 +481,8 @@ impl Builder<'_> {
         };
 
         let has_disc = r.discovery_type.is_some() || r.service_name.is_some();
-        let count = [r.nodes.is_some(), has_disc, r.discovery_sources.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let count =
+            [r.nodes.is_some(), has_disc, r.discovery_sources.is_some()].iter().filter(|b| **b).count();
         let nodes = if count != 1 {
             e.add(path, "exactly one of `nodes`, `service_name` + `discovery_type`, or `discovery_sources` is required");
             NodeSource::Static(vec![])
@@ -559,10 +515,7 @@ impl Builder<'_> {
                     None => None,
                     Some(Value::Object(a)) => Some(a),
                     Some(other) => {
-                        e.add(
-                            join(&p, "discovery_args"),
-                            format!("expected a map, found {}", kind(other)),
-                        );
+                        e.add(join(&p, "discovery_args"), format!("expected a map, found {}", kind(other)));
                         None
                     }
                 };
@@ -578,10 +531,7 @@ impl Builder<'_> {
                 }
             }
             if list.is_empty() {
-                e.add(
-                    join(path, "discovery_sources"),
-                    "must list at least one source",
-                );
+                e.add(join(path, "discovery_sources"), "must list at least one source");
             }
             NodeSource::Discovery(list)
         };
@@ -597,18 +547,13 @@ impl Builder<'_> {
                     "cookie" => HashOn::Cookie,
                     "vars_combinations" => HashOn::VarsCombinations,
                     "consumer" => {
-                        e.add(
-                            join(path, "hash_on"),
-                            "unsupported by Strait: consumers are not implemented",
-                        );
+                        e.add(join(path, "hash_on"), "unsupported by Strait: consumers are not implemented");
                         HashOn::Vars
                     }
                     other => {
                         e.add(
                             join(path, "hash_on"),
-                            format!(
-                                "must be vars, header, cookie or vars_combinations; not {other:?}"
-                            ),
+                            format!("must be vars, header, cookie or vars_combinations; not {other:?}"),
                         );
                         HashOn::Vars
                     }
@@ -655,17 +600,11 @@ impl Builder<'_> {
             ("node", _) => PassHostSpec::Node,
             ("rewrite", Some(h)) if !h.is_empty() => PassHostSpec::Rewrite(h.clone()),
             ("rewrite", _) => {
-                e.add(
-                    join(path, "upstream_host"),
-                    "required (non-empty) when pass_host is rewrite",
-                );
+                e.add(join(path, "upstream_host"), "required (non-empty) when pass_host is rewrite");
                 PassHostSpec::Pass
             }
             (other, _) => {
-                e.add(
-                    join(path, "pass_host"),
-                    format!("must be pass, node or rewrite; not {other:?}"),
-                );
+                e.add(join(path, "pass_host"), format!("must be pass, node or rewrite; not {other:?}"));
                 PassHostSpec::Pass
             }
         };
@@ -686,9 +625,7 @@ impl Builder<'_> {
                 None => {}
             }
             match k.idle_timeout {
-                Some(t) if t.is_finite() && t >= 0.0 => {
-                    keepalive.idle_timeout = Duration::from_secs_f64(t)
-                }
+                Some(t) if t.is_finite() && t >= 0.0 => keepalive.idle_timeout = Duration::from_secs_f64(t),
                 Some(_) => e.add(join(&p, "idle_timeout"), "must be a number >= 0"),
                 None => {}
             }
@@ -705,19 +642,13 @@ impl Builder<'_> {
                 let p = join(path, "tls");
                 let client_cert = match (&t.client_cert, &t.client_key, &t.client_cert_id) {
                     (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
-                        e.add(
-                            p.clone(),
-                            "client_cert_id excludes client_cert and client_key",
-                        );
+                        e.add(p.clone(), "client_cert_id excludes client_cert and client_key");
                         None
                     }
                     (Some(c), Some(k), None) => match strait_protocols::tls::certified_key(c, k) {
                         Ok(_) => Some((c.clone(), k.clone())),
                         Err(err) => {
-                            e.add(
-                                join(&p, "client_cert"),
-                                format!("cannot use certificate and key: {err}"),
-                            );
+                            e.add(join(&p, "client_cert"), format!("cannot use certificate and key: {err}"));
                             None
                         }
                     },
@@ -739,19 +670,13 @@ impl Builder<'_> {
                             None
                         }
                         None => {
-                            e.add(
-                                join(&p, "client_cert_id"),
-                                format!("no ssl with id {:?}", cid.0),
-                            );
+                            e.add(join(&p, "client_cert_id"), format!("no ssl with id {:?}", cid.0));
                             None
                         }
                     },
                     (None, None, None) => None,
                 };
-                Some(UpstreamTlsSpec {
-                    client_cert,
-                    verify: t.verify.unwrap_or(false),
-                })
+                Some(UpstreamTlsSpec { client_cert, verify: t.verify.unwrap_or(false) })
             }
         };
 
@@ -792,8 +717,7 @@ impl Builder<'_> {
             };
             let id = item_id(&r.id, i);
             if self.services.contains_key(&id) {
-                self.errs
-                    .add(join(&path, "id"), format!("duplicate id {id:?}"));
+                self.errs.add(join(&path, "id"), format!("duplicate id {id:?}"));
                 continue;
             }
             let upstream = self.upstream_ref(
@@ -805,15 +729,7 @@ impl Builder<'_> {
             );
             let hosts = self.hosts(None, r.hosts.as_ref(), &path);
             let plugins = self.plugins(r.plugins.as_ref(), &path);
-            self.services.insert(
-                id,
-                ServiceInfo {
-                    upstream,
-                    hosts,
-                    websocket: r.enable_websocket,
-                    plugins,
-                },
-            );
+            self.services.insert(id, ServiceInfo { upstream, hosts, websocket: r.enable_websocket, plugins });
         }
     }
 
@@ -827,18 +743,14 @@ impl Builder<'_> {
     ) -> Option<String> {
         match (inline, id) {
             (Some(_), Some(_)) => {
-                self.errs
-                    .add(path, "set either upstream or upstream_id, not both");
+                self.errs.add(path, "set either upstream or upstream_id, not both");
                 None
             }
             (Some(v), None) => self.inline_upstream(v, key, &join(path, "upstream"), ssls),
             (None, Some(id)) => match self.upstream_ids.get(&id.0) {
                 Some(k) => Some(k.clone()),
                 None => {
-                    self.errs.add(
-                        join(path, "upstream_id"),
-                        format!("no upstream with id {:?}", id.0),
-                    );
+                    self.errs.add(join(path, "upstream_id"), format!("no upstream with id {:?}", id.0));
                     None
                 }
             },
@@ -846,12 +758,7 @@ impl Builder<'_> {
         }
     }
 
-    fn hosts(
-        &mut self,
-        host: Option<&String>,
-        hosts: Option<&Vec<String>>,
-        path: &str,
-    ) -> Vec<String> {
+    fn hosts(&mut self, host: Option<&String>, hosts: Option<&Vec<String>>, path: &str) -> Vec<String> {
         let mut out = Vec::new();
         if host.is_some() && hosts.is_some() {
             self.errs.add(path, "set either host or hosts, not both");
@@ -860,18 +767,14 @@ impl Builder<'_> {
             if valid_host(h) {
                 out.push(h.to_ascii_lowercase());
             } else {
-                self.errs
-                    .add(join(path, "host"), format!("invalid host {h:?}"));
+                self.errs.add(join(path, "host"), format!("invalid host {h:?}"));
             }
         }
         for (i, h) in hosts.into_iter().flatten().enumerate() {
             if valid_host(h) {
                 out.push(h.to_ascii_lowercase());
             } else {
-                self.errs.add(
-                    index(&join(path, "hosts"), i),
-                    format!("invalid host {h:?}"),
-                );
+                self.errs.add(index(&join(path, "hosts"), i), format!("invalid host {h:?}"));
             }
         }
         out
@@ -882,10 +785,9 @@ impl Builder<'_> {
         for (name, conf) in plugins.into_iter().flatten() {
             match name.as_str() {
                 "grpc-transcode" => out.grpc_transcode = Some(conf.clone()),
-                _ => self.errs.add(
-                    join(&join(path, "plugins"), name),
-                    "unsupported by Strait: plugin not implemented",
-                ),
+                _ => self
+                    .errs
+                    .add(join(&join(path, "plugins"), name), "unsupported by Strait: plugin not implemented"),
             }
         }
         out
@@ -901,14 +803,10 @@ impl Builder<'_> {
             let id = item_id(&r.id, i);
             self.check_unique(&mut seen, &id, &path);
             if r.content.is_empty() || r.content.len() > 1 << 20 {
-                self.errs
-                    .add(join(&path, "content"), "must be 1 byte to 1 MiB");
+                self.errs.add(join(&path, "content"), "must be 1 byte to 1 MiB");
                 continue;
             }
-            self.res.protos.push(ProtoSpec {
-                id,
-                content: r.content,
-            });
+            self.res.protos.push(ProtoSpec { id, content: r.content });
         }
     }
 
@@ -960,26 +858,20 @@ impl Builder<'_> {
 
         let mut methods = Vec::new();
         for (j, m) in r.methods.iter().flatten().enumerate() {
-            const ALLOWED: &[&str] = &[
-                "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
-                "PURGE",
-            ];
+            const ALLOWED: &[&str] =
+                &["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PURGE"];
             if ALLOWED.contains(&m.as_str()) {
                 if let Ok(m) = Method::from_bytes(m.as_bytes()) {
                     methods.push(m);
                 }
             } else {
-                self.errs.add(
-                    index(&join(path, "methods"), j),
-                    format!("unknown method {m:?}"),
-                );
+                self.errs.add(index(&join(path, "methods"), j), format!("unknown method {m:?}"));
             }
         }
 
         let mut remote_addrs = Vec::new();
         if r.remote_addr.is_some() && r.remote_addrs.is_some() {
-            self.errs
-                .add(path, "set either remote_addr or remote_addrs, not both");
+            self.errs.add(path, "set either remote_addr or remote_addrs, not both");
         }
         let addr_items: Vec<(String, &String)> = r
             .remote_addr
@@ -1014,10 +906,7 @@ impl Builder<'_> {
             },
         };
 
-        let timeout = r
-            .timeout
-            .as_ref()
-            .map(|t| timeouts(t, &join(path, "timeout"), &mut self.errs));
+        let timeout = r.timeout.as_ref().map(|t| timeouts(t, &join(path, "timeout"), &mut self.errs));
         if let Some(s) = r.status
             && s > 1
         {
@@ -1051,17 +940,12 @@ impl Builder<'_> {
                         websocket = s.websocket;
                     }
                 }
-                None => self.errs.add(
-                    join(path, "service_id"),
-                    format!("no service with id {:?}", sid.0),
-                ),
+                None => self.errs.add(join(path, "service_id"), format!("no service with id {:?}", sid.0)),
             }
         }
         if upstream.is_none() && self.errs.list.len() == before {
-            self.errs.add(
-                path,
-                "needs an upstream: set upstream, upstream_id or a service_id with an upstream",
-            );
+            self.errs
+                .add(path, "needs an upstream: set upstream, upstream_id or a service_id with an upstream");
         }
         if let Some(key) = &upstream
             && let Some(u) = self.res.upstream(key)
@@ -1069,20 +953,13 @@ impl Builder<'_> {
         {
             self.errs.add(
                 path,
-                format!(
-                    "upstream {} has scheme {} which is only for stream routes",
-                    u.id,
-                    u.scheme.as_str()
-                ),
+                format!("upstream {} has scheme {} which is only for stream routes", u.id, u.scheme.as_str()),
             );
         }
         if let Some(conf) = &plugins.grpc_transcode
             && let Err((p, m)) = crate::transcode::check(conf, &self.res.protos)
         {
-            self.errs.add(
-                format!("{}{}", join(&join(path, "plugins"), "grpc-transcode"), p),
-                m,
-            );
+            self.errs.add(format!("{}{}", join(&join(path, "plugins"), "grpc-transcode"), p), m);
         }
 
         if self.errs.list.len() > before || r.status == Some(0) {
@@ -1125,23 +1002,18 @@ impl Builder<'_> {
             let remote_addr = net(&r.remote_addr, "remote_addr", &mut self.errs);
             let server_addr = net(&r.server_addr, "server_addr", &mut self.errs);
             if r.server_port == Some(0) {
-                self.errs
-                    .add(join(&path, "server_port"), "must be 1..65535");
+                self.errs.add(join(&path, "server_port"), "must be 1..65535");
             }
             if let Some(s) = &r.sni
                 && !valid_host(s)
             {
-                self.errs
-                    .add(join(&path, "sni"), format!("invalid SNI {s:?}"));
+                self.errs.add(join(&path, "sni"), format!("invalid SNI {s:?}"));
             }
             let idle_timeout = match r.idle_timeout {
                 None => None,
                 Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
                 Some(_) => {
-                    self.errs.add(
-                        join(&path, "idle_timeout"),
-                        "must be a positive number of seconds",
-                    );
+                    self.errs.add(join(&path, "idle_timeout"), "must be a positive number of seconds");
                     None
                 }
             };
@@ -1157,10 +1029,9 @@ impl Builder<'_> {
             {
                 match self.services.get(&sid.0) {
                     Some(s) => upstream = s.upstream.clone(),
-                    None => self.errs.add(
-                        join(&path, "service_id"),
-                        format!("no service with id {:?}", sid.0),
-                    ),
+                    None => {
+                        self.errs.add(join(&path, "service_id"), format!("no service with id {:?}", sid.0))
+                    }
                 }
             }
             if let Some(key) = &upstream {
@@ -1173,15 +1044,16 @@ impl Builder<'_> {
                         Scheme::Http => {}
                         other => self.errs.add(
                             path.clone(),
-                            format!("upstream {} has scheme {} which is not a stream scheme (tcp or tls)", u.id, other.as_str()),
+                            format!(
+                                "upstream {} has scheme {} which is not a stream scheme (tcp or tls)",
+                                u.id,
+                                other.as_str()
+                            ),
                         ),
                     }
                 }
             } else if self.errs.list.len() == before {
-                self.errs.add(
-                    path.clone(),
-                    "needs an upstream: set upstream, upstream_id or service_id",
-                );
+                self.errs.add(path.clone(), "needs an upstream: set upstream, upstream_id or service_id");
             }
             if self.errs.list.len() > before {
                 continue;
@@ -1229,17 +1101,11 @@ fn discovery_source(
         return None;
     };
     let Some(name) = service_name.filter(|s| !s.is_empty() && s.len() <= 256) else {
-        e.add(
-            join(path, "service_name"),
-            "required with discovery_type (1 to 256 characters)",
-        );
+        e.add(join(path, "service_name"), "required with discovery_type (1 to 256 characters)");
         return None;
     };
     if !DISCOVERY_TYPES.contains(&k) {
-        e.add(
-            join(path, "discovery_type"),
-            format!("unknown discovery type {k:?}"),
-        );
+        e.add(join(path, "discovery_type"), format!("unknown discovery type {k:?}"));
         return None;
     }
     if !node.discovery.contains_key(k) {
@@ -1252,21 +1118,10 @@ fn discovery_source(
     let mut a: Vec<(String, String)> = args
         .into_iter()
         .flatten()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.to_string()),
-            )
-        })
+        .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
         .collect();
     a.sort();
-    Some(DiscoverySource {
-        kind: k.to_string(),
-        service_name: name.to_string(),
-        args: a,
-    })
+    Some(DiscoverySource { kind: k.to_string(), service_name: name.to_string(), args: a })
 }
 
 /// Parses the map or array form of `nodes`.
@@ -1284,17 +1139,10 @@ pub fn parse_nodes(v: &Value, path: &str, e: &mut Errors) -> Vec<NodeSpec> {
                     }
                 };
                 match split_host_port(k) {
-                    Some((host, port)) => out.push(NodeSpec {
-                        host,
-                        port,
-                        weight,
-                        priority: 0,
-                        metadata: Map::new(),
-                    }),
-                    None => e.add(
-                        p,
-                        format!("invalid node address {k:?}: expected host[:port]"),
-                    ),
+                    Some((host, port)) => {
+                        out.push(NodeSpec { host, port, weight, priority: 0, metadata: Map::new() })
+                    }
+                    None => e.add(p, format!("invalid node address {k:?}: expected host[:port]")),
                 }
             }
         }
@@ -1314,10 +1162,7 @@ pub fn parse_nodes(v: &Value, path: &str, e: &mut Errors) -> Vec<NodeSpec> {
                     continue;
                 };
                 if !valid_host(&n.host)
-                    && n.host
-                        .trim_matches(|c| c == '[' || c == ']')
-                        .parse::<std::net::IpAddr>()
-                        .is_err()
+                    && n.host.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>().is_err()
                 {
                     e.add(join(&p, "host"), format!("invalid host {:?}", n.host));
                     continue;
@@ -1331,11 +1176,7 @@ pub fn parse_nodes(v: &Value, path: &str, e: &mut Errors) -> Vec<NodeSpec> {
                     }
                 };
                 out.push(NodeSpec {
-                    host: n
-                        .host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
+                    host: n.host.trim_start_matches('[').trim_end_matches(']').to_string(),
                     port,
                     weight: n.weight,
                     priority: n.priority.unwrap_or(0),
@@ -1345,10 +1186,7 @@ pub fn parse_nodes(v: &Value, path: &str, e: &mut Errors) -> Vec<NodeSpec> {
         }
         other => e.add(
             path,
-            format!(
-                "expected a map of \"host:port\": weight or a list of nodes, found {}",
-                kind(other)
-            ),
+            format!("expected a map of \"host:port\": weight or a list of nodes, found {}", kind(other)),
         ),
     }
     out
@@ -1382,10 +1220,7 @@ pub fn valid_host(h: &str) -> bool {
         return true;
     }
     let body = h.strip_prefix('*').unwrap_or(h);
-    !body.is_empty()
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+    !body.is_empty() && body.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
 }
 
 fn check_uri(u: &str) -> Result<(), String> {
@@ -1398,9 +1233,7 @@ fn check_uri(u: &str) -> Result<(), String> {
     if let Some(pos) = u.find('*')
         && pos != u.len() - 1
     {
-        return Err(format!(
-            "`*` is only allowed at the end (prefix match): {u:?}"
-        ));
+        return Err(format!("`*` is only allowed at the end (prefix match): {u:?}"));
     }
     if u.contains("/:") || u.contains('{') {
         return Err(format!("unsupported by Strait: path parameters in {u:?}"));
@@ -1426,9 +1259,7 @@ fn check_chash_key(hash_on: HashOn, key: &str) -> Result<(), String> {
                 "hostname",
             ];
             let arg = key.strip_prefix("arg_").is_some_and(|a| {
-                !a.is_empty()
-                    && a.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
             });
             if VARS.contains(&key) || arg {
                 Ok(())
@@ -1440,10 +1271,7 @@ fn check_chash_key(hash_on: HashOn, key: &str) -> Result<(), String> {
             }
         }
         HashOn::Header | HashOn::Cookie => {
-            if key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
+            if key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
                 Ok(())
             } else {
                 Err(format!("invalid {key:?}: letters, digits, - and _ only"))
@@ -1534,10 +1362,7 @@ fn parse_checks(v: &Value, path: &str, e: &mut Errors) -> Option<HealthChecks> {
     }
     let c = decode::<Checks>(v, path, e)?;
     let Some(a) = c.active else {
-        e.add(
-            join(path, "active"),
-            "required: passive checks alone could never bring an ejected node back",
-        );
+        e.add(join(path, "active"), "required: passive checks alone could never bring an ejected node back");
         return None;
     };
     let ap = join(path, "active");
@@ -1547,10 +1372,7 @@ fn parse_checks(v: &Value, path: &str, e: &mut Errors) -> Option<HealthChecks> {
         "tcp" => ProbeType::Tcp,
         "grpc" => ProbeType::Grpc,
         other => {
-            e.add(
-                join(&ap, "type"),
-                format!("must be http, https, tcp or grpc; not {other:?}"),
-            );
+            e.add(join(&ap, "type"), format!("must be http, https, tcp or grpc; not {other:?}"));
             ProbeType::Http
         }
     };
@@ -1560,10 +1382,7 @@ fn parse_checks(v: &Value, path: &str, e: &mut Errors) -> Option<HealthChecks> {
             Some((n, v)) if !n.trim().is_empty() => {
                 req_headers.push((n.trim().to_string(), v.trim().to_string()))
             }
-            _ => e.add(
-                index(&join(&ap, "req_headers"), i),
-                "expected \"Name: value\"",
-            ),
+            _ => e.add(index(&join(&ap, "req_headers"), i), "expected \"Name: value\""),
         }
     }
     let method = match a.http_method.as_deref() {
@@ -1606,12 +1425,7 @@ fn parse_checks(v: &Value, path: &str, e: &mut Errors) -> Option<HealthChecks> {
         req_headers,
         grpc_service: a.grpc_service.unwrap_or_default(),
         healthy_interval: interval(h.interval, &join(&hp, "interval"), e),
-        healthy_statuses: statuses(
-            h.http_statuses.as_ref(),
-            &[200, 302],
-            &join(&hp, "http_statuses"),
-            e,
-        ),
+        healthy_statuses: statuses(h.http_statuses.as_ref(), &[200, 302], &join(&hp, "http_statuses"), e),
         healthy_successes: counter(h.successes, 2, 1, &join(&hp, "successes"), e),
         unhealthy_interval: interval(u.interval, &join(&up, "interval"), e),
         unhealthy_statuses: statuses(
@@ -1629,35 +1443,21 @@ fn parse_checks(v: &Value, path: &str, e: &mut Errors) -> Option<HealthChecks> {
         if let Some(k) = &p.kind
             && !["http", "https", "tcp"].contains(&k.as_str())
         {
-            e.add(
-                join(&pp, "type"),
-                format!("must be http, https or tcp; not {k:?}"),
-            );
+            e.add(join(&pp, "type"), format!("must be http, https or tcp; not {k:?}"));
         }
         let h = p.healthy.unwrap_or_default();
         let u = p.unhealthy.unwrap_or_default();
         let hp = join(&pp, "healthy");
         let up = join(&pp, "unhealthy");
         if h.interval.is_some() {
-            e.add(
-                join(&hp, "interval"),
-                "unknown key: passive checks have no interval",
-            );
+            e.add(join(&hp, "interval"), "unknown key: passive checks have no interval");
         }
         if u.interval.is_some() {
-            e.add(
-                join(&up, "interval"),
-                "unknown key: passive checks have no interval",
-            );
+            e.add(join(&up, "interval"), "unknown key: passive checks have no interval");
         }
         let default_ok: Vec<u16> = (200..=208).chain([226]).chain(300..=308).collect();
         PassiveCheck {
-            healthy_statuses: statuses(
-                h.http_statuses.as_ref(),
-                &default_ok,
-                &join(&hp, "http_statuses"),
-                e,
-            ),
+            healthy_statuses: statuses(h.http_statuses.as_ref(), &default_ok, &join(&hp, "http_statuses"), e),
             healthy_successes: counter(h.successes, 5, 0, &join(&hp, "successes"), e),
             unhealthy_statuses: statuses(
                 u.http_statuses.as_ref(),
@@ -1674,18 +1474,11 @@ fn parse_checks(v: &Value, path: &str, e: &mut Errors) -> Option<HealthChecks> {
         None | Some("use_all") => AllUnhealthy::UseAll,
         Some("fail") => AllUnhealthy::Fail,
         Some(other) => {
-            e.add(
-                join(path, "all_unhealthy"),
-                format!("must be use_all or fail; not {other:?}"),
-            );
+            e.add(join(path, "all_unhealthy"), format!("must be use_all or fail; not {other:?}"));
             AllUnhealthy::UseAll
         }
     };
-    Some(HealthChecks {
-        active,
-        passive,
-        all_unhealthy,
-    })
+    Some(HealthChecks { active, passive, all_unhealthy })
 }
 
 #[cfg(test)]
@@ -1693,12 +1486,8 @@ mod tests {
     use super::*;
 
     fn node() -> NodeConfig {
-        NodeConfig::parse(
-            "config.yaml",
-            "discovery:\n  dns:\n    servers: [\"127.0.0.1:53\"]\n",
-            |_| None,
-        )
-        .unwrap()
+        NodeConfig::parse("config.yaml", "discovery:\n  dns:\n    servers: [\"127.0.0.1:53\"]\n", |_| None)
+            .unwrap()
     }
 
     fn parse(text: &str) -> Result<Resources, ConfigErrors> {
@@ -1706,12 +1495,7 @@ mod tests {
     }
 
     fn errors(text: &str) -> Vec<String> {
-        parse(text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| format!("{}: {}", e.path, e.reason))
-            .collect()
+        parse(text).unwrap_err().0.iter().map(|e| format!("{}: {}", e.path, e.reason)).collect()
     }
 
     #[test]
@@ -1750,14 +1534,8 @@ mod tests {
             "routes:\n  - uri: /a\n    upstream_id: missing\n  - uri: nope\n    upstream: {nodes: {\"1.2.3.4:80\": 1}}\n  - uri: /c\n    upstream: {nodes: {\"1.2.3.4:80\": -1}, type: rr}\n    bogus: 1\n#END\n",
         );
         let joined = e.join("\n");
-        assert!(
-            joined.contains("routes[0].upstream_id: no upstream with id \"missing\""),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("routes[1].uri: must start with /"),
-            "{joined}"
-        );
+        assert!(joined.contains("routes[0].upstream_id: no upstream with id \"missing\""), "{joined}");
+        assert!(joined.contains("routes[1].uri: must start with /"), "{joined}");
         assert!(joined.contains("routes[2]"), "{joined}");
         assert!(joined.contains("bogus"), "{joined}");
     }
@@ -1768,41 +1546,24 @@ mod tests {
             "upstreams:\n  - id: u\n    nodes: {\"1.2.3.4:80\": 1}\n    timeout: {connect: 1, send: 0, read: 1}\n    type: chash\n#END\n",
         );
         let joined = e.join("\n");
-        assert!(
-            joined.contains("upstreams[0].timeout.send: must be a number of seconds > 0"),
-            "{joined}"
-        );
+        assert!(joined.contains("upstreams[0].timeout.send: must be a number of seconds > 0"), "{joined}");
         assert!(joined.contains("upstreams[0].key: missing key"), "{joined}");
-        let e = errors(
-            "upstreams:\n  - id: u\n    nodes: [{host: 1.2.3.4, port: 99999, weight: 1}]\n#END\n",
-        );
+        let e = errors("upstreams:\n  - id: u\n    nodes: [{host: 1.2.3.4, port: 99999, weight: 1}]\n#END\n");
         assert!(e.join("\n").contains("upstreams[0].nodes[0].port"), "{e:?}");
         let e = errors(
             "upstreams:\n  - id: u\n    nodes: {\"1.2.3.4:80\": 1}\n    service_name: x\n    discovery_type: dns\n#END\n",
         );
         assert!(e.join("\n").contains("exactly one of"), "{e:?}");
-        let e = errors(
-            "upstreams:\n  - id: u\n    service_name: x\n    discovery_type: consul\n#END\n",
-        );
-        assert!(
-            e.join("\n").contains("not configured in config.yaml"),
-            "{e:?}"
-        );
+        let e = errors("upstreams:\n  - id: u\n    service_name: x\n    discovery_type: consul\n#END\n");
+        assert!(e.join("\n").contains("not configured in config.yaml"), "{e:?}");
     }
 
     #[test]
     fn node_forms() {
         let mut e = Errors::new("f");
-        let n = parse_nodes(
-            &serde_json::json!({"[::1]:80": 2, "example.com": 1}),
-            "nodes",
-            &mut e,
-        );
+        let n = parse_nodes(&serde_json::json!({"[::1]:80": 2, "example.com": 1}), "nodes", &mut e);
         assert!(e.is_empty());
-        assert_eq!(
-            (n[0].host.as_str(), n[0].port, n[0].weight),
-            ("::1", Some(80), 2)
-        );
+        assert_eq!((n[0].host.as_str(), n[0].port, n[0].weight), ("::1", Some(80), 2));
         assert_eq!((n[1].host.as_str(), n[1].port), ("example.com", None));
         assert_eq!(split_host_port("a:b:c"), None);
         assert_eq!(split_host_port("h:0"), None);
@@ -1844,10 +1605,7 @@ mod tests {
         );
         let joined = e.join("\n");
         assert!(joined.contains("consumers: unsupported"), "{joined}");
-        assert!(
-            joined.contains("routes[0].plugins.limit-count: unsupported"),
-            "{joined}"
-        );
+        assert!(joined.contains("routes[0].plugins.limit-count: unsupported"), "{joined}");
     }
 
     #[test]
@@ -1855,9 +1613,6 @@ mod tests {
         let e = errors(
             "routes:\n  - uri: /\n    vars: [[\"arg_a\", \"==\", \"1\"], [\"arg_b\", \"??\", 1]]\n    upstream: {nodes: {\"127.0.0.1:1\": 1}}\n#END\n",
         );
-        assert!(
-            e[0].starts_with("routes[0].vars[1]: failed to validate"),
-            "{e:?}"
-        );
+        assert!(e[0].starts_with("routes[0].vars[1]: failed to validate"), "{e:?}");
     }
 }

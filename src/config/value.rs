@@ -7,11 +7,7 @@ use super::Errors;
 
 /// Joins a YAML path and a key.
 pub fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
 }
 
 /// Joins a YAML path and an index.

@@ -75,10 +75,7 @@ impl Operand {
     fn from_json(v: &Value) -> Result<Operand, String> {
         match v {
             Value::String(s) => Ok(Operand::Str(s.clone())),
-            Value::Number(n) => n
-                .as_f64()
-                .map(Operand::Num)
-                .ok_or_else(|| "invalid number".into()),
+            Value::Number(n) => n.as_f64().map(Operand::Num).ok_or_else(|| "invalid number".into()),
             Value::Bool(b) => Ok(Operand::Str(b.to_string())),
             other => Err(format!("expected a string or number, found {other}")),
         }
@@ -149,9 +146,9 @@ impl Expr {
                     (Op::Regex(re), Some(l)) => re.is_match(l),
                     (Op::In(list), Some(l)) => list.iter().any(|o| o.matches_eq(l)),
                     (Op::Has(r), Some(l)) => l.split(',').any(|p| p.trim() == r),
-                    (Op::IpMatch(nets), Some(l)) => l
-                        .parse()
-                        .is_ok_and(|ip| nets.iter().any(|n| n.contains(ip))),
+                    (Op::IpMatch(nets), Some(l)) => {
+                        l.parse().is_ok_and(|ip| nets.iter().any(|n| n.contains(ip)))
+                    }
                 }
             }
         }
@@ -208,28 +205,20 @@ fn parse_rule(items: &[Value], path: &str) -> Result<Expr, (String, String)> {
         (4, Some("!")) => (strs[0], true, strs[2], &items[3]),
         (3, _) => (strs[0], false, strs[1], &items[2]),
         _ => {
-            return Err(err(
-                "a rule is [var, op, value] or [var, \"!\", op, value]".into()
-            ));
+            return Err(err("a rule is [var, op, value] or [var, \"!\", op, value]".into()));
         }
     };
-    let var = Var::parse(var.ok_or_else(|| err("variable name must be a string".into()))?)
-        .map_err(err)?;
+    let var = Var::parse(var.ok_or_else(|| err("variable name must be a string".into()))?).map_err(err)?;
     let op_name = op.ok_or_else(|| err("operator must be a string".into()))?;
     let number = |v: &Value| -> Result<f64, (String, String)> {
         match v {
             Value::Number(n) => n.as_f64().ok_or_else(|| err("invalid number".into())),
-            Value::String(s) => s
-                .trim()
-                .parse()
-                .map_err(|_| err(format!("{op_name} needs a number"))),
+            Value::String(s) => s.trim().parse().map_err(|_| err(format!("{op_name} needs a number"))),
             _ => Err(err(format!("{op_name} needs a number"))),
         }
     };
     let regex = |ci: bool| -> Result<Regex, (String, String)> {
-        let pat = value
-            .as_str()
-            .ok_or_else(|| err("a regex must be a string".into()))?;
+        let pat = value.as_str().ok_or_else(|| err("a regex must be a string".into()))?;
         RegexBuilder::new(pat)
             .case_insensitive(ci)
             .size_limit(1 << 20)
@@ -246,12 +235,9 @@ fn parse_rule(items: &[Value], path: &str) -> Result<Expr, (String, String)> {
         "~~" => Op::Regex(regex(false)?),
         "~*" => Op::Regex(regex(true)?),
         "in" => match value {
-            Value::Array(a) => Op::In(
-                a.iter()
-                    .map(Operand::from_json)
-                    .collect::<Result<_, _>>()
-                    .map_err(err)?,
-            ),
+            Value::Array(a) => {
+                Op::In(a.iter().map(Operand::from_json).collect::<Result<_, _>>().map_err(err)?)
+            }
             _ => return Err(err("`in` needs a list".into())),
         },
         "has" => match value {
@@ -266,9 +252,7 @@ fn parse_rule(items: &[Value], path: &str) -> Result<Expr, (String, String)> {
             };
             let mut nets = Vec::new();
             for v in list {
-                let s = v
-                    .as_str()
-                    .ok_or_else(|| err("`ipmatch` needs IPs or CIDRs".into()))?;
+                let s = v.as_str().ok_or_else(|| err("`ipmatch` needs IPs or CIDRs".into()))?;
                 nets.push(IpNet::parse(s).ok_or_else(|| err(format!("invalid IP or CIDR {s:?}")))?);
             }
             Op::IpMatch(nets)
@@ -276,11 +260,7 @@ fn parse_rule(items: &[Value], path: &str) -> Result<Expr, (String, String)> {
         other => return Err(err(format!("unknown operator {other:?}"))),
     };
     let rule = Expr::Rule { var, op };
-    Ok(if negate {
-        Expr::Not(Box::new(rule))
-    } else {
-        rule
-    })
+    Ok(if negate { Expr::Not(Box::new(rule)) } else { rule })
 }
 
 #[cfg(test)]
@@ -304,16 +284,11 @@ mod tests {
     }
 
     fn src(pairs: &[(&str, &str)]) -> Src {
-        Src(pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect())
+        Src(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
     fn eval(expr: &str, s: &Src) -> bool {
-        Expr::parse(&serde_json::from_str(expr).unwrap())
-            .unwrap()
-            .eval(s)
+        Expr::parse(&serde_json::from_str(expr).unwrap()).unwrap().eval(s)
     }
 
     #[test]
@@ -343,18 +318,9 @@ mod tests {
     #[test]
     fn logic_forms() {
         let s = src(&[("arg_a", "1"), ("arg_b", "2")]);
-        assert!(eval(
-            r#"["OR", ["arg_a", "==", "9"], ["arg_b", "==", "2"]]"#,
-            &s
-        ));
-        assert!(!eval(
-            r#"["AND", ["arg_a", "==", "9"], ["arg_b", "==", "2"]]"#,
-            &s
-        ));
-        assert!(eval(
-            r#"["!AND", ["arg_a", "==", "9"], ["arg_b", "==", "2"]]"#,
-            &s
-        ));
+        assert!(eval(r#"["OR", ["arg_a", "==", "9"], ["arg_b", "==", "2"]]"#, &s));
+        assert!(!eval(r#"["AND", ["arg_a", "==", "9"], ["arg_b", "==", "2"]]"#, &s));
+        assert!(eval(r#"["!AND", ["arg_a", "==", "9"], ["arg_b", "==", "2"]]"#, &s));
         assert!(eval(
             r#"["OR", ["AND", ["arg_a", "==", "1"], ["arg_b", "==", "2"]], ["arg_a", "==", "3"]]"#,
             &s

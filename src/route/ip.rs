@@ -16,11 +16,7 @@ impl IpNet {
             Some((ip, p)) => (ip, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = ip
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .ok()?;
+        let addr: IpAddr = ip.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => {
@@ -43,19 +39,11 @@ impl IpNet {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - self.prefix)
-                };
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
                 (u32::from(net) & mask) == (u32::from(a) & mask)
             }
             (IpAddr::V6(net), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - self.prefix)
-                };
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
                 (u128::from(net) & mask) == (u128::from(a) & mask)
             }
             _ => false,
@@ -79,11 +67,7 @@ mod tests {
         let v6 = IpNet::parse("fe80::/10").unwrap();
         assert!(v6.contains("fe80::1".parse().unwrap()));
         assert!(!v6.contains("::1".parse().unwrap()));
-        assert!(
-            IpNet::parse("0.0.0.0/0")
-                .unwrap()
-                .contains("8.8.8.8".parse().unwrap())
-        );
+        assert!(IpNet::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
         assert!(IpNet::parse("1.2.3.4/33").is_none());
         assert!(IpNet::parse("nope").is_none());
     }

@@ -49,12 +49,7 @@ impl<'a> RequestView<'a> {
             .uri
             .authority()
             .map(|a| a.host())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
+            .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .unwrap_or("");
         let host = strip_port(raw);
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -62,13 +57,7 @@ impl<'a> RequestView<'a> {
         } else {
             Cow::Borrowed(host)
         };
-        RequestView {
-            parts,
-            host,
-            client,
-            local,
-            tls,
-        }
+        RequestView { parts, host, client, local, tls }
     }
 
     fn query(&self) -> Option<&'a str> {
@@ -98,9 +87,7 @@ fn decode_component(s: &str) -> Cow<'_, str> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                match std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
                 {
                     Some(v) => {
                         out.push(v);
@@ -146,9 +133,7 @@ impl VarSource for RequestView<'_> {
     fn var(&self, v: &Var) -> Option<Cow<'_, str>> {
         Some(match v {
             Var::Uri => Cow::Borrowed(self.parts.uri.path()),
-            Var::RequestUri => {
-                Cow::Borrowed(self.parts.uri.path_and_query().map_or("/", |p| p.as_str()))
-            }
+            Var::RequestUri => Cow::Borrowed(self.parts.uri.path_and_query().map_or("/", |p| p.as_str())),
             Var::QueryString => Cow::Borrowed(self.query().unwrap_or("")),
             Var::Host => Cow::Borrowed(&*self.host),
             Var::RemoteAddr => Cow::Owned(self.client.ip().to_string()),
@@ -197,8 +182,7 @@ impl UriIndex {
     }
 
     fn finish(&mut self) {
-        let sort =
-            |list: &mut Vec<Arc<Route>>| list.sort_by_key(|r| std::cmp::Reverse(r.spec.priority));
+        let sort = |list: &mut Vec<Arc<Route>>| list.sort_by_key(|r| std::cmp::Reverse(r.spec.priority));
         self.exact.values_mut().for_each(sort);
         self.prefix.values_mut().for_each(sort);
         let mut lens: Vec<usize> = self.prefix.keys().map(String::len).collect();
@@ -258,10 +242,7 @@ pub struct Router {
 impl Router {
     /// Builds the table from routes in configuration order.
     pub fn new(routes: Vec<Arc<Route>>) -> Router {
-        let mut r = Router {
-            len: routes.len(),
-            ..Router::default()
-        };
+        let mut r = Router { len: routes.len(), ..Router::default() };
         for route in routes {
             for uri in &route.spec.uris {
                 if route.spec.hosts.is_empty() {
@@ -269,16 +250,10 @@ impl Router {
                 }
                 for h in &route.spec.hosts {
                     match h.strip_prefix('*') {
-                        Some(suffix) => r
-                            .wildcard_hosts
-                            .entry(suffix.to_string())
-                            .or_default()
-                            .insert(uri, route.clone()),
-                        None => r
-                            .exact_hosts
-                            .entry(h.clone())
-                            .or_default()
-                            .insert(uri, route.clone()),
+                        Some(suffix) => {
+                            r.wildcard_hosts.entry(suffix.to_string()).or_default().insert(uri, route.clone())
+                        }
+                        None => r.exact_hosts.entry(h.clone()).or_default().insert(uri, route.clone()),
                     }
                 }
             }
@@ -341,31 +316,16 @@ mod tests {
         Router::new(
             res.routes
                 .into_iter()
-                .map(|spec| {
-                    Arc::new(Route {
-                        spec,
-                        upstream: None,
-                        transcode: None,
-                    })
-                })
+                .map(|spec| Arc::new(Route { spec, upstream: None, transcode: None }))
                 .collect(),
         )
     }
 
     fn find(r: &Router, method: &str, uri: &str, host: &str, client: &str) -> Option<String> {
-        let req = http::Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("host", host)
-            .body(())
-            .unwrap();
+        let req = http::Request::builder().method(method).uri(uri).header("host", host).body(()).unwrap();
         let (parts, ()) = req.into_parts();
-        let view = RequestView::new(
-            &parts,
-            client.parse().unwrap(),
-            "127.0.0.1:9080".parse().unwrap(),
-            false,
-        );
+        let view =
+            RequestView::new(&parts, client.parse().unwrap(), "127.0.0.1:9080".parse().unwrap(), false);
         r.find(&view).map(|r| r.spec.id.clone())
     }
 
@@ -376,26 +336,11 @@ mod tests {
         let r = router(&format!(
             "routes:\n  - {{id: all, uri: /*, {UP}}}\n  - {{id: api, uri: /api/*, {UP}}}\n  - {{id: exact, uri: /api/x, {UP}}}\n  - {{id: deep, uri: /api/v1/*, {UP}}}\n"
         ));
-        assert_eq!(
-            find(&r, "GET", "/api/x", "a", "1.1.1.1:1").as_deref(),
-            Some("exact")
-        );
-        assert_eq!(
-            find(&r, "GET", "/api/y", "a", "1.1.1.1:1").as_deref(),
-            Some("api")
-        );
-        assert_eq!(
-            find(&r, "GET", "/api/", "a", "1.1.1.1:1").as_deref(),
-            Some("api")
-        );
-        assert_eq!(
-            find(&r, "GET", "/api/v1/z?q=1", "a", "1.1.1.1:1").as_deref(),
-            Some("deep")
-        );
-        assert_eq!(
-            find(&r, "GET", "/other", "a", "1.1.1.1:1").as_deref(),
-            Some("all")
-        );
+        assert_eq!(find(&r, "GET", "/api/x", "a", "1.1.1.1:1").as_deref(), Some("exact"));
+        assert_eq!(find(&r, "GET", "/api/y", "a", "1.1.1.1:1").as_deref(), Some("api"));
+        assert_eq!(find(&r, "GET", "/api/", "a", "1.1.1.1:1").as_deref(), Some("api"));
+        assert_eq!(find(&r, "GET", "/api/v1/z?q=1", "a", "1.1.1.1:1").as_deref(), Some("deep"));
+        assert_eq!(find(&r, "GET", "/other", "a", "1.1.1.1:1").as_deref(), Some("all"));
     }
 
     #[test]
@@ -403,22 +348,13 @@ mod tests {
         let r = router(&format!(
             "routes:\n  - {{id: plain, uri: /server_port, {UP}}}\n  - {{id: host, uri: /*, hosts: [\"*.test.com\"], {UP}}}\n  - {{id: ex, uri: /*, host: API.test.com, {UP}}}\n"
         ));
-        assert_eq!(
-            find(&r, "GET", "/server_port", "x.test.com", "1.1.1.1:1").as_deref(),
-            Some("host")
-        );
+        assert_eq!(find(&r, "GET", "/server_port", "x.test.com", "1.1.1.1:1").as_deref(), Some("host"));
         assert_eq!(
             find(&r, "GET", "/server_port", "a.b.TEST.com:8080", "1.1.1.1:1").as_deref(),
             Some("host")
         );
-        assert_eq!(
-            find(&r, "GET", "/server_port", "api.test.com", "1.1.1.1:1").as_deref(),
-            Some("ex")
-        );
-        assert_eq!(
-            find(&r, "GET", "/server_port", "test.com", "1.1.1.1:1").as_deref(),
-            Some("plain")
-        );
+        assert_eq!(find(&r, "GET", "/server_port", "api.test.com", "1.1.1.1:1").as_deref(), Some("ex"));
+        assert_eq!(find(&r, "GET", "/server_port", "test.com", "1.1.1.1:1").as_deref(), Some("plain"));
         assert_eq!(find(&r, "GET", "/nope", "test.com", "1.1.1.1:1"), None);
     }
 
@@ -427,22 +363,10 @@ mod tests {
         let r = router(&format!(
             "routes:\n  - {{id: low, uri: /p, priority: 1, {UP}}}\n  - {{id: high, uri: /p, priority: 5, methods: [POST], {UP}}}\n  - {{id: vars, uri: /p, priority: 9, vars: [[\"arg_v\", \"==\", \"2\"]], {UP}}}\n  - {{id: net, uri: /p, priority: 7, remote_addrs: [\"10.0.0.0/8\"], {UP}}}\n"
         ));
-        assert_eq!(
-            find(&r, "POST", "/p", "h", "1.1.1.1:1").as_deref(),
-            Some("high")
-        );
-        assert_eq!(
-            find(&r, "GET", "/p", "h", "1.1.1.1:1").as_deref(),
-            Some("low")
-        );
-        assert_eq!(
-            find(&r, "GET", "/p?v=2", "h", "1.1.1.1:1").as_deref(),
-            Some("vars")
-        );
-        assert_eq!(
-            find(&r, "GET", "/p", "h", "10.2.3.4:1").as_deref(),
-            Some("net")
-        );
+        assert_eq!(find(&r, "POST", "/p", "h", "1.1.1.1:1").as_deref(), Some("high"));
+        assert_eq!(find(&r, "GET", "/p", "h", "1.1.1.1:1").as_deref(), Some("low"));
+        assert_eq!(find(&r, "GET", "/p?v=2", "h", "1.1.1.1:1").as_deref(), Some("vars"));
+        assert_eq!(find(&r, "GET", "/p", "h", "10.2.3.4:1").as_deref(), Some("net"));
     }
 
     #[test]
@@ -450,10 +374,7 @@ mod tests {
         assert_eq!(query_arg("a=1&b=x%20y+z", "b").as_deref(), Some("x y z"));
         assert_eq!(query_arg("a=1&b", "b").as_deref(), Some(""));
         assert_eq!(query_arg("a=1", "c"), None);
-        let req = http::Request::builder()
-            .header("cookie", "a=1; sid=abc")
-            .body(())
-            .unwrap();
+        let req = http::Request::builder().header("cookie", "a=1; sid=abc").body(()).unwrap();
         let (p, ()) = req.into_parts();
         assert_eq!(cookie(&p, "sid"), Some("abc"));
         assert_eq!(cookie(&p, "SID"), None);
@@ -466,13 +387,7 @@ mod tests {
             y.push_str(&format!("  - {{id: r{i}, uri: /svc{i}/*, {UP}}}\n"));
         }
         let r = router(&y);
-        assert_eq!(
-            find(&r, "GET", "/svc1999/x", "h", "1.1.1.1:1").as_deref(),
-            Some("r1999")
-        );
-        assert_eq!(
-            find(&r, "GET", "/svc7/", "h", "1.1.1.1:1").as_deref(),
-            Some("r7")
-        );
+        assert_eq!(find(&r, "GET", "/svc1999/x", "h", "1.1.1.1:1").as_deref(), Some("r1999"));
+        assert_eq!(find(&r, "GET", "/svc7/", "h", "1.1.1.1:1").as_deref(), Some("r7"));
     }
 }

@@ -32,11 +32,7 @@ impl StreamRouter {
             match route.spec.sni.as_deref() {
                 None => r.plain.push(route),
                 Some(s) => match s.strip_prefix('*') {
-                    Some(suffix) => r
-                        .wildcard
-                        .entry(suffix.to_string())
-                        .or_default()
-                        .push(route),
+                    Some(suffix) => r.wildcard.entry(suffix.to_string()).or_default().push(route),
                     None => r.exact.entry(s.to_string()).or_default().push(route),
                 },
             }
@@ -81,11 +77,7 @@ impl StreamRouter {
                 if len >= sni.len() && len != 0 {
                     continue;
                 }
-                if let Some(r) = self
-                    .wildcard
-                    .get(&sni[sni.len() - len..])
-                    .and_then(|l| l.iter().find(ok))
-                {
+                if let Some(r) = self.wildcard.get(&sni[sni.len() - len..]).and_then(|l| l.iter().find(ok)) {
                     return Some(r);
                 }
             }

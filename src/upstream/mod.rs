@@ -33,9 +33,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
 use strait_protocols::tls::{ClientTls, ClientTlsOptions};
-use strait_protocols::{
-    PassHost, Peer, PeerNode, PickError, Tried, UpstreamPicker, UpstreamSettings,
-};
+use strait_protocols::{PassHost, Peer, PeerNode, PickError, Tried, UpstreamPicker, UpstreamSettings};
 
 use crate::config::resources::{AllUnhealthy, Balancer, HashOn, PassHostSpec, UpstreamSpec};
 use crate::route::expr::{Var, VarSource};
@@ -73,12 +71,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     fn empty() -> Self {
-        Snapshot {
-            nodes: vec![],
-            groups: vec![],
-            version: 0,
-            resolved: false,
-        }
+        Snapshot { nodes: vec![], groups: vec![], version: 0, resolved: false }
     }
 
     #[inline]
@@ -87,9 +80,7 @@ impl Snapshot {
             let n = &self.nodes[0];
             return accept(n).then_some(n);
         }
-        self.groups
-            .iter()
-            .find_map(|g| g.selector.pick(&g.nodes, key, accept))
+        self.groups.iter().find_map(|g| g.selector.pick(&g.nodes, key, accept))
     }
 }
 
@@ -138,14 +129,14 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
-            .field("key", &self.spec.key)
-            .finish()
+        f.debug_struct("Upstream").field("key", &self.spec.key).finish()
     }
 }
 
-/// gRPC statuses that count as node failures for passive checks.
-const GRPC_FAILURES: &[u16] = &[4, 8, 13, 14];
+/// gRPC statuses that count as node failures for passive checks: RESOURCE_EXHAUSTED,
+/// INTERNAL and UNAVAILABLE, the counterparts of the default unhealthy HTTP statuses
+/// (429, 500, 503). DEADLINE_EXCEEDED is the client's budget, not the node's health.
+const GRPC_FAILURES: &[u16] = &[8, 13, 14];
 
 impl Upstream {
     /// Builds an upstream. `prev` is the upstream with the same key in the previous
@@ -164,9 +155,7 @@ impl Upstream {
                     roots: ctx.roots.clone(),
                     client_cert: t.as_ref().and_then(|t| t.client_cert.clone()),
                 };
-                Some(Arc::new(
-                    ClientTls::new(opts).map_err(|e| format!("upstream {}: tls: {e}", spec.id))?,
-                ))
+                Some(Arc::new(ClientTls::new(opts).map_err(|e| format!("upstream {}: tls: {e}", spec.id))?))
             }
         };
         let pass_host = match &spec.pass_host {
@@ -188,27 +177,20 @@ impl Upstream {
             keepalive: spec.keepalive,
             tls,
         };
-        let passive = spec
-            .checks
-            .as_ref()
-            .and_then(|c| c.passive.as_ref())
-            .map(|p| {
-                Arc::new(PassivePolicy {
-                    healthy_statuses: p.healthy_statuses.clone(),
-                    unhealthy_statuses: p.unhealthy_statuses.clone(),
-                    thresholds: health::state::Thresholds {
-                        successes: p.healthy_successes,
-                        http_failures: p.http_failures,
-                        tcp_failures: p.tcp_failures,
-                        timeouts: p.timeouts,
-                    },
-                    grpc_failures: GRPC_FAILURES.to_vec(),
-                })
-            });
-        let all_unhealthy = spec
-            .checks
-            .as_ref()
-            .map_or(AllUnhealthy::UseAll, |c| c.all_unhealthy);
+        let passive = spec.checks.as_ref().and_then(|c| c.passive.as_ref()).map(|p| {
+            Arc::new(PassivePolicy {
+                healthy_statuses: p.healthy_statuses.clone(),
+                unhealthy_statuses: p.unhealthy_statuses.clone(),
+                thresholds: health::state::Thresholds {
+                    successes: p.healthy_successes,
+                    http_failures: p.http_failures,
+                    tcp_failures: p.tcp_failures,
+                    timeouts: p.timeouts,
+                },
+                grpc_failures: GRPC_FAILURES.to_vec(),
+            })
+        });
+        let all_unhealthy = spec.checks.as_ref().map_or(AllUnhealthy::UseAll, |c| c.all_unhealthy);
         let probes = HealthProbes::new(&spec, ctx);
         let up = Arc::new(Upstream {
             settings,
@@ -226,25 +208,16 @@ impl Upstream {
 
         if let Some(prev) = prev {
             let old = prev.snapshot.load();
-            let states: HashMap<SocketAddr, Arc<NodeState>> = old
-                .nodes
-                .iter()
-                .map(|n| (n.addr, n.state.clone()))
-                .collect();
+            let states: HashMap<SocketAddr, Arc<NodeState>> =
+                old.nodes.iter().map(|n| (n.addr, n.state.clone())).collect();
             if prev.spec.nodes == up.spec.nodes && old.resolved {
                 // Same source: keep serving the nodes it last delivered.
                 let list = old.nodes.iter().map(|n| n.to_resolved()).collect();
                 up.apply_with_states(list, &states);
-                *up.source_status.lock().unwrap_or_else(|e| e.into_inner()) = prev
-                    .source_status
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
+                *up.source_status.lock().unwrap_or_else(|e| e.into_inner()) =
+                    prev.source_status.lock().unwrap_or_else(|e| e.into_inner()).clone();
             } else {
-                up.inherited
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone_from(&states);
+                up.inherited.lock().unwrap_or_else(|e| e.into_inner()).clone_from(&states);
             }
         }
         Ok(up)
@@ -259,23 +232,15 @@ impl Upstream {
     pub fn apply(&self, nodes: Vec<ResolvedNode>) {
         let states: HashMap<SocketAddr, Arc<NodeState>> = {
             let cur = self.snapshot.load();
-            let mut m: HashMap<SocketAddr, Arc<NodeState>> = self
-                .inherited
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain()
-                .collect();
+            let mut m: HashMap<SocketAddr, Arc<NodeState>> =
+                self.inherited.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
             m.extend(cur.nodes.iter().map(|n| (n.addr, n.state.clone())));
             m
         };
         self.apply_with_states(nodes, &states);
     }
 
-    fn apply_with_states(
-        &self,
-        nodes: Vec<ResolvedNode>,
-        states: &HashMap<SocketAddr, Arc<NodeState>>,
-    ) {
+    fn apply_with_states(&self, nodes: Vec<ResolvedNode>, states: &HashMap<SocketAddr, Arc<NodeState>>) {
         let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
         // Merge duplicates by address: one identity, one health state; the larger weight wins.
         let mut order: Vec<ResolvedNode> = Vec::with_capacity(nodes.len());
@@ -296,10 +261,7 @@ impl Upstream {
         let built: Vec<Arc<Node>> = order
             .into_iter()
             .map(|r| {
-                let state = states
-                    .get(&r.addr)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(NodeState::new(r.addr)));
+                let state = states.get(&r.addr).cloned().unwrap_or_else(|| Arc::new(NodeState::new(r.addr)));
                 Arc::new(Node {
                     addr: r.addr,
                     host: Arc::from(r.host.as_str()),
@@ -319,8 +281,7 @@ impl Upstream {
         let groups = prios
             .into_iter()
             .map(|p| {
-                let nodes: Vec<Arc<Node>> =
-                    built.iter().filter(|n| n.priority == p).cloned().collect();
+                let nodes: Vec<Arc<Node>> = built.iter().filter(|n| n.priority == p).cloned().collect();
                 let selector = Selector::build(&self.spec.balancer, &nodes);
                 Group { nodes, selector }
             })
@@ -328,24 +289,13 @@ impl Upstream {
         let old = self.snapshot.load();
         let version = old.version + 1;
         let changed = old.nodes.len() != built.len()
-            || old
-                .nodes
-                .iter()
-                .zip(&built)
-                .any(|(a, b)| a.to_resolved() != b.to_resolved());
-        let snap = Arc::new(Snapshot {
-            nodes: built,
-            groups,
-            version,
-            resolved: true,
-        });
+            || old.nodes.iter().zip(&built).any(|(a, b)| a.to_resolved() != b.to_resolved());
+        let snap = Arc::new(Snapshot { nodes: built, groups, version, resolved: true });
         self.probes.sync(&snap.nodes, &self.settings);
         self.snapshot.store(snap);
         if changed {
-            self.source_status
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .last_change = Some(SystemTime::now());
+            self.source_status.lock().unwrap_or_else(|e| e.into_inner()).last_change =
+                Some(SystemTime::now());
         }
     }
 
@@ -420,10 +370,7 @@ fn combine_vars(template: &str, vars: &dyn VarSource) -> Option<String> {
                 end += 1;
             }
             if end > start {
-                if let Some(v) = Var::parse(&template[start..end])
-                    .ok()
-                    .and_then(|v| vars.var(&v))
-                {
+                if let Some(v) = Var::parse(&template[start..end]).ok().and_then(|v| vars.var(&v)) {
                     out.push_str(&v);
                     resolved += 1;
                 }
@@ -449,11 +396,7 @@ impl UpstreamPicker for Upstream {
         }
         if snap.nodes.iter().any(|n| n.ready()) {
             // Healthy nodes exist, but this request tried them all (or they carry no weight).
-            return Err(if tried.is_empty() {
-                PickError::NoNode
-            } else {
-                PickError::AllTried
-            });
+            return Err(if tried.is_empty() { PickError::NoNode } else { PickError::AllTried });
         }
         match self.all_unhealthy {
             AllUnhealthy::Fail => {
@@ -464,10 +407,7 @@ impl UpstreamPicker for Upstream {
                 let picked = snap.pick(key, &mut |n| !tried.contains(&n.addr));
                 match picked {
                     Some(n) => {
-                        let c = self
-                            .stats
-                            .all_unhealthy_picks
-                            .fetch_add(1, Ordering::Relaxed);
+                        let c = self.stats.all_unhealthy_picks.fetch_add(1, Ordering::Relaxed);
                         if c.is_multiple_of(1000) {
                             tracing::warn!(
                                 upstream = &*self.id,

@@ -74,9 +74,7 @@ impl NodeState {
     #[inline]
     pub(crate) fn release(&self) {
         // Never underflow, even if a release races a state carried over from a reload.
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        let _ = self.in_flight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
     }
 
     /// The latency estimate decayed to now (idle nodes drift toward 0 and get tried again).

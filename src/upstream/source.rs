@@ -74,9 +74,7 @@ impl DiscoveryHub {
         let initial = w.get(&key).and_then(|e| e.tx.borrow().clone());
         let (tx, rx) = watch::channel(initial);
         let status = w.get(&key).map(|e| e.status.clone()).unwrap_or_default();
-        let task = self
-            .background
-            .spawn(backend.watch(query, tx.clone(), status.clone()));
+        let task = self.background.spawn(backend.watch(query, tx.clone(), status.clone()));
         w.insert(key, WatchEntry { tx, status, task });
         Some(rx)
     }
@@ -137,11 +135,7 @@ pub fn start(up: &Arc<Upstream>, hub: &Arc<DiscoveryHub>) -> Option<AbortHandle>
                 None
             } else {
                 let (up, hub2) = (up.clone(), hub.clone());
-                Some(
-                    hub.background
-                        .spawn(resolve_static(up, hub2))
-                        .abort_handle(),
-                )
+                Some(hub.background.spawn(resolve_static(up, hub2)).abort_handle())
             }
         }
         NodeSource::Discovery(sources) => {
@@ -162,11 +156,7 @@ pub fn start(up: &Arc<Upstream>, hub: &Arc<DiscoveryHub>) -> Option<AbortHandle>
 }
 
 fn query_of(s: &DiscoverySource, scheme: Scheme) -> Query {
-    Query {
-        service_name: s.service_name.clone(),
-        args: s.args.clone(),
-        scheme: scheme.as_str().to_string(),
-    }
+    Query { service_name: s.service_name.clone(), args: s.args.clone(), scheme: scheme.as_str().to_string() }
 }
 
 fn mark_ok(up: &Upstream) {
@@ -187,18 +177,10 @@ fn fill_port(port: Option<u16>, scheme: Scheme) -> Option<u16> {
 }
 
 /// Static nodes with `resolved` addresses for host names.
-fn static_nodes(
-    list: &[NodeSpec],
-    scheme: Scheme,
-    resolved: &HashMap<String, IpAddr>,
-) -> Vec<ResolvedNode> {
+fn static_nodes(list: &[NodeSpec], scheme: Scheme, resolved: &HashMap<String, IpAddr>) -> Vec<ResolvedNode> {
     list.iter()
         .filter_map(|n| {
-            let ip = n
-                .host
-                .parse::<IpAddr>()
-                .ok()
-                .or_else(|| resolved.get(&n.host).copied())?;
+            let ip = n.host.parse::<IpAddr>().ok().or_else(|| resolved.get(&n.host).copied())?;
             let port = fill_port(n.port, scheme)?;
             Some(ResolvedNode {
                 addr: SocketAddr::new(ip, port),
@@ -220,11 +202,8 @@ async fn resolve_static(up: Arc<Upstream>, hub: Arc<DiscoveryHub>) {
         tracing::error!(upstream = %up.spec.id, "no DNS resolver available for host names in nodes");
         return;
     };
-    let mut names: Vec<String> = list
-        .iter()
-        .filter(|n| n.host.parse::<IpAddr>().is_err())
-        .map(|n| n.host.clone())
-        .collect();
+    let mut names: Vec<String> =
+        list.iter().filter(|n| n.host.parse::<IpAddr>().is_err()).map(|n| n.host.clone()).collect();
     names.sort();
     names.dedup();
     let mut known: HashMap<String, IpAddr> = HashMap::new();
@@ -259,11 +238,7 @@ async fn resolve_static(up: Arc<Upstream>, hub: Arc<DiscoveryHub>) {
         if !failed {
             mark_ok(&up);
         }
-        let delay = if failed {
-            next.min(Duration::from_secs(2))
-        } else {
-            next
-        };
+        let delay = if failed { next.min(Duration::from_secs(2)) } else { next };
         tokio::time::sleep(delay.max(Duration::from_secs(1))).await;
     }
 }
@@ -283,11 +258,7 @@ async fn follow(up: Arc<Upstream>, mut rxs: Vec<watch::Receiver<Option<NodeSet>>
             if let Some(set) = set {
                 any = true;
                 for n in set.nodes {
-                    let Ok(ip) = n
-                        .host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse::<IpAddr>()
+                    let Ok(ip) = n.host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>()
                     else {
                         continue;
                     };
@@ -315,8 +286,7 @@ async fn follow(up: Arc<Upstream>, mut rxs: Vec<watch::Receiver<Option<NodeSet>>
         // Wait for any source to change.
         let (res, idx) = {
             let (res, idx, _) =
-                futures_util::future::select_all(rxs.iter_mut().map(|rx| Box::pin(rx.changed())))
-                    .await;
+                futures_util::future::select_all(rxs.iter_mut().map(|rx| Box::pin(rx.changed()))).await;
             (res, idx)
         };
         if res.is_err() {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod grpc;
 pub mod servers;
 
 use std::collections::HashMap;
@@ -54,18 +55,14 @@ impl TestGateway {
 
     /// Starts with a full config.yaml and resources.
     pub fn start_with(config: &str, resources: &str, workers: usize) -> TestGateway {
-        Self::try_start(config, resources, workers)
-            .unwrap_or_else(|e| panic!("gateway failed to start: {e}"))
+        Self::try_start(config, resources, workers).unwrap_or_else(|e| panic!("gateway failed to start: {e}"))
     }
 
     pub fn try_start(config: &str, resources: &str, workers: usize) -> Result<TestGateway, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         std::fs::write(dir.path().join("config.yaml"), config).map_err(|e| e.to_string())?;
-        std::fs::write(
-            dir.path().join("apisix.yaml"),
-            format!("{resources}\n#END\n"),
-        )
-        .map_err(|e| e.to_string())?;
+        std::fs::write(dir.path().join("apisix.yaml"), format!("{resources}\n#END\n"))
+            .map_err(|e| e.to_string())?;
         let cfg = Config::load(&dir.path().join("config.yaml")).map_err(|e| e.to_string())?;
         let opts = Options {
             workers,
@@ -73,10 +70,7 @@ impl TestGateway {
             reload_interval: Duration::from_millis(100),
         };
         let running = Running::start(cfg, opts).map_err(|e| e.to_string())?;
-        Ok(TestGateway {
-            running: Some(running),
-            dir,
-        })
+        Ok(TestGateway { running: Some(running), dir })
     }
 
     pub fn running(&self) -> &Running {
@@ -113,12 +107,7 @@ impl TestGateway {
     /// GETs a control API path and parses the JSON.
     pub async fn control_json(&self, path: &str) -> serde_json::Value {
         let (status, _, body) = get(self.control(), path).await;
-        assert_eq!(
-            status,
-            StatusCode::OK,
-            "{path}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        assert_eq!(status, StatusCode::OK, "{path}: {}", String::from_utf8_lossy(&body));
         serde_json::from_slice(&body).expect("json")
     }
 
@@ -215,12 +204,9 @@ impl Backend {
                 for c in strait_protocols::tls::parse_certs(ca).unwrap() {
                     roots.add(c).unwrap();
                 }
-                let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    A::new(roots),
-                    provider,
-                )
-                .build()
-                .unwrap();
+                let v = rustls::server::WebPkiClientVerifier::builder_with_provider(A::new(roots), provider)
+                    .build()
+                    .unwrap();
                 builder.with_client_cert_verifier(v)
             }
             None => builder.with_no_client_auth(),
@@ -260,16 +246,14 @@ impl Backend {
                         async move { backend_handle(req, &st, &nm).await }
                     });
                     let st = counter;
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     match tls {
                         Some(acceptor) => {
                             let Ok(tls) = acceptor.accept(stream).await else {
                                 return;
                             };
                             st.connections.fetch_add(1, Ordering::Relaxed);
-                            let conn =
-                                builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
                             tokio::select! {
                                 _ = conn => {}
                                 _ = killed.wait_for(|k| *k) => {}
@@ -277,8 +261,7 @@ impl Backend {
                         }
                         None => {
                             st.connections.fetch_add(1, Ordering::Relaxed);
-                            let conn =
-                                builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                             tokio::select! {
                                 _ = conn => {}
                                 _ = killed.wait_for(|k| *k) => {}
@@ -288,13 +271,7 @@ impl Backend {
                 });
             }
         });
-        Backend {
-            addr,
-            name: name.to_string(),
-            state,
-            task,
-            kill,
-        }
+        Backend { addr, name: name.to_string(), state, task, kill }
     }
 
     pub fn requests(&self) -> usize {
@@ -371,13 +348,9 @@ async fn backend_handle(
         ["", "slow-body"] => {
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
             tokio::spawn(async move {
-                let _ = tx
-                    .send(Ok(Frame::data(Bytes::from_static(b"first;"))))
-                    .await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first;")))).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                let _ = tx
-                    .send(Ok(Frame::data(Bytes::from_static(b"second"))))
-                    .await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"second")))).await;
             });
             let stream = tokio_stream_from(rx);
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
@@ -406,10 +379,8 @@ async fn backend_handle(
             });
             let mut r = Response::new(full(""));
             *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            r.headers_mut()
-                .insert("upgrade", "websocket".parse().unwrap());
-            r.headers_mut()
-                .insert("connection", "upgrade".parse().unwrap());
+            r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+            r.headers_mut().insert("connection", "upgrade".parse().unwrap());
             return Ok(r);
         }
         _ => {
@@ -428,8 +399,7 @@ async fn backend_handle(
             Response::new(full(body.to_string()))
         }
     };
-    resp.headers_mut()
-        .insert("x-backend", name.parse().unwrap());
+    resp.headers_mut().insert("x-backend", name.parse().unwrap());
     Ok(resp)
 }
 
@@ -468,17 +438,12 @@ pub fn closed_port() -> SocketAddr {
 /// One HTTP/1.1 request on a fresh connection: (status, headers, body).
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
     let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
     tokio::spawn(conn);
     let resp = sender.send_request(req).await.expect("response");
     let (parts, body) = resp.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     (parts.status, parts.headers, body)
 }
 
@@ -489,10 +454,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, Bytes)
 
 /// GET `path` with a Host header.
 pub async fn get_host(addr: SocketAddr, path: &str, host: &str) -> (StatusCode, HeaderMap, Bytes) {
-    let req = Request::get(path)
-        .header("host", host)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = Request::get(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
     send(addr, req).await
 }
 

@@ -44,17 +44,16 @@ impl Echo {
 
     /// The same over TLS with `leaf`.
     pub async fn start_tls(leaf: &Leaf) -> Echo {
-        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
-            strait_protocols::tls::parse_key(&leaf.key).unwrap(),
-        )
-        .unwrap();
+        let cfg =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
+                    strait_protocols::tls::parse_key(&leaf.key).unwrap(),
+                )
+                .unwrap();
         Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
     }
 
@@ -79,11 +78,7 @@ impl Echo {
                 });
             }
         });
-        Echo {
-            addr,
-            connections,
-            task,
-        }
+        Echo { addr, connections, task }
     }
 }
 
@@ -137,9 +132,7 @@ impl ProxyRecorder {
                         }
                         line.push(b[0]);
                     }
-                    ls.lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&line).trim_end().to_string());
+                    ls.lock().unwrap().push(String::from_utf8_lossy(&line).trim_end().to_string());
                     echo(s).await;
                 });
             }
@@ -169,16 +162,7 @@ impl Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = super::closed_port().port();
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -201,11 +185,7 @@ impl Redis {
         })
         .await;
         assert!(ready, "redis-server did not start");
-        Some(Redis {
-            addr,
-            child,
-            _dir: dir,
-        })
+        Some(Redis { addr, child, _dir: dir })
     }
 }
 

@@ -28,10 +28,7 @@ pub fn chash_id(addr: SocketAddr) -> Vec<u8> {
         SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
     };
-    text.into_bytes()
-        .into_iter()
-        .map(|b| if b == b':' { 0 } else { b })
-        .collect()
+    text.into_bytes().into_iter().map(|b| if b == b':' { 0 } else { b }).collect()
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -40,16 +37,8 @@ fn gcd(a: u32, b: u32) -> u32 {
 
 impl Ring {
     pub fn new(nodes: &[Arc<Node>]) -> Self {
-        let g = nodes
-            .iter()
-            .map(|n| n.weight)
-            .filter(|w| *w > 0)
-            .fold(0, gcd)
-            .max(1);
-        let total: u64 = nodes
-            .iter()
-            .map(|n| (n.weight / g) as u64 * POINTS_PER_WEIGHT as u64)
-            .sum();
+        let g = nodes.iter().map(|n| n.weight).filter(|w| *w > 0).fold(0, gcd).max(1);
+        let total: u64 = nodes.iter().map(|n| (n.weight / g) as u64 * POINTS_PER_WEIGHT as u64).sum();
         let mut points = Vec::with_capacity(total as usize);
         for (idx, n) in nodes.iter().enumerate() {
             let num = (n.weight / g) * POINTS_PER_WEIGHT;
@@ -115,10 +104,7 @@ mod tests {
 
     #[test]
     fn ids_match_apisix() {
-        assert_eq!(
-            chash_id("127.0.0.1:1980".parse().unwrap()),
-            b"127.0.0.1\x001980"
-        );
+        assert_eq!(chash_id("127.0.0.1:1980".parse().unwrap()), b"127.0.0.1\x001980");
         assert_eq!(chash_id("[::1]:80".parse().unwrap()), b"[\x00\x001]\x0080");
     }
 
@@ -166,11 +152,7 @@ mod tests {
 
     #[test]
     fn weights_are_reduced_by_gcd_and_zero_gets_no_points() {
-        let ns = nodes(&[
-            ("10.0.0.1:80", 100),
-            ("10.0.0.2:80", 200),
-            ("10.0.0.3:80", 0),
-        ]);
+        let ns = nodes(&[("10.0.0.1:80", 100), ("10.0.0.2:80", 200), ("10.0.0.3:80", 0)]);
         assert_eq!(Ring::new(&ns).points(), 3 * 160);
         let ns = nodes(&[("10.0.0.1:80", 0)]);
         let r = Ring::new(&ns);
@@ -185,20 +167,12 @@ mod tests {
         let keys: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
         let before: HashMap<&str, SocketAddr> = keys
             .iter()
-            .map(|k| {
-                (
-                    k.as_str(),
-                    ring.pick(&ns, k.as_bytes(), &mut |_| true).unwrap().addr,
-                )
-            })
+            .map(|k| (k.as_str(), ring.pick(&ns, k.as_bytes(), &mut |_| true).unwrap().addr))
             .collect();
         let down = ns[1].addr;
         let mut moved = 0;
         for k in &keys {
-            let now = ring
-                .pick(&ns, k.as_bytes(), &mut |n| n.addr != down)
-                .unwrap()
-                .addr;
+            let now = ring.pick(&ns, k.as_bytes(), &mut |n| n.addr != down).unwrap().addr;
             if before[k.as_str()] == down {
                 assert_ne!(now, down);
                 moved += 1;
@@ -206,10 +180,7 @@ mod tests {
                 assert_eq!(now, before[k.as_str()], "key {k} of a healthy node moved");
             }
         }
-        assert!(
-            moved > 200 && moved < 470,
-            "about a third of the keys were on the down node: {moved}"
-        );
+        assert!(moved > 200 && moved < 470, "about a third of the keys were on the down node: {moved}");
     }
 
     #[test]

@@ -12,10 +12,7 @@ fn score(n: &Node) -> f64 {
 }
 
 #[inline]
-pub fn pick<'a>(
-    nodes: &'a [Arc<Node>],
-    accept: &mut dyn FnMut(&Node) -> bool,
-) -> Option<&'a Arc<Node>> {
+pub fn pick<'a>(nodes: &'a [Arc<Node>], accept: &mut dyn FnMut(&Node) -> bool) -> Option<&'a Arc<Node>> {
     let len = nodes.len();
     match len {
         0 => return None,
@@ -34,10 +31,7 @@ pub fn pick<'a>(
         (true, false) => Some(na),
         (false, true) => Some(nb),
         // Both unusable: the best acceptable node by a scan.
-        (false, false) => nodes
-            .iter()
-            .filter(|n| accept(n))
-            .min_by(|x, y| score(x).total_cmp(&score(y))),
+        (false, false) => nodes.iter().filter(|n| accept(n)).min_by(|x, y| score(x).total_cmp(&score(y))),
     }
 }
 
@@ -52,9 +46,7 @@ mod tests {
         let ns = nodes(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]);
         ns[0].state.observe_latency(Duration::from_millis(200));
         ns[1].state.observe_latency(Duration::from_millis(2));
-        let fast = (0..100)
-            .filter(|_| pick(&ns, &mut |_| true).unwrap().addr == ns[1].addr)
-            .count();
+        let fast = (0..100).filter(|_| pick(&ns, &mut |_| true).unwrap().addr == ns[1].addr).count();
         assert_eq!(fast, 100, "with two nodes both are compared every time");
     }
 

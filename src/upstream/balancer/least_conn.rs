@@ -8,10 +8,7 @@ use std::sync::Arc;
 use crate::upstream::node::Node;
 
 #[inline]
-pub fn pick<'a>(
-    nodes: &'a [Arc<Node>],
-    accept: &mut dyn FnMut(&Node) -> bool,
-) -> Option<&'a Arc<Node>> {
+pub fn pick<'a>(nodes: &'a [Arc<Node>], accept: &mut dyn FnMut(&Node) -> bool) -> Option<&'a Arc<Node>> {
     let mut best: Option<(&'a Arc<Node>, u64, u64)> = None;
     for n in nodes {
         if n.weight == 0 || !accept(n) {
@@ -44,10 +41,7 @@ mod tests {
         ns[2].state.acquire();
         // scores: (1+3)/1=4, (1+2)/2=1.5, (1+1)/1=2
         assert_eq!(pick(&ns, &mut |_| true).unwrap().addr, ns[1].addr);
-        assert_eq!(
-            pick(&ns, &mut |n| n.addr != ns[1].addr).unwrap().addr,
-            ns[2].addr
-        );
+        assert_eq!(pick(&ns, &mut |n| n.addr != ns[1].addr).unwrap().addr, ns[2].addr);
     }
 
     #[test]

@@ -31,23 +31,14 @@ impl RoundRobin {
             // All zero: plain round robin (APISIX), and a single node is always returned.
             weights.iter_mut().for_each(|w| *w = 1);
         }
-        let g = weights
-            .iter()
-            .copied()
-            .filter(|w| *w > 0)
-            .fold(0, gcd)
-            .max(1);
+        let g = weights.iter().copied().filter(|w| *w > 0).fold(0, gcd).max(1);
         weights.iter_mut().for_each(|w| *w /= g);
         let sum: u64 = weights.iter().sum();
         if sum > MAX_CYCLE {
             let scale = sum as f64 / MAX_CYCLE as f64;
-            weights.iter_mut().for_each(|w| {
-                *w = if *w == 0 {
-                    0
-                } else {
-                    ((*w as f64 / scale).round() as u64).max(1)
-                }
-            });
+            weights
+                .iter_mut()
+                .for_each(|w| *w = if *w == 0 { 0 } else { ((*w as f64 / scale).round() as u64).max(1) });
         }
         let max = weights.iter().copied().max().unwrap_or(0);
         let mut order = Vec::with_capacity(weights.iter().sum::<u64>() as usize);
@@ -61,15 +52,8 @@ impl RoundRobin {
             cw -= 1;
         }
         // Start at a random place, as APISIX does, so replicas do not move in lock step.
-        let start = if order.is_empty() {
-            0
-        } else {
-            (super::rand_u64() % order.len() as u64) as usize
-        };
-        RoundRobin {
-            order,
-            next: AtomicUsize::new(start),
-        }
+        let start = if order.is_empty() { 0 } else { (super::rand_u64() % order.len() as u64) as usize };
+        RoundRobin { order, next: AtomicUsize::new(start) }
     }
 
     #[inline]
@@ -138,9 +122,7 @@ mod tests {
         let ns = nodes(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]);
         let rr = RoundRobin::new(&ns);
         for _ in 0..10 {
-            let n = rr
-                .pick(&ns, &mut |n| n.addr.to_string() != "10.0.0.1:80")
-                .unwrap();
+            let n = rr.pick(&ns, &mut |n| n.addr.to_string() != "10.0.0.1:80").unwrap();
             assert_eq!(n.addr.to_string(), "10.0.0.2:80");
         }
         assert!(rr.pick(&ns, &mut |_| false).is_none());
@@ -148,11 +130,7 @@ mod tests {
 
     #[test]
     fn huge_weights_are_scaled_not_exploded() {
-        let ns = nodes(&[
-            ("10.0.0.1:80", 1_000_000),
-            ("10.0.0.2:80", 3_000_000),
-            ("10.0.0.3:80", 7),
-        ]);
+        let ns = nodes(&[("10.0.0.1:80", 1_000_000), ("10.0.0.2:80", 3_000_000), ("10.0.0.3:80", 7)]);
         let rr = RoundRobin::new(&ns);
         assert!(rr.order.len() as u64 <= MAX_CYCLE + 3);
         let c0 = rr.order.iter().filter(|i| **i == 0).count() as f64;

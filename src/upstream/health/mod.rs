@@ -62,13 +62,7 @@ impl HealthProbes {
             if tasks.contains_key(&addr) {
                 continue;
             }
-            let target = ProbeTarget::new(
-                node,
-                check,
-                settings,
-                &self.ctx.roots,
-                self.client_cert.clone(),
-            );
+            let target = ProbeTarget::new(node, check, settings, &self.ctx.roots, self.client_cert.clone());
             let fut = probe_loop(
                 node.state.clone(),
                 check.clone(),
@@ -137,11 +131,7 @@ async fn probe_loop(
         };
         let ok = matches!(result.event, Some(state::Event::Success));
         if let Ok(mut p) = state.last_probe.lock() {
-            *p = Some(ProbeRecord {
-                at: SystemTime::now(),
-                ok,
-                detail: result.detail.clone(),
-            });
+            *p = Some(ProbeRecord { at: SystemTime::now(), ok, detail: result.detail.clone() });
         }
         if let Some(ev) = result.event
             && let Some((from, to)) = state.health.report(ev, thresholds)
@@ -155,11 +145,7 @@ async fn probe_loop(
                 "node health changed (active)"
             );
         }
-        let base = if state.health.routable() {
-            check.healthy_interval
-        } else {
-            check.unhealthy_interval
-        };
+        let base = if state.health.routable() { check.healthy_interval } else { check.unhealthy_interval };
         // +-10% so probes of many nodes do not line up.
         let spread = base / 5;
         tokio::time::sleep(base - spread / 2 + jitter(spread)).await;
@@ -182,14 +168,6 @@ pub(crate) fn probe_host(node: &Node, check: &ActiveCheck, settings: &UpstreamSe
         Scheme::Https | Scheme::Grpcs => 443,
         _ => 80,
     };
-    let host = if node.host.contains(':') {
-        format!("[{}]", node.host)
-    } else {
-        node.host.to_string()
-    };
-    if port == default {
-        host
-    } else {
-        format!("{host}:{port}")
-    }
+    let host = if node.host.contains(':') { format!("[{}]", node.host) } else { node.host.to_string() };
+    if port == default { host } else { format!("{host}:{port}") }
 }

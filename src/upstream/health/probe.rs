@@ -49,10 +49,7 @@ impl ProbeTarget {
             .strip_prefix('[')
             .and_then(|h| h.split(']').next())
             .map(str::to_string)
-            .unwrap_or_else(|| {
-                host.rsplit_once(':')
-                    .map_or(host.clone(), |(h, _)| h.to_string())
-            });
+            .unwrap_or_else(|| host.rsplit_once(':').map_or(host.clone(), |(h, _)| h.to_string()));
         let use_tls = match check.kind {
             ProbeType::Https => true,
             ProbeType::Grpc => matches!(settings.scheme, Scheme::Grpcs | Scheme::Https),
@@ -68,37 +65,20 @@ impl ProbeTarget {
                 .ok()
             })
             .flatten()
-            .map(|t| {
-                if check.kind == ProbeType::Grpc {
-                    t.h2.clone()
-                } else {
-                    t.raw.clone()
-                }
-            });
-        ProbeTarget {
-            addr,
-            host,
-            sni,
-            tls,
-        }
+            .map(|t| if check.kind == ProbeType::Grpc { t.h2.clone() } else { t.raw.clone() });
+        ProbeTarget { addr, host, sni, tls }
     }
 }
 
 fn result(event: Option<Event>, detail: impl Into<String>) -> ProbeResult {
-    ProbeResult {
-        event,
-        detail: detail.into(),
-    }
+    ProbeResult { event, detail: detail.into() }
 }
 
 /// Runs one probe within the check's timeout.
 pub async fn run_probe(t: &ProbeTarget, c: &ActiveCheck) -> ProbeResult {
     match timeout(c.timeout, probe(t, c)).await {
         Ok(r) => r,
-        Err(_) => result(
-            Some(Event::Timeout),
-            format!("timed out after {:?}", c.timeout),
-        ),
+        Err(_) => result(Some(Event::Timeout), format!("timed out after {:?}", c.timeout)),
     }
 }
 
@@ -134,9 +114,7 @@ async fn tls(
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let name = strait_protocols::tls::server_name(sni)
         .ok_or_else(|| std::io::Error::other(format!("invalid server name {sni:?}")))?;
-    tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
-        .await
+    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
 }
 
 /// Classifies an HTTP status per the check's lists.
@@ -180,16 +158,10 @@ where
     }
     let line = String::from_utf8_lossy(&buf);
     let line = line.lines().next().unwrap_or("");
-    let status = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|s| s.parse::<u16>().ok());
+    let status = line.strip_prefix("HTTP/1.").and_then(|r| r.get(2..5)).and_then(|s| s.parse::<u16>().ok());
     match status {
         Some(code) => result(classify_status(code, c), format!("HTTP {code}")),
-        None => result(
-            Some(Event::HttpFailure),
-            format!("bad status line {line:?}"),
-        ),
+        None => result(Some(Event::HttpFailure), format!("bad status line {line:?}")),
     }
 }
 
@@ -266,17 +238,10 @@ where
         Err(e) => return result(Some(Event::HttpFailure), format!("bad probe request: {e}")),
     };
     let out = async {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
         let status = resp.status();
         let head_status = grpc::status_of(resp.headers());
-        let collected = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?;
+        let collected = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
         let trailer_status = collected.trailers().and_then(grpc::status_of);
         Ok::<_, String>((status, head_status.or(trailer_status), collected.to_bytes()))
     }
@@ -289,18 +254,12 @@ where
         }
         Ok((_, Some(0), body)) => match health_status(&body) {
             Some(1) => result(Some(Event::Success), "SERVING"),
-            Some(s) => result(
-                Some(Event::HttpFailure),
-                format!("health status {s} (not SERVING)"),
-            ),
+            Some(s) => result(Some(Event::HttpFailure), format!("health status {s} (not SERVING)")),
             None => result(Some(Event::HttpFailure), "undecodable HealthCheckResponse"),
         },
         Ok((_, code, _)) => result(
             Some(Event::HttpFailure),
-            format!(
-                "grpc-status {}",
-                code.map_or("missing".into(), |c| c.to_string())
-            ),
+            format!("grpc-status {}", code.map_or("missing".into(), |c| c.to_string())),
         ),
     }
 }
@@ -312,10 +271,7 @@ mod tests {
     #[test]
     fn health_messages_encode_and_decode() {
         assert_eq!(&health_request("")[..], &[0, 0, 0, 0, 0]);
-        assert_eq!(
-            &health_request("svc")[..],
-            &[0, 0, 0, 0, 5, 0x0a, 3, b's', b'v', b'c']
-        );
+        assert_eq!(&health_request("svc")[..], &[0, 0, 0, 0, 5, 0x0a, 3, b's', b'v', b'c']);
         assert_eq!(health_status(&[0, 0, 0, 0, 2, 0x08, 1]), Some(1));
         assert_eq!(health_status(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
         assert_eq!(health_status(&[0, 0, 0, 0, 0]), Some(0));

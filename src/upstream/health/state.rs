@@ -105,11 +105,7 @@ pub fn transition(word: u64, event: Event, t: Thresholds) -> u64 {
     }
     let count = get(word, shift).saturating_add(1);
     if count >= limit {
-        let new_state = if healthy_report {
-            Status::Healthy
-        } else {
-            Status::Unhealthy
-        };
+        let new_state = if healthy_report { Status::Healthy } else { Status::Unhealthy };
         return new_state.bits() << STATE;
     }
     // Success resets the failure counters; a failure resets the success counter.
@@ -142,15 +138,9 @@ impl Health {
             if next == cur {
                 return None;
             }
-            match self
-                .word
-                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
+            match self.word.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => {
-                    let (a, b) = (
-                        Status::from_bits(cur >> STATE),
-                        Status::from_bits(next >> STATE),
-                    );
+                    let (a, b) = (Status::from_bits(cur >> STATE), Status::from_bits(next >> STATE));
                     return (a != b).then_some((a, b));
                 }
                 Err(actual) => cur = actual,
@@ -186,46 +176,21 @@ impl Health {
 mod tests {
     use super::*;
 
-    const T: Thresholds = Thresholds {
-        successes: 2,
-        http_failures: 3,
-        tcp_failures: 2,
-        timeouts: 3,
-    };
+    const T: Thresholds = Thresholds { successes: 2, http_failures: 3, tcp_failures: 2, timeouts: 3 };
 
     #[test]
     fn failures_eject_and_successes_readmit() {
         let h = Health::default();
         assert_eq!(h.status(), Status::Healthy);
-        assert_eq!(
-            h.report(Event::Success, T),
-            None,
-            "success while healthy is a no-op"
-        );
-        assert_eq!(
-            h.report(Event::TcpFailure, T),
-            Some((Status::Healthy, Status::MostlyHealthy))
-        );
+        assert_eq!(h.report(Event::Success, T), None, "success while healthy is a no-op");
+        assert_eq!(h.report(Event::TcpFailure, T), Some((Status::Healthy, Status::MostlyHealthy)));
         assert!(h.routable());
-        assert_eq!(
-            h.report(Event::TcpFailure, T),
-            Some((Status::MostlyHealthy, Status::Unhealthy))
-        );
+        assert_eq!(h.report(Event::TcpFailure, T), Some((Status::MostlyHealthy, Status::Unhealthy)));
         assert!(!h.routable());
-        assert_eq!(
-            h.counters(),
-            Counters::default(),
-            "counters reset on a flip"
-        );
-        assert_eq!(
-            h.report(Event::Success, T),
-            Some((Status::Unhealthy, Status::MostlyUnhealthy))
-        );
+        assert_eq!(h.counters(), Counters::default(), "counters reset on a flip");
+        assert_eq!(h.report(Event::Success, T), Some((Status::Unhealthy, Status::MostlyUnhealthy)));
         assert!(!h.routable());
-        assert_eq!(
-            h.report(Event::Success, T),
-            Some((Status::MostlyUnhealthy, Status::Healthy))
-        );
+        assert_eq!(h.report(Event::Success, T), Some((Status::MostlyUnhealthy, Status::Healthy)));
     }
 
     #[test]
@@ -249,10 +214,7 @@ mod tests {
 
     #[test]
     fn zero_threshold_disables_a_counter() {
-        let t = Thresholds {
-            tcp_failures: 0,
-            ..T
-        };
+        let t = Thresholds { tcp_failures: 0, ..T };
         let h = Health::default();
         for _ in 0..10 {
             h.report(Event::TcpFailure, t);

@@ -1,0 +1,435 @@
+//! gRPC end to end against real tonic servers: all four call types, trailers and status details
+//! passed through, per-call balancing, deadlines, gateway-made errors as gRPC statuses (tonic and
+//! curl), grpcs, grpc.health.v1 checks, and grpc-transcode (query, form, JSON, nested/repeated/
+//! enum/int64, descriptor sets with imports, status mapping, deadlines, server streaming).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+use support::certs::Ca;
+use support::grpc::{self as g, GrpcServer, HelloReply, HelloRequest};
+use support::*;
+use tonic::Code;
+
+fn grpc_route(nodes: &str, extra: &str) -> String {
+    format!(
+        "routes:\n  - uri: /test.Greeter/*\n{extra}    upstream:\n      scheme: grpc\n      nodes: {nodes}\n"
+    )
+}
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest { name: name.into(), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_pass_through_with_authority_and_error_details() {
+    let s = GrpcServer::start(None).await;
+    let gw = TestGateway::start(&grpc_route(&nodes_yaml(&[s.addr]), ""));
+    let rep =
+        g::say_hello(gw.http(), HelloRequest { name: "world".into(), big: i64::MAX, ..Default::default() })
+            .await
+            .unwrap();
+    assert_eq!(rep.message, "Hello world");
+    assert_eq!(rep.big, i64::MAX);
+    assert_eq!(rep.authority, gw.http().to_string(), "pass_host: pass keeps the client's :authority");
+
+    // A failure with google.rpc.Status details reaches the client unchanged.
+    let err = g::say_hello(gw.http(), HelloRequest { code: 9, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.message(), "failure 9");
+    let detail = g::error_detail(&err).expect("grpc-status-details-bin passed through");
+    assert_eq!(detail.retry_after, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_calls_of_every_kind_and_read_timeout_between_messages() {
+    let s = GrpcServer::start(None).await;
+    // read timeout 0.5 s; the stream below lasts 5 x 300 ms.
+    let gw = TestGateway::start(&grpc_route(
+        &nodes_yaml(&[s.addr]),
+        "    timeout: {connect: 1, send: 1, read: 0.5}\n",
+    ));
+    let mut c = g::client(gw.http()).await;
+    c.ready().await.unwrap();
+    let req = HelloRequest { name: "s".into(), count: 5, delay_ms: 300, ..Default::default() };
+    let mut stream = c
+        .server_streaming(
+            tonic::Request::new(req),
+            g::path("StreamHellos"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = vec![];
+    while let Some(m) = stream.message().await.unwrap() {
+        let m: HelloReply = m;
+        got.push(m.index);
+    }
+    assert_eq!(got, [0, 1, 2, 3, 4], "a stream stays up while messages flow");
+
+    c.ready().await.unwrap();
+    let outbound = tokio_stream_iter(vec![hello("a"), hello("b"), hello("c")]);
+    let rep: HelloReply = c
+        .client_streaming(
+            tonic::Request::new(outbound),
+            g::path("CollectHellos"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rep.message, "a,b,c");
+
+    c.ready().await.unwrap();
+    let outbound = tokio_stream_iter(vec![hello("x"), hello("y")]);
+    let mut replies = c
+        .streaming(tonic::Request::new(outbound), g::path("Chat"), tonic_prost::ProstCodec::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = vec![];
+    while let Some(m) = replies.message().await.unwrap() {
+        let m: HelloReply = m;
+        got.push(m.message);
+    }
+    assert_eq!(got, ["echo x", "echo y"]);
+}
+
+fn tokio_stream_iter(
+    v: Vec<HelloRequest>,
+) -> impl futures_util::Stream<Item = HelloRequest> + Send + 'static {
+    futures_util::stream::iter(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_balanced_per_call_over_one_client_connection() {
+    let (a, b) = (GrpcServer::start(None).await, GrpcServer::start(None).await);
+    let gw = TestGateway::start_with(BASE_CONFIG, &grpc_route(&nodes_yaml(&[a.addr, b.addr]), ""), 1);
+    let mut c = g::client(gw.http()).await;
+    for i in 0..10 {
+        c.ready().await.unwrap();
+        let _: HelloReply = c
+            .unary(
+                tonic::Request::new(hello(&format!("n{i}"))),
+                g::path("SayHello"),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+    }
+    assert_eq!((a.calls(), b.calls()), (5, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_timeout_is_honoured_with_deadline_exceeded() {
+    use prost::Message;
+    let s = GrpcServer::start(None).await;
+    let gw = TestGateway::start(&grpc_route(&nodes_yaml(&[s.addr]), ""));
+    // A raw HTTP/2 client, so only the gateway enforces the deadline.
+    let msg = HelloRequest { delay_ms: 3000, ..hello("slow") }.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let req = http::Request::post(format!("http://{}/test.Greeter/SayHello", gw.http()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(Full::new(Bytes::from(framed)))
+        .unwrap();
+    let started = Instant::now();
+    let (status, headers, _, trailers) = send_h2(gw.http(), req).await;
+    assert_eq!(status, StatusCode::OK);
+    let code = headers.get("grpc-status").or(trailers.as_ref().and_then(|t| t.get("grpc-status")));
+    assert_eq!(code.map(|c| c.to_str().unwrap()), Some("4"), "DEADLINE_EXCEEDED");
+    assert!(started.elapsed() < Duration::from_millis(2000), "{:?}", started.elapsed());
+
+    // Mid-stream: the messages sent before the deadline arrive, then a DEADLINE_EXCEEDED trailer.
+    let msg = HelloRequest { count: 20, delay_ms: 100, ..hello("stream") }.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let req = http::Request::post(format!("http://{}/test.Greeter/StreamHellos", gw.http()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "450m")
+        .body(Full::new(Bytes::from(framed)))
+        .unwrap();
+    let (status, _, body, trailers) = send_h2(gw.http(), req).await;
+    assert_eq!(status, StatusCode::OK);
+    let trailers = trailers.expect("trailers");
+    assert_eq!(trailers["grpc-status"], "4");
+    assert!(!body.is_empty() && body.len() < 20 * 10, "some messages, not all: {} bytes", body.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_errors_are_grpc_statuses_not_bare_http() {
+    let dead = closed_port();
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /test.Greeter/*\n    upstream: {{scheme: grpc, nodes: {}}}\n  - uri: /empty.Svc/*\n    upstream: {{scheme: grpc, nodes: {{}}}}\n",
+        nodes_yaml(&[dead])
+    ));
+    let err = g::say_hello(gw.http(), hello("x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "connect failure: {err:?}");
+
+    let frame = [0u8, 0, 0, 0, 0];
+    for (path, code) in [("/test.Greeter/SayHello", "14"), ("/empty.Svc/M", "14"), ("/nope.Svc/M", "12")] {
+        let url = format!("http://{}{path}", gw.http());
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("frame.bin");
+        std::fs::write(&body, frame).unwrap();
+        let (ok, _, err) = curl(&[
+            "--http2-prior-knowledge",
+            "-v",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "--data-binary",
+            &format!("@{}", body.display()),
+            &url,
+        ])
+        .await;
+        assert!(ok, "{err}");
+        assert!(err.contains("< HTTP/2 200"), "{path}: {err}");
+        assert!(err.contains(&format!("< grpc-status: {code}")), "{path}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcs_upstream_with_rewritten_authority() {
+    let ca = Ca::new("grpcs-ca");
+    let leaf = ca.leaf(&["greeter.internal"]);
+    let s = GrpcServer::start(Some(&leaf)).await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /test.Greeter/*\n    upstream:\n      scheme: grpcs\n      pass_host: rewrite\n      upstream_host: greeter.internal\n      nodes: {}\n",
+        nodes_yaml(&[s.addr])
+    ));
+    let rep = g::say_hello(gw.http(), hello("tls")).await.unwrap();
+    assert_eq!(rep.message, "Hello tls");
+    assert_eq!(rep.authority, "greeter.internal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_v1_checks_take_a_not_serving_node_out() {
+    let (a, b) = (GrpcServer::start(None).await, GrpcServer::start(None).await);
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  - id: g\n    scheme: grpc\n    nodes: {}\n    checks:\n      active:\n        type: grpc\n        healthy: {{interval: 1, successes: 1}}\n        unhealthy: {{interval: 1, http_failures: 1}}\nroutes:\n  - uri: /test.Greeter/*\n    upstream_id: g\n",
+        nodes_yaml(&[a.addr, b.addr])
+    ));
+    let status = |port: u16| {
+        let gw = &gw;
+        async move {
+            let j = gw.control_json("/v1/healthcheck/upstreams/g").await;
+            assert_eq!(j["type"], "grpc");
+            j["nodes"].as_array().unwrap().iter().find(|n| n["port"] == port).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    b.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { status(b.addr.port()).await == "unhealthy" }).await
+    );
+    assert_eq!(status(a.addr.port()).await, "healthy");
+    let before = b.calls();
+    for _ in 0..6 {
+        g::say_hello(gw.http(), hello("x")).await.unwrap();
+    }
+    assert_eq!(b.calls(), before, "a NOT_SERVING node gets no calls");
+    b.health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    assert!(eventually(Duration::from_secs(10), || async { status(b.addr.port()).await == "healthy" }).await);
+}
+
+// ------------------------------------------------------------------------------------------
+// grpc-transcode
+
+fn transcode_resources(server: std::net::SocketAddr, proto_content: &str, extra: &str) -> String {
+    let content = proto_content.lines().map(|l| format!("      {l}\n")).collect::<String>();
+    format!(
+        "protos:
+  - id: greeter
+    content: |
+{content}upstreams:
+  - id: g
+    scheme: grpc
+    nodes: {n}
+routes:
+  - uri: /hello
+    upstream_id: g
+    plugins:
+      grpc-transcode:
+        proto_id: greeter
+        service: test.Greeter
+        method: SayHello
+{extra}  - uri: /hellos
+    upstream_id: g
+    plugins:
+      grpc-transcode:
+        proto_id: greeter
+        service: test.Greeter
+        method: StreamHellos
+  - uri: /slow
+    upstream_id: g
+    plugins:
+      grpc-transcode:
+        proto_id: greeter
+        service: test.Greeter
+        method: SayHello
+        deadline: 200
+",
+        n = nodes_yaml(&[server])
+    )
+}
+
+async fn post_json(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let req = http::Request::post(path)
+        .header("host", "h")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    send(addr, req).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_query_form_and_json_with_every_field_kind() {
+    let s = GrpcServer::start(None).await;
+    let gw = TestGateway::start(&transcode_resources(s.addr, g::PROTO, ""));
+
+    let (status, headers, body) =
+        get(gw.http(), "/hello?name=world&big=9007199254740993&kind=LARGE&tags=a&tags=b&inner.note=n").await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["content-type"], "application/json");
+    let j = json(&body);
+    assert_eq!(j["message"], "Hello world");
+    assert_eq!(j["big"].as_u64(), Some(9_007_199_254_740_993), "int64 as a number, exactly");
+    assert_eq!(j["kind"], "LARGE");
+    assert_eq!(j["tags"], serde_json::json!(["a", "b"]));
+    assert_eq!(j["inner"]["note"], "n");
+    assert_eq!(j["empty"], serde_json::json!([]), "empty repeated fields are []");
+
+    let form = http::Request::post("/hello")
+        .header("host", "h")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(b"name=form&kind=1")))
+        .unwrap();
+    let (status, _, body) = send(gw.http(), form).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["message"], "Hello form");
+    assert_eq!(json(&body)["kind"], "SMALL", "enum by number in, by name out");
+
+    let (status, _, body) = post_json(
+        gw.http(),
+        "/hello",
+        r#"{"name": "json", "big": "-42", "kind": 2, "inner": {"note": "deep", "values": [1, 2, 3]}, "scores": {"x": 5}, "unknown": 1}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let j = json(&body);
+    assert_eq!(j["big"], -42);
+    assert_eq!(j["kind"], "LARGE");
+    assert_eq!(j["inner"]["values"], serde_json::json!([1, 2, 3]));
+    assert_eq!(j["scores"]["x"], 5);
+
+    let (status, _, _) = post_json(gw.http(), "/hello", r#"{"name": 5}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a type error in the input is a 400");
+    let (status, _, _) = get(gw.http(), "/hello?big=notanumber").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_status_mapping_details_and_deadline() {
+    let s = GrpcServer::start(None).await;
+    let gw = TestGateway::start(&transcode_resources(
+        s.addr,
+        g::PROTO,
+        "        show_status_in_body: true\n        status_detail_type: test.ErrorDetail\n",
+    ));
+    for (code, http) in [(5, 404), (14, 503), (3, 400), (16, 401), (7, 403)] {
+        let (status, headers, body) = get(gw.http(), &format!("/hello?code={code}")).await;
+        assert_eq!(status.as_u16(), http, "grpc {code}");
+        assert_eq!(headers["grpc-status"], code.to_string());
+        let j = json(&body);
+        assert_eq!(j["error"]["code"], code);
+        assert_eq!(j["error"]["message"], format!("failure {code}"));
+        assert_eq!(j["error"]["details"][0]["retry_after"], 7);
+        assert_eq!(j["error"]["details"][0]["reason"], "because the test said so");
+    }
+    let started = Instant::now();
+    let (status, _, _) = get(gw.http(), "/slow?delay_ms=2000").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_server_streaming_as_ndjson_and_sse_with_mid_stream_errors() {
+    let s = GrpcServer::start(None).await;
+    let gw = TestGateway::start(&transcode_resources(s.addr, g::PROTO, ""));
+    let (status, headers, body) = get(gw.http(), "/hellos?name=s&count=3").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/x-ndjson");
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&body).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["index"], 2);
+
+    let req = http::Request::get("/hellos?name=s&count=2&code=13")
+        .header("host", "h")
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, headers, body) = send(gw.http(), req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let text = String::from_utf8_lossy(&body).to_string();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 3, "{text}");
+    assert!(events[0].starts_with("data: {"));
+    let last: serde_json::Value = serde_json::from_str(events[2].trim_start_matches("data: ")).unwrap();
+    assert_eq!(last["error"]["code"], 13);
+    assert_eq!(last["error"]["message"], "failure 13");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_with_a_descriptor_set_that_has_imports() {
+    // Two files: the messages in common.proto, imported by greeter.proto.
+    let header = "syntax = \"proto3\";\npackage test;\n";
+    let (service_at, kind_at) =
+        (g::PROTO.find("service Greeter").unwrap(), g::PROTO.find("enum Kind").unwrap());
+    let common_src = format!("{header}{}", &g::PROTO[kind_at..]);
+    let greeter_src = format!("{header}import \"common.proto\";\n{}", &g::PROTO[service_at..kind_at]);
+    struct Files(Vec<(String, String)>);
+    impl protox::file::FileResolver for Files {
+        fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
+            match self.0.iter().find(|(n, _)| n == name) {
+                Some((n, s)) => protox::file::File::from_source(n, s),
+                None => Err(protox::Error::file_not_found(name)),
+            }
+        }
+    }
+    let mut compiler = protox::Compiler::with_file_resolver(Files(vec![
+        ("common.proto".into(), common_src),
+        ("greeter.proto".into(), greeter_src),
+    ]));
+    compiler.include_imports(true);
+    compiler.open_file("greeter.proto").unwrap();
+    let set = base64::engine::general_purpose::STANDARD.encode(compiler.encode_file_descriptor_set());
+
+    let s = GrpcServer::start(None).await;
+    let gw = TestGateway::start(&transcode_resources(s.addr, &set, ""));
+    let (status, _, body) = get(gw.http(), "/hello?name=set&kind=SMALL").await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["message"], "Hello set");
+    assert_eq!(json(&body)["kind"], "SMALL");
+}
