@@ -11,7 +11,7 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
 command -v named >/dev/null || need_apt+=(bind9)
-command -v nsupdate >/dev/null || need_apt+=(bind9-dnsutils)
+command -v nsupdate >/dev/null && command -v dig >/dev/null || need_apt+=(bind9-dnsutils)
 command -v openssl >/dev/null || need_apt+=(openssl)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -195,3 +195,114 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// A real authoritative DNS server (bind9's `named`) for zone `svc.test` on a free loopback
+/// port, changed at run time with `nsupdate`.
+pub struct Bind {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Bind {
+    /// Starts `named` with `records` (zone-file lines after the SOA/NS, e.g. `web 2 IN A 127.0.0.11`).
+    pub async fn start(records: &str) -> Option<Bind> {
+        if !require_bin("named") || !require_bin("nsupdate") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = super::closed_port().port();
+        let d = dir.path().display().to_string();
+        std::fs::write(
+            dir.path().join("named.conf"),
+            format!(
+                "options {{ directory \"{d}\"; pid-file \"{d}/named.pid\"; session-keyfile \"{d}/session.key\";
+  listen-on port {port} {{ 127.0.0.1; }}; listen-on-v6 {{ none; }};
+  recursion no; dnssec-validation no; notify no; }};
+zone \"svc.test\" {{ type primary; file \"svc.test.zone\"; allow-update {{ 127.0.0.1; }}; }};
+"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("svc.test.zone"),
+            format!(
+                "$TTL 5\n@ IN SOA ns.svc.test. admin.svc.test. ( 1 60 60 3600 5 )\n  IN NS ns.svc.test.\nns IN A 127.0.0.1\n{records}\n"
+            ),
+        )
+        .unwrap();
+        let mut b = Bind { addr: format!("127.0.0.1:{port}").parse().unwrap(), child: None, dir };
+        b.spawn();
+        let addr = b.addr;
+        let ready =
+            super::eventually(
+                Duration::from_secs(10),
+                || async move { dns_answers(addr, "ns.svc.test").await },
+            )
+            .await;
+        assert!(ready, "named did not start");
+        Some(b)
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let mut cmd = Command::new("named");
+        cmd.arg("-g").arg("-c").arg(d.join("named.conf"));
+        // named drops privileges when started as root; the directory must stay writable.
+        if unsafe_is_root() {
+            let _ = Command::new("chown").arg("-R").arg("nobody").arg(d).status();
+            cmd.args(["-u", "nobody"]);
+        }
+        let log = std::fs::File::create(d.join("named.log")).unwrap();
+        self.child = Some(cmd.stdout(Stdio::null()).stderr(log).spawn().expect("named"));
+    }
+
+    /// Applies `nsupdate` commands (`update delete ...`, `update add ...`) to zone svc.test.
+    pub fn update(&self, commands: &str) {
+        let script = format!("server 127.0.0.1 {}\nzone svc.test\n{commands}\nsend\n", self.addr.port());
+        let mut child = Command::new("nsupdate").stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nsupdate failed");
+    }
+
+    /// Stops the server (an outage); `restart` brings it back on the same port.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Whether `name` gets an answer from the DNS server at `addr` (via dig).
+pub async fn dns_answers(addr: SocketAddr, name: &str) -> bool {
+    let out = tokio::process::Command::new("dig")
+        .args([
+            &format!("@{}", addr.ip()),
+            "-p",
+            &addr.port().to_string(),
+            "+short",
+            "+time=1",
+            "+tries=1",
+            name,
+            "A",
+        ])
+        .output()
+        .await;
+    matches!(out, Ok(o) if o.status.success() && !o.stdout.is_empty())
+}
+
+impl Drop for Bind {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
