@@ -20,3 +20,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
+
+# rnacos: a Nacos-compatible server (Nacos 2.x gRPC and v1 open API) for the Nacos tests.
+# A debug build takes about half the time of a release build and is enough for tests.
+if ! command -v rnacos >/dev/null; then
+    echo "installing rnacos 0.8.8 (cargo install --debug; several minutes on 2 cores)"
+    cargo install rnacos --version 0.8.8 --locked --debug --quiet
+fi

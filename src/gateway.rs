@@ -109,6 +109,11 @@ impl Shared {
             let d = DnsDiscovery::new(dns.clone()).map_err(|e| format!("discovery.dns: {e}"))?;
             backends.push(Arc::new(d));
         }
+        if let Some(nacos) = &config.node.discovery_config.nacos {
+            let d = strait_discovery::nacos::NacosDiscovery::new(nacos.clone())
+                .map_err(|e| format!("discovery.nacos: {e}"))?;
+            backends.push(Arc::new(d));
+        }
         let global = crate::config::discovery::global_resolver(
             &config.node.dns_resolver,
             config.node.dns_resolver_valid,

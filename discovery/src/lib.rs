@@ -11,6 +11,8 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod http;
+pub mod nacos;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -306,3 +306,140 @@ impl Drop for Bind {
         self.stop();
     }
 }
+
+/// A real Nacos-compatible server (`rnacos`): HTTP on a free port, gRPC on HTTP + 1000.
+pub struct Nacos {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    probe_secs: u32,
+    grpc_offset: u16,
+}
+
+impl Nacos {
+    pub async fn start() -> Option<Nacos> {
+        Self::start_probing(0).await
+    }
+
+    /// With `probe_secs` > 0, rnacos TCP-probes persistent instances and marks those nobody
+    /// listens for unhealthy.
+    pub async fn start_probing(probe_secs: u32) -> Option<Nacos> {
+        Self::start_with(probe_secs, 1000).await
+    }
+
+    /// `grpc_offset` other than 1000 hides the gRPC API from clients (like a Nacos 1.x server).
+    pub async fn start_with(probe_secs: u32, grpc_offset: u16) -> Option<Nacos> {
+        if !require_bin("rnacos") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // HTTP, gRPC (+1000) and console (+2000) must all be free.
+        let port = loop {
+            let p = super::closed_port().port();
+            if p < 60000
+                && std::net::TcpListener::bind(("127.0.0.1", p + 1000)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + grpc_offset)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 2000)).is_ok()
+            {
+                break p;
+            }
+        };
+        let mut n = Nacos {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            child: None,
+            dir,
+            probe_secs,
+            grpc_offset,
+        };
+        n.spawn();
+        let addr = n.addr;
+        let ready = super::eventually(Duration::from_secs(20), || async move {
+            nacos_http(addr, "GET", "/nacos/v1/ns/instance/list?serviceName=__probe").await.is_some()
+        })
+        .await;
+        assert!(ready, "rnacos did not start");
+        Some(n)
+    }
+
+    fn spawn(&mut self) {
+        let p = self.addr.port();
+        let d = self.dir.path();
+        let log = std::fs::File::create(d.join("rnacos.log")).unwrap();
+        let child = Command::new("rnacos")
+            .current_dir(d)
+            .env("RNACOS_HTTP_PORT", p.to_string())
+            .env("RNACOS_GRPC_PORT", (p + self.grpc_offset).to_string())
+            .env("RNACOS_HTTP_CONSOLE_PORT", (p + 2000).to_string())
+            .env("RNACOS_SDK_HOST", "127.0.0.1")
+            .env("RNACOS_CONSOLE_HOST", "127.0.0.1")
+            .env("RNACOS_DATA_DIR", d.join("data"))
+            .env("RNACOS_HTTP_WORKERS", "1")
+            .env("RUST_LOG", "warn")
+            .env("RNACOS_NAMING_PERPETUAL_INSTANCE_PROBE_INTERVAL_SECOND", self.probe_secs.to_string())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("rnacos");
+        self.child = Some(child);
+    }
+
+    /// Registers (or updates) a persistent instance through the v1 open API.
+    pub async fn register(
+        &self,
+        service: &str,
+        group: &str,
+        namespace: &str,
+        node: SocketAddr,
+        weight: f64,
+        extra: &str,
+    ) {
+        let path = format!(
+            "/nacos/v1/ns/instance?serviceName={service}&groupName={group}&namespaceId={namespace}&ip={}&port={}&weight={weight}&ephemeral=false{extra}",
+            node.ip(),
+            node.port()
+        );
+        let out = nacos_http(self.addr, "POST", &path).await;
+        assert_eq!(out.as_deref(), Some("ok"), "register {path}");
+    }
+
+    pub async fn deregister(&self, service: &str, group: &str, namespace: &str, node: SocketAddr) {
+        let path = format!(
+            "/nacos/v1/ns/instance?serviceName={service}&groupName={group}&namespaceId={namespace}&ip={}&port={}&ephemeral=false",
+            node.ip(),
+            node.port()
+        );
+        assert_eq!(nacos_http(self.addr, "DELETE", &path).await.as_deref(), Some("ok"));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nacos {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One request to rnacos; the body when the status is 200.
+pub async fn nacos_http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut s, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), s.send_request(req)).await.ok()?.ok()?;
+    let ok = resp.status().is_success();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    ok.then(|| String::from_utf8_lossy(&body).into_owned())
+}

@@ -1,0 +1,275 @@
+//! A small HTTP/1.1 client for registry APIs (Nacos, Consul, Eureka, Kubernetes): one request
+//! per connection, connect and read timeouts, optional TLS, and streamed bodies for watches.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::DiscoveryError;
+
+/// `scheme://host:port` of a registry server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Url {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Url {
+    /// Parses `http(s)://host[:port][/]`.
+    pub fn parse(s: &str) -> Result<Url, String> {
+        let (scheme, rest) = s.split_once("://").ok_or("expected http(s)://host[:port]")?;
+        let tls = match scheme {
+            "http" => false,
+            "https" => true,
+            _ => return Err(format!("unsupported scheme {scheme:?}")),
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() || rest.contains('/') {
+            return Err("expected http(s)://host[:port] without a path".into());
+        }
+        let default = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or("unclosed [")?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| format!("invalid port {p:?}"))?,
+                None => default,
+            };
+            (h.to_string(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| format!("invalid port {p:?}"))?),
+                None => (rest.to_string(), default),
+            }
+        };
+        if host.is_empty() {
+            return Err("empty host".into());
+        }
+        Ok(Url { tls, host, port })
+    }
+
+    /// `host:port` (IPv6 bracketed).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A complete response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// The client.
+#[derive(Clone)]
+pub struct HttpClient {
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient").field("connect_timeout", &self.connect_timeout).finish()
+    }
+}
+
+impl HttpClient {
+    /// A client that does not verify registry certificates (APISIX's default for registries).
+    pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Self, DiscoveryError> {
+        let tls =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| DiscoveryError::Config(format!("TLS: {e}")))?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify))
+                .with_no_client_auth();
+        Ok(HttpClient { connect_timeout, read_timeout, tls: Arc::new(tls) })
+    }
+
+    /// Sends a request and returns the response head with a streaming body. `read` bounds the
+    /// wait for the head.
+    pub async fn send(
+        &self,
+        url: &Url,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+        read: Duration,
+    ) -> Result<http::Response<Incoming>, DiscoveryError> {
+        let unavailable = |e: String| DiscoveryError::Unavailable(format!("{}: {e}", url.authority()));
+        let addr = resolve(url).await.map_err(unavailable)?;
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| unavailable("connect timed out".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let mut req = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        let mut req = req.body(Full::new(body)).map_err(|e| DiscoveryError::Config(e.to_string()))?;
+        req.headers_mut().insert(
+            header::HOST,
+            HeaderValue::from_str(&url.authority()).map_err(|e| unavailable(e.to_string()))?,
+        );
+        let send = async {
+            if url.tls {
+                let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                    .map_err(|e| unavailable(e.to_string()))?;
+                let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                tokio::spawn(conn);
+                s.send_request(req).await.map_err(|e| unavailable(e.to_string()))
+            } else {
+                let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                tokio::spawn(conn);
+                s.send_request(req).await.map_err(|e| unavailable(e.to_string()))
+            }
+        };
+        tokio::time::timeout(read, send).await.map_err(|_| unavailable("timed out".into()))?
+    }
+
+    /// A complete request with the client's read timeout.
+    pub async fn request(
+        &self,
+        url: &Url,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+        read: Option<Duration>,
+    ) -> Result<HttpResponse, DiscoveryError> {
+        let read = read.unwrap_or(self.read_timeout);
+        let resp = self.send(url, method, path, headers, body, read).await?;
+        let (parts, body) = resp.into_parts();
+        let body = tokio::time::timeout(read, body.collect())
+            .await
+            .map_err(|_| {
+                DiscoveryError::Unavailable(format!("{}: reading the body timed out", url.authority()))
+            })?
+            .map_err(|e| DiscoveryError::Unavailable(format!("{}: {e}", url.authority())))?
+            .to_bytes();
+        Ok(HttpResponse { status: parts.status.as_u16(), headers: parts.headers, body })
+    }
+
+    pub async fn get(&self, url: &Url, path: &str) -> Result<HttpResponse, DiscoveryError> {
+        self.request(url, Method::GET, path, &[("accept", "application/json".into())], Bytes::new(), None)
+            .await
+    }
+
+    pub async fn post_form(
+        &self,
+        url: &Url,
+        path: &str,
+        body: String,
+    ) -> Result<HttpResponse, DiscoveryError> {
+        self.request(
+            url,
+            Method::POST,
+            path,
+            &[("content-type", "application/x-www-form-urlencoded".into())],
+            Bytes::from(body),
+            None,
+        )
+        .await
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
+    }
+}
+
+async fn resolve(url: &Url) -> Result<SocketAddr, String> {
+    if let Ok(ip) = url.host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, url.port));
+    }
+    tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{} does not resolve", url.host))
+}
+
+#[derive(Debug)]
+struct NoVerify;
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = Url::parse("http://127.0.0.1:8500").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 8500));
+        let u = Url::parse("https://consul.local/").unwrap();
+        assert_eq!((u.tls, u.port), (true, 443));
+        let u = Url::parse("http://[::1]:80").unwrap();
+        assert_eq!(u.authority(), "[::1]:80");
+        assert!(Url::parse("consul:8500").is_err());
+        assert!(Url::parse("http://h:1/v1").is_err());
+    }
+}
