@@ -109,9 +109,29 @@ impl Shared {
             let d = DnsDiscovery::new(dns.clone()).map_err(|e| format!("discovery.dns: {e}"))?;
             backends.push(Arc::new(d));
         }
-        if let Some(nacos) = &config.node.discovery_config.nacos {
-            let d = strait_discovery::nacos::NacosDiscovery::new(nacos.clone())
+        let dc = &config.node.discovery_config;
+        if let Some(o) = &dc.nacos {
+            let d = strait_discovery::nacos::NacosDiscovery::new(o.clone())
                 .map_err(|e| format!("discovery.nacos: {e}"))?;
+            backends.push(Arc::new(d));
+        }
+        if let Some(o) = &dc.consul {
+            let d = strait_discovery::consul::ConsulDiscovery::new(o.clone())
+                .map_err(|e| format!("discovery.consul: {e}"))?;
+            backends.push(Arc::new(d));
+        }
+        if let Some(o) = &dc.eureka {
+            let d = strait_discovery::eureka::EurekaDiscovery::new(o.clone())
+                .map_err(|e| format!("discovery.eureka: {e}"))?;
+            backends.push(Arc::new(d));
+        }
+        if let Some(o) = &dc.kubernetes {
+            let d = strait_discovery::kubernetes::KubernetesDiscovery::new(
+                o.clone(),
+                Duration::from_secs(2),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| format!("discovery.kubernetes: {e}"))?;
             backends.push(Arc::new(d));
         }
         let global = crate::config::discovery::global_resolver(
@@ -127,7 +147,8 @@ impl Shared {
                 None
             }
         };
-        let hub = Arc::new(DiscoveryHub::new(backends, global_dns, background));
+        let hub =
+            DiscoveryHub::new(backends, global_dns, background, config.node.discovery_config.dumps.clone());
         let shared = Arc::new(Shared {
             state: Arc::new(ArcSwap::from_pointee(State::empty())),
             node: config.node,

@@ -10,8 +10,11 @@
 //! * a service that never resolved publishes nothing (the core answers 503).
 #![forbid(unsafe_code)]
 
+pub mod consul;
 pub mod dns;
+pub mod eureka;
 pub mod http;
+pub mod kubernetes;
 pub mod nacos;
 
 use std::future::Future;

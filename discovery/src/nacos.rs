@@ -244,7 +244,7 @@ impl NacosDiscovery {
                 let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
                 let data = format!("{ms}@@{group}@@{}", q.service_name);
                 let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, sk.as_bytes());
-                let sig = base64_encode(ring::hmac::sign(&key, data.as_bytes()).as_ref());
+                let sig = base64(ring::hmac::sign(&key, data.as_bytes()).as_ref());
                 path.push_str(&format!(
                     "&ak={}&data={}&signature={}",
                     urlencode(ak),
@@ -291,7 +291,8 @@ impl NacosDiscovery {
     }
 }
 
-fn base64_encode(b: &[u8]) -> String {
+/// Standard base64 with padding.
+pub fn base64(b: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
     for chunk in b.chunks(3) {
@@ -450,8 +451,8 @@ mod tests {
         assert_eq!(weight_of(1.0, 100), 100);
         assert_eq!(weight_of(0.5, 100), 50);
         assert_eq!(weight_of(f64::NAN, 7), 7);
-        assert_eq!(base64_encode(b"hello"), "aGVsbG8=");
-        assert_eq!(base64_encode(b"hi!"), "aGkh");
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert_eq!(base64(b"hi!"), "aGkh");
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use super::{ResolvedNode, Upstream};
+use crate::config::discovery::DumpOptions;
 use crate::config::resources::{DiscoverySource, NodeSource, NodeSpec};
 
 struct WatchEntry {
@@ -35,6 +36,10 @@ pub struct DiscoveryHub {
     background: tokio::runtime::Handle,
     /// Resolver for host names in static node lists.
     pub global_dns: Option<Arc<DnsDiscovery>>,
+    /// Node sets loaded from snapshots on disk, served until the registry answers.
+    preload: Mutex<HashMap<(String, Query), NodeSet>>,
+    dumps: Vec<(String, DumpOptions)>,
+    dumper: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// One watch's state, for `/v1/discovery/{type}/dump`.
@@ -51,13 +56,53 @@ impl DiscoveryHub {
         backends: Vec<Arc<dyn Discovery>>,
         global_dns: Option<Arc<DnsDiscovery>>,
         background: tokio::runtime::Handle,
-    ) -> Self {
-        DiscoveryHub {
+        dumps: Vec<(String, DumpOptions)>,
+    ) -> Arc<Self> {
+        let mut preload = HashMap::new();
+        for (kind, d) in dumps.iter().filter(|(_, d)| d.load_on_init) {
+            match dump::load(kind, d) {
+                Ok(sets) => {
+                    tracing::info!(discovery = %kind, path = %d.path.display(), services = sets.len(), "loaded discovery snapshot");
+                    preload.extend(sets);
+                }
+                Err(e) => {
+                    tracing::info!(discovery = %kind, path = %d.path.display(), "no discovery snapshot loaded: {e}")
+                }
+            }
+        }
+        let hub = Arc::new(DiscoveryHub {
             backends: backends.into_iter().map(|b| (b.kind(), b)).collect(),
             watches: Mutex::new(HashMap::new()),
-            background,
+            background: background.clone(),
             global_dns,
+            preload: Mutex::new(preload),
+            dumps,
+            dumper: Mutex::new(None),
+        });
+        if !hub.dumps.is_empty() {
+            let weak = Arc::downgrade(&hub);
+            let task = background.spawn(async move {
+                let mut written: HashMap<String, String> = HashMap::new();
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let Some(hub) = weak.upgrade() else { return };
+                    for (kind, d) in &hub.dumps {
+                        let text = dump::render(&hub.dump(kind));
+                        if written.get(kind) != Some(&text) {
+                            match dump::write(&d.path, &text) {
+                                Ok(()) => {
+                                    written.insert(kind.clone(), text);
+                                }
+                                Err(e) => tracing::warn!(discovery = %kind, error = %e, "cannot write the discovery snapshot"),
+                            }
+                        }
+                    }
+                }
+            });
+            *hub.dumper.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
+        hub
     }
 
     /// Subscribes to `query` on backend `kind`, starting the watch if nobody watches it yet.
@@ -70,8 +115,12 @@ impl DiscoveryHub {
         {
             return Some(e.tx.subscribe());
         }
-        // Keep the last set of a finished watch, so a restarted watch starts from it.
-        let initial = w.get(&key).and_then(|e| e.tx.borrow().clone());
+        // Keep the last set of a finished watch, so a restarted watch starts from it; else
+        // start from a snapshot on disk, if one was loaded.
+        let initial = w
+            .get(&key)
+            .and_then(|e| e.tx.borrow().clone())
+            .or_else(|| self.preload.lock().ok().and_then(|p| p.get(&key).cloned()));
         let (tx, rx) = watch::channel(initial);
         let status = w.get(&key).map(|e| e.status.clone()).unwrap_or_default();
         let task = self.background.spawn(backend.watch(query, tx.clone(), status.clone()));
@@ -121,6 +170,93 @@ impl Drop for DiscoveryHub {
                 e.task.abort();
             }
         }
+        if let Some(t) = self.dumper.lock().ok().and_then(|mut d| d.take()) {
+            t.abort();
+        }
+    }
+}
+
+/// Snapshots of discovered nodes on disk (`dump`), so a restarted gateway serves before the
+/// registry answers.
+mod dump {
+    use std::collections::HashMap;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde_json::{Value, json};
+    use strait_discovery::{NodeSet, NodeSpec, Query};
+
+    use super::WatchDump;
+    use crate::config::discovery::DumpOptions;
+
+    pub fn render(watches: &[WatchDump]) -> String {
+        let services: Vec<Value> = watches
+            .iter()
+            .filter_map(|w| {
+                let nodes = w.nodes.as_ref()?;
+                Some(json!({
+                    "service_name": w.query.service_name,
+                    "args": w.query.args,
+                    "scheme": w.query.scheme,
+                    "nodes": nodes.nodes.iter().map(|n| json!({
+                        "host": n.host, "port": n.port, "weight": n.weight, "priority": n.priority, "metadata": n.metadata,
+                    })).collect::<Vec<_>>(),
+                }))
+            })
+            .collect();
+        json!({ "services": services }).to_string()
+    }
+
+    pub fn write(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut v: Value = serde_json::from_str(text).unwrap_or_else(|_| json!({}));
+        v["saved_at"] = json!(secs);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, v.to_string())?;
+        std::fs::rename(tmp, path)
+    }
+
+    pub fn load(kind: &str, d: &DumpOptions) -> Result<HashMap<(String, Query), NodeSet>, String> {
+        let text = std::fs::read_to_string(&d.path).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        if let (Some(expire), Some(saved)) = (d.expire, v["saved_at"].as_u64()) {
+            let age = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|n| n.as_secs())
+                .unwrap_or(0)
+                .saturating_sub(saved);
+            if Duration::from_secs(age) > expire {
+                return Err(format!("snapshot is {age} s old (expire {} s)", expire.as_secs()));
+            }
+        }
+        let mut out = HashMap::new();
+        for s in v["services"].as_array().into_iter().flatten() {
+            let (Some(name), Some(scheme)) = (s["service_name"].as_str(), s["scheme"].as_str()) else {
+                continue;
+            };
+            let args: Vec<(String, String)> = s["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| Some((p[0].as_str()?.to_string(), p[1].as_str()?.to_string())))
+                .collect();
+            let nodes: Vec<NodeSpec> = s["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| {
+                    Some(NodeSpec {
+                        host: n["host"].as_str()?.to_string(),
+                        port: n["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
+                        weight: n["weight"].as_u64().unwrap_or(1) as u32,
+                        priority: n["priority"].as_i64().unwrap_or(0) as i32,
+                        metadata: n["metadata"].as_object().cloned().unwrap_or_default(),
+                    })
+                })
+                .collect();
+            let q = Query { service_name: name.to_string(), args, scheme: scheme.to_string() };
+            out.insert((kind.to_string(), q), NodeSet { nodes });
+        }
+        Ok(out)
     }
 }
 
@@ -149,8 +285,14 @@ pub fn start(up: &Arc<Upstream>, hub: &Arc<DiscoveryHub>) -> Option<AbortHandle>
                     }
                 }
             }
+            // What the sources already hold (a running watch, a snapshot on disk) serves at once.
+            let mut applied = None;
+            if let Some(nodes) = merge(up, &mut rxs) {
+                up.apply(nodes.clone());
+                applied = Some(nodes);
+            }
             let up = up.clone();
-            Some(hub.background.spawn(follow(up, rxs)).abort_handle())
+            Some(hub.background.spawn(follow(up, rxs, applied)).abort_handle())
         }
     }
 }
@@ -243,40 +385,42 @@ async fn resolve_static(up: Arc<Upstream>, hub: Arc<DiscoveryHub>) {
     }
 }
 
+/// Merges what every source has now; `None` when no source ever answered.
+fn merge(up: &Upstream, rxs: &mut [watch::Receiver<Option<NodeSet>>]) -> Option<Vec<ResolvedNode>> {
+    let mut any = false;
+    let mut nodes = Vec::new();
+    for rx in rxs.iter_mut() {
+        let Some(set) = rx.borrow_and_update().clone() else { continue };
+        any = true;
+        for n in set.nodes {
+            let Ok(ip) = n.host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else {
+                continue;
+            };
+            let Some(port) = fill_port(n.port, up.spec.scheme) else { continue };
+            nodes.push(ResolvedNode {
+                addr: SocketAddr::new(ip, port),
+                host: n.host,
+                port,
+                weight: n.weight,
+                priority: n.priority,
+                metadata: n.metadata,
+            });
+        }
+    }
+    any.then_some(nodes)
+}
+
 /// Applies the merged sets of `rxs` whenever one changes.
-async fn follow(up: Arc<Upstream>, mut rxs: Vec<watch::Receiver<Option<NodeSet>>>) {
+async fn follow(
+    up: Arc<Upstream>,
+    mut rxs: Vec<watch::Receiver<Option<NodeSet>>>,
+    mut applied: Option<Vec<ResolvedNode>>,
+) {
     if rxs.is_empty() {
         return;
     }
-    let mut applied: Option<Vec<ResolvedNode>> = None;
     loop {
-        // Merge whatever every source has now; a source that never answered adds nothing.
-        let mut any = false;
-        let mut nodes = Vec::new();
-        for rx in rxs.iter_mut() {
-            let set = rx.borrow_and_update().clone();
-            if let Some(set) = set {
-                any = true;
-                for n in set.nodes {
-                    let Ok(ip) = n.host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>()
-                    else {
-                        continue;
-                    };
-                    let Some(port) = fill_port(n.port, up.spec.scheme) else {
-                        continue;
-                    };
-                    nodes.push(ResolvedNode {
-                        addr: SocketAddr::new(ip, port),
-                        host: n.host,
-                        port,
-                        weight: n.weight,
-                        priority: n.priority,
-                        metadata: n.metadata,
-                    });
-                }
-            }
-        }
-        if any {
+        if let Some(nodes) = merge(&up, &mut rxs) {
             mark_ok(&up);
             if applied.as_ref() != Some(&nodes) {
                 up.apply(nodes.clone());

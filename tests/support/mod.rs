@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod grpc;
+pub mod registries;
 pub mod servers;
 
 use std::collections::HashMap;

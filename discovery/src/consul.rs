@@ -1,0 +1,206 @@
+//! Consul (`discovery.consul`, APISIX's `apisix/discovery/consul`).
+//!
+//! Each watched service is followed with a blocking query on the health endpoint,
+//! `GET /v1/health/service/<name>?passing=true&index=<X-Consul-Index>&wait=<wait>s`, so a change
+//! in Consul reaches traffic as soon as Consul answers, not at the next poll
+//! (<https://developer.hashicorp.com/consul/api-docs/features/blocking>). With
+//! `keepalive: false` the endpoint is polled every `fetch_interval` instead.
+//!
+//! * only instances whose checks pass are returned (`passing`); node address is
+//!   `Service.Address`, or `Node.Address` when empty; port `Service.Port`; weight from config;
+//! * servers fail over in order; the ACL token goes in `X-Consul-Token`;
+//! * `skip_services` never resolve; `default_service` answers for services with no instance.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::http::{HttpClient, Url};
+use crate::nacos::urlencode;
+use crate::{
+    Backoff, BoxFuture, Discovery, DiscoveryError, NodeSet, NodeSpec, Query, Resolution, SharedStatus,
+    publish, record_error,
+};
+
+/// `discovery.consul`.
+#[derive(Debug, Clone)]
+pub struct ConsulOptions {
+    pub servers: Vec<Url>,
+    pub token: Option<String>,
+    /// Blocking queries (true) or polling every `fetch_interval`.
+    pub keepalive: bool,
+    pub fetch_interval: Duration,
+    pub weight: u32,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    /// How long Consul may hold a blocking query.
+    pub wait: Duration,
+    pub skip_services: Vec<String>,
+    pub default_service: Option<NodeSpec>,
+}
+
+/// The Consul backend.
+pub struct ConsulDiscovery {
+    opts: ConsulOptions,
+    http: HttpClient,
+}
+
+impl ConsulDiscovery {
+    pub fn new(opts: ConsulOptions) -> Result<Self, DiscoveryError> {
+        let http = HttpClient::new(opts.connect_timeout, opts.read_timeout)?;
+        Ok(ConsulDiscovery { opts, http })
+    }
+
+    fn nodes(&self, entries: &[Value]) -> NodeSet {
+        let mut nodes: Vec<NodeSpec> = entries
+            .iter()
+            .filter_map(|e| {
+                let svc = &e["Service"];
+                let addr =
+                    svc["Address"].as_str().filter(|a| !a.is_empty()).or(e["Node"]["Address"].as_str())?;
+                let port = svc["Port"].as_u64().filter(|p| *p > 0 && *p <= 65535).unwrap_or(80) as u16;
+                Some(NodeSpec {
+                    host: addr.to_string(),
+                    port: Some(port),
+                    weight: self.opts.weight,
+                    priority: 0,
+                    metadata: svc["Meta"].as_object().cloned().unwrap_or_default(),
+                })
+            })
+            .collect();
+        nodes.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+        nodes.dedup_by(|a, b| a.host == b.host && a.port == b.port);
+        NodeSet { nodes }
+    }
+
+    /// One (possibly blocking) query; returns the nodes and Consul's index.
+    async fn query(
+        &self,
+        service: &str,
+        index: Option<u64>,
+        server: usize,
+    ) -> Result<(NodeSet, u64), DiscoveryError> {
+        let url = &self.opts.servers[server % self.opts.servers.len()];
+        let mut path = format!("/v1/health/service/{}?passing=true", urlencode(service));
+        let mut read = self.opts.read_timeout;
+        if let Some(i) = index {
+            path.push_str(&format!("&index={i}&wait={}s", self.opts.wait.as_secs().max(1)));
+            // Consul adds up to wait/16 of jitter; leave room for it and the answer.
+            read = self.opts.wait + self.opts.wait / 16 + self.opts.read_timeout;
+        }
+        let mut headers = vec![("accept", "application/json".to_string())];
+        if let Some(t) = &self.opts.token {
+            headers.push(("x-consul-token", t.clone()));
+        }
+        let resp =
+            self.http.request(url, Method::GET, &path, &headers, bytes::Bytes::new(), Some(read)).await?;
+        if resp.status != 200 {
+            return Err(DiscoveryError::Unavailable(format!(
+                "{}: HTTP {}: {}",
+                url.authority(),
+                resp.status,
+                String::from_utf8_lossy(&resp.body).chars().take(200).collect::<String>()
+            )));
+        }
+        let idx = resp
+            .headers
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| DiscoveryError::Invalid("missing X-Consul-Index".into()))?;
+        let v: Value =
+            serde_json::from_slice(&resp.body).map_err(|e| DiscoveryError::Invalid(e.to_string()))?;
+        let entries = v.as_array().ok_or_else(|| DiscoveryError::Invalid("expected a list".into()))?;
+        Ok((self.nodes(entries), idx))
+    }
+
+    fn with_default(&self, set: NodeSet) -> NodeSet {
+        match (&self.opts.default_service, set.nodes.is_empty()) {
+            (Some(d), true) => NodeSet { nodes: vec![d.clone()] },
+            _ => set,
+        }
+    }
+}
+
+impl Discovery for ConsulDiscovery {
+    fn kind(&self) -> &'static str {
+        "consul"
+    }
+
+    fn resolve<'a>(&'a self, query: &'a Query) -> BoxFuture<'a, Result<Resolution, DiscoveryError>> {
+        Box::pin(async move {
+            if self.opts.skip_services.iter().any(|s| s == &query.service_name) {
+                return match &self.opts.default_service {
+                    Some(d) => Ok(Resolution { nodes: NodeSet { nodes: vec![d.clone()] }, valid_for: None }),
+                    None => Err(DiscoveryError::NotFound(query.service_name.clone())),
+                };
+            }
+            let mut last = DiscoveryError::Unavailable("no Consul server configured".into());
+            for i in 0..self.opts.servers.len() {
+                match self.query(&query.service_name, None, i).await {
+                    Ok((set, _)) => return Ok(Resolution { nodes: self.with_default(set), valid_for: None }),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
+    }
+
+    fn poll_interval(&self) -> Duration {
+        self.opts.fetch_interval
+    }
+
+    fn watch(
+        self: Arc<Self>,
+        query: Query,
+        tx: watch::Sender<Option<NodeSet>>,
+        status: SharedStatus,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let skipped = self.opts.skip_services.iter().any(|s| s == &query.service_name);
+            if !self.opts.keepalive || skipped {
+                let me: Arc<dyn Discovery> = self.clone();
+                return crate::nacos::poll_forever(me, query, tx, status).await;
+            }
+            let mut index: Option<u64> = None;
+            let mut server = 0usize;
+            // APISIX's retry delays: 1 s, then x4 up to 256 s.
+            let mut backoff = Backoff::new(Duration::from_secs(16));
+            loop {
+                let result = tokio::select! {
+                    r = self.query(&query.service_name, index, server) => r,
+                    _ = tx.closed() => return,
+                };
+                match result {
+                    Ok((set, idx)) => {
+                        backoff.reset();
+                        publish(&tx, &status, self.with_default(set));
+                        // Reset when the index goes backwards (Consul's rule for blocking queries).
+                        index = Some(match index {
+                            Some(old) if idx < old => 0,
+                            _ => idx.max(1),
+                        });
+                    }
+                    Err(e) => {
+                        record_error(&status, "consul", &query, &e);
+                        server += 1; // fail over to the next server
+                        index = None;
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
+                            _ = tx.closed() => return,
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Builds the `default_service` node.
+pub fn default_service(host: &str, port: u16, metadata: Map<String, Value>) -> NodeSpec {
+    let weight = metadata.get("weight").and_then(Value::as_u64).unwrap_or(1) as u32;
+    NodeSpec { host: host.to_string(), port: Some(port), weight, priority: 0, metadata }
+}
