@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use strait::{Config, Options, Running};
 
+/// mimalloc instead of glibc's malloc: glibc trims per-thread arenas with madvise/mprotect,
+/// and on a VM each of those TLB shootdowns is an inter-processor interrupt on the hot path.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 strait - an L4/L7 proxy and service-discovery bridge (APISIX-compatible configuration)
 
