@@ -394,6 +394,9 @@ struct ConnCtx {
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
+    /// `X-Real-IP` / `X-Forwarded-Port` values, computed once per connection.
+    client_ip: http::HeaderValue,
+    local_port_value: http::HeaderValue,
 }
 
 async fn serve_http<IO>(
@@ -408,7 +411,8 @@ async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let header_timeout = shared.node.client_header_timeout;
-    let ctx = Arc::new(ConnCtx { shared, peer, local, tls });
+    let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
+    let ctx = Arc::new(ConnCtx { shared, peer, local, tls, client_ip, local_port_value });
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
@@ -484,6 +488,8 @@ async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
     let ctx = ForwardCtx {
         client_addr: c.peer,
         local_port: c.local.port(),
+        client_ip: c.client_ip.clone(),
+        local_port_value: c.local_port_value.clone(),
         downstream_tls: c.tls,
         hash_key: &key,
         timeouts: route.spec.timeout,

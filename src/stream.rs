@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use strait_protocols::stream::{Hello, peek_client_hello, proxy, read_proxy_header, v1_header};
+use strait_protocols::stream::{
+    Hello, peek_client_hello, proxy, read_proxy_header, splice_bidirectional, v1_header,
+};
 use strait_protocols::{Outcome, Scheme, Tried, UpstreamPicker, connect_tcp, connect_tls};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -98,7 +100,7 @@ pub async fn serve(
         };
         let vars = StreamVars { client, local, sni: sni.as_deref() };
         session(
-            tls,
+            Client::Tls(Box::new(tls)),
             &route.upstream,
             &vars,
             sni.as_deref(),
@@ -129,7 +131,7 @@ pub async fn serve(
     drop(state);
     let vars = StreamVars { client, local, sni: sni.as_deref() };
     session(
-        stream,
+        Client::Plain(stream),
         &route.upstream,
         &vars,
         sni.as_deref(),
@@ -141,17 +143,31 @@ pub async fn serve(
 }
 
 /// Connects to a node (retrying other nodes on connect failure) and relays the session.
-async fn session<C>(
-    mut client_io: C,
+/// The client side of a session.
+enum Client {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+async fn relay<N>(client: &mut Client, node: N, idle: Option<Duration>) -> std::io::Result<(u64, u64)>
+where
+    N: AsyncRead + AsyncWrite + Unpin,
+{
+    match client {
+        Client::Plain(c) => proxy(c, node, idle).await,
+        Client::Tls(c) => proxy(&mut **c, node, idle).await,
+    }
+}
+
+async fn session(
+    mut client: Client,
     upstream: &Arc<Upstream>,
     vars: &StreamVars<'_>,
     client_sni: Option<&str>,
     dest: SocketAddr,
     send_pp: bool,
     idle: Option<Duration>,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let settings = upstream.settings();
     let key = upstream.hash_key(vars).into_owned();
     let retries = settings.retries.unwrap_or(upstream.node_count().saturating_sub(1) as u32);
@@ -204,10 +220,14 @@ async fn session<C>(
             }
         };
         peer.report(Outcome::StreamOk, started.elapsed());
-        proxy(&mut client_io, node, idle).await
+        relay(&mut client, node, idle).await
     } else {
         peer.report(Outcome::StreamOk, started.elapsed());
-        proxy(&mut client_io, tcp, idle).await
+        match &client {
+            // Plain TCP on both sides: zero-copy.
+            Client::Plain(c) => splice_bidirectional(c, &tcp, idle).await,
+            Client::Tls(_) => relay(&mut client, tcp, idle).await,
+        }
     };
     if let Err(e) = result {
         tracing::debug!(upstream = %settings.id, node = %peer.addr, error = %e, "stream session ended");
