@@ -31,6 +31,19 @@ OPTIONS:
 
 Logging: RUST_LOG (default: info), e.g. RUST_LOG=strait=debug.";
 
+/// A gateway holds two descriptors per proxied connection: lift the soft limit to the hard one
+/// (what nginx's `worker_rlimit_nofile` is usually set for).
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            eprintln!("strait: cannot raise the open-file limit: {e}");
+        }
+    }
+}
+
 struct Args {
     command: String,
     config: PathBuf,
@@ -100,6 +113,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    raise_fd_limit();
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(errors) => {
