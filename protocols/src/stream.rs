@@ -405,7 +405,7 @@ pub async fn splice_bidirectional(
 }
 
 /// Bytes moved per splice call (the pipe is sized to match).
-const SPLICE_CHUNK: usize = 256 * 1024;
+const SPLICE_CHUNK: usize = 64 * 1024;
 
 async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
     use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};

@@ -62,14 +62,15 @@ impl HealthProbes {
             if tasks.contains_key(&addr) {
                 continue;
             }
-            let target = ProbeTarget::new(node, check, settings, &self.ctx.roots, self.client_cert.clone());
-            let fut = probe_loop(
-                node.state.clone(),
-                check.clone(),
-                target,
-                self.sem.clone(),
-                self.upstream.clone(),
-            );
+            let target =
+                Arc::new(ProbeTarget::new(node, check, settings, &self.ctx.roots, self.client_cert.clone()));
+            let c = check.clone();
+            let probe = move || {
+                let (t, c) = (target.clone(), c.clone());
+                async move { run_probe(&t, &c).await }
+            };
+            let fut =
+                probe_loop(node.state.clone(), check.clone(), probe, self.sem.clone(), self.upstream.clone());
             let handle = self.ctx.background.spawn(fut);
             tasks.insert(addr, handle.abort_handle());
         }
@@ -114,20 +115,25 @@ fn jitter(max: Duration) -> Duration {
     Duration::from_nanos(super::balancer::rand_u64() % nanos)
 }
 
-async fn probe_loop(
+/// Runs `probe` forever with the check's intervals: `healthy.interval` while the node routes,
+/// `unhealthy.interval` while it does not, each +-10%, the first one within a second.
+async fn probe_loop<F, Fut>(
     state: Arc<NodeState>,
     check: Arc<ActiveCheck>,
-    target: ProbeTarget,
+    probe: F,
     sem: Arc<Semaphore>,
     upstream: Arc<str>,
-) {
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = probe::ProbeResult>,
+{
     let thresholds = active_thresholds(&check);
     // Spread the first probes of many nodes over the first interval.
     tokio::time::sleep(jitter(check.healthy_interval.min(Duration::from_secs(1)))).await;
     loop {
         let result = {
             let _permit = sem.acquire().await;
-            run_probe(&target, &check).await
+            probe().await
         };
         let ok = matches!(result.event, Some(state::Event::Success));
         if let Ok(mut p) = state.last_probe.lock() {
@@ -170,4 +176,93 @@ pub(crate) fn probe_host(node: &Node, check: &ActiveCheck, settings: &UpstreamSe
     };
     let host = if node.host.contains(':') { format!("[{}]", node.host) } else { node.host.to_string() };
     if port == default { host } else { format!("{host}:{port}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::config::resources::ProbeType;
+    use probe::ProbeResult;
+    use state::{Event, Status};
+
+    fn check() -> ActiveCheck {
+        ActiveCheck {
+            kind: ProbeType::Tcp,
+            timeout: Duration::from_secs(1),
+            concurrency: 1,
+            host: None,
+            port: None,
+            http_method: http::Method::GET,
+            http_path: "/".into(),
+            http_req_body: String::new(),
+            https_verify_certificate: true,
+            req_headers: vec![],
+            grpc_service: String::new(),
+            healthy_interval: Duration::from_secs(10),
+            healthy_statuses: vec![200],
+            healthy_successes: 3,
+            unhealthy_interval: Duration::from_secs(2),
+            unhealthy_statuses: vec![500],
+            http_failures: 2,
+            tcp_failures: 2,
+            timeouts: 2,
+        }
+    }
+
+    /// Under paused time: probe spacing follows the node's state, and the thresholds flip it.
+    #[tokio::test(start_paused = true)]
+    async fn intervals_follow_the_state_and_thresholds_flip_it() {
+        let state = Arc::new(NodeState::new("127.0.0.1:1".parse().unwrap()));
+        let up = Arc::new(AtomicBool::new(false));
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let start = tokio::time::Instant::now();
+        let (u, t) = (up.clone(), times.clone());
+        let probe = move || {
+            let (u, t) = (u.clone(), t.clone());
+            async move {
+                t.lock().unwrap().push(start.elapsed());
+                let event = if u.load(Ordering::Relaxed) { Event::Success } else { Event::TcpFailure };
+                ProbeResult { event: Some(event), detail: String::new() }
+            }
+        };
+        let task = tokio::spawn(probe_loop(
+            state.clone(),
+            Arc::new(check()),
+            probe,
+            Arc::new(Semaphore::new(1)),
+            Arc::from("u"),
+        ));
+
+        let until = |n: usize| {
+            let t = times.clone();
+            async move {
+                while t.lock().unwrap().len() < n {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        // Two refused probes, the healthy interval apart, make the node unhealthy.
+        until(1).await;
+        assert_eq!(state.health.status(), Status::MostlyHealthy);
+        until(2).await;
+        assert_eq!(state.health.status(), Status::Unhealthy);
+        // From now on it answers; probes come at the unhealthy interval; three successes needed.
+        up.store(true, Ordering::Relaxed);
+        until(4).await;
+        assert_eq!(state.health.status(), Status::MostlyUnhealthy, "two successes are not enough");
+        until(5).await;
+        assert_eq!(state.health.status(), Status::Healthy);
+        task.abort();
+
+        let t = times.lock().unwrap().clone();
+        assert!(t[0] <= Duration::from_secs(1), "first probe within a second: {t:?}");
+        let gaps: Vec<f64> = t.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+        assert!((9.0..=11.0).contains(&gaps[0]), "healthy spacing ~10 s: {gaps:?}");
+        for g in &gaps[1..4] {
+            assert!((1.8..=2.2).contains(g), "unhealthy spacing ~2 s: {gaps:?}");
+        }
+    }
 }
