@@ -159,8 +159,7 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
         .then(|| clone_parts(&parts));
     let mut out = Outgoing { parts, body, client_host, replay };
 
-    let started = Instant::now();
-    let retry_deadline = settings.retry_timeout.map(|t| started + t);
+    let retry_deadline = settings.retry_timeout.map(|t| Instant::now() + t);
     let mut tried = Tried::default();
     let mut attempt: u32 = 0;
     let mut last_error: Option<ProxyError> = None;
@@ -216,23 +215,43 @@ pub fn prepare_request_headers(
     scheme: Scheme,
 ) {
     let h = &mut parts.headers;
-    let te_trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
-    let ws = if websocket { h.get(header::UPGRADE).cloned() } else { None };
-    strip_hop_by_hop(h);
-    h.remove(header::HOST);
-    if let Some(up) = ws {
-        h.insert(header::UPGRADE, up);
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    // One pass over what the client sent, instead of a lookup per header of interest.
+    let (mut hop, mut xff, mut proto, mut fhost, mut port) = (false, None, false, false, false);
+    for (name, value) in h.iter() {
+        if HOP_BY_HOP.contains(name) {
+            hop = true;
+        } else if name == X_FORWARDED_FOR {
+            xff = Some(value.clone());
+        } else if name == X_FORWARDED_PROTO {
+            proto = true;
+        } else if name == X_FORWARDED_HOST {
+            fhost = true;
+        } else if name == X_FORWARDED_PORT {
+            port = true;
+        }
     }
-    if te_trailers || scheme.is_grpc() {
+    if hop {
+        let te_trailers = h
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        let ws = if websocket { h.get(header::UPGRADE).cloned() } else { None };
+        strip_hop_by_hop(h);
+        if let Some(up) = ws {
+            h.insert(header::UPGRADE, up);
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if te_trailers && !scheme.is_grpc() {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+    if scheme.is_grpc() {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+    // Host is set (HTTP/1.1) or removed (HTTP/2) per attempt, once the node is known.
 
     let ip_value = ctx.client_ip.clone();
-    let xff = match h.get(&X_FORWARDED_FOR) {
+    let xff = match xff {
         Some(prev) if !prev.is_empty() => {
             let mut v = Vec::with_capacity(prev.len() + 2 + ip_value.len());
             v.extend_from_slice(prev.as_bytes());
@@ -244,17 +263,15 @@ pub fn prepare_request_headers(
     };
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_REAL_IP, ip_value);
-    if !h.contains_key(&X_FORWARDED_PROTO) {
+    if !proto {
         let proto = if ctx.downstream_tls { "https" } else { "http" };
-        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        h.append(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !h.contains_key(&X_FORWARDED_HOST)
-        && let Some(host) = client_host
-    {
-        h.insert(&X_FORWARDED_HOST, host.clone());
+    if !fhost && let Some(host) = client_host {
+        h.append(&X_FORWARDED_HOST, host.clone());
     }
-    if !h.contains_key(&X_FORWARDED_PORT) {
-        h.insert(&X_FORWARDED_PORT, ctx.local_port_value.clone());
+    if !port {
+        h.append(&X_FORWARDED_PORT, ctx.local_port_value.clone());
     }
 }
 

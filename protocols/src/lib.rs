@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod fxhash;
 pub mod grpc;
 pub mod http;
 pub mod pool;

@@ -9,7 +9,6 @@
 //! clones the sender of a live connection.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use std::time::{Duration, Instant};
 use hyper::client::conn::{http1, http2};
 
 use crate::body::ProxyBody;
+use crate::fxhash::FxHashMap;
 
 /// Identity of a pooled connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,8 +78,8 @@ impl Pooled {
 
 #[derive(Default)]
 struct Pool {
-    h1: HashMap<PoolKey, Vec<Idle>>,
-    h2: HashMap<PoolKey, Vec<http2::SendRequest<ProxyBody>>>,
+    h1: FxHashMap<PoolKey, Vec<Idle>>,
+    h2: FxHashMap<PoolKey, Vec<http2::SendRequest<ProxyBody>>>,
 }
 
 thread_local! {

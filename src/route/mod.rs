@@ -14,12 +14,12 @@ pub mod ip;
 pub mod stream;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::request::Parts;
 use http::{Method, header};
+use strait_protocols::fxhash::FxHashMap;
 
 use crate::config::resources::RouteSpec;
 use crate::upstream::Upstream;
@@ -167,8 +167,8 @@ impl VarSource for RequestView<'_> {
 /// Routes by path: exact paths and prefixes.
 #[derive(Default, Debug)]
 struct UriIndex {
-    exact: HashMap<String, Vec<Arc<Route>>>,
-    prefix: HashMap<String, Vec<Arc<Route>>>,
+    exact: FxHashMap<String, Vec<Arc<Route>>>,
+    prefix: FxHashMap<String, Vec<Arc<Route>>>,
     /// Distinct prefix lengths, longest first.
     prefix_lens: Vec<usize>,
 }
@@ -230,9 +230,9 @@ fn filters_match(r: &Route, req: &RequestView<'_>) -> bool {
 /// The route table.
 #[derive(Default, Debug)]
 pub struct Router {
-    exact_hosts: HashMap<String, UriIndex>,
+    exact_hosts: FxHashMap<String, UriIndex>,
     /// Keyed by the suffix after `*` (`.example.com`); `""` for `*`.
-    wildcard_hosts: HashMap<String, UriIndex>,
+    wildcard_hosts: FxHashMap<String, UriIndex>,
     /// Distinct wildcard suffix lengths, longest first.
     wildcard_lens: Vec<usize>,
     any_host: UriIndex,
