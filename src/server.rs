@@ -19,13 +19,12 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use socket2::{Domain, Socket, Type};
 use strait_protocols::http::{ForwardCtx, forward};
 use strait_protocols::respond::error_response;
 use strait_protocols::{ProxyBody, ProxyError, grpc};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 
@@ -274,6 +273,7 @@ async fn worker(
             return;
         }
     };
+    let protocols = HttpProtocols::new(shared.node.client_header_timeout);
     let mut accepts = Vec::new();
     for l in listeners {
         let listener = match TcpListener::from_std(l.socket) {
@@ -292,6 +292,7 @@ async fn worker(
             listener,
             l.kind,
             acceptor,
+            protocols.clone(),
             shared.clone(),
             tracker.clone(),
             shutdown.clone(),
@@ -326,10 +327,12 @@ async fn worker(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
     tls: Option<TlsAcceptor>,
+    protocols: Arc<HttpProtocols>,
     shared: Arc<Shared>,
     tracker: Arc<ConnTracker>,
     mut shutdown: watch::Receiver<bool>,
@@ -356,13 +359,22 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         match kind {
             Kind::Http { http2 } => {
+                let protocols = protocols.clone();
                 tokio::spawn(async move {
-                    serve_http(stream, peer, local, false, http2, shared, shutdown).await;
+                    let proto = if http2 {
+                        sniff(&stream, shared.node.client_header_timeout).await
+                    } else {
+                        Some(Proto::H1)
+                    };
+                    if let Some(proto) = proto {
+                        serve_http(stream, proto, peer, local, false, shared, protocols, shutdown).await;
+                    }
                     drop(guard);
                 });
             }
             Kind::Tls { http2 } => {
                 let acceptor = tls.clone();
+                let protocols = protocols.clone();
                 tokio::spawn(async move {
                     let Some(acceptor) = acceptor else { return };
                     let hs = tokio::time::timeout(shared.node.client_header_timeout, acceptor.accept(stream))
@@ -370,7 +382,8 @@ async fn accept_loop(
                     match hs {
                         Ok(Ok(tls)) => {
                             let h2 = http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                            serve_http(tls, peer, local, true, h2 || http2, shared, shutdown).await;
+                            let proto = if h2 { Proto::H2 } else { Proto::H1 };
+                            serve_http(tls, proto, peer, local, true, shared, protocols, shutdown).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -399,55 +412,120 @@ struct ConnCtx {
     local_port_value: http::HeaderValue,
 }
 
+/// HTTP/1.1 and HTTP/2 server settings of a worker, built once and shared by its connections.
+pub(crate) struct HttpProtocols {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl HttpProtocols {
+    fn new(header_timeout: Duration) -> Arc<Self> {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(64 * 1024)
+            .max_header_size(32 * 1024)
+            .writev(true)
+            .keep_alive(true);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(1024)
+            .max_header_list_size(64 * 1024)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .keep_alive_interval(Duration::from_secs(60))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Arc::new(HttpProtocols { h1, h2 })
+    }
+}
+
+/// Which HTTP version a connection speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    H1,
+    H2,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells h2c prior knowledge from HTTP/1.1 by peeking at the first bytes (nothing is consumed).
+/// `None` when the client closes or stays silent past `timeout`.
+async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Proto> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(Proto::H1);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(Proto::H2);
+        }
+        // A prefix of the preface so far: wait for more bytes (peek does not consume them).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+/// Serves one client connection. The connection state machine is boxed, so a connection that
+/// has not spoken yet costs only this small future.
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<IO>(
     io: IO,
+    proto: Proto,
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
-    http2: bool,
     shared: Arc<Shared>,
+    protocols: Arc<HttpProtocols>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let header_timeout = shared.node.client_header_timeout;
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     let ctx = Arc::new(ConnCtx { shared, peer, local, tls, client_ip, local_port_value });
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(64 * 1024)
-        .writev(true)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
-        .max_header_list_size(64 * 1024)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .keep_alive_interval(Duration::from_secs(60))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = if http2 { builder } else { builder.http1_only() };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    let result = match proto {
+        Proto::H1 => {
+            let mut conn = Box::pin(protocols.h1.serve_connection(TokioIo::new(io), svc).with_upgrades());
+            let done = tokio::select! {
+                res = conn.as_mut() => Some(res),
+                _ = shutdown.wait_for(|s| *s) => None,
+            };
+            match done {
+                Some(res) => res,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             }
-            return;
         }
-        _ = shutdown.wait_for(|s| *s) => {}
+        Proto::H2 => {
+            let mut conn = Box::pin(protocols.h2.serve_connection(TokioIo::new(io), svc));
+            let done = tokio::select! {
+                res = conn.as_mut() => Some(res),
+                _ = shutdown.wait_for(|s| *s) => None,
+            };
+            match done {
+                Some(res) => res,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
 }
 
 /// One request: route, then forward (or answer an error).
