@@ -1,6 +1,6 @@
 //! Costs of the request hot path, piece by piece: route matching (10 and 10,000 routes), node
-//! picks for every balancer (10 and 1,000 nodes), the chash key, upstream header rewriting and
-//! gRPC frame handling.
+//! picks for every balancer (10 and 1,000 nodes), applying a discovery update of 10,000 endpoints,
+//! the chash key, upstream header rewriting and gRPC frame handling.
 //!
 //! `cargo bench --bench hot_path` measures; CI runs `cargo bench --bench hot_path -- --test`,
 //! which runs each benchmark once so they keep compiling and working.
@@ -74,8 +74,15 @@ fn upstream(rt: &tokio::runtime::Runtime, kind: &str, n: usize) -> Arc<Upstream>
         roots: strait_protocols::tls::root_store(None).expect("roots"),
     };
     let up = Upstream::new(res.upstreams[0].clone(), None, &ctx).expect("upstream");
-    let nodes = (0..n)
+    up.apply(nodes(n, 0));
+    up
+}
+
+/// `n` distinct endpoints; `shift` moves a tenth of them to new addresses (a rolling update).
+fn nodes(n: usize, shift: usize) -> Vec<ResolvedNode> {
+    (0..n)
         .map(|i| {
+            let i = if i % 10 == 0 { i + shift * n } else { i };
             let addr: SocketAddr =
                 format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256).parse().unwrap();
             ResolvedNode {
@@ -87,9 +94,31 @@ fn upstream(rt: &tokio::runtime::Runtime, kind: &str, n: usize) -> Arc<Upstream>
                 metadata: Default::default(),
             }
         })
-        .collect();
-    up.apply(nodes);
-    up
+        .collect()
+}
+
+/// A discovery update replacing a tenth of 10,000 endpoints: the whole write path (merge,
+/// state carry-over, balancer build, snapshot swap). Requests never wait on it: they keep
+/// reading the previous snapshot until the swap.
+fn bench_apply(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut g = c.benchmark_group("apply_update");
+    g.sample_size(10);
+    for kind in ["roundrobin", "chash", "least_conn", "ewma"] {
+        let up = upstream(&rt, kind, 10_000);
+        let mut round = 0usize;
+        g.bench_with_input(BenchmarkId::new(kind, 10_000), &10_000, |b, &n| {
+            b.iter_batched(
+                || {
+                    round += 1;
+                    nodes(n, round % 2)
+                },
+                |set| up.apply(set),
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
 }
 
 fn bench_picks(c: &mut Criterion) {
@@ -170,5 +199,5 @@ fn bench_keys_and_headers(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_routes, bench_picks, bench_keys_and_headers);
+criterion_group!(benches, bench_routes, bench_picks, bench_apply, bench_keys_and_headers);
 criterion_main!(benches);

@@ -302,6 +302,7 @@ impl Resources {
             node,
             res: Resources::default(),
             upstream_ids: HashMap::new(),
+            upstream_index: HashMap::new(),
             services: HashMap::new(),
         };
         let ssls = list("ssls", &mut b.errs);
@@ -344,6 +345,9 @@ struct Builder<'a> {
     res: Resources,
     /// upstream id -> key
     upstream_ids: HashMap<String, String>,
+    /// upstream key -> index in `res.upstreams` (routes look theirs up; 10,000 inline
+    /// upstreams must not make loading quadratic)
+    upstream_index: HashMap<String, usize>,
     services: HashMap<String, ServiceInfo>,
 }
 
@@ -430,7 +434,7 @@ impl Builder<'_> {
             }
             let key = format!("upstreams/{id}");
             if let Some(spec) = self.upstream(&r, key.clone(), id.clone(), &path, ssls) {
-                self.res.upstreams.push(Arc::new(spec));
+                self.push_upstream(spec);
             }
             self.upstream_ids.insert(id, key);
         }
@@ -445,8 +449,17 @@ impl Builder<'_> {
     ) -> Option<String> {
         let r = decode::<RawUpstream>(v, path, &mut self.errs)?;
         let spec = self.upstream(&r, key.clone(), key.clone(), path, ssls)?;
-        self.res.upstreams.push(Arc::new(spec));
+        self.push_upstream(spec);
         Some(key)
+    }
+
+    fn push_upstream(&mut self, spec: UpstreamSpec) {
+        self.upstream_index.entry(spec.key.clone()).or_insert(self.res.upstreams.len());
+        self.res.upstreams.push(Arc::new(spec));
+    }
+
+    fn lookup_upstream(&self, key: &str) -> Option<&Arc<UpstreamSpec>> {
+        self.upstream_index.get(key).map(|&i| &self.res.upstreams[i])
     }
 
     fn upstream(
@@ -948,7 +961,7 @@ impl Builder<'_> {
                 .add(path, "needs an upstream: set upstream, upstream_id or a service_id with an upstream");
         }
         if let Some(key) = &upstream
-            && let Some(u) = self.res.upstream(key)
+            && let Some(u) = self.lookup_upstream(key)
             && matches!(u.scheme, Scheme::Tcp | Scheme::Tls)
         {
             self.errs.add(
@@ -1035,7 +1048,7 @@ impl Builder<'_> {
                 }
             }
             if let Some(key) = &upstream {
-                if let Some(u) = self.res.upstream(key) {
+                if let Some(u) = self.lookup_upstream(key) {
                     match u.scheme {
                         Scheme::Tcp | Scheme::Tls => {}
                         // APISIX rewrites a stored `http` to `tcp` in the stream subsystem; the

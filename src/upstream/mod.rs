@@ -278,15 +278,19 @@ impl Upstream {
         let mut prios: Vec<i32> = built.iter().map(|n| n.priority).collect();
         prios.sort_unstable_by(|a, b| b.cmp(a));
         prios.dedup();
+        let old = self.snapshot.load();
         let groups = prios
             .into_iter()
             .map(|p| {
                 let nodes: Vec<Arc<Node>> = built.iter().filter(|n| n.priority == p).cloned().collect();
-                let selector = Selector::build(&self.spec.balancer, &nodes);
+                let prev = old.groups.iter().find(|g| g.nodes.first().is_some_and(|n| n.priority == p));
+                let selector = match prev {
+                    Some(g) => g.selector.rebuild(&self.spec.balancer, &g.nodes, &nodes),
+                    None => Selector::build(&self.spec.balancer, &nodes),
+                };
                 Group { nodes, selector }
             })
             .collect();
-        let old = self.snapshot.load();
         let version = old.version + 1;
         let changed = old.nodes.len() != built.len()
             || old.nodes.iter().zip(&built).any(|(a, b)| a.to_resolved() != b.to_resolved());

@@ -37,6 +37,15 @@ impl Selector {
         }
     }
 
+    /// Like [`Selector::build`], reusing the selector `self` built for `prev` where that is
+    /// cheaper (the chash ring of a large upstream).
+    pub fn rebuild(&self, kind: &Balancer, prev: &[Arc<Node>], nodes: &[Arc<Node>]) -> Selector {
+        match (self, kind) {
+            (Selector::Chash(ring), Balancer::Chash { .. }) => Selector::Chash(ring.rebuild(prev, nodes)),
+            _ => Selector::build(kind, nodes),
+        }
+    }
+
     /// Picks a node of `nodes` that `accept` allows. `key` is the consistent-hash key.
     #[inline]
     pub fn pick<'a>(
