@@ -404,29 +404,74 @@ pub async fn splice_bidirectional(
     }
 }
 
-/// Bytes moved per splice call (the pipe is sized to match).
-const SPLICE_CHUNK: usize = 64 * 1024;
+/// Bytes a copied read may move before the direction switches to splice.
+const COPY_CHUNK: usize = 16 * 1024;
+/// Pipe capacity, and bytes moved per splice call, once a direction carries bulk data.
+const SPLICE_CHUNK: usize = 256 * 1024;
 
+/// One direction of [`splice_bidirectional`]. Short exchanges (a query and its reply, a request
+/// per connection) are copied through a buffer that exists only while data is in flight, so a
+/// connection that never carries bulk data costs no pipe and no extra syscalls; the first read
+/// that fills the buffer switches this direction to `splice(2)` through its own pipe.
 async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            // EOF: pass the half-close on.
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return Ok(total);
+        }
+        activity.touch();
+        write_all(to, &buf[..n]).await?;
+        total += n as u64;
+        if n == COPY_CHUNK {
+            break;
+        }
+    }
+    splice_rest(from, to, activity, total).await
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match to.try_write(data) {
+            Ok(m) => data = &data[m..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn splice_rest(
+    from: &TcpStream,
+    to: &TcpStream,
+    activity: &Activity,
+    mut total: u64,
+) -> io::Result<u64> {
     use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
     use tokio::io::Interest;
     let (pr, pw) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-    let _ = fcntl_setpipe_size(&pw, SPLICE_CHUNK);
+    // Past the per-user pipe budget the kernel refuses a larger pipe; the default one works too.
+    let chunk = fcntl_setpipe_size(&pw, SPLICE_CHUNK).unwrap_or(64 * 1024).min(SPLICE_CHUNK);
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
-    let mut total = 0u64;
     loop {
         // Socket -> pipe.
         let n = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || Ok(splice(from, None, &pw, None, SPLICE_CHUNK, flags)?))
-            {
+            match from.try_io(Interest::READABLE, || Ok(splice(from, None, &pw, None, chunk, flags)?)) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         };
         if n == 0 {
-            // EOF: pass the half-close on.
             let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
             return Ok(total);
         }
