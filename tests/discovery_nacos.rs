@@ -184,3 +184,33 @@ async fn without_a_grpc_api_the_v1_open_api_is_polled() {
     assert!(eventually(Duration::from_secs(10), || async { spread(&gw, "/x", 6).await.len() == 2 }).await);
     eprintln!("Nacos v1 polling (fetch_interval 1 s) picked up a change after {:?}", t.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacos_that_starts_after_the_gateway_is_followed_by_push() {
+    // fetch_interval 30: a gateway left polling would see the second registration late.
+    let Some(mut nacos) = Nacos::reserve(0, 1000) else { return };
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let conf = config(&[format!("http://{}", nacos.addr)]).replace("fetch_interval: 1", "fetch_interval: 30");
+    let gw = TestGateway::start_with(
+        &conf,
+        &format!("upstreams:\n{}routes:\n  - uri: /*\n    upstream_id: web\n", upstream("web", "web", "")),
+        1,
+    );
+    assert_eq!(get(gw.http(), "/x").await.0, StatusCode::SERVICE_UNAVAILABLE, "never resolved: 503");
+    nacos.launch().await;
+    nacos.register("web", "DEFAULT_GROUP", "public", a.addr, 1.0, "").await;
+    assert!(
+        eventually(Duration::from_secs(30), || async { get(gw.http(), "/x").await.0 == StatusCode::OK })
+            .await,
+        "the registry came up: its nodes serve"
+    );
+    nacos.register("web", "DEFAULT_GROUP", "public", b.addr, 1.0, "").await;
+    let t = Instant::now();
+    // The gateway retries the gRPC API 5 s after the failed first attempt and then follows
+    // pushes; stuck on v1 polling it would see `b` only at the next poll, 30 s after the first.
+    assert!(
+        eventually(Duration::from_secs(12), || async { spread(&gw, "/x", 6).await.len() == 2 }).await,
+        "after a late start the gRPC subscription is used (pushes), not 30 s polling"
+    );
+    eprintln!("late-started Nacos: a registration reached traffic after {:?}", t.elapsed());
+}

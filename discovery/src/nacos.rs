@@ -82,9 +82,23 @@ pub struct NacosDiscovery {
     opts: NacosOptions,
     http: HttpClient,
     /// One SDK client per namespace, created on first use.
-    clients: tokio::sync::Mutex<HashMap<String, Option<NamingService>>>,
+    clients: tokio::sync::Mutex<HashMap<String, ClientSlot>>,
     tokens: Mutex<HashMap<String, (String, std::time::Instant)>>,
 }
+
+/// The gRPC client of a namespace, or when to try building it again.
+enum ClientSlot {
+    Ready(NamingService),
+    /// No gRPC API answered (a Nacos 1.x server, or a server that was down): poll the v1 API and
+    /// try again at `retry_at`, waiting twice as long after each failure (5 s up to 5 min).
+    Failed {
+        retry_at: std::time::Instant,
+        wait: Duration,
+    },
+}
+
+const GRPC_RETRY_FIRST: Duration = Duration::from_secs(5);
+const GRPC_RETRY_MAX: Duration = Duration::from_secs(300);
 
 fn weight_of(w: f64, default: u32) -> u32 {
     if !w.is_finite() || w < 0.0 {
@@ -151,11 +165,21 @@ impl NacosDiscovery {
         NodeSet { nodes }
     }
 
-    /// The SDK client for `namespace`, or `None` when the server has no gRPC API (Nacos 1.x).
-    async fn client(&self, namespace: &str) -> Option<NamingService> {
+    /// The SDK client for `namespace`, or, when no gRPC API answered (Nacos 1.x, or a server
+    /// that is not up yet), the time until the next attempt.
+    async fn client(&self, namespace: &str) -> Result<NamingService, Duration> {
         let mut clients = self.clients.lock().await;
-        if let Some(c) = clients.get(namespace) {
-            return c.clone();
+        let mut wait = GRPC_RETRY_FIRST;
+        match clients.get(namespace) {
+            Some(ClientSlot::Ready(c)) => return Ok(c.clone()),
+            Some(ClientSlot::Failed { retry_at, wait: w }) => {
+                let now = std::time::Instant::now();
+                if now < *retry_at {
+                    return Err(*retry_at - now);
+                }
+                wait = (*w * 2).min(GRPC_RETRY_MAX);
+            }
+            None => {}
         }
         // Each server's gRPC port is its HTTP port + 1000 (the SDK's and Nacos' default).
         let servers: Vec<String> = self.opts.hosts.iter().map(|h| h.url.authority()).collect();
@@ -175,22 +199,25 @@ impl NacosDiscovery {
             builder = builder.enable_auth_plugin_http();
         }
         let timeout = self.opts.connect_timeout + self.opts.read_timeout;
-        let client = match tokio::time::timeout(timeout * 2, builder.build()).await {
-            Ok(Ok(c)) => Some(c),
-            Ok(Err(e)) => {
-                tracing::warn!(discovery = "nacos", error = %e, "no Nacos 2.x gRPC API; polling the v1 open API");
-                None
+        let error = match tokio::time::timeout(timeout * 2, builder.build()).await {
+            Ok(Ok(c)) => {
+                clients.insert(namespace.to_string(), ClientSlot::Ready(c.clone()));
+                return Ok(c);
             }
-            Err(_) => {
-                tracing::warn!(
-                    discovery = "nacos",
-                    "Nacos gRPC connection timed out; polling the v1 open API"
-                );
-                None
-            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connection timed out".to_string(),
         };
-        clients.insert(namespace.to_string(), client.clone());
-        client
+        tracing::warn!(
+            discovery = "nacos",
+            %error,
+            retry_in = ?wait,
+            "no Nacos 2.x gRPC API; polling the v1 open API meanwhile"
+        );
+        clients.insert(
+            namespace.to_string(),
+            ClientSlot::Failed { retry_at: std::time::Instant::now() + wait, wait },
+        );
+        Err(wait)
     }
 
     /// `accessToken` for a host with credentials (cached for a while).
@@ -353,10 +380,19 @@ impl Discovery for NacosDiscovery {
         Box::pin(async move {
             let ns = Self::namespace(&query);
             let group = Self::group(&query);
-            let Some(client) = self.client(&ns).await else {
-                // Nacos 1.x: poll like APISIX.
-                let me: Arc<dyn Discovery> = self.clone();
-                return poll_forever(me, query, tx, status).await;
+            // Without a gRPC API (Nacos 1.x, or a server that was down at start) poll like
+            // APISIX, and switch to push as soon as the gRPC API answers.
+            let client = loop {
+                match self.client(&ns).await {
+                    Ok(c) => break c,
+                    Err(wait) => {
+                        let me: Arc<dyn Discovery> = self.clone();
+                        tokio::select! {
+                            _ = poll_forever(me, query.clone(), tx.clone(), status.clone()) => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
             };
             let (etx, mut erx) = mpsc::unbounded_channel();
             let listener: Arc<dyn NamingEventListener> = Arc::new(Forward(etx));

@@ -329,6 +329,13 @@ impl Nacos {
 
     /// `grpc_offset` other than 1000 hides the gRPC API from clients (like a Nacos 1.x server).
     pub async fn start_with(probe_secs: u32, grpc_offset: u16) -> Option<Nacos> {
+        let mut n = Self::reserve(probe_secs, grpc_offset)?;
+        n.launch().await;
+        Some(n)
+    }
+
+    /// Free ports for a server that is not started yet ([`Nacos::launch`] starts it).
+    pub fn reserve(probe_secs: u32, grpc_offset: u16) -> Option<Nacos> {
         if !require_bin("rnacos") {
             return None;
         }
@@ -344,21 +351,24 @@ impl Nacos {
                 break p;
             }
         };
-        let mut n = Nacos {
+        Some(Nacos {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             child: None,
             dir,
             probe_secs,
             grpc_offset,
-        };
-        n.spawn();
-        let addr = n.addr;
+        })
+    }
+
+    /// Starts the server and waits until it answers.
+    pub async fn launch(&mut self) {
+        self.spawn();
+        let addr = self.addr;
         let ready = super::eventually(Duration::from_secs(20), || async move {
             nacos_http(addr, "GET", "/nacos/v1/ns/instance/list?serviceName=__probe").await.is_some()
         })
         .await;
         assert!(ready, "rnacos did not start");
-        Some(n)
     }
 
     fn spawn(&mut self) {
