@@ -124,6 +124,26 @@ async fn consul_blocking_queries_tokens_health_and_failover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_host_names_and_the_node_address_fallback() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let consul = FakeConsul::start(None).await;
+    // `a` registered under a host name; `b` with no service address (the node's is used).
+    let by_name = ConsulInstance { address: "localhost".into(), ..consul_instance("a", a.addr, true) };
+    let by_node = ConsulInstance {
+        address: String::new(),
+        node_address: "127.0.0.1".into(),
+        ..consul_instance("b", b.addr, true)
+    };
+    consul.set("web", vec![by_name, by_node]);
+    let gw = TestGateway::start_with(&consul_config(&[consul.addr()], "", ""), CONSUL_ROUTE, 1);
+    assert!(
+        eventually(Duration::from_secs(10), || async { spread(&gw, "/x", 4).await.len() == 2 }).await,
+        "both instances serve: {:?}",
+        spread(&gw, "/x", 4).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_outage_during_traffic_and_restart_from_a_snapshot() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let mut consul = FakeConsul::start(None).await;

@@ -7,7 +7,8 @@
 //! `keepalive: false` the endpoint is polled every `fetch_interval` instead.
 //!
 //! * only instances whose checks pass are returned (`passing`); node address is
-//!   `Service.Address`, or `Node.Address` when empty; port `Service.Port`; weight from config;
+//!   `Service.Address`, or `Node.Address` when empty (a host name is resolved to its first
+//!   IPv4 address); port `Service.Port`; weight from config;
 //! * servers fail over in order; the ACL token goes in `X-Consul-Token`;
 //! * `skip_services` never resolve; `default_service` answers for services with no instance.
 
@@ -114,7 +115,7 @@ impl ConsulDiscovery {
         let v: Value =
             serde_json::from_slice(&resp.body).map_err(|e| DiscoveryError::Invalid(e.to_string()))?;
         let entries = v.as_array().ok_or_else(|| DiscoveryError::Invalid("expected a list".into()))?;
-        Ok((self.nodes(entries), idx))
+        Ok((crate::resolve_names(self.nodes(entries), "consul").await, idx))
     }
 
     fn with_default(&self, set: NodeSet) -> NodeSet {

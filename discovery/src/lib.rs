@@ -211,6 +211,43 @@ pub fn record_error(status: &SharedStatus, kind: &str, query: &Query, e: &Discov
     tracing::warn!(discovery = kind, service = %query.service_name, error = %e, "discovery lookup failed; keeping the last good nodes");
 }
 
+/// Resolves node hosts that are names (a registry may hold `db.internal` where an address is
+/// expected) to one address each, the first IPv4 one, as static nodes are, through the system
+/// resolver (`/etc/hosts`, then DNS). A name that does not resolve leaves its node out, with a
+/// warning: publishing it would only fail at connect time.
+pub async fn resolve_names(set: NodeSet, kind: &'static str) -> NodeSet {
+    let is_ip = |h: &str| h.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok();
+    if set.nodes.iter().all(|n| is_ip(&n.host)) {
+        return set;
+    }
+    let mut nodes = Vec::with_capacity(set.nodes.len());
+    for mut n in set.nodes {
+        if is_ip(&n.host) {
+            nodes.push(n);
+            continue;
+        }
+        let target = (n.host.clone(), n.port.unwrap_or(0));
+        let found = tokio::net::lookup_host(target).await.map(|a| a.collect::<Vec<std::net::SocketAddr>>());
+        match found {
+            Ok(addrs) => match addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) {
+                Some(a) => {
+                    n.host = a.ip().to_string();
+                    nodes.push(n);
+                }
+                None => {
+                    tracing::warn!(discovery = kind, host = %n.host, "node name has no address; left out")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(discovery = kind, host = %n.host, error = %e, "node name does not resolve; left out")
+            }
+        }
+    }
+    nodes.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+    nodes.dedup_by(|a, b| a.host == b.host && a.port == b.port);
+    NodeSet { nodes }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
