@@ -136,7 +136,7 @@ impl std::fmt::Debug for Upstream {
 /// gRPC statuses that count as node failures for passive checks: RESOURCE_EXHAUSTED,
 /// INTERNAL and UNAVAILABLE, the counterparts of the default unhealthy HTTP statuses
 /// (429, 500, 503). DEADLINE_EXCEEDED is the client's budget, not the node's health.
-const GRPC_FAILURES: &[u16] = &[8, 13, 14];
+pub(crate) const GRPC_FAILURES: &[u16] = &[8, 13, 14];
 
 impl Upstream {
     /// Builds an upstream. `prev` is the upstream with the same key in the previous

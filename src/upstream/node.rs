@@ -111,7 +111,7 @@ pub struct PassivePolicy {
     pub healthy_statuses: Vec<u16>,
     pub unhealthy_statuses: Vec<u16>,
     pub thresholds: Thresholds,
-    /// gRPC statuses counted as failures (UNAVAILABLE, DEADLINE_EXCEEDED, ...).
+    /// gRPC statuses counted as failures (RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE).
     pub grpc_failures: Vec<u16>,
 }
 
@@ -193,5 +193,31 @@ impl PeerNode for Node {
 
     fn release(&self) {
         self.state.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::health::state::{Event, Thresholds};
+
+    #[test]
+    fn grpc_statuses_count_as_passive_failures_only_when_the_node_is_at_fault() {
+        let p = PassivePolicy {
+            healthy_statuses: vec![200],
+            unhealthy_statuses: vec![500, 503],
+            thresholds: Thresholds { successes: 1, http_failures: 1, tcp_failures: 1, timeouts: 1 },
+            grpc_failures: crate::upstream::GRPC_FAILURES.to_vec(),
+        };
+        // UNAVAILABLE, INTERNAL and RESOURCE_EXHAUSTED are the node's fault.
+        for code in [14, 13, 8] {
+            assert_eq!(p.classify(Outcome::GrpcStatus(code)), Some(Event::HttpFailure), "code {code}");
+        }
+        // OK, NOT_FOUND and the client's own DEADLINE_EXCEEDED are answers from a working node.
+        for code in [0, 5, 4] {
+            assert_eq!(p.classify(Outcome::GrpcStatus(code)), Some(Event::Success), "code {code}");
+        }
+        assert_eq!(p.classify(Outcome::HttpStatus(503)), Some(Event::HttpFailure));
+        assert_eq!(p.classify(Outcome::HttpStatus(404)), None);
     }
 }
