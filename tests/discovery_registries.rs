@@ -143,6 +143,60 @@ async fn consul_host_names_and_the_node_address_fallback() {
     );
 }
 
+/// Discovery feeds stream upstreams through the same path as HTTP ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_route_follows_a_discovered_service() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (one, two) = (support::servers::Echo::start().await, support::servers::Echo::start().await);
+    let consul = FakeConsul::start(None).await;
+    consul.set("db", vec![consul_instance("one", one.addr, true)]);
+    let conf = consul_config(&[consul.addr()], "", "").replace(
+        "discovery:\n",
+        "  proxy_mode: http&stream\n  stream_proxy:\n    tcp: [\"127.0.0.1:0\"]\ndiscovery:\n",
+    );
+    let gw = TestGateway::start_with(
+        &conf,
+        "upstreams:\n  - id: db\n    discovery_type: consul\n    service_name: db\nstream_routes:\n  - upstream_id: db\n",
+        1,
+    );
+    let session = |msg: &'static [u8]| {
+        let addr = gw.stream(0);
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+            s.write_all(msg).await.ok()?;
+            s.shutdown().await.ok()?;
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.ok()?.ok()?;
+            Some(out)
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            session(b"ping").await.as_deref() == Some(b"pingbye")
+        })
+        .await
+    );
+    let stream_nodes = || async {
+        let j = gw.control_json("/v1/upstreams").await;
+        let up = j.as_array().and_then(|a| a.iter().find(|u| u["id"] == "db").cloned()).unwrap_or_default();
+        let mut ports: Vec<u64> = up["nodes"]
+            .as_array()
+            .map(|n| n.iter().filter_map(|n| n["port"].as_u64()).collect())
+            .unwrap_or_default();
+        ports.sort();
+        ports
+    };
+    // Membership changes reach the stream upstream.
+    consul.set("db", vec![consul_instance("two", two.addr, true)]);
+    assert!(
+        eventually(Duration::from_secs(5), || async { stream_nodes().await == vec![two.addr.port() as u64] })
+            .await,
+        "nodes: {:?}",
+        stream_nodes().await
+    );
+    assert_eq!(session(b"pong").await.as_deref(), Some(&b"pongbye"[..]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_outage_during_traffic_and_restart_from_a_snapshot() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
