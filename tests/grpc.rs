@@ -433,3 +433,54 @@ async fn transcode_with_a_descriptor_set_that_has_imports() {
     assert_eq!(json(&body)["message"], "Hello set");
     assert_eq!(json(&body)["kind"], "SMALL");
 }
+
+/// gRPC clients reach gRPC routes over TLS on the `ssl.listen` ports, negotiating h2 by ALPN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_with_alpn_h2_on_the_tls_port() {
+    use support::certs::yaml_block;
+    let ca = Ca::new("test-ca");
+    let leaf = ca.leaf(&["grpc.example.com"]);
+    let s = GrpcServer::start(None).await;
+    let conf = BASE_CONFIG.replace(
+        "  control:",
+        "  ssl:\n    enable: true\n    listen:\n      - ip: 127.0.0.1\n        port: 0\n  control:",
+    );
+    let gw = TestGateway::start_with(
+        &conf,
+        &format!(
+            "ssls:\n  - snis: [grpc.example.com]\n    cert: {}    key: {}{}",
+            yaml_block(&leaf.cert, 6),
+            yaml_block(&leaf.key, 6),
+            grpc_route(&nodes_yaml(&[s.addr]), "")
+        ),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    // One length-prefixed HelloRequest { name: "tls" }.
+    let body = dir.path().join("frame.bin");
+    std::fs::write(&body, [0u8, 0, 0, 0, 5, 0x0a, 3, b't', b'l', b's']).unwrap();
+    let port = gw.tls().port();
+    let (ok, out, err) = curl(&[
+        "--http2",
+        "--cacert",
+        ca_file.to_str().unwrap(),
+        "--resolve",
+        &format!("grpc.example.com:{port}:127.0.0.1"),
+        "-v",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        &format!("@{}", body.display()),
+        &format!("https://grpc.example.com:{port}/test.Greeter/SayHello"),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(err.contains("ALPN: server accepted h2"), "{err}");
+    assert!(err.contains("< HTTP/2 200"), "{err}");
+    assert!(err.contains("< grpc-status: 0"), "the trailers reach the client: {err}");
+    assert!(out.contains("Hello tls"), "{out:?}");
+}
