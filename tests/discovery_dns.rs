@@ -169,6 +169,49 @@ _http._tcp.api 3 IN SRV 20 0 {} node3.svc.test.",
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_service_name_wins_over_srv_and_aaaa_answers_become_nodes() {
+    let n4 = Backend::start_on("127.0.0.24:0".parse().unwrap(), "n4").await;
+    let v6 = Backend::start_on("[::1]:0".parse().unwrap(), "v6").await;
+    // The SRV record names port 1, where nothing listens; the service_name's port must win.
+    let records =
+        "node4 10 IN A 127.0.0.24\n_http._tcp.pin 3 IN SRV 10 1 1 node4.svc.test.\nsix 3 IN AAAA ::1";
+    let Some(dns) = Bind::start(records).await else { return };
+    // AAAA records are looked up only with `enable_ipv6` (as in APISIX; Strait's default is off).
+    let gw = TestGateway::start_with(
+        &config(dns.addr).replace("apisix:\n", "apisix:\n  enable_ipv6: true\n"),
+        &format!(
+            "upstreams:
+  - id: pin
+    discovery_type: dns
+    service_name: _http._tcp.pin.svc.test:{}
+  - id: six
+    discovery_type: dns
+    service_name: six.svc.test:{}
+routes:
+  - uri: /pin/*
+    upstream_id: pin
+  - uri: /six/*
+    upstream_id: six
+",
+            n4.addr.port(),
+            v6.addr.port()
+        ),
+        1,
+    );
+    for (path, want) in [("/pin/x", "n4"), ("/six/x", "v6")] {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                let (status, headers, _) = get(gw.http(), path).await;
+                status == StatusCode::OK && headers["x-backend"] == want
+            })
+            .await,
+            "{path} reaches {want}: {}",
+            gw.control_json("/v1/discovery/dns/dump").await
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_names_in_static_nodes_use_the_global_resolver() {
     let (port, _b) = backends_on(&["127.0.0.31"]).await;
     let Some(dns) = Bind::start("app 1 IN A 127.0.0.31").await else { return };
