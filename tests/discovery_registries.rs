@@ -2,7 +2,9 @@
 //! change propagation (timed), unhealthy/critical/not-ready instances excluded, ACL tokens and
 //! Basic auth, failover between registry hosts, namespace/label selection, 410 relists,
 //! EndpointSlices, several clusters, several registries behind one upstream, registry outages
-//! during traffic, and restarting from a snapshot while the registry is down.
+//! during traffic (Consul, Eureka, Kubernetes, with reconnects), host names and the node-address
+//! fallback in Consul, a stream route fed by discovery, and restarting from a snapshot while the
+//! registry is down.
 
 mod support;
 
@@ -255,7 +257,7 @@ async fn eureka_status_weights_auth_and_failover() {
         Backend::start("c").await,
         Backend::start("d").await,
     );
-    let eureka = FakeEureka::start(Some(("eu", "pw"))).await;
+    let mut eureka = FakeEureka::start(Some(("eu", "pw"))).await;
     let inst = |addr, status, overridden, weight| EurekaInstance { addr, status, overridden, weight };
     eureka.set(
         "WEB",
@@ -290,6 +292,17 @@ async fn eureka_status_weights_auth_and_failover() {
             .await
     );
     eprintln!("Eureka change reached traffic after {:?} (fetch_interval 1 s)", t.elapsed());
+
+    // Every Eureka host goes away in the middle of traffic: zero failed requests, state visible.
+    eureka.stop();
+    let stale = || async {
+        let d = gw.control_json("/v1/discovery/eureka/dump").await;
+        !d["services"][0]["stale_since"].is_null()
+    };
+    let failed = traffic_until(&gw, "/x", Duration::from_secs(10), stale).await;
+    assert_eq!(failed, 0, "the last good set keeps serving");
+    assert!(stale().await, "the outage is visible in the dump");
+    assert_eq!(spread(&gw, "/x", 2).await.get("d"), Some(&2));
 }
 
 fn kube_config(k: &FakeKubernetes, extra: &str) -> String {
@@ -300,6 +313,40 @@ fn kube_config(k: &FakeKubernetes, extra: &str) -> String {
         addr.port(),
         k.token()
     ))
+}
+
+/// The API server goes away mid-traffic and comes back: nothing fails meanwhile, the outage is
+/// visible, and the informer reconnects (with backoff) and follows the changes made since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_api_server_outage_and_reconnect() {
+    let a = Backend::start_on("127.0.0.44:0".parse().unwrap(), "a").await;
+    let port = a.addr.port();
+    let _b = Backend::start_on(format!("127.0.0.45:{port}").parse().unwrap(), "b").await;
+    let mut k = FakeKubernetes::start("k8s-token").await;
+    k.set_endpoints("shop", "web", json!({"app": "web"}), "http", port, &["127.0.0.44"], &[]);
+    let gw = TestGateway::start_with(
+        &kube_config(&k, ""),
+        "upstreams:\n  - id: web\n    discovery_type: kubernetes\n    service_name: shop/web:http\nroutes:\n  - uri: /*\n    upstream_id: web\n",
+        1,
+    );
+    assert!(ok(&gw, "/x").await);
+    k.stop();
+    let stale = || async {
+        let d = gw.control_json("/v1/discovery/kubernetes/dump").await;
+        !d["services"][0]["stale_since"].is_null()
+    };
+    let failed = traffic_until(&gw, "/x", Duration::from_secs(10), stale).await;
+    assert_eq!(failed, 0, "the last good set keeps serving");
+    assert!(stale().await, "the outage is visible in the dump");
+
+    k.restart().await;
+    k.set_endpoints("shop", "web", json!({"app": "web"}), "http", port, &["127.0.0.45"], &[]);
+    assert!(
+        eventually(Duration::from_secs(20), || async { spread(&gw, "/x", 2).await.get("b") == Some(&2) })
+            .await,
+        "reconnected and followed the change"
+    );
+    assert!(!stale().await, "synced again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -398,6 +398,29 @@ impl FakeKubernetes {
         state.lock().unwrap().rv = 100;
         let changed = Arc::new(Notify::new());
         let lists = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        Self::start_on("127.0.0.1:0".parse().unwrap(), token, state, changed, lists).await
+    }
+
+    /// Stops answering (connections refused; open watches end).
+    pub fn stop(&mut self) {
+        self.server.stop();
+    }
+
+    /// Comes back on the same port with the same objects and resourceVersions.
+    pub async fn restart(&mut self) {
+        let (addr, token) = (self.server.addr, self.token.clone());
+        let new =
+            Self::start_on(addr, &token, self.state.clone(), self.changed.clone(), self.lists.clone()).await;
+        *self = new;
+    }
+
+    async fn start_on(
+        addr: SocketAddr,
+        token: &str,
+        state: Arc<Mutex<KubeState>>,
+        changed: Arc<Notify>,
+        lists: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> FakeKubernetes {
         let (st, ch, tok, ls) = (state.clone(), changed.clone(), format!("Bearer {token}"), lists.clone());
         let handler: Handler = Arc::new(move |req: Request<Incoming>| {
             let (st, ch, tok, ls) = (st.clone(), ch.clone(), tok.clone(), ls.clone());
@@ -483,7 +506,7 @@ impl FakeKubernetes {
                 r
             })
         });
-        let server = Server::start("127.0.0.1:0".parse().unwrap(), handler).await;
+        let server = Server::start(addr, handler).await;
         FakeKubernetes { state, changed, server, token: token.to_string(), lists }
     }
 
