@@ -214,3 +214,31 @@ async fn a_nacos_that_starts_after_the_gateway_is_followed_by_push() {
     );
     eprintln!("late-started Nacos: a registration reached traffic after {:?}", t.elapsed());
 }
+
+/// A grpc upstream uses the instance's `metadata.gRPC_port` (the registered port serves HTTP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_upstreams_use_the_grpc_port_metadata() {
+    let Some(nacos) = Nacos::start().await else { return };
+    let grpc = support::grpc::GrpcServer::start(None).await;
+    let http_only = closed_port();
+    let registered: SocketAddr = format!("127.0.0.1:{}", http_only.port()).parse().unwrap();
+    let meta = format!("&metadata=%7B%22gRPC_port%22%3A%22{}%22%7D", grpc.addr.port());
+    nacos.register("greeter", "DEFAULT_GROUP", "public", registered, 1.0, &meta).await;
+    let gw = TestGateway::start_with(
+        &config(&[format!("http://{}", nacos.addr)]),
+        &format!(
+            "upstreams:\n{}    scheme: grpc\nroutes:\n  - uri: /test.Greeter/*\n    upstream_id: greeter\n",
+            upstream("greeter", "greeter", "")
+        ),
+        1,
+    );
+    let req = support::grpc::HelloRequest { name: "nacos".into(), ..Default::default() };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            support::grpc::say_hello(gw.http(), req.clone()).await.is_ok_and(|r| r.message == "Hello nacos")
+        })
+        .await,
+        "the call reaches the gRPC port from the metadata"
+    );
+    assert!(grpc.calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
