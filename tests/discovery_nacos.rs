@@ -242,3 +242,40 @@ async fn grpc_upstreams_use_the_grpc_port_metadata() {
     );
     assert!(grpc.calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }
+
+/// `user:pass@` in a Nacos host logs in (accessToken) on both the gRPC and the v1 API; wrong
+/// credentials leave the service unresolved (503) with the error in the dump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_host_log_in() {
+    let Some(nacos) = Nacos::start_with_auth().await else { return };
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    nacos.register("web", "DEFAULT_GROUP", "public", a.addr, 1.0, "").await;
+    let resources =
+        format!("upstreams:\n{}routes:\n  - uri: /*\n    upstream_id: web\n", upstream("web", "web", ""));
+    // fetch_interval 30: a registration seen within seconds came through the gRPC subscription.
+    let conf = |user: &str| {
+        config(&[format!("http://{user}@{}", nacos.addr)]).replace("fetch_interval: 1", "fetch_interval: 30")
+    };
+    let gw = TestGateway::start_with(&conf("admin:admin"), &resources, 1);
+    assert!(
+        eventually(Duration::from_secs(15), || async { get(gw.http(), "/x").await.0 == StatusCode::OK })
+            .await,
+        "logged in: {}",
+        gw.control_json("/v1/discovery/nacos/dump").await
+    );
+    nacos.register("web", "DEFAULT_GROUP", "public", b.addr, 1.0, "").await;
+    assert!(
+        eventually(Duration::from_secs(4), || async { spread(&gw, "/x", 6).await.len() == 2 }).await,
+        "pushed through the authenticated gRPC subscription"
+    );
+
+    let bad = TestGateway::start_with(&conf("admin:wrong"), &resources, 1);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            let d = bad.control_json("/v1/discovery/nacos/dump").await;
+            !d["services"][0]["last_error"].is_null()
+        })
+        .await
+    );
+    assert_eq!(get(bad.http(), "/x").await.0, StatusCode::SERVICE_UNAVAILABLE);
+}

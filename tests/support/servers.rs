@@ -314,9 +314,31 @@ pub struct Nacos {
     dir: tempfile::TempDir,
     probe_secs: u32,
     grpc_offset: u16,
+    /// rnacos' open API auth (user `admin`, password `admin`).
+    auth: bool,
 }
 
 impl Nacos {
+    /// A server that requires a login (`admin` / `admin`) on its open API and gRPC API.
+    pub async fn start_with_auth() -> Option<Nacos> {
+        let mut n = Self::reserve(0, 1000)?;
+        n.auth = true;
+        n.launch().await;
+        Some(n)
+    }
+
+    /// `&accessToken=...` for a server with auth, empty otherwise.
+    async fn token_param(&self) -> String {
+        if !self.auth {
+            return String::new();
+        }
+        let out = nacos_http(self.addr, "POST", "/nacos/v1/auth/login?username=admin&password=admin")
+            .await
+            .expect("login");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("login answer");
+        format!("&accessToken={}", v["accessToken"].as_str().expect("accessToken"))
+    }
+
     pub async fn start() -> Option<Nacos> {
         Self::start_probing(0).await
     }
@@ -357,6 +379,7 @@ impl Nacos {
             dir,
             probe_secs,
             grpc_offset,
+            auth: false,
         })
     }
 
@@ -364,8 +387,9 @@ impl Nacos {
     pub async fn launch(&mut self) {
         self.spawn();
         let addr = self.addr;
+        // The login endpoint answers with or without auth.
         let ready = super::eventually(Duration::from_secs(20), || async move {
-            nacos_http(addr, "GET", "/nacos/v1/ns/instance/list?serviceName=__probe").await.is_some()
+            nacos_http(addr, "POST", "/nacos/v1/auth/login?username=admin&password=admin").await.is_some()
         })
         .await;
         assert!(ready, "rnacos did not start");
@@ -386,6 +410,7 @@ impl Nacos {
             .env("RNACOS_HTTP_WORKERS", "1")
             .env("RUST_LOG", "warn")
             .env("RNACOS_NAMING_PERPETUAL_INSTANCE_PROBE_INTERVAL_SECOND", self.probe_secs.to_string())
+            .env("RNACOS_ENABLE_OPEN_API_AUTH", self.auth.to_string())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -404,9 +429,10 @@ impl Nacos {
         extra: &str,
     ) {
         let path = format!(
-            "/nacos/v1/ns/instance?serviceName={service}&groupName={group}&namespaceId={namespace}&ip={}&port={}&weight={weight}&ephemeral=false{extra}",
+            "/nacos/v1/ns/instance?serviceName={service}&groupName={group}&namespaceId={namespace}&ip={}&port={}&weight={weight}&ephemeral=false{extra}{}",
             node.ip(),
-            node.port()
+            node.port(),
+            self.token_param().await
         );
         let out = nacos_http(self.addr, "POST", &path).await;
         assert_eq!(out.as_deref(), Some("ok"), "register {path}");
@@ -414,9 +440,10 @@ impl Nacos {
 
     pub async fn deregister(&self, service: &str, group: &str, namespace: &str, node: SocketAddr) {
         let path = format!(
-            "/nacos/v1/ns/instance?serviceName={service}&groupName={group}&namespaceId={namespace}&ip={}&port={}&ephemeral=false",
+            "/nacos/v1/ns/instance?serviceName={service}&groupName={group}&namespaceId={namespace}&ip={}&port={}&ephemeral=false{}",
             node.ip(),
-            node.port()
+            node.port(),
+            self.token_param().await
         );
         assert_eq!(nacos_http(self.addr, "DELETE", &path).await.as_deref(), Some("ok"));
     }
