@@ -342,6 +342,20 @@ async fn transcode_query_form_and_json_with_every_field_kind() {
     assert_eq!(j["inner"]["values"], serde_json::json!([1, 2, 3]));
     assert_eq!(j["scores"]["x"], 5);
 
+    // PUT and PATCH carry JSON bodies too.
+    for method in [http::Method::PUT, http::Method::PATCH] {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri("/hello")
+            .header("host", "h")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(br#"{"name": "verb"}"#)))
+            .unwrap();
+        let (status, _, body) = send(gw.http(), req).await;
+        assert_eq!(status, StatusCode::OK, "{method}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(json(&body)["message"], "Hello verb", "{method}");
+    }
+
     let (status, _, _) = post_json(gw.http(), "/hello", r#"{"name": 5}"#).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "a type error in the input is a 400");
     let (status, _, _) = get(gw.http(), "/hello?big=notanumber").await;
