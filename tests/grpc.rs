@@ -216,6 +216,76 @@ async fn grpcs_upstream_with_rewritten_authority() {
     assert_eq!(rep.authority, "greeter.internal");
 }
 
+/// grpcs with `tls.verify` (against `ssl_trusted_certificate`) and a client certificate for a
+/// node that requires one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcs_upstream_with_verification_and_client_certificate() {
+    use support::certs::yaml_block;
+    let ca = Ca::new("grpcs-mtls-ca");
+    let (server, client) = (ca.leaf(&["greeter.internal"]), ca.leaf(&["strait-client"]));
+    let s = GrpcServer::start_with(Some(&server), Some(&ca.pem)).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    let config = BASE_CONFIG.replace(
+        "  control:",
+        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", dir.path().join("ca.pem").display()),
+    );
+    let route = |uri: &str, host: &str, cert: bool| {
+        let tls = if cert {
+            format!(
+                "      tls:\n        verify: true\n        client_cert: {}        client_key: {}",
+                yaml_block(&client.cert, 10),
+                yaml_block(&client.key, 10)
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "  - uri: {uri}\n    upstream:\n      scheme: grpcs\n      pass_host: rewrite\n      upstream_host: {host}\n{tls}      nodes: {}\n",
+            nodes_yaml(&[s.addr])
+        )
+    };
+    // Two routes to the same node: with and without a client certificate.
+    let gw = TestGateway::start_with(
+        &config,
+        &format!(
+            "routes:\n{}{}",
+            route("/test.Greeter/*", "greeter.internal", true),
+            route("/nocert/*", "greeter.internal", false),
+        ),
+        1,
+    );
+    let rep = g::say_hello(gw.http(), hello("mtls")).await.unwrap();
+    assert_eq!(rep.message, "Hello mtls");
+    assert_eq!(rep.authority, "greeter.internal");
+
+    // Without a client certificate the node refuses the handshake: a gRPC UNAVAILABLE.
+    let (ok, _, err) = curl(&[
+        "--http2-prior-knowledge",
+        "-v",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        "",
+        &format!("http://{}/nocert/M", gw.http()),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(err.contains("< grpc-status: 14"), "{err}");
+
+    // A wrong name fails verification the same way.
+    gw.write_resources(&format!("routes:\n{}", route("/test.Greeter/*", "other.internal", true)));
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || async {
+            g::say_hello(gw.http(), hello("x")).await.is_err_and(|e| e.code() == Code::Unavailable)
+        })
+        .await,
+        "verification checks the node name"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_health_v1_checks_take_a_not_serving_node_out() {
     let (a, b) = (GrpcServer::start(None).await, GrpcServer::start(None).await);

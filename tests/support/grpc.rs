@@ -184,20 +184,40 @@ type Codec = tonic_prost::ProstCodec<HelloReply, HelloRequest>;
 impl GrpcServer {
     /// Starts on 127.0.0.1:0 (h2c), or over TLS (ALPN h2) with `tls`.
     pub async fn start(tls: Option<&Leaf>) -> GrpcServer {
+        Self::start_with(tls, None).await
+    }
+
+    /// With `client_ca`, TLS clients must present a certificate signed by it (mTLS).
+    pub async fn start_with(tls: Option<&Leaf>, client_ca: Option<&str>) -> GrpcServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = tls.map(|leaf| {
-            let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
-                strait_protocols::tls::parse_key(&leaf.key).unwrap(),
-            )
-            .unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap();
+            let builder = match client_ca {
+                Some(ca) => {
+                    let mut roots = rustls::RootCertStore::empty();
+                    for c in strait_protocols::tls::parse_certs(ca).unwrap() {
+                        roots.add(c).unwrap();
+                    }
+                    let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider,
+                    )
+                    .build()
+                    .unwrap();
+                    builder.with_client_cert_verifier(v)
+                }
+                None => builder.with_no_client_auth(),
+            };
+            let mut cfg = builder
+                .with_single_cert(
+                    strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
+                    strait_protocols::tls::parse_key(&leaf.key).unwrap(),
+                )
+                .unwrap();
             cfg.alpn_protocols = vec![b"h2".to_vec()];
             tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
         });
