@@ -233,3 +233,55 @@ async fn host_names_in_static_nodes_use_the_global_resolver() {
         "pass_host: node keeps the name"
     );
 }
+
+/// `dns_resolver_valid` overrides record TTLs for static host names: a record with a 300 s TTL
+/// is still re-resolved every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_resolver_valid_overrides_the_ttl_of_static_host_names() {
+    let (port, _b) = backends_on(&["127.0.0.35", "127.0.0.36"]).await;
+    let Some(dns) = Bind::start("long 300 IN A 127.0.0.35").await else { return };
+    let gw = TestGateway::start_with(
+        &config(dns.addr).replace("  dns_resolver:", "  dns_resolver_valid: 1\n  dns_resolver:"),
+        &format!("routes:\n  - uri: /*\n    upstream:\n      nodes: {{\"long.svc.test:{port}\": 1}}\n"),
+        1,
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let (status, headers, _) = get(gw.http(), "/x").await;
+            status == StatusCode::OK && headers["x-backend"] == "127.0.0.35"
+        })
+        .await
+    );
+    dns.update("update delete long.svc.test. A 127.0.0.35\nupdate add long.svc.test. 300 A 127.0.0.36");
+    let t = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get(gw.http(), "/x").await.1.get("x-backend").is_some_and(|v| v == "127.0.0.36")
+        })
+        .await,
+        "re-resolved after dns_resolver_valid (1 s), not the record's 300 s"
+    );
+    eprintln!("dns_resolver_valid 1 s: the change reached traffic after {:?}", t.elapsed());
+}
+
+/// `order` decides which record type answers for a name that has several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_chooses_between_srv_and_a_records() {
+    let (port, _b) = backends_on(&["127.0.0.37", "127.0.0.38"]).await;
+    let records = "dual 3 IN A 127.0.0.37\nnode38 3 IN A 127.0.0.38\ndual 3 IN SRV 10 1 1 node38.svc.test.";
+    let Some(dns) = Bind::start(records).await else { return };
+    let resources = format!(
+        "upstreams:\n  - id: d\n    discovery_type: dns\n    service_name: dual.svc.test:{port}\nroutes:\n  - uri: /*\n    upstream_id: d\n"
+    );
+    for (order, want) in [("", "127.0.0.38"), ("    order: [A, SRV]\n", "127.0.0.37")] {
+        let conf = config(dns.addr).replace("    timeout: 0.5\n", &format!("    timeout: 0.5\n{order}"));
+        let gw = TestGateway::start_with(&conf, &resources, 1);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                get(gw.http(), "/x").await.1.get("x-backend").is_some_and(|v| v == want)
+            })
+            .await,
+            "order {order:?} answers with {want}"
+        );
+    }
+}
