@@ -63,8 +63,9 @@ fn crc_step(crc: u32, prev: u32) -> u32 {
 
 /// Sorts points by hash, stably. Points are pushed in node order, so the result equals a stable
 /// comparison sort. CRC values are uniform, so one scatter into 2^16 buckets by the top bits
-/// leaves ~25 points per bucket at 10,000 nodes, each then sorted in cache; at 1.6 M points this
-/// is an order of magnitude faster than `sort_by_key`, which dominated a large chash update.
+/// leaves a few dozen points per bucket at 10,000 nodes, each then sorted in cache. With the
+/// table-driven CRC step this took a full build of 10,000 nodes (3.2 M points) from 216 ms to
+/// about 130 ms (`cargo bench --bench hot_path -- apply_update`, before the incremental rebuild).
 fn sort_points(points: &mut Vec<(u32, u32)>) {
     const BITS: u32 = 16;
     if points.len() < 1024 {
@@ -171,7 +172,8 @@ impl Ring {
             points.push((h, idx));
         }
         points.extend(new);
-        // Equal hashes (a few per million) are ordered by node index, as a full build orders them.
+        // Equal hashes (about a thousand pairs among 3 M points) are ordered by node index, as a
+        // full build orders them.
         let mut i = 0;
         while i < points.len() {
             let mut j = i + 1;
