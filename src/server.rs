@@ -544,6 +544,8 @@ async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
         match state.router.find(&view) {
             None => {
                 shared.metrics.http_no_route.fetch_add(1, Ordering::Relaxed);
+                drop(state);
+                strait_protocols::http::drain_unread(ProxyBody::Incoming(body)).await;
                 return error_response(&ProxyError::NoRoute, is_grpc);
             }
             Some(r) => {
@@ -565,6 +567,7 @@ async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
         None
     };
     let Some(upstream) = &route.upstream else {
+        strait_protocols::http::drain_unread(ProxyBody::Incoming(body)).await;
         return error_response(&ProxyError::NoNode, is_grpc);
     };
     let ctx = ForwardCtx {

@@ -125,15 +125,44 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
 ) -> Response<ProxyBody> {
     match forward_inner(req, ctx, picker).await {
         Ok(resp) => resp,
-        Err(e) => error_response(&e, ctx.grpc),
+        Err((e, unread)) => {
+            drain_unread(unread).await;
+            error_response(&e, ctx.grpc)
+        }
     }
 }
+
+/// Reads and drops what is left of a request body the gateway answers itself (up to 64 KiB and
+/// 200 ms), as nginx discards it. Answering while the client is still sending makes HTTP/2 reset
+/// the request stream right after the answer (RST_STREAM NO_ERROR, RFC 9113 §8.1), which some
+/// clients (curl 7.x) report as a stream error instead of reading the answer; with the body
+/// read, the stream simply closes.
+pub async fn drain_unread(body: ProxyBody) {
+    use http_body_util::BodyExt;
+    if body.is_end_stream() {
+        return;
+    }
+    let mut body = std::pin::pin!(body);
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = BodyExt::frame(&mut body).await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > 64 * 1024 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
+}
+
+/// A failure, with the request body when it was never sent (for [`drain_unread`]).
+type Failure = (ProxyError, ProxyBody);
 
 async fn forward_inner<P: UpstreamPicker + ?Sized>(
     req: Request<ProxyBody>,
     ctx: &ForwardCtx<'_>,
     picker: &P,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<Response<ProxyBody>, Failure> {
     let settings = picker.settings();
     let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
     let (mut parts, body) = req.into_parts();
@@ -167,7 +196,7 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
         let peer = match picker.pick(ctx.hash_key, &tried) {
             Ok(p) => p,
             // Every node was tried: answer with the last attempt's error.
-            Err(e) => return Err(last_error.unwrap_or_else(|| e.into())),
+            Err(e) => return Err((last_error.unwrap_or_else(|| e.into()), out.body)),
         };
         attempt += 1;
         match attempt_once(&mut out, &peer, ctx, settings, timeouts, upgrade.is_some()).await {
@@ -185,14 +214,14 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
                 drop(peer);
                 let can_resend = fail.request_intact || out.replay.is_some();
                 if attempt > retries || !can_resend {
-                    return Err(fail.error);
+                    return Err((fail.error, out.body));
                 }
                 last_error = Some(fail.error);
                 if retry_deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(ProxyError::RetryTimeout);
+                    return Err((ProxyError::RetryTimeout, out.body));
                 }
                 if ctx.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                    return Err(ProxyError::DeadlineExceeded);
+                    return Err((ProxyError::DeadlineExceeded, out.body));
                 }
                 if !fail.request_intact
                     && let Some(p) = out.replay.take()

@@ -411,6 +411,9 @@ impl Nacos {
             .env("RUST_LOG", "warn")
             .env("RNACOS_NAMING_PERPETUAL_INSTANCE_PROBE_INTERVAL_SECOND", self.probe_secs.to_string())
             .env("RNACOS_ENABLE_OPEN_API_AUTH", self.auth.to_string())
+            // The readiness probe logs in every 20 ms; the default limit (100 a minute) would lock
+            // the admin user out on a slow start.
+            .env("RNACOS_API_LOGIN_ONE_MINUTE_LIMIT", "1000000")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
