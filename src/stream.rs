@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use strait_protocols::stream::{
-    Hello, peek_client_hello, proxy, read_proxy_header, splice_bidirectional, v1_header,
+    Hello, peek_client_hello, proxy, read_proxy_header, splice_bidirectional, v1_header, v2_header,
 };
 use strait_protocols::{Outcome, Scheme, Tried, UpstreamPicker, connect_tcp, connect_tls};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -45,6 +45,10 @@ impl VarSource for StreamVars<'_> {
         })
     }
 }
+
+/// How long a plain listener waits for a first byte before it stops expecting a ClientHello,
+/// when a route without SNI could take the connection.
+const SILENT_CLIENT_WAIT: Duration = Duration::from_millis(500);
 
 /// Serves one accepted stream connection.
 pub async fn serve(
@@ -105,15 +109,24 @@ pub async fn serve(
             &vars,
             sni.as_deref(),
             dest,
-            listener.proxy_protocol_to_upstream,
+            listener.proxy_protocol_to_upstream.then_some(listener.proxy_protocol_version),
             route.spec.idle_timeout,
         )
         .await;
         return;
     }
 
-    let sni = if state.stream_router.has_sni_routes() {
-        match peek_client_hello(&stream, handshake_timeout).await {
+    let router = &state.stream_router;
+    let sni = if router.has_sni_routes() && router.sni_applies(client, local) {
+        // When a route without SNI would also take this connection, a client that stays silent
+        // (a server-speaks-first protocol such as MySQL or SMTP) goes there after a short wait:
+        // a TLS client sends its ClientHello right after the TCP handshake.
+        let first_byte = if router.plain_applies(client, local) {
+            SILENT_CLIENT_WAIT.min(handshake_timeout)
+        } else {
+            handshake_timeout
+        };
+        match peek_client_hello(&stream, first_byte, handshake_timeout).await {
             Ok(Hello::Tls(sni)) => sni,
             Ok(_) => None,
             Err(e) => {
@@ -136,7 +149,7 @@ pub async fn serve(
         &vars,
         sni.as_deref(),
         dest,
-        listener.proxy_protocol_to_upstream,
+        listener.proxy_protocol_to_upstream.then_some(listener.proxy_protocol_version),
         route.spec.idle_timeout,
     )
     .await;
@@ -165,7 +178,7 @@ async fn session(
     vars: &StreamVars<'_>,
     client_sni: Option<&str>,
     dest: SocketAddr,
-    send_pp: bool,
+    send_pp: Option<u8>,
     idle: Option<Duration>,
 ) {
     let settings = upstream.settings();
@@ -198,8 +211,8 @@ async fn session(
         }
     };
     let started = Instant::now();
-    if send_pp {
-        let header = v1_header(vars.client, dest);
+    if let Some(version) = send_pp {
+        let header = if version == 2 { v2_header(vars.client, dest) } else { v1_header(vars.client, dest) };
         if tcp.write_all(&header).await.is_err() {
             peer.report(Outcome::TcpFailure, started.elapsed());
             return;

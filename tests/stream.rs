@@ -238,7 +238,7 @@ async fn proxy_protocol_in_drives_remote_addr_matching_and_out_reaches_the_node(
     let (trusted, recorder) = (Echo::start().await, ProxyRecorder::start().await);
     let gw = TestGateway::start_with(
         &stream_config(
-            "      - addr: \"127.0.0.1:0\"\n        proxy_protocol: true\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol_to_upstream: true\n",
+            "      - addr: \"127.0.0.1:0\"\n        proxy_protocol: true\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol_to_upstream: true\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol_to_upstream: true\n        proxy_protocol_version: 2\n",
         ),
         &format!(
             "stream_routes:\n  - remote_addr: 192.0.2.0/24\n    upstream: {{nodes: {}}}\n  - remote_addr: 127.0.0.1\n    upstream: {{nodes: {}}}\n",
@@ -270,6 +270,14 @@ async fn proxy_protocol_in_drives_remote_addr_matching_and_out_reaches_the_node(
     assert_eq!(&b, b"hi");
     let lines = recorder.lines.lock().unwrap().clone();
     assert_eq!(lines, [format!("PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {}", gw.stream(1).port())]);
+    // `proxy_protocol_version: 2` sends the binary v2 header instead.
+    let mut s = TcpStream::connect(gw.stream(2)).await.unwrap();
+    let client_port = s.local_addr().unwrap().port();
+    s.write_all(b"v2").await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"v2");
+    let lines = recorder.lines.lock().unwrap().clone();
+    assert_eq!(lines[1], format!("PROXYv2 TCP4 127.0.0.1 127.0.0.1 {client_port} {}", gw.stream(2).port()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,4 +347,57 @@ async fn idle_timeout_is_per_route_and_off_by_default() {
     let mut back = [0u8; 10];
     s.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"still here");
+}
+
+/// A server that speaks first, as MySQL and SMTP do: a banner on accept, then an echo.
+async fn banner_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 ready\r\n").await;
+                let mut b = [0u8; 64];
+                while let Ok(n @ 1..) = s.read(&mut b).await {
+                    if s.write_all(&b[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Connects and waits for the banner, well within the 30 s header timeout configured below.
+async fn banner_arrives(addr: SocketAddr) -> bool {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut b = [0u8; 11];
+    matches!(tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await, Ok(Ok(_)) if &b == b"220 ready\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_speaks_first_protocols_are_not_held_for_a_client_hello() {
+    let ca = Ca::new("banner-ca");
+    let leaf = ca.leaf(&["secure.test"]);
+    let tls_echo = Echo::start_tls(&leaf).await;
+    let (banner, _task) = banner_server().await;
+    let gw = TestGateway::start_with(
+        &stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.2:0\"\n")
+            .replace("client_header_timeout: 2s", "client_header_timeout: 30s"),
+        &format!(
+            "stream_routes:\n  - sni: secure.test\n    server_addr: 127.0.0.1\n    upstream: {{nodes: {}}}\n  - upstream: {{nodes: {}}}\n",
+            nodes_yaml(&[tls_echo.addr]),
+            nodes_yaml(&[banner])
+        ),
+        2,
+    );
+    // No SNI route covers 127.0.0.2: nothing to wait for.
+    assert!(banner_arrives(gw.stream(1)).await, "the banner must not wait for a ClientHello");
+    // On 127.0.0.1 an SNI route could apply: a silent client goes to the plain route after a
+    // short wait, not after the header timeout...
+    assert!(banner_arrives(gw.stream(0)).await, "a silent client must reach the plain route");
+    // ...and TLS clients there still reach the SNI route's node.
+    let (_s, presented) = tls_connect(gw.stream(0), &ca, "secure.test", &leaf).await;
+    assert!(presented, "passthrough by SNI on the shared port");
 }

@@ -244,13 +244,16 @@ pub fn parse_client_hello(buf: &[u8]) -> Hello {
 }
 
 /// Peeks (without consuming) at the start of `s` until a whole ClientHello record is visible,
-/// or it is clear the stream is not TLS.
-pub async fn peek_client_hello(s: &TcpStream, timeout: Duration) -> io::Result<Hello> {
+/// or it is clear the stream is not TLS. The first byte must arrive within `first_byte`, the
+/// whole record within `timeout`.
+pub async fn peek_client_hello(s: &TcpStream, first_byte: Duration, timeout: Duration) -> io::Result<Hello> {
     let mut buf = vec![0u8; 2048];
-    let deadline = tokio::time::Instant::now() + timeout;
+    let start = tokio::time::Instant::now();
+    let deadline = start + timeout;
     let mut last = 0;
     loop {
-        let n = tokio::time::timeout_at(deadline, s.peek(&mut buf))
+        let until = if last == 0 { deadline.min(start + first_byte) } else { deadline };
+        let n = tokio::time::timeout_at(until, s.peek(&mut buf))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "ClientHello timed out"))??;
         if n == 0 {

@@ -28,6 +28,8 @@ pub struct StreamListen {
     pub proxy_protocol: bool,
     /// Send a PROXY protocol header to the node.
     pub proxy_protocol_to_upstream: bool,
+    /// Which PROXY protocol version to send (1, as nginx and APISIX do, or 2).
+    pub proxy_protocol_version: u8,
 }
 
 /// Which proxies run (`apisix.proxy_mode`).
@@ -531,7 +533,9 @@ fn stream_listen(
     match v {
         Value::Object(m) => {
             for k in m.keys() {
-                if !["addr", "tls", "proxy_protocol", "proxy_protocol_to_upstream"].contains(&k.as_str()) {
+                if !["addr", "tls", "proxy_protocol", "proxy_protocol_to_upstream", "proxy_protocol_version"]
+                    .contains(&k.as_str())
+                {
                     errs.add(join(path, k), "unknown key");
                 }
             }
@@ -548,11 +552,22 @@ fn stream_listen(
                     d
                 }
             };
+            let version = match m.get("proxy_protocol_version") {
+                None => 1,
+                Some(v) => match v.as_u64() {
+                    Some(n @ (1 | 2)) => n as u8,
+                    _ => {
+                        errs.add(join(path, "proxy_protocol_version"), "expected 1 or 2");
+                        1
+                    }
+                },
+            };
             Some(StreamListen {
                 addr,
                 tls: flag("tls", false, errs),
                 proxy_protocol: flag("proxy_protocol", pp_default, errs),
                 proxy_protocol_to_upstream: flag("proxy_protocol_to_upstream", pp_up_default, errs),
+                proxy_protocol_version: version,
             })
         }
         other => addr_of(other, path, errs).map(|addr| StreamListen {
@@ -560,6 +575,7 @@ fn stream_listen(
             tls: false,
             proxy_protocol: pp_default,
             proxy_protocol_to_upstream: pp_up_default,
+            proxy_protocol_version: 1,
         }),
     }
 }

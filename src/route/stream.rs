@@ -49,6 +49,19 @@ impl StreamRouter {
         !self.exact.is_empty() || !self.wildcard.is_empty()
     }
 
+    /// Whether an SNI route could take this connection: only then is a ClientHello worth
+    /// waiting for. A server-speaks-first protocol (MySQL, SMTP) on a listener that no SNI
+    /// route covers is relayed at once.
+    pub fn sni_applies(&self, client: SocketAddr, local: SocketAddr) -> bool {
+        let ok = accepts(client, local);
+        self.exact.values().chain(self.wildcard.values()).flatten().any(|r| ok(&r))
+    }
+
+    /// Whether a route without SNI would take this connection.
+    pub fn plain_applies(&self, client: SocketAddr, local: SocketAddr) -> bool {
+        self.plain.iter().any(|r| accepts(client, local)(&r))
+    }
+
     /// The route for a connection.
     pub fn find(
         &self,
@@ -56,12 +69,7 @@ impl StreamRouter {
         client: SocketAddr,
         local: SocketAddr,
     ) -> Option<&Arc<StreamRoute>> {
-        let ok = |r: &&Arc<StreamRoute>| {
-            let s = &r.spec;
-            s.server_port.is_none_or(|p| p == local.port())
-                && s.server_addr.is_none_or(|n| n.contains(local.ip()))
-                && s.remote_addr.is_none_or(|n| n.contains(client.ip()))
-        };
+        let ok = accepts(client, local);
         if let Some(sni) = sni {
             let lower;
             let sni = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -83,5 +91,15 @@ impl StreamRouter {
             }
         }
         self.plain.iter().find(ok)
+    }
+}
+
+/// The `server_addr`, `server_port` and `remote_addr` filter of every route.
+fn accepts(client: SocketAddr, local: SocketAddr) -> impl Fn(&&Arc<StreamRoute>) -> bool + Copy {
+    move |r| {
+        let s = &r.spec;
+        s.server_port.is_none_or(|p| p == local.port())
+            && s.server_addr.is_none_or(|n| n.contains(local.ip()))
+            && s.remote_addr.is_none_or(|n| n.contains(client.ip()))
     }
 }

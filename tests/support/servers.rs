@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use super::certs::Leaf;
@@ -124,21 +124,53 @@ impl ProxyRecorder {
             while let Ok((mut s, _)) = l.accept().await {
                 let ls = ls.clone();
                 tokio::spawn(async move {
-                    let mut line = Vec::new();
-                    let mut b = [0u8; 1];
-                    while !line.ends_with(b"\r\n") && line.len() < 200 {
-                        if s.read_exact(&mut b).await.is_err() {
-                            return;
-                        }
-                        line.push(b[0]);
-                    }
-                    ls.lock().unwrap().push(String::from_utf8_lossy(&line).trim_end().to_string());
+                    let Some(line) = read_proxy_line(&mut s).await else { return };
+                    ls.lock().unwrap().push(line);
                     echo(s).await;
                 });
             }
         });
         ProxyRecorder { addr, lines, task }
     }
+}
+
+/// Reads a PROXY header as the HAProxy specification (doc/proxy-protocol.txt) lays it out: a
+/// v1 text line comes back as is; a v2 TCP over IPv4 header as
+/// `PROXYv2 TCP4 <src> <dst> <sport> <dport>`.
+async fn read_proxy_line(s: &mut TcpStream) -> Option<String> {
+    const V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.ok()?;
+    if first[0] == b'\r' {
+        let mut head = [0u8; 16];
+        head[0] = first[0];
+        s.read_exact(&mut head[1..]).await.ok()?;
+        if &head[..12] != V2_SIG {
+            return Some("bad v2 signature".into());
+        }
+        let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.ok()?;
+        if head[12] != 0x21 || head[13] != 0x11 || len < 12 {
+            return Some(format!("v2 ver_cmd {:#x} family {:#x} len {len}", head[12], head[13]));
+        }
+        let ip = |b: &[u8]| std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+        let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+        return Some(format!(
+            "PROXYv2 TCP4 {} {} {} {}",
+            ip(&body[0..4]),
+            ip(&body[4..8]),
+            port(&body[8..10]),
+            port(&body[10..12])
+        ));
+    }
+    let mut line = first.to_vec();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") && line.len() < 200 {
+        s.read_exact(&mut b).await.ok()?;
+        line.push(b[0]);
+    }
+    Some(String::from_utf8_lossy(&line).trim_end().to_string())
 }
 
 impl Drop for ProxyRecorder {
