@@ -294,3 +294,29 @@ async fn malformed_and_oversized_requests_and_slow_clients() {
     assert_eq!(get(gw.http(), "/fine").await.0, StatusCode::OK);
     assert_eq!(b.requests(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_reading_the_body_is_a_504_after_the_send_timeout() {
+    // The node accepts and then reads nothing: once the socket buffers are full, every write
+    // to it stalls.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /upload\n    timeout: {{connect: 1, send: 1, read: 30}}\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    // Over h2c, so the early answer comes back on the stream while the body is still unsent.
+    let start = Instant::now();
+    let req = Request::post(format!("http://{}/upload", gw.http()))
+        .body(Full::new(Bytes::from(vec![b'x'; 64 << 20])))
+        .unwrap();
+    let (status, _, _, _) = send_h2(gw.http(), req).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(start.elapsed() < Duration::from_secs(20), "the send timeout, not the 30 s read timeout");
+}

@@ -121,3 +121,77 @@ impl AsyncWrite for NodeStream {
         }
     }
 }
+
+/// Fails a write to a node that makes no progress for `limit` (APISIX's `timeout.send`, nginx's
+/// `proxy_send_timeout`: the time allowed between two successive writes). The timer exists only
+/// while a write is blocked, so the fast path costs one branch.
+pub struct SendTimeout<S> {
+    inner: S,
+    limit: Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl<S> SendTimeout<S> {
+    pub fn new(inner: S, limit: Duration) -> Self {
+        SendTimeout { inner, limit, stall: None, armed: false }
+    }
+
+    /// Called when a write is pending: starts the timer, or reports that it ran out.
+    fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let timer = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "send to node timed out")),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn track<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => self.blocked(cx).map(Err),
+            ready => {
+                self.armed = false;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.track(cx, r)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.track(cx, r)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.track(cx, r)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

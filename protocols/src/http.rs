@@ -18,7 +18,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::{BodyPolicy, ProxyBody, UpstreamBody};
-use crate::connect::{ConnectError, NodeStream, connect_tcp, connect_tls};
+use crate::connect::{ConnectError, NodeStream, SendTimeout, connect_tcp, connect_tls};
 use crate::pool::{self, Limits, PoolKey, Pooled};
 use crate::respond::error_response;
 use crate::{
@@ -462,8 +462,13 @@ async fn attempt_once(
                         }
                         None => false,
                     };
-                    let err = e.into_error();
-                    Err(fail(classify_send_error(&err), Outcome::TcpFailure, intact))
+                    let err = classify_send_error(&e.into_error());
+                    let outcome = if matches!(err, ProxyError::Timeout(_)) {
+                        Outcome::Timeout
+                    } else {
+                        Outcome::TcpFailure
+                    };
+                    Err(fail(err, outcome, intact))
                 }
                 Err(_) => {
                     let err = if deadline_bound {
@@ -496,8 +501,13 @@ async fn attempt_once(
                         }
                         None => false,
                     };
-                    let err = e.into_error();
-                    Err(fail(classify_send_error(&err), Outcome::TcpFailure, intact))
+                    let err = classify_send_error(&e.into_error());
+                    let outcome = if matches!(err, ProxyError::Timeout(_)) {
+                        Outcome::Timeout
+                    } else {
+                        Outcome::TcpFailure
+                    };
+                    Err(fail(err, outcome, intact))
                 }
                 Err(_) => {
                     let err = if deadline_bound {
@@ -516,9 +526,23 @@ async fn attempt_once(
 fn classify_send_error(e: &hyper::Error) -> ProxyError {
     if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
         ProxyError::BadResponse(e.to_string())
+    } else if is_send_timeout(e) {
+        ProxyError::Timeout("send")
     } else {
         ProxyError::Connect(e.to_string())
     }
+}
+
+/// Whether a write to the node stalled past `timeout.send` ([`SendTimeout`]).
+fn is_send_timeout(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Finds or opens a connection to the node for this key.
@@ -553,7 +577,7 @@ async fn get_sender(
         _ => NodeStream::Plain(tcp),
     };
     let use_h2 = scheme.is_grpc() || stream.alpn() == Some(b"h2");
-    let io = TokioIo::new(stream);
+    let io = TokioIo::new(SendTimeout::new(stream, timeouts.send));
     if use_h2 {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
