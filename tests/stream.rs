@@ -351,12 +351,16 @@ async fn idle_timeout_is_per_route_and_off_by_default() {
 
 /// A server that speaks first, as MySQL and SMTP do: a banner on accept, then an echo.
 async fn banner_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    banner_server_with(b"220 ready\r\n").await
+}
+
+async fn banner_server_with(banner: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let _ = s.write_all(b"220 ready\r\n").await;
+                let _ = s.write_all(banner).await;
                 let mut b = [0u8; 64];
                 while let Ok(n @ 1..) = s.read(&mut b).await {
                     if s.write_all(&b[..n]).await.is_err() {
@@ -400,4 +404,40 @@ async fn server_speaks_first_protocols_are_not_held_for_a_client_hello() {
     // ...and TLS clients there still reach the SNI route's node.
     let (_s, presented) = tls_connect(gw.stream(0), &ca, "secure.test", &leaf).await;
     assert!(presented, "passthrough by SNI on the shared port");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_chash_on_remote_addr_keeps_each_client_address_on_one_node() {
+    let mut nodes = Vec::new();
+    let mut tasks = Vec::new();
+    for banner in [b"node-a\n", b"node-b\n", b"node-c\n"] {
+        let (addr, task) = banner_server_with(banner).await;
+        nodes.push(addr);
+        tasks.push(task);
+    }
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - upstream: {{type: chash, hash_on: vars, key: remote_addr, nodes: {}}}\n",
+            nodes_yaml(&nodes)
+        ),
+        2,
+    );
+    // Clients from 24 loopback addresses, three connections each.
+    let mut seen = std::collections::HashSet::new();
+    for i in 10..34u8 {
+        let source: SocketAddr = format!("127.0.0.{i}:0").parse().unwrap();
+        let mut names = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(source).unwrap();
+            let mut s = sock.connect(gw.stream(0)).await.unwrap();
+            let mut b = [0u8; 7];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await.unwrap().unwrap();
+            names.insert(b);
+        }
+        assert_eq!(names.len(), 1, "client 127.0.0.{i} must stay on one node");
+        seen.extend(names);
+    }
+    assert!(seen.len() >= 2, "24 client addresses must spread over the nodes, got {seen:?}");
 }

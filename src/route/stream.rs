@@ -103,3 +103,70 @@ fn accepts(client: SocketAddr, local: SocketAddr) -> impl Fn(&&Arc<StreamRoute>)
             && s.remote_addr.is_none_or(|n| n.contains(client.ip()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::node::NodeConfig;
+    use crate::config::resources::Resources;
+    use crate::upstream::BuildContext;
+
+    /// A router over `routes` (YAML list items), all sharing one upstream.
+    fn router(routes: &str) -> StreamRouter {
+        let node = NodeConfig::parse("c", "", |_| None).unwrap();
+        let yaml = format!(
+            "upstreams:\n  - {{id: u, nodes: {{\"127.0.0.1:1\": 1}}}}\nstream_routes:\n{routes}#END\n"
+        );
+        let res = Resources::parse("r", &yaml, &node, |_| None).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let ctx = BuildContext {
+            background: rt.handle().clone(),
+            roots: strait_protocols::tls::root_store(None).unwrap(),
+        };
+        let up = Upstream::new(res.upstreams[0].clone(), None, &ctx).unwrap();
+        StreamRouter::new(
+            res.stream_routes
+                .into_iter()
+                .map(|spec| Arc::new(StreamRoute { spec, upstream: up.clone() }))
+                .collect(),
+        )
+    }
+
+    fn id(r: &StreamRouter, sni: Option<&str>, client: &str, local: &str) -> Option<String> {
+        r.find(sni, client.parse().unwrap(), local.parse().unwrap()).map(|r| r.spec.id.clone())
+    }
+
+    const C: &str = "10.0.0.1:5000";
+    const L: &str = "127.0.0.1:9100";
+
+    #[test]
+    fn exact_sni_then_longest_wildcard_then_plain() {
+        let r = router(
+            "  - {id: plain, upstream_id: u}\n  - {id: wide, sni: \"*.test\", upstream_id: u}\n  - {id: narrow, sni: \"*.a.test\", upstream_id: u}\n  - {id: exact, sni: x.a.test, upstream_id: u}\n",
+        );
+        assert_eq!(id(&r, Some("x.a.test"), C, L).as_deref(), Some("exact"));
+        assert_eq!(id(&r, Some("X.A.Test"), C, L).as_deref(), Some("exact"), "SNI is case-insensitive");
+        assert_eq!(id(&r, Some("y.a.test"), C, L).as_deref(), Some("narrow"));
+        assert_eq!(id(&r, Some("b.test"), C, L).as_deref(), Some("wide"));
+        assert_eq!(id(&r, Some("test"), C, L).as_deref(), Some("plain"), "a wildcard needs a label");
+        assert_eq!(id(&r, Some("other.example"), C, L).as_deref(), Some("plain"));
+        assert_eq!(id(&r, None, C, L).as_deref(), Some("plain"));
+    }
+
+    #[test]
+    fn filters_apply_to_sni_routes_and_decide_whether_to_wait_for_a_hello() {
+        let r = router(
+            "  - {id: tls, sni: db.test, server_port: 9443, upstream_id: u}\n  - {id: lan, remote_addr: 10.0.0.0/8, server_addr: 127.0.0.1, upstream_id: u}\n",
+        );
+        assert_eq!(id(&r, Some("db.test"), C, "127.0.0.1:9443").as_deref(), Some("tls"));
+        // The SNI route's port filter excludes 9100: the plain route takes the connection.
+        assert_eq!(id(&r, Some("db.test"), C, L).as_deref(), Some("lan"));
+        assert_eq!(id(&r, None, "192.168.1.1:5000", L), None, "remote_addr filters plain routes");
+        assert_eq!(id(&r, None, C, "127.0.0.2:9100"), None, "server_addr filters plain routes");
+
+        assert!(r.sni_applies(C.parse().unwrap(), "127.0.0.1:9443".parse().unwrap()));
+        assert!(!r.sni_applies(C.parse().unwrap(), L.parse().unwrap()), "no SNI route on 9100");
+        assert!(r.plain_applies(C.parse().unwrap(), L.parse().unwrap()));
+        assert!(!r.plain_applies("192.168.1.1:5000".parse().unwrap(), L.parse().unwrap()));
+    }
+}
