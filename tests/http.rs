@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -319,4 +320,104 @@ async fn a_node_that_stops_reading_the_body_is_a_504_after_the_send_timeout() {
     let (status, _, _, _) = send_h2(gw.http(), req).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert!(start.elapsed() < Duration::from_secs(20), "the send timeout, not the 30 s read timeout");
+}
+
+/// A listener whose accept queue is full: further connection attempts get no answer at all,
+/// so connecting to it times out (the listener and the queued connection stay open).
+async fn blackhole() -> (SocketAddr, tokio::net::TcpListener, tokio::net::TcpStream) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(0).unwrap();
+    let addr = l.local_addr().unwrap();
+    let queued = tokio::net::TcpStream::connect(addr).await.unwrap();
+    (addr, l, queued)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_is_a_504_and_the_next_node_is_tried() {
+    let (hole, _l, _q) = blackhole().await;
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:
+  - uri: /alone
+    timeout: {{connect: 0.3, send: 5, read: 5}}
+    upstream: {{nodes: {}}}
+  - uri: /pair
+    timeout: {{connect: 0.3, send: 5, read: 5}}
+    upstream: {{nodes: {}}}
+",
+        nodes_yaml(&[hole]),
+        nodes_yaml(&[hole, b.addr])
+    ));
+    let start = Instant::now();
+    assert_eq!(get(gw.http(), "/alone").await.0, StatusCode::GATEWAY_TIMEOUT);
+    assert!(start.elapsed() < Duration::from_secs(3), "the connect timeout of the route applies");
+    for _ in 0..4 {
+        let (status, headers, _) = get(gw.http(), "/pair").await;
+        assert_eq!(status, StatusCode::OK, "a node that does not answer the connect is retried");
+        assert_eq!(headers["x-backend"], "b");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_route_is_not_matched() {
+    let (on, off) = (Backend::start("on").await, Backend::start("off").await);
+    let gw = TestGateway::start(&format!(
+        "routes:
+  - uri: /x
+    priority: 10
+    status: 0
+    upstream: {{nodes: {}}}
+  - uri: /x
+    upstream: {{nodes: {}}}
+  - uri: /only-disabled
+    status: 0
+    upstream: {{nodes: {}}}
+",
+        nodes_yaml(&[off.addr]),
+        nodes_yaml(&[on.addr]),
+        nodes_yaml(&[off.addr])
+    ));
+    let (status, headers, _) = get(gw.http(), "/x").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-backend"], "on", "status: 0 takes the route out of matching");
+    assert_eq!(get(gw.http(), "/only-disabled").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(off.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_pool_requests_limits_how_long_a_node_connection_lives() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start_with(
+        BASE_CONFIG,
+        &format!(
+            "routes:\n  - uri: /*\n    upstream:\n      keepalive_pool: {{size: 4, idle_timeout: 60, requests: 3}}\n      nodes: {}\n",
+            nodes_yaml(&[b.addr])
+        ),
+        1,
+    );
+    for _ in 0..9 {
+        assert_eq!(get(gw.http(), "/x").await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        b.state.connections.load(std::sync::atomic::Ordering::Relaxed),
+        3,
+        "9 sequential requests at 3 per connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enable_http2_false_serves_http1_only() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start_with(
+        &BASE_CONFIG.replace("      port: 0\n", "      port: 0\n      enable_http2: false\n"),
+        &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[b.addr])),
+        1,
+    );
+    let url = format!("http://{}/x", gw.http());
+    let (ok, out, _) = curl(&["-o", "/dev/null", "-w", "%{http_version}", &url]).await;
+    assert!(ok && out == "1.1", "HTTP/1.1 is served: {out}");
+    let (ok, out, _) =
+        curl(&["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version}", &url]).await;
+    assert!(!ok || out != "2", "h2c must not be served on this port: {out}");
 }
