@@ -441,3 +441,35 @@ async fn stream_chash_on_remote_addr_keeps_each_client_address_on_one_node() {
     }
     assert!(seen.len() >= 2, "24 client addresses must spread over the nodes, got {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_verifies_the_node_certificate_when_asked() {
+    let ca = Ca::new("origination-verify-ca");
+    let leaf = ca.leaf(&["node.internal"]);
+    let tls_echo = Echo::start_tls(&leaf).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    let config = stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.2:0\"\n").replace(
+        "  control:",
+        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", dir.path().join("ca.pem").display()),
+    );
+    let route = |server: &str, name: &str| {
+        format!(
+            "  - server_addr: {server}\n    upstream:\n      scheme: tls\n      tls: {{verify: true}}\n      pass_host: rewrite\n      upstream_host: {name}\n      nodes: {}\n",
+            nodes_yaml(&[tls_echo.addr])
+        )
+    };
+    let gw = TestGateway::start_with(
+        &config,
+        &format!(
+            "stream_routes:\n{}{}",
+            route("127.0.0.1", "node.internal"),
+            route("127.0.0.2", "wrong.internal")
+        ),
+        2,
+    );
+    // The name the certificate carries, signed by the trusted CA: relayed.
+    assert_eq!(round_trip(gw.stream(0), b"verified").await, b"verifiedbye");
+    // Any other name fails verification: the client is closed without data.
+    assert!(closed_without_data(gw.stream(1), b"x").await, "a certificate for another name is refused");
+}
