@@ -1594,6 +1594,21 @@ mod tests {
     }
 
     #[test]
+    fn a_route_overrides_what_its_service_sets() {
+        let r = parse(
+            "upstreams:\n  - id: u1\n    nodes: {\"127.0.0.1:1\": 1}\n  - id: u2\n    nodes: {\"127.0.0.1:2\": 1}\nservices:\n  - id: s\n    hosts: [a.test]\n    upstream_id: u1\n    enable_websocket: true\nroutes:\n  - {id: inherits, uri: /a, service_id: s}\n  - {id: own, uri: /b, service_id: s, upstream_id: u2, hosts: [b.test], enable_websocket: false}\n#END\n",
+        )
+        .unwrap();
+        let (a, b) = (&r.routes[0], &r.routes[1]);
+        assert_eq!(a.upstream.as_deref(), Some("upstreams/u1"), "the service's upstream_id");
+        assert_eq!(a.hosts, ["a.test"]);
+        assert!(a.websocket, "the service's enable_websocket");
+        assert_eq!(b.upstream.as_deref(), Some("upstreams/u2"));
+        assert_eq!(b.hosts, ["b.test"]);
+        assert!(!b.websocket, "the route's own enable_websocket wins");
+    }
+
+    #[test]
     fn checks_defaults_follow_apisix() {
         let r = parse("upstreams:\n  - id: u\n    nodes: {\"127.0.0.1:1\": 1}\n    checks:\n      active: {http_path: /h}\n      passive: {}\n#END\n").unwrap();
         let c = r.upstream("upstreams/u").unwrap().checks.clone().unwrap();
