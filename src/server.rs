@@ -303,6 +303,7 @@ async fn worker(
         loop {
             t.tick().await;
             strait_protocols::pool::sweep();
+            strait_protocols::h1::sweep(Duration::from_secs(60));
         }
     });
     let _ = shutdown.wait_for(|s| *s).await;
@@ -366,8 +367,12 @@ async fn accept_loop(
                     } else {
                         Some(Proto::H1)
                     };
-                    if let Some(proto) = proto {
-                        serve_http(stream, proto, peer, local, false, shared, protocols, shutdown).await;
+                    match proto {
+                        Some(Proto::H1) => serve_h1(stream, peer, local, shared, protocols, shutdown).await,
+                        Some(proto) => {
+                            serve_http(stream, proto, peer, local, false, shared, protocols, shutdown).await
+                        }
+                        None => {}
                     }
                     drop(guard);
                 });
@@ -530,6 +535,101 @@ async fn serve_http<IO>(
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
+}
+
+/// Largest request head read before the general path takes over (it answers 431 past its own
+/// limit).
+const FAST_HEAD_MAX: usize = 32 * 1024;
+
+/// Serves a plain HTTP/1.1 connection: requests without a body, routed to plain `http`
+/// upstreams, go through the direct relay ([`strait_protocols::h1`]); the first request that
+/// needs more (a body, an upgrade, gRPC, transcoding, anything malformed) hands the connection,
+/// with the bytes already read, to hyper for the rest of its life.
+async fn serve_h1(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    protocols: Arc<HttpProtocols>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use bytes::Buf;
+    use strait_protocols::h1::RequestHead;
+    use tokio::io::AsyncReadExt;
+    let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
+    let header_timeout = shared.node.client_header_timeout;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        // A complete request head within client_header_timeout (idle time included), or the
+        // reason to hand over.
+        let deadline = tokio::time::Instant::now() + header_timeout;
+        let parsed = loop {
+            if !buf.is_empty() {
+                match strait_protocols::h1::parse_request(&buf) {
+                    RequestHead::Complete(p) => break Some(p),
+                    RequestHead::Partial if buf.len() < FAST_HEAD_MAX => {}
+                    _ => break None,
+                }
+            } else {
+                // Idle between requests: hold no buffer.
+                buf = bytes::BytesMut::new();
+                let ready = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, stream.readable()) => r,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                };
+                if !matches!(ready, Ok(Ok(()))) {
+                    return;
+                }
+                buf.reserve(4096);
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                Ok(Ok(_)) => {}
+            }
+        };
+        let Some(parsed) = parsed else { break };
+        let strait_protocols::h1::ParsedRequest { parts, len } = parsed;
+        if !strait_protocols::h1::eligible(&parts) || grpc::is_grpc_request(&parts.headers) {
+            break;
+        }
+        let (route, key) = {
+            let state = shared.state.load();
+            let view = RequestView::new(&parts, peer, local, false);
+            let Some(route) = state.router.find(&view) else { break };
+            let Some(up) = &route.upstream else { break };
+            if route.transcode.is_some()
+                || strait_protocols::UpstreamPicker::settings(&**up).scheme != strait_protocols::Scheme::Http
+            {
+                break;
+            }
+            let key = up.hash_key(&view).into_owned();
+            (route.clone(), key)
+        };
+        let Some(upstream) = &route.upstream else { break };
+        shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+        buf.advance(len);
+        let ctx = ForwardCtx {
+            client_addr: peer,
+            local_port: local.port(),
+            client_ip: client_ip.clone(),
+            local_port_value: local_port_value.clone(),
+            downstream_tls: false,
+            hash_key: &key,
+            timeouts: route.spec.timeout,
+            websocket: false,
+            grpc: false,
+            deadline: None,
+        };
+        let after = strait_protocols::h1::forward(&mut stream, parts, &ctx, &**upstream).await;
+        if after == strait_protocols::h1::After::Close || *shutdown.borrow() {
+            return;
+        }
+    }
+    let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
+    serve_http(io, Proto::H1, peer, local, false, shared, protocols, shutdown).await;
 }
 
 /// One request: route, then forward (or answer an error).

@@ -421,3 +421,234 @@ async fn enable_http2_false_serves_http1_only() {
         curl(&["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version}", &url]).await;
     assert!(!ok || out != "2", "h2c must not be served on this port: {out}");
 }
+
+/// A node that answers each request with the bytes scripted for its path, byte for byte, so
+/// every framing a node may use can be checked; `close_after` paths close the connection after
+/// answering (without saying so when the script does not).
+struct ScriptedNode {
+    addr: SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedNode {
+    async fn start(script: &'static [(&'static str, &'static [u8], bool)]) -> ScriptedNode {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                        let Some((_, reply, close)) = script.iter().find(|(p, _, _)| *p == path) else {
+                            return;
+                        };
+                        if s.write_all(reply).await.is_err() || *close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedNode { addr, connections, _task: task }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+const FRAMINGS: &[(&str, &[u8], bool)] = &[
+    ("/length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Node: s\r\n\r\nhello", false),
+    (
+        "/chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-t: 1\r\n\r\n",
+        false,
+    ),
+    ("/early", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+    ("/empty", b"HTTP/1.1 204 No Content\r\n\r\n", false),
+    ("/head", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false),
+    ("/until-close", b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close", true),
+    ("/hop", b"HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n", false),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_is_relayed_on_one_client_connection() {
+    use http_body_util::BodyExt;
+    let node = ScriptedNode::start(FRAMINGS).await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[node.addr])
+    ));
+    let stream = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut call = async |method: http::Method, path: &str| {
+        let req = Request::builder().method(method).uri(path).header("host", "h").body(body("")).unwrap();
+        sender.ready().await.expect("connection still open");
+        let resp = sender.send_request(req).await.expect("response");
+        let (parts, b) = resp.into_parts();
+        let collected = b.collect().await.expect("body");
+        let trailers = collected.trailers().cloned();
+        (parts.status, parts.headers, collected.to_bytes(), trailers)
+    };
+    let (status, headers, b, _) = call(http::Method::GET, "/length").await;
+    assert_eq!((status, &b[..], headers["x-node"].as_bytes()), (StatusCode::OK, &b"hello"[..], &b"s"[..]));
+    let (status, _, b, trailers) = call(http::Method::GET, "/chunked").await;
+    assert_eq!((status, &b[..]), (StatusCode::OK, &b"hello, world"[..]));
+    assert_eq!(trailers.expect("trailers")["x-t"], "1", "trailers come through");
+    let (status, _, b, _) = call(http::Method::GET, "/early").await;
+    assert_eq!((status, &b[..]), (StatusCode::OK, &b"ok"[..]), "the 103 is skipped");
+    let (status, _, b, _) = call(http::Method::GET, "/empty").await;
+    assert_eq!((status, b.len()), (StatusCode::NO_CONTENT, 0));
+    let (status, headers, b, _) = call(http::Method::HEAD, "/head").await;
+    assert_eq!(
+        (status, b.len(), headers["content-length"].as_bytes()),
+        (StatusCode::OK, 0, &b"5"[..]),
+        "HEAD has no body"
+    );
+    let (status, headers, _, _) = call(http::Method::GET, "/hop").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("x-secret").is_none() && headers.get("keep-alive").is_none(), "{headers:?}");
+    assert_eq!(node.connections(), 1, "one pooled node connection so far");
+    // A body delimited by the node closing: relayed whole, then the client connection closes.
+    let (status, _, b, _) = call(http::Method::GET, "/until-close").await;
+    assert_eq!((status, &b[..]), (StatusCode::OK, &b"until close"[..]));
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(closed.is_ok(), "the client connection ends after a close-delimited body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let node = ScriptedNode::start(FRAMINGS).await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[node.addr])
+    ));
+    let out = raw(
+        gw.http(),
+        b"GET /length HTTP/1.1\r\nHost: h\r\n\r\nGET /early HTTP/1.1\r\nHost: h\r\n\r\nGET /until-close HTTP/1.1\r\nHost: h\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    let hello = text.find("hello").expect("first answer");
+    let ok = text.find("\r\n\r\nok").expect("second answer");
+    let close = text.find("until close").expect("third answer");
+    assert!(hello < ok && ok < close, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 3, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_closing_idle_connections_costs_no_failed_request() {
+    // Every answer claims keep-alive, but the node closes right after it.
+    static SCRIPT: &[(&str, &[u8], bool)] =
+        &[("/x", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true)];
+    let node = ScriptedNode::start(SCRIPT).await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node.addr])
+    ));
+    for i in 0..20 {
+        let (status, _, b) = get(gw.http(), "/x").await;
+        assert_eq!((status, &b[..]), (StatusCode::OK, &b"ok"[..]), "request {i}");
+    }
+    assert_eq!(node.connections(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_switches_to_the_general_path_for_a_body_and_keeps_working() {
+    use http_body_util::BodyExt;
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let stream = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    for (method, path, sent) in
+        [("GET", "/a", ""), ("POST", "/echo", "posted body"), ("GET", "/b", ""), ("PUT", "/echo", "again")]
+    {
+        let req = Request::builder().method(method).uri(path).header("host", "h").body(body(sent)).unwrap();
+        sender.ready().await.expect("connection still open");
+        let resp = sender.send_request(req).await.expect("response on the same connection");
+        assert_eq!(resp.status(), StatusCode::OK, "{method} {path}");
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        if !sent.is_empty() {
+            assert_eq!(&got[..], sent.as_bytes(), "{method} {path}");
+        }
+    }
+    assert_eq!(b.requests(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_its_head_is_cut_off_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let s = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let start = Instant::now();
+    // One byte every 200 ms: each read is quick, the head never completes.
+    let writer = tokio::spawn(async move {
+        if w.write_all(b"GET / HTTP/1.1\r\nHost: h\r\nX-Slow: ").await.is_err() {
+            return;
+        }
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if w.write_all(b"a").await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(9), r.read_to_end(&mut out)).await;
+    let elapsed = start.elapsed();
+    writer.abort();
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "a trickling client was kept for {elapsed:?} (header timeout 2 s)"
+    );
+    assert_eq!(b.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answer_to_head_has_no_body_and_the_connection_goes_on() {
+    let dead = closed_port();
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[dead])
+    ));
+    let out = raw(
+        gw.http(),
+        b"HEAD /x HTTP/1.1\r\nHost: h\r\n\r\nGET /x HTTP/1.1\r\nHost: h\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    let (first, rest) = text.split_once("\r\n\r\n").expect("a first answer");
+    assert!(first.starts_with("HTTP/1.1 502"), "{text}");
+    assert!(rest.starts_with("HTTP/1.1 502"), "no body after the HEAD answer, then the GET's answer: {text}");
+    assert!(rest.contains("error_msg"), "{text}");
+}

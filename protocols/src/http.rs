@@ -102,7 +102,7 @@ pub fn is_websocket_upgrade(parts: &Parts) -> bool {
             .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
-fn idempotent(m: &Method) -> bool {
+pub(crate) fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
@@ -320,7 +320,7 @@ fn clone_parts(p: &Parts) -> Parts {
 }
 
 /// The Host value sent to `peer`, per `pass_host`.
-fn upstream_host(
+pub(crate) fn upstream_host(
     pass: &PassHost,
     client_host: Option<&HeaderValue>,
     peer: &Peer,

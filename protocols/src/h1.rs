@@ -1,0 +1,886 @@
+//! The HTTP/1.1 relay for the common case: a request without a body, forwarded to a plain
+//! `http` node, its response relayed byte for byte.
+//!
+//! The general path (hyper's server and client, [`crate::http::forward`]) costs two tasks, a
+//! channel and a full decode and re-encode per request. This one runs the whole exchange in the
+//! client connection's task: the request head is written straight to a pooled node socket, the
+//! response head is parsed with httparse and rewritten once, and the body bytes (content-length,
+//! chunked or until close) are copied as they are, chunk framing included. Everything it does
+//! not handle is decided before anything is sent, and goes to the general path: see
+//! [`eligible`].
+//!
+//! The semantics are the general path's: the same header rewriting
+//! ([`crate::http::prepare_request_headers`]), `pass_host`, timeouts (`connect`, `send` per
+//! write, `read` for the head and between body reads), retries and `retry_timeout`, passive
+//! health reports, keep-alive pool limits, and the same error answers.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::body::ProxyBody;
+use crate::http::{ForwardCtx, idempotent, prepare_request_headers, upstream_host};
+use crate::respond::error_response;
+use crate::{KeepalivePool, Outcome, Peer, ProxyError, Scheme, Tried, UpstreamPicker, connect_tcp};
+
+/// Most headers a node's response head may carry.
+const MAX_HEADERS: usize = 128;
+/// Largest node response head.
+const MAX_HEAD: usize = 64 * 1024;
+/// Body relay buffer.
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// Whether a parsed client request can take this path: HTTP/1.1 with no body, no upgrade, no
+/// `Expect`, and a keep-alive connection. (The route decides the rest: a plain `http` upstream,
+/// no transcoding.)
+pub fn eligible(parts: &Parts) -> bool {
+    if parts.version != http::Version::HTTP_11 || parts.method == Method::CONNECT {
+        return false;
+    }
+    let h = &parts.headers;
+    if h.contains_key(header::TRANSFER_ENCODING)
+        || h.contains_key(header::UPGRADE)
+        || h.contains_key(header::EXPECT)
+    {
+        return false;
+    }
+    if let Some(cl) = h.get(header::CONTENT_LENGTH)
+        && cl.as_bytes() != b"0"
+    {
+        return false;
+    }
+    if let Some(c) = h.get(header::CONNECTION)
+        && has_token(c.as_bytes(), b"close")
+    {
+        return false;
+    }
+    true
+}
+
+/// Whether a comma-separated header value lists `token` (ASCII case-insensitive).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// What the client connection does after a relayed exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Read the next request.
+    KeepAlive,
+    /// Close: the response was delimited by the node closing, or writing to the client failed.
+    Close,
+}
+
+/// Forwards one request (already checked with [`eligible`]) and writes the response, or the
+/// gateway's error answer, to `client`.
+pub async fn forward<P: UpstreamPicker + ?Sized>(
+    client: &mut TcpStream,
+    mut parts: Parts,
+    ctx: &ForwardCtx<'_>,
+    picker: &P,
+) -> After {
+    let settings = picker.settings();
+    let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
+    let client_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    prepare_request_headers(&mut parts, ctx, client_host.as_ref(), false, Scheme::Http);
+    parts.headers.remove(header::HOST);
+    let head_only = parts.method == Method::HEAD;
+    let resend_ok = idempotent(&parts.method);
+
+    let retries = settings.retries.unwrap_or(picker.node_count().saturating_sub(1) as u32);
+    let retry_deadline = settings.retry_timeout.map(|t| Instant::now() + t);
+    let mut tried = Tried::default();
+    let mut attempt: u32 = 0;
+    let mut last_error: Option<ProxyError> = None;
+    loop {
+        let peer = match picker.pick(ctx.hash_key, &tried) {
+            Ok(p) => p,
+            Err(e) => return answer_error(client, &last_error.unwrap_or_else(|| e.into()), head_only).await,
+        };
+        attempt += 1;
+        let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
+        let head = request_head(&parts, &host);
+        match exchange(client, &head, &peer, settings.keepalive, timeouts, head_only).await {
+            Ok(after) => return after,
+            Err(Failure::Client) => return After::Close,
+            Err(Failure::Node { error, outcome, elapsed, sent }) => {
+                peer.report(outcome, elapsed);
+                tracing::warn!(
+                    upstream = &*settings.id,
+                    node = %peer.addr,
+                    attempt,
+                    error = %error,
+                    "upstream attempt failed"
+                );
+                tried.push(peer.addr);
+                drop(peer);
+                if attempt > retries || (sent && !resend_ok) {
+                    return answer_error(client, &error, head_only).await;
+                }
+                if retry_deadline.is_some_and(|d| Instant::now() >= d) {
+                    return answer_error(client, &ProxyError::RetryTimeout, head_only).await;
+                }
+                last_error = Some(error);
+            }
+        }
+    }
+}
+
+/// Why an attempt ended without a relayed response.
+enum Failure {
+    /// The node failed before any byte of its response reached the client.
+    Node {
+        error: ProxyError,
+        outcome: Outcome,
+        elapsed: Duration,
+        /// The request may have reached the node.
+        sent: bool,
+    },
+    /// The client went away, or the response broke after its head was relayed: nothing more
+    /// can be said on this connection.
+    Client,
+}
+
+fn request_head(parts: &Parts, host: &HeaderValue) -> Vec<u8> {
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut size = parts.method.as_str().len() + pq.len() + host.len() + 32;
+    for (k, v) in &parts.headers {
+        size += k.as_str().len() + v.len() + 4;
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(pq.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (k, v) in &parts.headers {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// One attempt on one node: send the head, read the response head, relay it and its body.
+async fn exchange(
+    client: &mut TcpStream,
+    head: &[u8],
+    peer: &Peer,
+    keepalive: KeepalivePool,
+    timeouts: crate::Timeouts,
+    head_only: bool,
+) -> Result<After, Failure> {
+    let start = Instant::now();
+    let node_fail = |error: ProxyError, outcome: Outcome, sent: bool| Failure::Node {
+        error,
+        outcome,
+        elapsed: start.elapsed(),
+        sent,
+    };
+    // A pooled connection the node closed while idle fails at once; one fresh connection to the
+    // same node is tried before that counts as the node failing.
+    let mut pooled = checkout(peer.addr, keepalive);
+    let (mut node, uses, mut buf) = loop {
+        let (mut node, uses, reused) = match pooled.take() {
+            Some(c) => (c.stream, c.uses, true),
+            None => match connect_tcp(peer.addr, timeouts.connect).await {
+                Ok(s) => (s, 0, false),
+                Err(e) => {
+                    let (err, outcome) = if e.is_timeout() {
+                        (ProxyError::Timeout("connect"), Outcome::Timeout)
+                    } else {
+                        (ProxyError::Connect(e.to_string()), Outcome::TcpFailure)
+                    };
+                    return Err(node_fail(err, outcome, false));
+                }
+            },
+        };
+        match tokio::time::timeout(timeouts.send, node.write_all(head)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) if reused => continue,
+            Ok(Err(e)) => {
+                return Err(node_fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure, true));
+            }
+            Err(_) => return Err(node_fail(ProxyError::Timeout("send"), Outcome::Timeout, true)),
+        }
+        let mut buf = BytesMut::with_capacity(BODY_CHUNK);
+        match read_some(&mut node, &mut buf, timeouts.read).await {
+            Ok(0) | Err(ReadError::Io(_)) if reused => continue,
+            Ok(0) => {
+                let e = ProxyError::BadResponse("node closed the connection without answering".into());
+                return Err(node_fail(e, Outcome::TcpFailure, true));
+            }
+            Ok(_) => break (node, uses, buf),
+            Err(ReadError::Io(e)) => {
+                return Err(node_fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure, true));
+            }
+            Err(ReadError::Timeout) => {
+                return Err(node_fail(ProxyError::Timeout("read"), Outcome::Timeout, true));
+            }
+        }
+    };
+
+    // The response head (1xx interim responses are skipped).
+    let (status, out_head, framing, node_keepalive) = loop {
+        match parse_response(&buf, head_only) {
+            Ok(Some(parsed)) => {
+                buf.advance(parsed.len);
+                if (100..200).contains(&parsed.status) {
+                    continue;
+                }
+                break (parsed.status, parsed.head, parsed.framing, parsed.keepalive);
+            }
+            Ok(None) if buf.len() < MAX_HEAD => match read_some(&mut node, &mut buf, timeouts.read).await {
+                Ok(0) => {
+                    let e = ProxyError::BadResponse("node closed the connection mid-head".into());
+                    return Err(node_fail(e, Outcome::TcpFailure, true));
+                }
+                Ok(_) => {}
+                Err(ReadError::Io(e)) => {
+                    return Err(node_fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure, true));
+                }
+                Err(ReadError::Timeout) => {
+                    return Err(node_fail(ProxyError::Timeout("read"), Outcome::Timeout, true));
+                }
+            },
+            Ok(None) => {
+                let e = ProxyError::BadResponse("response head too large".into());
+                return Err(node_fail(e, Outcome::TcpFailure, true));
+            }
+            Err(msg) => return Err(node_fail(ProxyError::BadResponse(msg), Outcome::TcpFailure, true)),
+        }
+    };
+    peer.report(Outcome::HttpStatus(status), start.elapsed());
+
+    // From here on the client has (part of) this response: failures close the connection.
+    let client_close = framing == Framing::UntilClose;
+    let mut out_head = out_head;
+    if client_close {
+        out_head.truncate(out_head.len() - 2);
+        out_head.extend_from_slice(b"connection: close\r\n\r\n");
+    }
+    let done = relay_body(client, &mut node, &mut buf, &out_head, framing, timeouts.read).await;
+    match done {
+        Ok(clean) => {
+            if clean && node_keepalive && framing != Framing::UntilClose {
+                checkin(peer.addr, node, uses + 1, keepalive);
+            }
+            Ok(if client_close { After::Close } else { After::KeepAlive })
+        }
+        Err(()) => Err(Failure::Client),
+    }
+}
+
+enum ReadError {
+    Io(io::Error),
+    Timeout,
+}
+
+async fn read_some(node: &mut TcpStream, buf: &mut BytesMut, limit: Duration) -> Result<usize, ReadError> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    match tokio::time::timeout(limit, node.read_buf(buf)).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(ReadError::Io(e)),
+        Err(_) => Err(ReadError::Timeout),
+    }
+}
+
+struct ParsedHead {
+    status: u16,
+    /// Bytes of the node's head.
+    len: usize,
+    /// The head as the client gets it.
+    head: Vec<u8>,
+    framing: Framing,
+    keepalive: bool,
+}
+
+/// Parses a response head at the start of `buf`: `Ok(None)` while incomplete.
+fn parse_response(buf: &[u8], head_only: bool) -> Result<Option<ParsedHead>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("invalid response head: {e}")),
+    };
+    let status = resp.code.unwrap_or(0);
+    let minor = resp.version.unwrap_or(0);
+    let reason = resp.reason.unwrap_or("");
+
+    // Framing (RFC 9112 section 6.3) and the headers that only concern this hop.
+    let mut chunked = false;
+    let mut te = false;
+    let mut length: Option<u64> = None;
+    let mut keepalive = minor == 1;
+    let mut connection_named: Vec<&[u8]> = Vec::new();
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te = true;
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| "invalid content-length".to_string())?;
+            if length.is_some_and(|l| l != v) {
+                return Err("conflicting content-length".into());
+            }
+            length = Some(v);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            if has_token(h.value, b"close") {
+                keepalive = false;
+            } else if has_token(h.value, b"keep-alive") && minor == 0 {
+                keepalive = true;
+            }
+            connection_named.extend(h.value.split(|&b| b == b',').map(|t| t.trim_ascii()));
+        }
+    }
+    let bodiless = head_only || (100..200).contains(&status) || status == 204 || status == 304;
+    let framing = if bodiless {
+        Framing::None
+    } else if te {
+        if chunked { Framing::Chunked } else { Framing::UntilClose }
+    } else if let Some(n) = length {
+        if n == 0 { Framing::None } else { Framing::Length(n) }
+    } else {
+        Framing::UntilClose
+    };
+    if framing == Framing::UntilClose {
+        keepalive = false;
+    }
+
+    let mut head = Vec::with_capacity(len + 32);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(
+        StatusCode::from_u16(status).map_err(|_| "invalid status".to_string())?.as_str().as_bytes(),
+    );
+    head.push(b' ');
+    head.extend_from_slice(reason.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        let hop = [&b"connection"[..], b"keep-alive", b"proxy-connection", b"upgrade", b"te", b"expect"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+            || connection_named.iter().any(|n| name.eq_ignore_ascii_case(n));
+        let framing_header = name.eq_ignore_ascii_case(b"transfer-encoding")
+            || (te && name.eq_ignore_ascii_case(b"content-length"));
+        if hop || (framing_header && framing != Framing::Chunked) {
+            continue;
+        }
+        if framing_header && name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(h.value);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    Ok(Some(ParsedHead { status, len, head, framing, keepalive }))
+}
+
+/// Writes the head and relays the body. `Ok(true)` when the body ended exactly where its framing
+/// said (the node connection can be reused), `Ok(false)` when the node sent more than that;
+/// `Err` when the client or the node failed midway.
+async fn relay_body(
+    client: &mut TcpStream,
+    node: &mut TcpStream,
+    buf: &mut BytesMut,
+    head: &[u8],
+    framing: Framing,
+    read_timeout: Duration,
+) -> Result<bool, ()> {
+    let mut chunks = ChunkedState::default();
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    // The part of `buf` that belongs to this response.
+    let take = |buf: &BytesMut, left: u64, chunks: &mut ChunkedState| -> (usize, bool) {
+        match framing {
+            Framing::None => (0, true),
+            Framing::Length(_) => {
+                let n = (buf.len() as u64).min(left) as usize;
+                (n, n as u64 == left)
+            }
+            Framing::Chunked => chunks.feed(buf),
+            Framing::UntilClose => (buf.len(), false),
+        }
+    };
+    let (n, mut finished) = take(buf, left, &mut chunks);
+    if chunks.failed {
+        return Err(());
+    }
+    write_two(client, head, &buf[..n]).await.map_err(|_| ())?;
+    buf.advance(n);
+    left -= n.min(left as usize) as u64;
+    if finished {
+        return Ok(buf.is_empty());
+    }
+    // The rest of the body, as it arrives.
+    buf.clear();
+    buf.reserve(BODY_CHUNK);
+    loop {
+        let n = match tokio::time::timeout(read_timeout, node.read_buf(buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return Err(()),
+        };
+        if n == 0 {
+            return if framing == Framing::UntilClose { Ok(false) } else { Err(()) };
+        }
+        let (n, done) = take(buf, left, &mut chunks);
+        if chunks.failed {
+            return Err(());
+        }
+        client.write_all(&buf[..n]).await.map_err(|_| ())?;
+        left -= n.min(left as usize) as u64;
+        buf.advance(n);
+        finished = done;
+        if finished {
+            return Ok(buf.is_empty());
+        }
+        buf.clear();
+        if buf.capacity() < 4096 {
+            buf.reserve(BODY_CHUNK);
+        }
+    }
+}
+
+/// Writes `a` then `b` with as few syscalls as the socket allows.
+async fn write_two(s: &mut TcpStream, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+    while !a.is_empty() {
+        let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
+        let n = s.write_vectored(&bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    s.write_all(b).await
+}
+
+/// Finds where a chunked body ends, across reads (RFC 9112 section 7.1).
+#[derive(Debug, Default)]
+struct ChunkedState {
+    step: Step,
+    /// Bytes left in the current chunk's data.
+    data: u64,
+    size_digits: u8,
+    failed: bool,
+    /// Length of the current trailer line.
+    line: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    #[default]
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    Trailer,
+    TrailerLf,
+    Done,
+}
+
+impl ChunkedState {
+    /// Consumes `buf`: how many bytes belong to the body, and whether it ended there.
+    fn feed(&mut self, buf: &[u8]) -> (usize, bool) {
+        let mut i = 0;
+        while i < buf.len() {
+            let b = buf[i];
+            match self.step {
+                Step::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.size_digits += 1;
+                        if self.size_digits > 15 {
+                            self.failed = true;
+                            return (i, false);
+                        }
+                        self.data = self.data * 16 + d;
+                    }
+                    b';' | b' ' | b'\t' if self.size_digits > 0 => self.step = Step::Ext,
+                    b'\r' if self.size_digits > 0 => self.step = Step::SizeLf,
+                    _ => {
+                        self.failed = true;
+                        return (i, false);
+                    }
+                },
+                Step::Ext => {
+                    if b == b'\r' {
+                        self.step = Step::SizeLf;
+                    }
+                }
+                Step::SizeLf => {
+                    if b != b'\n' {
+                        self.failed = true;
+                        return (i, false);
+                    }
+                    self.size_digits = 0;
+                    self.step = if self.data == 0 { Step::Trailer } else { Step::Data };
+                    self.line = 0;
+                }
+                Step::Data => {
+                    let n = ((buf.len() - i) as u64).min(self.data) as usize;
+                    self.data -= n as u64;
+                    i += n;
+                    if self.data == 0 {
+                        self.step = Step::DataCr;
+                    }
+                    continue;
+                }
+                Step::DataCr => {
+                    if b != b'\r' {
+                        self.failed = true;
+                        return (i, false);
+                    }
+                    self.step = Step::DataLf;
+                }
+                Step::DataLf => {
+                    if b != b'\n' {
+                        self.failed = true;
+                        return (i, false);
+                    }
+                    self.step = Step::Size;
+                }
+                Step::Trailer => {
+                    if b == b'\r' {
+                        self.step = Step::TrailerLf;
+                    } else {
+                        self.line += 1;
+                    }
+                }
+                Step::TrailerLf => {
+                    if b != b'\n' {
+                        self.failed = true;
+                        return (i, false);
+                    }
+                    if self.line == 0 {
+                        self.step = Step::Done;
+                        return (i + 1, true);
+                    }
+                    self.line = 0;
+                    self.step = Step::Trailer;
+                }
+                Step::Done => return (i, true),
+            }
+            i += 1;
+        }
+        (i, self.step == Step::Done)
+    }
+}
+
+/// Writes a gateway error answer (its head only, for a HEAD request); the connection stays open
+/// for the next request.
+async fn answer_error(client: &mut TcpStream, err: &ProxyError, head_only: bool) -> After {
+    let resp = error_response(err, false);
+    let (parts, body) = resp.into_parts();
+    let body = match body {
+        ProxyBody::Full(Some(b)) => b,
+        _ => bytes::Bytes::new(),
+    };
+    let mut head = Vec::with_capacity(128);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (k, v) in &parts.headers {
+        if k == header::CONTENT_LENGTH {
+            continue;
+        }
+        head.extend_from_slice(k.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(v.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    let body = if head_only { &[][..] } else { &body[..] };
+    match write_two(client, &head, body).await {
+        Ok(()) => After::KeepAlive,
+        Err(_) => After::Close,
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Node connections, per worker thread (each worker runs a single-threaded runtime, so there is
+// nothing to lock).
+
+struct Idle {
+    stream: TcpStream,
+    uses: u32,
+    since: Instant,
+}
+
+/// A connection taken from the pool.
+struct Checked {
+    stream: TcpStream,
+    uses: u32,
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
+}
+
+fn checkout(addr: SocketAddr, limits: KeepalivePool) -> Option<Checked> {
+    IDLE.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.get_mut(&addr)?;
+        while let Some(c) = list.pop() {
+            if c.since.elapsed() >= limits.idle_timeout || !still_open(&c.stream) {
+                continue;
+            }
+            return Some(Checked { stream: c.stream, uses: c.uses });
+        }
+        None
+    })
+}
+
+/// Whether an idle node connection is still usable: nothing to read (no EOF, no stray bytes).
+/// The reactor's readiness answers without a syscall unless something did arrive.
+fn still_open(s: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match s.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut probe = [0u8; 1];
+            matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+fn checkin(addr: SocketAddr, stream: TcpStream, uses: u32, limits: KeepalivePool) {
+    if uses >= limits.requests || limits.size == 0 {
+        return;
+    }
+    IDLE.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.entry(addr).or_default();
+        if list.len() < limits.size {
+            list.push(Idle { stream, uses, since: Instant::now() });
+        }
+    });
+}
+
+/// Drops this worker's idle node connections older than `max_idle`, and the connections their
+/// nodes closed.
+pub fn sweep(max_idle: Duration) {
+    IDLE.with(|p| {
+        let mut p = p.borrow_mut();
+        p.retain(|_, list| {
+            list.retain(|c| c.since.elapsed() < max_idle && still_open(&c.stream));
+            !list.is_empty()
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_end_is_found_across_reads() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for split in 0..body.len() {
+            let mut st = ChunkedState::default();
+            let (a, done_a) = st.feed(&body[..split]);
+            assert!(done_a || a == split, "an unfinished body takes every byte");
+            let end = if done_a {
+                a
+            } else {
+                let (b, done_b) = st.feed(&body[split..]);
+                assert!(done_b, "split at {split}");
+                split + b
+            };
+            assert_eq!(&body[end..], b"NEXT", "split at {split}");
+            assert!(!st.failed);
+        }
+        let mut st = ChunkedState::default();
+        st.feed(b"zz\r\n");
+        assert!(st.failed, "a size must be hex");
+    }
+
+    #[test]
+    fn response_framing_and_hop_headers() {
+        let p = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-a\r\nX-A: 1\r\nKeep-Alive: t=5\r\n\r\nhello", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.framing, Framing::Length(5));
+        assert!(p.keepalive);
+        assert_eq!(String::from_utf8_lossy(&p.head), "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        let p = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.framing, Framing::Chunked, "Transfer-Encoding wins over Content-Length");
+        assert_eq!(String::from_utf8_lossy(&p.head), "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let p = parse_response(b"HTTP/1.0 200 OK\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!((p.framing, p.keepalive), (Framing::UntilClose, false));
+        let p = parse_response(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.framing, Framing::None);
+        let p = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true).unwrap().unwrap();
+        assert_eq!(p.framing, Framing::None, "HEAD");
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false)
+                .is_err()
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nConte", false).unwrap().is_none());
+    }
+}
+
+/// A client connection handed to the general path with the bytes this path already read.
+pub struct Prefixed<S> {
+    prefix: bytes::Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: bytes::Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A client request head parsed from the start of a buffer.
+pub struct ParsedRequest {
+    pub parts: Parts,
+    /// Bytes of the head.
+    pub len: usize,
+}
+
+/// What the start of a client's buffer holds. (Returned once per request and unpacked at once:
+/// boxing the parts would cost an allocation for nothing.)
+#[allow(clippy::large_enum_variant)]
+pub enum RequestHead {
+    Complete(ParsedRequest),
+    /// More bytes are needed.
+    Partial,
+    /// Malformed or beyond this path's limits: the general path answers it.
+    Unsupported,
+}
+
+/// Parses a request head at the start of `buf`.
+pub fn parse_request(buf: &[u8]) -> RequestHead {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return RequestHead::Partial,
+        Err(_) => return RequestHead::Unsupported,
+    };
+    match build_parts(&req) {
+        Some(parts) => RequestHead::Complete(ParsedRequest { parts, len }),
+        None => RequestHead::Unsupported,
+    }
+}
+
+fn build_parts(req: &httparse::Request<'_, '_>) -> Option<Parts> {
+    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
+    let uri = http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(req.path?.as_bytes())).ok()?;
+    let version = match req.version {
+        Some(1) => http::Version::HTTP_11,
+        _ => http::Version::HTTP_10,
+    };
+    let mut map = http::HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        map.append(name, value);
+    }
+    let mut r = http::Request::new(());
+    *r.method_mut() = method;
+    *r.uri_mut() = uri;
+    *r.version_mut() = version;
+    *r.headers_mut() = map;
+    Some(r.into_parts().0)
+}
