@@ -364,27 +364,54 @@ fn chash_var(key: &str) -> Option<Var> {
 fn combine_vars(template: &str, vars: &dyn VarSource) -> Option<String> {
     let mut out = String::with_capacity(template.len() + 16);
     let mut resolved = 0;
-    let bytes = template.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'$' {
-            let start = i + 1;
-            let mut end = start;
-            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
-                end += 1;
+    let mut rest = template;
+    while let Some(pos) = rest.find('$') {
+        // `\$` is a literal dollar sign.
+        if rest[..pos].ends_with('\\') {
+            out.push_str(&rest[..pos - 1]);
+            out.push('$');
+            rest = &rest[pos + 1..];
+            continue;
+        }
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        // `${name}`, `${name ?? default}` or `$name` (letters, digits, `_` and `.`).
+        let (name, default, used) = if let Some(inner) = after.strip_prefix('{') {
+            let Some(close) = inner.find('}') else {
+                out.push('$');
+                rest = after;
+                continue;
+            };
+            let body = inner[..close].trim();
+            match body.split_once("??") {
+                Some((n, d)) => (n.trim(), Some(d.trim()), close + 2),
+                None => (body, None, close + 2),
             }
-            if end > start {
-                if let Some(v) = Var::parse(&template[start..end]).ok().and_then(|v| vars.var(&v)) {
-                    out.push_str(&v);
-                    resolved += 1;
-                }
-                i = end;
+        } else {
+            let len =
+                after.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'.').count();
+            if len == 0 {
+                out.push('$');
+                rest = after;
                 continue;
             }
+            (&after[..len], None, len)
+        };
+        match Var::parse(name).ok().and_then(|v| vars.var(&v)) {
+            Some(v) => {
+                out.push_str(&v);
+                resolved += 1;
+            }
+            None => {
+                if let Some(d) = default {
+                    out.push_str(d);
+                    resolved += 1;
+                }
+            }
         }
-        out.push(bytes[i] as char);
-        i += 1;
+        rest = &after[used..];
     }
+    out.push_str(rest);
     (resolved > 0).then_some(out)
 }
 
@@ -433,5 +460,37 @@ impl UpstreamPicker for Upstream {
 
     fn settings(&self) -> &UpstreamSettings {
         &self.settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Query arguments `a` and `b`, nothing else.
+    struct Args(&'static [(&'static str, &'static str)]);
+
+    impl VarSource for Args {
+        fn var(&self, v: &Var) -> Option<std::borrow::Cow<'_, str>> {
+            match v {
+                Var::Arg(name) => self.0.iter().find(|(k, _)| k == name).map(|(_, v)| (*v).into()),
+                _ => None,
+            }
+        }
+    }
+
+    #[test]
+    fn vars_combinations_take_plain_braced_and_defaulted_variables() {
+        let ab = Args(&[("a", "A"), ("b", "B")]);
+        assert_eq!(combine_vars("$arg_a-$arg_b", &ab).as_deref(), Some("A-B"));
+        assert_eq!(combine_vars("${arg_a}${arg_b}", &ab).as_deref(), Some("AB"));
+        assert_eq!(combine_vars("${ arg_a }:x", &ab).as_deref(), Some("A:x"));
+        assert_eq!(combine_vars("ü$arg_a€", &ab).as_deref(), Some("üA€"), "text around variables is kept");
+        let only_a = Args(&[("a", "A")]);
+        assert_eq!(combine_vars("$arg_a-$arg_b", &only_a).as_deref(), Some("A-"), "a missing one is empty");
+        assert_eq!(combine_vars("${arg_b ?? none}", &only_a).as_deref(), Some("none"));
+        assert_eq!(combine_vars("\\$arg_a $arg_a", &only_a).as_deref(), Some("$arg_a A"));
+        assert_eq!(combine_vars("$arg_x${arg_y}", &only_a), None, "nothing resolved: fall back");
+        assert_eq!(combine_vars("cost: $ 5", &ab), None);
     }
 }

@@ -10,7 +10,7 @@ pub mod servers;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -154,6 +154,10 @@ pub struct BackendState {
     pub connections: AtomicUsize,
     /// When non-zero, every request (health checks included) gets this status.
     pub force_status: AtomicU16,
+    /// When non-zero, `/healthz` alone answers this status (other paths are unaffected).
+    pub health_status: AtomicU16,
+    /// Milliseconds every request waits before it is answered.
+    pub delay_ms: AtomicU64,
     /// Headers of the last request.
     pub last_headers: Mutex<Option<HeaderMap>>,
     pub last_uri: Mutex<Option<String>>,
@@ -328,9 +332,19 @@ async fn backend_handle(
         r.headers_mut().insert("x-backend", name.parse().unwrap());
         return Ok(r);
     }
+    let delay = st.delay_ms.load(Ordering::Relaxed);
+    if delay != 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let path = req.uri().path().to_string();
     let seg: Vec<&str> = path.split('/').collect();
+    let health = st.health_status.load(Ordering::Relaxed);
     let mut resp = match seg.as_slice() {
+        ["", "healthz"] if health != 0 => {
+            let mut r = Response::new(full(format!("health {health}")));
+            *r.status_mut() = StatusCode::from_u16(health).unwrap();
+            r
+        }
         ["", "healthz"] => Response::new(full("ok")),
         ["", "status", code] => {
             let mut r = Response::new(full(format!("status {code}")));

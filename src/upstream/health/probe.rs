@@ -132,10 +132,12 @@ async fn http_probe<S>(mut s: S, t: &ProbeTarget, c: &ActiveCheck) -> ProbeResul
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut req = format!(
-        "{} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: strait-healthcheck\r\n",
-        c.http_method, c.http_path, t.host
-    );
+    let mut req =
+        format!("{} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", c.http_method, c.http_path, t.host);
+    // A User-Agent in `req_headers` replaces ours, so the node sees exactly one.
+    if !c.req_headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("user-agent")) {
+        req.push_str("User-Agent: strait-healthcheck\r\n");
+    }
     for (k, v) in &c.req_headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
