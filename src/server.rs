@@ -368,7 +368,11 @@ async fn accept_loop(
                         Some(Proto::H1)
                     };
                     match proto {
-                        Some(Proto::H1) => serve_h1(stream, peer, local, shared, protocols, shutdown).await,
+                        Some(Proto::H1) => {
+                            // Boxed once the client has spoken: a silent connection keeps only
+                            // the small sniffing state.
+                            Box::pin(serve_h1(stream, peer, local, shared, protocols, shutdown)).await
+                        }
                         Some(proto) => {
                             serve_http(stream, proto, peer, local, false, shared, protocols, shutdown).await
                         }
@@ -623,7 +627,9 @@ async fn serve_h1(
             grpc: false,
             deadline: None,
         };
-        let after = strait_protocols::h1::forward(&mut stream, parts, &ctx, &**upstream).await;
+        // Boxed: the exchange's state (a few KiB) exists only while a request is in flight, so an
+        // idle connection stays small.
+        let after = Box::pin(strait_protocols::h1::forward(&mut stream, parts, &ctx, &**upstream)).await;
         if after == strait_protocols::h1::After::Close || *shutdown.borrow() {
             return;
         }
