@@ -37,8 +37,9 @@ use crate::{KeepalivePool, Outcome, Peer, ProxyError, Scheme, Tried, UpstreamPic
 const MAX_HEADERS: usize = 128;
 /// Largest node response head.
 const MAX_HEAD: usize = 64 * 1024;
-/// Body relay buffer.
-const BODY_CHUNK: usize = 64 * 1024;
+/// Node read buffer, per request in flight: room for a 64 KiB body and its head in one read, so
+/// such a response costs one read and one write.
+const BODY_CHUNK: usize = 128 * 1024;
 
 /// Whether a parsed client request can take this path: HTTP/1.1 with no body, no upgrade, no
 /// `Expect`, and a keep-alive connection. (The route decides the rest: a plain `http` upstream,
