@@ -652,3 +652,36 @@ async fn an_error_answer_to_head_has_no_body_and_the_connection_goes_on() {
     assert!(rest.starts_with("HTTP/1.1 502"), "no body after the HEAD answer, then the GET's answer: {text}");
     assert!(rest.contains("error_msg"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_get_every_node_framing_decoded() {
+    let node = ScriptedNode::start(FRAMINGS).await;
+    // One worker: node connections are pooled per worker.
+    let gw = TestGateway::start_with(
+        BASE_CONFIG,
+        &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[node.addr])),
+        1,
+    );
+    let h2 = |method: http::Method, path: &str| {
+        Request::builder().method(method).uri(format!("http://{}{path}", gw.http())).body(body("")).unwrap()
+    };
+    let (status, headers, b, _) = send_h2(gw.http(), h2(http::Method::GET, "/length")).await;
+    assert_eq!((status, &b[..], headers["x-node"].as_bytes()), (StatusCode::OK, &b"hello"[..], &b"s"[..]));
+    let (status, headers, b, trailers) = send_h2(gw.http(), h2(http::Method::GET, "/chunked")).await;
+    assert_eq!((status, &b[..]), (StatusCode::OK, &b"hello, world"[..]), "chunk framing is decoded");
+    assert!(headers.get("transfer-encoding").is_none());
+    assert_eq!(trailers.expect("trailers")["x-t"], "1");
+    let (status, _, b, _) = send_h2(gw.http(), h2(http::Method::GET, "/early")).await;
+    assert_eq!((status, &b[..]), (StatusCode::OK, &b"ok"[..]));
+    let (status, _, b, _) = send_h2(gw.http(), h2(http::Method::GET, "/empty")).await;
+    assert_eq!((status, b.len()), (StatusCode::NO_CONTENT, 0));
+    let (status, headers, _, _) = send_h2(gw.http(), h2(http::Method::GET, "/hop")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("x-secret").is_none() && headers.get("keep-alive").is_none(), "{headers:?}");
+    assert_eq!(node.connections(), 1, "the node connection is pooled between h2 streams");
+    let (status, _, b, _) = send_h2(gw.http(), h2(http::Method::GET, "/until-close")).await;
+    assert_eq!((status, &b[..]), (StatusCode::OK, &b"until close"[..]));
+    let (status, _, b, _) = send_h2(gw.http(), h2(http::Method::GET, "/length")).await;
+    assert_eq!((status, &b[..]), (StatusCode::OK, &b"hello"[..]));
+    assert_eq!(node.connections(), 2, "a close-delimited body is not followed on its connection");
+}

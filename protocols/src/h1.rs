@@ -142,7 +142,7 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
 }
 
 /// Why an attempt ended without a relayed response.
-enum Failure {
+pub(crate) enum Failure {
     /// The node failed before any byte of its response reached the client.
     Node {
         error: ProxyError,
@@ -162,6 +162,7 @@ fn request_head(parts: &Parts, host: &HeaderValue) -> Vec<u8> {
     for (k, v) in &parts.headers {
         size += k.as_str().len() + v.len() + 4;
     }
+    // The Host line is `host`; a Host in the headers (the client's) is not sent twice.
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -170,6 +171,9 @@ fn request_head(parts: &Parts, host: &HeaderValue) -> Vec<u8> {
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (k, v) in &parts.headers {
+        if k == header::HOST {
+            continue;
+        }
         out.extend_from_slice(k.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
@@ -198,6 +202,49 @@ async fn exchange(
     head_only: bool,
 ) -> Result<After, Failure> {
     let start = Instant::now();
+    let got = send_and_read_head(head, peer, keepalive, timeouts, head_only, HeadFor::Bytes, start).await?;
+    let Received { mut node, uses, mut buf, head: parsed } = got;
+    peer.report(Outcome::HttpStatus(parsed.status), start.elapsed());
+
+    // From here on the client has (part of) this response: failures close the connection.
+    let framing = parsed.framing;
+    let client_close = framing == Framing::UntilClose;
+    let mut out_head = parsed.head;
+    if client_close {
+        out_head.truncate(out_head.len() - 2);
+        out_head.extend_from_slice(b"connection: close\r\n\r\n");
+    }
+    match relay_body(client, &mut node, &mut buf, &out_head, framing, timeouts.read).await {
+        Ok(clean) => {
+            if clean && parsed.keepalive && framing != Framing::UntilClose {
+                checkin(peer.addr, node, uses + 1, keepalive);
+            }
+            Ok(if client_close { After::Close } else { After::KeepAlive })
+        }
+        Err(()) => Err(Failure::Client),
+    }
+}
+
+/// A node connection with a complete response head read from it.
+struct Received {
+    node: TcpStream,
+    uses: u32,
+    /// What followed the head.
+    buf: BytesMut,
+    head: ParsedHead,
+}
+
+/// Takes a pooled connection (or opens one), sends `head`, and reads the response head (1xx
+/// interim responses are skipped).
+async fn send_and_read_head(
+    head: &[u8],
+    peer: &Peer,
+    keepalive: KeepalivePool,
+    timeouts: crate::Timeouts,
+    head_only: bool,
+    mode: HeadFor,
+    start: Instant,
+) -> Result<Received, Failure> {
     let node_fail = |error: ProxyError, outcome: Outcome, sent: bool| Failure::Node {
         error,
         outcome,
@@ -246,16 +293,14 @@ async fn exchange(
             }
         }
     };
-
-    // The response head (1xx interim responses are skipped).
-    let (status, out_head, framing, node_keepalive) = loop {
-        match parse_response(&buf, head_only) {
+    loop {
+        match parse_response(&buf, head_only, mode) {
             Ok(Some(parsed)) => {
                 buf.advance(parsed.len);
                 if (100..200).contains(&parsed.status) {
                     continue;
                 }
-                break (parsed.status, parsed.head, parsed.framing, parsed.keepalive);
+                return Ok(Received { node, uses, buf, head: parsed });
             }
             Ok(None) if buf.len() < MAX_HEAD => match read_some(&mut node, &mut buf, timeouts.read).await {
                 Ok(0) => {
@@ -276,25 +321,6 @@ async fn exchange(
             }
             Err(msg) => return Err(node_fail(ProxyError::BadResponse(msg), Outcome::TcpFailure, true)),
         }
-    };
-    peer.report(Outcome::HttpStatus(status), start.elapsed());
-
-    // From here on the client has (part of) this response: failures close the connection.
-    let client_close = framing == Framing::UntilClose;
-    let mut out_head = out_head;
-    if client_close {
-        out_head.truncate(out_head.len() - 2);
-        out_head.extend_from_slice(b"connection: close\r\n\r\n");
-    }
-    let done = relay_body(client, &mut node, &mut buf, &out_head, framing, timeouts.read).await;
-    match done {
-        Ok(clean) => {
-            if clean && node_keepalive && framing != Framing::UntilClose {
-                checkin(peer.addr, node, uses + 1, keepalive);
-            }
-            Ok(if client_close { After::Close } else { After::KeepAlive })
-        }
-        Err(()) => Err(Failure::Client),
     }
 }
 
@@ -318,14 +344,16 @@ struct ParsedHead {
     status: u16,
     /// Bytes of the node's head.
     len: usize,
-    /// The head as the client gets it.
+    /// The head as an HTTP/1.1 client gets it ([`HeadFor::Bytes`]).
     head: Vec<u8>,
+    /// The headers for the general path ([`HeadFor::Map`]).
+    map: http::HeaderMap,
     framing: Framing,
     keepalive: bool,
 }
 
 /// Parses a response head at the start of `buf`: `Ok(None)` while incomplete.
-fn parse_response(buf: &[u8], head_only: bool) -> Result<Option<ParsedHead>, String> {
+fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<ParsedHead>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let len = match resp.parse(buf) {
@@ -384,35 +412,62 @@ fn parse_response(buf: &[u8], head_only: bool) -> Result<Option<ParsedHead>, Str
         keepalive = false;
     }
 
-    let mut head = Vec::with_capacity(len + 32);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(
-        StatusCode::from_u16(status).map_err(|_| "invalid status".to_string())?.as_str().as_bytes(),
-    );
-    head.push(b' ');
-    head.extend_from_slice(reason.as_bytes());
-    head.extend_from_slice(b"\r\n");
+    let status_code = StatusCode::from_u16(status).map_err(|_| "invalid status".to_string())?;
+    let mut head = Vec::new();
+    let mut map = http::HeaderMap::new();
+    if mode == HeadFor::Bytes {
+        head.reserve(len + 32);
+        head.extend_from_slice(b"HTTP/1.1 ");
+        head.extend_from_slice(status_code.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(reason.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    } else {
+        map.reserve(resp.headers.len());
+    }
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let hop = [&b"connection"[..], b"keep-alive", b"proxy-connection", b"upgrade", b"te", b"expect"]
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
             || connection_named.iter().any(|n| name.eq_ignore_ascii_case(n));
-        let framing_header = name.eq_ignore_ascii_case(b"transfer-encoding")
-            || (te && name.eq_ignore_ascii_case(b"content-length"));
-        if hop || (framing_header && framing != Framing::Chunked) {
+        // Relayed as bytes, a chunked body keeps its Transfer-Encoding; decoded (for the general
+        // path, which frames the body itself) it loses it, and a Content-Length next to a
+        // Transfer-Encoding always goes.
+        let te_header = name.eq_ignore_ascii_case(b"transfer-encoding");
+        let stale_length = te && name.eq_ignore_ascii_case(b"content-length");
+        let keep_te = mode == HeadFor::Bytes && framing == Framing::Chunked;
+        if hop || stale_length || (te_header && !keep_te) {
             continue;
         }
-        if framing_header && name.eq_ignore_ascii_case(b"content-length") {
-            continue;
+        match mode {
+            HeadFor::Bytes => {
+                head.extend_from_slice(name);
+                head.extend_from_slice(b": ");
+                head.extend_from_slice(h.value);
+                head.extend_from_slice(b"\r\n");
+            }
+            HeadFor::Map => {
+                let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(h.value)) else {
+                    return Err(format!("invalid header {:?}", h.name));
+                };
+                map.append(n, v);
+            }
         }
-        head.extend_from_slice(name);
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(h.value);
+    }
+    if mode == HeadFor::Bytes {
         head.extend_from_slice(b"\r\n");
     }
-    head.extend_from_slice(b"\r\n");
-    Ok(Some(ParsedHead { status, len, head, framing, keepalive }))
+    Ok(Some(ParsedHead { status, len, head, map, framing, keepalive }))
+}
+
+/// What a parsed response head is rewritten into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadFor {
+    /// Bytes for an HTTP/1.1 client, framing headers kept.
+    Bytes,
+    /// A header map for the general path, framing headers dropped.
+    Map,
 }
 
 /// Writes the head and relays the body. `Ok(true)` when the body ended exactly where its framing
@@ -510,6 +565,8 @@ struct ChunkedState {
     failed: bool,
     /// Length of the current trailer line.
     line: usize,
+    /// The trailer section, when decoding ([`ChunkedState::decode`]).
+    trailer: Vec<u8>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -524,9 +581,62 @@ enum Step {
     Trailer,
     TrailerLf,
     Done,
+    /// Trailers handed out ([`ChunkedState::decode`]).
+    Ended,
 }
 
 impl ChunkedState {
+    /// Decodes from the start of `buf`: the next piece of chunk data, the trailers, the end, or
+    /// a need for more bytes. Framing bytes are consumed from `buf`.
+    fn decode(&mut self, buf: &mut BytesMut) -> Next {
+        loop {
+            if self.step == Step::Data && self.data > 0 {
+                if buf.is_empty() {
+                    return Next::More;
+                }
+                let n = (buf.len() as u64).min(self.data) as usize;
+                self.data -= n as u64;
+                if self.data == 0 {
+                    self.step = Step::DataCr;
+                }
+                return Next::Frame(http_body::Frame::data(buf.split_to(n).freeze()));
+            }
+            // Up to the next data byte, or the end.
+            let mut i = 0;
+            while i < buf.len() && !(self.step == Step::Data && self.data > 0) {
+                if matches!(self.step, Step::Done | Step::Ended) {
+                    break;
+                }
+                let before = self.step;
+                let (used, _) = self.feed(&buf[i..i + 1]);
+                if self.failed {
+                    return Next::Error("invalid chunked body from the node".into());
+                }
+                if matches!(before, Step::Trailer | Step::TrailerLf) {
+                    self.trailer.push(buf[i]);
+                }
+                i += used.max(1);
+            }
+            buf.advance(i);
+            if self.step == Step::Done {
+                return match parse_trailers(&self.trailer) {
+                    Some(map) => {
+                        self.trailer.clear();
+                        self.step = Step::Ended;
+                        Next::Frame(http_body::Frame::trailers(map))
+                    }
+                    None => Next::End,
+                };
+            }
+            if self.step == Step::Ended {
+                return Next::End;
+            }
+            if !(self.step == Step::Data && self.data > 0) {
+                return Next::More;
+            }
+        }
+    }
+
     /// Consumes `buf`: how many bytes belong to the body, and whether it ended there.
     fn feed(&mut self, buf: &[u8]) -> (usize, bool) {
         let mut i = 0;
@@ -606,11 +716,246 @@ impl ChunkedState {
                     self.line = 0;
                     self.step = Step::Trailer;
                 }
-                Step::Done => return (i, true),
+                Step::Done | Step::Ended => return (i, true),
             }
             i += 1;
         }
-        (i, self.step == Step::Done)
+        (i, matches!(self.step, Step::Done | Step::Ended))
+    }
+}
+
+/// The trailer fields of a chunked body (the bytes after the last chunk, up to the empty line),
+/// if there are any.
+fn parse_trailers(raw: &[u8]) -> Option<http::HeaderMap> {
+    let mut text = raw.to_vec();
+    while text.starts_with(b"\r\n") {
+        text.drain(..2);
+    }
+    if text.is_empty() {
+        return None;
+    }
+    if !text.ends_with(b"\r\n\r\n") {
+        text.extend_from_slice(b"\r\n");
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(&text, &mut headers) else {
+        return None;
+    };
+    let mut map = http::HeaderMap::new();
+    for h in fields {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value))
+        {
+            map.append(n, v);
+        }
+    }
+    (!map.is_empty()).then_some(map)
+}
+
+/// What a body decoder has next.
+enum Next {
+    Frame(http_body::Frame<bytes::Bytes>),
+    End,
+    More,
+    Error(crate::body::BoxError),
+}
+
+/// One attempt of the general path (a client on HTTP/2 or TLS) for a request without a body, to
+/// a plain `http` node, over this module's pooled connections: the response head becomes a
+/// `Response` whose body is decoded from the node as the client reads it. `Err` gives the peer
+/// back with why the node failed.
+pub(crate) async fn attempt(
+    parts: &Parts,
+    host: &HeaderValue,
+    peer: Peer,
+    keepalive: KeepalivePool,
+    timeouts: crate::Timeouts,
+) -> Result<http::Response<ProxyBody>, (Failure, Peer)> {
+    let start = Instant::now();
+    let head_only = parts.method == Method::HEAD;
+    let head = request_head(parts, host);
+    let got =
+        match send_and_read_head(&head, &peer, keepalive, timeouts, head_only, HeadFor::Map, start).await {
+            Ok(g) => g,
+            Err(f) => return Err((f, peer)),
+        };
+    let Received { node, uses, buf, head: parsed } = got;
+    peer.report(Outcome::HttpStatus(parsed.status), start.elapsed());
+    let mut resp = http::Response::new(ProxyBody::Empty);
+    *resp.status_mut() = StatusCode::from_u16(parsed.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *resp.headers_mut() = parsed.map;
+    if parsed.framing == Framing::None {
+        if parsed.keepalive && buf.is_empty() {
+            checkin(peer.addr, node, uses + 1, keepalive);
+        }
+        return Ok(resp);
+    }
+    let body = RawBody {
+        addr: peer.addr,
+        node: Some(node),
+        buf,
+        framing: parsed.framing,
+        left: match parsed.framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        },
+        chunks: ChunkedState::default(),
+        read_timeout: timeouts.read,
+        timer: None,
+        waiting: false,
+        peer: Some(peer),
+        uses,
+        keepalive,
+        reusable: parsed.keepalive,
+    };
+    *resp.body_mut() = ProxyBody::Boxed(http_body_util::BodyExt::boxed_unsync(body));
+    Ok(resp)
+}
+
+/// A node's response body for the general path, decoded as it is read; the node connection goes
+/// back to the pool when the body ended exactly where its framing said.
+struct RawBody {
+    addr: SocketAddr,
+    /// `None` once the body ended or failed.
+    node: Option<TcpStream>,
+    buf: BytesMut,
+    framing: Framing,
+    /// Bytes left, for [`Framing::Length`].
+    left: u64,
+    chunks: ChunkedState,
+    read_timeout: Duration,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The read timer runs for the current wait.
+    waiting: bool,
+    /// Held until the body ends (least_conn counts it in flight).
+    peer: Option<Peer>,
+    uses: u32,
+    keepalive: KeepalivePool,
+    reusable: bool,
+}
+
+impl RawBody {
+    fn next(&mut self) -> Next {
+        match self.framing {
+            Framing::None => Next::End,
+            Framing::Length(_) => {
+                if self.left == 0 {
+                    return Next::End;
+                }
+                if self.buf.is_empty() {
+                    return Next::More;
+                }
+                let n = (self.buf.len() as u64).min(self.left) as usize;
+                self.left -= n as u64;
+                Next::Frame(http_body::Frame::data(self.buf.split_to(n).freeze()))
+            }
+            Framing::Chunked => self.chunks.decode(&mut self.buf),
+            Framing::UntilClose => {
+                if self.buf.is_empty() {
+                    Next::More
+                } else {
+                    Next::Frame(http_body::Frame::data(self.buf.split().freeze()))
+                }
+            }
+        }
+    }
+
+    /// The body ended: the connection is reused if nothing follows it.
+    fn finish(&mut self) {
+        if let Some(node) = self.node.take()
+            && self.reusable
+            && self.buf.is_empty()
+            && self.framing != Framing::UntilClose
+        {
+            checkin(self.addr, node, self.uses + 1, self.keepalive);
+        }
+        self.peer = None;
+    }
+
+    fn fail(
+        &mut self,
+        e: crate::body::BoxError,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::body::BoxError>>> {
+        self.node = None;
+        self.peer = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl http_body::Body for RawBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::future::Future;
+        let this = self.get_mut();
+        loop {
+            if this.node.is_none() {
+                return Poll::Ready(None);
+            }
+            match this.next() {
+                Next::Frame(f) => {
+                    // The last data frame, or the trailers: the connection is free now, and the
+                    // server in front learns the body ended without another poll.
+                    let last = match this.framing {
+                        Framing::Length(_) => this.left == 0,
+                        Framing::Chunked => f.is_trailers(),
+                        _ => false,
+                    };
+                    if last {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(f)));
+                }
+                Next::End => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Next::Error(e) => return this.fail(e),
+                Next::More => {}
+            }
+            let Some(node) = this.node.as_mut() else { return Poll::Ready(None) };
+            if this.buf.capacity() - this.buf.len() < 4096 {
+                this.buf.reserve(BODY_CHUNK);
+            }
+            match tokio_util::io::poll_read_buf(std::pin::Pin::new(node), cx, &mut this.buf) {
+                Poll::Ready(Ok(0)) => {
+                    if this.framing == Framing::UntilClose {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    return this.fail("node closed the connection mid-body".into());
+                }
+                Poll::Ready(Ok(_)) => this.waiting = false,
+                Poll::Ready(Err(e)) => return this.fail(e.into()),
+                Poll::Pending => {
+                    let deadline = tokio::time::Instant::now() + this.read_timeout;
+                    let timer =
+                        this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if !this.waiting {
+                        timer.as_mut().reset(deadline);
+                        this.waiting = true;
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return this.fail("upstream timed out (read)".into());
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.node.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.framing {
+            Framing::Length(_) => http_body::SizeHint::with_exact(self.left),
+            _ => http_body::SizeHint::default(),
+        }
     }
 }
 
@@ -745,9 +1090,56 @@ mod tests {
         assert!(st.failed, "a size must be hex");
     }
 
+    /// Decodes `body` fed in two pieces split at every position: (data, trailers, bytes left).
+    fn decode_split(body: &[u8], split: usize) -> (Vec<u8>, Option<http::HeaderMap>, Vec<u8>) {
+        let mut st = ChunkedState::default();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        let mut buf = BytesMut::from(&body[..split]);
+        let mut fed_rest = false;
+        loop {
+            match st.decode(&mut buf) {
+                Next::Frame(f) => match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                },
+                Next::End => {
+                    if !fed_rest {
+                        buf.extend_from_slice(&body[split..]);
+                    }
+                    return (data, trailers, buf.to_vec());
+                }
+                Next::More if !fed_rest => {
+                    buf.extend_from_slice(&body[split..]);
+                    fed_rest = true;
+                }
+                Next::More => panic!("incomplete at split {split}"),
+                Next::Error(e) => panic!("split {split}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_reads_with_and_without_trailers() {
+        let body = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-t: 1\r\nx-u: 2\r\n\r\nNEXT";
+        for split in 0..=body.len() {
+            let (data, trailers, rest) = decode_split(body, split);
+            assert_eq!(data, b"hello, world", "split {split}");
+            let t = trailers.expect("trailers");
+            assert_eq!((&t["x-t"], &t["x-u"]), (&"1".parse::<HeaderValue>().unwrap(), &"2".parse().unwrap()));
+            assert_eq!(rest, b"NEXT", "bytes after the body stay for the caller (split {split})");
+        }
+        let body = b"3\r\nabc\r\n0\r\n\r\n";
+        for split in 0..=body.len() {
+            let (data, trailers, rest) = decode_split(body, split);
+            assert_eq!((&data[..], trailers.is_none(), rest.len()), (&b"abc"[..], true, 0), "split {split}");
+        }
+        let mut st = ChunkedState::default();
+        assert!(matches!(st.decode(&mut BytesMut::from(&b"3\r\nabcX\r\n"[..])), Next::Frame(_)));
+    }
+
     #[test]
     fn response_framing_and_hop_headers() {
-        let p = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-a\r\nX-A: 1\r\nKeep-Alive: t=5\r\n\r\nhello", false)
+        let p = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-a\r\nX-A: 1\r\nKeep-Alive: t=5\r\n\r\nhello", false, HeadFor::Bytes)
             .unwrap()
             .unwrap();
         assert_eq!(p.framing, Framing::Length(5));
@@ -756,25 +1148,35 @@ mod tests {
         let p = parse_response(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
             false,
+            HeadFor::Bytes,
         )
         .unwrap()
         .unwrap();
         assert_eq!(p.framing, Framing::Chunked, "Transfer-Encoding wins over Content-Length");
         assert_eq!(String::from_utf8_lossy(&p.head), "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
-        let p = parse_response(b"HTTP/1.0 200 OK\r\n\r\n", false).unwrap().unwrap();
+        let p = parse_response(b"HTTP/1.0 200 OK\r\n\r\n", false, HeadFor::Bytes).unwrap().unwrap();
         assert_eq!((p.framing, p.keepalive), (Framing::UntilClose, false));
-        let p = parse_response(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", false)
+        let p =
+            parse_response(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", false, HeadFor::Bytes)
+                .unwrap()
+                .unwrap();
+        assert_eq!(p.framing, Framing::None);
+        let p = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true, HeadFor::Bytes)
             .unwrap()
             .unwrap();
-        assert_eq!(p.framing, Framing::None);
-        let p = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true).unwrap().unwrap();
         assert_eq!(p.framing, Framing::None, "HEAD");
         assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false)
-                .is_err()
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                false,
+                HeadFor::Bytes
+            )
+            .is_err()
         );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nConte", false).unwrap().is_none());
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false, HeadFor::Bytes).is_err()
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nConte", false, HeadFor::Bytes).unwrap().is_none());
     }
 }
 

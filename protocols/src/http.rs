@@ -199,38 +199,65 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
             Err(e) => return Err((last_error.unwrap_or_else(|| e.into()), out.body)),
         };
         attempt += 1;
-        match attempt_once(&mut out, &peer, ctx, settings, timeouts, upgrade.is_some()).await {
-            Ok(resp) => return Ok(finish_response(resp, peer, ctx, upgrade, timeouts)),
-            Err(fail) => {
-                peer.report(fail.outcome, fail.elapsed);
-                tracing::warn!(
-                    upstream = &*settings.id,
-                    node = %peer.addr,
-                    attempt,
-                    error = %fail.error,
-                    "upstream attempt failed"
-                );
-                tried.push(peer.addr);
-                drop(peer);
-                let can_resend = fail.request_intact || out.replay.is_some();
-                if attempt > retries || !can_resend {
-                    return Err((fail.error, out.body));
+        // A request without a body for a plain `http` node goes over the direct HTTP/1.1
+        // relay's connections (no hyper client task per node connection).
+        let direct = settings.scheme == Scheme::Http
+            && upgrade.is_none()
+            && !ctx.grpc
+            && matches!(out.body, ProxyBody::Empty);
+        let (fail, peer) = if direct {
+            let host = upstream_host(&settings.pass_host, out.client_host.as_ref(), &peer, settings.scheme);
+            match crate::h1::attempt(&out.parts, &host, peer, settings.keepalive, timeouts).await {
+                Ok(resp) => return Ok(resp),
+                Err((crate::h1::Failure::Node { error, outcome, elapsed, sent }, p)) => {
+                    (AttemptError { error, outcome, elapsed, request_intact: !sent }, p)
                 }
-                last_error = Some(fail.error);
-                if retry_deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err((ProxyError::RetryTimeout, out.body));
-                }
-                if ctx.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                    return Err((ProxyError::DeadlineExceeded, out.body));
-                }
-                if !fail.request_intact
-                    && let Some(p) = out.replay.take()
-                {
-                    out.replay = Some(clone_parts(&p));
-                    out.parts = p;
-                    out.body = ProxyBody::Empty;
+                Err((crate::h1::Failure::Client, p)) => {
+                    let error = ProxyError::Connect("relay failed".into());
+                    (
+                        AttemptError {
+                            error,
+                            outcome: Outcome::TcpFailure,
+                            elapsed: Duration::ZERO,
+                            request_intact: false,
+                        },
+                        p,
+                    )
                 }
             }
+        } else {
+            match attempt_once(&mut out, &peer, ctx, settings, timeouts, upgrade.is_some()).await {
+                Ok(resp) => return Ok(finish_response(resp, peer, ctx, upgrade, timeouts)),
+                Err(fail) => (fail, peer),
+            }
+        };
+        peer.report(fail.outcome, fail.elapsed);
+        tracing::warn!(
+            upstream = &*settings.id,
+            node = %peer.addr,
+            attempt,
+            error = %fail.error,
+            "upstream attempt failed"
+        );
+        tried.push(peer.addr);
+        drop(peer);
+        let can_resend = fail.request_intact || out.replay.is_some();
+        if attempt > retries || !can_resend {
+            return Err((fail.error, out.body));
+        }
+        last_error = Some(fail.error);
+        if retry_deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err((ProxyError::RetryTimeout, out.body));
+        }
+        if ctx.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Err((ProxyError::DeadlineExceeded, out.body));
+        }
+        if !fail.request_intact
+            && let Some(p) = out.replay.take()
+        {
+            out.replay = Some(clone_parts(&p));
+            out.parts = p;
+            out.body = ProxyBody::Empty;
         }
     }
 }
