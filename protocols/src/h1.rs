@@ -7,7 +7,9 @@
 //! response head is parsed with httparse and rewritten once, and the body bytes (content-length,
 //! chunked or until close) are copied as they are, chunk framing included. Everything it does
 //! not handle is decided before anything is sent, and goes to the general path: see
-//! [`eligible`].
+//! [`eligible`]. The general path uses the same node connections for requests without a body
+//! from HTTP/2 and TLS clients ([`attempt`]): there the response head becomes a `Response` and
+//! the body is decoded as the client reads it.
 //!
 //! The semantics are the general path's: the same header rewriting
 //! ([`crate::http::prepare_request_headers`]), `pass_host`, timeouts (`connect`, `send` per
@@ -613,6 +615,9 @@ impl ChunkedState {
                     return Next::Error("invalid chunked body from the node".into());
                 }
                 if matches!(before, Step::Trailer | Step::TrailerLf) {
+                    if self.trailer.len() >= MAX_HEAD {
+                        return Next::Error("chunked trailers too large".into());
+                    }
                     self.trailer.push(buf[i]);
                 }
                 i += used.max(1);
