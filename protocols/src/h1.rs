@@ -1069,6 +1069,114 @@ pub fn sweep(max_idle: Duration) {
     });
 }
 
+/// A client connection handed to the general path with the bytes this path already read.
+pub struct Prefixed<S> {
+    prefix: bytes::Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: bytes::Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A client request head parsed from the start of a buffer.
+pub struct ParsedRequest {
+    pub parts: Parts,
+    /// Bytes of the head.
+    pub len: usize,
+}
+
+/// What the start of a client's buffer holds. (Returned once per request and unpacked at once:
+/// boxing the parts would cost an allocation for nothing.)
+#[allow(clippy::large_enum_variant)]
+pub enum RequestHead {
+    Complete(ParsedRequest),
+    /// More bytes are needed.
+    Partial,
+    /// Malformed or beyond this path's limits: the general path answers it.
+    Unsupported,
+}
+
+/// Parses a request head at the start of `buf`.
+pub fn parse_request(buf: &[u8]) -> RequestHead {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return RequestHead::Partial,
+        Err(_) => return RequestHead::Unsupported,
+    };
+    match build_parts(&req) {
+        Some(parts) => RequestHead::Complete(ParsedRequest { parts, len }),
+        None => RequestHead::Unsupported,
+    }
+}
+
+fn build_parts(req: &httparse::Request<'_, '_>) -> Option<Parts> {
+    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
+    let uri = http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(req.path?.as_bytes())).ok()?;
+    let version = match req.version {
+        Some(1) => http::Version::HTTP_11,
+        _ => http::Version::HTTP_10,
+    };
+    let mut map = http::HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        map.append(name, value);
+    }
+    let mut r = http::Request::new(());
+    *r.method_mut() = method;
+    *r.uri_mut() = uri;
+    *r.version_mut() = version;
+    *r.headers_mut() = map;
+    Some(r.into_parts().0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1183,112 +1291,4 @@ mod tests {
         );
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nConte", false, HeadFor::Bytes).unwrap().is_none());
     }
-}
-
-/// A client connection handed to the general path with the bytes this path already read.
-pub struct Prefixed<S> {
-    prefix: bytes::Bytes,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub fn new(prefix: bytes::Bytes, inner: S) -> Self {
-        Prefixed { prefix, inner }
-    }
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// A client request head parsed from the start of a buffer.
-pub struct ParsedRequest {
-    pub parts: Parts,
-    /// Bytes of the head.
-    pub len: usize,
-}
-
-/// What the start of a client's buffer holds. (Returned once per request and unpacked at once:
-/// boxing the parts would cost an allocation for nothing.)
-#[allow(clippy::large_enum_variant)]
-pub enum RequestHead {
-    Complete(ParsedRequest),
-    /// More bytes are needed.
-    Partial,
-    /// Malformed or beyond this path's limits: the general path answers it.
-    Unsupported,
-}
-
-/// Parses a request head at the start of `buf`.
-pub fn parse_request(buf: &[u8]) -> RequestHead {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return RequestHead::Partial,
-        Err(_) => return RequestHead::Unsupported,
-    };
-    match build_parts(&req) {
-        Some(parts) => RequestHead::Complete(ParsedRequest { parts, len }),
-        None => RequestHead::Unsupported,
-    }
-}
-
-fn build_parts(req: &httparse::Request<'_, '_>) -> Option<Parts> {
-    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
-    let uri = http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(req.path?.as_bytes())).ok()?;
-    let version = match req.version {
-        Some(1) => http::Version::HTTP_11,
-        _ => http::Version::HTTP_10,
-    };
-    let mut map = http::HeaderMap::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(h.value).ok()?;
-        map.append(name, value);
-    }
-    let mut r = http::Request::new(());
-    *r.method_mut() = method;
-    *r.uri_mut() = uri;
-    *r.version_mut() = version;
-    *r.headers_mut() = map;
-    Some(r.into_parts().0)
 }
