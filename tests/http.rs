@@ -685,3 +685,23 @@ async fn h2c_clients_get_every_node_framing_decoded() {
     assert_eq!((status, &b[..]), (StatusCode::OK, &b"hello"[..]));
     assert_eq!(node.connections(), 2, "a close-delimited body is not followed on its connection");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_content_lengths_are_refused_not_relayed() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    // A zero and a non-zero length: relayed as they are, the node would take the next request's
+    // bytes as this one's body.
+    let out = raw(
+        gw.http(),
+        b"GET /a HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nContent-Length: 27\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(b.requests(), 0, "nothing reaches the node");
+}

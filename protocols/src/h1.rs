@@ -57,9 +57,10 @@ pub fn eligible(parts: &Parts) -> bool {
     {
         return false;
     }
-    if let Some(cl) = h.get(header::CONTENT_LENGTH)
-        && cl.as_bytes() != b"0"
-    {
+    // Every Content-Length must say 0: with two, the node might read a body the relay never
+    // sends, and the connection's next request with it (request smuggling). hyper answers the
+    // rest (400 for conflicting lengths).
+    if h.get_all(header::CONTENT_LENGTH).iter().any(|cl| cl.as_bytes() != b"0") {
         return false;
     }
     if let Some(c) = h.get(header::CONNECTION)
