@@ -428,6 +428,7 @@ async fn enable_http2_false_serves_http1_only() {
 struct ScriptedNode {
     addr: SocketAddr,
     connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -438,9 +439,12 @@ impl ScriptedNode {
         let addr = l.local_addr().unwrap();
         let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = connections.clone();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = requests.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let seen = seen.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -454,6 +458,7 @@ impl ScriptedNode {
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                         buf.drain(..end + 4);
+                        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let path = head.split(' ').nth(1).unwrap_or("").to_string();
                         let Some((_, reply, close)) = script.iter().find(|(p, _, _)| *p == path) else {
                             return;
@@ -465,7 +470,7 @@ impl ScriptedNode {
                 });
             }
         });
-        ScriptedNode { addr, connections, _task: task }
+        ScriptedNode { addr, connections, requests, _task: task }
     }
 
     fn connections(&self) -> usize {
@@ -484,6 +489,7 @@ const FRAMINGS: &[(&str, &[u8], bool)] = &[
     ("/empty", b"HTTP/1.1 204 No Content\r\n\r\n", false),
     ("/head", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false),
     ("/until-close", b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close", true),
+    ("/conn-lists-length", b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello", false),
     ("/hop", b"HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n", false),
 ];
 
@@ -526,6 +532,11 @@ async fn every_response_framing_is_relayed_on_one_client_connection() {
     let (status, headers, _, _) = call(http::Method::GET, "/hop").await;
     assert_eq!(status, StatusCode::OK);
     assert!(headers.get("x-secret").is_none() && headers.get("keep-alive").is_none(), "{headers:?}");
+    // A node listing Content-Length in Connection does not take the client's framing away.
+    let (status, _, b, _) = call(http::Method::GET, "/conn-lists-length").await;
+    assert_eq!((status, &b[..]), (StatusCode::OK, &b"hello"[..]));
+    let (_, _, b, _) = call(http::Method::GET, "/length").await;
+    assert_eq!(&b[..], b"hello", "the next response on the client connection is intact");
     assert_eq!(node.connections(), 1, "one pooled node connection so far");
     // A body delimited by the node closing: relayed whole, then the client connection closes.
     let (status, _, b, _) = call(http::Method::GET, "/until-close").await;
@@ -704,4 +715,45 @@ async fn conflicting_content_lengths_are_refused_not_relayed() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert_eq!(b.requests(), 0, "nothing reaches the node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_breaks_framing_or_drops_a_request_is_a_502_and_nothing_is_sent_twice() {
+    static SCRIPT: &[(&str, &[u8], bool)] = &[
+        ("/length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false),
+        // A bare LF after the last chunk: a lenient client would see a second response there.
+        (
+            "/bare-lf",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            false,
+        ),
+        ("/switch", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", false),
+        // Reads the request, then closes without a word.
+        ("/drop", b"", true),
+    ];
+    let node = ScriptedNode::start(SCRIPT).await;
+    let gw = TestGateway::start_with(
+        BASE_CONFIG,
+        &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[node.addr])),
+        1,
+    );
+    let (status, _, _) = get(gw.http(), "/bare-lf").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "invalid chunk framing is refused");
+    let (status, _, _) = get(gw.http(), "/switch").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "a 101 nobody asked for");
+    // A POST on a pooled connection that the node drops after reading it: a 502, never resent.
+    let before = node.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let out = raw(
+        gw.http(),
+        b"GET /length HTTP/1.1\r\nHost: h\r\n\r\nPOST /drop HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("hello") && text.contains("HTTP/1.1 502"), "{text}");
+    assert_eq!(
+        node.requests.load(std::sync::atomic::Ordering::Relaxed) - before,
+        2,
+        "the POST reached the node once"
+    );
 }

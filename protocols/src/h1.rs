@@ -27,7 +27,7 @@ use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
@@ -118,7 +118,7 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
         attempt += 1;
         let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
         let head = request_head(&parts, &host);
-        match exchange(client, &head, &peer, settings.keepalive, timeouts, head_only).await {
+        match exchange(client, &head, &peer, settings.keepalive, timeouts, head_only, resend_ok).await {
             Ok(after) => return after,
             Err(Failure::Client) => return After::Close,
             Err(Failure::Node { error, outcome, elapsed, sent }) => {
@@ -203,9 +203,12 @@ async fn exchange(
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
     head_only: bool,
+    resend_ok: bool,
 ) -> Result<After, Failure> {
     let start = Instant::now();
-    let got = send_and_read_head(head, peer, keepalive, timeouts, head_only, HeadFor::Bytes, start).await?;
+    let got =
+        send_and_read_head(head, peer, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
+            .await?;
     let Received { mut node, uses, mut buf, head: parsed } = got;
     peer.report(Outcome::HttpStatus(parsed.status), start.elapsed());
 
@@ -224,7 +227,20 @@ async fn exchange(
             }
             Ok(if client_close { After::Close } else { After::KeepAlive })
         }
-        Err(()) => Err(Failure::Client),
+        Err(Broken::BeforeHead) => {
+            let e = ProxyError::BadResponse("invalid chunked body".into());
+            Err(Failure::Node {
+                error: e,
+                outcome: Outcome::TcpFailure,
+                elapsed: start.elapsed(),
+                sent: true,
+            })
+        }
+        Err(Broken::Node(outcome)) => {
+            peer.report(outcome, start.elapsed());
+            Err(Failure::Client)
+        }
+        Err(Broken::Client) => Err(Failure::Client),
     }
 }
 
@@ -239,12 +255,14 @@ struct Received {
 
 /// Takes a pooled connection (or opens one), sends `head`, and reads the response head (1xx
 /// interim responses are skipped).
+#[allow(clippy::too_many_arguments)]
 async fn send_and_read_head(
     head: &[u8],
     peer: &Peer,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
     head_only: bool,
+    resend_ok: bool,
     mode: HeadFor,
     start: Instant,
 ) -> Result<Received, Failure> {
@@ -280,9 +298,11 @@ async fn send_and_read_head(
             }
             Err(_) => return Err(node_fail(ProxyError::Timeout("send"), Outcome::Timeout, true)),
         }
-        let mut buf = BytesMut::with_capacity(BODY_CHUNK);
+        let mut buf = BytesMut::new();
         match read_some(&mut node, &mut buf, timeouts.read).await {
-            Ok(0) | Err(ReadError::Io(_)) if reused => continue,
+            // The node closed a pooled connection: it most likely never saw the request, but a
+            // request that must not run twice is not sent again.
+            Ok(0) | Err(ReadError::Io(_)) if reused && resend_ok => continue,
             Ok(0) => {
                 let e = ProxyError::BadResponse("node closed the connection without answering".into());
                 return Err(node_fail(e, Outcome::TcpFailure, true));
@@ -296,11 +316,22 @@ async fn send_and_read_head(
             }
         }
     };
+    let mut interim = 0;
     loop {
         match parse_response(&buf, head_only, mode) {
             Ok(Some(parsed)) => {
                 buf.advance(parsed.len);
+                if parsed.status == 101 {
+                    // No upgrade was asked for.
+                    let e = ProxyError::BadResponse("unexpected 101 Switching Protocols".into());
+                    return Err(node_fail(e, Outcome::TcpFailure, true));
+                }
                 if (100..200).contains(&parsed.status) {
+                    interim += 1;
+                    if interim > 8 {
+                        let e = ProxyError::BadResponse("too many interim responses".into());
+                        return Err(node_fail(e, Outcome::TcpFailure, true));
+                    }
                     continue;
                 }
                 return Ok(Received { node, uses, buf, head: parsed });
@@ -332,14 +363,24 @@ enum ReadError {
     Timeout,
 }
 
+/// Waits (up to `limit`) until the node has something, then reads it. The buffer is grown only
+/// once data is there, so a request waiting on a slow node holds no read buffer.
 async fn read_some(node: &mut TcpStream, buf: &mut BytesMut, limit: Duration) -> Result<usize, ReadError> {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
-    }
-    match tokio::time::timeout(limit, node.read_buf(buf)).await {
-        Ok(Ok(n)) => Ok(n),
-        Ok(Err(e)) => Err(ReadError::Io(e)),
-        Err(_) => Err(ReadError::Timeout),
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, node.readable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ReadError::Io(e)),
+            Err(_) => return Err(ReadError::Timeout),
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(BODY_CHUNK);
+        }
+        match node.try_read_buf(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(ReadError::Io(e)),
+        }
     }
 }
 
@@ -411,7 +452,9 @@ fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<P
     } else {
         Framing::UntilClose
     };
-    if framing == Framing::UntilClose {
+    // A body delimited by the close, or framing a node should not have sent (Transfer-Encoding
+    // with a Content-Length, or on HTTP/1.0): the connection is not reused (RFC 9112 6.1, 6.3).
+    if framing == Framing::UntilClose || (te && (length.is_some() || minor == 0)) {
         keepalive = false;
     }
 
@@ -430,10 +473,14 @@ fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<P
     }
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        // The framing headers are decided below, whatever the node's Connection lists: dropping
+        // them would leave the client with a body it cannot delimit.
+        let framing_name =
+            name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"transfer-encoding");
         let hop = [&b"connection"[..], b"keep-alive", b"proxy-connection", b"upgrade", b"te", b"expect"]
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
-            || connection_named.iter().any(|n| name.eq_ignore_ascii_case(n));
+            || (!framing_name && connection_named.iter().any(|n| name.eq_ignore_ascii_case(n)));
         // Relayed as bytes, a chunked body keeps its Transfer-Encoding; decoded (for the general
         // path, which frames the body itself) it loses it, and a Content-Length next to a
         // Transfer-Encoding always goes.
@@ -483,7 +530,7 @@ async fn relay_body(
     head: &[u8],
     framing: Framing,
     read_timeout: Duration,
-) -> Result<bool, ()> {
+) -> Result<bool, Broken> {
     let mut chunks = ChunkedState::default();
     let mut left = match framing {
         Framing::Length(n) => n,
@@ -503,41 +550,51 @@ async fn relay_body(
     };
     let (n, mut finished) = take(buf, left, &mut chunks);
     if chunks.failed {
-        return Err(());
+        return Err(Broken::BeforeHead);
     }
-    write_two(client, head, &buf[..n]).await.map_err(|_| ())?;
+    write_two(client, head, &buf[..n]).await.map_err(|_| Broken::Client)?;
     buf.advance(n);
-    left -= n.min(left as usize) as u64;
+    left -= (n as u64).min(left);
     if finished {
         return Ok(buf.is_empty());
     }
-    // The rest of the body, as it arrives.
-    buf.clear();
-    buf.reserve(BODY_CHUNK);
+    // The rest of the body, as it arrives (no buffer is held while waiting for it).
     loop {
-        let n = match tokio::time::timeout(read_timeout, node.read_buf(buf)).await {
-            Ok(Ok(n)) => n,
-            _ => return Err(()),
+        *buf = BytesMut::new();
+        let n = match read_some(node, buf, read_timeout).await {
+            Ok(n) => n,
+            Err(ReadError::Timeout) => return Err(Broken::Node(Outcome::Timeout)),
+            Err(ReadError::Io(_)) => return Err(Broken::Node(Outcome::TcpFailure)),
         };
         if n == 0 {
-            return if framing == Framing::UntilClose { Ok(false) } else { Err(()) };
+            return if framing == Framing::UntilClose {
+                Ok(false)
+            } else {
+                Err(Broken::Node(Outcome::TcpFailure))
+            };
         }
         let (n, done) = take(buf, left, &mut chunks);
         if chunks.failed {
-            return Err(());
+            return Err(Broken::Node(Outcome::TcpFailure));
         }
-        client.write_all(&buf[..n]).await.map_err(|_| ())?;
-        left -= n.min(left as usize) as u64;
+        client.write_all(&buf[..n]).await.map_err(|_| Broken::Client)?;
+        left -= (n as u64).min(left);
         buf.advance(n);
         finished = done;
         if finished {
             return Ok(buf.is_empty());
         }
-        buf.clear();
-        if buf.capacity() < 4096 {
-            buf.reserve(BODY_CHUNK);
-        }
     }
+}
+
+/// Why a relayed response stopped short.
+enum Broken {
+    /// The node's framing was invalid before anything reached the client.
+    BeforeHead,
+    /// The node failed mid-body (reported to passive health).
+    Node(Outcome),
+    /// The client went away.
+    Client,
 }
 
 /// Writes `a` then `b` with as few syscalls as the socket allows.
@@ -669,6 +726,11 @@ impl ChunkedState {
                 Step::Ext => {
                     if b == b'\r' {
                         self.step = Step::SizeLf;
+                    } else if !field_byte(b) {
+                        // A bare LF (or any control byte) could end the line for a lenient client
+                        // and not for us: the two would disagree on where the response ends.
+                        self.failed = true;
+                        return (i, false);
                     }
                 }
                 Step::SizeLf => {
@@ -706,8 +768,11 @@ impl ChunkedState {
                 Step::Trailer => {
                     if b == b'\r' {
                         self.step = Step::TrailerLf;
-                    } else {
+                    } else if field_byte(b) {
                         self.line += 1;
+                    } else {
+                        self.failed = true;
+                        return (i, false);
                     }
                 }
                 Step::TrailerLf => {
@@ -728,6 +793,12 @@ impl ChunkedState {
         }
         (i, matches!(self.step, Step::Done | Step::Ended))
     }
+}
+
+/// Whether `b` may appear inside a chunk extension or a trailer line: visible characters, space,
+/// tab and obs-text; never a control byte such as a bare LF.
+fn field_byte(b: u8) -> bool {
+    b == b'\t' || (b >= 0x20 && b != 0x7f)
 }
 
 /// The trailer fields of a chunked body (the bytes after the last chunk, up to the empty line),
@@ -779,11 +850,13 @@ pub(crate) async fn attempt(
     let start = Instant::now();
     let head_only = parts.method == Method::HEAD;
     let head = request_head(parts, host);
-    let got =
-        match send_and_read_head(&head, &peer, keepalive, timeouts, head_only, HeadFor::Map, start).await {
-            Ok(g) => g,
-            Err(f) => return Err((f, peer)),
-        };
+    let resend_ok = idempotent(&parts.method);
+    let sent =
+        send_and_read_head(&head, &peer, keepalive, timeouts, head_only, resend_ok, HeadFor::Map, start);
+    let got = match sent.await {
+        Ok(g) => g,
+        Err(f) => return Err((f, peer)),
+    };
     let Received { node, uses, buf, head: parsed } = got;
     peer.report(Outcome::HttpStatus(parsed.status), start.elapsed());
     let mut resp = http::Response::new(ProxyBody::Empty);
@@ -923,10 +996,22 @@ impl http_body::Body for RawBody {
                 Next::More => {}
             }
             let Some(node) = this.node.as_mut() else { return Poll::Ready(None) };
-            if this.buf.capacity() - this.buf.len() < 4096 {
-                this.buf.reserve(BODY_CHUNK);
-            }
-            match tokio_util::io::poll_read_buf(std::pin::Pin::new(node), cx, &mut this.buf) {
+            // Nothing buffered: wait for the node without holding a read buffer.
+            let ready = if this.buf.is_empty() { node.poll_read_ready(cx) } else { Poll::Ready(Ok(())) };
+            let polled = match ready {
+                Poll::Ready(Ok(())) => {
+                    if this.buf.capacity() - this.buf.len() < 4096 {
+                        this.buf.reserve(BODY_CHUNK);
+                    }
+                    tokio_util::io::poll_read_buf(std::pin::Pin::new(node), cx, &mut this.buf)
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    this.buf = BytesMut::new();
+                    Poll::Pending
+                }
+            };
+            match polled {
                 Poll::Ready(Ok(0)) => {
                     if this.framing == Framing::UntilClose {
                         this.finish();
