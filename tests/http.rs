@@ -27,6 +27,8 @@ async fn proxies_http1_with_forwarding_headers_and_host() {
         .header("x-forwarded-for", "203.0.113.9")
         .header("connection", "keep-alive, x-hop")
         .header("x-hop", "secret")
+        .header("connection", "x-hop2")
+        .header("x-hop2", "secret too")
         .body(body(""))
         .unwrap();
     let (status, headers, body) = send(gw.http(), req).await;
@@ -42,6 +44,7 @@ async fn proxies_http1_with_forwarding_headers_and_host() {
     assert_eq!(h["x-forwarded-host"], "shop.example");
     assert_eq!(h["x-forwarded-port"], gw.http().port().to_string());
     assert!(h.get("x-hop").is_none(), "headers named in Connection are hop-by-hop");
+    assert!(h.get("x-hop2").is_none(), "every Connection header counts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

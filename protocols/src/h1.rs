@@ -63,9 +63,7 @@ pub fn eligible(parts: &Parts) -> bool {
     if h.get_all(header::CONTENT_LENGTH).iter().any(|cl| cl.as_bytes() != b"0") {
         return false;
     }
-    if let Some(c) = h.get(header::CONNECTION)
-        && has_token(c.as_bytes(), b"close")
-    {
+    if h.get_all(header::CONNECTION).iter().any(|c| has_token(c.as_bytes(), b"close")) {
         return false;
     }
     true

@@ -73,14 +73,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION)
-        && let Ok(list) = conn.to_str()
-    {
-        let named: Vec<HeaderName> =
-            list.split(',').filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()).collect();
-        for n in named {
-            headers.remove(n);
-        }
+    // Every Connection header counts, not only the first.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|list| list.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
     }
     for h in &HOP_BY_HOP {
         headers.remove(h);
