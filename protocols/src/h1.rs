@@ -171,13 +171,30 @@ fn request_head(parts: &Parts, host: &HeaderValue) -> Vec<u8> {
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut cookies = 0;
     for (k, v) in &parts.headers {
         if k == header::HOST {
+            continue;
+        }
+        if k == header::COOKIE {
+            cookies += 1;
             continue;
         }
         out.extend_from_slice(k.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // HTTP/2 clients may split cookies over several fields; HTTP/1.1 wants one line, joined
+    // with "; " (RFC 9113 section 8.2.3).
+    if cookies > 0 {
+        out.extend_from_slice(b"cookie: ");
+        for (i, v) in parts.headers.get_all(header::COOKIE).iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(v.as_bytes());
+        }
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -315,6 +332,8 @@ async fn send_and_read_head(
         }
     };
     let mut interim = 0;
+    // The rest of the head must come within the read timeout too: one deadline for all of it.
+    let head_deadline = tokio::time::Instant::now() + timeouts.read;
     loop {
         match parse_response(&buf, head_only, mode) {
             Ok(Some(parsed)) => {
@@ -334,7 +353,13 @@ async fn send_and_read_head(
                 }
                 return Ok(Received { node, uses, buf, head: parsed });
             }
-            Ok(None) if buf.len() < MAX_HEAD => match read_some(&mut node, &mut buf, timeouts.read).await {
+            Ok(None) if buf.len() < MAX_HEAD => match read_some(
+                &mut node,
+                &mut buf,
+                head_deadline.saturating_duration_since(tokio::time::Instant::now()),
+            )
+            .await
+            {
                 Ok(0) => {
                     let e = ProxyError::BadResponse("node closed the connection mid-head".into());
                     return Err(node_fail(e, Outcome::TcpFailure, true));
