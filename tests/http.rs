@@ -764,7 +764,10 @@ async fn a_node_that_breaks_framing_or_drops_a_request_is_a_502_and_nothing_is_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookies_split_by_an_h2_client_reach_an_http1_node_as_one_line() {
     let b = Backend::start("b").await;
-    let gw = TestGateway::start(&format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[b.addr])));
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
     let req = Request::get(format!("http://{}/c", gw.http()))
         .header("cookie", "a=1")
         .header("cookie", "b=2")

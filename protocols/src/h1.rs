@@ -116,20 +116,27 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
         attempt += 1;
         let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
         let head = request_head(&parts, &host);
-        match exchange(client, &head, &peer, settings.keepalive, timeouts, head_only, resend_ok).await {
+        let addr = peer.addr;
+        // The relay lets go of the peer (least_conn's in-flight count) once the node's answer is
+        // all read, before the last bytes go to the client.
+        let mut slot = Some(peer);
+        match exchange(client, &head, &mut slot, addr, settings.keepalive, timeouts, head_only, resend_ok)
+            .await
+        {
             Ok(after) => return after,
             Err(Failure::Client) => return After::Close,
             Err(Failure::Node { error, outcome, elapsed, sent }) => {
-                peer.report(outcome, elapsed);
+                if let Some(peer) = slot.take() {
+                    peer.report(outcome, elapsed);
+                }
                 tracing::warn!(
                     upstream = &*settings.id,
-                    node = %peer.addr,
+                    node = %addr,
                     attempt,
                     error = %error,
                     "upstream attempt failed"
                 );
-                tried.push(peer.addr);
-                drop(peer);
+                tried.push(addr);
                 if attempt > retries || (sent && !resend_ok) {
                     return answer_error(client, &error, head_only).await;
                 }
@@ -211,10 +218,12 @@ enum Framing {
 }
 
 /// One attempt on one node: send the head, read the response head, relay it and its body.
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     client: &mut TcpStream,
     head: &[u8],
-    peer: &Peer,
+    peer: &mut Option<Peer>,
+    addr: SocketAddr,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
     head_only: bool,
@@ -222,10 +231,12 @@ async fn exchange(
 ) -> Result<After, Failure> {
     let start = Instant::now();
     let got =
-        send_and_read_head(head, peer, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
+        send_and_read_head(head, addr, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
             .await?;
     let Received { mut node, uses, mut buf, head: parsed } = got;
-    peer.report(Outcome::HttpStatus(parsed.status), start.elapsed());
+    if let Some(p) = peer.as_ref() {
+        p.report(Outcome::HttpStatus(parsed.status), start.elapsed());
+    }
 
     // From here on the client has (part of) this response: failures close the connection.
     let framing = parsed.framing;
@@ -235,10 +246,10 @@ async fn exchange(
         out_head.truncate(out_head.len() - 2);
         out_head.extend_from_slice(b"connection: close\r\n\r\n");
     }
-    match relay_body(client, &mut node, &mut buf, &out_head, framing, timeouts.read).await {
+    match relay_body(client, &mut node, &mut buf, &out_head, framing, timeouts.read, peer).await {
         Ok(clean) => {
             if clean && parsed.keepalive && framing != Framing::UntilClose {
-                checkin(peer.addr, node, uses + 1, keepalive);
+                checkin(addr, node, uses + 1, keepalive);
             }
             Ok(if client_close { After::Close } else { After::KeepAlive })
         }
@@ -252,7 +263,9 @@ async fn exchange(
             })
         }
         Err(Broken::Node(outcome)) => {
-            peer.report(outcome, start.elapsed());
+            if let Some(p) = peer.as_ref() {
+                p.report(outcome, start.elapsed());
+            }
             Err(Failure::Client)
         }
         Err(Broken::Client) => Err(Failure::Client),
@@ -273,7 +286,7 @@ struct Received {
 #[allow(clippy::too_many_arguments)]
 async fn send_and_read_head(
     head: &[u8],
-    peer: &Peer,
+    addr: SocketAddr,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
     head_only: bool,
@@ -289,11 +302,11 @@ async fn send_and_read_head(
     };
     // A pooled connection the node closed while idle fails at once; one fresh connection to the
     // same node is tried before that counts as the node failing.
-    let mut pooled = checkout(peer.addr, keepalive);
+    let mut pooled = checkout(addr, keepalive);
     let (mut node, uses, mut buf) = loop {
         let (mut node, uses, reused) = match pooled.take() {
             Some(c) => (c.stream, c.uses, true),
-            None => match connect_tcp(peer.addr, timeouts.connect).await {
+            None => match connect_tcp(addr, timeouts.connect).await {
                 Ok(s) => (s, 0, false),
                 Err(e) => {
                     let (err, outcome) = if e.is_timeout() {
@@ -553,6 +566,7 @@ async fn relay_body(
     head: &[u8],
     framing: Framing,
     read_timeout: Duration,
+    peer: &mut Option<Peer>,
 ) -> Result<bool, Broken> {
     let mut chunks = ChunkedState::default();
     let mut left = match framing {
@@ -574,6 +588,9 @@ async fn relay_body(
     let (n, mut finished) = take(buf, left, &mut chunks);
     if chunks.failed {
         return Err(Broken::BeforeHead);
+    }
+    if finished {
+        *peer = None;
     }
     write_two(client, head, &buf[..n]).await.map_err(|_| Broken::Client)?;
     buf.advance(n);
@@ -599,6 +616,9 @@ async fn relay_body(
         let (n, done) = take(buf, left, &mut chunks);
         if chunks.failed {
             return Err(Broken::Node(Outcome::TcpFailure));
+        }
+        if done {
+            *peer = None;
         }
         client.write_all(&buf[..n]).await.map_err(|_| Broken::Client)?;
         left -= (n as u64).min(left);
@@ -875,7 +895,7 @@ pub(crate) async fn attempt(
     let head = request_head(parts, host);
     let resend_ok = idempotent(&parts.method);
     let sent =
-        send_and_read_head(&head, &peer, keepalive, timeouts, head_only, resend_ok, HeadFor::Map, start);
+        send_and_read_head(&head, peer.addr, keepalive, timeouts, head_only, resend_ok, HeadFor::Map, start);
     let got = match sent.await {
         Ok(g) => g,
         Err(f) => return Err((f, peer)),
