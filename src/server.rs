@@ -462,6 +462,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Proto> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 24];
+    let mut pause = Duration::from_millis(1);
     loop {
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.ok()?.ok()?;
         if n == 0 {
@@ -473,8 +474,10 @@ async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Proto> {
         if n == H2_PREFACE.len() {
             return Some(Proto::H2);
         }
-        // A prefix of the preface so far: wait for more bytes (peek does not consume them).
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        // A prefix of the preface so far: wait for more bytes (peek does not consume them, so
+        // readiness stays set); back off so a client that stalls mid-preface costs little.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
         if tokio::time::Instant::now() >= deadline {
             return None;
         }
