@@ -362,19 +362,21 @@ async fn accept_loop(
             Kind::Http { http2 } => {
                 let protocols = protocols.clone();
                 tokio::spawn(async move {
+                    let mut stream = stream;
                     let proto = if http2 {
-                        sniff(&stream, shared.node.client_header_timeout).await
+                        sniff(&mut stream, shared.node.client_header_timeout).await
                     } else {
-                        Some(Proto::H1)
+                        Some((Proto::H1, bytes::BytesMut::new()))
                     };
                     match proto {
-                        Some(Proto::H1) => {
+                        Some((Proto::H1, read)) => {
                             // Boxed once the client has spoken: a silent connection keeps only
                             // the small sniffing state.
-                            Box::pin(serve_h1(stream, peer, local, shared, protocols, shutdown)).await
+                            Box::pin(serve_h1(stream, read, peer, local, shared, protocols, shutdown)).await
                         }
-                        Some(proto) => {
-                            serve_http(stream, proto, peer, local, false, shared, protocols, shutdown).await
+                        Some((Proto::H2, read)) => {
+                            let io = strait_protocols::h1::Prefixed::new(read.freeze(), stream);
+                            serve_http(io, Proto::H2, peer, local, false, shared, protocols, shutdown).await
                         }
                         None => {}
                     }
@@ -457,30 +459,27 @@ enum Proto {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Tells h2c prior knowledge from HTTP/1.1 by peeking at the first bytes (nothing is consumed).
-/// `None` when the client closes or stays silent past `timeout`.
-async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Proto> {
+/// Tells h2c prior knowledge from HTTP/1.1 by reading the first bytes; they are returned, to be
+/// served first. No buffer is held until the client sends something. `None` when the client
+/// closes or stays silent past `timeout`.
+async fn sniff(stream: &mut TcpStream, timeout: Duration) -> Option<(Proto, bytes::BytesMut)> {
+    use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 24];
-    let mut pause = Duration::from_millis(1);
+    tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
+    let mut buf = bytes::BytesMut::with_capacity(4096);
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.ok()?.ok()?;
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await.ok()?.ok()?;
         if n == 0 {
             return None;
         }
-        if buf[..n] != H2_PREFACE[..n] {
-            return Some(Proto::H1);
+        let seen = buf.len().min(H2_PREFACE.len());
+        if buf[..seen] != H2_PREFACE[..seen] {
+            return Some((Proto::H1, buf));
         }
-        if n == H2_PREFACE.len() {
-            return Some(Proto::H2);
+        if seen == H2_PREFACE.len() {
+            return Some((Proto::H2, buf));
         }
-        // A prefix of the preface so far: wait for more bytes (peek does not consume them, so
-        // readiness stays set); back off so a client that stalls mid-preface costs little.
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
+        // A prefix of the preface so far: read on.
     }
 }
 
@@ -552,8 +551,10 @@ const FAST_HEAD_MAX: usize = 32 * 1024;
 /// upstreams, go through the direct relay ([`strait_protocols::h1`]); the first request that
 /// needs more (a body, an upgrade, gRPC, transcoding, anything malformed) hands the connection,
 /// with the bytes already read, to hyper for the rest of its life.
+#[allow(clippy::too_many_arguments)]
 async fn serve_h1(
     mut stream: TcpStream,
+    read: bytes::BytesMut,
     peer: SocketAddr,
     local: SocketAddr,
     shared: Arc<Shared>,
@@ -565,7 +566,8 @@ async fn serve_h1(
     use tokio::io::AsyncReadExt;
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     let header_timeout = shared.node.client_header_timeout;
-    let mut buf = bytes::BytesMut::new();
+    // What the client sent while the protocol was being told apart comes first.
+    let mut buf = read;
     loop {
         // A complete request head within client_header_timeout (idle time included), or the
         // reason to hand over.

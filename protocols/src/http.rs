@@ -491,12 +491,7 @@ async fn attempt_once(
                         }
                         None => false,
                     };
-                    let err = classify_send_error(&e.into_error());
-                    let outcome = if matches!(err, ProxyError::Timeout(_)) {
-                        Outcome::Timeout
-                    } else {
-                        Outcome::TcpFailure
-                    };
+                    let (err, outcome) = classify_send_error(&e.into_error());
                     Err(fail(err, outcome, intact))
                 }
                 Err(_) => {
@@ -530,12 +525,7 @@ async fn attempt_once(
                         }
                         None => false,
                     };
-                    let err = classify_send_error(&e.into_error());
-                    let outcome = if matches!(err, ProxyError::Timeout(_)) {
-                        Outcome::Timeout
-                    } else {
-                        Outcome::TcpFailure
-                    };
+                    let (err, outcome) = classify_send_error(&e.into_error());
                     Err(fail(err, outcome, intact))
                 }
                 Err(_) => {
@@ -551,14 +541,14 @@ async fn attempt_once(
     }
 }
 
-/// Maps a hyper client error to the gateway error the client sees.
-fn classify_send_error(e: &hyper::Error) -> ProxyError {
+/// Maps a hyper client error to the gateway error the client sees, and the node's outcome.
+fn classify_send_error(e: &hyper::Error) -> (ProxyError, Outcome) {
     if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
-        ProxyError::BadResponse(e.to_string())
+        (ProxyError::BadResponse(e.to_string()), Outcome::TcpFailure)
     } else if is_send_timeout(e) {
-        ProxyError::Timeout("send")
+        (ProxyError::Timeout("send"), Outcome::Timeout)
     } else {
-        ProxyError::Connect(e.to_string())
+        (ProxyError::Connect(e.to_string()), Outcome::TcpFailure)
     }
 }
 
