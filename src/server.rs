@@ -459,25 +459,27 @@ enum Proto {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Tells h2c prior knowledge from HTTP/1.1 by reading the first bytes; they are returned, to be
-/// served first. No buffer is held until the client sends something. `None` when the client
-/// closes or stays silent past `timeout`.
+/// Tells h2c prior knowledge from HTTP/1.1 by reading the first bytes (at most the preface);
+/// they are returned, to be served first. Nothing is allocated until the client sends something.
+/// `None` when the client closes or stays silent past `timeout`.
 async fn sniff(stream: &mut TcpStream, timeout: Duration) -> Option<(Proto, bytes::BytesMut)> {
-    use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + timeout;
-    tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
-    let mut buf = bytes::BytesMut::with_capacity(4096);
+    // At most the preface's length: the rest of the request is read by whoever serves it.
+    let mut head = [0u8; H2_PREFACE.len()];
+    let mut have = 0;
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await.ok()?.ok()?;
-        if n == 0 {
-            return None;
+        tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
+        match stream.try_read(&mut head[have..]) {
+            Ok(0) => return None,
+            Ok(n) => have += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return None,
         }
-        let seen = buf.len().min(H2_PREFACE.len());
-        if buf[..seen] != H2_PREFACE[..seen] {
-            return Some((Proto::H1, buf));
+        if head[..have] != H2_PREFACE[..have] {
+            return Some((Proto::H1, bytes::BytesMut::from(&head[..have])));
         }
-        if seen == H2_PREFACE.len() {
-            return Some((Proto::H2, buf));
+        if have == H2_PREFACE.len() {
+            return Some((Proto::H2, bytes::BytesMut::from(&head[..have])));
         }
         // A prefix of the preface so far: read on.
     }
