@@ -412,10 +412,16 @@ async fn read_some(node: &mut TcpStream, buf: &mut BytesMut, limit: Duration) ->
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(BODY_CHUNK);
         }
-        match node.try_read_buf(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(ReadError::Io(e)),
+        // Through `poll_read`, not `try_read_buf`: a read that leaves part of the buffer empty
+        // drained the socket, and tokio then clears its readiness. The idle connection's
+        // liveness check (`still_open`) can then answer from the reactor instead of probing
+        // with a read that fails with EAGAIN: one syscall less per relayed request.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, buf) {
+            Poll::Ready(Ok(n)) => return Ok(n),
+            Poll::Ready(Err(e)) => return Err(ReadError::Io(e)),
+            // Spurious readiness: it is cleared now, wait for the next event.
+            Poll::Pending => continue,
         }
     }
 }
