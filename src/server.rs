@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
+use strait_protocols::SendTimeout;
 use strait_protocols::http::{ForwardCtx, forward};
 use strait_protocols::respond::error_response;
 use strait_protocols::{ProxyBody, ProxyError, grpc};
@@ -501,6 +502,8 @@ async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
+    // A client that stops reading is cut off after `send_timeout` without progress.
+    let io = SendTimeout::new(io, shared.node.send_timeout);
     let ctx = Arc::new(ConnCtx { shared, peer, local, tls, client_ip, local_port_value });
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
@@ -636,7 +639,8 @@ async fn serve_h1(
         };
         // Boxed: the exchange's state (a few KiB) exists only while a request is in flight, so an
         // idle connection stays small.
-        let after = Box::pin(strait_protocols::h1::forward(&mut stream, parts, &ctx, &**upstream)).await;
+        let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
+        let after = Box::pin(strait_protocols::h1::forward(&mut client, parts, &ctx, &**upstream)).await;
         if after == strait_protocols::h1::After::Close || *shutdown.borrow() {
             return;
         }

@@ -777,3 +777,79 @@ async fn cookies_split_by_an_h2_client_reach_an_http1_node_as_one_line() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json(&body)["headers"]["cookie"], "a=1; b=2");
 }
+
+/// `nginx_config.http.send_timeout`: a client that stops reading a large response is cut off
+/// once a write to it has made no progress for that long, and the node's connection goes with it
+/// (instead of both being held until the client reads again). Checked on the HTTP/1.1 relay (a
+/// GET) and on the general path (a POST with a body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: u64 = 1 << 30;
+    // A node that answers every request with a 1 GiB body and reports when its connection
+    // breaks under it.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    let (broken_tx, mut broken) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let broken = broken_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
+                if s.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+                let zeros = vec![0u8; 64 * 1024];
+                let mut sent = 0u64;
+                while sent < BODY {
+                    if s.write_all(&zeros).await.is_err() {
+                        let _ = broken.send(());
+                        return;
+                    }
+                    sent += zeros.len() as u64;
+                }
+            });
+        }
+    });
+    let config =
+        BASE_CONFIG.replace("client_header_timeout: 2s", "client_header_timeout: 2s\n    send_timeout: 1s");
+    let gw = TestGateway::start_with(
+        &config,
+        &format!("routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n", nodes_yaml(&[node])),
+        1,
+    );
+
+    let requests: [&[u8]; 2] = [
+        b"GET /relay HTTP/1.1\r\nhost: h\r\n\r\n",
+        b"POST /general HTTP/1.1\r\nhost: h\r\ncontent-length: 5\r\n\r\nhello",
+    ];
+    for req in requests {
+        let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+        c.write_all(req).await.unwrap();
+        // The client reads nothing until the gateway has given up on it: without the timeout
+        // the node's writes would block forever instead of failing.
+        let started = Instant::now();
+        let cut = tokio::time::timeout(Duration::from_secs(20), broken.recv()).await;
+        assert!(matches!(cut, Ok(Some(()))), "{}: node connection still held", String::from_utf8_lossy(req));
+        assert!(started.elapsed() >= Duration::from_millis(900), "cut off before send_timeout");
+        // What was buffered arrives, then the connection ends short of the body.
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await {
+                Ok(Ok(n @ 1..)) => got += n as u64,
+                Ok(_) => break,
+                Err(_) => panic!("connection to the client left open"),
+            }
+        }
+        assert!(got < BODY, "the whole body arrived: the client was not cut off");
+    }
+}

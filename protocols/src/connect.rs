@@ -122,9 +122,10 @@ impl AsyncWrite for NodeStream {
     }
 }
 
-/// Fails a write to a node that makes no progress for `limit` (APISIX's `timeout.send`, nginx's
-/// `proxy_send_timeout`: the time allowed between two successive writes). The timer exists only
-/// while a write is blocked, so the fast path costs one branch.
+/// Fails a write that makes no progress for `limit`: the time allowed between two successive
+/// writes. To a node that is APISIX's `timeout.send` (nginx's `proxy_send_timeout`); to a client,
+/// `nginx_config.http.send_timeout` (nginx's `send_timeout`). The timer exists only while a write
+/// is blocked, so the fast path costs one branch.
 pub struct SendTimeout<S> {
     inner: S,
     limit: Duration,
@@ -146,7 +147,10 @@ impl<S> SendTimeout<S> {
             self.armed = true;
         }
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "send to node timed out")),
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "write made no progress within the send timeout",
+            )),
             Poll::Pending => Poll::Pending,
         }
     }

@@ -27,7 +27,7 @@ use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
@@ -85,8 +85,8 @@ pub enum After {
 
 /// Forwards one request (already checked with [`eligible`]) and writes the response, or the
 /// gateway's error answer, to `client`.
-pub async fn forward<P: UpstreamPicker + ?Sized>(
-    client: &mut TcpStream,
+pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
+    client: &mut C,
     mut parts: Parts,
     ctx: &ForwardCtx<'_>,
     picker: &P,
@@ -219,8 +219,8 @@ enum Framing {
 
 /// One attempt on one node: send the head, read the response head, relay it and its body.
 #[allow(clippy::too_many_arguments)]
-async fn exchange(
-    client: &mut TcpStream,
+async fn exchange<C: AsyncWrite + Unpin>(
+    client: &mut C,
     head: &[u8],
     peer: &mut Option<Peer>,
     addr: SocketAddr,
@@ -565,8 +565,8 @@ enum HeadFor {
 /// Writes the head and relays the body. `Ok(true)` when the body ended exactly where its framing
 /// said (the node connection can be reused), `Ok(false)` when the node sent more than that;
 /// `Err` when the client or the node failed midway.
-async fn relay_body(
-    client: &mut TcpStream,
+async fn relay_body<C: AsyncWrite + Unpin>(
+    client: &mut C,
     node: &mut TcpStream,
     buf: &mut BytesMut,
     head: &[u8],
@@ -647,7 +647,7 @@ enum Broken {
 }
 
 /// Writes `a` then `b` with as few syscalls as the socket allows.
-async fn write_two(s: &mut TcpStream, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+async fn write_two<C: AsyncWrite + Unpin>(s: &mut C, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
     while !a.is_empty() {
         let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
         let n = s.write_vectored(&bufs).await?;
@@ -1101,7 +1101,7 @@ impl http_body::Body for RawBody {
 
 /// Writes a gateway error answer (its head only, for a HEAD request); the connection stays open
 /// for the next request.
-async fn answer_error(client: &mut TcpStream, err: &ProxyError, head_only: bool) -> After {
+async fn answer_error<C: AsyncWrite + Unpin>(client: &mut C, err: &ProxyError, head_only: bool) -> After {
     let resp = error_response(err, false);
     let (parts, body) = resp.into_parts();
     let body = match body {

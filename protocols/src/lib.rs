@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use body::ProxyBody;
-pub use connect::{ConnectError, NodeStream, connect_tcp, connect_tls};
+pub use connect::{ConnectError, NodeStream, SendTimeout, connect_tcp, connect_tls};
 
 /// How a request or connection towards a node ended, as far as health and latency tracking care.
 ///

@@ -73,6 +73,9 @@ pub struct NodeConfig {
     pub client_header_timeout: Duration,
     /// How long an idle keep-alive client connection stays open.
     pub keepalive_timeout: Duration,
+    /// How long a write to a client may make no progress before the connection is closed
+    /// (`nginx_config.http.send_timeout`, nginx's `send_timeout`).
+    pub send_timeout: Duration,
     /// `discovery:` section as written (resources check which types exist).
     pub discovery: Map<String, Value>,
     /// `discovery:` section, validated.
@@ -113,7 +116,6 @@ const NGINX_HTTP_UNSUPPORTED: &[&str] = &[
     "access_log",
     "access_log_format",
     "access_log_format_escape",
-    "send_timeout",
     "client_body_timeout",
     "client_max_body_size",
     "underscores_in_headers",
@@ -217,6 +219,8 @@ impl NodeConfig {
             resolver_timeout: Duration::from_secs(5),
             client_header_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(60),
+            // APISIX's config-default.yaml.
+            send_timeout: Duration::from_secs(10),
             discovery: Map::new(),
             discovery_config: Default::default(),
             disable_healthcheck: false,
@@ -388,6 +392,12 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
                 match parse_duration(v) {
                     Some(d) => cfg.keepalive_timeout = d,
                     None => errs.add("nginx_config.http.keepalive_timeout", "expected a duration like 60s"),
+                }
+            }
+            if let Some(v) = &h.send_timeout {
+                match parse_duration(v) {
+                    Some(d) if !d.is_zero() => cfg.send_timeout = d,
+                    _ => errs.add("nginx_config.http.send_timeout", "expected a positive duration like 10s"),
                 }
             }
         }
@@ -638,6 +648,17 @@ mod tests {
         assert!(text.contains("bogus"), "{text}");
         let e = parse("apisix:\n  node_listen: [{ip: nope, port: 1}]\n").unwrap_err();
         assert_eq!(e.0[0].path, "apisix.node_listen[0].ip");
+    }
+
+    #[test]
+    fn send_timeout_defaults_to_apisix_and_must_be_positive() {
+        assert_eq!(parse("apisix:\n  node_listen: 9080\n").unwrap().send_timeout, Duration::from_secs(10));
+        let c = parse("nginx_config:\n  http:\n    send_timeout: 1500ms\n").unwrap();
+        assert_eq!(c.send_timeout, Duration::from_millis(1500));
+        for bad in ["0s", "soon"] {
+            let e = parse(&format!("nginx_config:\n  http:\n    send_timeout: {bad}\n")).unwrap_err();
+            assert_eq!(e.0[0].path, "nginx_config.http.send_timeout", "{bad}");
+        }
     }
 
     #[test]

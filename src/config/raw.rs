@@ -146,6 +146,8 @@ pub struct RawNginxHttp {
     pub client_header_timeout: Option<Value>,
     /// e.g. `60s`: how long an idle client keep-alive connection stays open.
     pub keepalive_timeout: Option<Value>,
+    /// e.g. `10s`: how long a write to a client may make no progress.
+    pub send_timeout: Option<Value>,
 }
 
 // ---------------------------------------------------------------------------------------------
