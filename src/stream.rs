@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use strait_protocols::retry::Retry;
 use strait_protocols::stream::{
     Hello, peek_client_hello, proxy, read_proxy_header, splice_bidirectional, v1_header, v2_header,
 };
-use strait_protocols::{Outcome, Scheme, Tried, UpstreamPicker, connect_tcp, connect_tls};
+use strait_protocols::{Outcome, ProxyError, Scheme, UpstreamPicker, connect_tcp, connect_tls};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -183,28 +184,26 @@ async fn session(
 ) {
     let settings = upstream.settings();
     let key = upstream.hash_key(vars).into_owned();
-    let retries = settings.retries.unwrap_or(upstream.node_count().saturating_sub(1) as u32);
-    let deadline = settings.retry_timeout.map(|t| Instant::now() + t);
-    let mut tried = Tried::default();
-    let mut attempt = 0;
+    let mut retry = Retry::new(&**upstream);
     let (peer, mut tcp) = loop {
-        let peer = match upstream.pick(&key, &tried) {
+        let peer = match retry.pick(&**upstream, &key) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(upstream = %settings.id, client = %vars.client, error = ?e, "no node for stream session");
+                tracing::warn!(upstream = %settings.id, client = %vars.client, error = %e, "stream session gets no node");
                 return;
             }
         };
-        attempt += 1;
         let started = Instant::now();
         match connect_tcp(peer.addr, settings.timeouts.connect).await {
             Ok(s) => break (peer, s),
             Err(e) => {
-                let outcome = if e.is_timeout() { Outcome::Timeout } else { Outcome::TcpFailure };
+                let (error, outcome) = if e.is_timeout() {
+                    (ProxyError::Timeout("connect"), Outcome::Timeout)
+                } else {
+                    (ProxyError::Connect(e.to_string()), Outcome::TcpFailure)
+                };
                 peer.report(outcome, started.elapsed());
-                tracing::warn!(upstream = %settings.id, node = %peer.addr, attempt, error = %e, "stream connect failed");
-                tried.push(peer.addr);
-                if attempt > retries || deadline.is_some_and(|d| Instant::now() >= d) {
+                if retry.failed(peer.addr, error, true).is_err() {
                     return;
                 }
             }

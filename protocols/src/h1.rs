@@ -33,7 +33,8 @@ use tokio::net::TcpStream;
 use crate::body::ProxyBody;
 use crate::http::{ForwardCtx, idempotent, prepare_request_headers, upstream_host};
 use crate::respond::error_response;
-use crate::{KeepalivePool, Outcome, Peer, ProxyError, Scheme, Tried, UpstreamPicker, connect_tcp};
+use crate::retry::Retry;
+use crate::{KeepalivePool, Outcome, Peer, ProxyError, Scheme, UpstreamPicker, connect_tcp};
 
 /// Most headers a node's response head may carry.
 const MAX_HEADERS: usize = 128;
@@ -103,17 +104,12 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
     let head_only = parts.method == Method::HEAD;
     let resend_ok = idempotent(&parts.method);
 
-    let retries = settings.retries.unwrap_or(picker.node_count().saturating_sub(1) as u32);
-    let retry_deadline = settings.retry_timeout.map(|t| Instant::now() + t);
-    let mut tried = Tried::default();
-    let mut attempt: u32 = 0;
-    let mut last_error: Option<ProxyError> = None;
+    let mut retry = Retry::new(picker);
     loop {
-        let peer = match picker.pick(ctx.hash_key, &tried) {
+        let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
-            Err(e) => return answer_error(client, &last_error.unwrap_or_else(|| e.into()), head_only).await,
+            Err(e) => return answer_error(client, &e, head_only).await,
         };
-        attempt += 1;
         let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
         let head = request_head(&parts, &host);
         let addr = peer.addr;
@@ -129,21 +125,9 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
                 if let Some(peer) = slot.take() {
                     peer.report(outcome, elapsed);
                 }
-                tracing::warn!(
-                    upstream = &*settings.id,
-                    node = %addr,
-                    attempt,
-                    error = %error,
-                    "upstream attempt failed"
-                );
-                tried.push(addr);
-                if attempt > retries || (sent && !resend_ok) {
-                    return answer_error(client, &error, head_only).await;
+                if let Err(answer) = retry.failed(addr, error, !sent || resend_ok) {
+                    return answer_error(client, &answer, head_only).await;
                 }
-                if retry_deadline.is_some_and(|d| Instant::now() >= d) {
-                    return answer_error(client, &ProxyError::RetryTimeout, head_only).await;
-                }
-                last_error = Some(error);
             }
         }
     }

@@ -21,9 +21,8 @@ use crate::body::{BodyPolicy, ProxyBody, UpstreamBody};
 use crate::connect::{ConnectError, NodeStream, SendTimeout, connect_tcp, connect_tls};
 use crate::pool::{self, Limits, PoolKey, Pooled};
 use crate::respond::error_response;
-use crate::{
-    Outcome, PassHost, Peer, ProxyError, Scheme, Timeouts, Tried, UpstreamPicker, UpstreamSettings, grpc,
-};
+use crate::retry::Retry;
+use crate::{Outcome, PassHost, Peer, ProxyError, Scheme, Timeouts, UpstreamPicker, UpstreamSettings, grpc};
 
 /// Per-request facts the forwarder needs besides the request itself.
 #[derive(Debug, Clone)]
@@ -184,23 +183,16 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
     let body_empty = body.is_end_stream();
     let body = if body_empty { ProxyBody::Empty } else { body };
 
-    let node_count = picker.node_count();
-    let retries = settings.retries.unwrap_or(node_count.saturating_sub(1) as u32);
-    let replay = (retries > 0 && body_empty && idempotent(&parts.method) && upgrade.is_none())
+    let mut retry = Retry::new(picker);
+    let replay = (retry.allowed() && body_empty && idempotent(&parts.method) && upgrade.is_none())
         .then(|| clone_parts(&parts));
     let mut out = Outgoing { parts, body, client_host, replay };
 
-    let retry_deadline = settings.retry_timeout.map(|t| Instant::now() + t);
-    let mut tried = Tried::default();
-    let mut attempt: u32 = 0;
-    let mut last_error: Option<ProxyError> = None;
     loop {
-        let peer = match picker.pick(ctx.hash_key, &tried) {
+        let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
-            // Every node was tried: answer with the last attempt's error.
-            Err(e) => return Err((last_error.unwrap_or_else(|| e.into()), out.body)),
+            Err(e) => return Err((e, out.body)),
         };
-        attempt += 1;
         // A request without a body for a plain `http` node goes over the direct HTTP/1.1
         // relay's connections (no hyper client task per node connection).
         let direct = settings.scheme == Scheme::Http
@@ -234,22 +226,11 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
             }
         };
         peer.report(fail.outcome, fail.elapsed);
-        tracing::warn!(
-            upstream = &*settings.id,
-            node = %peer.addr,
-            attempt,
-            error = %fail.error,
-            "upstream attempt failed"
-        );
-        tried.push(peer.addr);
+        let addr = peer.addr;
         drop(peer);
         let can_resend = fail.request_intact || out.replay.is_some();
-        if attempt > retries || !can_resend {
-            return Err((fail.error, out.body));
-        }
-        last_error = Some(fail.error);
-        if retry_deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err((ProxyError::RetryTimeout, out.body));
+        if let Err(answer) = retry.failed(addr, fail.error, can_resend) {
+            return Err((answer, out.body));
         }
         if ctx.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             return Err((ProxyError::DeadlineExceeded, out.body));

@@ -12,6 +12,7 @@ pub mod h1;
 pub mod http;
 pub mod pool;
 pub mod respond;
+pub mod retry;
 pub mod stream;
 pub mod tls;
 
