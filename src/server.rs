@@ -606,7 +606,8 @@ async fn serve_h1(
         };
         let Some(parsed) = parsed else { break };
         let strait_protocols::h1::ParsedRequest { parts, len } = parsed;
-        if !strait_protocols::h1::eligible(&parts) || grpc::is_grpc_request(&parts.headers) {
+        let Some(body_len) = strait_protocols::h1::eligible(&parts) else { break };
+        if grpc::is_grpc_request(&parts.headers) {
             break;
         }
         let (route, key) = {
@@ -623,8 +624,23 @@ async fn serve_h1(
             (route.clone(), key)
         };
         let Some(upstream) = &route.upstream else { break };
+        // The whole body (at most h1::BODY_MAX) before a node is picked, within
+        // client_header_timeout from the end of the head; a client that does not send it in
+        // time loses the connection.
+        let need = len + body_len as usize;
+        if buf.len() < need {
+            let deadline = tokio::time::Instant::now() + header_timeout;
+            buf.reserve(need - buf.len());
+            while buf.len() < need {
+                match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }
         shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
         buf.advance(len);
+        let body = buf.split_to(body_len as usize);
         let ctx = ForwardCtx {
             client_addr: peer,
             local_port: local.port(),
@@ -640,7 +656,8 @@ async fn serve_h1(
         // Boxed: the exchange's state (a few KiB) exists only while a request is in flight, so an
         // idle connection stays small.
         let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
-        let after = Box::pin(strait_protocols::h1::forward(&mut client, parts, &ctx, &**upstream)).await;
+        let after =
+            Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await;
         if after == strait_protocols::h1::After::Close || *shutdown.borrow() {
             return;
         }

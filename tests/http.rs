@@ -598,19 +598,78 @@ async fn a_connection_switches_to_the_general_path_for_a_body_and_keeps_working(
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    for (method, path, sent) in
-        [("GET", "/a", ""), ("POST", "/echo", "posted body"), ("GET", "/b", ""), ("PUT", "/echo", "again")]
-    {
+    // Bodies up to 64 KiB are relayed; a larger one moves the connection to the general path.
+    let big: &'static str = Box::leak("z".repeat(100 * 1024).into_boxed_str());
+    for (method, path, sent) in [
+        ("GET", "/a", ""),
+        ("POST", "/echo", "posted body"),
+        ("PUT", "/echo", big),
+        ("GET", "/b", ""),
+        ("PUT", "/echo", "again"),
+    ] {
         let req = Request::builder().method(method).uri(path).header("host", "h").body(body(sent)).unwrap();
         sender.ready().await.expect("connection still open");
         let resp = sender.send_request(req).await.expect("response on the same connection");
         assert_eq!(resp.status(), StatusCode::OK, "{method} {path}");
         let got = resp.into_body().collect().await.unwrap().to_bytes();
         if !sent.is_empty() {
-            assert_eq!(&got[..], sent.as_bytes(), "{method} {path}");
+            assert!(&got[..] == sent.as_bytes(), "{method} {path}: {} bytes back", got.len());
         }
     }
-    assert_eq!(b.requests(), 4);
+    assert_eq!(b.requests(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_request_bodies_are_relayed_whole_with_their_length() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    // Pipelined on one connection, the body of one request arriving with the next head. The PUT
+    // names Content-Length in Connection: the node must still get the length, or it would take
+    // the body for the next request. The last request closes the connection.
+    let max = "Q".repeat(64 * 1024);
+    let mut req = Vec::new();
+    req.extend_from_slice(b"GET /size/3 HTTP/1.1\r\nHost: h\r\n\r\n");
+    req.extend_from_slice(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello");
+    req.extend_from_slice(
+        b"PUT /echo HTTP/1.1\r\nHost: h\r\nConnection: content-length\r\nContent-Length: 6\r\n\r\nworld!",
+    );
+    req.extend_from_slice(
+        format!("POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n", max.len()).as_bytes(),
+    );
+    req.extend_from_slice(max.as_bytes());
+    req.extend_from_slice(b"GET /size/2 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+    let out = raw(gw.http(), &req, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 5, "{}", &text[..text.len().min(2000)]);
+    let at = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("{needle:?} missing"));
+    assert!(at("xxx") < at("hello") && at("hello") < at("world!") && at("world!") < at("QQQ"));
+    assert_eq!(text.matches('Q').count(), max.len(), "the 64 KiB body came back whole");
+    assert!(text.trim_end().ends_with("xx"), "last answer last");
+    assert_eq!(b.requests(), 5);
+    // One node connection for all five: the relay's (the general path has a pool of its own).
+    assert_eq!(b.state.connections.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_completes_reaches_no_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b").await;
+    // BASE_CONFIG: client_header_timeout 2s, which also bounds the wait for the body.
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    c.write_all(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc").await.unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "connection left open");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "closed before the timeout");
+    assert_eq!(b.requests(), 0, "a request without its whole body is not sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

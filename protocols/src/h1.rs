@@ -1,15 +1,16 @@
-//! The HTTP/1.1 relay for the common case: a request without a body, forwarded to a plain
-//! `http` node, its response relayed byte for byte.
+//! The HTTP/1.1 relay for the common case: a request without a body or with a small one
+//! (`Content-Length` up to [`BODY_MAX`], read whole first), forwarded to a plain `http` node, its
+//! response relayed byte for byte.
 //!
 //! The general path (hyper's server and client, [`crate::http::forward`]) costs two tasks, a
 //! channel and a full decode and re-encode per request. This one runs the whole exchange in the
-//! client connection's task: the request head is written straight to a pooled node socket, the
-//! response head is parsed with httparse and rewritten once, and the body bytes (content-length,
-//! chunked or until close) are copied as they are, chunk framing included. Everything it does
-//! not handle is decided before anything is sent, and goes to the general path: see
-//! [`eligible`]. The general path uses the same node connections for requests without a body
-//! from HTTP/2 and TLS clients ([`attempt`]): there the response head becomes a `Response` and
-//! the body is decoded as the client reads it.
+//! client connection's task: the request (head and body in one write) goes straight to a pooled
+//! node socket, the response head is parsed with httparse and rewritten once, and the body bytes
+//! (content-length, chunked or until close) are copied as they are, chunk framing included.
+//! Everything it does not handle is decided before anything is sent, and goes to the general
+//! path: see [`eligible`]. The general path uses the same node connections for requests without
+//! a body from HTTP/2 and TLS clients ([`attempt`]): there the response head becomes a
+//! `Response` and the body is decoded as the client reads it.
 //!
 //! The semantics are the general path's: the same header rewriting
 //! ([`crate::http::prepare_request_headers`]), `pass_host`, timeouts (`connect`, `send` per
@@ -44,30 +45,49 @@ const MAX_HEAD: usize = 64 * 1024;
 /// such a response costs one read and one write.
 const BODY_CHUNK: usize = 128 * 1024;
 
-/// Whether a parsed client request can take this path: HTTP/1.1 with no body, no upgrade, no
+/// Largest request body the relay takes: it reads the whole body before picking a node (as
+/// nginx does with `proxy_request_buffering`), so a failed connect can be retried elsewhere.
+/// Larger bodies are streamed by the general path.
+pub const BODY_MAX: u64 = 64 * 1024;
+
+/// Whether a parsed client request can take this path, and the length of its body: HTTP/1.1,
+/// no `Transfer-Encoding`, a `Content-Length` of at most [`BODY_MAX`] (or none), no upgrade, no
 /// `Expect`, and a keep-alive connection. (The route decides the rest: a plain `http` upstream,
 /// no transcoding.)
-pub fn eligible(parts: &Parts) -> bool {
+pub fn eligible(parts: &Parts) -> Option<u64> {
     if parts.version != http::Version::HTTP_11 || parts.method == Method::CONNECT {
-        return false;
+        return None;
     }
     let h = &parts.headers;
     if h.contains_key(header::TRANSFER_ENCODING)
         || h.contains_key(header::UPGRADE)
         || h.contains_key(header::EXPECT)
     {
-        return false;
+        return None;
     }
-    // Every Content-Length must say 0: with two, the node might read a body the relay never
-    // sends, and the connection's next request with it (request smuggling). hyper answers the
-    // rest (400 for conflicting lengths).
-    if h.get_all(header::CONTENT_LENGTH).iter().any(|cl| cl.as_bytes() != b"0") {
-        return false;
+    // Every Content-Length must be plain digits and say the same: with two different ones the
+    // node might read a body other than the one the relay sends, and the connection's next
+    // request with it (request smuggling). hyper answers the rest (400 for conflicting lengths).
+    let mut len = None;
+    for cl in h.get_all(header::CONTENT_LENGTH) {
+        let v = cl.as_bytes();
+        if v.is_empty() || v.len() > 10 || !v.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if len.is_some_and(|l| l != n) {
+            return None;
+        }
+        len = Some(n);
+    }
+    let len = len.unwrap_or(0);
+    if len > BODY_MAX {
+        return None;
     }
     if h.get_all(header::CONNECTION).iter().any(|c| has_token(c.as_bytes(), b"close")) {
-        return false;
+        return None;
     }
-    true
+    Some(len)
 }
 
 /// Whether a comma-separated header value lists `token` (ASCII case-insensitive).
@@ -84,11 +104,12 @@ pub enum After {
     Close,
 }
 
-/// Forwards one request (already checked with [`eligible`]) and writes the response, or the
-/// gateway's error answer, to `client`.
+/// Forwards one request (already checked with [`eligible`]), with its whole `body`, and writes
+/// the response, or the gateway's error answer, to `client`.
 pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
     client: &mut C,
     mut parts: Parts,
+    body: &[u8],
     ctx: &ForwardCtx<'_>,
     picker: &P,
 ) -> After {
@@ -101,6 +122,11 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     prepare_request_headers(&mut parts, ctx, client_host.as_ref(), false, Scheme::Http);
     parts.headers.remove(header::HOST);
+    if !body.is_empty() {
+        // Said once, by the relay: a client's `Connection: content-length` must not leave the
+        // node without the body's length.
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
     let head_only = parts.method == Method::HEAD;
     let resend_ok = idempotent(&parts.method);
 
@@ -111,7 +137,8 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
             Err(e) => return answer_error(client, &e, head_only).await,
         };
         let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
-        let head = request_head(&parts, &host);
+        let mut head = request_head(&parts, &host);
+        head.extend_from_slice(body);
         let addr = peer.addr;
         // The relay lets go of the peer (least_conn's in-flight count) once the node's answer is
         // all read, before the last bytes go to the client.
@@ -1299,6 +1326,36 @@ fn build_parts(req: &httparse::Request<'_, '_>) -> Option<Parts> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(extra: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().method("POST").uri("/x");
+        for (k, v) in extra {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn eligible_takes_one_plain_content_length_up_to_the_limit() {
+        assert_eq!(eligible(&head(&[])), Some(0));
+        assert_eq!(eligible(&head(&[("content-length", "5")])), Some(5));
+        assert_eq!(eligible(&head(&[("content-length", "5"), ("content-length", "5")])), Some(5));
+        assert_eq!(eligible(&head(&[("content-length", "65536")])), Some(BODY_MAX));
+        for refused in [
+            &[("content-length", "65537")][..],
+            &[("content-length", "0"), ("content-length", "5")],
+            &[("content-length", "+5")],
+            &[("content-length", "5,5")],
+            &[("content-length", "0x5")],
+            &[("content-length", "99999999999999999999")],
+            &[("content-length", "5"), ("transfer-encoding", "chunked")],
+            &[("content-length", "5"), ("expect", "100-continue")],
+            &[("connection", "keep-alive, close")],
+            &[("upgrade", "websocket")],
+        ] {
+            assert_eq!(eligible(&head(refused)), None, "{refused:?}");
+        }
+    }
 
     #[test]
     fn chunked_end_is_found_across_reads() {
