@@ -640,7 +640,8 @@ async fn serve_h1(
         }
         shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
         buf.advance(len);
-        let body = buf.split_to(body_len as usize);
+        // (Splitting off nothing would still turn `buf` into a shared buffer: an allocation.)
+        let body = if body_len > 0 { buf.split_to(body_len as usize) } else { bytes::BytesMut::new() };
         let ctx = ForwardCtx {
             client_addr: peer,
             local_port: local.port(),
