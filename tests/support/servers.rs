@@ -353,10 +353,23 @@ pub struct Nacos {
 impl Nacos {
     /// A server that requires a login (`admin` / `admin`) on its open API and gRPC API.
     pub async fn start_with_auth() -> Option<Nacos> {
-        let mut n = Self::reserve(0, 1000)?;
-        n.auth = true;
-        n.launch().await;
-        Some(n)
+        Self::start_fresh(0, 1000, true).await
+    }
+
+    /// Reserves ports and starts the server; when it does not come up (another test's server
+    /// took one of the ports after they were checked, or a slow start), once more on new ports.
+    async fn start_fresh(probe_secs: u32, grpc_offset: u16, auth: bool) -> Option<Nacos> {
+        let mut log = String::new();
+        for _ in 0..3 {
+            let mut n = Self::reserve(probe_secs, grpc_offset)?;
+            n.auth = auth;
+            if n.try_launch(Duration::from_secs(20)).await {
+                return Some(n);
+            }
+            n.stop();
+            log = std::fs::read_to_string(n.dir.path().join("rnacos.log")).unwrap_or_default();
+        }
+        panic!("rnacos did not start in 3 tries; its last log:\n{log}");
     }
 
     /// `&accessToken=...` for a server with auth, empty otherwise.
@@ -383,9 +396,7 @@ impl Nacos {
 
     /// `grpc_offset` other than 1000 hides the gRPC API from clients (like a Nacos 1.x server).
     pub async fn start_with(probe_secs: u32, grpc_offset: u16) -> Option<Nacos> {
-        let mut n = Self::reserve(probe_secs, grpc_offset)?;
-        n.launch().await;
-        Some(n)
+        Self::start_fresh(probe_secs, grpc_offset, false).await
     }
 
     /// Free ports for a server that is not started yet ([`Nacos::launch`] starts it).
@@ -417,14 +428,27 @@ impl Nacos {
 
     /// Starts the server and waits until it answers.
     pub async fn launch(&mut self) {
+        assert!(self.try_launch(Duration::from_secs(20)).await, "rnacos did not start");
+    }
+
+    /// Starts the server and waits until it answers, gives up, or the process exits.
+    async fn try_launch(&mut self, within: Duration) -> bool {
         self.spawn();
         let addr = self.addr;
-        // The login endpoint answers with or without auth.
-        let ready = super::eventually(Duration::from_secs(20), || async move {
-            nacos_http(addr, "POST", "/nacos/v1/auth/login?username=admin&password=admin").await.is_some()
-        })
-        .await;
-        assert!(ready, "rnacos did not start");
+        let deadline = tokio::time::Instant::now() + within;
+        // The login endpoint answers with or without auth (with auth, once rnacos has created
+        // its admin user).
+        while tokio::time::Instant::now() < deadline {
+            if nacos_http(addr, "POST", "/nacos/v1/auth/login?username=admin&password=admin").await.is_some()
+            {
+                return true;
+            }
+            if self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     fn spawn(&mut self) {
