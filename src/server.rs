@@ -376,8 +376,20 @@ async fn accept_loop(
                             Box::pin(serve_h1(stream, read, peer, local, shared, protocols, shutdown)).await
                         }
                         Some((Proto::H2, read)) => {
+                            // Boxed too: otherwise the HTTP/2 state is part of every silent
+                            // connection's task.
                             let io = strait_protocols::h1::Prefixed::new(read.freeze(), stream);
-                            serve_http(io, Proto::H2, peer, local, false, shared, protocols, shutdown).await
+                            Box::pin(serve_http(
+                                io,
+                                Proto::H2,
+                                peer,
+                                local,
+                                false,
+                                shared,
+                                protocols,
+                                shutdown,
+                            ))
+                            .await
                         }
                         None => {}
                     }
