@@ -189,7 +189,7 @@ async fn session(
         let peer = match retry.pick(&**upstream, &key) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(upstream = %settings.id, client = %vars.client, error = %e, "stream session gets no node");
+                tracing::warn!(upstream = %settings.id, client = %vars.client, error = %e, "no node left for the stream session");
                 return;
             }
         };
