@@ -313,7 +313,9 @@ async fn send_and_read_head(
     };
     // A pooled connection the node closed while idle fails at once; one fresh connection to the
     // same node is tried before that counts as the node failing.
-    let mut pooled = checkout(addr, keepalive);
+    // A request that may not be sent twice gets a connection checked with a syscall: the
+    // reactor may not have seen a close that just arrived, and no retry would cover it.
+    let mut pooled = checkout(addr, keepalive, !resend_ok);
     let (mut node, uses, mut buf) = loop {
         let (mut node, uses, reused) = match pooled.take() {
             Some(c) => (c.stream, c.uses, true),
@@ -1162,12 +1164,15 @@ thread_local! {
     static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
-fn checkout(addr: SocketAddr, limits: KeepalivePool) -> Option<Checked> {
+fn checkout(addr: SocketAddr, limits: KeepalivePool, ask_kernel: bool) -> Option<Checked> {
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.get_mut(&addr)?;
         while let Some(c) = list.pop() {
-            if c.since.elapsed() >= limits.idle_timeout || !still_open(&c.stream) {
+            if c.since.elapsed() >= limits.idle_timeout
+                || !still_open(&c.stream)
+                || (ask_kernel && !kernel_says_open(&c.stream))
+            {
                 continue;
             }
             return Some(Checked { stream: c.stream, uses: c.uses });
@@ -1188,6 +1193,12 @@ fn still_open(s: &TcpStream) -> bool {
             matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         }
     }
+}
+
+/// [`still_open`] without the reactor's view: a `MSG_PEEK` read that must find nothing.
+fn kernel_says_open(s: &TcpStream) -> bool {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(s).peek(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 fn checkin(addr: SocketAddr, stream: TcpStream, uses: u32, limits: KeepalivePool) {
