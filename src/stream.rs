@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use strait_protocols::retry::Retry;
 use strait_protocols::stream::{
-    Hello, peek_client_hello, proxy, read_proxy_header, splice_bidirectional, v1_header, v2_header,
+    Hello, peek_client_hello, proxy, read_proxy_header, relay_tcp, v1_header, v2_header,
 };
 use strait_protocols::{Outcome, ProxyError, Scheme, UpstreamPicker, connect_tcp, connect_tls};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -236,8 +236,8 @@ async fn session(
     } else {
         peer.report(Outcome::StreamOk, started.elapsed());
         match &client {
-            // Plain TCP on both sides: zero-copy.
-            Client::Plain(c) => splice_bidirectional(c, &tcp, idle).await,
+            // Plain TCP on both sides: socket to socket, no stream layers.
+            Client::Plain(c) => relay_tcp(c, &tcp, idle).await,
             Client::Tls(_) => relay(&mut client, tcp, idle).await,
         }
     };

@@ -378,16 +378,20 @@ where
     }
 }
 
-/// Zero-copy relay between two plain TCP sockets with `splice(2)` through a pipe per direction:
-/// bytes never enter user space. Same semantics as [`proxy`]: half-close is propagated and
-/// `idle` ends a quiet session. Returns bytes (a->b, b->a).
-pub async fn splice_bidirectional(
-    a: &TcpStream,
-    b: &TcpStream,
-    idle: Option<Duration>,
-) -> io::Result<(u64, u64)> {
+/// Relay between two plain TCP sockets, with the same semantics as [`proxy`]: half-close is
+/// propagated and `idle` ends a quiet session. Returns bytes (a->b, b->a).
+///
+/// Each direction reads straight from one socket and writes to the other, with no `AsyncRead`
+/// layers in between, through a buffer that exists only while bytes are in flight (see
+/// [`relay_one_way`]). Measured against `splice(2)` through a pipe, which this replaced: with
+/// iperf3 on loopback, 256 KiB copies moved 17.5–17.8 Gbit/s where a 64 KiB pipe moved
+/// 14.2–14.9 and a 256 KiB pipe 15.8–16.0 (2 interleaved rounds each). The node's receiver reads
+/// compact freshly written pages instead of references to the sender's, and the bigger bursts
+/// wake the processes on the other core less often, which is where a loopback stream is bound.
+/// The copy costs this core more (about 70% of it against 50%), well within its headroom.
+pub async fn relay_tcp(a: &TcpStream, b: &TcpStream, idle: Option<Duration>) -> io::Result<(u64, u64)> {
     let activity = Activity::new();
-    let both = async { tokio::try_join!(splice_one_way(a, b, &activity), splice_one_way(b, a, &activity)) };
+    let both = async { tokio::try_join!(relay_one_way(a, b, &activity), relay_one_way(b, a, &activity)) };
     match idle {
         None => both.await,
         Some(limit) => {
@@ -407,41 +411,45 @@ pub async fn splice_bidirectional(
     }
 }
 
-/// Bytes a copied read may move before the direction switches to splice.
-const COPY_CHUNK: usize = 16 * 1024;
-/// Bytes moved per splice call once a direction carries bulk data: the capacity of a default
-/// pipe (16 pages), so no resize call per connection. A 256 KiB pipe was no faster through
-/// iperf3 on loopback (64 KiB ahead by ~3%, in 4 of 6 interleaved rounds) and keeps four times
-/// the sender's pages referenced.
-const SPLICE_CHUNK: usize = 64 * 1024;
+/// Read size of a direction that has not yet filled a read: short exchanges (a query and its
+/// reply, a request per connection).
+const SHORT_CHUNK: usize = 16 * 1024;
+/// Read size once a direction has filled a [`SHORT_CHUNK`] read: a bulk flow. iperf3 on
+/// loopback: 64 KiB reads moved 10 Gbit/s, 128 KiB 14, 256 KiB 17.5, 512 KiB and 1 MiB no more.
+const BULK_CHUNK: usize = 256 * 1024;
 
-/// One direction of [`splice_bidirectional`]. Short exchanges (a query and its reply, a request
-/// per connection) are copied through a buffer that exists only while data is in flight, so a
-/// connection that never carries bulk data costs no pipe and no extra syscalls; the first read
-/// that fills the buffer switches this direction to `splice(2)` through its own pipe.
-async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
+/// One direction of [`relay_tcp`]. The buffer is allocated (not zeroed) when the socket becomes
+/// readable and dropped as soon as it has been drained and everything read has been written, so
+/// an idle or quiet connection holds no buffer, and a bulk one holds at most [`BULK_CHUNK`] per
+/// direction: the bytes in flight, as the kernel's own socket buffers do.
+async fn relay_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
     let mut total = 0u64;
+    let mut size = SHORT_CHUNK;
     loop {
         from.readable().await?;
-        let mut buf = vec![0u8; COPY_CHUNK];
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            // EOF: pass the half-close on.
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-            return Ok(total);
-        }
-        activity.touch();
-        write_all(to, &buf[..n]).await?;
-        total += n as u64;
-        if n == COPY_CHUNK {
-            break;
+        let mut buf = Vec::with_capacity(size);
+        loop {
+            buf.clear();
+            let n = match from.try_read_buf(&mut buf) {
+                Ok(n) => n,
+                // Drained: tokio has cleared the readiness; drop the buffer and wait.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                // EOF: pass the half-close on.
+                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                return Ok(total);
+            }
+            activity.touch();
+            write_all(to, &buf).await?;
+            total += n as u64;
+            if n == size && size < BULK_CHUNK {
+                size = BULK_CHUNK;
+                buf.reserve(size);
+            }
         }
     }
-    splice_rest(from, to, activity, total).await
 }
 
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
@@ -453,48 +461,6 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn splice_rest(
-    from: &TcpStream,
-    to: &TcpStream,
-    activity: &Activity,
-    mut total: u64,
-) -> io::Result<u64> {
-    use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
-    use tokio::io::Interest;
-    let (pr, pw) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-    let chunk = SPLICE_CHUNK;
-    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
-    loop {
-        // Socket -> pipe.
-        let n = loop {
-            from.readable().await?;
-            match from.try_io(Interest::READABLE, || Ok(splice(from, None, &pw, None, chunk, flags)?)) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        if n == 0 {
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-            return Ok(total);
-        }
-        activity.touch();
-        // Pipe -> socket.
-        let mut left = n;
-        while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || Ok(splice(&pr, None, to, None, left, flags)?)) {
-                Ok(m) => {
-                    left -= m;
-                    total += m as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
