@@ -355,7 +355,11 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+        // A listener bound to one address accepts only on it: no getsockname per connection.
+        let local = match local {
+            Some(l) if !l.ip().is_unspecified() => l,
+            _ => stream.local_addr().ok().or(local).unwrap_or(peer),
+        };
         let guard = tracker.enter(&shared);
         let shared = shared.clone();
         let shutdown = shutdown.clone();

@@ -235,9 +235,9 @@ async fn session(
         relay(&mut client, node, idle).await
     } else {
         peer.report(Outcome::StreamOk, started.elapsed());
-        match &client {
+        match &mut client {
             // Plain TCP on both sides: socket to socket, no stream layers.
-            Client::Plain(c) => relay_tcp(c, &tcp, idle).await,
+            Client::Plain(c) => relay_tcp(c, &mut tcp, idle).await,
             Client::Tls(_) => relay(&mut client, tcp, idle).await,
         }
     };

@@ -117,6 +117,41 @@ async fn tcp_relay_with_half_close_and_32_mib_byte_for_byte() {
     assert_eq!(&back[data.len()..], b"bye");
 }
 
+/// The other order: the node speaks first and half-closes, the client keeps sending. The
+/// client must see the greeting then EOF, and the node must still get every byte the client
+/// sends afterwards, then its EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_half_close_reaches_the_client_and_the_client_can_still_send() {
+    let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node_addr = node.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = node.accept().await.unwrap();
+        s.write_all(b"greeting").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - id: s\n    upstream: {{scheme: tcp, nodes: {}}}\n",
+            nodes_yaml(&[node_addr])
+        ),
+        1,
+    );
+    let mut c = TcpStream::connect(gw.stream(0)).await.unwrap();
+    let mut greeting = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut greeting)).await.unwrap().unwrap();
+    assert_eq!(greeting, b"greeting");
+    let late = vec![7u8; 300 * 1024];
+    c.write_all(&late).await.unwrap();
+    c.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+    assert_eq!(got.len(), late.len());
+    assert!(got == late, "bytes differ");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_through_the_proxy_with_redis_cli_and_redis_benchmark() {
     let Some(redis) = Redis::start().await else {

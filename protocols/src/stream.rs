@@ -6,12 +6,13 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// Addresses carried by a PROXY protocol header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,9 +390,18 @@ where
 /// compact freshly written pages instead of references to the sender's, and the bigger bursts
 /// wake the processes on the other core less often, which is where a loopback stream is bound.
 /// The copy costs this core more (about 70% of it against 50%), well within its headroom.
-pub async fn relay_tcp(a: &TcpStream, b: &TcpStream, idle: Option<Duration>) -> io::Result<(u64, u64)> {
+pub async fn relay_tcp(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    idle: Option<Duration>,
+) -> io::Result<(u64, u64)> {
     let activity = Activity::new();
-    let both = async { tokio::try_join!(relay_one_way(a, b, &activity), relay_one_way(b, a, &activity)) };
+    let ended = AtomicBool::new(false);
+    let (ar, aw) = a.split();
+    let (br, bw) = b.split();
+    let both = async {
+        tokio::try_join!(relay_one_way(ar, bw, &activity, &ended), relay_one_way(br, aw, &activity, &ended))
+    };
     match idle {
         None => both.await,
         Some(limit) => {
@@ -422,27 +432,43 @@ const BULK_CHUNK: usize = 256 * 1024;
 /// readable and dropped as soon as it has been drained and everything read has been written, so
 /// an idle or quiet connection holds no buffer, and a bulk one holds at most [`BULK_CHUNK`] per
 /// direction: the bytes in flight, as the kernel's own socket buffers do.
-async fn relay_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
+///
+/// Reads go through the read half's `poll_read`, which clears the socket's readiness when a read
+/// comes back short (TCP hands over everything queued, so a short read has drained it): the
+/// next wait goes straight to the reactor instead of a `recv` that fails with EAGAIN.
+async fn relay_one_way(
+    mut from: ReadHalf<'_>,
+    to: WriteHalf<'_>,
+    activity: &Activity,
+    ended: &AtomicBool,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = SHORT_CHUNK;
     loop {
-        from.readable().await?;
+        from.as_ref().readable().await?;
         let mut buf = Vec::with_capacity(size);
         loop {
             buf.clear();
-            let n = match from.try_read_buf(&mut buf) {
-                Ok(n) => n,
-                // Drained: tokio has cleared the readiness; drop the buffer and wait.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+            let polled = {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                tokio_util::io::poll_read_buf(Pin::new(&mut from), &mut cx, &mut buf)
+            };
+            let n = match polled {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                // Drained: the readiness is cleared; drop the buffer and wait.
+                Poll::Pending => break,
             };
             if n == 0 {
-                // EOF: pass the half-close on.
-                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                // EOF: pass the half-close on, unless the other direction has ended already:
+                // then both sockets are closed right after this, which sends the FIN anyway.
+                if !ended.swap(true, Ordering::AcqRel) {
+                    let _ = socket2::SockRef::from(to.as_ref()).shutdown(std::net::Shutdown::Write);
+                }
                 return Ok(total);
             }
             activity.touch();
-            write_all(to, &buf).await?;
+            write_all(to.as_ref(), &buf).await?;
             total += n as u64;
             if n == size && size < BULK_CHUNK {
                 size = BULK_CHUNK;
