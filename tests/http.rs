@@ -912,3 +912,74 @@ async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
         assert!(got < BODY, "the whole body arrived: the client was not cut off");
     }
 }
+
+/// A download far bigger than any buffer, from a node that always has bytes ready, to a client
+/// that always reads. The client starts reading only once the node has filled every buffer on
+/// the way, so the relay then finds its node socket full for many reads in a row: the case
+/// where tokio's cooperative budget runs out mid-body (the unit test
+/// `read_some_with_a_spent_budget_still_reads` pins that case down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_that_never_pauses_arrives_whole() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: u64 = 256 << 20;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = l.accept().await else { return };
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+        let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
+        let block = vec![b'x'; 64 << 10];
+        let _ = s.write_all(reply.as_bytes()).await;
+        for _ in 0..BODY / block.len() as u64 {
+            if s.write_all(&block).await.is_err() {
+                return;
+            }
+            counter.fetch_add(block.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let gw = TestGateway::start_with(
+        BASE_CONFIG,
+        &format!("routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n", nodes_yaml(&[node])),
+        1,
+    );
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    c.write_all(b"GET /big HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n").await.unwrap();
+    // Every buffer between the node and the client full: the node's writes stop moving.
+    // (Unchanged over five polls 20 ms apart.)
+    let (mut last, mut still) = (0, 0);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let now = sent.load(Ordering::Relaxed);
+            still = if now == last && now > 0 { still + 1 } else { 0 };
+            last = now;
+            let stalled = still >= 5;
+            async move { stalled }
+        })
+        .await,
+        "the node never filled the buffers"
+    );
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let read_all = async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(60), read_all).await;
+    assert!(done.is_ok(), "download stalled after {total} bytes");
+    assert!(total > BODY && total < BODY + 1024, "{total} bytes for a {BODY}-byte body");
+}

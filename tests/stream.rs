@@ -152,6 +152,46 @@ async fn node_half_close_reaches_the_client_and_the_client_can_still_send() {
     assert!(got == late, "bytes differ");
 }
 
+/// A bulk transfer from a sender that never pauses to a receiver that always reads: the relay
+/// must keep going when tokio's cooperative budget runs out (it once spun at 100% CPU there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_that_never_pauses_arrives_whole() {
+    const TOTAL: u64 = 1 << 30;
+    let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node_addr = node.local_addr().unwrap();
+    let sink = tokio::spawn(async move {
+        let (mut s, _) = node.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n as u64,
+            }
+        }
+    });
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - id: s\n    upstream: {{scheme: tcp, nodes: {}}}\n",
+            nodes_yaml(&[node_addr])
+        ),
+        1,
+    );
+    let mut c = TcpStream::connect(gw.stream(0)).await.unwrap();
+    let block = vec![b'x'; 1 << 20];
+    let send = async {
+        for _ in 0..TOTAL / block.len() as u64 {
+            c.write_all(&block).await.unwrap();
+        }
+        c.shutdown().await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(60), send).await.expect("the relay stopped taking bytes");
+    let got =
+        tokio::time::timeout(Duration::from_secs(60), sink).await.expect("the node got no EOF").unwrap();
+    assert_eq!(got, TOTAL);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_through_the_proxy_with_redis_cli_and_redis_benchmark() {
     let Some(redis) = Redis::start().await else {

@@ -429,12 +429,18 @@ async fn read_some(node: &mut TcpStream, buf: &mut BytesMut, limit: Duration) ->
         // drained the socket, and tokio then clears its readiness. The idle connection's
         // liveness check (`still_open`) can then answer from the reactor instead of probing
         // with a read that fails with EAGAIN: one syscall less per relayed request.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, buf) {
+        let polled = {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, buf)
+        };
+        match polled {
             Poll::Ready(Ok(n)) => return Ok(n),
             Poll::Ready(Err(e)) => return Err(ReadError::Io(e)),
-            // Spurious readiness: it is cleared now, wait for the next event.
-            Poll::Pending => continue,
+            // Spurious readiness (cleared now: wait for the next event), or this task's
+            // cooperative budget is spent and the read was refused before it was tried. As
+            // `readable()` does not count against the budget, spend a unit here: when none is
+            // left that yields to the scheduler, which refills it, instead of spinning.
+            Poll::Pending => tokio::task::coop::consume_budget().await,
         }
     }
 }
@@ -1184,6 +1190,10 @@ fn checkout(addr: SocketAddr, limits: KeepalivePool, ask_kernel: bool) -> Option
 /// Whether an idle node connection is still usable: nothing to read (no EOF, no stray bytes).
 /// The reactor's readiness answers without a syscall unless something did arrive.
 fn still_open(s: &TcpStream) -> bool {
+    if !tokio::task::coop::has_budget_remaining() {
+        // The reactor would not answer (its poll counts against the budget): ask the kernel.
+        return kernel_says_open(s);
+    }
     let mut cx = Context::from_waker(std::task::Waker::noop());
     match s.poll_read_ready(&mut cx) {
         Poll::Pending => true,
@@ -1337,6 +1347,34 @@ fn build_parts(req: &httparse::Request<'_, '_>) -> Option<Parts> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `read_some` with its task's budget spent still reads (it once spun at 100% CPU: the
+    /// socket stayed readable while every read was refused).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_some_with_a_spent_budget_still_reads() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let mut node = l.accept().await.unwrap().0;
+        peer.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        let reader = tokio::spawn(async move {
+            node.readable().await.unwrap();
+            while tokio::task::coop::has_budget_remaining() {
+                tokio::task::coop::consume_budget().await;
+            }
+            // Also the liveness check, which must not take a refused poll for "nothing here".
+            let open = still_open(&node);
+            let mut buf = BytesMut::new();
+            let n = read_some(&mut node, &mut buf, Duration::from_secs(5)).await.ok();
+            (open, n)
+        });
+        let (open, n) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("read_some never returned")
+            .unwrap();
+        assert!(!open, "a connection with unread bytes is not reusable");
+        assert_eq!(n, Some(17));
+    }
 
     fn head(extra: &[(&str, &str)]) -> Parts {
         let mut b = http::Request::builder().method("POST").uri("/x");

@@ -456,7 +456,8 @@ async fn relay_one_way(
             let n = match polled {
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Err(e),
-                // Drained: the readiness is cleared; drop the buffer and wait.
+                // Drained (the readiness is cleared), or this task's cooperative budget is spent
+                // and the read was refused before it was tried: see below.
                 Poll::Pending => break,
             };
             if n == 0 {
@@ -475,6 +476,11 @@ async fn relay_one_way(
                 buf.reserve(size);
             }
         }
+        drop(buf);
+        // `readable()` does not count against the budget: with it spent, the loop would find
+        // the socket readable and the read refused forever, at 100% CPU. Spending a unit here
+        // yields to the scheduler when none is left (which refills it) and costs nothing else.
+        tokio::task::coop::consume_budget().await;
     }
 }
 
@@ -492,6 +498,45 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Spends this task's cooperative budget, so its next tokio I/O poll is refused.
+    async fn spend_budget() {
+        while tokio::task::coop::has_budget_remaining() {
+            tokio::task::coop::consume_budget().await;
+        }
+    }
+
+    /// A relay that starts with its task's budget spent still moves the bytes (it once spun at
+    /// 100% CPU instead: the socket stayed readable while every read was refused).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spent_budget_does_not_stall_the_relay() {
+        let (la, lb) = (
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let mut client = TcpStream::connect(la.local_addr().unwrap()).await.unwrap();
+        let mut a = la.accept().await.unwrap().0;
+        let mut node = TcpStream::connect(lb.local_addr().unwrap()).await.unwrap();
+        let mut b = lb.accept().await.unwrap().0;
+        client.write_all(b"ping").await.unwrap();
+        client.shutdown().await.unwrap();
+        let relay = tokio::spawn(async move {
+            a.readable().await.unwrap();
+            spend_budget().await;
+            relay_tcp(&mut a, &mut b, None).await.unwrap()
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), node.read_to_end(&mut got))
+            .await
+            .expect("the relay never passed the bytes on")
+            .unwrap();
+        assert_eq!(got, b"ping");
+        node.shutdown().await.unwrap();
+        let moved =
+            tokio::time::timeout(Duration::from_secs(10), relay).await.expect("relay still running").unwrap();
+        assert_eq!(moved, (4, 0));
+    }
 
     #[test]
     fn v1_round_trip() {
