@@ -837,6 +837,20 @@ async fn cookies_split_by_an_h2_client_reach_an_http1_node_as_one_line() {
     assert_eq!(json(&body)["headers"]["cookie"], "a=1; b=2");
 }
 
+/// For hand-written nodes: reads until the end of a request head; false if the client left.
+async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// `nginx_config.http.send_timeout`: a client that stops reading a large response is cut off
 /// once a write to it has made no progress for that long, and the node's connection goes with it
 /// (instead of both being held until the client reads again). Checked on the HTTP/1.1 relay (a
@@ -854,13 +868,8 @@ async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
         while let Ok((mut s, _)) = l.accept().await {
             let broken = broken_tx.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut chunk = [0u8; 4096];
-                    match s.read(&mut chunk).await {
-                        Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
-                        _ => return,
-                    }
+                if !read_request_head(&mut s).await {
+                    return;
                 }
                 let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
                 if s.write_all(reply.as_bytes()).await.is_err() {
@@ -930,13 +939,8 @@ async fn a_download_that_never_pauses_arrives_whole() {
     let counter = sent.clone();
     tokio::spawn(async move {
         let Ok((mut s, _)) = l.accept().await else { return };
-        let mut head = Vec::new();
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let mut chunk = [0u8; 4096];
-            match s.read(&mut chunk).await {
-                Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
-                _ => return,
-            }
+        if !read_request_head(&mut s).await {
+            return;
         }
         let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
         let block = vec![b'x'; 64 << 10];

@@ -86,17 +86,19 @@ async fn tls_connect(
     (s, presented == want)
 }
 
+/// A gateway with one plain TCP listener and one stream route to `nodes`.
+fn one_tcp_route(nodes: &[SocketAddr], workers: usize) -> TestGateway {
+    TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!("stream_routes:\n  - id: s\n    upstream: {{scheme: tcp, nodes: {}}}\n", nodes_yaml(nodes)),
+        workers,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_relay_with_half_close_and_32_mib_byte_for_byte() {
     let echo = Echo::start().await;
-    let gw = TestGateway::start_with(
-        &stream_config(PLAIN),
-        &format!(
-            "stream_routes:\n  - id: s\n    upstream: {{scheme: tcp, nodes: {}}}\n",
-            nodes_yaml(&[echo.addr])
-        ),
-        2,
-    );
+    let gw = one_tcp_route(&[echo.addr], 2);
     // Half-close: the client's EOF reaches the node, whose answer still comes back.
     assert_eq!(round_trip(gw.stream(0), b"hello").await, b"hellobye");
 
@@ -132,14 +134,7 @@ async fn node_half_close_reaches_the_client_and_the_client_can_still_send() {
         s.read_to_end(&mut got).await.unwrap();
         got
     });
-    let gw = TestGateway::start_with(
-        &stream_config(PLAIN),
-        &format!(
-            "stream_routes:\n  - id: s\n    upstream: {{scheme: tcp, nodes: {}}}\n",
-            nodes_yaml(&[node_addr])
-        ),
-        1,
-    );
+    let gw = one_tcp_route(&[node_addr], 1);
     let mut c = TcpStream::connect(gw.stream(0)).await.unwrap();
     let mut greeting = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut greeting)).await.unwrap().unwrap();
@@ -170,14 +165,7 @@ async fn a_transfer_that_never_pauses_arrives_whole() {
             }
         }
     });
-    let gw = TestGateway::start_with(
-        &stream_config(PLAIN),
-        &format!(
-            "stream_routes:\n  - id: s\n    upstream: {{scheme: tcp, nodes: {}}}\n",
-            nodes_yaml(&[node_addr])
-        ),
-        1,
-    );
+    let gw = one_tcp_route(&[node_addr], 1);
     let mut c = TcpStream::connect(gw.stream(0)).await.unwrap();
     let block = vec![b'x'; 1 << 20];
     let send = async {
