@@ -368,8 +368,11 @@ async fn accept_loop(
                 let protocols = protocols.clone();
                 tokio::spawn(async move {
                     let mut stream = stream;
+                    // One client_header_timeout from the accept for the first request head,
+                    // however long telling the protocol apart took.
+                    let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
                     let proto = if http2 {
-                        sniff(&mut stream, shared.node.client_header_timeout).await
+                        sniff(&mut stream, deadline).await
                     } else {
                         Some((Proto::H1, bytes::BytesMut::new()))
                     };
@@ -377,7 +380,10 @@ async fn accept_loop(
                         Some((Proto::H1, read)) => {
                             // Boxed once the client has spoken: a silent connection keeps only
                             // the small sniffing state.
-                            Box::pin(serve_h1(stream, read, peer, local, shared, protocols, shutdown)).await
+                            Box::pin(serve_h1(
+                                stream, read, deadline, peer, local, shared, protocols, shutdown,
+                            ))
+                            .await
                         }
                         Some((Proto::H2, read)) => {
                             // Boxed too: otherwise the HTTP/2 state is part of every silent
@@ -478,9 +484,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Tells h2c prior knowledge from HTTP/1.1 by reading the first bytes (at most the preface);
 /// they are returned, to be served first. Nothing is allocated until the client sends something.
-/// `None` when the client closes or stays silent past `timeout`.
-async fn sniff(stream: &mut TcpStream, timeout: Duration) -> Option<(Proto, bytes::BytesMut)> {
-    let deadline = tokio::time::Instant::now() + timeout;
+/// `None` when the client closes or stays silent past `deadline`.
+async fn sniff(stream: &mut TcpStream, deadline: tokio::time::Instant) -> Option<(Proto, bytes::BytesMut)> {
     // At most the preface's length: the rest of the request is read by whoever serves it.
     let mut head = [0u8; H2_PREFACE.len()];
     let mut have = 0;
@@ -576,6 +581,7 @@ const FAST_HEAD_MAX: usize = 32 * 1024;
 async fn serve_h1(
     mut stream: TcpStream,
     read: bytes::BytesMut,
+    first_deadline: tokio::time::Instant,
     peer: SocketAddr,
     local: SocketAddr,
     shared: Arc<Shared>,
@@ -589,10 +595,11 @@ async fn serve_h1(
     let header_timeout = shared.node.client_header_timeout;
     // What the client sent while the protocol was being told apart comes first.
     let mut buf = read;
+    let mut first_deadline = Some(first_deadline);
     loop {
-        // A complete request head within client_header_timeout (idle time included), or the
-        // reason to hand over.
-        let deadline = tokio::time::Instant::now() + header_timeout;
+        // A complete request head within client_header_timeout (idle time included; for the
+        // first request, counted from the accept), or the reason to hand over.
+        let deadline = first_deadline.take().unwrap_or_else(|| tokio::time::Instant::now() + header_timeout);
         let parsed = loop {
             if !buf.is_empty() {
                 match strait_protocols::h1::parse_request(&buf) {

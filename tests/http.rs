@@ -706,6 +706,45 @@ async fn a_client_trickling_its_head_is_cut_off_at_the_header_timeout() {
     assert_eq!(b.requests(), 0);
 }
 
+/// The first request's head is timed from the connection's accept (nginx's rule), not from its
+/// first byte: a client silent for most of `client_header_timeout` (2 s here) that then trickles
+/// its head is cut off about 2 s after connecting, not 2 s after it began to send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_head_is_timed_from_the_accept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let s = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let start = Instant::now();
+    let (mut r, mut w) = s.into_split();
+    // The client's own pace: 1.5 s of silence, then a byte every 200 ms.
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        if w.write_all(b"GET / HTTP/1.1\r\nHost: h\r\nX-Slow: ").await.is_err() {
+            return;
+        }
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if w.write_all(b"a").await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(9), r.read_to_end(&mut out)).await;
+    let elapsed = start.elapsed();
+    writer.abort();
+    assert!(elapsed >= Duration::from_millis(1900), "cut off after {elapsed:?}, before the timeout");
+    assert!(
+        elapsed < Duration::from_millis(3000),
+        "kept for {elapsed:?} after connecting (header timeout 2 s)"
+    );
+    assert_eq!(b.requests(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_answer_to_head_has_no_body_and_the_connection_goes_on() {
     let dead = closed_port();
