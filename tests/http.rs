@@ -672,8 +672,11 @@ async fn a_body_that_never_completes_reaches_no_node() {
     assert_eq!(b.requests(), 0, "a request without its whole body is not sent");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_trickling_its_head_is_cut_off_at_the_header_timeout() {
+/// A client that stays silent for `silence`, then sends the start of a head and one more byte
+/// every 200 ms, never finishing it (the slow client is what is under test, so its pace is
+/// real time). Returns how long after connecting the gateway closed the connection, and how
+/// many requests reached the node.
+async fn trickle_a_head(silence: Duration) -> (Duration, usize) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = Backend::start("b").await;
     let gw = TestGateway::start(&format!(
@@ -681,10 +684,10 @@ async fn a_client_trickling_its_head_is_cut_off_at_the_header_timeout() {
         nodes_yaml(&[b.addr])
     ));
     let s = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (mut r, mut w) = s.into_split();
     let start = Instant::now();
-    // One byte every 200 ms: each read is quick, the head never completes.
+    let (mut r, mut w) = s.into_split();
     let writer = tokio::spawn(async move {
+        tokio::time::sleep(silence).await;
         if w.write_all(b"GET / HTTP/1.1\r\nHost: h\r\nX-Slow: ").await.is_err() {
             return;
         }
@@ -699,11 +702,18 @@ async fn a_client_trickling_its_head_is_cut_off_at_the_header_timeout() {
     let _ = tokio::time::timeout(Duration::from_secs(9), r.read_to_end(&mut out)).await;
     let elapsed = start.elapsed();
     writer.abort();
+    (elapsed, b.requests())
+}
+
+/// Each read is quick, the head never completes: cut off at the header timeout (2 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_its_head_is_cut_off_at_the_header_timeout() {
+    let (elapsed, requests) = trickle_a_head(Duration::ZERO).await;
     assert!(
         elapsed < Duration::from_secs(5),
         "a trickling client was kept for {elapsed:?} (header timeout 2 s)"
     );
-    assert_eq!(b.requests(), 0);
+    assert_eq!(requests, 0);
 }
 
 /// The first request's head is timed from the connection's accept (nginx's rule), not from its
@@ -711,38 +721,13 @@ async fn a_client_trickling_its_head_is_cut_off_at_the_header_timeout() {
 /// its head is cut off about 2 s after connecting, not 2 s after it began to send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_head_is_timed_from_the_accept() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let b = Backend::start("b").await;
-    let gw = TestGateway::start(&format!(
-        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
-        nodes_yaml(&[b.addr])
-    ));
-    let s = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let start = Instant::now();
-    let (mut r, mut w) = s.into_split();
-    // The client's own pace: 1.5 s of silence, then a byte every 200 ms.
-    let writer = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        if w.write_all(b"GET / HTTP/1.1\r\nHost: h\r\nX-Slow: ").await.is_err() {
-            return;
-        }
-        for _ in 0..50 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if w.write_all(b"a").await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(9), r.read_to_end(&mut out)).await;
-    let elapsed = start.elapsed();
-    writer.abort();
+    let (elapsed, requests) = trickle_a_head(Duration::from_millis(1500)).await;
     assert!(elapsed >= Duration::from_millis(1900), "cut off after {elapsed:?}, before the timeout");
     assert!(
         elapsed < Duration::from_millis(3000),
         "kept for {elapsed:?} after connecting (header timeout 2 s)"
     );
-    assert_eq!(b.requests(), 0);
+    assert_eq!(requests, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
