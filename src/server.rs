@@ -18,7 +18,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
 use strait_protocols::SendTimeout;
 use strait_protocols::http::{ForwardCtx, forward};
@@ -449,7 +449,7 @@ struct ConnCtx {
 /// HTTP/1.1 and HTTP/2 server settings of a worker, built once and shared by its connections.
 pub(crate) struct HttpProtocols {
     h1: hyper::server::conn::http1::Builder,
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    h2: strait_protocols::h2s::Settings,
 }
 
 impl HttpProtocols {
@@ -461,14 +461,7 @@ impl HttpProtocols {
             .max_header_size(32 * 1024)
             .writev(true)
             .keep_alive(true);
-        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .max_concurrent_streams(1024)
-            .max_header_list_size(64 * 1024)
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .keep_alive_interval(Duration::from_secs(60))
-            .keep_alive_timeout(Duration::from_secs(20));
+        let h2 = strait_protocols::h2s::Settings::new();
         Arc::new(HttpProtocols { h1, h2 })
     }
 }
@@ -525,43 +518,41 @@ async fn serve_http<IO>(
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     // A client that stops reading is cut off after `send_timeout` without progress.
     let io = SendTimeout::new(io, shared.node.send_timeout);
-    let ctx = Arc::new(ConnCtx { shared, peer, local, tls, client_ip, local_port_value });
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let ctx = ctx.clone();
-        // hyper's HTTP/1 dispatcher keeps the allocation that holds the in-flight service future
-        // for the life of the connection. The request's state (~7 KiB) therefore lives in a box of
-        // its own, freed when the request ends, so an idle keep-alive connection does not keep it.
-        let fut = Box::pin(async move { handle(req, &ctx).await });
-        async move { Ok::<_, Infallible>(fut.await) }
-    });
+    let ctx = ConnCtx { shared, peer, local, tls, client_ip, local_port_value };
     let result = match proto {
         Proto::H1 => {
+            let ctx = Arc::new(ctx);
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let ctx = ctx.clone();
+                // hyper's HTTP/1 dispatcher keeps the allocation that holds the in-flight service
+                // future for the life of the connection. The request's state (~7 KiB) therefore
+                // lives in a box of its own, freed when the request ends, so an idle keep-alive
+                // connection does not keep it.
+                let fut = Box::pin(async move { handle(req.map(ProxyBody::Incoming), &ctx).await });
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
             let mut conn = Box::pin(protocols.h1.serve_connection(TokioIo::new(io), svc).with_upgrades());
             let done = tokio::select! {
                 res = conn.as_mut() => Some(res),
                 _ = shutdown.wait_for(|s| *s) => None,
             };
             match done {
-                Some(res) => res,
+                Some(res) => res.map_err(|e| e.to_string()),
                 None => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    conn.await.map_err(|e| e.to_string())
                 }
             }
         }
         Proto::H2 => {
-            let mut conn = Box::pin(protocols.h2.serve_connection(TokioIo::new(io), svc));
-            let done = tokio::select! {
-                res = conn.as_mut() => Some(res),
-                _ = shutdown.wait_for(|s| *s) => None,
+            let stop = async move {
+                let _ = shutdown.wait_for(|s| *s).await;
             };
-            match done {
-                Some(res) => res,
-                None => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            // A request's state (a few KiB) is boxed once, where it is made; the stream's own future
+            // then moves only a pointer.
+            Box::pin(strait_protocols::h2s::serve(io, &protocols.h2, |req| Box::pin(handle(req, &ctx)), stop))
+                .await
+                .map_err(|e| e.to_string())
         }
     };
     if let Err(e) = result {
@@ -691,7 +682,7 @@ async fn serve_h1(
 }
 
 /// One request: route, then forward (or answer an error).
-async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
+async fn handle(req: Request<ProxyBody>, c: &ConnCtx) -> Response<ProxyBody> {
     let shared = &c.shared;
     shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     let is_grpc = grpc::is_grpc_request(req.headers());
@@ -703,7 +694,7 @@ async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
             None => {
                 shared.metrics.http_no_route.fetch_add(1, Ordering::Relaxed);
                 drop(state);
-                strait_protocols::http::drain_unread(ProxyBody::Incoming(body)).await;
+                strait_protocols::http::drain_unread(body).await;
                 return error_response(&ProxyError::NoRoute, is_grpc);
             }
             Some(r) => {
@@ -725,7 +716,7 @@ async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
         None
     };
     let Some(upstream) = &route.upstream else {
-        strait_protocols::http::drain_unread(ProxyBody::Incoming(body)).await;
+        strait_protocols::http::drain_unread(body).await;
         return error_response(&ProxyError::NoNode, is_grpc);
     };
     let ctx = ForwardCtx {
@@ -743,7 +734,7 @@ async fn handle(req: Request<Incoming>, c: &ConnCtx) -> Response<ProxyBody> {
     if let Some(t) = &route.transcode {
         return crate::transcode::handle(Request::from_parts(parts, body), t, upstream, &ctx).await;
     }
-    let req = Request::from_parts(parts, ProxyBody::Incoming(body));
+    let req = Request::from_parts(parts, body);
     match deadline {
         None => forward(req, &ctx, &**upstream).await,
         Some(d) => match tokio::time::timeout_at(d, forward(req, &ctx, &**upstream)).await {

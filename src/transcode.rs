@@ -24,7 +24,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use prost::Message;
 use prost_reflect::{
     DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor, SerializeOptions,
@@ -321,7 +320,7 @@ fn pairs_to_json(desc: &MessageDescriptor, pairs: &[(String, String)]) -> Result
 /// Builds the request message from the HTTP request (APISIX's rules).
 async fn input_message(
     t: &Transcoder,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
 ) -> Result<DynamicMessage, Response<ProxyBody>> {
     let desc = t.method.input();
     let (parts, body) = req.into_parts();
@@ -333,7 +332,7 @@ async fn input_message(
         .to_ascii_lowercase();
     let json_body =
         ct.contains("application/json") && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
-    let read_body = |body: Incoming| async move {
+    let read_body = |body: ProxyBody| async move {
         let limited = http_body_util::Limited::new(body, MAX_REQUEST_BODY);
         limited
             .collect()
@@ -364,7 +363,7 @@ async fn input_message(
 
 /// Serves one transcoded call.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     t: &Transcoder,
     upstream: &Upstream,
     ctx: &ForwardCtx<'_>,

@@ -1011,3 +1011,118 @@ async fn a_download_that_never_pauses_arrives_whole() {
     assert!(done.is_ok(), "download stalled after {total} bytes");
     assert!(total > BODY && total < BODY + 1024, "{total} bytes for a {BODY}-byte body");
 }
+
+/// h2c request and response bodies far beyond every flow-control window the gateway grants
+/// (1 MiB per stream, 4 MiB per connection) cross it whole, which needs the request's window
+/// given back as the node reads and the answer sent as the client's window opens; and an answer
+/// streams to the h2 client as the node sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_bodies_beyond_every_window_stream_both_ways() {
+    use http_body_util::BodyExt;
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let data: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let req = Request::post(format!("http://{}/echo", gw.http()))
+        .body(Full::new(Bytes::from(data.clone())))
+        .unwrap();
+    let (status, _, back, _) = send_h2(gw.http(), req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(back == data, "echoed body differs ({} bytes back)", back.len());
+
+    let stream = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let start = Instant::now();
+    let url = format!("http://{}/slow-body", gw.http());
+    let resp = sender.send_request(Request::get(url).body(body("")).unwrap()).await.unwrap();
+    let mut incoming = resp.into_body();
+    let first = incoming.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first;");
+    assert!(start.elapsed() < Duration::from_millis(250), "first chunk was held back: {:?}", start.elapsed());
+    let rest = incoming.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"second");
+}
+
+/// An HTTP/2 client that resets its stream (RST_STREAM CANCEL) while the node has not answered
+/// yet cancels the node exchange at once, not at the node's read timeout (60 s here), and the
+/// client's connection goes on serving its other streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_reset_by_the_client_cancels_the_node_exchange() {
+    use tokio::io::AsyncReadExt;
+    // A node that never answers and reports when the gateway hangs up on it.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if !read_request_head(&mut s).await {
+                    return;
+                }
+                let _ = tx.send("request");
+                let mut b = [0u8; 1024];
+                while matches!(s.read(&mut b).await, Ok(1..)) {}
+                let _ = tx.send("hung up");
+            });
+        }
+    });
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /hang\n    upstream:\n      nodes: {}\n  - uri: /*\n    upstream:\n      nodes: {}\n",
+        nodes_yaml(&[node]),
+        nodes_yaml(&[b.addr])
+    ));
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://{}/hang", gw.http())).body(()).unwrap();
+    let (answer, mut stream) = client.send_request(req, true).unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+    assert_eq!(next, Ok(Some("request")));
+    stream.send_reset(h2::Reason::CANCEL);
+    let next = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+    assert_eq!(next, Ok(Some("hung up")), "the node exchange outlived the client's reset");
+    drop(answer);
+
+    let mut client = client.ready().await.expect("the connection survives a reset stream");
+    let req = Request::get(format!("http://{}/after", gw.http())).body(()).unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// A request in flight on an h2c connection when the gateway is told to stop is still answered:
+/// the connection gets GOAWAY and closes only once its streams are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_request_in_flight_at_shutdown_is_answered() {
+    let b = Backend::start("b").await;
+    let mut gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let req = Request::get(format!("http://{}/delay/600", gw.http())).body(body("")).unwrap();
+    let call = tokio::spawn(send_h2(gw.http(), req));
+    let b_state = b.state.clone();
+    let arrived = eventually(Duration::from_secs(10), || {
+        let s = b_state.clone();
+        async move { s.requests.load(std::sync::atomic::Ordering::Relaxed) == 1 }
+    })
+    .await;
+    assert!(arrived, "the request never reached the node");
+    // Stopping joins the workers, so it runs off the test's runtime.
+    let stopped = tokio::task::spawn_blocking(move || gw.shutdown());
+    let (status, _, body, _) = tokio::time::timeout(Duration::from_secs(10), call).await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"b after 600ms");
+    stopped.await.unwrap();
+}

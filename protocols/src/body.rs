@@ -32,6 +32,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A body received from a client or node and forwarded as it arrives.
     Incoming(Incoming),
+    /// A request body received from an HTTP/2 client served by [`crate::h2s`].
+    H2(H2Body),
     /// A response body from a node, with read timeout and connection reuse.
     Upstream(Box<UpstreamBody>),
     /// Anything else.
@@ -71,6 +73,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::H2(b) => b.poll_frame(cx),
             ProxyBody::Upstream(b) => Pin::new(&mut **b).poll_frame(cx),
             ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
@@ -81,6 +84,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::H2(b) => b.is_end_stream(),
             ProxyBody::Upstream(b) => b.inner.is_end_stream(),
             ProxyBody::Boxed(b) => b.is_end_stream(),
         }
@@ -92,8 +96,61 @@ impl Body for ProxyBody {
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
             ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::H2(b) => b.size_hint(),
             ProxyBody::Upstream(b) => b.inner.size_hint(),
             ProxyBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A request body from an HTTP/2 client: DATA frames, then the trailers if any. The bytes of
+/// each frame are given back to the client's flow-control window as the frame is taken, so the
+/// client sends on as fast as the node reads.
+pub struct H2Body {
+    recv: h2::RecvStream,
+    /// `content-length` of the request, if it had one.
+    len: Option<u64>,
+    data_done: bool,
+}
+
+impl H2Body {
+    /// Wraps the receiving half of a client's stream.
+    pub fn new(recv: h2::RecvStream, content_length: Option<u64>) -> Self {
+        let data_done = recv.is_end_stream();
+        H2Body { recv, len: content_length, data_done }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let n = data.len();
+                    // A client's own window is never over 2^31 bytes, so this cannot fail.
+                    let _ = self.recv.flow_control().release_capacity(n);
+                    if let Some(left) = self.len.as_mut() {
+                        *left = left.saturating_sub(n as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.len {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod body;
 pub mod fxhash;
 pub mod grpc;
 pub mod h1;
+pub mod h2s;
 pub mod http;
 pub mod pool;
 pub mod respond;

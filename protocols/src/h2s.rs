@@ -1,0 +1,247 @@
+//! The HTTP/2 server side: client connections speaking h2 (h2c prior knowledge, or TLS with ALPN
+//! `h2`), served with the `h2` crate directly.
+//!
+//! Every stream of a connection runs inside the connection's own task, in a
+//! [`FuturesUnordered`], rather than in a task of its own as hyper's server does. When a node's
+//! answer arrives, the task that reads it is the one that writes the client's frames: no task is
+//! spawned per request and no second task is woken to flush.
+//!
+//! Per stream, as hyper does:
+//! * a client's `RST_STREAM` while the answer is pending, or while its body is sent, drops the
+//!   request (and so cancels the node exchange);
+//! * connection-specific headers are removed from the answer (RFC 9113 §8.2.2), and a body of
+//!   known length gets a `content-length` when it has none;
+//! * a body is sent only as the client's flow-control window opens, so a slow reader holds at
+//!   most `max_send_buffer_size` of it in memory;
+//! * a body that breaks mid-way resets the stream (`INTERNAL_ERROR`).
+//!
+//! Per connection: a PING every `keepalive_interval`; a client that does not answer within
+//! `keepalive_timeout` is disconnected. `shutdown` sends GOAWAY and lets the streams in flight
+//! finish.
+
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use h2::server::SendResponse;
+use h2::{Ping, Reason, SendStream};
+use http::header::{CONTENT_LENGTH, HeaderName};
+use http::{HeaderMap, Request, Response};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::body::{H2Body, ProxyBody};
+
+/// HTTP/2 settings of a listener, shared by its connections.
+pub struct Settings {
+    builder: h2::server::Builder,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+impl Settings {
+    /// Strait's HTTP/2 server settings: 1,024 concurrent streams, 64 KiB of request headers, a
+    /// 1 MiB stream and 4 MiB connection receive window, at most 400 KiB buffered per stream
+    /// towards a slow client, and a PING after 60 s answered within 20 s.
+    pub fn new() -> Self {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .max_concurrent_streams(1024)
+            .max_header_list_size(64 * 1024)
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .max_send_buffer_size(400 * 1024);
+        Settings {
+            builder,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves one client connection until it closes, fails, or `shutdown` completes and the streams
+/// in flight have ended. `service` answers one request; its futures may borrow from the caller.
+pub async fn serve<IO, F, Fut, S>(
+    io: IO,
+    settings: &Settings,
+    mut service: F,
+    shutdown: S,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Request<ProxyBody>) -> Fut,
+    Fut: Future<Output = Response<ProxyBody>>,
+    S: Future<Output = ()>,
+{
+    let mut conn = settings.builder.handshake::<_, Bytes>(io).await?;
+    let mut streams = FuturesUnordered::new();
+    let mut shutdown = pin!(shutdown);
+    let mut closing = false;
+    let mut pings = conn.ping_pong();
+    let mut awaiting_pong = false;
+    let mut timer = pin!(tokio::time::sleep(settings.keepalive_interval));
+    loop {
+        tokio::select! {
+            biased;
+            // Streams first: what they queue is written when the connection is polled below.
+            Some(()) = streams.next(), if !streams.is_empty() => {}
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let (parts, recv) = req.into_parts();
+                    let len = content_length(&parts.headers);
+                    let req = Request::from_parts(parts, ProxyBody::H2(H2Body::new(recv, len)));
+                    streams.push(answer(service(req), respond));
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+            () = &mut shutdown, if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = &mut timer => {
+                if awaiting_pong {
+                    tracing::debug!("HTTP/2 client did not answer a PING; closing");
+                    return Ok(());
+                }
+                let sent = pings.as_mut().is_some_and(|p| p.send_ping(Ping::opaque()).is_ok());
+                awaiting_pong = sent;
+                let wait = if sent { settings.keepalive_timeout } else { settings.keepalive_interval };
+                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+            }
+            _ = poll_fn(|cx| match pings.as_mut() {
+                Some(p) => p.poll_pong(cx),
+                None => Poll::Pending,
+            }), if awaiting_pong => {
+                awaiting_pong = false;
+                timer.as_mut().reset(tokio::time::Instant::now() + settings.keepalive_interval);
+            }
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Headers that only mean something on an HTTP/1.1 connection (RFC 9113 §8.2.2).
+static CONNECTION_SPECIFIC: [HeaderName; 6] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::TE,
+];
+
+/// Answers one stream: waits for the service (or the client's reset), sends the head, then the
+/// body.
+async fn answer<Fut>(service: Fut, mut respond: SendResponse<Bytes>)
+where
+    Fut: Future<Output = Response<ProxyBody>>,
+{
+    let resp = {
+        let mut service = pin!(service);
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = service.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            // Pending: a client that gave up cancels the request.
+            respond.poll_reset(cx).map(|_| None)
+        })
+        .await
+    };
+    let Some(resp) = resp else { return };
+    let (mut parts, body) = resp.into_parts();
+    if parts.headers.keys().any(|k| CONNECTION_SPECIFIC.contains(k)) {
+        crate::http::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(http::header::TE);
+    }
+    let end = body.is_end_stream();
+    if !end && let Some(n) = body.size_hint().exact() {
+        parts.headers.entry(CONTENT_LENGTH).or_insert_with(|| n.into());
+    }
+    let Ok(send) = respond.send_response(Response::from_parts(parts, ()), end) else { return };
+    if !end {
+        send_body(body, send).await;
+    }
+}
+
+/// Sends a response body as DATA frames (and trailers), as the client's window allows.
+async fn send_body(body: ProxyBody, mut send: SendStream<Bytes>) {
+    let mut body = pin!(body);
+    loop {
+        // Room to send (h2 buffers a frame beyond the window up to max_send_buffer_size), then
+        // the next frame; either way a reset by the client ends it.
+        let next = poll_fn(|cx| {
+            match poll_room(&mut send, cx) {
+                None => return Poll::Ready(None),
+                Some(false) => return Poll::Pending,
+                Some(true) => {}
+            }
+            match body.as_mut().poll_frame(cx) {
+                Poll::Ready(f) => Poll::Ready(Some(f)),
+                Poll::Pending => send.poll_reset(cx).map(|_| None),
+            }
+        })
+        .await;
+        let frame = match next {
+            Some(Some(Ok(frame))) => frame,
+            Some(None) => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(e))) => {
+                tracing::debug!(error = %e, "response body broke; resetting the stream");
+                send.send_reset(Reason::INTERNAL_ERROR);
+                return;
+            }
+            None => return,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                if send.send_data(data, end).is_err() || end {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = send.send_trailers(trailers);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Whether the stream may take more data now: `Some(true)` when it may, `Some(false)` while the
+/// window is shut (the task is woken when it opens), `None` when the stream is gone or reset.
+fn poll_room(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Option<bool> {
+    send.reserve_capacity(1);
+    loop {
+        if send.capacity() > 0 {
+            return Some(true);
+        }
+        match send.poll_capacity(cx) {
+            Poll::Ready(Some(Ok(0))) => {}
+            Poll::Ready(Some(Ok(_))) => return Some(true),
+            Poll::Ready(Some(Err(_)) | None) => return None,
+            Poll::Pending => break,
+        }
+    }
+    match send.poll_reset(cx) {
+        Poll::Ready(_) => None,
+        Poll::Pending => Some(false),
+    }
+}
