@@ -1126,3 +1126,28 @@ async fn an_h2c_request_in_flight_at_shutdown_is_answered() {
     assert_eq!(&body[..], b"b after 600ms");
     stopped.await.unwrap();
 }
+
+/// Answers to HTTP/2 clients whose body came whole with the node's head leave the node
+/// connection in the pool at once: 20 sequential h2c requests use one node connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_requests_reuse_one_pooled_node_connection() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start_with(
+        BASE_CONFIG,
+        &format!("routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n", nodes_yaml(&[b.addr])),
+        1,
+    );
+    for i in 0..20 {
+        let req = Request::get(format!("http://{}/size/{i}", gw.http())).body(body("")).unwrap();
+        let (status, headers, body, _) = send_h2(gw.http(), req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.len(), i, "body of /size/{i}");
+        assert_eq!(headers["content-length"], i.to_string());
+    }
+    assert_eq!(b.requests(), 20);
+    assert_eq!(
+        b.state.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "one pooled node connection for 20 sequential h2c requests"
+    );
+}

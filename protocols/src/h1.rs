@@ -936,6 +936,17 @@ pub(crate) async fn attempt(
         }
         return Ok(resp);
     }
+    // The whole body came with the head (the usual small answer): the exchange with the node is
+    // over, so its connection goes back to the pool now and the body is one frame.
+    if let Framing::Length(n) = parsed.framing
+        && buf.len() as u64 == n
+    {
+        if parsed.keepalive {
+            checkin(peer.addr, node, uses + 1, keepalive);
+        }
+        *resp.body_mut() = ProxyBody::full(buf.freeze());
+        return Ok(resp);
+    }
     let body = RawBody {
         addr: peer.addr,
         node: Some(node),

@@ -220,7 +220,9 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
                 }
             }
         } else {
-            match attempt_once(&mut out, &peer, ctx, settings, timeouts, upgrade.is_some()).await {
+            // Boxed: hyper's client state (~2.6 KiB) would otherwise be part of every request's,
+            // and be copied each time one starts.
+            match Box::pin(attempt_once(&mut out, &peer, ctx, settings, timeouts, upgrade.is_some())).await {
                 Ok(resp) => return Ok(finish_response(resp, peer, ctx, upgrade, timeouts)),
                 Err(fail) => (fail, peer),
             }
