@@ -494,6 +494,7 @@ const FRAMINGS: &[(&str, &[u8], bool)] = &[
     ("/until-close", b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close", true),
     ("/conn-lists-length", b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello", false),
     ("/hop", b"HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n", false),
+    ("/short", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", true),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -781,6 +782,20 @@ async fn h2c_clients_get_every_node_framing_decoded() {
     let (status, _, b, _) = send_h2(gw.http(), h2(http::Method::GET, "/length")).await;
     assert_eq!((status, &b[..]), (StatusCode::OK, &b"hello"[..]));
     assert_eq!(node.connections(), 2, "a close-delimited body is not followed on its connection");
+
+    // A node that breaks off mid-body: the client's stream is reset, not ended as if whole.
+    let stream = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(h2(http::Method::GET, "/short")).await.expect("head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let got = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(got.is_err(), "a body cut short arrived as complete: {:?}", got.map(|c| c.to_bytes()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -178,70 +178,74 @@ where
 }
 
 /// Sends a response body as DATA frames (and trailers), as the client's window allows.
+///
+/// The next frame is taken from the body before any window is claimed (as hyper does since its
+/// issue 4003): a claim made while the body has nothing to send would hold part of the
+/// connection's window that other streams may need. A frame in hand then waits for room, and
+/// h2 buffers it beyond the window up to `max_send_buffer_size`.
 async fn send_body(body: ProxyBody, mut send: SendStream<Bytes>) {
     let mut body = pin!(body);
-    loop {
-        // Room to send (h2 buffers a frame beyond the window up to max_send_buffer_size), then
-        // the next frame; either way a reset by the client ends it.
-        let next = poll_fn(|cx| {
-            match poll_room(&mut send, cx) {
-                None => return Poll::Ready(None),
-                Some(false) => return Poll::Pending,
-                Some(true) => {}
+    // A DATA frame taken from the body and waiting for room, with its end-of-stream flag.
+    let mut held: Option<(Bytes, bool)> = None;
+    poll_fn(|cx| {
+        loop {
+            // Registered on every wait, so a reset by the client wakes this stream.
+            if send.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
             }
-            match body.as_mut().poll_frame(cx) {
-                Poll::Ready(f) => Poll::Ready(Some(f)),
-                Poll::Pending => send.poll_reset(cx).map(|_| None),
-            }
-        })
-        .await;
-        let frame = match next {
-            Some(Some(Ok(frame))) => frame,
-            Some(None) => {
-                let _ = send.send_data(Bytes::new(), true);
-                return;
-            }
-            Some(Some(Err(e))) => {
-                tracing::debug!(error = %e, "response body broke; resetting the stream");
-                send.send_reset(Reason::INTERNAL_ERROR);
-                return;
-            }
-            None => return,
-        };
-        match frame.into_data() {
-            Ok(data) => {
-                let end = body.is_end_stream();
+            if let Some((data, end)) = held.take() {
+                while send.capacity() == 0 {
+                    match send.poll_capacity(cx) {
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                        Poll::Pending => {
+                            held = Some((data, end));
+                            return Poll::Pending;
+                        }
+                    }
+                }
                 if send.send_data(data, end).is_err() || end {
-                    return;
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            let frame = match body.as_mut().poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    let _ = send.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "response body broke; resetting the stream");
+                    send.send_reset(Reason::INTERNAL_ERROR);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    if data.is_empty() {
+                        // Needs no window.
+                        if send.send_data(data, end).is_err() || end {
+                            return Poll::Ready(());
+                        }
+                    } else {
+                        send.reserve_capacity(1);
+                        held = Some((data, end));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        // No more DATA: give back any window still claimed.
+                        send.reserve_capacity(0);
+                        let _ = send.send_trailers(trailers);
+                        return Poll::Ready(());
+                    }
+                    // Some other kind of frame: not for the client.
                 }
             }
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = send.send_trailers(trailers);
-                }
-                return;
-            }
         }
-    }
-}
-
-/// Whether the stream may take more data now: `Some(true)` when it may, `Some(false)` while the
-/// window is shut (the task is woken when it opens), `None` when the stream is gone or reset.
-fn poll_room(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Option<bool> {
-    send.reserve_capacity(1);
-    loop {
-        if send.capacity() > 0 {
-            return Some(true);
-        }
-        match send.poll_capacity(cx) {
-            Poll::Ready(Some(Ok(0))) => {}
-            Poll::Ready(Some(Ok(_))) => return Some(true),
-            Poll::Ready(Some(Err(_)) | None) => return None,
-            Poll::Pending => break,
-        }
-    }
-    match send.poll_reset(cx) {
-        Poll::Ready(_) => None,
-        Poll::Pending => Some(false),
-    }
+    })
+    .await
 }
