@@ -16,8 +16,9 @@
 //! * a body that breaks mid-way resets the stream (`INTERNAL_ERROR`).
 //!
 //! Per connection: a PING every `keepalive_interval`; a client that does not answer within
-//! `keepalive_timeout` is disconnected. `shutdown` sends GOAWAY and lets the streams in flight
-//! finish.
+//! `keepalive_timeout` is disconnected. A connection without an open stream for `idle_timeout`
+//! gets GOAWAY and closes, and so does every connection when `shutdown` completes; either way the
+//! streams in flight finish first.
 
 use std::future::{Future, poll_fn};
 use std::pin::pin;
@@ -41,13 +42,15 @@ pub struct Settings {
     builder: h2::server::Builder,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Settings {
     /// Strait's HTTP/2 server settings: 1,024 concurrent streams, 64 KiB of request headers, a
     /// 1 MiB stream and 4 MiB connection receive window, at most 400 KiB buffered per stream
-    /// towards a slow client, and a PING after 60 s answered within 20 s.
-    pub fn new() -> Self {
+    /// towards a slow client, and a PING after 60 s answered within 20 s. A connection without
+    /// an open stream for `idle_timeout` is closed.
+    pub fn new(idle_timeout: Duration) -> Self {
         let mut builder = h2::server::Builder::new();
         builder
             .max_concurrent_streams(1024)
@@ -59,13 +62,8 @@ impl Settings {
             builder,
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
+            idle_timeout,
         }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -90,11 +88,19 @@ where
     let mut pings = conn.ping_pong();
     let mut awaiting_pong = false;
     let mut timer = pin!(tokio::time::sleep(settings.keepalive_interval));
+    // When the last stream ended; the idle timer is moved on from it only when it fires, so a
+    // busy connection costs no timer update per request.
+    let mut idle_since = tokio::time::Instant::now();
+    let mut idle = pin!(tokio::time::sleep_until(idle_since + settings.idle_timeout));
     loop {
         tokio::select! {
             biased;
             // Streams first: what they queue is written when the connection is polled below.
-            Some(()) = streams.next(), if !streams.is_empty() => {}
+            Some(()) = streams.next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    idle_since = tokio::time::Instant::now();
+                }
+            }
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     let (parts, recv) = req.into_parts();
@@ -108,6 +114,17 @@ where
             () = &mut shutdown, if !closing => {
                 closing = true;
                 conn.graceful_shutdown();
+            }
+            () = &mut idle, if !closing => {
+                let deadline = idle_since + settings.idle_timeout;
+                if streams.is_empty() && deadline <= tokio::time::Instant::now() {
+                    tracing::debug!("HTTP/2 connection idle; closing");
+                    closing = true;
+                    conn.graceful_shutdown();
+                } else {
+                    let busy = tokio::time::Instant::now() + settings.idle_timeout;
+                    idle.as_mut().reset(if streams.is_empty() { deadline } else { busy });
+                }
             }
             () = &mut timer => {
                 if awaiting_pong {
