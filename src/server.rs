@@ -525,7 +525,7 @@ async fn serve_http<IO>(
             let svc = service_fn(move |req: Request<Incoming>| {
                 let ctx = ctx.clone();
                 // hyper's HTTP/1 dispatcher keeps the allocation that holds the in-flight service
-                // future for the life of the connection. The request's state (~7 KiB) therefore
+                // future for the life of the connection. The request's state (a few KiB) therefore
                 // lives in a box of its own, freed when the request ends, so an idle keep-alive
                 // connection does not keep it.
                 let fut = Box::pin(async move { handle(req.map(ProxyBody::Incoming), &ctx).await });

@@ -125,7 +125,7 @@ impl H2Body {
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let n = data.len();
-                    // A client's own window is never over 2^31 bytes, so this cannot fail.
+                    // Giving back exactly what was just received cannot fail.
                     let _ = self.recv.flow_control().release_capacity(n);
                     if let Some(left) = self.len.as_mut() {
                         *left = left.saturating_sub(n as u64);

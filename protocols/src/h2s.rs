@@ -181,8 +181,8 @@ where
     let Some(resp) = resp else { return };
     let (mut parts, body) = resp.into_parts();
     if parts.headers.keys().any(|k| CONNECTION_SPECIFIC.contains(k)) {
+        // (Removes TE too, and whatever a `Connection` header names.)
         crate::http::strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(http::header::TE);
     }
     let end = body.is_end_stream();
     if !end && let Some(n) = body.size_hint().exact() {
