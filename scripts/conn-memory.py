@@ -69,11 +69,62 @@ class Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def frame(kind, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def read_until_end_stream(s, stream):
+    """Reads frames until one on `stream` carries END_STREAM; acks the server's SETTINGS."""
+    buf = b""
+    while True:
+        while len(buf) >= 9:
+            n = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + n:
+                break
+            kind, flags, sid = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            buf = buf[9 + n:]
+            if kind == 4 and not flags & 1:
+                s.sendall(frame(4, 1, 0))
+            if sid == stream and kind in (0, 1) and flags & 1:
+                return
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("h2c connection closed before the answer")
+        buf += chunk
+
+
+def h2_idle_and_used(pid, port, n, base, keep):
+    """RSS per idle h2c connection, then after one GET on each (HPACK static table only)."""
+    h2 = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(PREFACE + frame(4, 0, 0))
+        h2.append(s)
+    keep.extend(h2)
+    idle = settle(pid)
+    print(f"h2c idle: {n} connections, RSS {base} -> {idle} KiB, "
+          f"{(idle - base) * 1024 / n:.0f} B per connection")
+    # :method GET, :scheme http, :path /, :authority x (literal, indexed name 1)
+    headers = bytes([0x82, 0x86, 0x84, 0x41, 0x01]) + b"x"
+    for s in h2:
+        s.settimeout(10)
+        s.sendall(frame(1, 0x5, 1, headers))
+        read_until_end_stream(s, 1)
+    used = settle(pid)
+    print(f"h2c after one request on each: RSS {idle} -> {used} KiB, "
+          f"{(used - idle) * 1024 / n:.0f} B more per connection")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--strait", default="target/release/strait")
     ap.add_argument("--n", type=int, default=10000, help="idle connections")
     ap.add_argument("--m", type=int, default=1000, help="connections that then send one request")
+    ap.add_argument("--h2", type=int, default=0,
+                    help="then also this many h2c connections (preface and SETTINGS, idle; then one GET each)")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -132,6 +183,8 @@ def main():
         used = settle(proc.pid)
         print(f"after one request on {args.m}: RSS {idle} -> {used} KiB, "
               f"{(used - idle) * 1024 / args.m:.0f} B more per used connection")
+        if args.h2:
+            h2_idle_and_used(proc.pid, port, args.h2, used, conns)
     finally:
         for s in conns:
             s.close()
