@@ -765,6 +765,9 @@ async fn h2c_clients_get_every_node_framing_decoded() {
     };
     let (status, headers, b, _) = send_h2(gw.http(), h2(http::Method::GET, "/length")).await;
     assert_eq!((status, &b[..], headers["x-node"].as_bytes()), (StatusCode::OK, &b"hello"[..], &b"s"[..]));
+    // The node sent no Date: the gateway's is added (IMF-fixdate, 29 characters, in GMT).
+    let date = headers.get("date").expect("a Date header").to_str().unwrap();
+    assert!(date.len() == 29 && date.ends_with(" GMT"), "{date}");
     let (status, headers, b, trailers) = send_h2(gw.http(), h2(http::Method::GET, "/chunked")).await;
     assert_eq!((status, &b[..]), (StatusCode::OK, &b"hello, world"[..]), "chunk framing is decoded");
     assert!(headers.get("transfer-encoding").is_none());

@@ -9,8 +9,9 @@
 //! Per stream, as hyper does:
 //! * a client's `RST_STREAM` while the answer is pending, or while its body is sent, drops the
 //!   request (and so cancels the node exchange);
-//! * connection-specific headers are removed from the answer (RFC 9113 §8.2.2), and a body of
-//!   known length gets a `content-length` when it has none;
+//! * connection-specific headers are removed from the answer (RFC 9113 §8.2.2), an answer
+//!   without `date` gets one, and a body of known length gets a `content-length` when it has
+//!   none;
 //! * a body is sent only as the client's flow-control window opens, so a slow reader holds at
 //!   most `max_send_buffer_size` of it in memory;
 //! * a body that breaks mid-way resets the stream (`INTERNAL_ERROR`).
@@ -183,6 +184,10 @@ where
     if parts.headers.keys().any(|k| CONNECTION_SPECIFIC.contains(k)) {
         // (Removes TE too, and whatever a `Connection` header names.)
         crate::http::strip_hop_by_hop(&mut parts.headers);
+    }
+    // As hyper's server did: the node's Date, or the gateway's (RFC 9110 §6.6.1).
+    if !parts.headers.contains_key(http::header::DATE) {
+        parts.headers.insert(http::header::DATE, crate::date::now());
     }
     let end = body.is_end_stream();
     if !end && let Some(n) = body.size_hint().exact() {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod date;
 pub mod fxhash;
 pub mod grpc;
 pub mod h1;
