@@ -520,6 +520,10 @@ async fn every_response_framing_is_relayed_on_one_client_connection() {
     };
     let (status, headers, b, _) = call(http::Method::GET, "/length").await;
     assert_eq!((status, &b[..], headers["x-node"].as_bytes()), (StatusCode::OK, &b"hello"[..], &b"s"[..]));
+    assert!(
+        headers.get("date").is_some_and(|d| d.len() == 29),
+        "the node sent no Date; the gateway adds one"
+    );
     let (status, _, b, trailers) = call(http::Method::GET, "/chunked").await;
     assert_eq!((status, &b[..]), (StatusCode::OK, &b"hello, world"[..]));
     assert_eq!(trailers.expect("trailers")["x-t"], "1", "trailers come through");

@@ -532,8 +532,10 @@ fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<P
     } else {
         map.reserve(resp.headers.len());
     }
+    let mut dated = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        dated |= name.eq_ignore_ascii_case(b"date");
         // The framing headers are decided below, whatever the node's Connection lists: dropping
         // them would leave the client with a body it cannot delimit.
         let framing_name =
@@ -567,6 +569,13 @@ fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<P
         }
     }
     if mode == HeadFor::Bytes {
+        // A node that sent no Date gets the gateway's (RFC 9110 §6.6.1), as hyper's server adds
+        // one; the general path's servers add theirs.
+        if !dated {
+            head.extend_from_slice(b"date: ");
+            head.extend_from_slice(crate::date::now().as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
         head.extend_from_slice(b"\r\n");
     }
     Ok(Some(ParsedHead { status, len, head, map, framing, keepalive }))
@@ -1153,7 +1162,9 @@ async fn answer_error<C: AsyncWrite + Unpin>(client: &mut C, err: &ProxyError, h
         head.extend_from_slice(v.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    head.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    head.extend_from_slice(b"date: ");
+    head.extend_from_slice(crate::date::now().as_bytes());
+    head.extend_from_slice(format!("\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes());
     let body = if head_only { &[][..] } else { &body[..] };
     match write_two(client, &head, body).await {
         Ok(()) => After::KeepAlive,
@@ -1493,16 +1504,23 @@ mod tests {
             .unwrap();
         assert_eq!(p.framing, Framing::Length(5));
         assert!(p.keepalive);
-        assert_eq!(String::from_utf8_lossy(&p.head), "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        // The node sent no Date: the gateway's is added.
+        let head = String::from_utf8_lossy(&p.head);
+        let date = head.strip_prefix("HTTP/1.1 200 OK\r\nContent-Length: 5\r\ndate: ").expect(&head);
+        assert!(date.len() == 29 + 4 && date.ends_with(" GMT\r\n\r\n"), "{head}");
         let p = parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nDate: d\r\nContent-Length: 9\r\n\r\n",
             false,
             HeadFor::Bytes,
         )
         .unwrap()
         .unwrap();
         assert_eq!(p.framing, Framing::Chunked, "Transfer-Encoding wins over Content-Length");
-        assert_eq!(String::from_utf8_lossy(&p.head), "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(
+            String::from_utf8_lossy(&p.head),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nDate: d\r\n\r\n",
+            "the node's Date is kept"
+        );
         let p = parse_response(b"HTTP/1.0 200 OK\r\n\r\n", false, HeadFor::Bytes).unwrap().unwrap();
         assert_eq!((p.framing, p.keepalive), (Framing::UntilClose, false));
         let p =
