@@ -103,11 +103,20 @@ async fn keepalive_pool_reuses_node_connections() {
         let (status, _, _) = get(gw.http(), "/x").await;
         assert_eq!(status, StatusCode::OK);
     }
-    assert_eq!(b.requests(), 20);
+    // Answers to h2c clients whose body came whole with the node's head leave the node
+    // connection in the pool at once, too.
+    for i in 0..20 {
+        let req = Request::get(format!("http://{}/size/{i}", gw.http())).body(body("")).unwrap();
+        let (status, headers, body, _) = send_h2(gw.http(), req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.len(), i, "body of /size/{i}");
+        assert_eq!(headers["content-length"], i.to_string());
+    }
+    assert_eq!(b.requests(), 40);
     assert_eq!(
         b.state.connections.load(std::sync::atomic::Ordering::Relaxed),
         1,
-        "one pooled connection for 20 sequential requests"
+        "one pooled connection for 20 sequential HTTP/1.1 requests, then 20 h2c ones"
     );
 }
 
@@ -135,13 +144,32 @@ async fn bodies_stream_both_ways_without_buffering() {
         .send_request(Request::get("/slow-body").header("host", "h").body(body("")).unwrap())
         .await
         .unwrap();
-    let mut incoming = resp.into_body();
+    slow_body_streams(resp, start).await;
+}
+
+/// `/slow-body` as it reaches the client: the first chunk before the node has sent the second
+/// (within 250 ms of `start`), then the rest.
+async fn slow_body_streams(resp: http::Response<hyper::body::Incoming>, start: Instant) {
     use http_body_util::BodyExt;
+    let mut incoming = resp.into_body();
     let first = incoming.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"first;");
     assert!(start.elapsed() < Duration::from_millis(250), "first chunk was held back: {:?}", start.elapsed());
     let rest = incoming.collect().await.unwrap().to_bytes();
     assert_eq!(&rest[..], b"second");
+}
+
+/// A hyper HTTP/2 (h2c) client connection to `addr`.
+async fn h2c_sender(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -791,14 +819,7 @@ async fn h2c_clients_get_every_node_framing_decoded() {
     assert_eq!(node.connections(), 2, "a close-delimited body is not followed on its connection");
 
     // A node that breaks off mid-body: the client's stream is reset, not ended as if whole.
-    let stream = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(gw.http()).await;
     // (The reset may overtake the head, which h2 then never sends: an error either way.)
     if let Ok(resp) = sender.send_request(h2(http::Method::GET, "/short")).await {
         assert_eq!(resp.status(), StatusCode::OK);
@@ -1042,7 +1063,6 @@ async fn a_download_that_never_pauses_arrives_whole() {
 /// streams to the h2 client as the node sends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_bodies_beyond_every_window_stream_both_ways() {
-    use http_body_util::BodyExt;
     let b = Backend::start("b").await;
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n",
@@ -1056,23 +1076,11 @@ async fn h2c_bodies_beyond_every_window_stream_both_ways() {
     assert_eq!(status, StatusCode::OK);
     assert!(back == data, "echoed body differs ({} bytes back)", back.len());
 
-    let stream = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(gw.http()).await;
     let start = Instant::now();
     let url = format!("http://{}/slow-body", gw.http());
     let resp = sender.send_request(Request::get(url).body(body("")).unwrap()).await.unwrap();
-    let mut incoming = resp.into_body();
-    let first = incoming.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(&first[..], b"first;");
-    assert!(start.elapsed() < Duration::from_millis(250), "first chunk was held back: {:?}", start.elapsed());
-    let rest = incoming.collect().await.unwrap().to_bytes();
-    assert_eq!(&rest[..], b"second");
+    slow_body_streams(resp, start).await;
 }
 
 /// An HTTP/2 client that resets its stream (RST_STREAM CANCEL) while the node has not answered
@@ -1149,31 +1157,6 @@ async fn an_h2c_request_in_flight_at_shutdown_is_answered() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&body[..], b"b after 600ms");
     stopped.await.unwrap();
-}
-
-/// Answers to HTTP/2 clients whose body came whole with the node's head leave the node
-/// connection in the pool at once: 20 sequential h2c requests use one node connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2c_requests_reuse_one_pooled_node_connection() {
-    let b = Backend::start("b").await;
-    let gw = TestGateway::start_with(
-        BASE_CONFIG,
-        &format!("routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n", nodes_yaml(&[b.addr])),
-        1,
-    );
-    for i in 0..20 {
-        let req = Request::get(format!("http://{}/size/{i}", gw.http())).body(body("")).unwrap();
-        let (status, headers, body, _) = send_h2(gw.http(), req).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body.len(), i, "body of /size/{i}");
-        assert_eq!(headers["content-length"], i.to_string());
-    }
-    assert_eq!(b.requests(), 20);
-    assert_eq!(
-        b.state.connections.load(std::sync::atomic::Ordering::Relaxed),
-        1,
-        "one pooled node connection for 20 sequential h2c requests"
-    );
 }
 
 /// `nginx_config.http.keepalive_timeout` closes an HTTP/2 connection that has had no open
