@@ -31,7 +31,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use h2::server::SendResponse;
 use h2::{Ping, Reason, SendStream};
-use http::header::{CONTENT_LENGTH, HeaderName};
+use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -152,16 +152,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// Headers that only mean something on an HTTP/1.1 connection (RFC 9113 §8.2.2).
-static CONNECTION_SPECIFIC: [HeaderName; 6] = [
-    http::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-    http::header::TE,
-];
-
 /// Answers one stream: waits for the service (or the client's reset), sends the head, then the
 /// body.
 async fn answer<Fut>(service: Fut, mut respond: SendResponse<Bytes>)
@@ -181,10 +171,8 @@ where
     };
     let Some(resp) = resp else { return };
     let (mut parts, body) = resp.into_parts();
-    if parts.headers.keys().any(|k| CONNECTION_SPECIFIC.contains(k)) {
-        // (Removes TE too, and whatever a `Connection` header names.)
-        crate::http::strip_hop_by_hop(&mut parts.headers);
-    }
+    // Connection-specific headers (RFC 9113 §8.2.2: TE, and whatever `Connection` names, too).
+    crate::http::strip_hop_by_hop(&mut parts.headers);
     // As hyper's server did: the node's Date, or the gateway's (RFC 9110 §6.6.1).
     if !parts.headers.contains_key(http::header::DATE) {
         parts.headers.insert(http::header::DATE, crate::date::now());
