@@ -920,6 +920,54 @@ async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
     true
 }
 
+/// A node that answers a request before reading its body, then drops the connection, leaves the
+/// gateway a pooled connection that dies only once it is next used. The next request goes over a
+/// fresh connection instead of failing with a 502, even with `retries: 0` and one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_that_died_under_its_last_request_is_replaced() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    // Every connection: read the head, answer at once, read nothing more, reset the connection
+    // a moment later (a server that does not linger to drain a body it did not want).
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let seen = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            seen.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                if !read_request_head(&mut s).await {
+                    return;
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    // 16 MiB: more than the socket buffers hold, so the gateway is still writing it to the node
+    // when the answer comes back and the node connection goes back to the pool.
+    let big =
+        Request::post("/up").header("host", "h").body(Full::new(Bytes::from(vec![b'x'; 16 << 20]))).unwrap();
+    let (status, _, body) = send(gw.http(), big).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    // The next request (with a body, so not the relay's own connections) takes that pooled
+    // connection while it is still busy; the reset then ends it under the waiting request.
+    let small = Request::post("/again")
+        .header("host", "h")
+        .body(Full::new(Bytes::from(vec![b'y'; 100 << 10])))
+        .unwrap();
+    let (status, _, body) = send(gw.http(), small).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "{}", String::from_utf8_lossy(&body));
+    assert_eq!(conns.load(Ordering::Relaxed), 2, "one fresh connection for the second request");
+}
+
 /// `nginx_config.http.send_timeout`: a client that stops reading a large response is cut off
 /// once a write to it has made no progress for that long, and the node's connection goes with it
 /// (instead of both being held until the client reads again). Checked on the HTTP/1.1 relay (a

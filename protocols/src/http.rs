@@ -411,113 +411,129 @@ async fn attempt_once(
         request_intact: intact,
     };
 
-    let sender = get_sender(&key, scheme, tls, timeouts, limits, websocket).await.map_err(|e| {
-        let outcome = if e.is_timeout() { Outcome::Timeout } else { Outcome::TcpFailure };
-        let err =
-            if e.is_timeout() { ProxyError::Timeout("connect") } else { ProxyError::Connect(e.to_string()) };
-        fail(err, outcome, true)
-    })?;
-
-    // Build the request for this node.
-    let mut parts = std::mem::replace(&mut out.parts, Request::new(()).into_parts().0);
-    let body = std::mem::replace(&mut out.body, ProxyBody::Empty);
-    let is_h2 = matches!(sender, Sender::H2(_));
-    if is_h2 {
-        parts.version = Version::HTTP_2;
-        parts.headers.remove(header::HOST);
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let uri_scheme = if scheme.is_tls() { "https" } else { "http" };
-        let authority = host.to_str().unwrap_or("localhost");
-        parts.uri = Uri::builder()
-            .scheme(uri_scheme)
-            .authority(authority)
-            .path_and_query(pq)
-            .build()
-            .unwrap_or_else(|_| Uri::from_static("/"));
-    } else {
-        parts.version = Version::HTTP_11;
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let pq = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-            parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-        }
-        parts.headers.insert(header::HOST, host);
-    }
-    let req = Request::from_parts(parts, body);
-
     let read_timeout = match ctx.deadline {
         Some(d) => timeouts.read.min(d.saturating_duration_since(tokio::time::Instant::now())),
         None => timeouts.read,
     };
     let deadline_bound = ctx.deadline.is_some() && read_timeout < timeouts.read;
-
-    let restore = |out: &mut Outgoing, req: Request<ProxyBody>| {
-        let (p, b) = req.into_parts();
-        out.parts = p;
-        out.body = b;
+    let timed_out = || {
+        let err = if deadline_bound { ProxyError::DeadlineExceeded } else { ProxyError::Timeout("read") };
+        fail(err, Outcome::Timeout, false)
     };
 
-    match sender {
-        Sender::H1(mut pooled) => {
-            if let Err(e) = pooled.sender.ready().await {
-                restore(out, req);
-                return Err(fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure, true));
+    // A kept-alive connection can turn out closed only once it is used: the node closed it
+    // while it sat in the pool, or right after its last answer (a node that answers before
+    // reading a request body, then closes, is common). When such a connection fails before
+    // the request left, the request goes once over a fresh connection to the same node; that
+    // is not the node failing, and needs no retry budget (hyper's legacy client does the same).
+    let mut reuse = true;
+    loop {
+        let (sender, reused) =
+            get_sender(&key, scheme, tls, timeouts, limits, websocket, reuse).await.map_err(|e| {
+                let outcome = if e.is_timeout() { Outcome::Timeout } else { Outcome::TcpFailure };
+                let err = if e.is_timeout() {
+                    ProxyError::Timeout("connect")
+                } else {
+                    ProxyError::Connect(e.to_string())
+                };
+                fail(err, outcome, true)
+            })?;
+        let stale = |e: ProxyError, outcome: Outcome| {
+            if reused { None } else { Some(fail(e, outcome, true)) }
+        };
+
+        // Build the request for this node.
+        let mut parts = std::mem::replace(&mut out.parts, Request::new(()).into_parts().0);
+        let body = std::mem::replace(&mut out.body, ProxyBody::Empty);
+        let is_h2 = matches!(sender, Sender::H2(_));
+        if is_h2 {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let uri_scheme = if scheme.is_tls() { "https" } else { "http" };
+            let authority = host.to_str().unwrap_or("localhost");
+            parts.uri = Uri::builder()
+                .scheme(uri_scheme)
+                .authority(authority)
+                .path_and_query(pq)
+                .build()
+                .unwrap_or_else(|_| Uri::from_static("/"));
+        } else {
+            parts.version = Version::HTTP_11;
+            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                let pq =
+                    parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+                parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
             }
-            pooled.uses += 1;
-            let fut = pooled.sender.try_send_request(req);
-            match tokio::time::timeout(read_timeout, fut).await {
-                Ok(Ok(resp)) => Ok((resp, Some(pooled), start)),
-                Ok(Err(mut e)) => {
-                    let intact = match e.take_message() {
-                        Some(r) => {
-                            restore(out, r);
-                            true
-                        }
-                        None => false,
-                    };
-                    let (err, outcome) = classify_send_error(&e.into_error());
-                    Err(fail(err, outcome, intact))
-                }
-                Err(_) => {
-                    let err = if deadline_bound {
-                        ProxyError::DeadlineExceeded
-                    } else {
-                        ProxyError::Timeout("read")
-                    };
-                    Err(fail(err, Outcome::Timeout, false))
-                }
-            }
+            parts.headers.insert(header::HOST, host.clone());
         }
-        Sender::H2(mut sender) => {
-            let ready = tokio::time::timeout(timeouts.send, sender.ready()).await;
-            if !matches!(ready, Ok(Ok(()))) {
-                restore(out, req);
-                return Err(fail(
-                    ProxyError::Connect("HTTP/2 connection not ready".into()),
-                    Outcome::TcpFailure,
-                    true,
-                ));
-            }
-            let fut = sender.try_send_request(req);
-            match tokio::time::timeout(read_timeout, fut).await {
-                Ok(Ok(resp)) => Ok((resp, None, start)),
-                Ok(Err(mut e)) => {
-                    let intact = match e.take_message() {
-                        Some(r) => {
-                            restore(out, r);
-                            true
+        let req = Request::from_parts(parts, body);
+
+        let restore = |out: &mut Outgoing, req: Request<ProxyBody>| {
+            let (p, b) = req.into_parts();
+            out.parts = p;
+            out.body = b;
+        };
+
+        match sender {
+            Sender::H1(mut pooled) => {
+                if let Err(e) = pooled.sender.ready().await {
+                    restore(out, req);
+                    match stale(ProxyError::Connect(e.to_string()), Outcome::TcpFailure) {
+                        Some(f) => return Err(f),
+                        None => {
+                            reuse = false;
+                            continue;
                         }
-                        None => false,
-                    };
-                    let (err, outcome) = classify_send_error(&e.into_error());
-                    Err(fail(err, outcome, intact))
+                    }
                 }
-                Err(_) => {
-                    let err = if deadline_bound {
-                        ProxyError::DeadlineExceeded
-                    } else {
-                        ProxyError::Timeout("read")
-                    };
-                    Err(fail(err, Outcome::Timeout, false))
+                pooled.uses += 1;
+                let fut = pooled.sender.try_send_request(req);
+                match tokio::time::timeout(read_timeout, fut).await {
+                    Ok(Ok(resp)) => return Ok((resp, Some(pooled), start)),
+                    Ok(Err(mut e)) => {
+                        let Some(r) = e.take_message() else {
+                            let (err, outcome) = classify_send_error(&e.into_error());
+                            return Err(fail(err, outcome, false));
+                        };
+                        restore(out, r);
+                        let (err, outcome) = classify_send_error(&e.into_error());
+                        match stale(err, outcome) {
+                            Some(f) => return Err(f),
+                            None => reuse = false,
+                        }
+                    }
+                    Err(_) => return Err(timed_out()),
+                }
+            }
+            Sender::H2(mut sender) => {
+                let ready = tokio::time::timeout(timeouts.send, sender.ready()).await;
+                if !matches!(ready, Ok(Ok(()))) {
+                    restore(out, req);
+                    // A shared connection that timed out getting ready is busy, not stale.
+                    let err = ProxyError::Connect("HTTP/2 connection not ready".into());
+                    if ready.is_err() || !reused {
+                        return Err(fail(err, Outcome::TcpFailure, true));
+                    }
+                    reuse = false;
+                    continue;
+                }
+                let fut = sender.try_send_request(req);
+                match tokio::time::timeout(read_timeout, fut).await {
+                    Ok(Ok(resp)) => return Ok((resp, None, start)),
+                    Ok(Err(mut e)) => {
+                        let Some(r) = e.take_message() else {
+                            let (err, outcome) = classify_send_error(&e.into_error());
+                            return Err(fail(err, outcome, false));
+                        };
+                        restore(out, r);
+                        let (err, outcome) = classify_send_error(&e.into_error());
+                        match stale(err, outcome) {
+                            Some(f) => return Err(f),
+                            None => reuse = false,
+                        }
+                    }
+                    Err(_) => return Err(timed_out()),
                 }
             }
         }
@@ -555,15 +571,20 @@ async fn get_sender(
     timeouts: Timeouts,
     limits: Limits,
     websocket: bool,
-) -> Result<Sender, ConnectError> {
+    reuse: bool,
+) -> Result<(Sender, bool), ConnectError> {
     let h2_capable = !websocket && matches!(scheme, Scheme::Grpc | Scheme::Grpcs | Scheme::Https);
-    if h2_capable && let Some(s) = pool::checkout_h2(key) {
-        return Ok(Sender::H2(s));
+    if reuse
+        && h2_capable
+        && let Some(s) = pool::checkout_h2(key)
+    {
+        return Ok((Sender::H2(s), true));
     }
-    if !matches!(scheme, Scheme::Grpc | Scheme::Grpcs)
+    if reuse
+        && !matches!(scheme, Scheme::Grpc | Scheme::Grpcs)
         && let Some(p) = pool::checkout_h1(key, limits)
     {
-        return Ok(Sender::H1(p));
+        return Ok((Sender::H1(p), true));
     }
     let tcp = connect_tcp(key.addr, timeouts.connect).await?;
     let stream = match (scheme.is_tls(), tls) {
@@ -594,7 +615,7 @@ async fn get_sender(
             let _ = conn.await;
         });
         pool::store_h2(key.clone(), sender.clone());
-        Ok(Sender::H2(sender))
+        Ok((Sender::H2(sender), false))
     } else {
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(256 * 1024)
@@ -604,7 +625,7 @@ async fn get_sender(
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        Ok(Sender::H1(Pooled::new(key.clone(), sender, limits)))
+        Ok((Sender::H1(Pooled::new(key.clone(), sender, limits)), false))
     }
 }
 
