@@ -57,8 +57,17 @@ impl Pooled {
     }
 
     /// Returns the connection to this worker's pool if it may be reused.
+    ///
+    /// Called once the response has ended. A connection that is not ready for the next request
+    /// then is still sending this request's body: the node answered before reading all of it.
+    /// hyper keeps such a connection in that state until the node reads the rest or the write
+    /// fails (hyper issue 4176), so a request handed to it would wait for that; it is dropped.
     pub fn release(self) {
-        if self.sender.is_closed() || self.uses >= self.limits.max_requests || self.limits.size == 0 {
+        if self.sender.is_closed()
+            || !self.sender.is_ready()
+            || self.uses >= self.limits.max_requests
+            || self.limits.size == 0
+        {
             return;
         }
         POOL.with(|p| {
