@@ -411,13 +411,31 @@ async fn accept_loop(
                 let protocols = protocols.clone();
                 tokio::spawn(async move {
                     let Some(acceptor) = acceptor else { return };
-                    let hs = tokio::time::timeout(shared.node.client_header_timeout, acceptor.accept(stream))
-                        .await;
+                    // The handshake and the first request head share one client_header_timeout,
+                    // counted from the accept.
+                    let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
+                    let hs = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
                     match hs {
                         Ok(Ok(tls)) => {
-                            let h2 = http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                            let proto = if h2 { Proto::H2 } else { Proto::H1 };
-                            serve_http(tls, proto, peer, local, true, shared, protocols, shutdown).await;
+                            if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                Box::pin(serve_http(
+                                    tls,
+                                    Proto::H2,
+                                    peer,
+                                    local,
+                                    true,
+                                    shared,
+                                    protocols,
+                                    shutdown,
+                                ))
+                                .await;
+                            } else {
+                                let read = bytes::BytesMut::new();
+                                Box::pin(serve_h1(
+                                    tls, read, deadline, peer, local, shared, protocols, shutdown,
+                                ))
+                                .await;
+                            }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -564,13 +582,38 @@ async fn serve_http<IO>(
 /// limit).
 const FAST_HEAD_MAX: usize = 32 * 1024;
 
-/// Serves a plain HTTP/1.1 connection: requests without a body, routed to plain `http`
-/// upstreams, go through the direct relay ([`strait_protocols::h1`]); the first request that
-/// needs more (a body, an upgrade, gRPC, transcoding, anything malformed) hands the connection,
-/// with the bytes already read, to hyper for the rest of its life.
+/// A client connection [`serve_h1`] can serve: plain TCP, or TLS over it.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether the client connection is TLS (`X-Forwarded-Proto`, routing).
+    const TLS: bool;
+    /// Ready once the client has sent something, so an idle connection can wait without a read
+    /// buffer; a stream that cannot tell (TLS, whose records are decrypted into a buffer of
+    /// its own anyway) is always ready and is read at once.
+    fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>>;
+}
+
+impl ClientStream for TcpStream {
+    const TLS: bool = false;
+    fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    const TLS: bool = true;
+    fn poll_idle(&self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Serves an HTTP/1.1 connection (plain, or TLS without h2 negotiated): requests without a
+/// body or with a small one, routed to plain `http` upstreams, go through the direct relay
+/// ([`strait_protocols::h1`]); the first request that needs more (a larger body, an upgrade,
+/// gRPC, transcoding, anything malformed) hands the connection, with the bytes already read, to
+/// hyper for the rest of its life.
 #[allow(clippy::too_many_arguments)]
-async fn serve_h1(
-    mut stream: TcpStream,
+async fn serve_h1<S: ClientStream>(
+    mut stream: S,
     read: bytes::BytesMut,
     first_deadline: tokio::time::Instant,
     peer: SocketAddr,
@@ -581,7 +624,7 @@ async fn serve_h1(
 ) {
     use bytes::Buf;
     use strait_protocols::h1::RequestHead;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     let header_timeout = shared.node.client_header_timeout;
     // What the client sent while the protocol was being told apart comes first.
@@ -602,7 +645,7 @@ async fn serve_h1(
                 // Idle between requests: hold no buffer.
                 buf = bytes::BytesMut::new();
                 let ready = tokio::select! {
-                    r = tokio::time::timeout_at(deadline, stream.readable()) => r,
+                    r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| stream.poll_idle(cx))) => r,
                     _ = shutdown.wait_for(|s| *s) => return,
                 };
                 if !matches!(ready, Ok(Ok(()))) {
@@ -626,7 +669,7 @@ async fn serve_h1(
         }
         let (route, key) = {
             let state = shared.state.load();
-            let view = RequestView::new(&parts, peer, local, false);
+            let view = RequestView::new(&parts, peer, local, S::TLS);
             let Some(route) = state.router.find(&view) else { break };
             let Some(up) = &route.upstream else { break };
             if route.transcode.is_some()
@@ -661,7 +704,7 @@ async fn serve_h1(
             local_port: local.port(),
             client_ip: client_ip.clone(),
             local_port_value: local_port_value.clone(),
-            downstream_tls: false,
+            downstream_tls: S::TLS,
             hash_key: &key,
             timeouts: route.spec.timeout,
             websocket: false,
@@ -674,11 +717,16 @@ async fn serve_h1(
         let after =
             Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await;
         if after == strait_protocols::h1::After::Close || *shutdown.borrow() {
+            if S::TLS {
+                // close_notify, so a client reading a body delimited by the close sees it end
+                // cleanly rather than cut off.
+                let _ = tokio::time::timeout(shared.node.send_timeout, stream.shutdown()).await;
+            }
             return;
         }
     }
     let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
-    serve_http(io, Proto::H1, peer, local, false, shared, protocols, shutdown).await;
+    serve_http(io, Proto::H1, peer, local, S::TLS, shared, protocols, shutdown).await;
 }
 
 /// One request: route, then forward (or answer an error).

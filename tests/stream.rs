@@ -5,10 +5,9 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use support::certs::{Ca, Leaf, yaml_block};
+use support::certs::{Ca, Leaf, client_tls, yaml_block};
 use support::servers::{Echo, ProxyRecorder, Redis, require_bin};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,19 +55,6 @@ async fn closed_without_data(addr: SocketAddr, msg: &[u8]) -> bool {
         Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
         Err(_) => false,
     }
-}
-
-fn client_tls(ca: &Ca) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in strait_protocols::tls::parse_certs(&ca.pem).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
 /// Connects with TLS and SNI `name`; returns the stream and whether the server presented `leaf`.

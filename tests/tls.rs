@@ -4,7 +4,7 @@
 mod support;
 
 use http::StatusCode;
-use support::certs::{Ca, yaml_block};
+use support::certs::{Ca, client_tls, yaml_block};
 use support::*;
 
 fn tls_config() -> String {
@@ -136,4 +136,100 @@ async fn https_upstream_with_verification_and_client_certificate() {
         "the node requires a client certificate"
     );
     assert_eq!(get(gw.http(), "/wrongname").await.0, StatusCode::BAD_GATEWAY, "verification checks the name");
+}
+
+/// HTTP/1.1 over TLS takes the same direct relay as plain HTTP/1.1: several requests on one
+/// kept-alive TLS connection (one without a body, one with a small body), and an answer whose
+/// body ends with the node's close arrives whole, the TLS session closed cleanly (close_notify:
+/// a client would otherwise have to treat the body as cut off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_over_tls_is_relayed_with_keepalive_and_a_clean_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::new("test-ca");
+    let leaf = ca.leaf(&["api.example.com"]);
+    let b = Backend::start("b").await;
+    // A node whose answer has no length: its body ends where the node closes.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closing = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let _ =
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end").await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let gw = TestGateway::start_with(
+        &tls_config(),
+        &format!(
+            "ssls:\n  - id: api\n    snis: [api.example.com]\n    cert: {}    key: {}routes:\n  - uri: /closing\n    upstream: {{nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+            yaml_block(&leaf.cert, 6),
+            yaml_block(&leaf.key, 6),
+            nodes_yaml(&[closing]),
+            nodes_yaml(&[b.addr])
+        ),
+        1,
+    );
+    let port = gw.tls().port();
+    let resolve = format!("api.example.com:{port}:127.0.0.1");
+    let base = format!("https://api.example.com:{port}");
+    let ca_path = ca_file.to_str().unwrap();
+    // Two GETs and a POST on one connection (curl reuses it for the URLs of one call).
+    let (ok, out, err) = curl(&[
+        "-f",
+        "-v",
+        "--http1.1",
+        "--cacert",
+        ca_path,
+        "--resolve",
+        &resolve,
+        &format!("{base}/one"),
+        &format!("{base}/two"),
+        "--next",
+        "--http1.1",
+        "--cacert",
+        ca_path,
+        "--resolve",
+        &resolve,
+        "-d",
+        "small body",
+        &format!("{base}/three"),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(err.matches("Re-using existing connection").count(), 2, "one TLS connection: {err}");
+    let answers: Vec<serde_json::Value> =
+        serde_json::Deserializer::from_str(&out).into_iter().map(|v| v.unwrap()).collect();
+    assert_eq!(answers.len(), 3, "{out}");
+    for (a, (method, uri)) in answers.iter().zip([("GET", "/one"), ("GET", "/two"), ("POST", "/three")]) {
+        assert_eq!((a["method"].as_str(), a["uri"].as_str()), (Some(method), Some(uri)));
+        assert_eq!(a["headers"]["x-forwarded-proto"], "https");
+    }
+    assert_eq!(b.requests(), 3);
+
+    // rustls reports a close without close_notify as an error (UnexpectedEof).
+    let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    let mut tls = client_tls(&ca).connect(name, tcp).await.expect("TLS handshake");
+    tls.write_all(b"GET /closing HTTP/1.1\r\nhost: api.example.com\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "the body delimited by the close must end cleanly: {read:?} after {text}"
+    );
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\nuntil the end"), "{text}");
 }

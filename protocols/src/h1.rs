@@ -654,7 +654,7 @@ async fn relay_body<C: AsyncWrite + Unpin>(
         if done {
             *peer = None;
         }
-        client.write_all(&buf[..n]).await.map_err(|_| Broken::Client)?;
+        write_two(client, &[], &buf[..n]).await.map_err(|_| Broken::Client)?;
         left -= (n as u64).min(left);
         buf.advance(n);
         finished = done;
@@ -674,7 +674,9 @@ enum Broken {
     Client,
 }
 
-/// Writes `a` then `b` with as few syscalls as the socket allows.
+/// Writes `a` then `b` with as few syscalls as the socket allows, and flushes: a TLS stream may
+/// accept bytes into its own buffer without sending them, and the relay may next wait for the
+/// node or the client (for plain TCP the flush does nothing).
 async fn write_two<C: AsyncWrite + Unpin>(s: &mut C, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
     while !a.is_empty() {
         let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
@@ -689,7 +691,8 @@ async fn write_two<C: AsyncWrite + Unpin>(s: &mut C, mut a: &[u8], mut b: &[u8])
             a = &[];
         }
     }
-    s.write_all(b).await
+    s.write_all(b).await?;
+    s.flush().await
 }
 
 /// Finds where a chunked body ends, across reads (RFC 9112 section 7.1).

@@ -50,3 +50,19 @@ pub fn yaml_block(pem: &str, spaces: usize) -> String {
     }
     out
 }
+
+/// A TLS client that trusts only `ca`.
+pub fn client_tls(ca: &Ca) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in strait_protocols::tls::parse_certs(&ca.pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+}
