@@ -656,9 +656,24 @@ async fn serve_h1<S: ClientStream>(
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(4096);
             }
-            match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                Ok(Ok(_)) => {}
+            let idle = buf.is_empty();
+            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf));
+            // A stream that cannot wait without a buffer (TLS) waits here: a stop ends it too.
+            let got = if idle && S::TLS {
+                tokio::select! {
+                    r = read => Some(r),
+                    _ = shutdown.wait_for(|s| *s) => None,
+                }
+            } else {
+                Some(read.await)
+            };
+            match got {
+                Some(Ok(Ok(1..))) => {}
+                Some(_) => return,
+                None => {
+                    let _ = tokio::time::timeout(shared.node.send_timeout, stream.shutdown()).await;
+                    return;
+                }
             }
         };
         let Some(parsed) = parsed else { break };

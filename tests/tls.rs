@@ -232,4 +232,22 @@ async fn http1_over_tls_is_relayed_with_keepalive_and_a_clean_close() {
     );
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("\r\n\r\nuntil the end"), "{text}");
+
+    // An idle kept-alive TLS connection is closed (with close_notify) when the gateway stops,
+    // not held until the drain deadline.
+    let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    let mut tls = client_tls(&ca).connect(name, tcp).await.expect("TLS handshake");
+    tls.write_all(b"GET /idle HTTP/1.1\r\nhost: api.example.com\r\n\r\n").await.unwrap();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let n = tls.read(&mut chunk).await.unwrap();
+    assert!(String::from_utf8_lossy(&chunk[..n]).starts_with("HTTP/1.1 200"));
+    let mut gw = gw;
+    let start = std::time::Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || gw.shutdown());
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(3), "closed after {:?}", start.elapsed());
+    stopped.await.unwrap();
 }
