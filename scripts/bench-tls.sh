@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# HTTP/1.1 over TLS through Strait, nginx and HAProxy, interleaved, with the pinning of the shared
+# harness (../shared/bench: proxy on CPU 1, origin and wrk on CPU 0, one worker each), which has
+# no TLS scenario. Prints the median req/s and p99 of each proxy for a 13-byte and a 64 KiB
+# answer, and Strait's ratio to the best peer.
+#
+#   cargo build --release && scripts/bench-tls.sh            # 3 rounds of 5 s
+#   ROUNDS=5 DUR=5 scripts/bench-tls.sh
+#
+# Needs what ../shared/bench/setup.sh installs (wrk, nginx, haproxy, the origin server) and
+# openssl. TLS 1.3 with a P-256 certificate for every proxy; keep-alive on both sides.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+STRAIT_BIN=${STRAIT_BIN:-$ROOT/target/release/strait}
+BACKEND_BIN=${BACKEND_BIN:-$ROOT/../shared/bench/backend/target/release/bench-backend}
+ROUNDS=${ROUNDS:-3}
+DUR=${DUR:-5}
+PORT=${PORT:-19443}
+ORIGIN=${ORIGIN:-127.0.0.1:18080}
+
+for tool in wrk nginx haproxy openssl curl taskset; do
+    command -v "$tool" >/dev/null || [[ -x /usr/sbin/$tool ]] || { echo "missing: $tool (run ../shared/bench/setup.sh)"; exit 1; }
+done
+[[ -x $STRAIT_BIN ]] || { echo "missing: $STRAIT_BIN (cargo build --release)"; exit 1; }
+[[ -x $BACKEND_BIN ]] || { echo "missing: $BACKEND_BIN (run ../shared/bench/setup.sh)"; exit 1; }
+
+DIR=$(mktemp -d /tmp/strait-bench-tls.XXXXXX)
+PIDS=()
+PROXY_PID=
+cleanup() {
+    for p in "${PIDS[@]}" $PROXY_PID; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+    -keyout "$DIR/key.pem" -out "$DIR/cert.pem" -subj "/CN=localhost" \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+cat "$DIR/cert.pem" "$DIR/key.pem" > "$DIR/both.pem"
+
+# Strait: APISIX-format config, the certificate as an `ssls` resource.
+mkdir -p "$DIR/strait/conf"
+cat > "$DIR/strait/conf/config.yaml" <<EOF
+apisix:
+  node_listen:
+    - ip: 127.0.0.1
+      port: $((PORT + 1))
+  enable_control: false
+  ssl:
+    enable: true
+    fallback_sni: localhost
+    listen:
+      - ip: 127.0.0.1
+        port: $PORT
+deployment:
+  role: data_plane
+  role_data_plane:
+    config_provider: yaml
+EOF
+{
+    echo "ssls:"
+    echo "  - id: bench"
+    echo "    snis: [localhost]"
+    echo "    cert: |"
+    sed 's/^/      /' "$DIR/cert.pem"
+    echo "    key: |"
+    sed 's/^/      /' "$DIR/key.pem"
+    cat <<EOF
+upstreams:
+  - id: up
+    nodes:
+      "$ORIGIN": 1
+    keepalive_pool: {size: 256, idle_timeout: 60, requests: 1000000}
+routes:
+  - uri: /*
+    upstream_id: up
+#END
+EOF
+} > "$DIR/strait/conf/apisix.yaml"
+
+mkdir -p "$DIR/nginx/tmp"
+cat > "$DIR/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $DIR/nginx/nginx.pid;
+error_log $DIR/nginx/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $DIR/nginx/tmp;
+    proxy_temp_path $DIR/nginx/tmp;
+    fastcgi_temp_path $DIR/nginx/tmp;
+    uwsgi_temp_path $DIR/nginx/tmp;
+    scgi_temp_path $DIR/nginx/tmp;
+    keepalive_requests 1000000;
+    upstream up { server $ORIGIN; keepalive 256; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$PORT ssl backlog=4096;
+        ssl_certificate $DIR/cert.pem;
+        ssl_certificate_key $DIR/key.pem;
+        ssl_protocols TLSv1.3;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffer_size 16k;
+            proxy_buffers 8 16k;
+            proxy_max_temp_file_size 0;
+        }
+    }
+}
+EOF
+
+cat > "$DIR/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 8000
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse safe
+frontend fe
+    bind 127.0.0.1:$PORT ssl crt $DIR/both.pem alpn http/1.1
+    default_backend be
+backend be
+    server s1 $ORIGIN
+EOF
+
+start_proxy() {
+    case $1 in
+        strait) taskset -c 1 "$STRAIT_BIN" run -c "$DIR/strait/conf/config.yaml" --workers 1 >"$DIR/proxy.log" 2>&1 & ;;
+        nginx) taskset -c 1 "$(command -v nginx || echo /usr/sbin/nginx)" -p "$DIR/nginx" -e "$DIR/nginx/error.log" \
+            -c "$DIR/nginx/nginx.conf" -g 'daemon off;' >"$DIR/proxy.log" 2>&1 & ;;
+        haproxy) taskset -c 1 "$(command -v haproxy || echo /usr/sbin/haproxy)" -db -f "$DIR/haproxy.cfg" \
+            >"$DIR/proxy.log" 2>&1 & ;;
+    esac
+    PROXY_PID=$!
+    for _ in $(seq 1 200); do
+        curl -sk -o /dev/null "https://127.0.0.1:$PORT/hello" && return 0
+        sleep 0.05
+    done
+    echo "$1 did not come up:"; cat "$DIR/proxy.log"; return 1
+}
+
+taskset -c 0 "$BACKEND_BIN" --http "$ORIGIN" --workers 1 >"$DIR/backend.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 200); do curl -s -o /dev/null "http://$ORIGIN/hello" && break; sleep 0.05; done
+
+PROXIES=(nginx haproxy strait)
+: > "$DIR/rows"
+for path in /hello /size/65536; do
+    for r in $(seq 1 "$ROUNDS"); do
+        for p in "${PROXIES[@]}"; do
+            start_proxy "$p"
+            url="https://127.0.0.1:$PORT$path"
+            taskset -c 0 wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1
+            out=$(taskset -c 0 wrk -t1 -c64 -d"${DUR}s" --latency "$url" 2>&1)
+            kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
+            PROXY_PID=
+            rate=$(awk '/Requests\/sec/{print $2}' <<<"$out")
+            p99=$(awk '/ 99%/{print $2}' <<<"$out")
+            errors=$(awk '/Non-2xx|Socket errors/{print}' <<<"$out")
+            echo "$path $p $r $rate $p99 ${errors:+($errors)}"
+            echo "$path $p $rate $p99" >> "$DIR/rows"
+        done
+    done
+done
+
+python3 - "$DIR/rows" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+def ms(v):
+    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    return float(v)
+print("\npath          proxy     req/s (median)  p99 ms (median)")
+for path in dict.fromkeys(r[0] for r in rows):
+    med = {}
+    for proxy in dict.fromkeys(r[1] for r in rows):
+        sel = [r for r in rows if r[0] == path and r[1] == proxy]
+        med[proxy] = (statistics.median(float(r[2]) for r in sel), statistics.median(ms(r[3]) for r in sel))
+        print(f"{path:<13} {proxy:<9} {med[proxy][0]:>14.0f}  {med[proxy][1]:>15.2f}")
+    best = max((p for p in med if p != "strait"), key=lambda p: med[p][0])
+    print(f"{path:<13} strait / best peer ({best}): {med['strait'][0] / med[best][0]:.2f}\n")
+EOF
