@@ -7,7 +7,7 @@ connection; then sends one request on M of them (keep-alive) and reports the gro
 connection. Everything is on 127.0.0.1 with ports chosen by the kernel; the script ends only the
 processes it started.
 
-    cargo build --release && python3 scripts/conn-memory.py [--n 10000] [--m 1000]
+    cargo build --release && python3 scripts/conn-memory.py [--n 10000] [--m 1000] [--h2 K] [--tls K]
 """
 
 import argparse
@@ -15,6 +15,7 @@ import http.server
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,33 @@ def h2_idle_and_used(pid, port, n, base, keep):
           f"{(used - idle) * 1024 / n:.0f} B more per connection")
 
 
+def tls_idle_and_used(pid, port, n, base, keep):
+    """RSS per idle HTTP/1.1-over-TLS connection (handshake done), then after one GET on each."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    conns = []
+    for _ in range(n):
+        conns.append(ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"))
+    keep.extend(conns)
+    idle = settle(pid)
+    print(f"TLS idle: {n} connections, RSS {base} -> {idle} KiB, "
+          f"{(idle - base) * 1024 / n:.0f} B per connection")
+    for s in conns:
+        s.settimeout(10)
+        s.sendall(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+        got = b""
+        while not got.endswith(b"Hello, World!"):
+            chunk = s.recv(4096)
+            if not chunk:
+                sys.exit("TLS connection closed before the answer")
+            got += chunk
+    used = settle(pid)
+    print(f"TLS after one request on each: RSS {idle} -> {used} KiB, "
+          f"{(used - idle) * 1024 / n:.0f} B more per connection")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--strait", default="target/release/strait")
@@ -125,6 +153,8 @@ def main():
     ap.add_argument("--m", type=int, default=1000, help="connections that then send one request")
     ap.add_argument("--h2", type=int, default=0,
                     help="then also this many h2c connections (preface and SETTINGS, idle; then one GET each)")
+    ap.add_argument("--tls", type=int, default=0,
+                    help="then also this many HTTP/1.1 connections over TLS (idle after the handshake; then one GET each)")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -136,15 +166,28 @@ def main():
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     port = free_port()
     conf = tempfile.mkdtemp(prefix="strait-mem-")
+    tls_port = free_port()
+    ssl_conf, ssls = "", ""
+    if args.tls:
+        key, cert = os.path.join(conf, "key.pem"), os.path.join(conf, "cert.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-days", "1", "-keyout", key, "-out", cert, "-subj", "/CN=localhost"],
+            check=True, capture_output=True,
+        )
+        ssl_conf = ("  ssl:\n    enable: true\n    fallback_sni: localhost\n"
+                    "    listen:\n      - ip: 127.0.0.1\n        port: %d\n" % tls_port)
+        indent = lambda path: "".join("      " + line for line in open(path))
+        ssls = "ssls:\n  - snis: [localhost]\n    cert: |\n%s    key: |\n%s" % (indent(cert), indent(key))
     with open(os.path.join(conf, "config.yaml"), "w") as f:
         f.write(
-            "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: %d\n"
-            "deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n" % port
+            "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: %d\n%s"
+            "deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n" % (port, ssl_conf)
         )
     with open(os.path.join(conf, "apisix.yaml"), "w") as f:
         f.write(
-            'routes:\n  - uri: "/*"\n    upstream:\n      nodes:\n        "127.0.0.1:%d": 1\n#END\n'
-            % backend.server_address[1]
+            '%sroutes:\n  - uri: "/*"\n    upstream:\n      nodes:\n        "127.0.0.1:%d": 1\n#END\n'
+            % (ssls, backend.server_address[1])
         )
     proc = subprocess.Popen(
         [args.strait, "run", "-c", os.path.join(conf, "config.yaml"), "--workers", "1"],
@@ -185,6 +228,9 @@ def main():
               f"{(used - idle) * 1024 / args.m:.0f} B more per used connection")
         if args.h2:
             h2_idle_and_used(proc.pid, port, args.h2, used, conns)
+            used = settle(proc.pid)
+        if args.tls:
+            tls_idle_and_used(proc.pid, tls_port, args.tls, used, conns)
     finally:
         for s in conns:
             s.close()
