@@ -586,9 +586,8 @@ const FAST_HEAD_MAX: usize = 32 * 1024;
 trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Whether the client connection is TLS (`X-Forwarded-Proto`, routing).
     const TLS: bool;
-    /// Ready once the client has sent something, so an idle connection can wait without a read
-    /// buffer; a stream that cannot tell (TLS, whose records are decrypted into a buffer of
-    /// its own anyway) is always ready and is read at once.
+    /// Ready once the client has sent something (or the stream holds bytes already received),
+    /// so an idle connection can wait without a read buffer.
     fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>>;
 }
 
@@ -601,8 +600,11 @@ impl ClientStream for TcpStream {
 
 impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
     const TLS: bool = true;
-    fn poll_idle(&self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+    fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        let (tcp, tls) = self.get_ref();
+        // rustls wants no more bytes while it holds decrypted ones (or the client's
+        // close_notify): those are read at once. Otherwise the socket says when records come.
+        if tls.wants_read() { tcp.poll_read_ready(cx) } else { std::task::Poll::Ready(Ok(())) }
     }
 }
 
@@ -645,8 +647,14 @@ async fn serve_h1<S: ClientStream>(
                 // Idle between requests: hold no buffer.
                 buf = bytes::BytesMut::new();
                 let ready = tokio::select! {
-                    r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| stream.poll_idle(cx))) => r,
-                    _ = shutdown.wait_for(|s| *s) => return,
+                    r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| stream.poll_idle(cx))) => Some(r),
+                    _ = shutdown.wait_for(|s| *s) => None,
+                };
+                let Some(ready) = ready else {
+                    if S::TLS {
+                        let _ = tokio::time::timeout(shared.node.send_timeout, stream.shutdown()).await;
+                    }
+                    return;
                 };
                 if !matches!(ready, Ok(Ok(()))) {
                     return;
@@ -658,7 +666,8 @@ async fn serve_h1<S: ClientStream>(
             }
             let idle = buf.is_empty();
             let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf));
-            // A stream that cannot wait without a buffer (TLS) waits here: a stop ends it too.
+            // A TLS record can arrive in pieces: the wait for the rest of one is ended by a stop
+            // too.
             let got = if idle && S::TLS {
                 tokio::select! {
                     r = read => Some(r),
