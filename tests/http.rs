@@ -112,6 +112,16 @@ async fn keepalive_pool_reuses_node_connections() {
         assert_eq!(body.len(), i, "body of /size/{i}");
         assert_eq!(headers["content-length"], i.to_string());
     }
+    // Small bodies from h2c clients are read whole and sent with their head over the same
+    // node connection.
+    for i in 0..20 {
+        let data = Bytes::from(vec![b'a' + i as u8; 1000 + i]);
+        let req = Request::post(format!("http://{}/echo", gw.http())).body(Full::new(data.clone())).unwrap();
+        let (status, _, back, _) = send_h2(gw.http(), req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(back == data, "h2c echo {i}");
+    }
+    assert_eq!(b.state.connections.load(std::sync::atomic::Ordering::Relaxed), 1);
     // Requests with bodies bigger than the relay takes go through the general path, and its
     // node connections are pooled too.
     for i in 0..20 {
@@ -121,12 +131,12 @@ async fn keepalive_pool_reuses_node_connections() {
         assert_eq!(status, StatusCode::OK);
         assert!(back == data, "echo {i}");
     }
-    assert_eq!(b.requests(), 60);
+    assert_eq!(b.requests(), 80);
     assert_eq!(
         b.state.connections.load(std::sync::atomic::Ordering::Relaxed),
         2,
-        "one pooled connection for 20 sequential HTTP/1.1 requests, then 20 h2c ones; one more \
-         for 20 with bodies"
+        "one pooled connection for 20 sequential HTTP/1.1 requests, then 40 h2c ones; one more \
+         for 20 with large bodies"
     );
 }
 
@@ -1252,4 +1262,45 @@ async fn an_idle_h2c_connection_is_closed_after_keepalive_timeout() {
     assert!(idle >= Duration::from_millis(900), "closed after {idle:?} idle, before keepalive_timeout");
     assert!(idle < Duration::from_secs(5), "closed after {idle:?} idle");
     drop(client);
+}
+
+/// A small request body from an HTTP/2 client is read whole before a node is picked: a client
+/// that declares one and does not send it gets a 408 once the send timeout has passed, and no
+/// request reaches a node; one that sends it slowly, within the timeout, is forwarded whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_body_that_does_not_come_is_a_408_and_reaches_no_node() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    timeout: {{connect: 1, send: 1, read: 5}}\n    upstream:\n      nodes: {}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req =
+        Request::post(format!("http://{}/echo", gw.http())).header("content-length", "10").body(()).unwrap();
+    let start = Instant::now();
+    let (answer, _body_never_sent) = client.send_request(req, false).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
+    assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(start.elapsed() >= Duration::from_millis(900), "answered after {:?}", start.elapsed());
+    assert_eq!(b.requests(), 0);
+
+    // Sent in two halves, 300 ms apart: forwarded whole.
+    let mut client = client.ready().await.unwrap();
+    let req =
+        Request::post(format!("http://{}/echo", gw.http())).header("content-length", "10").body(()).unwrap();
+    let (answer, mut body) = client.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(b"hello"), false).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    body.send_data(Bytes::from_static(b"world"), true).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let mut echoed = answer.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = echoed.data().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got, b"helloworld");
 }

@@ -916,12 +916,14 @@ enum Next {
     Error(crate::body::BoxError),
 }
 
-/// One attempt of the general path (a client on HTTP/2 or TLS) for a request without a body, to
-/// a plain `http` node, over this module's pooled connections: the response head becomes a
-/// `Response` whose body is decoded from the node as the client reads it. `Err` gives the peer
-/// back with why the node failed.
+/// One attempt of the general path (an HTTP/2 client) for a request without a body or with a
+/// small one read whole (`parts` then carries its `content-length`), to a plain `http` node,
+/// over this module's pooled connections: the response head becomes a `Response` whose body is
+/// decoded from the node as the client reads it. `Err` gives the peer back with why the node
+/// failed.
 pub(crate) async fn attempt(
     parts: &Parts,
+    body: &[u8],
     host: &HeaderValue,
     peer: Peer,
     keepalive: KeepalivePool,
@@ -929,7 +931,8 @@ pub(crate) async fn attempt(
 ) -> Result<http::Response<ProxyBody>, (Failure, Peer)> {
     let start = Instant::now();
     let head_only = parts.method == Method::HEAD;
-    let head = request_head(parts, host);
+    let mut head = request_head(parts, host);
+    head.extend_from_slice(body);
     let resend_ok = idempotent(&parts.method);
     let sent =
         send_and_read_head(&head, peer.addr, keepalive, timeouts, head_only, resend_ok, HeadFor::Map, start);

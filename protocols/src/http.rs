@@ -181,7 +181,31 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
     prepare_request_headers(&mut parts, ctx, client_host.as_ref(), upgrade.is_some(), settings.scheme);
 
     let body_empty = body.is_end_stream();
-    let body = if body_empty { ProxyBody::Empty } else { body };
+    let mut body = if body_empty { ProxyBody::Empty } else { body };
+
+    // A small body of known length from an HTTP/2 client, for a plain `http` node, is read whole
+    // first and goes with its head over the relay's node connections, as an HTTP/1.1 client's
+    // does (and as nginx buffers request bodies); a retry sends it again from memory.
+    let mut buffered: Option<bytes::Bytes> = None;
+    if settings.scheme == Scheme::Http
+        && upgrade.is_none()
+        && !ctx.grpc
+        && matches!(body, ProxyBody::H2(_))
+        && body.size_hint().exact().is_some_and(|n| n <= crate::h1::BODY_MAX)
+    {
+        let whole = std::mem::replace(&mut body, ProxyBody::Empty);
+        let bytes = match tokio::time::timeout(timeouts.send, http_body_util::BodyExt::collect(whole)).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e)) => {
+                return Err((ProxyError::BadRequest(format!("request body: {e}")), ProxyBody::Empty));
+            }
+            Err(_) => {
+                return Err((ProxyError::Status(408, "request body timed out".into()), ProxyBody::Empty));
+            }
+        };
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        buffered = Some(bytes);
+    }
 
     let mut retry = Retry::new(picker);
     let replay = (retry.allowed() && body_empty && idempotent(&parts.method) && upgrade.is_none())
@@ -201,7 +225,8 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
             && matches!(out.body, ProxyBody::Empty);
         let (fail, peer) = if direct {
             let host = upstream_host(&settings.pass_host, out.client_host.as_ref(), &peer, settings.scheme);
-            match crate::h1::attempt(&out.parts, &host, peer, settings.keepalive, timeouts).await {
+            let body = buffered.as_deref().unwrap_or_default();
+            match crate::h1::attempt(&out.parts, body, &host, peer, settings.keepalive, timeouts).await {
                 Ok(resp) => return Ok(resp),
                 Err((crate::h1::Failure::Node { error, outcome, elapsed, sent }, p)) => {
                     (AttemptError { error, outcome, elapsed, request_intact: !sent }, p)
