@@ -1,6 +1,6 @@
-//! The HTTP/1.1 relay for the common case: a request without a body or with a small one
-//! (`Content-Length` up to [`BODY_MAX`], read whole first), forwarded to a plain `http` node, its
-//! response relayed byte for byte.
+//! The HTTP/1.1 relay for the common case: a request from an HTTP/1.1 client (plain or TLS)
+//! without a body or with a small one (`Content-Length` up to [`BODY_MAX`], read whole first),
+//! forwarded to a plain `http` node, its response relayed byte for byte.
 //!
 //! The general path (hyper's server and client, [`crate::http::forward`]) costs two tasks, a
 //! channel and a full decode and re-encode per request. This one runs the whole exchange in the
@@ -8,9 +8,9 @@
 //! node socket, the response head is parsed with httparse and rewritten once, and the body bytes
 //! (content-length, chunked or until close) are copied as they are, chunk framing included.
 //! Everything it does not handle is decided before anything is sent, and goes to the general
-//! path: see [`eligible`]. The general path uses the same node connections for requests without
-//! a body from HTTP/2 and TLS clients ([`attempt`]): there the response head becomes a
-//! `Response` and the body is decoded as the client reads it.
+//! path: see [`eligible`]. The general path uses the same node connections for requests from
+//! HTTP/2 clients without a body or with a small one of known length ([`attempt`]): there the
+//! response head becomes a `Response` and the body is decoded as the client reads it.
 //!
 //! The semantics are the general path's: the same header rewriting
 //! ([`crate::http::prepare_request_headers`]), `pass_host`, timeouts (`connect`, `send` per
