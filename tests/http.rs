@@ -942,7 +942,7 @@ async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
 
 /// A node that answers a request before reading all of its body, and then neither reads the
 /// rest nor closes, leaves the gateway a node connection still busy sending that body. It is not
-/// pooled: the next request goes over a fresh connection at once, instead of waiting behind the
+/// reused: the next request goes over a fresh connection at once, instead of waiting behind the
 /// stalled body until the send timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_connection_still_sending_a_body_is_not_reused() {

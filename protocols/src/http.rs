@@ -408,6 +408,10 @@ enum Sender {
     H2(http2::SendRequest<ProxyBody>),
 }
 
+/// How long a request waits for a pooled HTTP/1 connection to become ready before it opens a
+/// fresh one (normally it is ready at once, or within a turn of the connection's task).
+const POOLED_READY_WAIT: Duration = Duration::from_millis(50);
+
 async fn attempt_once(
     out: &mut Outgoing,
     peer: &Peer,
@@ -502,9 +506,21 @@ async fn attempt_once(
 
         match sender {
             Sender::H1(mut pooled) => {
-                if let Err(e) = pooled.sender.ready().await {
+                // A pooled connection that does not become ready at once is still busy with its
+                // last exchange (see `pool::checkout_h1`): a fresh one is opened instead.
+                let ready = if reused {
+                    tokio::time::timeout(POOLED_READY_WAIT, pooled.sender.ready()).await
+                } else {
+                    Ok(pooled.sender.ready().await)
+                };
+                let failed = match ready {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("pooled connection still busy".to_string()),
+                };
+                if let Some(e) = failed {
                     restore(out, req);
-                    match stale(ProxyError::Connect(e.to_string()), Outcome::TcpFailure) {
+                    match stale(ProxyError::Connect(e), Outcome::TcpFailure) {
                         Some(f) => return Err(f),
                         None => {
                             reuse = false;

@@ -58,16 +58,10 @@ impl Pooled {
 
     /// Returns the connection to this worker's pool if it may be reused.
     ///
-    /// Called once the response has ended. A connection that is not ready for the next request
-    /// then is still sending this request's body: the node answered before reading all of it.
-    /// hyper keeps such a connection in that state until the node reads the rest or the write
-    /// fails (hyper issue 4176), so a request handed to it would wait for that; it is dropped.
+    /// Called once the response has ended, when hyper may not have marked the connection ready
+    /// for the next request yet; see [`checkout_h1`] for one that never becomes ready.
     pub fn release(self) {
-        if self.sender.is_closed()
-            || !self.sender.is_ready()
-            || self.uses >= self.limits.max_requests
-            || self.limits.size == 0
-        {
+        if self.sender.is_closed() || self.uses >= self.limits.max_requests || self.limits.size == 0 {
             return;
         }
         POOL.with(|p| {
@@ -95,15 +89,32 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
+/// How many of the newest idle connections [`checkout_h1`] looks through for one that is ready.
+const READY_SCAN: usize = 4;
+
 /// Takes an idle HTTP/1 connection for `key`, newest first, dropping closed or expired ones.
+///
+/// One that hyper already marks ready for a request is preferred: a connection is pooled when
+/// its answer ends, and hyper marks it ready a moment later, or never if it is still sending a
+/// request body the node stopped reading after answering early (hyper keeps it in that state
+/// until the node reads the rest or the write fails: hyper issue 4176). The caller waits only
+/// briefly for one that is not ready.
 pub(crate) fn checkout_h1(key: &PoolKey, limits: Limits) -> Option<Pooled> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.h1.get_mut(key)?;
-        while let Some(idle) = list.pop() {
-            if idle.sender.is_closed() || idle.since.elapsed() >= limits.idle_timeout {
+        let now = Instant::now();
+        while let Some(last) = list.last() {
+            if last.sender.is_closed() || now.duration_since(last.since) >= limits.idle_timeout {
+                list.pop();
                 continue;
             }
+            let newest = list.len() - 1;
+            let ready = (newest.saturating_sub(READY_SCAN - 1)..=newest)
+                .rev()
+                .find(|&i| list[i].sender.is_ready() && !list[i].sender.is_closed())
+                .unwrap_or(newest);
+            let idle = list.remove(ready);
             return Some(Pooled { key: key.clone(), sender: idle.sender, uses: idle.uses, limits });
         }
         None
