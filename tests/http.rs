@@ -138,6 +138,30 @@ async fn keepalive_pool_reuses_node_connections() {
         "one pooled connection for 20 sequential HTTP/1.1 requests, then 40 h2c ones; one more \
          for 20 with large bodies"
     );
+    // 8 clients uploading at once, 10 bodies each, to a node that reads each body whole before
+    // it answers: at most one node connection per client.
+    let uploads: Vec<_> = (0..8)
+        .map(|c| {
+            let gw = gw.http();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    let data = Bytes::from(vec![b'u'; 100 << 10]);
+                    let req = Request::post("/sink").header("host", "h").body(Full::new(data)).unwrap();
+                    let (status, _, back) = send(gw, req).await;
+                    assert_eq!(
+                        (status, &back[..]),
+                        (StatusCode::OK, &b"102400"[..]),
+                        "client {c}, upload {i}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for u in uploads {
+        u.await.unwrap();
+    }
+    let conns = b.state.connections.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(conns <= 2 + 8, "{conns} node connections for 8 clients uploading 10 bodies each");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

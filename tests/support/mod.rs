@@ -356,6 +356,12 @@ async fn backend_handle(
             Response::new(full(format!("{name} after {ms}ms")))
         }
         ["", "size", n] => Response::new(full(vec![b'x'; n.parse().unwrap_or(0)])),
+        ["", "sink"] => {
+            // Reads the whole body, then answers with its length (as nginx does for a body it
+            // does not want).
+            let n = req.into_body().collect().await.map(|c| c.to_bytes().len()).unwrap_or(0);
+            Response::new(full(n.to_string()))
+        }
         ["", "echo"] => {
             let body = req.into_body().map_err(std::io::Error::other).boxed();
             Response::new(body)
