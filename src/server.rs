@@ -591,6 +591,15 @@ trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>>;
 }
 
+/// Ends a connection the relay closes: over TLS with `close_notify`, so a client reading a body
+/// delimited by the close sees it end cleanly rather than cut off (plain TCP just closes).
+async fn close_client<S: ClientStream>(stream: &mut S, limit: Duration) {
+    if S::TLS {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(limit, stream.shutdown()).await;
+    }
+}
+
 impl ClientStream for TcpStream {
     const TLS: bool = false;
     fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
@@ -626,7 +635,7 @@ async fn serve_h1<S: ClientStream>(
 ) {
     use bytes::Buf;
     use strait_protocols::h1::RequestHead;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     let header_timeout = shared.node.client_header_timeout;
     // What the client sent while the protocol was being told apart comes first.
@@ -651,9 +660,7 @@ async fn serve_h1<S: ClientStream>(
                     _ = shutdown.wait_for(|s| *s) => None,
                 };
                 let Some(ready) = ready else {
-                    if S::TLS {
-                        let _ = tokio::time::timeout(shared.node.send_timeout, stream.shutdown()).await;
-                    }
+                    close_client(&mut stream, shared.node.send_timeout).await;
                     return;
                 };
                 if !matches!(ready, Ok(Ok(()))) {
@@ -680,7 +687,7 @@ async fn serve_h1<S: ClientStream>(
                 Some(Ok(Ok(1..))) => {}
                 Some(_) => return,
                 None => {
-                    let _ = tokio::time::timeout(shared.node.send_timeout, stream.shutdown()).await;
+                    close_client(&mut stream, shared.node.send_timeout).await;
                     return;
                 }
             }
@@ -741,11 +748,7 @@ async fn serve_h1<S: ClientStream>(
         let after =
             Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await;
         if after == strait_protocols::h1::After::Close || *shutdown.borrow() {
-            if S::TLS {
-                // close_notify, so a client reading a body delimited by the close sees it end
-                // cleanly rather than cut off.
-                let _ = tokio::time::timeout(shared.node.send_timeout, stream.shutdown()).await;
-            }
+            close_client(&mut stream, shared.node.send_timeout).await;
             return;
         }
     }

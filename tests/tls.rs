@@ -4,7 +4,7 @@
 mod support;
 
 use http::StatusCode;
-use support::certs::{Ca, client_tls, yaml_block};
+use support::certs::{Ca, Leaf, client_tls, yaml_block};
 use support::*;
 
 fn tls_config() -> String {
@@ -14,23 +14,37 @@ fn tls_config() -> String {
     )
 }
 
+/// One `ssls` entry (YAML) serving `leaf`'s certificate for `snis`.
+fn ssl_entry(id: &str, snis: &str, leaf: &Leaf) -> String {
+    format!(
+        "  - id: {id}\n    snis: [{snis}]\n    cert: {}    key: {}",
+        yaml_block(&leaf.cert, 6),
+        yaml_block(&leaf.key, 6)
+    )
+}
+
+/// `ca`'s certificate in a file, for clients; the file lives as long as the directory.
+fn ca_file(ca: &Ca) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.pem");
+    std::fs::write(&path, &ca.pem).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    (dir, path)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_by_sni_with_wildcards_and_alpn() {
     let ca = Ca::new("test-ca");
     let api = ca.leaf(&["api.example.com"]);
     let wild = ca.leaf(&["*.example.com"]);
     let b = Backend::start("b").await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (_dir, ca_file) = ca_file(&ca);
     let gw = TestGateway::start_with(
         &tls_config(),
         &format!(
-            "ssls:\n  - id: api\n    snis: [api.example.com]\n    cert: {}    key: {}  - id: wild\n    snis: [\"*.example.com\"]\n    cert: {}    key: {}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
-            yaml_block(&api.cert, 6),
-            yaml_block(&api.key, 6),
-            yaml_block(&wild.cert, 6),
-            yaml_block(&wild.key, 6),
+            "ssls:\n{}{}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+            ssl_entry("api", "api.example.com", &api),
+            ssl_entry("wild", "\"*.example.com\"", &wild),
             nodes_yaml(&[b.addr])
         ),
         2,
@@ -50,7 +64,7 @@ async fn certificates_by_sni_with_wildcards_and_alpn() {
         let (ok, out, err) = curl(&[
             insecure,
             "--cacert",
-            ca_file.to_str().unwrap(),
+            &ca_file,
             "--resolve",
             &resolve,
             proto,
@@ -69,14 +83,8 @@ async fn certificates_by_sni_with_wildcards_and_alpn() {
     }
     // No certificate for this name (and no fallback_sni): the handshake fails.
     let resolve = format!("other.org:{port}:127.0.0.1");
-    let (ok, _, _) = curl(&[
-        "--cacert",
-        ca_file.to_str().unwrap(),
-        "--resolve",
-        &resolve,
-        &format!("https://other.org:{port}/"),
-    ])
-    .await;
+    let (ok, _, _) =
+        curl(&["--cacert", &ca_file, "--resolve", &resolve, &format!("https://other.org:{port}/")]).await;
     assert!(!ok);
 }
 
@@ -154,28 +162,21 @@ async fn http1_over_tls_is_relayed_with_keepalive_and_a_clean_close() {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
-                        _ => return,
-                    }
+                if !read_request_head(&mut s).await {
+                    return;
                 }
                 let _ =
                     s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end").await;
             });
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (_dir, ca_path) = ca_file(&ca);
+    let ca_path = ca_path.as_str();
     let gw = TestGateway::start_with(
         &tls_config(),
         &format!(
-            "ssls:\n  - id: api\n    snis: [api.example.com]\n    cert: {}    key: {}routes:\n  - uri: /closing\n    upstream: {{nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
-            yaml_block(&leaf.cert, 6),
-            yaml_block(&leaf.key, 6),
+            "ssls:\n{}routes:\n  - uri: /closing\n    upstream: {{nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+            ssl_entry("api", "api.example.com", &leaf),
             nodes_yaml(&[closing]),
             nodes_yaml(&[b.addr])
         ),
@@ -184,7 +185,6 @@ async fn http1_over_tls_is_relayed_with_keepalive_and_a_clean_close() {
     let port = gw.tls().port();
     let resolve = format!("api.example.com:{port}:127.0.0.1");
     let base = format!("https://api.example.com:{port}");
-    let ca_path = ca_file.to_str().unwrap();
     // Two GETs and a POST on one connection (curl reuses it for the URLs of one call).
     let (ok, out, err) = curl(&[
         "-f",

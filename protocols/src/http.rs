@@ -445,10 +445,6 @@ async fn attempt_once(
         None => timeouts.read,
     };
     let deadline_bound = ctx.deadline.is_some() && read_timeout < timeouts.read;
-    let timed_out = || {
-        let err = if deadline_bound { ProxyError::DeadlineExceeded } else { ProxyError::Timeout("read") };
-        fail(err, Outcome::Timeout, false)
-    };
 
     // A kept-alive connection can turn out closed only once it is used: the node closed it
     // while it sat in the pool, or right after its last answer (a node that answers before
@@ -504,7 +500,7 @@ async fn attempt_once(
             out.body = b;
         };
 
-        match sender {
+        let (sent, pooled) = match sender {
             Sender::H1(mut pooled) => {
                 // A pooled connection that does not become ready at once is still busy with its
                 // last exchange (see `pool::checkout_h1`): a fresh one is opened instead.
@@ -530,22 +526,7 @@ async fn attempt_once(
                 }
                 pooled.uses += 1;
                 let fut = pooled.sender.try_send_request(req);
-                match tokio::time::timeout(read_timeout, fut).await {
-                    Ok(Ok(resp)) => return Ok((resp, Some(pooled), start)),
-                    Ok(Err(mut e)) => {
-                        let Some(r) = e.take_message() else {
-                            let (err, outcome) = classify_send_error(&e.into_error());
-                            return Err(fail(err, outcome, false));
-                        };
-                        restore(out, r);
-                        let (err, outcome) = classify_send_error(&e.into_error());
-                        match stale(err, outcome) {
-                            Some(f) => return Err(f),
-                            None => reuse = false,
-                        }
-                    }
-                    Err(_) => return Err(timed_out()),
-                }
+                (tokio::time::timeout(read_timeout, fut).await, Some(pooled))
             }
             Sender::H2(mut sender) => {
                 let ready = tokio::time::timeout(timeouts.send, sender.ready()).await;
@@ -560,22 +541,27 @@ async fn attempt_once(
                     continue;
                 }
                 let fut = sender.try_send_request(req);
-                match tokio::time::timeout(read_timeout, fut).await {
-                    Ok(Ok(resp)) => return Ok((resp, None, start)),
-                    Ok(Err(mut e)) => {
-                        let Some(r) = e.take_message() else {
-                            let (err, outcome) = classify_send_error(&e.into_error());
-                            return Err(fail(err, outcome, false));
-                        };
-                        restore(out, r);
-                        let (err, outcome) = classify_send_error(&e.into_error());
-                        match stale(err, outcome) {
-                            Some(f) => return Err(f),
-                            None => reuse = false,
-                        }
-                    }
-                    Err(_) => return Err(timed_out()),
+                (tokio::time::timeout(read_timeout, fut).await, None)
+            }
+        };
+        match sent {
+            Ok(Ok(resp)) => return Ok((resp, pooled, start)),
+            Ok(Err(mut e)) => {
+                let Some(r) = e.take_message() else {
+                    let (err, outcome) = classify_send_error(&e.into_error());
+                    return Err(fail(err, outcome, false));
+                };
+                restore(out, r);
+                let (err, outcome) = classify_send_error(&e.into_error());
+                match stale(err, outcome) {
+                    Some(f) => return Err(f),
+                    None => reuse = false,
                 }
+            }
+            Err(_) => {
+                let err =
+                    if deadline_bound { ProxyError::DeadlineExceeded } else { ProxyError::Timeout("read") };
+                return Err(fail(err, Outcome::Timeout, false));
             }
         }
     }

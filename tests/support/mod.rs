@@ -532,3 +532,17 @@ pub fn nodes_yaml(addrs: &[SocketAddr]) -> String {
     let inner: Vec<String> = addrs.iter().map(|a| format!("\"{a}\": 1")).collect();
     format!("{{{}}}", inner.join(", "))
 }
+
+/// For hand-written nodes: reads until the end of a request head; false if the client left.
+pub async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+    true
+}
