@@ -600,6 +600,42 @@ async fn close_client<S: ClientStream>(stream: &mut S, limit: Duration) {
     }
 }
 
+/// Writes `bytes` to the client and flushes (a TLS stream may hold them back otherwise).
+async fn write_flushed<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+/// How long a closing connection keeps reading what its client still sends ([`linger`]), in
+/// all and between two reads: nginx's `lingering_time` and `lingering_timeout` defaults.
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
+const LINGER_QUIET: Duration = Duration::from_secs(5);
+
+/// Closes a client connection whose client may still be sending (the rest of a request body
+/// that was answered early): the sending side is shut first, then what arrives is read and
+/// dropped until the client closes too, goes quiet for [`LINGER_QUIET`], [`LINGER_TOTAL`] has
+/// passed or the gateway stops. Closing with unread bytes would reset the connection, and the
+/// client could lose the answer still on its way.
+async fn linger<S: ClientStream>(stream: &mut S, limit: Duration, shutdown: &mut watch::Receiver<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if tokio::time::timeout(limit, stream.shutdown()).await.is_err() {
+        return;
+    }
+    let end = tokio::time::Instant::now() + LINGER_TOTAL;
+    let mut scratch = vec![0u8; 16 * 1024];
+    loop {
+        let quiet = (tokio::time::Instant::now() + LINGER_QUIET).min(end);
+        tokio::select! {
+            r = tokio::time::timeout_at(quiet, stream.read(&mut scratch)) => match r {
+                Ok(Ok(1..)) => {}
+                _ => return,
+            },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 impl ClientStream for TcpStream {
     const TLS: bool = false;
     fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
@@ -712,24 +748,15 @@ async fn serve_h1<S: ClientStream>(
             (route.clone(), key)
         };
         let Some(upstream) = &route.upstream else { break };
-        // The whole body (at most h1::BODY_MAX) before a node is picked, within
-        // client_header_timeout from the end of the head; a client that does not send it in
-        // time loses the connection.
-        let need = len + body_len as usize;
-        if buf.len() < need {
-            let deadline = tokio::time::Instant::now() + header_timeout;
-            buf.reserve(need - buf.len());
-            while buf.len() < need {
-                match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                    Ok(Ok(_)) => {}
-                }
+        let have = (buf.len() - len) as u64;
+        if have < body_len && strait_protocols::h1::expects_continue(&parts) {
+            // The client waits for this before it sends the body (nginx sends it when it starts
+            // reading the body, too).
+            let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
+            if write_flushed(&mut client, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                return;
             }
         }
-        shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
-        buf.advance(len);
-        // (Splitting off nothing would still turn `buf` into a shared buffer: an allocation.)
-        let body = if body_len > 0 { buf.split_to(body_len as usize) } else { bytes::BytesMut::new() };
         let ctx = ForwardCtx {
             client_addr: peer,
             local_port: local.port(),
@@ -742,14 +769,55 @@ async fn serve_h1<S: ClientStream>(
             grpc: false,
             deadline: None,
         };
-        // Boxed: the exchange's state (a few KiB) exists only while a request is in flight, so an
-        // idle connection stays small.
-        let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
-        let after =
-            Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await;
-        if after == strait_protocols::h1::After::Close || *shutdown.borrow() {
-            close_client(&mut stream, shared.node.send_timeout).await;
-            return;
+        shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+        let after = if body_len <= strait_protocols::h1::BODY_MAX {
+            // The whole body before a node is picked, within client_header_timeout from the end
+            // of the head; a client that does not send it in time loses the connection.
+            let need = len + body_len as usize;
+            if buf.len() < need {
+                let deadline = tokio::time::Instant::now() + header_timeout;
+                buf.reserve(need - buf.len());
+                while buf.len() < need {
+                    match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            }
+            buf.advance(len);
+            // (Splitting off nothing would still turn `buf` into a shared buffer: an allocation.)
+            let body = if body_len > 0 { buf.split_to(body_len as usize) } else { bytes::BytesMut::new() };
+            // Boxed: the exchange's state (a few KiB) exists only while a request is in flight,
+            // so an idle connection stays small.
+            let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
+            Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await
+        } else {
+            // Streamed as it comes, each wait for the client bounded by client_header_timeout.
+            buf.advance(len);
+            let prefix = buf.split_to(buf.len().min(body_len as usize));
+            let left = body_len - prefix.len() as u64;
+            let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
+            let forward = strait_protocols::h1::forward_streamed(
+                &mut client,
+                parts,
+                &prefix,
+                left,
+                header_timeout,
+                &ctx,
+                &**upstream,
+            );
+            Box::pin(forward).await
+        };
+        match after {
+            strait_protocols::h1::After::KeepAlive if !*shutdown.borrow() => {}
+            strait_protocols::h1::After::Linger => {
+                linger(&mut stream, shared.node.send_timeout, &mut shutdown).await;
+                return;
+            }
+            _ => {
+                close_client(&mut stream, shared.node.send_timeout).await;
+                return;
+            }
         }
     }
     let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);

@@ -122,8 +122,8 @@ async fn keepalive_pool_reuses_node_connections() {
         assert!(back == data, "h2c echo {i}");
     }
     assert_eq!(b.state.connections.load(std::sync::atomic::Ordering::Relaxed), 1);
-    // Requests with bodies bigger than the relay takes go through the general path, and its
-    // node connections are pooled too.
+    // Bodies bigger than the relay reads whole are streamed to the node, over the same pooled
+    // connection.
     for i in 0..20 {
         let data = Bytes::from(vec![b'a' + i as u8; 100 << 10]);
         let req = Request::post("/echo").header("host", "h").body(Full::new(data.clone())).unwrap();
@@ -134,9 +134,9 @@ async fn keepalive_pool_reuses_node_connections() {
     assert_eq!(b.requests(), 80);
     assert_eq!(
         b.state.connections.load(std::sync::atomic::Ordering::Relaxed),
-        2,
-        "one pooled connection for 20 sequential HTTP/1.1 requests, then 40 h2c ones; one more \
-         for 20 with large bodies"
+        1,
+        "one pooled connection for 20 sequential HTTP/1.1 requests, 40 h2c ones and 20 with \
+         large bodies"
     );
     // 8 clients uploading at once, 10 bodies each, to a node that reads each body whole before
     // it answers: at most one node connection per client.
@@ -953,9 +953,16 @@ async fn cookies_split_by_an_h2_client_reach_an_http1_node_as_one_line() {
 /// A node that answers a request before reading all of its body, and then neither reads the
 /// rest nor closes, leaves the gateway a node connection still busy sending that body. It is not
 /// reused: the next request goes over a fresh connection at once, instead of waiting behind the
-/// stalled body until the send timeout.
+/// stalled body until the send timeout. Checked for an HTTP/1.1 client (the relay streams the
+/// body) and an h2c one (hyper's client does).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_connection_still_sending_a_body_is_not_reused() {
+    for h2 in [false, true] {
+        a_node_connection_still_sending_a_body_is_not_reused_over(h2).await;
+    }
+}
+
+async fn a_node_connection_still_sending_a_body_is_not_reused_over(h2: bool) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
@@ -978,24 +985,182 @@ async fn a_node_connection_still_sending_a_body_is_not_reused() {
         "routes:\n  - uri: /*\n    timeout: {{connect: 5, send: 10, read: 10}}\n    upstream: {{retries: 0, nodes: {}}}\n",
         nodes_yaml(&[node])
     ));
+    let addr = gw.http();
+    let send_any = |req: Request<Full<Bytes>>| async move {
+        if h2 {
+            let (status, _, body, _) = send_h2(addr, req).await;
+            (status, body)
+        } else {
+            let (status, _, body) = send(addr, req).await;
+            (status, body)
+        }
+    };
+    let url = |path: &str| format!("http://{}{path}", gw.http());
     // 16 MiB: more than the socket buffers hold, so the gateway is still writing it to the node
     // when the answer has come back whole.
-    let big =
-        Request::post("/up").header("host", "h").body(Full::new(Bytes::from(vec![b'x'; 16 << 20]))).unwrap();
-    let (status, _, body) = send(gw.http(), big).await;
-    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
-    // The next request with a body (so not over the relay's own connections).
+    let big = Request::post(url("/up"))
+        .header("host", "h")
+        .body(Full::new(Bytes::from(vec![b'x'; 16 << 20])))
+        .unwrap();
+    let (status, body) = send_any(big).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "h2: {h2}");
+    // The next request with a body (so not over the relay's own connections on h2c).
     let start = Instant::now();
-    let small = Request::post("/again")
+    let small = Request::post(url("/again"))
         .header("host", "h")
         .body(Full::new(Bytes::from(vec![b'y'; 100 << 10])))
         .unwrap();
-    let (status, _, body) = send(gw.http(), small).await;
-    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "{}", String::from_utf8_lossy(&body));
-    assert!(start.elapsed() < Duration::from_secs(5), "waited {:?} for the busy connection", start.elapsed());
-    assert_eq!(conns.load(Ordering::Relaxed), 2, "a fresh connection for the second request");
+    let (status, body) = send_any(small).await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::OK, &b"ok"[..]),
+        "h2: {h2}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "h2: {h2}: waited {:?} for the busy connection",
+        start.elapsed()
+    );
+    assert_eq!(conns.load(Ordering::Relaxed), 2, "h2: {h2}: a fresh connection for the second request");
 }
 
+/// A node that answers a large upload at once and closes without reading it (nginx's 413, an
+/// auth failure) resets the connection while the gateway is still sending the body. The client
+/// gets the node's answer, not a 502, and the client connection ends cleanly after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut s).await {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!")
+                        .await;
+                    // Closed with the body unread and no lingering: a reset.
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    for i in 0..10 {
+        let req = Request::post("/up")
+            .header("host", "h")
+            .body(Full::new(Bytes::from(vec![b'x'; 16 << 20])))
+            .unwrap();
+        let (status, headers, body) = send(gw.http(), req).await;
+        assert_eq!((status, &body[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "upload {i}");
+        assert_eq!(headers["connection"], "close", "upload {i}");
+    }
+    assert_eq!(get(gw.http(), "/status").await.0, StatusCode::PAYLOAD_TOO_LARGE, "the gateway serves on");
+}
+
+/// A large body is streamed to the node as the client sends it; a client that stops sending it
+/// gets a 408 after `client_header_timeout`, and the node's connection is closed (the node never
+/// sees a whole request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_reaches_the_node_before_it_ends_and_a_stalled_one_is_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    // The node reports how many bytes it got before the gateway closed the connection.
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let got_tx = got_tx.clone();
+            tokio::spawn(async move {
+                let mut total = 0;
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    total += n;
+                    let _ = got_tx.send(total);
+                }
+                let _ = got_tx.send(usize::MAX);
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    c.write_all(b"PUT /up HTTP/1.1\r\nhost: h\r\ncontent-length: 1048576\r\n\r\n").await.unwrap();
+    c.write_all(&vec![b'z'; 200 << 10]).await.unwrap();
+    // The node has the head and the 200 KiB sent so far while the client still holds the rest.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = 0;
+    while seen < 200 << 10 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        seen = tokio::time::timeout(left, got_rx.recv())
+            .await
+            .expect("the body's start reached the node")
+            .unwrap();
+        assert_ne!(seen, usize::MAX, "the node's connection closed early");
+    }
+    // Then the client goes quiet.
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer)).await.expect("closed").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "client_header_timeout is 2 s: {:?}",
+        start.elapsed()
+    );
+    loop {
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), got_rx.recv()).await.expect("node closed").unwrap();
+        if n == usize::MAX {
+            break;
+        }
+        assert!(n < 1 << 20, "the node never gets a whole body");
+    }
+}
+
+/// `Expect: 100-continue` (curl sends it for large uploads) is answered by the gateway before it
+/// reads the body, on the relay's streamed and read-whole paths; the node does not see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_before_the_body() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    for size in [10 << 10, 3 << 20] {
+        let file = dir.path().join(format!("body-{size}"));
+        std::fs::write(&file, vec![b'e'; size]).unwrap();
+        let data = format!("@{}", file.display());
+        let url = format!("http://{}/sink", gw.http());
+        // Without a 100 Continue curl would wait 30 s before sending the body, past --max-time.
+        let (ok, out, err) = curl(&[
+            "-v",
+            "--expect100-timeout",
+            "30",
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            "host: h",
+            "--data-binary",
+            &data,
+            &url,
+        ])
+        .await;
+        assert!(ok, "{size}: {err}");
+        assert_eq!(out, size.to_string());
+        assert!(err.contains("HTTP/1.1 100 Continue"), "{size}: {err}");
+    }
+    let seen = b.state.last_headers.lock().unwrap().clone().unwrap();
+    assert!(!seen.contains_key("expect"), "{seen:?}");
+}
 /// `nginx_config.http.send_timeout`: a client that stops reading a large response is cut off
 /// once a write to it has made no progress for that long, and the node's connection goes with it
 /// (instead of both being held until the client reads again). Checked on the HTTP/1.1 relay (a

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 relay for the common case: a request from an HTTP/1.1 client (plain or TLS)
-//! without a body or with a small one (`Content-Length` up to [`BODY_MAX`], read whole first),
-//! forwarded to a plain `http` node, its response relayed byte for byte.
+//! without a body or with a `Content-Length` one (up to [`BODY_MAX`] read whole first, larger
+//! ones streamed: [`forward_streamed`]), forwarded to a plain `http` node, its response relayed
+//! byte for byte.
 //!
 //! The general path (hyper's server and client, [`crate::http::forward`]) costs two tasks, a
 //! channel and a full decode and re-encode per request. This one runs the whole exchange in the
@@ -28,7 +29,7 @@ use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
@@ -44,24 +45,29 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Node read buffer, per request in flight: room for a 64 KiB body and its head in one read, so
 /// such a response costs one read and one write.
 const BODY_CHUNK: usize = 128 * 1024;
+/// Buffer for a request body streamed from the client to the node.
+const STREAM_CHUNK: usize = 64 * 1024;
 
-/// Largest request body the relay takes: it reads the whole body before picking a node (as
-/// nginx does with `proxy_request_buffering`), so a failed connect can be retried elsewhere.
-/// Larger bodies are streamed by the general path.
+/// Largest request body the relay reads whole before it picks a node (as nginx does with
+/// `proxy_request_buffering`), so that a failed connect can be retried elsewhere with the same
+/// body. Larger bodies are streamed to the node as they come ([`forward_streamed`]).
 pub const BODY_MAX: u64 = 64 * 1024;
 
 /// Whether a parsed client request can take this path, and the length of its body: HTTP/1.1,
-/// no `Transfer-Encoding`, a `Content-Length` of at most [`BODY_MAX`] (or none), no upgrade, no
-/// `Expect`, and a keep-alive connection. (The route decides the rest: a plain `http` upstream,
-/// no transcoding.)
+/// no `Transfer-Encoding`, one `Content-Length` (or none), no upgrade, no `Expect` other than
+/// `100-continue`, and a keep-alive connection. (The route decides the rest: a plain `http`
+/// upstream, no transcoding.)
 pub fn eligible(parts: &Parts) -> Option<u64> {
     if parts.version != http::Version::HTTP_11 || parts.method == Method::CONNECT {
         return None;
     }
     let h = &parts.headers;
-    if h.contains_key(header::TRANSFER_ENCODING)
-        || h.contains_key(header::UPGRADE)
-        || h.contains_key(header::EXPECT)
+    if h.contains_key(header::TRANSFER_ENCODING) || h.contains_key(header::UPGRADE) {
+        return None;
+    }
+    let mut expect = h.get_all(header::EXPECT).iter();
+    if let Some(e) = expect.next()
+        && (!e.as_bytes().eq_ignore_ascii_case(b"100-continue") || expect.next().is_some())
     {
         return None;
     }
@@ -71,7 +77,7 @@ pub fn eligible(parts: &Parts) -> Option<u64> {
     let mut len = None;
     for cl in h.get_all(header::CONTENT_LENGTH) {
         let v = cl.as_bytes();
-        if v.is_empty() || v.len() > 10 || !v.iter().all(u8::is_ascii_digit) {
+        if v.is_empty() || v.len() > 15 || !v.iter().all(u8::is_ascii_digit) {
             return None;
         }
         let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
@@ -80,14 +86,15 @@ pub fn eligible(parts: &Parts) -> Option<u64> {
         }
         len = Some(n);
     }
-    let len = len.unwrap_or(0);
-    if len > BODY_MAX {
-        return None;
-    }
     if h.get_all(header::CONNECTION).iter().any(|c| has_token(c.as_bytes(), b"close")) {
         return None;
     }
-    Some(len)
+    Some(len.unwrap_or(0))
+}
+
+/// Whether the client asked for `100 Continue` before it sends its body.
+pub fn expects_continue(parts: &Parts) -> bool {
+    parts.headers.contains_key(header::EXPECT)
 }
 
 /// Whether a comma-separated header value lists `token` (ASCII case-insensitive).
@@ -102,6 +109,10 @@ pub enum After {
     KeepAlive,
     /// Close: the response was delimited by the node closing, or writing to the client failed.
     Close,
+    /// Close, but first let the client finish sending: the rest of its request body was never
+    /// read (the node answered before it came). Closing a socket with unread bytes resets the
+    /// connection, and the client could lose the answer with it.
+    Linger,
 }
 
 /// Forwards one request (already checked with [`eligible`]), with its whole `body`, and writes
@@ -157,6 +168,466 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
                 }
             }
         }
+    }
+}
+
+/// Forwards one request whose body is too large to read whole first: the head and `prefix` (the
+/// part of the body already read) go to the node, then the remaining `left` bytes are copied
+/// from `client` as the node takes them, each wait for the client bounded by `body_timeout`.
+/// A node that answers before the body is all sent gets its answer relayed at once, without the
+/// rest of the body, and the client connection then closes. Only a failed connect is retried:
+/// the body is not kept.
+pub async fn forward_streamed<C, P>(
+    client: &mut C,
+    mut parts: Parts,
+    prefix: &[u8],
+    left: u64,
+    body_timeout: Duration,
+    ctx: &ForwardCtx<'_>,
+    picker: &P,
+) -> After
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    P: UpstreamPicker + ?Sized,
+{
+    let settings = picker.settings();
+    let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
+    let client_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    prepare_request_headers(&mut parts, ctx, client_host.as_ref(), false, Scheme::Http);
+    parts.headers.remove(header::HOST);
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(prefix.len() as u64 + left));
+    let head_only = parts.method == Method::HEAD;
+    let mut left = left;
+    let mut retry = Retry::new(picker);
+    loop {
+        let peer = match retry.pick(picker, ctx.hash_key) {
+            Ok(p) => p,
+            Err(e) => return answer_error(client, &e, head_only).await.unless_unread(left),
+        };
+        let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
+        let mut head = request_head(&parts, &host);
+        head.extend_from_slice(prefix);
+        let addr = peer.addr;
+        let mut slot = Some(peer);
+        let attempt =
+            StreamedAttempt { body_timeout, addr, keepalive: settings.keepalive, timeouts, head_only };
+        match attempt.run(client, &head, &mut left, &mut slot).await {
+            Ok(after) => return after,
+            Err(Failure::Client) => return After::Close,
+            Err(Failure::Node { error, outcome, elapsed, sent }) => {
+                if let Some(peer) = slot.take() {
+                    peer.report(outcome, elapsed);
+                }
+                if let Err(answer) = retry.failed(addr, error, !sent) {
+                    return answer_error(client, &answer, head_only).await.unless_unread(left);
+                }
+            }
+        }
+    }
+}
+
+impl After {
+    /// `self`, unless `left` bytes of the request body are still unread: then the connection
+    /// must close after the answer.
+    fn unless_unread(self, left: u64) -> After {
+        if left > 0 && self == After::KeepAlive { After::Linger } else { self }
+    }
+}
+
+/// The settings of one attempt of [`forward_streamed`].
+struct StreamedAttempt {
+    body_timeout: Duration,
+    addr: SocketAddr,
+    keepalive: KeepalivePool,
+    timeouts: crate::Timeouts,
+    head_only: bool,
+}
+
+impl StreamedAttempt {
+    /// Sends `head` (with the start of the body), then the rest of the body from `client`
+    /// (`left` counts down as it is read), then relays the answer. An answer that starts before
+    /// the body is all sent is relayed at once while the body goes on, until the answer ends.
+    async fn run<C: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut C,
+        head: &[u8],
+        left: &mut u64,
+        peer: &mut Option<Peer>,
+    ) -> Result<After, Failure> {
+        let start = Instant::now();
+        // A body is never sent twice, so a pooled connection is checked with a syscall too.
+        let pooled = checkout(self.addr, self.keepalive, true);
+        let (mut node, uses, _) = open_and_send(head, pooled, self.addr, self.timeouts, start).await?;
+        let mut body = BodyPump::new(*left);
+        let mut early = BytesMut::new();
+        let pumped = self.pump(client, &mut node, &mut body, &mut early).await;
+        *left = body.left;
+        let whole = match pumped {
+            Ok(whole) => whole,
+            Err(PumpError::Client) => return Err(Failure::Client),
+            Err(PumpError::ClientTimeout) => {
+                let e = ProxyError::Status(408, "request body timed out".into());
+                answer_error(client, &e, self.head_only).await;
+                return Err(Failure::Client);
+            }
+            Err(PumpError::Node(error, outcome)) => return Err(node_failure(error, outcome, start, true)),
+        };
+        let got =
+            read_head(node, uses, early, self.timeouts.read, self.head_only, HeadFor::Bytes, start).await?;
+        if whole {
+            let read = self.timeouts.read;
+            return relay_response(client, got, peer, self.addr, self.keepalive, read, start).await;
+        }
+        // The node answered first. The answer goes to the client as it comes, and the body to
+        // the node for as long as the answer lasts; the client connection closes after it.
+        let Received { mut node, uses, buf, head: parsed } = got;
+        if let Some(p) = peer.as_ref() {
+            p.report(Outcome::HttpStatus(parsed.status), start.elapsed());
+        }
+        let mut out = parsed.head;
+        out.truncate(out.len() - 2);
+        out.extend_from_slice(b"connection: close\r\n\r\n");
+        let relay = Duplex { framing: parsed.framing, read_timeout: self.timeouts.read };
+        let ended = relay.run(client, &mut node, &mut body, out, buf, peer).await;
+        *left = body.left;
+        match ended {
+            Ok(clean) => {
+                if clean && parsed.keepalive && parsed.framing != Framing::UntilClose && body.done() {
+                    checkin(self.addr, node, uses + 1, self.keepalive);
+                }
+                Ok(if *left > 0 { After::Linger } else { After::Close })
+            }
+            Err(Broken::Node(outcome)) => {
+                if let Some(p) = peer.as_ref() {
+                    p.report(outcome, start.elapsed());
+                }
+                Err(Failure::Client)
+            }
+            Err(_) => Err(Failure::Client),
+        }
+    }
+
+    /// Copies the body from `client` to `node` until it is all sent (`Ok(true)`) or the node
+    /// starts answering (`Ok(false)`: a complete answer head, or the node stopped sending, is in
+    /// `early`). 1xx interim answers are dropped and the body goes on.
+    async fn pump<C: AsyncRead + Unpin>(
+        &self,
+        client: &mut C,
+        node: &mut TcpStream,
+        body: &mut BodyPump,
+        early: &mut BytesMut,
+    ) -> Result<bool, PumpError> {
+        enum Step {
+            NodeReadable,
+            Body(PumpStep),
+        }
+        loop {
+            if body.done() {
+                return Ok(true);
+            }
+            let writing = body.writing();
+            let limit = if writing { self.timeouts.send } else { self.body_timeout };
+            let step = std::future::poll_fn(|cx| {
+                // An answer (or a close) from the node comes first.
+                if node.poll_read_ready(cx).is_ready() {
+                    return Poll::Ready(Step::NodeReadable);
+                }
+                body.poll_step(cx, client, node).map(Step::Body)
+            });
+            match tokio::time::timeout(limit, step).await {
+                Err(_) if writing => {
+                    return Err(PumpError::Node(ProxyError::Timeout("send"), Outcome::Timeout));
+                }
+                Err(_) => return Err(PumpError::ClientTimeout),
+                Ok(Step::Body(step)) => match body.apply(step) {
+                    Ok(()) => {}
+                    // A node that answers and closes without reading the rest resets the
+                    // connection, and the write fails: its answer may be waiting all the same.
+                    Err(PumpError::Node(e, outcome)) => {
+                        return match Self::node_said(node, early, self.head_only, true) {
+                            Ok(true) => Ok(false),
+                            _ => Err(PumpError::Node(e, outcome)),
+                        };
+                    }
+                    Err(e) => return Err(e),
+                },
+                Ok(Step::NodeReadable) => {
+                    if Self::node_said(node, early, self.head_only, false)? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads what the node sent while its request body was still going out, and drops 1xx
+    /// interim answers from it: whether an answer's head is complete (or the node stopped
+    /// sending after part of one). A node that closed the connection without a word is a
+    /// failure. After a failed write (`reset`), the kernel is asked even if the reactor has not
+    /// yet said that the socket is readable.
+    fn node_said(
+        node: &mut TcpStream,
+        early: &mut BytesMut,
+        head_only: bool,
+        reset: bool,
+    ) -> Result<bool, PumpError> {
+        if early.capacity() - early.len() < 4096 {
+            early.reserve(4096);
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut polled = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, early);
+        if reset && polled.is_pending() {
+            // Data that came before a reset is still read before the reset's error.
+            let mut chunk = [0u8; 4096];
+            polled = loop {
+                match io::Read::read(&mut &*socket2::SockRef::from(&*node), &mut chunk) {
+                    Ok(n @ 1..) => {
+                        early.extend_from_slice(&chunk[..n]);
+                        if early.len() >= MAX_HEAD {
+                            break Poll::Ready(Ok(n));
+                        }
+                    }
+                    other => break Poll::Ready(other),
+                }
+            };
+        }
+        match polled {
+            // Nothing after all (the readiness is cleared now), or more of what came.
+            Poll::Pending | Poll::Ready(Ok(1..)) => {}
+            Poll::Ready(Ok(0)) if early.is_empty() => {
+                let e = ProxyError::BadResponse(
+                    "node closed the connection before the request body was sent".into(),
+                );
+                return Err(PumpError::Node(e, Outcome::TcpFailure));
+            }
+            Poll::Ready(Err(e)) if early.is_empty() => {
+                return Err(PumpError::Node(ProxyError::Connect(e.to_string()), Outcome::TcpFailure));
+            }
+            // The node stopped sending after part of a head: the head reader says what is wrong.
+            Poll::Ready(_) => return Ok(true),
+        }
+        Ok(answer_head(early, head_only))
+    }
+}
+
+/// Drops complete 1xx interim heads (not 101) from the start of `buf`; whether a final answer's
+/// head (or something that is not one, for the head reader to refuse) is there in full.
+fn answer_head(buf: &mut BytesMut, head_only: bool) -> bool {
+    loop {
+        match parse_response(buf, head_only, HeadFor::Map) {
+            Ok(Some(p)) if (100..200).contains(&p.status) && p.status != 101 => buf.advance(p.len),
+            Ok(None) => return buf.len() >= MAX_HEAD,
+            _ => return true,
+        }
+    }
+}
+
+/// A request body on its way from the client to the node, through one buffer.
+struct BodyPump {
+    chunk: Vec<u8>,
+    /// The part of `chunk` read from the client and not yet written to the node.
+    from: usize,
+    to: usize,
+    /// Bytes of the body the client has yet to send.
+    left: u64,
+}
+
+/// One read from the client, or one write to the node.
+enum PumpStep {
+    Read(io::Result<usize>),
+    Wrote(io::Result<usize>),
+}
+
+impl BodyPump {
+    fn new(left: u64) -> BodyPump {
+        BodyPump { chunk: vec![0; left.min(STREAM_CHUNK as u64) as usize], from: 0, to: 0, left }
+    }
+
+    /// The whole body reached the node.
+    fn done(&self) -> bool {
+        self.from == self.to && self.left == 0
+    }
+
+    /// Bytes are waiting for the node (rather than for the client).
+    fn writing(&self) -> bool {
+        self.from < self.to
+    }
+
+    fn poll_step<C: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        node: &mut TcpStream,
+    ) -> Poll<PumpStep> {
+        if self.writing() {
+            std::pin::Pin::new(node).poll_write(cx, &self.chunk[self.from..self.to]).map(PumpStep::Wrote)
+        } else {
+            let want = self.left.min(self.chunk.len() as u64) as usize;
+            let mut rb = tokio::io::ReadBuf::new(&mut self.chunk[..want]);
+            std::pin::Pin::new(client)
+                .poll_read(cx, &mut rb)
+                .map(|r| PumpStep::Read(r.map(|()| rb.filled().len())))
+        }
+    }
+
+    fn apply(&mut self, step: PumpStep) -> Result<(), PumpError> {
+        match step {
+            PumpStep::Read(Ok(0) | Err(_)) => return Err(PumpError::Client),
+            PumpStep::Read(Ok(n)) => {
+                (self.from, self.to) = (0, n);
+                self.left -= n as u64;
+            }
+            PumpStep::Wrote(Ok(0)) => {
+                let e = ProxyError::Connect("the node takes no more bytes".into());
+                return Err(PumpError::Node(e, Outcome::TcpFailure));
+            }
+            PumpStep::Wrote(Ok(n)) => self.from += n,
+            PumpStep::Wrote(Err(e)) => {
+                return Err(PumpError::Node(ProxyError::Connect(e.to_string()), Outcome::TcpFailure));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why the copy of a request body stopped.
+enum PumpError {
+    /// The client closed its connection or failed.
+    Client,
+    /// The client sent nothing for the body timeout.
+    ClientTimeout,
+    Node(ProxyError, Outcome),
+}
+
+/// The relay of an answer that began while its request body was still on the way: both go on
+/// at once in this task, until the answer has ended. Nothing waits for one direction while the
+/// other could move, so a node that echoes the body as it reads it, and a client that sends the
+/// whole body before it reads, are both served.
+struct Duplex {
+    framing: Framing,
+    read_timeout: Duration,
+}
+
+impl Duplex {
+    /// Writes `head` and relays the answer (`buf` holds what followed its head) while the body
+    /// goes on. `Ok(true)` when the answer ended exactly where its framing said; the body may
+    /// still be unfinished (`body` says). A body the node no longer takes (it failed a write) is
+    /// left, and the answer goes on. No progress either way for `read_timeout` is a timeout.
+    async fn run<C: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut C,
+        node: &mut TcpStream,
+        body: &mut BodyPump,
+        head: Vec<u8>,
+        mut buf: BytesMut,
+        peer: &mut Option<Peer>,
+    ) -> Result<bool, Broken> {
+        let framing = self.framing;
+        let mut chunks = ChunkedState::default();
+        let mut left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        // The part of `buf` that belongs to the answer, and whether it ends there.
+        let mut take = |buf: &BytesMut| -> Result<(usize, bool), Broken> {
+            let (n, done) = match framing {
+                Framing::None => (0, true),
+                Framing::Length(_) => {
+                    let n = (buf.len() as u64).min(left) as usize;
+                    left -= n as u64;
+                    (n, left == 0)
+                }
+                Framing::Chunked => chunks.feed(buf),
+                Framing::UntilClose => (buf.len(), false),
+            };
+            if chunks.failed { Err(Broken::Node(Outcome::TcpFailure)) } else { Ok((n, done)) }
+        };
+        let (n, mut ended) = take(&buf)?;
+        let mut out = BytesMut::from(&head[..]);
+        out.extend_from_slice(&buf[..n]);
+        buf.advance(n);
+        let mut clean = ended && buf.is_empty();
+        if ended {
+            *peer = None;
+        }
+        let mut flush = false;
+        let mut body_open = !body.done();
+        let mut timer = Box::pin(tokio::time::sleep(self.read_timeout));
+        std::future::poll_fn(|cx| {
+            loop {
+                let mut moved = false;
+                // The answer first: to the client, then more of it from the node.
+                if !out.is_empty() {
+                    match std::pin::Pin::new(&mut *client).poll_write(cx, &out) {
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(Broken::Client)),
+                        Poll::Ready(Ok(n)) => {
+                            out.advance(n);
+                            flush = out.is_empty();
+                            moved = true;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                if out.is_empty() && flush {
+                    match std::pin::Pin::new(&mut *client).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => flush = false,
+                        Poll::Ready(Err(_)) => return Poll::Ready(Err(Broken::Client)),
+                        Poll::Pending => {}
+                    }
+                }
+                if out.is_empty() && !flush && ended {
+                    return Poll::Ready(Ok(clean));
+                }
+                if out.is_empty() && !ended {
+                    if buf.capacity() - buf.len() < 4096 {
+                        buf.reserve(STREAM_CHUNK);
+                    }
+                    match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), cx, &mut buf) {
+                        Poll::Ready(Ok(0)) if framing == Framing::UntilClose => {
+                            (ended, clean) = (true, false);
+                            moved = true;
+                        }
+                        Poll::Ready(Ok(0) | Err(_)) => {
+                            return Poll::Ready(Err(Broken::Node(Outcome::TcpFailure)));
+                        }
+                        Poll::Ready(Ok(_)) => {
+                            let (n, done) = take(&buf)?;
+                            out = buf.split_to(n);
+                            if done {
+                                (ended, clean) = (true, buf.is_empty());
+                                *peer = None;
+                            }
+                            moved = true;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                // Then the body, for as long as the node takes it.
+                if body_open
+                    && !body.done()
+                    && let Poll::Ready(step) = body.poll_step(cx, client, node)
+                {
+                    match body.apply(step) {
+                        Ok(()) => moved = true,
+                        Err(PumpError::Client) => return Poll::Ready(Err(Broken::Client)),
+                        Err(_) => body_open = false,
+                    }
+                }
+                if moved {
+                    timer.as_mut().reset(tokio::time::Instant::now() + self.read_timeout);
+                    continue;
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(Broken::Node(Outcome::Timeout)));
+                }
+                return Poll::Pending;
+            }
+        })
+        .await
     }
 }
 
@@ -244,6 +715,20 @@ async fn exchange<C: AsyncWrite + Unpin>(
     let got =
         send_and_read_head(head, addr, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
             .await?;
+    relay_response(client, got, peer, addr, keepalive, timeouts.read, start).await
+}
+
+/// Relays the response whose head is in `got` (and its body) to the client.
+#[allow(clippy::too_many_arguments)]
+async fn relay_response<C: AsyncWrite + Unpin>(
+    client: &mut C,
+    got: Received,
+    peer: &mut Option<Peer>,
+    addr: SocketAddr,
+    keepalive: KeepalivePool,
+    read_timeout: Duration,
+    start: Instant,
+) -> Result<After, Failure> {
     let Received { mut node, uses, mut buf, head: parsed } = got;
     if let Some(p) = peer.as_ref() {
         p.report(Outcome::HttpStatus(parsed.status), start.elapsed());
@@ -257,7 +742,7 @@ async fn exchange<C: AsyncWrite + Unpin>(
         out_head.truncate(out_head.len() - 2);
         out_head.extend_from_slice(b"connection: close\r\n\r\n");
     }
-    match relay_body(client, &mut node, &mut buf, &out_head, framing, timeouts.read, peer).await {
+    match relay_body(client, &mut node, &mut buf, &out_head, framing, read_timeout, peer).await {
         Ok(clean) => {
             if clean && parsed.keepalive && framing != Framing::UntilClose {
                 checkin(addr, node, uses + 1, keepalive);
@@ -266,12 +751,7 @@ async fn exchange<C: AsyncWrite + Unpin>(
         }
         Err(Broken::BeforeHead) => {
             let e = ProxyError::BadResponse("invalid chunked body".into());
-            Err(Failure::Node {
-                error: e,
-                outcome: Outcome::TcpFailure,
-                elapsed: start.elapsed(),
-                sent: true,
-            })
+            Err(node_failure(e, Outcome::TcpFailure, start, true))
         }
         Err(Broken::Node(outcome)) => {
             if let Some(p) = peer.as_ref() {
@@ -305,18 +785,48 @@ async fn send_and_read_head(
     mode: HeadFor,
     start: Instant,
 ) -> Result<Received, Failure> {
-    let node_fail = |error: ProxyError, outcome: Outcome, sent: bool| Failure::Node {
-        error,
-        outcome,
-        elapsed: start.elapsed(),
-        sent,
-    };
-    // A pooled connection the node closed while idle fails at once; one fresh connection to the
-    // same node is tried before that counts as the node failing.
     // A request that may not be sent twice gets a connection checked with a syscall: the
     // reactor may not have seen a close that just arrived, and no retry would cover it.
     let mut pooled = checkout(addr, keepalive, !resend_ok);
-    let (mut node, uses, mut buf) = loop {
+    let (node, uses, buf) = loop {
+        let (mut node, uses, reused) = open_and_send(head, pooled.take(), addr, timeouts, start).await?;
+        let mut buf = BytesMut::new();
+        match read_some(&mut node, &mut buf, timeouts.read).await {
+            // The node closed a pooled connection: it most likely never saw the request, but a
+            // request that must not run twice is not sent again.
+            Ok(0) | Err(ReadError::Io(_)) if reused && resend_ok => continue,
+            Ok(0) => {
+                let e = ProxyError::BadResponse("node closed the connection without answering".into());
+                return Err(node_failure(e, Outcome::TcpFailure, start, true));
+            }
+            Ok(_) => break (node, uses, buf),
+            Err(ReadError::Io(e)) => {
+                let e = ProxyError::Connect(e.to_string());
+                return Err(node_failure(e, Outcome::TcpFailure, start, true));
+            }
+            Err(ReadError::Timeout) => {
+                return Err(node_failure(ProxyError::Timeout("read"), Outcome::Timeout, start, true));
+            }
+        }
+    };
+    read_head(node, uses, buf, timeouts.read, head_only, mode, start).await
+}
+
+fn node_failure(error: ProxyError, outcome: Outcome, start: Instant, sent: bool) -> Failure {
+    Failure::Node { error, outcome, elapsed: start.elapsed(), sent }
+}
+
+/// Writes `head` to `pooled`, or to a fresh connection to `addr`. A pooled connection the node
+/// closed while idle fails at once; one fresh connection to the same node is tried before that
+/// counts as the node failing. Also says whether the connection was a pooled one.
+async fn open_and_send(
+    head: &[u8],
+    mut pooled: Option<Checked>,
+    addr: SocketAddr,
+    timeouts: crate::Timeouts,
+    start: Instant,
+) -> Result<(TcpStream, u32, bool), Failure> {
+    loop {
         let (mut node, uses, reused) = match pooled.take() {
             Some(c) => (c.stream, c.uses, true),
             None => match connect_tcp(addr, timeouts.connect).await {
@@ -327,39 +837,36 @@ async fn send_and_read_head(
                     } else {
                         (ProxyError::Connect(e.to_string()), Outcome::TcpFailure)
                     };
-                    return Err(node_fail(err, outcome, false));
+                    return Err(node_failure(err, outcome, start, false));
                 }
             },
         };
         match tokio::time::timeout(timeouts.send, node.write_all(head)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => return Ok((node, uses, reused)),
             Ok(Err(_)) if reused => continue,
             Ok(Err(e)) => {
-                return Err(node_fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure, true));
+                let e = ProxyError::Connect(e.to_string());
+                return Err(node_failure(e, Outcome::TcpFailure, start, true));
             }
-            Err(_) => return Err(node_fail(ProxyError::Timeout("send"), Outcome::Timeout, true)),
+            Err(_) => return Err(node_failure(ProxyError::Timeout("send"), Outcome::Timeout, start, true)),
         }
-        let mut buf = BytesMut::new();
-        match read_some(&mut node, &mut buf, timeouts.read).await {
-            // The node closed a pooled connection: it most likely never saw the request, but a
-            // request that must not run twice is not sent again.
-            Ok(0) | Err(ReadError::Io(_)) if reused && resend_ok => continue,
-            Ok(0) => {
-                let e = ProxyError::BadResponse("node closed the connection without answering".into());
-                return Err(node_fail(e, Outcome::TcpFailure, true));
-            }
-            Ok(_) => break (node, uses, buf),
-            Err(ReadError::Io(e)) => {
-                return Err(node_fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure, true));
-            }
-            Err(ReadError::Timeout) => {
-                return Err(node_fail(ProxyError::Timeout("read"), Outcome::Timeout, true));
-            }
-        }
-    };
+    }
+}
+
+/// Reads the response head from `node` (what came already is in `buf`), skipping 1xx interim
+/// responses; the whole head must come within `read_timeout`.
+async fn read_head(
+    mut node: TcpStream,
+    uses: u32,
+    mut buf: BytesMut,
+    read_timeout: Duration,
+    head_only: bool,
+    mode: HeadFor,
+    start: Instant,
+) -> Result<Received, Failure> {
+    let node_fail = |error: ProxyError, outcome: Outcome| node_failure(error, outcome, start, true);
     let mut interim = 0;
-    // The rest of the head must come within the read timeout too: one deadline for all of it.
-    let head_deadline = tokio::time::Instant::now() + timeouts.read;
+    let head_deadline = tokio::time::Instant::now() + read_timeout;
     loop {
         match parse_response(&buf, head_only, mode) {
             Ok(Some(parsed)) => {
@@ -367,42 +874,44 @@ async fn send_and_read_head(
                 if parsed.status == 101 {
                     // No upgrade was asked for.
                     let e = ProxyError::BadResponse("unexpected 101 Switching Protocols".into());
-                    return Err(node_fail(e, Outcome::TcpFailure, true));
+                    return Err(node_fail(e, Outcome::TcpFailure));
                 }
                 if (100..200).contains(&parsed.status) {
                     interim += 1;
                     if interim > 8 {
                         let e = ProxyError::BadResponse("too many interim responses".into());
-                        return Err(node_fail(e, Outcome::TcpFailure, true));
+                        return Err(node_fail(e, Outcome::TcpFailure));
                     }
                     continue;
                 }
                 return Ok(Received { node, uses, buf, head: parsed });
             }
-            Ok(None) if buf.len() < MAX_HEAD => match read_some(
-                &mut node,
-                &mut buf,
-                head_deadline.saturating_duration_since(tokio::time::Instant::now()),
-            )
-            .await
-            {
-                Ok(0) => {
-                    let e = ProxyError::BadResponse("node closed the connection mid-head".into());
-                    return Err(node_fail(e, Outcome::TcpFailure, true));
+            Ok(None) if buf.len() < MAX_HEAD => {
+                let was_empty = buf.is_empty();
+                let limit = head_deadline.saturating_duration_since(tokio::time::Instant::now());
+                match read_some(&mut node, &mut buf, limit).await {
+                    Ok(0) => {
+                        let e = ProxyError::BadResponse(if was_empty {
+                            "node closed the connection without answering".into()
+                        } else {
+                            "node closed the connection mid-head".into()
+                        });
+                        return Err(node_fail(e, Outcome::TcpFailure));
+                    }
+                    Ok(_) => {}
+                    Err(ReadError::Io(e)) => {
+                        return Err(node_fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure));
+                    }
+                    Err(ReadError::Timeout) => {
+                        return Err(node_fail(ProxyError::Timeout("read"), Outcome::Timeout));
+                    }
                 }
-                Ok(_) => {}
-                Err(ReadError::Io(e)) => {
-                    return Err(node_fail(ProxyError::Connect(e.to_string()), Outcome::TcpFailure, true));
-                }
-                Err(ReadError::Timeout) => {
-                    return Err(node_fail(ProxyError::Timeout("read"), Outcome::Timeout, true));
-                }
-            },
+            }
             Ok(None) => {
                 let e = ProxyError::BadResponse("response head too large".into());
-                return Err(node_fail(e, Outcome::TcpFailure, true));
+                return Err(node_fail(e, Outcome::TcpFailure));
             }
-            Err(msg) => return Err(node_fail(ProxyError::BadResponse(msg), Outcome::TcpFailure, true)),
+            Err(msg) => return Err(node_fail(ProxyError::BadResponse(msg), Outcome::TcpFailure)),
         }
     }
 }
@@ -1413,20 +1922,22 @@ mod tests {
     }
 
     #[test]
-    fn eligible_takes_one_plain_content_length_up_to_the_limit() {
+    fn eligible_takes_one_plain_content_length() {
         assert_eq!(eligible(&head(&[])), Some(0));
         assert_eq!(eligible(&head(&[("content-length", "5")])), Some(5));
         assert_eq!(eligible(&head(&[("content-length", "5"), ("content-length", "5")])), Some(5));
         assert_eq!(eligible(&head(&[("content-length", "65536")])), Some(BODY_MAX));
+        assert_eq!(eligible(&head(&[("content-length", "10737418240")])), Some(10 << 30));
+        assert_eq!(eligible(&head(&[("content-length", "5"), ("expect", "100-Continue")])), Some(5));
         for refused in [
-            &[("content-length", "65537")][..],
-            &[("content-length", "0"), ("content-length", "5")],
+            &[("content-length", "0"), ("content-length", "5")][..],
             &[("content-length", "+5")],
             &[("content-length", "5,5")],
             &[("content-length", "0x5")],
             &[("content-length", "99999999999999999999")],
             &[("content-length", "5"), ("transfer-encoding", "chunked")],
-            &[("content-length", "5"), ("expect", "100-continue")],
+            &[("content-length", "5"), ("expect", "something-else")],
+            &[("content-length", "5"), ("expect", "100-continue"), ("expect", "100-continue")],
             &[("connection", "keep-alive, close")],
             &[("upgrade", "websocket")],
         ] {
