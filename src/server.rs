@@ -674,6 +674,7 @@ async fn serve_h1<S: ClientStream>(
     use tokio::io::AsyncReadExt;
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     let header_timeout = shared.node.client_header_timeout;
+    let body_timeout = shared.node.client_body_timeout;
     // What the client sent while the protocol was being told apart comes first.
     let mut buf = read;
     let mut first_deadline = Some(first_deadline);
@@ -771,14 +772,13 @@ async fn serve_h1<S: ClientStream>(
         };
         shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
         let after = if body_len <= strait_protocols::h1::BODY_MAX {
-            // The whole body before a node is picked, within client_header_timeout from the end
-            // of the head; a client that does not send it in time loses the connection.
+            // The whole body before a node is picked; a client that pauses longer than
+            // client_body_timeout loses the connection.
             let need = len + body_len as usize;
             if buf.len() < need {
-                let deadline = tokio::time::Instant::now() + header_timeout;
                 buf.reserve(need - buf.len());
                 while buf.len() < need {
-                    match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                    match tokio::time::timeout(body_timeout, stream.read_buf(&mut buf)).await {
                         Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
                         Ok(Ok(_)) => {}
                     }
@@ -792,7 +792,7 @@ async fn serve_h1<S: ClientStream>(
             let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
             Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await
         } else {
-            // Streamed as it comes, each wait for the client bounded by client_header_timeout.
+            // Streamed as it comes, each wait for the client bounded by client_body_timeout.
             buf.advance(len);
             let prefix = buf.split_to(buf.len().min(body_len as usize));
             let left = body_len - prefix.len() as u64;

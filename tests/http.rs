@@ -664,7 +664,7 @@ async fn a_node_closing_idle_connections_costs_no_failed_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_switches_to_the_general_path_for_a_body_and_keeps_working() {
+async fn a_connection_keeps_working_across_read_whole_and_streamed_bodies() {
     use http_body_util::BodyExt;
     let b = Backend::start("b").await;
     let gw = TestGateway::start(&format!(
@@ -675,7 +675,8 @@ async fn a_connection_switches_to_the_general_path_for_a_body_and_keeps_working(
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    // Bodies up to 64 KiB are relayed; a larger one moves the connection to the general path.
+    // Bodies up to 64 KiB are read whole first, a larger one is streamed (and `/echo` answers
+    // before it has all of it: the connection is reused all the same).
     let big: &'static str = Box::leak("z".repeat(100 * 1024).into_boxed_str());
     for (method, path, sent) in [
         ("GET", "/a", ""),
@@ -734,7 +735,7 @@ async fn small_request_bodies_are_relayed_whole_with_their_length() {
 async fn a_body_that_never_completes_reaches_no_node() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = Backend::start("b").await;
-    // BASE_CONFIG: client_header_timeout 2s, which also bounds the wait for the body.
+    // BASE_CONFIG: client_body_timeout 2s bounds the wait for the body.
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
         nodes_yaml(&[b.addr])
@@ -1063,7 +1064,7 @@ async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
 }
 
 /// A large body is streamed to the node as the client sends it; a client that stops sending it
-/// gets a 408 after `client_header_timeout`, and the node's connection is closed (the node never
+/// gets a 408 after `client_body_timeout`, and the node's connection is closed (the node never
 /// sees a whole request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_body_reaches_the_node_before_it_ends_and_a_stalled_one_is_a_408() {
@@ -1112,7 +1113,7 @@ async fn a_streamed_body_reaches_the_node_before_it_ends_and_a_stalled_one_is_a_
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
         start.elapsed() >= Duration::from_millis(1500),
-        "client_header_timeout is 2 s: {:?}",
+        "client_body_timeout is 2 s: {:?}",
         start.elapsed()
     );
     loop {

@@ -174,9 +174,9 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
 /// Forwards one request whose body is too large to read whole first: the head and `prefix` (the
 /// part of the body already read) go to the node, then the remaining `left` bytes are copied
 /// from `client` as the node takes them, each wait for the client bounded by `body_timeout`.
-/// A node that answers before the body is all sent gets its answer relayed at once, without the
-/// rest of the body, and the client connection then closes. Only a failed connect is retried:
-/// the body is not kept.
+/// An answer that comes before the body is all sent is relayed at once, while the body goes on
+/// until the answer ends; a client whose body was not all read by then loses its connection
+/// (after a lingering read). Only a failed connect is retried: the body is not kept.
 pub async fn forward_streamed<C, P>(
     client: &mut C,
     mut parts: Parts,
@@ -283,23 +283,34 @@ impl StreamedAttempt {
             return relay_response(client, got, peer, self.addr, self.keepalive, read, start).await;
         }
         // The node answered first. The answer goes to the client as it comes, and the body to
-        // the node for as long as the answer lasts; the client connection closes after it.
+        // the node for as long as the answer lasts (a node may answer as it reads, an echo). A
+        // node that says it will close wants no more of the body: the client is told that its
+        // connection closes too.
         let Received { mut node, uses, buf, head: parsed } = got;
         if let Some(p) = peer.as_ref() {
             p.report(Outcome::HttpStatus(parsed.status), start.elapsed());
         }
+        let client_close = !parsed.keepalive || parsed.framing == Framing::UntilClose;
         let mut out = parsed.head;
-        out.truncate(out.len() - 2);
-        out.extend_from_slice(b"connection: close\r\n\r\n");
+        if client_close {
+            out.truncate(out.len() - 2);
+            out.extend_from_slice(b"connection: close\r\n\r\n");
+        }
         let relay = Duplex { framing: parsed.framing, read_timeout: self.timeouts.read };
         let ended = relay.run(client, &mut node, &mut body, out, buf, peer).await;
         *left = body.left;
         match ended {
             Ok(clean) => {
-                if clean && parsed.keepalive && parsed.framing != Framing::UntilClose && body.done() {
+                if clean && !client_close && body.done() {
                     checkin(self.addr, node, uses + 1, self.keepalive);
                 }
-                Ok(if *left > 0 { After::Linger } else { After::Close })
+                // A client whose body was not all read cannot send its next request here: the
+                // connection closes, whatever the answer said.
+                Ok(match (*left, client_close) {
+                    (1.., _) => After::Linger,
+                    (0, true) => After::Close,
+                    (0, false) => After::KeepAlive,
+                })
             }
             Err(Broken::Node(outcome)) => {
                 if let Some(p) = peer.as_ref() {

@@ -71,6 +71,9 @@ pub struct NodeConfig {
     pub resolver_timeout: Duration,
     /// How long a client may take to send request headers.
     pub client_header_timeout: Duration,
+    /// How long a client may send nothing while a request body is read from it
+    /// (`nginx_config.http.client_body_timeout`, nginx's: between two reads).
+    pub client_body_timeout: Duration,
     /// How long an idle keep-alive client connection stays open.
     pub keepalive_timeout: Duration,
     /// How long a write to a client may make no progress before the connection is closed
@@ -116,7 +119,6 @@ const NGINX_HTTP_UNSUPPORTED: &[&str] = &[
     "access_log",
     "access_log_format",
     "access_log_format_escape",
-    "client_body_timeout",
     "client_max_body_size",
     "underscores_in_headers",
     "real_ip_header",
@@ -218,6 +220,7 @@ impl NodeConfig {
             dns_resolver_valid: None,
             resolver_timeout: Duration::from_secs(5),
             client_header_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(60),
             // APISIX's config-default.yaml.
             send_timeout: Duration::from_secs(10),
@@ -398,6 +401,15 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
                 match parse_duration(v) {
                     Some(d) if !d.is_zero() => cfg.send_timeout = d,
                     _ => errs.add("nginx_config.http.send_timeout", "expected a positive duration like 10s"),
+                }
+            }
+            if let Some(v) = &h.client_body_timeout {
+                match parse_duration(v) {
+                    Some(d) if !d.is_zero() => cfg.client_body_timeout = d,
+                    _ => errs.add(
+                        "nginx_config.http.client_body_timeout",
+                        "expected a positive duration like 60s",
+                    ),
                 }
             }
         }
@@ -648,6 +660,18 @@ mod tests {
         assert!(text.contains("bogus"), "{text}");
         let e = parse("apisix:\n  node_listen: [{ip: nope, port: 1}]\n").unwrap_err();
         assert_eq!(e.0[0].path, "apisix.node_listen[0].ip");
+    }
+
+    #[test]
+    fn client_body_timeout_defaults_to_apisix_and_must_be_positive() {
+        let c = parse("apisix:\n  node_listen: 9080\n").unwrap();
+        assert_eq!(c.client_body_timeout, Duration::from_secs(60));
+        let c = parse("nginx_config:\n  http:\n    client_body_timeout: 2s\n").unwrap();
+        assert_eq!(c.client_body_timeout, Duration::from_secs(2));
+        for bad in ["0s", "later"] {
+            let e = parse(&format!("nginx_config:\n  http:\n    client_body_timeout: {bad}\n")).unwrap_err();
+            assert_eq!(e.0[0].path, "nginx_config.http.client_body_timeout", "{bad}");
+        }
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub struct RawNginxConfig {
 pub struct RawNginxHttp {
     /// e.g. `60s`: how long a client may take to send its request headers.
     pub client_header_timeout: Option<Value>,
+    /// e.g. `60s`: how long a client may pause while it sends a request body.
+    pub client_body_timeout: Option<Value>,
     /// e.g. `60s`: how long an idle client keep-alive connection stays open.
     pub keepalive_timeout: Option<Value>,
     /// e.g. `10s`: how long a write to a client may make no progress.

@@ -36,6 +36,7 @@ pub const BASE_CONFIG: &str = "apisix:
 nginx_config:
   http:
     client_header_timeout: 2s
+    client_body_timeout: 2s
 deployment:
   role: data_plane
   role_data_plane:
