@@ -802,7 +802,7 @@ async fn serve_h1<S: ClientStream>(
                 parts,
                 &prefix,
                 left,
-                header_timeout,
+                body_timeout,
                 &ctx,
                 &**upstream,
             );

@@ -1087,10 +1087,12 @@ async fn a_streamed_body_reaches_the_node_before_it_ends_and_a_stalled_one_is_a_
             });
         }
     });
-    let gw = TestGateway::start(&format!(
-        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
-        nodes_yaml(&[node])
-    ));
+    // The body's timeout (2 s), not the head's (20 s here), bounds the pauses in a body.
+    let gw = TestGateway::start_with(
+        &BASE_CONFIG.replace("client_header_timeout: 2s", "client_header_timeout: 20s"),
+        &format!("routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n", nodes_yaml(&[node])),
+        2,
+    );
     let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
     c.write_all(b"PUT /up HTTP/1.1\r\nhost: h\r\ncontent-length: 1048576\r\n\r\n").await.unwrap();
     c.write_all(&vec![b'z'; 200 << 10]).await.unwrap();

@@ -126,13 +126,7 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
 ) -> After {
     let settings = picker.settings();
     let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
-    let client_host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    prepare_request_headers(&mut parts, ctx, client_host.as_ref(), false, Scheme::Http);
-    parts.headers.remove(header::HOST);
+    let client_host = prepare_head(&mut parts, ctx);
     if !body.is_empty() {
         // Said once, by the relay: a client's `Connection: content-length` must not leave the
         // node without the body's length.
@@ -192,13 +186,7 @@ where
 {
     let settings = picker.settings();
     let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
-    let client_host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    prepare_request_headers(&mut parts, ctx, client_host.as_ref(), false, Scheme::Http);
-    parts.headers.remove(header::HOST);
+    let client_host = prepare_head(&mut parts, ctx);
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(prefix.len() as u64 + left));
     let head_only = parts.method == Method::HEAD;
     let mut left = left;
@@ -640,6 +628,19 @@ impl Duplex {
         })
         .await
     }
+}
+
+/// Rewrites a client's request head for the node (forwarding headers, hop-by-hop ones dropped)
+/// and takes its `Host` out; returns the client's host, for `pass_host`.
+fn prepare_head(parts: &mut Parts, ctx: &ForwardCtx<'_>) -> Option<HeaderValue> {
+    let client_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    prepare_request_headers(parts, ctx, client_host.as_ref(), false, Scheme::Http);
+    parts.headers.remove(header::HOST);
+    client_host
 }
 
 /// Why an attempt ended without a relayed response.
