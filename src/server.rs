@@ -670,7 +670,7 @@ async fn serve_h1<S: ClientStream>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     use bytes::Buf;
-    use strait_protocols::h1::RequestHead;
+    use strait_protocols::h1::{ReqBody, RequestHead};
     use tokio::io::AsyncReadExt;
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     let header_timeout = shared.node.client_header_timeout;
@@ -731,7 +731,7 @@ async fn serve_h1<S: ClientStream>(
         };
         let Some(parsed) = parsed else { break };
         let strait_protocols::h1::ParsedRequest { parts, len } = parsed;
-        let Some(body_len) = strait_protocols::h1::eligible(&parts) else { break };
+        let Some(body) = strait_protocols::h1::eligible(&parts) else { break };
         if grpc::is_grpc_request(&parts.headers) {
             break;
         }
@@ -750,7 +750,26 @@ async fn serve_h1<S: ClientStream>(
         };
         let Some(upstream) = &route.upstream else { break };
         let have = (buf.len() - len) as u64;
-        if have < body_len && strait_protocols::h1::expects_continue(&parts) {
+        let waiting = match body {
+            ReqBody::Length(n) => have < n,
+            ReqBody::Chunked => have == 0,
+        };
+        /// How the body is read.
+        enum Plan {
+            /// Whole (this many bytes), before a node is picked.
+            Whole(u64),
+            Streamed(strait_protocols::h1::StreamedBody),
+        }
+        let plan = match body {
+            ReqBody::Length(n) if n <= strait_protocols::h1::BODY_MAX => Plan::Whole(n),
+            // Starts with what came with the head; chunk framing that is invalid already goes to
+            // hyper, with the bytes as they came.
+            _ => match strait_protocols::h1::StreamedBody::start(body, &mut buf, len) {
+                Some(s) => Plan::Streamed(s),
+                None => break,
+            },
+        };
+        if waiting && strait_protocols::h1::expects_continue(&parts) {
             // The client waits for this before it sends the body (nginx sends it when it starts
             // reading the body, too).
             let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
@@ -771,42 +790,43 @@ async fn serve_h1<S: ClientStream>(
             deadline: None,
         };
         shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
-        let after = if body_len <= strait_protocols::h1::BODY_MAX {
-            // The whole body before a node is picked; a client that pauses longer than
-            // client_body_timeout loses the connection.
-            let need = len + body_len as usize;
-            if buf.len() < need {
-                buf.reserve(need - buf.len());
-                while buf.len() < need {
-                    match tokio::time::timeout(body_timeout, stream.read_buf(&mut buf)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                        Ok(Ok(_)) => {}
+        let after = match plan {
+            Plan::Whole(body_len) => {
+                // The whole body before a node is picked; a client that pauses longer than
+                // client_body_timeout loses the connection.
+                let need = len + body_len as usize;
+                if buf.len() < need {
+                    buf.reserve(need - buf.len());
+                    while buf.len() < need {
+                        match tokio::time::timeout(body_timeout, stream.read_buf(&mut buf)).await {
+                            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                            Ok(Ok(_)) => {}
+                        }
                     }
                 }
+                buf.advance(len);
+                // (Splitting off nothing would still turn `buf` into a shared buffer: an allocation.)
+                let body =
+                    if body_len > 0 { buf.split_to(body_len as usize) } else { bytes::BytesMut::new() };
+                // Boxed: the exchange's state (a few KiB) exists only while a request is in flight,
+                // so an idle connection stays small.
+                let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
+                Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await
             }
-            buf.advance(len);
-            // (Splitting off nothing would still turn `buf` into a shared buffer: an allocation.)
-            let body = if body_len > 0 { buf.split_to(body_len as usize) } else { bytes::BytesMut::new() };
-            // Boxed: the exchange's state (a few KiB) exists only while a request is in flight,
-            // so an idle connection stays small.
-            let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
-            Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await
-        } else {
             // Streamed as it comes, each wait for the client bounded by client_body_timeout.
-            buf.advance(len);
-            let prefix = buf.split_to(buf.len().min(body_len as usize));
-            let left = body_len - prefix.len() as u64;
-            let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
-            let forward = strait_protocols::h1::forward_streamed(
-                &mut client,
-                parts,
-                &prefix,
-                left,
-                body_timeout,
-                &ctx,
-                &**upstream,
-            );
-            Box::pin(forward).await
+            Plan::Streamed(streamed) => {
+                let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
+                let forward = strait_protocols::h1::forward_streamed(
+                    &mut client,
+                    parts,
+                    streamed,
+                    &mut buf,
+                    body_timeout,
+                    &ctx,
+                    &**upstream,
+                );
+                Box::pin(forward).await
+            }
         };
         match after {
             strait_protocols::h1::After::KeepAlive if !*shutdown.borrow() => {}

@@ -1481,3 +1481,113 @@ async fn an_h2c_body_that_does_not_come_is_a_408_and_reaches_no_node() {
     }
     assert_eq!(got, b"helloworld");
 }
+
+/// Chunked request bodies from HTTP/1.1 clients are streamed by the relay as they come, chunk
+/// framing and all: curl's chunked upload arrives whole; the bytes after a body's last chunk are
+/// the client's next request, kept for it (here they come in the same read as the body's end,
+/// after the node already has the start); and framing that breaks mid-body is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_request_bodies_are_streamed_and_the_next_request_follows() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b").await;
+    // A node that reports what it reads, and answers each request once its chunked body ended.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut answered = 0;
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                    got.extend_from_slice(&chunk[..n]);
+                    let _ = seen_tx.send(got.clone());
+                    let ends = got.windows(5).filter(|w| w == b"0\r\n\r\n").count();
+                    let heads = got.windows(4).filter(|w| w == b"\r\n\r\n").count();
+                    // A GET (no body) is one head; a chunked POST is a head and a last chunk.
+                    let done = if got.starts_with(b"GET") { heads } else { ends };
+                    while answered < done {
+                        answered += 1;
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /sink\n    upstream: {{nodes: {}}}\n  - uri: /raw\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr]),
+        nodes_yaml(&[node])
+    ));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    std::fs::write(&file, vec![b'c'; 1 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    let url = format!("http://{}/sink", gw.http());
+    let (ok, out, err) =
+        curl(&["-H", "Transfer-Encoding: chunked", "-H", "host: h", "--data-binary", &data, &url]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, (1 << 20).to_string(), "the node read the whole chunked body");
+    let seen = b.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["transfer-encoding"], "chunked");
+
+    // The body's start, then (once the node has it) its end and the next request in one write.
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    c.write_all(b"POST /raw HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let got =
+            tokio::time::timeout(left, seen_rx.recv()).await.expect("the body's start reached the node");
+        if got.unwrap().ends_with(b"5\r\nhel") {
+            break;
+        }
+    }
+    c.write_all(b"lo\r\n0\r\n\r\nPOST /raw HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while answers.windows(2).filter(|w| w == b"ok").count() < 2 {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut chunk))
+            .await
+            .expect("two answers")
+            .unwrap();
+        assert!(n > 0, "closed after {}", String::from_utf8_lossy(&answers));
+        answers.extend_from_slice(&chunk[..n]);
+    }
+    let mut got = Vec::new();
+    while let Ok(g) = seen_rx.try_recv() {
+        got = g;
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("\r\n\r\n5\r\nhello\r\n0\r\n\r\nPOST /raw HTTP/1.1\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n2\r\nhi\r\n0\r\n\r\n"), "{text}");
+    assert!(!text.to_ascii_lowercase().contains("content-length"), "{text}");
+
+    // Framing that breaks after the node has the body's start.
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    c.write_all(b"POST /raw HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let got =
+            tokio::time::timeout(left, seen_rx.recv()).await.expect("the body's start reached the node");
+        if got.unwrap().ends_with(b"5\r\nhello\r\n") {
+            break;
+        }
+    }
+    c.write_all(b"zz\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer)).await.expect("closed").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}

@@ -53,16 +53,25 @@ const STREAM_CHUNK: usize = 64 * 1024;
 /// body. Larger bodies are streamed to the node as they come ([`forward_streamed`]).
 pub const BODY_MAX: u64 = 64 * 1024;
 
-/// Whether a parsed client request can take this path, and the length of its body: HTTP/1.1,
-/// no `Transfer-Encoding`, one `Content-Length` (or none), no upgrade, no `Expect` other than
-/// `100-continue`, and a keep-alive connection. (The route decides the rest: a plain `http`
-/// upstream, no transcoding.)
-pub fn eligible(parts: &Parts) -> Option<u64> {
+/// How a request body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqBody {
+    /// `Content-Length` (0 without a body).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`: always streamed.
+    Chunked,
+}
+
+/// Whether a parsed client request can take this path, and how its body is framed: HTTP/1.1,
+/// one `Content-Length` (or none) or `Transfer-Encoding: chunked` alone, no upgrade, no `Expect`
+/// other than `100-continue`, and a keep-alive connection. (The route decides the rest: a plain
+/// `http` upstream, no transcoding.)
+pub fn eligible(parts: &Parts) -> Option<ReqBody> {
     if parts.version != http::Version::HTTP_11 || parts.method == Method::CONNECT {
         return None;
     }
     let h = &parts.headers;
-    if h.contains_key(header::TRANSFER_ENCODING) || h.contains_key(header::UPGRADE) {
+    if h.contains_key(header::UPGRADE) {
         return None;
     }
     let mut expect = h.get_all(header::EXPECT).iter();
@@ -70,6 +79,19 @@ pub fn eligible(parts: &Parts) -> Option<u64> {
         && (!e.as_bytes().eq_ignore_ascii_case(b"100-continue") || expect.next().is_some())
     {
         return None;
+    }
+    if h.get_all(header::CONNECTION).iter().any(|c| has_token(c.as_bytes(), b"close")) {
+        return None;
+    }
+    // Chunked alone, said once: a Content-Length beside it, or another coding, is for hyper to
+    // refuse (request smuggling, RFC 9112 section 6.3).
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(v) = te.next() {
+        let chunked = v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+        if !chunked || te.next().is_some() || h.contains_key(header::CONTENT_LENGTH) {
+            return None;
+        }
+        return Some(ReqBody::Chunked);
     }
     // Every Content-Length must be plain digits and say the same: with two different ones the
     // node might read a body other than the one the relay sends, and the connection's next
@@ -86,10 +108,41 @@ pub fn eligible(parts: &Parts) -> Option<u64> {
         }
         len = Some(n);
     }
-    if h.get_all(header::CONNECTION).iter().any(|c| has_token(c.as_bytes(), b"close")) {
-        return None;
+    Some(ReqBody::Length(len.unwrap_or(0)))
+}
+
+/// A request body the relay streams: the part already read, and how to find the rest.
+pub struct StreamedBody {
+    prefix: BytesMut,
+    /// Bytes still to come for a `Content-Length` body; for a chunked one, 1 until its end was
+    /// seen, then 0.
+    left: u64,
+    chunks: Option<ChunkedState>,
+}
+
+impl StreamedBody {
+    /// Drops the request head (`head` bytes) from the start of `buf` and takes what follows of
+    /// the body, nothing past its end (a pipelined request stays there). `None`, with `buf` left
+    /// as it was, when chunk framing is already invalid.
+    pub fn start(body: ReqBody, buf: &mut BytesMut, head: usize) -> Option<StreamedBody> {
+        match body {
+            ReqBody::Length(n) => {
+                buf.advance(head);
+                let prefix = buf.split_to(buf.len().min(n as usize));
+                Some(StreamedBody { left: n - prefix.len() as u64, prefix, chunks: None })
+            }
+            ReqBody::Chunked => {
+                let mut chunks = ChunkedState::default();
+                let (used, done) = chunks.feed(&buf[head..]);
+                if chunks.failed {
+                    return None;
+                }
+                buf.advance(head);
+                let prefix = buf.split_to(used);
+                Some(StreamedBody { prefix, left: u64::from(!done), chunks: Some(chunks) })
+            }
+        }
     }
-    Some(len.unwrap_or(0))
 }
 
 /// Whether the client asked for `100 Continue` before it sends its body.
@@ -165,17 +218,19 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
     }
 }
 
-/// Forwards one request whose body is too large to read whole first: the head and `prefix` (the
-/// part of the body already read) go to the node, then the remaining `left` bytes are copied
-/// from `client` as the node takes them, each wait for the client bounded by `body_timeout`.
-/// An answer that comes before the body is all sent is relayed at once, while the body goes on
-/// until the answer ends; a client whose body was not all read by then loses its connection
-/// (after a lingering read). Only a failed connect is retried: the body is not kept.
+/// Forwards one request whose body is streamed (too large to read whole first, or chunked):
+/// the head and the part of the body already read go to the node, then the rest is copied from
+/// `client` as the node takes it, each wait for the client bounded by `body_timeout`. Bytes the
+/// client sent past a chunked body's end are added to `rest`. An answer that comes before the
+/// body is all sent is relayed at once, while the body goes on until the answer ends; a client
+/// whose body was not all read by then loses its connection (after a lingering read). Only a
+/// failed connect is retried: the body is not kept.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward_streamed<C, P>(
     client: &mut C,
     mut parts: Parts,
-    prefix: &[u8],
-    left: u64,
+    body: StreamedBody,
+    rest: &mut BytesMut,
     body_timeout: Duration,
     ctx: &ForwardCtx<'_>,
     picker: &P,
@@ -187,9 +242,13 @@ where
     let settings = picker.settings();
     let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
     let client_host = prepare_head(&mut parts, ctx);
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(prefix.len() as u64 + left));
+    let StreamedBody { prefix, mut left, chunks } = body;
+    if chunks.is_some() {
+        parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    } else {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(prefix.len() as u64 + left));
+    }
     let head_only = parts.method == Method::HEAD;
-    let mut left = left;
     let mut retry = Retry::new(picker);
     loop {
         let peer = match retry.pick(picker, ctx.hash_key) {
@@ -198,12 +257,16 @@ where
         };
         let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
         let mut head = request_head(&parts, &host);
-        head.extend_from_slice(prefix);
+        head.extend_from_slice(&prefix);
         let addr = peer.addr;
         let mut slot = Some(peer);
         let attempt =
             StreamedAttempt { body_timeout, addr, keepalive: settings.keepalive, timeouts, head_only };
-        match attempt.run(client, &head, &mut left, &mut slot).await {
+        let mut pump = BodyPump::new(left, chunks.clone());
+        let ran = attempt.run(client, &head, &mut pump, &mut slot).await;
+        left = pump.left;
+        rest.extend_from_slice(&pump.excess);
+        match ran {
             Ok(after) => return after,
             Err(Failure::Client) => return After::Close,
             Err(Failure::Node { error, outcome, elapsed, sent }) => {
@@ -243,22 +306,24 @@ impl StreamedAttempt {
         &self,
         client: &mut C,
         head: &[u8],
-        left: &mut u64,
+        body: &mut BodyPump,
         peer: &mut Option<Peer>,
     ) -> Result<After, Failure> {
         let start = Instant::now();
         // A body is never sent twice, so a pooled connection is checked with a syscall too.
         let pooled = checkout(self.addr, self.keepalive, true);
         let (mut node, uses, _) = open_and_send(head, pooled, self.addr, self.timeouts, start).await?;
-        let mut body = BodyPump::new(*left);
         let mut early = BytesMut::new();
-        let pumped = self.pump(client, &mut node, &mut body, &mut early).await;
-        *left = body.left;
-        let whole = match pumped {
+        let whole = match self.pump(client, &mut node, body, &mut early).await {
             Ok(whole) => whole,
             Err(PumpError::Client) => return Err(Failure::Client),
             Err(PumpError::ClientTimeout) => {
                 let e = ProxyError::Status(408, "request body timed out".into());
+                answer_error(client, &e, self.head_only).await;
+                return Err(Failure::Client);
+            }
+            Err(PumpError::BadBody) => {
+                let e = ProxyError::BadRequest("invalid chunked request body".into());
                 answer_error(client, &e, self.head_only).await;
                 return Err(Failure::Client);
             }
@@ -285,8 +350,7 @@ impl StreamedAttempt {
             out.extend_from_slice(b"connection: close\r\n\r\n");
         }
         let relay = Duplex { framing: parsed.framing, read_timeout: self.timeouts.read };
-        let ended = relay.run(client, &mut node, &mut body, out, buf, peer).await;
-        *left = body.left;
+        let ended = relay.run(client, &mut node, body, out, buf, peer).await;
         match ended {
             Ok(clean) => {
                 if clean && !client_close && body.done() {
@@ -294,7 +358,7 @@ impl StreamedAttempt {
                 }
                 // A client whose body was not all read cannot send its next request here: the
                 // connection closes, whatever the answer said.
-                Ok(match (*left, client_close) {
+                Ok(match (body.left, client_close) {
                     (1.., _) => After::Linger,
                     (0, true) => After::Close,
                     (0, false) => After::KeepAlive,
@@ -431,8 +495,12 @@ struct BodyPump {
     /// The part of `chunk` read from the client and not yet written to the node.
     from: usize,
     to: usize,
-    /// Bytes of the body the client has yet to send.
+    /// Bytes of the body the client has yet to send (for a chunked body: 1 until its end).
     left: u64,
+    /// The framing of a chunked body, followed to find its end.
+    chunks: Option<ChunkedState>,
+    /// What the client sent after a chunked body's end: the start of its next request.
+    excess: BytesMut,
 }
 
 /// One read from the client, or one write to the node.
@@ -442,8 +510,12 @@ enum PumpStep {
 }
 
 impl BodyPump {
-    fn new(left: u64) -> BodyPump {
-        BodyPump { chunk: vec![0; left.min(STREAM_CHUNK as u64) as usize], from: 0, to: 0, left }
+    fn new(left: u64, chunks: Option<ChunkedState>) -> BodyPump {
+        let size = match chunks {
+            Some(_) if left > 0 => STREAM_CHUNK,
+            _ => left.min(STREAM_CHUNK as u64) as usize,
+        };
+        BodyPump { chunk: vec![0; size], from: 0, to: 0, left, chunks, excess: BytesMut::new() }
     }
 
     /// The whole body reached the node.
@@ -465,7 +537,10 @@ impl BodyPump {
         if self.writing() {
             std::pin::Pin::new(node).poll_write(cx, &self.chunk[self.from..self.to]).map(PumpStep::Wrote)
         } else {
-            let want = self.left.min(self.chunk.len() as u64) as usize;
+            let want = match self.chunks {
+                Some(_) => self.chunk.len(),
+                None => self.left.min(self.chunk.len() as u64) as usize,
+            };
             let mut rb = tokio::io::ReadBuf::new(&mut self.chunk[..want]);
             std::pin::Pin::new(client)
                 .poll_read(cx, &mut rb)
@@ -476,10 +551,23 @@ impl BodyPump {
     fn apply(&mut self, step: PumpStep) -> Result<(), PumpError> {
         match step {
             PumpStep::Read(Ok(0) | Err(_)) => return Err(PumpError::Client),
-            PumpStep::Read(Ok(n)) => {
-                (self.from, self.to) = (0, n);
-                self.left -= n as u64;
-            }
+            PumpStep::Read(Ok(n)) => match &mut self.chunks {
+                Some(chunks) => {
+                    let (used, done) = chunks.feed(&self.chunk[..n]);
+                    if chunks.failed {
+                        return Err(PumpError::BadBody);
+                    }
+                    (self.from, self.to) = (0, used);
+                    if done {
+                        self.left = 0;
+                        self.excess.extend_from_slice(&self.chunk[used..n]);
+                    }
+                }
+                None => {
+                    (self.from, self.to) = (0, n);
+                    self.left -= n as u64;
+                }
+            },
             PumpStep::Wrote(Ok(0)) => {
                 let e = ProxyError::Connect("the node takes no more bytes".into());
                 return Err(PumpError::Node(e, Outcome::TcpFailure));
@@ -499,6 +587,8 @@ enum PumpError {
     Client,
     /// The client sent nothing for the body timeout.
     ClientTimeout,
+    /// The client's chunk framing is invalid.
+    BadBody,
     Node(ProxyError, Outcome),
 }
 
@@ -1217,7 +1307,7 @@ async fn write_two<C: AsyncWrite + Unpin>(s: &mut C, mut a: &[u8], mut b: &[u8])
 }
 
 /// Finds where a chunked body ends, across reads (RFC 9112 section 7.1).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct ChunkedState {
     step: Step,
     /// Bytes left in the current chunk's data.
@@ -1934,13 +2024,15 @@ mod tests {
     }
 
     #[test]
-    fn eligible_takes_one_plain_content_length() {
-        assert_eq!(eligible(&head(&[])), Some(0));
-        assert_eq!(eligible(&head(&[("content-length", "5")])), Some(5));
-        assert_eq!(eligible(&head(&[("content-length", "5"), ("content-length", "5")])), Some(5));
-        assert_eq!(eligible(&head(&[("content-length", "65536")])), Some(BODY_MAX));
-        assert_eq!(eligible(&head(&[("content-length", "10737418240")])), Some(10 << 30));
-        assert_eq!(eligible(&head(&[("content-length", "5"), ("expect", "100-Continue")])), Some(5));
+    fn eligible_takes_one_plain_content_length_or_chunked_alone() {
+        let len = |n| Some(ReqBody::Length(n));
+        assert_eq!(eligible(&head(&[])), len(0));
+        assert_eq!(eligible(&head(&[("content-length", "5")])), len(5));
+        assert_eq!(eligible(&head(&[("content-length", "5"), ("content-length", "5")])), len(5));
+        assert_eq!(eligible(&head(&[("content-length", "65536")])), len(BODY_MAX));
+        assert_eq!(eligible(&head(&[("content-length", "10737418240")])), len(10 << 30));
+        assert_eq!(eligible(&head(&[("content-length", "5"), ("expect", "100-Continue")])), len(5));
+        assert_eq!(eligible(&head(&[("transfer-encoding", "Chunked")])), Some(ReqBody::Chunked));
         for refused in [
             &[("content-length", "0"), ("content-length", "5")][..],
             &[("content-length", "+5")],
@@ -1948,6 +2040,9 @@ mod tests {
             &[("content-length", "0x5")],
             &[("content-length", "99999999999999999999")],
             &[("content-length", "5"), ("transfer-encoding", "chunked")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+            &[("transfer-encoding", "identity")],
             &[("content-length", "5"), ("expect", "something-else")],
             &[("content-length", "5"), ("expect", "100-continue"), ("expect", "100-continue")],
             &[("connection", "keep-alive, close")],
@@ -1955,6 +2050,23 @@ mod tests {
         ] {
             assert_eq!(eligible(&head(refused)), None, "{refused:?}");
         }
+    }
+
+    #[test]
+    fn a_streamed_body_takes_nothing_past_its_end() {
+        let mut buf = BytesMut::from(&b"HEAD5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n"[..]);
+        let body = StreamedBody::start(ReqBody::Chunked, &mut buf, 4).unwrap();
+        assert_eq!(&body.prefix[..], b"5\r\nhello\r\n0\r\n\r\n");
+        assert_eq!((body.left, &buf[..]), (0, &b"GET / HTTP/1.1\r\n"[..]));
+        let mut buf = BytesMut::from(&b"HEAD5\r\nhel"[..]);
+        let body = StreamedBody::start(ReqBody::Chunked, &mut buf, 4).unwrap();
+        assert_eq!((&body.prefix[..], body.left, buf.len()), (&b"5\r\nhel"[..], 1, 0));
+        let mut buf = BytesMut::from(&b"HEADzz\r\n"[..]);
+        assert!(StreamedBody::start(ReqBody::Chunked, &mut buf, 4).is_none());
+        assert_eq!(&buf[..], b"HEADzz\r\n", "left as it came, for hyper");
+        let mut buf = BytesMut::from(&b"HEADabcdef"[..]);
+        let body = StreamedBody::start(ReqBody::Length(100_000), &mut buf, 4).unwrap();
+        assert_eq!((&body.prefix[..], body.left), (&b"abcdef"[..], 100_000 - 6));
     }
 
     #[test]
