@@ -317,15 +317,15 @@ impl StreamedAttempt {
         let whole = match self.pump(client, &mut node, body, &mut early).await {
             Ok(whole) => whole,
             Err(PumpError::Client) => return Err(Failure::Client),
+            // The connection closes after these, with a lingering read: a client that sends
+            // again must not reset the answer away.
             Err(PumpError::ClientTimeout) => {
                 let e = ProxyError::Status(408, "request body timed out".into());
-                answer_error(client, &e, self.head_only).await;
-                return Err(Failure::Client);
+                return Ok(answer_error(client, &e, self.head_only).await.unless_unread(1));
             }
             Err(PumpError::BadBody) => {
                 let e = ProxyError::BadRequest("invalid chunked request body".into());
-                answer_error(client, &e, self.head_only).await;
-                return Err(Failure::Client);
+                return Ok(answer_error(client, &e, self.head_only).await.unless_unread(1));
             }
             Err(PumpError::Node(error, outcome)) => return Err(node_failure(error, outcome, start, true)),
         };
@@ -353,7 +353,7 @@ impl StreamedAttempt {
         let ended = relay.run(client, &mut node, body, out, buf, peer).await;
         match ended {
             Ok(clean) => {
-                if clean && !client_close && body.done() {
+                if clean && !client_close && body.done() && !body.dropped {
                     checkin(self.addr, node, uses + 1, self.keepalive);
                 }
                 // A client whose body was not all read cannot send its next request here: the
@@ -441,23 +441,27 @@ impl StreamedAttempt {
         if early.capacity() - early.len() < 4096 {
             early.reserve(4096);
         }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut polled = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, early);
-        if reset && polled.is_pending() {
-            // Data that came before a reset is still read before the reset's error.
+        let polled = if reset {
+            // Asked of the kernel, whatever the reactor knows, until the head is complete or
+            // nothing more is there: data that came before a reset is still read before the
+            // reset's error.
             let mut chunk = [0u8; 4096];
-            polled = loop {
+            loop {
                 match io::Read::read(&mut &*socket2::SockRef::from(&*node), &mut chunk) {
                     Ok(n @ 1..) => {
                         early.extend_from_slice(&chunk[..n]);
-                        if early.len() >= MAX_HEAD {
-                            break Poll::Ready(Ok(n));
+                        if answer_head(early, head_only) {
+                            return Ok(true);
                         }
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Poll::Pending,
                     other => break Poll::Ready(other),
                 }
-            };
-        }
+            }
+        } else {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, early)
+        };
         match polled {
             // Nothing after all (the readiness is cleared now), or more of what came.
             Poll::Pending | Poll::Ready(Ok(1..)) => {}
@@ -501,6 +505,8 @@ struct BodyPump {
     chunks: Option<ChunkedState>,
     /// What the client sent after a chunked body's end: the start of its next request.
     excess: BytesMut,
+    /// Part of the body was dropped instead of sent: the node connection is not reused.
+    dropped: bool,
 }
 
 /// One read from the client, or one write to the node.
@@ -515,7 +521,15 @@ impl BodyPump {
             Some(_) if left > 0 => STREAM_CHUNK,
             _ => left.min(STREAM_CHUNK as u64) as usize,
         };
-        BodyPump { chunk: vec![0; size], from: 0, to: 0, left, chunks, excess: BytesMut::new() }
+        BodyPump {
+            chunk: vec![0; size],
+            from: 0,
+            to: 0,
+            left,
+            chunks,
+            excess: BytesMut::new(),
+            dropped: false,
+        }
     }
 
     /// The whole body reached the node.
@@ -695,15 +709,22 @@ impl Duplex {
                         Poll::Pending => {}
                     }
                 }
-                // Then the body, for as long as the node takes it.
-                if body_open
-                    && !body.done()
-                    && let Poll::Ready(step) = body.poll_step(cx, client, node)
-                {
-                    match body.apply(step) {
-                        Ok(()) => moved = true,
-                        Err(PumpError::Client) => return Poll::Ready(Err(Broken::Client)),
-                        Err(_) => body_open = false,
+                // Then the body, for as long as the node takes it. Once the node's answer is all
+                // read, the rest of the body is read and dropped instead: a client that reads
+                // only after it has sent everything still gets the rest of the answer.
+                if body_open && !body.done() {
+                    if ended && body.writing() {
+                        body.from = body.to;
+                        body.dropped = true;
+                    }
+                    if !body.done()
+                        && let Poll::Ready(step) = body.poll_step(cx, client, node)
+                    {
+                        match body.apply(step) {
+                            Ok(()) => moved = true,
+                            // A client that stops sending (a half-close) may still read.
+                            Err(_) => body_open = false,
+                        }
                     }
                 }
                 if moved {
@@ -711,7 +732,11 @@ impl Duplex {
                     continue;
                 }
                 if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(Broken::Node(Outcome::Timeout)));
+                    // Nothing moved: the node did not answer on, unless the wait was for the
+                    // client's body (an echo waits for it), which is not the node's fault.
+                    let client_stalled = body_open && !body.done() && !body.writing();
+                    let fault = if client_stalled { Broken::Client } else { Broken::Node(Outcome::Timeout) };
+                    return Poll::Ready(Err(fault));
                 }
                 return Poll::Pending;
             }
