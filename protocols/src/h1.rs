@@ -1,7 +1,7 @@
 //! The HTTP/1.1 relay for the common case: a request from an HTTP/1.1 client (plain or TLS)
-//! without a body or with a `Content-Length` one (up to [`BODY_MAX`] read whole first, larger
-//! ones streamed: [`forward_streamed`]), forwarded to a plain `http` node, its response relayed
-//! byte for byte.
+//! without a body or with one framed by `Content-Length` (up to [`BODY_MAX`] read whole first,
+//! larger ones streamed: [`forward_streamed`]) or by chunked transfer coding (streamed),
+//! forwarded to a plain `http` node, its response relayed byte for byte.
 //!
 //! The general path (hyper's server and client, [`crate::http::forward`]) costs two tasks, a
 //! channel and a full decode and re-encode per request. This one runs the whole exchange in the
