@@ -653,11 +653,11 @@ impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// Serves an HTTP/1.1 connection (plain, or TLS without h2 negotiated): requests without a
-/// body or with a small one, routed to plain `http` upstreams, go through the direct relay
-/// ([`strait_protocols::h1`]); the first request that needs more (a larger body, an upgrade,
-/// gRPC, transcoding, anything malformed) hands the connection, with the bytes already read, to
-/// hyper for the rest of its life.
+/// Serves an HTTP/1.1 connection (plain, or TLS without h2 negotiated): requests routed to
+/// plain `http` upstreams go through the direct relay ([`strait_protocols::h1`]), their bodies
+/// read whole (up to 64 KiB) or streamed; the first request that needs more (an upgrade, gRPC,
+/// transcoding, another transfer coding, anything malformed) hands the connection, with the
+/// bytes already read, to hyper for the rest of its life.
 #[allow(clippy::too_many_arguments)]
 async fn serve_h1<S: ClientStream>(
     mut stream: S,

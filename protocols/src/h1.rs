@@ -630,25 +630,8 @@ impl Duplex {
         peer: &mut Option<Peer>,
     ) -> Result<bool, Broken> {
         let framing = self.framing;
-        let mut chunks = ChunkedState::default();
-        let mut left = match framing {
-            Framing::Length(n) => n,
-            _ => 0,
-        };
-        // The part of `buf` that belongs to the answer, and whether it ends there.
-        let mut take = |buf: &BytesMut| -> Result<(usize, bool), Broken> {
-            let (n, done) = match framing {
-                Framing::None => (0, true),
-                Framing::Length(_) => {
-                    let n = (buf.len() as u64).min(left) as usize;
-                    left -= n as u64;
-                    (n, left == 0)
-                }
-                Framing::Chunked => chunks.feed(buf),
-                Framing::UntilClose => (buf.len(), false),
-            };
-            if chunks.failed { Err(Broken::Node(Outcome::TcpFailure)) } else { Ok((n, done)) }
-        };
+        let mut answer = AnswerEnd::new(framing);
+        let mut take = |buf: &BytesMut| answer.take(buf).ok_or(Broken::Node(Outcome::TcpFailure));
         let (n, mut ended) = take(&buf)?;
         let mut out = BytesMut::from(&head[..]);
         out.extend_from_slice(&buf[..n]);
@@ -1238,33 +1221,13 @@ async fn relay_body<C: AsyncWrite + Unpin>(
     read_timeout: Duration,
     peer: &mut Option<Peer>,
 ) -> Result<bool, Broken> {
-    let mut chunks = ChunkedState::default();
-    let mut left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
-    // The part of `buf` that belongs to this response.
-    let take = |buf: &BytesMut, left: u64, chunks: &mut ChunkedState| -> (usize, bool) {
-        match framing {
-            Framing::None => (0, true),
-            Framing::Length(_) => {
-                let n = (buf.len() as u64).min(left) as usize;
-                (n, n as u64 == left)
-            }
-            Framing::Chunked => chunks.feed(buf),
-            Framing::UntilClose => (buf.len(), false),
-        }
-    };
-    let (n, mut finished) = take(buf, left, &mut chunks);
-    if chunks.failed {
-        return Err(Broken::BeforeHead);
-    }
+    let mut answer = AnswerEnd::new(framing);
+    let (n, mut finished) = answer.take(buf).ok_or(Broken::BeforeHead)?;
     if finished {
         *peer = None;
     }
     write_two(client, head, &buf[..n]).await.map_err(|_| Broken::Client)?;
     buf.advance(n);
-    left -= (n as u64).min(left);
     if finished {
         return Ok(buf.is_empty());
     }
@@ -1283,20 +1246,47 @@ async fn relay_body<C: AsyncWrite + Unpin>(
                 Err(Broken::Node(Outcome::TcpFailure))
             };
         }
-        let (n, done) = take(buf, left, &mut chunks);
-        if chunks.failed {
-            return Err(Broken::Node(Outcome::TcpFailure));
-        }
+        let (n, done) = answer.take(buf).ok_or(Broken::Node(Outcome::TcpFailure))?;
         if done {
             *peer = None;
         }
         write_two(client, &[], &buf[..n]).await.map_err(|_| Broken::Client)?;
-        left -= (n as u64).min(left);
         buf.advance(n);
         finished = done;
         if finished {
             return Ok(buf.is_empty());
         }
+    }
+}
+
+/// Where a relayed answer's body ends, followed across reads.
+struct AnswerEnd {
+    framing: Framing,
+    /// Bytes left, for [`Framing::Length`].
+    left: u64,
+    chunks: ChunkedState,
+}
+
+impl AnswerEnd {
+    fn new(framing: Framing) -> AnswerEnd {
+        let left = if let Framing::Length(n) = framing { n } else { 0 };
+        AnswerEnd { framing, left, chunks: ChunkedState::default() }
+    }
+
+    /// How much of `buf` (read next from the node) belongs to the answer, and whether the answer
+    /// ends there; `None` when its chunk framing is invalid.
+    fn take(&mut self, buf: &[u8]) -> Option<(usize, bool)> {
+        let (n, done) = match self.framing {
+            Framing::None => (0, true),
+            Framing::Length(_) => {
+                let n = (buf.len() as u64).min(self.left) as usize;
+                self.left -= n as u64;
+                (n, self.left == 0)
+            }
+            Framing::Chunked => self.chunks.feed(buf),
+            Framing::UntilClose => (buf.len(), false),
+        };
+        (!self.chunks.failed).then_some((n, done))
     }
 }
 
