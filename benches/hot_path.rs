@@ -170,6 +170,7 @@ fn bench_keys_and_headers(c: &mut Criterion) {
         websocket: false,
         grpc: false,
         deadline: None,
+        body_timeout: std::time::Duration::from_secs(60),
     };
     c.bench_function("rewrite_request_headers", |b| {
         b.iter_batched(

@@ -788,6 +788,7 @@ async fn serve_h1<S: ClientStream>(
             websocket: false,
             grpc: false,
             deadline: None,
+            body_timeout,
         };
         shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
         let after = match plan {
@@ -821,7 +822,6 @@ async fn serve_h1<S: ClientStream>(
                     parts,
                     streamed,
                     &mut buf,
-                    body_timeout,
                     &ctx,
                     &**upstream,
                 );
@@ -893,6 +893,7 @@ async fn handle(req: Request<ProxyBody>, c: &ConnCtx) -> Response<ProxyBody> {
         websocket: route.spec.websocket,
         grpc: is_grpc,
         deadline,
+        body_timeout: shared.node.client_body_timeout,
     };
     if let Some(t) = &route.transcode {
         // Boxed: its state (~6 KiB) would otherwise be part of every request's.

@@ -954,8 +954,8 @@ async fn cookies_split_by_an_h2_client_reach_an_http1_node_as_one_line() {
 /// A node that answers a request before reading all of its body, and then neither reads the
 /// rest nor closes, leaves the gateway a node connection still busy sending that body. It is not
 /// reused: the next request goes over a fresh connection at once, instead of waiting behind the
-/// stalled body until the send timeout. Checked for an HTTP/1.1 client (the relay streams the
-/// body) and an h2c one (hyper's client does).
+/// stalled body until the send timeout. Checked for an HTTP/1.1 client and an h2c one (the
+/// relay streams both bodies, each its own way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_connection_still_sending_a_body_is_not_reused() {
     for h2 in [false, true] {
@@ -1005,7 +1005,7 @@ async fn a_node_connection_still_sending_a_body_is_not_reused_over(h2: bool) {
         .unwrap();
     let (status, body) = send_any(big).await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "h2: {h2}");
-    // The next request with a body (so not over the relay's own connections on h2c).
+    // The next request with a body.
     let start = Instant::now();
     let small = Request::post(url("/again"))
         .header("host", "h")
@@ -1028,7 +1028,8 @@ async fn a_node_connection_still_sending_a_body_is_not_reused_over(h2: bool) {
 
 /// A node that answers a large upload at once and closes without reading it (nginx's 413, an
 /// auth failure) resets the connection while the gateway is still sending the body. The client
-/// gets the node's answer, not a 502, and the client connection ends cleanly after it.
+/// gets the node's answer, not a 502, and the client connection (HTTP/1.1) or stream (HTTP/2)
+/// ends cleanly after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
     use tokio::io::AsyncWriteExt;
@@ -1059,6 +1060,41 @@ async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
         let (status, headers, body) = send(gw.http(), req).await;
         assert_eq!((status, &body[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "upload {i}");
         assert_eq!(headers["connection"], "close", "upload {i}");
+    }
+    // The same from HTTP/2 clients, whose bodies the gateway streams to the node too.
+    for i in 0..10 {
+        let req = Request::post(format!("http://{}/up", gw.http()))
+            .body(Full::new(Bytes::from(vec![b'x'; 16 << 20])))
+            .unwrap();
+        let (status, _, body, _) = send_h2(gw.http(), req).await;
+        assert_eq!((status, &body[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "h2 upload {i}");
+    }
+    // An HTTP/2 client that goes on sending after the answer (as a client sending a whole body
+    // before it looks at the answer does) has the rest read: its stream is not reset, and the
+    // gateway gives back window for 4 MiB after the answer, beyond both windows it granted.
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let mut client = client.clone().ready().await.unwrap();
+        let req = Request::post(format!("http://{}/up", gw.http())).body(()).unwrap();
+        let (answer, mut up) = client.send_request(req, false).unwrap();
+        up.send_data(Bytes::from(vec![b'x'; 64 << 10]), false).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
+        assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE, "upload {i}");
+        let mut left = 4usize << 20;
+        while left > 0 {
+            up.reserve_capacity(left.min(256 << 10));
+            let granted = std::future::poll_fn(|cx| up.poll_capacity(cx));
+            let n = tokio::time::timeout(Duration::from_secs(10), granted)
+                .await
+                .unwrap_or_else(|_| panic!("upload {i}: no window with {left} bytes left"))
+                .unwrap_or_else(|| panic!("upload {i}: stream closed with {left} bytes left"))
+                .unwrap_or_else(|e| panic!("upload {i}: {e} with {left} bytes left"));
+            up.send_data(Bytes::from(vec![b'x'; n]), false).unwrap();
+            left -= n;
+        }
+        up.send_data(Bytes::new(), true).expect("the stream ends as the client ends it");
     }
     assert_eq!(get(gw.http(), "/status").await.0, StatusCode::PAYLOAD_TOO_LARGE, "the gateway serves on");
 }
@@ -1440,6 +1476,133 @@ async fn an_idle_h2c_connection_is_closed_after_keepalive_timeout() {
     assert!(idle >= Duration::from_millis(900), "closed after {idle:?} idle, before keepalive_timeout");
     assert!(idle < Duration::from_secs(5), "closed after {idle:?} idle");
     drop(client);
+}
+
+/// A node that records each request it reads whole (its head and raw body, framing included)
+/// and answers it with `ok`. The body's end is found from the head: `content-length`, or the
+/// chunked body's last chunk and trailers.
+async fn recording_node() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let complete = seen.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|end| {
+                        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                        let body = &seen[end + 4..];
+                        match head.lines().find_map(|l| l.strip_prefix("content-length: ")) {
+                            Some(n) => body.len() >= n.trim().parse::<usize>().unwrap(),
+                            None => {
+                                head.contains("transfer-encoding: chunked")
+                                    && body.windows(5).any(|w| w == b"\r\n0\r\n")
+                                    && body.ends_with(b"\r\n\r\n")
+                            }
+                        }
+                    });
+                    if complete {
+                        let _ = tx.send(std::mem::take(&mut seen));
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(n @ 1..) => seen.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    (node, rx)
+}
+
+/// Decodes a chunked body: its data, and its trailer section.
+fn dechunk(mut raw: &[u8]) -> (Vec<u8>, String) {
+    let mut data = Vec::new();
+    loop {
+        let line = raw.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line]).unwrap(), 16).expect("chunk size");
+        raw = &raw[line + 2..];
+        if size == 0 {
+            return (data, String::from_utf8_lossy(raw).into_owned());
+        }
+        data.extend_from_slice(&raw[..size]);
+        assert_eq!(&raw[size..size + 2], b"\r\n", "chunk data ends with CRLF");
+        raw = &raw[size + 2..];
+    }
+}
+
+/// A large request body from an HTTP/2 client is streamed to an HTTP/1.1 node as the client
+/// sends it: framed by its `content-length` when it has one, chunked (trailers included) when
+/// not; and a client that stops sending it gets a 408 after `client_body_timeout` (the node never
+/// has a whole request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_request_bodies_are_streamed_to_http1_nodes_with_their_framing() {
+    let (node, mut seen) = recording_node().await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    let data: Vec<u8> = (0..300 * 1024u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let next_request = |seen: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>| {
+        let got = seen.try_recv().expect("the node had the whole request");
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        (String::from_utf8_lossy(&got[..end]).to_ascii_lowercase(), got[end + 4..].to_vec())
+    };
+
+    // With a length.
+    let req = Request::post(format!("http://{}/sized", gw.http()))
+        .body(Full::new(Bytes::from(data.clone())))
+        .unwrap();
+    let (status, _, answer, _) = send_h2(gw.http(), req).await;
+    assert_eq!((status, &answer[..]), (StatusCode::OK, &b"ok"[..]));
+    let (head, body) = next_request(&mut seen);
+    assert!(head.contains(&format!("content-length: {}", data.len())), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(body == data, "{} bytes of {}", body.len(), data.len());
+
+    // Without one, in DATA frames as they come, then trailers.
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post(format!("http://{}/unsized", gw.http())).body(()).unwrap();
+    let (answer, mut up) = client.send_request(req, false).unwrap();
+    for part in data.chunks(100 * 1024) {
+        up.send_data(Bytes::copy_from_slice(part), false).unwrap();
+    }
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "42".parse().unwrap());
+    up.send_trailers(trailers).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let (head, body) = next_request(&mut seen);
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    let (body, trailer) = dechunk(&body);
+    assert!(body == data, "{} bytes of {}", body.len(), data.len());
+    assert_eq!(trailer, "x-checksum: 42\r\n\r\n");
+
+    // A body that stops coming: a 408 once client_body_timeout (2 s) has passed.
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post(format!("http://{}/stalled", gw.http()))
+        .header("content-length", "1048576")
+        .body(())
+        .unwrap();
+    let start = Instant::now();
+    let (answer, mut up) = client.send_request(req, false).unwrap();
+    up.send_data(Bytes::from(vec![b'z'; 200 << 10]), false).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
+    assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(start.elapsed() >= Duration::from_millis(1500), "answered after {:?}", start.elapsed());
+    assert!(seen.try_recv().is_err(), "the node never had a whole request");
 }
 
 /// A small request body from an HTTP/2 client is read whole before a node is picked: a client

@@ -9,9 +9,10 @@
 //! node socket, the response head is parsed with httparse and rewritten once, and the body bytes
 //! (content-length, chunked or until close) are copied as they are, chunk framing included.
 //! Everything it does not handle is decided before anything is sent, and goes to the general
-//! path: see [`eligible`]. The general path uses the same node connections for requests from
-//! HTTP/2 clients without a body or with a small one of known length ([`attempt`]): there the
-//! response head becomes a `Response` and the body is decoded as the client reads it.
+//! path: see [`eligible`]. The general path uses the same node connections for its requests to
+//! plain `http` nodes: without a body or with a small one of known length ([`attempt`]), or with
+//! any other body, streamed ([`attempt_streamed`]). There the response head becomes a
+//! `Response` and the body is decoded as the client reads it.
 //!
 //! The semantics are the general path's: the same header rewriting
 //! ([`crate::http::prepare_request_headers`]), `pass_host`, timeouts (`connect`, `send` per
@@ -225,13 +226,11 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
 /// body is all sent is relayed at once, while the body goes on until the answer ends; a client
 /// whose body was not all read by then loses its connection (after a lingering read). Only a
 /// failed connect is retried: the body is not kept.
-#[allow(clippy::too_many_arguments)]
 pub async fn forward_streamed<C, P>(
     client: &mut C,
     mut parts: Parts,
     body: StreamedBody,
     rest: &mut BytesMut,
-    body_timeout: Duration,
     ctx: &ForwardCtx<'_>,
     picker: &P,
 ) -> After
@@ -260,6 +259,7 @@ where
         head.extend_from_slice(&prefix);
         let addr = peer.addr;
         let mut slot = Some(peer);
+        let body_timeout = ctx.body_timeout;
         let attempt =
             StreamedAttempt { body_timeout, addr, keepalive: settings.keepalive, timeouts, head_only };
         let mut pump = BodyPump::new(left, chunks.clone());
@@ -411,7 +411,7 @@ impl StreamedAttempt {
                     // A node that answers and closes without reading the rest resets the
                     // connection, and the write fails: its answer may be waiting all the same.
                     Err(PumpError::Node(e, outcome)) => {
-                        return match Self::node_said(node, early, self.head_only, true) {
+                        return match node_said(node, early, self.head_only, true) {
                             Ok(true) => Ok(false),
                             _ => Err(PumpError::Node(e, outcome)),
                         };
@@ -419,66 +419,65 @@ impl StreamedAttempt {
                     Err(e) => return Err(e),
                 },
                 Ok(Step::NodeReadable) => {
-                    if Self::node_said(node, early, self.head_only, false)? {
+                    if node_said(node, early, self.head_only, false)? {
                         return Ok(false);
                     }
                 }
             }
         }
     }
+}
 
-    /// Reads what the node sent while its request body was still going out, and drops 1xx
-    /// interim answers from it: whether an answer's head is complete (or the node stopped
-    /// sending after part of one). A node that closed the connection without a word is a
-    /// failure. After a failed write (`reset`), the kernel is asked even if the reactor has not
-    /// yet said that the socket is readable.
-    fn node_said(
-        node: &mut TcpStream,
-        early: &mut BytesMut,
-        head_only: bool,
-        reset: bool,
-    ) -> Result<bool, PumpError> {
-        if early.capacity() - early.len() < 4096 {
-            early.reserve(4096);
-        }
-        let polled = if reset {
-            // Asked of the kernel, whatever the reactor knows, until the head is complete or
-            // nothing more is there: data that came before a reset is still read before the
-            // reset's error.
-            let mut chunk = [0u8; 4096];
-            loop {
-                match io::Read::read(&mut &*socket2::SockRef::from(&*node), &mut chunk) {
-                    Ok(n @ 1..) => {
-                        early.extend_from_slice(&chunk[..n]);
-                        if answer_head(early, head_only) {
-                            return Ok(true);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Poll::Pending,
-                    other => break Poll::Ready(other),
-                }
-            }
-        } else {
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, early)
-        };
-        match polled {
-            // Nothing after all (the readiness is cleared now), or more of what came.
-            Poll::Pending | Poll::Ready(Ok(1..)) => {}
-            Poll::Ready(Ok(0)) if early.is_empty() => {
-                let e = ProxyError::BadResponse(
-                    "node closed the connection before the request body was sent".into(),
-                );
-                return Err(PumpError::Node(e, Outcome::TcpFailure));
-            }
-            Poll::Ready(Err(e)) if early.is_empty() => {
-                return Err(PumpError::Node(ProxyError::Connect(e.to_string()), Outcome::TcpFailure));
-            }
-            // The node stopped sending after part of a head: the head reader says what is wrong.
-            Poll::Ready(_) => return Ok(true),
-        }
-        Ok(answer_head(early, head_only))
+/// Reads what the node sent while its request body was still going out, and drops 1xx
+/// interim answers from it: whether an answer's head is complete (or the node stopped
+/// sending after part of one). A node that closed the connection without a word is a
+/// failure. After a failed write (`reset`), the kernel is asked even if the reactor has not
+/// yet said that the socket is readable.
+fn node_said(
+    node: &mut TcpStream,
+    early: &mut BytesMut,
+    head_only: bool,
+    reset: bool,
+) -> Result<bool, PumpError> {
+    if early.capacity() - early.len() < 4096 {
+        early.reserve(4096);
     }
+    let polled = if reset {
+        // Asked of the kernel, whatever the reactor knows, until the head is complete or
+        // nothing more is there: data that came before a reset is still read before the
+        // reset's error.
+        let mut chunk = [0u8; 4096];
+        loop {
+            match io::Read::read(&mut &*socket2::SockRef::from(&*node), &mut chunk) {
+                Ok(n @ 1..) => {
+                    early.extend_from_slice(&chunk[..n]);
+                    if answer_head(early, head_only) {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Poll::Pending,
+                other => break Poll::Ready(other),
+            }
+        }
+    } else {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, early)
+    };
+    match polled {
+        // Nothing after all (the readiness is cleared now), or more of what came.
+        Poll::Pending | Poll::Ready(Ok(1..)) => {}
+        Poll::Ready(Ok(0)) if early.is_empty() => {
+            let e =
+                ProxyError::BadResponse("node closed the connection before the request body was sent".into());
+            return Err(PumpError::Node(e, Outcome::TcpFailure));
+        }
+        Poll::Ready(Err(e)) if early.is_empty() => {
+            return Err(PumpError::Node(ProxyError::Connect(e.to_string()), Outcome::TcpFailure));
+        }
+        // The node stopped sending after part of a head: the head reader says what is wrong.
+        Poll::Ready(_) => return Ok(true),
+    }
+    Ok(answer_head(early, head_only))
 }
 
 /// Drops complete 1xx interim heads (not 101) from the start of `buf`; whether a final answer's
@@ -1562,31 +1561,63 @@ pub(crate) async fn attempt(
     let resend_ok = idempotent(&parts.method);
     let sent =
         send_and_read_head(&head, peer.addr, keepalive, timeouts, head_only, resend_ok, HeadFor::Map, start);
-    let got = match sent.await {
-        Ok(g) => g,
-        Err(f) => return Err((f, peer)),
-    };
+    match sent.await {
+        Ok(got) => Ok(into_response(got, peer, keepalive, timeouts, start, Sent::Whole)),
+        Err(f) => Err((f, peer)),
+    }
+}
+
+/// How much of the request body reached the node when its answer's head came.
+enum Sent {
+    Whole,
+    /// The node answered first; the rest goes on while the answer is read.
+    Going(Box<Upload>),
+    /// The node stopped taking it: its connection is not reused, and the rest is discarded.
+    Cut(Box<Upload>),
+}
+
+/// The response whose head is in `got`, its body decoded from the node as the client reads it.
+fn into_response(
+    got: Received,
+    peer: Peer,
+    keepalive: KeepalivePool,
+    timeouts: crate::Timeouts,
+    start: Instant,
+    sent: Sent,
+) -> http::Response<ProxyBody> {
     let Received { node, uses, buf, head: parsed } = got;
     peer.report(Outcome::HttpStatus(parsed.status), start.elapsed());
     let mut resp = http::Response::new(ProxyBody::Empty);
     *resp.status_mut() = StatusCode::from_u16(parsed.status).unwrap_or(StatusCode::BAD_GATEWAY);
     *resp.headers_mut() = parsed.map;
-    if parsed.framing == Framing::None {
-        if parsed.keepalive && buf.is_empty() {
-            checkin(peer.addr, node, uses + 1, keepalive);
+    let (upload, reusable) = match sent {
+        Sent::Whole => (None, parsed.keepalive),
+        Sent::Going(up) => (Some(up), parsed.keepalive),
+        Sent::Cut(up) => {
+            (*up).discard();
+            (None, false)
         }
-        return Ok(resp);
-    }
-    // The whole body came with the head (the usual small answer): the exchange with the node is
-    // over, so its connection goes back to the pool now and the body is one frame.
-    if let Framing::Length(n) = parsed.framing
-        && buf.len() as u64 == n
-    {
-        if parsed.keepalive {
-            checkin(peer.addr, node, uses + 1, keepalive);
+    };
+    // The answer came whole with its head (the usual small one): the exchange with the node is
+    // over, so its connection goes back to the pool now (if it had the whole request) and the
+    // body is one frame.
+    let whole_answer = match parsed.framing {
+        Framing::None => true,
+        Framing::Length(n) => buf.len() as u64 == n,
+        _ => false,
+    };
+    if whole_answer {
+        match upload {
+            None if reusable && (parsed.framing != Framing::None || buf.is_empty()) => {
+                checkin(peer.addr, node, uses + 1, keepalive);
+            }
+            None => {}
+            Some(up) => (*up).discard(),
         }
-        *resp.body_mut() = ProxyBody::full(buf.freeze());
-        return Ok(resp);
+        if parsed.framing != Framing::None {
+            *resp.body_mut() = ProxyBody::full(buf.freeze());
+        }
+        return resp;
     }
     let body = RawBody {
         addr: peer.addr,
@@ -1604,10 +1635,250 @@ pub(crate) async fn attempt(
         peer: Some(peer),
         uses,
         keepalive,
-        reusable: parsed.keepalive,
+        reusable,
+        upload,
     };
     *resp.body_mut() = ProxyBody::Boxed(http_body_util::BodyExt::boxed_unsync(body));
-    Ok(resp)
+    resp
+}
+
+/// One attempt of the general path for a request whose body is streamed to a plain `http`
+/// node (from an HTTP/2 client, over 64 KiB or of unknown length; or from a connection hyper's
+/// server took): the head, then the body framed as `parts` says (`content-length`, or chunked
+/// with the client's trailers) as the client sends it, each wait for the client bounded by
+/// `body_timeout` and each write to the node by the send timeout. An answer that comes before
+/// the body is all sent is returned at once and the body goes on while the client reads it,
+/// until the answer ends; a node that answered and then stopped taking the body (a reset) still
+/// has its answer relayed.
+///
+/// `Err` gives the peer back, and the body when none of it was taken (the connect failed), so
+/// that another node can be tried. A client that stalls or breaks its body gets a 408 or 400.
+pub(crate) async fn attempt_streamed(
+    parts: &Parts,
+    body: ProxyBody,
+    host: &HeaderValue,
+    peer: Peer,
+    keepalive: KeepalivePool,
+    timeouts: crate::Timeouts,
+    body_timeout: Duration,
+) -> Result<http::Response<ProxyBody>, (Failure, Peer, Option<ProxyBody>)> {
+    let start = Instant::now();
+    let head_only = parts.method == Method::HEAD;
+    let head = request_head(parts, host);
+    let chunked = !parts.headers.contains_key(header::CONTENT_LENGTH);
+    // A body is never sent twice, so a pooled connection is checked with a syscall too.
+    let pooled = checkout(peer.addr, keepalive, true);
+    let (mut node, uses, _) = match open_and_send(&head, pooled, peer.addr, timeouts, start).await {
+        Ok(opened) => opened,
+        Err(f @ Failure::Node { sent: false, .. }) => return Err((f, peer, Some(body))),
+        Err(f) => {
+            Upload::new(body, chunked).discard();
+            return Err((f, peer, None));
+        }
+    };
+    let mut upload = Box::new(Upload::new(body, chunked));
+    let mut early = BytesMut::new();
+    // The node failed: the client's answer is the gateway's, and the rest of its body is
+    // discarded.
+    let fail = |upload: Box<Upload>, error, outcome| {
+        (*upload).discard();
+        node_failure(error, outcome, start, true)
+    };
+    let sent = loop {
+        if upload.done() {
+            break Sent::Whole;
+        }
+        let writing = upload.writing();
+        let limit = if writing { timeouts.send } else { body_timeout };
+        let step = std::future::poll_fn(|cx| {
+            // An answer (or a close) from the node comes first.
+            if node.poll_read_ready(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            upload.poll_step(cx, &mut node).map(Some)
+        });
+        match tokio::time::timeout(limit, step).await {
+            Err(_) if writing => {
+                return Err((fail(upload, ProxyError::Timeout("send"), Outcome::Timeout), peer, None));
+            }
+            Err(_) => {
+                drop(node);
+                let e = ProxyError::Status(408, "request body timed out".into());
+                return Ok(error_response(&e, false));
+            }
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(UploadError::Client(e)))) => {
+                drop(node);
+                return Ok(error_response(&ProxyError::BadRequest(format!("request body: {e}")), false));
+            }
+            // A node that answers and closes without reading the rest resets the connection,
+            // and the write fails: its answer may be waiting all the same.
+            Ok(Some(Err(UploadError::Node(e)))) => match node_said(&mut node, &mut early, head_only, true) {
+                Ok(true) => break Sent::Cut(upload),
+                _ => {
+                    let error = ProxyError::Connect(e.to_string());
+                    return Err((fail(upload, error, Outcome::TcpFailure), peer, None));
+                }
+            },
+            Ok(None) => match node_said(&mut node, &mut early, head_only, false) {
+                Ok(true) => break Sent::Going(upload),
+                Ok(false) => {}
+                Err(e) => {
+                    let (error, outcome) = match e {
+                        PumpError::Node(error, outcome) => (error, outcome),
+                        _ => (ProxyError::BadResponse("node failed".into()), Outcome::TcpFailure),
+                    };
+                    return Err((fail(upload, error, outcome), peer, None));
+                }
+            },
+        }
+    };
+    match read_head(node, uses, early, timeouts.read, head_only, HeadFor::Map, start).await {
+        Ok(got) => Ok(into_response(got, peer, keepalive, timeouts, start, sent)),
+        Err(f) => {
+            if let Sent::Going(up) | Sent::Cut(up) = sent {
+                (*up).discard();
+            }
+            Err((f, peer, None))
+        }
+    }
+}
+
+/// A request body of the general path on its way to an HTTP/1.1 node, framed as it goes: one
+/// frame of the client's at a time, taken only once the one before is written (the client's
+/// HTTP/2 window is given back as frames are taken, so it sends as fast as the node reads).
+pub(crate) struct Upload {
+    body: ProxyBody,
+    chunked: bool,
+    /// Framed bytes not yet written: a chunk's size line, its data and its CRLF at most.
+    out: std::collections::VecDeque<bytes::Bytes>,
+    /// All of the body, and its framing's end, is in `out` or written.
+    ended: bool,
+}
+
+/// Why an [`Upload`] stopped.
+enum UploadError {
+    /// The client's body broke (a reset stream, a length that does not add up).
+    Client(crate::body::BoxError),
+    /// The node takes no more of it.
+    Node(io::Error),
+}
+
+impl Upload {
+    fn new(body: ProxyBody, chunked: bool) -> Upload {
+        Upload { body, chunked, out: std::collections::VecDeque::with_capacity(3), ended: false }
+    }
+
+    /// The whole body reached the node.
+    fn done(&self) -> bool {
+        self.ended && self.out.is_empty()
+    }
+
+    /// Lets go of a body the node will not get the rest of. What an HTTP/2 client still sends of
+    /// it is read and dropped in a task of its own, until its end (each wait up to 5 s, 30 s in
+    /// all, nginx's lingering limits), so that the client's stream ends as it expects. Dropping
+    /// it at once would reset the stream (`RST_STREAM NO_ERROR`), which some clients report as
+    /// an error instead of the answer; and DATA frames still in flight for streams the `h2`
+    /// crate has forgotten count as the client's errors, of which it allows 1,024 per
+    /// connection before it closes it (under an upload load: every connection).
+    fn discard(self) {
+        let body = self.body;
+        if !matches!(body, ProxyBody::H2(_)) || http_body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        rt.spawn(async move {
+            use http_body_util::BodyExt;
+            let mut body = std::pin::pin!(body);
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let quiet = tokio::time::Instant::now() + Duration::from_secs(5);
+                match tokio::time::timeout_at(until.min(quiet), body.frame()).await {
+                    Ok(Some(Ok(_))) => {}
+                    _ => return,
+                }
+            }
+        });
+    }
+
+    /// Bytes are waiting for the node (rather than for the client).
+    fn writing(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// One step: a write to the node, or a frame taken from the client's body.
+    fn poll_step(&mut self, cx: &mut Context<'_>, node: &mut TcpStream) -> Poll<Result<(), UploadError>> {
+        if !self.out.is_empty() {
+            let mut slices = [io::IoSlice::new(&[]); 3];
+            let mut count = 0;
+            for (slot, b) in slices.iter_mut().zip(&self.out) {
+                *slot = io::IoSlice::new(b);
+                count += 1;
+            }
+            let written = std::pin::Pin::new(node).poll_write_vectored(cx, &slices[..count]);
+            let mut n = match std::task::ready!(written) {
+                Ok(0) => return Poll::Ready(Err(UploadError::Node(io::ErrorKind::WriteZero.into()))),
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(UploadError::Node(e))),
+            };
+            while n > 0 {
+                let Some(front) = self.out.front_mut() else { break };
+                let take = n.min(front.len());
+                front.advance(take);
+                n -= take;
+                if front.is_empty() {
+                    self.out.pop_front();
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if self.ended {
+            return Poll::Ready(Ok(()));
+        }
+        let frame =
+            match std::task::ready!(http_body::Body::poll_frame(std::pin::Pin::new(&mut self.body), cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return Poll::Ready(Err(UploadError::Client(e))),
+                None => {
+                    if self.chunked {
+                        self.out.push_back(bytes::Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                    self.ended = true;
+                    return Poll::Ready(Ok(()));
+                }
+            };
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => {
+                if self.chunked {
+                    self.out.push_back(format!("{:x}\r\n", data.len()).into());
+                    self.out.push_back(data);
+                    self.out.push_back(bytes::Bytes::from_static(b"\r\n"));
+                } else {
+                    self.out.push_back(data);
+                }
+            }
+            Err(frame) => {
+                // Trailers go on with a chunked body; a body of known length has no room for
+                // them (they are dropped, as an HTTP/1.1 client's would be).
+                if let Ok(trailers) = frame.into_trailers() {
+                    if self.chunked {
+                        let mut end = b"0\r\n".to_vec();
+                        for (k, v) in &trailers {
+                            end.extend_from_slice(k.as_str().as_bytes());
+                            end.extend_from_slice(b": ");
+                            end.extend_from_slice(v.as_bytes());
+                            end.extend_from_slice(b"\r\n");
+                        }
+                        end.extend_from_slice(b"\r\n");
+                        self.out.push_back(end.into());
+                    }
+                    self.ended = true;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// A node's response body for the general path, decoded as it is read; the node connection goes
@@ -1630,6 +1901,9 @@ struct RawBody {
     uses: u32,
     keepalive: KeepalivePool,
     reusable: bool,
+    /// The rest of a request body the node answered before it had all of it: sent on while
+    /// the answer is read, until the answer ends.
+    upload: Option<Box<Upload>>,
 }
 
 impl RawBody {
@@ -1658,9 +1932,43 @@ impl RawBody {
         }
     }
 
+    /// Sends the rest of the request body while the node takes it and the client sends it.
+    /// Progress counts as the node being alive (a node may wait for the body before it answers
+    /// on). A body that breaks, or that the node stops taking, is left: the answer goes on, and
+    /// the connection is not reused.
+    fn send_on(&mut self, cx: &mut Context<'_>) {
+        let (Some(up), Some(node)) = (self.upload.as_mut(), self.node.as_mut()) else { return };
+        let mut cut = false;
+        while !up.done() {
+            match up.poll_step(cx, node) {
+                Poll::Ready(Ok(())) => self.waiting = false,
+                Poll::Ready(Err(_)) => {
+                    cut = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if cut {
+            self.upload = None;
+            self.reusable = false;
+        } else if up.done() {
+            self.upload = None;
+        }
+    }
+
     /// The body ended: the connection is reused if nothing follows it.
     fn finish(&mut self) {
+        // A request body the node has not all had yet is dropped: its connection is not reused.
+        let sent_whole = match self.upload.take() {
+            None => true,
+            Some(up) => {
+                (*up).discard();
+                false
+            }
+        };
         if let Some(node) = self.node.take()
+            && sent_whole
             && self.reusable
             && self.buf.is_empty()
             && self.framing != Framing::UntilClose
@@ -1676,6 +1984,7 @@ impl RawBody {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::body::BoxError>>> {
         self.node = None;
         self.peer = None;
+        self.upload = None;
         Poll::Ready(Some(Err(e)))
     }
 }
@@ -1694,6 +2003,7 @@ impl http_body::Body for RawBody {
             if this.node.is_none() {
                 return Poll::Ready(None);
             }
+            this.send_on(cx);
             match this.next() {
                 Next::Frame(f) => {
                     // The last data frame, or the trailers: the connection is free now, and the

@@ -47,6 +47,9 @@ pub struct ForwardCtx<'a> {
     pub grpc: bool,
     /// Absolute deadline of the call (gRPC `grpc-timeout`), if any.
     pub deadline: Option<tokio::time::Instant>,
+    /// Longest wait for the next part of a request body that is streamed to a node
+    /// (`client_body_timeout`).
+    pub body_timeout: Duration,
 }
 
 /// Headers that describe one hop and are never forwarded.
@@ -206,6 +209,24 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         buffered = Some(bytes);
     }
+    // Any other body for a plain `http` node is streamed over the same connections, framed by
+    // its length when it has one and chunked when not.
+    let streamed = settings.scheme == Scheme::Http
+        && upgrade.is_none()
+        && !ctx.grpc
+        && buffered.is_none()
+        && !matches!(body, ProxyBody::Empty);
+    if streamed {
+        match body.size_hint().exact() {
+            Some(n) => {
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            None => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
+        }
+    }
 
     let mut retry = Retry::new(picker);
     let replay = (retry.allowed() && body_empty && idempotent(&parts.method) && upgrade.is_none())
@@ -223,7 +244,34 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
             && upgrade.is_none()
             && !ctx.grpc
             && matches!(out.body, ProxyBody::Empty);
-        let (fail, peer) = if direct {
+        let (fail, peer) = if streamed {
+            let host = upstream_host(&settings.pass_host, out.client_host.as_ref(), &peer, settings.scheme);
+            let body = std::mem::replace(&mut out.body, ProxyBody::Empty);
+            let keepalive = settings.keepalive;
+            let sent = crate::h1::attempt_streamed(
+                &out.parts,
+                body,
+                &host,
+                peer,
+                keepalive,
+                timeouts,
+                ctx.body_timeout,
+            );
+            // Boxed, as below: its state would otherwise be part of every request's.
+            match Box::pin(sent).await {
+                Ok(resp) => return Ok(resp),
+                Err((crate::h1::Failure::Node { error, outcome, elapsed, .. }, p, body)) => {
+                    let request_intact = body.is_some();
+                    out.body = body.unwrap_or(ProxyBody::Empty);
+                    (AttemptError { error, outcome, elapsed, request_intact }, p)
+                }
+                Err((crate::h1::Failure::Client, p, _)) => {
+                    let error = ProxyError::Connect("relay failed".into());
+                    let outcome = Outcome::TcpFailure;
+                    (AttemptError { error, outcome, elapsed: Duration::ZERO, request_intact: false }, p)
+                }
+            }
+        } else if direct {
             let host = upstream_host(&settings.pass_host, out.client_host.as_ref(), &peer, settings.scheme);
             let body = buffered.as_deref().unwrap_or_default();
             match crate::h1::attempt(&out.parts, body, &host, peer, settings.keepalive, timeouts).await {
