@@ -1605,6 +1605,55 @@ async fn h2c_request_bodies_are_streamed_to_http1_nodes_with_their_framing() {
     assert!(seen.try_recv().is_err(), "the node never had a whole request");
 }
 
+/// A request the HTTP/1.1 relay hands to the general stack (here for its `Connection: close`)
+/// has its body streamed to the node over the same node connections: chunked, with a
+/// `content-length` when it has one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_the_general_http1_stack_takes_are_streamed_to_the_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (node, mut seen) = recording_node().await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    let data: Vec<u8> = (0..300 * 1024u32).map(|i| b'a' + (i % 26) as u8).collect();
+    for chunked in [true, false] {
+        let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+        let mut req = b"POST /closing HTTP/1.1\r\nhost: h\r\nconnection: close\r\n".to_vec();
+        if chunked {
+            req.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+            for part in data.chunks(50 * 1024) {
+                req.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                req.extend_from_slice(part);
+                req.extend_from_slice(b"\r\n");
+            }
+            req.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            req.extend_from_slice(format!("content-length: {}\r\n\r\n", data.len()).as_bytes());
+            req.extend_from_slice(&data);
+        }
+        c.write_all(&req).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+            .await
+            .expect("closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"), "{answer}");
+        let got = seen.try_recv().expect("the node had the whole request");
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let body = if chunked {
+            assert!(head.contains("transfer-encoding: chunked"), "{head}");
+            dechunk(&got[end + 4..]).0
+        } else {
+            assert!(head.contains(&format!("content-length: {}", data.len())), "{head}");
+            got[end + 4..].to_vec()
+        };
+        assert!(body == data, "chunked {chunked}: {} bytes of {}", body.len(), data.len());
+    }
+}
+
 /// A small request body from an HTTP/2 client is read whole before a node is picked: a client
 /// that declares one and does not send it gets a 408 once the send timeout has passed, and no
 /// request reaches a node; one sent in pieces is forwarded whole.
