@@ -1099,6 +1099,34 @@ async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
     assert_eq!(get(gw.http(), "/status").await.0, StatusCode::PAYLOAD_TOO_LARGE, "the gateway serves on");
 }
 
+/// A node that answers an upload early with chunk framing that is already invalid in what came
+/// with its head: the client has nothing of that answer yet, so it gets a 502 (and the rest of
+/// its body is read before the connection closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_with_invalid_framing_is_a_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (node, _n) = garbage_server(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nbad").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    let c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (mut rd, mut wr) = c.into_split();
+    let writer = tokio::spawn(async move {
+        wr.write_all(b"PUT /up HTTP/1.1\r\nhost: h\r\ncontent-length: 1048576\r\n\r\n").await?;
+        wr.write_all(&vec![b'z'; 1 << 20]).await?;
+        wr.shutdown().await
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut answer))
+        .await
+        .expect("closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    writer.await.unwrap().expect("the whole body was read");
+}
+
 /// A large body is streamed to the node as the client sends it; a client that stops sending it
 /// gets a 408 after `client_body_timeout`, and the node's connection is closed (the node never
 /// sees a whole request).

@@ -364,13 +364,17 @@ impl StreamedAttempt {
                     (0, false) => After::KeepAlive,
                 })
             }
+            Err(Broken::BeforeHead) => {
+                let e = ProxyError::BadResponse("invalid chunked body".into());
+                Err(node_failure(e, Outcome::TcpFailure, start, true))
+            }
             Err(Broken::Node(outcome)) => {
                 if let Some(p) = peer.as_ref() {
                     p.report(outcome, start.elapsed());
                 }
                 Err(Failure::Client)
             }
-            Err(_) => Err(Failure::Client),
+            Err(Broken::Client) => Err(Failure::Client),
         }
     }
 
@@ -630,8 +634,10 @@ impl Duplex {
     ) -> Result<bool, Broken> {
         let framing = self.framing;
         let mut answer = AnswerEnd::new(framing);
+        // Invalid framing in what came with the head: the client has nothing yet, and gets the
+        // gateway's answer instead.
+        let (n, mut ended) = answer.take(&buf).ok_or(Broken::BeforeHead)?;
         let mut take = |buf: &BytesMut| answer.take(buf).ok_or(Broken::Node(Outcome::TcpFailure));
-        let (n, mut ended) = take(&buf)?;
         let mut out = BytesMut::from(&head[..]);
         out.extend_from_slice(&buf[..n]);
         buf.advance(n);
