@@ -67,6 +67,9 @@ async fn no_route_is_apisix_404_json_and_grpc_clients_get_a_grpc_status() {
     let (status, headers, _, _) = send_h2(gw.http(), req).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["grpc-status"], "12", "UNIMPLEMENTED for an unknown method");
+
+    // An HTTP/2 upload without a route is answered at once, and its stream ends cleanly.
+    h2_uploads_go_on_after_the_answer(gw.http(), "/nope", StatusCode::NOT_FOUND).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1072,30 +1075,7 @@ async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
     // An HTTP/2 client that goes on sending after the answer (as a client sending a whole body
     // before it looks at the answer does) has the rest read: its stream is not reset, and the
     // gateway gives back window for 4 MiB after the answer, beyond both windows it granted.
-    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(conn);
-    for i in 0..3 {
-        let mut client = client.clone().ready().await.unwrap();
-        let req = Request::post(format!("http://{}/up", gw.http())).body(()).unwrap();
-        let (answer, mut up) = client.send_request(req, false).unwrap();
-        up.send_data(Bytes::from(vec![b'x'; 64 << 10]), false).unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
-        assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE, "upload {i}");
-        let mut left = 4usize << 20;
-        while left > 0 {
-            up.reserve_capacity(left.min(256 << 10));
-            let granted = std::future::poll_fn(|cx| up.poll_capacity(cx));
-            let n = tokio::time::timeout(Duration::from_secs(10), granted)
-                .await
-                .unwrap_or_else(|_| panic!("upload {i}: no window with {left} bytes left"))
-                .unwrap_or_else(|| panic!("upload {i}: stream closed with {left} bytes left"))
-                .unwrap_or_else(|e| panic!("upload {i}: {e} with {left} bytes left"));
-            up.send_data(Bytes::from(vec![b'x'; n]), false).unwrap();
-            left -= n;
-        }
-        up.send_data(Bytes::new(), true).expect("the stream ends as the client ends it");
-    }
+    h2_uploads_go_on_after_the_answer(gw.http(), "/up", StatusCode::PAYLOAD_TOO_LARGE).await;
     assert_eq!(get(gw.http(), "/status").await.0, StatusCode::PAYLOAD_TOO_LARGE, "the gateway serves on");
 }
 
@@ -1125,6 +1105,37 @@ async fn an_early_answer_with_invalid_framing_is_a_502() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     writer.await.unwrap().expect("the whole body was read");
+}
+
+/// Three uploads on one HTTP/2 connection to `path`, each answered with `status` after its first
+/// 64 KiB: the client then sends 4 MiB more, beyond both windows the gateway granted, which
+/// needs the gateway to go on reading it; its stream is not reset, and ends as the client ends
+/// it.
+async fn h2_uploads_go_on_after_the_answer(addr: SocketAddr, path: &str, status: StatusCode) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let mut client = client.clone().ready().await.unwrap();
+        let req = Request::post(format!("http://{addr}{path}")).body(()).unwrap();
+        let (answer, mut up) = client.send_request(req, false).unwrap();
+        up.send_data(Bytes::from(vec![b'x'; 64 << 10]), false).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
+        assert_eq!(answer.status(), status, "{path}: upload {i}");
+        let mut left = 4usize << 20;
+        while left > 0 {
+            up.reserve_capacity(left.min(256 << 10));
+            let granted = std::future::poll_fn(|cx| up.poll_capacity(cx));
+            let n = tokio::time::timeout(Duration::from_secs(10), granted)
+                .await
+                .unwrap_or_else(|_| panic!("{path}: upload {i}: no window with {left} bytes left"))
+                .unwrap_or_else(|| panic!("{path}: upload {i}: stream closed with {left} bytes left"))
+                .unwrap_or_else(|e| panic!("{path}: upload {i}: {e} with {left} bytes left"));
+            up.send_data(Bytes::from(vec![b'x'; n]), false).unwrap();
+            left -= n;
+        }
+        up.send_data(Bytes::new(), true).expect("the stream ends as the client ends it");
+    }
 }
 
 /// A large body is streamed to the node as the client sends it; a client that stops sending it

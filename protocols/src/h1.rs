@@ -1780,31 +1780,10 @@ impl Upload {
         self.ended && self.out.is_empty()
     }
 
-    /// Lets go of a body the node will not get the rest of. What an HTTP/2 client still sends of
-    /// it is read and dropped in a task of its own, until its end (each wait up to 5 s, 30 s in
-    /// all, nginx's lingering limits), so that the client's stream ends as it expects. Dropping
-    /// it at once would reset the stream (`RST_STREAM NO_ERROR`), which some clients report as
-    /// an error instead of the answer; and DATA frames still in flight for streams the `h2`
-    /// crate has forgotten count as the client's errors, of which it allows 1,024 per
-    /// connection before it closes it (under an upload load: every connection).
+    /// Lets go of a body the node will not get the rest of: see
+    /// [`crate::http::drain_in_background`].
     fn discard(self) {
-        let body = self.body;
-        if !matches!(body, ProxyBody::H2(_)) || http_body::Body::is_end_stream(&body) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        rt.spawn(async move {
-            use http_body_util::BodyExt;
-            let mut body = std::pin::pin!(body);
-            let until = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let quiet = tokio::time::Instant::now() + Duration::from_secs(5);
-                match tokio::time::timeout_at(until.min(quiet), body.frame()).await {
-                    Ok(Some(Ok(_))) => {}
-                    _ => return,
-                }
-            }
-        });
+        crate::http::drain_in_background(self.body);
     }
 
     /// Bytes are waiting for the node (rather than for the client).

@@ -136,14 +136,19 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
     }
 }
 
-/// Reads and drops what is left of a request body the gateway answers itself (up to 64 KiB and
-/// 200 ms), as nginx discards it. Answering while the client is still sending makes HTTP/2 reset
-/// the request stream right after the answer (RST_STREAM NO_ERROR, RFC 9113 §8.1), which some
-/// clients (curl 7.x) report as a stream error instead of reading the answer; with the body
-/// read, the stream simply closes.
+/// Reads and drops what is left of a request body the gateway answers itself, as nginx discards
+/// it. Answering while the client is still sending makes HTTP/2 reset the request stream right
+/// after the answer (RST_STREAM NO_ERROR, RFC 9113 §8.1), which some clients (curl 7.x) report
+/// as a stream error instead of reading the answer; with the body read, the stream simply
+/// closes. An HTTP/2 client's body is read in a task of its own ([`drain_in_background`]), so the
+/// answer goes at once; any other is read here first, up to 64 KiB and 200 ms.
 pub async fn drain_unread(body: ProxyBody) {
     use http_body_util::BodyExt;
     if body.is_end_stream() {
+        return;
+    }
+    if matches!(body, ProxyBody::H2(_)) {
+        drain_in_background(body);
         return;
     }
     let mut body = std::pin::pin!(body);
@@ -157,6 +162,32 @@ pub async fn drain_unread(body: ProxyBody) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
+}
+
+/// Lets go of an HTTP/2 client's request body that nobody will read: what the client still sends
+/// of it is read and dropped in a task of its own, until its end (each wait up to 5 s, 30 s in
+/// all, nginx's lingering limits), so that the client's stream ends as it expects. Dropping it
+/// at once would reset the stream (see [`drain_unread`]); and DATA frames still in flight for
+/// streams the `h2` crate has forgotten count as the client's errors, of which it allows 1,024
+/// per connection before it closes it (under an upload load: every connection). Other bodies
+/// are dropped.
+pub(crate) fn drain_in_background(body: ProxyBody) {
+    if !matches!(body, ProxyBody::H2(_)) || body.is_end_stream() {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    rt.spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = std::pin::pin!(body);
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let quiet = tokio::time::Instant::now() + Duration::from_secs(5);
+            match tokio::time::timeout_at(until.min(quiet), body.frame()).await {
+                Ok(Some(Ok(_))) => {}
+                _ => return,
+            }
+        }
+    });
 }
 
 /// A failure, with the request body when it was never sent (for [`drain_unread`]).
