@@ -1619,6 +1619,9 @@ async fn h2c_request_bodies_are_streamed_to_http1_nodes_with_their_framing() {
     }
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-checksum", "42".parse().unwrap());
+    // Fields that only the head may carry are not passed on as trailers.
+    trailers.insert("authorization", "Bearer late".parse().unwrap());
+    trailers.insert("content-type", "text/late".parse().unwrap());
     up.send_trailers(trailers).unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
     assert_eq!(answer.status(), StatusCode::OK);
@@ -1691,6 +1694,67 @@ async fn bodies_the_general_http1_stack_takes_are_streamed_to_the_node() {
         };
         assert!(body == data, "chunked {chunked}: {} bytes of {}", body.len(), data.len());
     }
+}
+
+/// A node that sends a byte now and then without ever completing an answer's head does not hold
+/// off a stalled client's body timeout: the client gets its 408 about `client_body_timeout`
+/// (2 s) after its last byte, over HTTP/1.1 and HTTP/2 alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_trickling_bytes_does_not_hold_off_the_body_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if !read_request_head(&mut s).await {
+                    return;
+                }
+                for b in b"HTTP/1.1 200 OK\r\nx-slow: ".iter().chain(std::iter::repeat(&b'z')) {
+                    if s.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start_with(
+        &BASE_CONFIG.replace("client_header_timeout: 2s", "client_header_timeout: 20s"),
+        &format!(
+            "routes:\n  - uri: /*\n    timeout: {{connect: 5, send: 30, read: 30}}\n    upstream: {{retries: 0, nodes: {}}}\n",
+            nodes_yaml(&[node])
+        ),
+        1,
+    );
+    // HTTP/1.1.
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    c.write_all(b"PUT /up HTTP/1.1\r\nhost: h\r\ncontent-length: 1048576\r\n\r\n").await.unwrap();
+    c.write_all(&vec![b'z'; 100 << 10]).await.unwrap();
+    let start = Instant::now();
+    let mut answer = vec![0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut answer))
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 408", "HTTP/1.1");
+    assert!(start.elapsed() < Duration::from_secs(8), "HTTP/1.1: after {:?}", start.elapsed());
+
+    // HTTP/2.
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::put(format!("http://{}/up", gw.http()))
+        .header("content-length", "1048576")
+        .body(())
+        .unwrap();
+    let (answer, mut up) = client.send_request(req, false).unwrap();
+    up.send_data(Bytes::from(vec![b'z'; 100 << 10]), false).unwrap();
+    let start = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
+    assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT, "HTTP/2");
+    assert!(start.elapsed() < Duration::from_secs(8), "HTTP/2: after {:?}", start.elapsed());
 }
 
 /// A small request body from an HTTP/2 client is read whole before a node is picked: a client

@@ -392,6 +392,9 @@ impl StreamedAttempt {
             NodeReadable,
             Body(PumpStep),
         }
+        // The timeouts count from the body's last progress: bytes from the node that are not
+        // yet an answer do not restart them.
+        let mut last = tokio::time::Instant::now();
         loop {
             if body.done() {
                 return Ok(true);
@@ -405,13 +408,13 @@ impl StreamedAttempt {
                 }
                 body.poll_step(cx, client, node).map(Step::Body)
             });
-            match tokio::time::timeout(limit, step).await {
+            match tokio::time::timeout_at(last + limit, step).await {
                 Err(_) if writing => {
                     return Err(PumpError::Node(ProxyError::Timeout("send"), Outcome::Timeout));
                 }
                 Err(_) => return Err(PumpError::ClientTimeout),
                 Ok(Step::Body(step)) => match body.apply(step) {
-                    Ok(()) => {}
+                    Ok(()) => last = tokio::time::Instant::now(),
                     // A node that answers and closes without reading the rest resets the
                     // connection, and the write fails: its answer may be waiting all the same.
                     Err(PumpError::Node(e, outcome)) => {
@@ -1651,11 +1654,13 @@ fn into_response(
 /// One attempt of the general path for a request whose body is streamed to a plain `http`
 /// node (from an HTTP/2 client, over 64 KiB or of unknown length; or from a connection hyper's
 /// server took): the head, then the body framed as `parts` says (`content-length`, or chunked
-/// with the client's trailers) as the client sends it, each wait for the client bounded by
-/// `body_timeout` and each write to the node by the send timeout. An answer that comes before
-/// the body is all sent is returned at once and the body goes on while the client reads it,
-/// until the answer ends; a node that answered and then stopped taking the body (a reset) still
-/// has its answer relayed.
+/// with the client's trailers) as the client sends it. Until the node's answer begins, the
+/// client may pause for `body_timeout` (a 408 after that) and a write to the node may wait for
+/// the send timeout (a 504), both counted from the body's last progress. An answer that comes
+/// before the body is all sent is returned at once and the body goes on while the client reads
+/// it, until the answer ends; from then on the read timeout bounds the exchange, as for any
+/// answer: no progress either way for that long ends it. A node that answered and then stopped
+/// taking the body (a reset) still has its answer relayed.
 ///
 /// `Err` gives the peer back, and the body when none of it was taken (the connect failed), so
 /// that another node can be tried. A client that stalls or breaks its body gets a 408 or 400.
@@ -1672,72 +1677,83 @@ pub(crate) async fn attempt_streamed(
     let head_only = parts.method == Method::HEAD;
     let head = request_head(parts, host);
     let chunked = !parts.headers.contains_key(header::CONTENT_LENGTH);
-    // A body is never sent twice, so a pooled connection is checked with a syscall too.
-    let pooled = checkout(peer.addr, keepalive, true);
-    let (mut node, uses, _) = match open_and_send(&head, pooled, peer.addr, timeouts, start).await {
-        Ok(opened) => opened,
-        Err(f @ Failure::Node { sent: false, .. }) => return Err((f, peer, Some(body))),
-        Err(f) => {
-            Upload::new(body, chunked).discard();
-            return Err((f, peer, None));
-        }
-    };
     let mut upload = Box::new(Upload::new(body, chunked));
-    let mut early = BytesMut::new();
     // The node failed: the client's answer is the gateway's, and the rest of its body is
     // discarded.
     let fail = |upload: Box<Upload>, error, outcome| {
         (*upload).discard();
         node_failure(error, outcome, start, true)
     };
-    let sent = loop {
-        if upload.done() {
-            break Sent::Whole;
-        }
-        let writing = upload.writing();
-        let limit = if writing { timeouts.send } else { body_timeout };
-        let step = std::future::poll_fn(|cx| {
-            // An answer (or a close) from the node comes first.
-            if node.poll_read_ready(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            upload.poll_step(cx, &mut node).map(Some)
-        });
-        match tokio::time::timeout(limit, step).await {
-            Err(_) if writing => {
-                return Err((fail(upload, ProxyError::Timeout("send"), Outcome::Timeout), peer, None));
-            }
-            Err(_) => {
-                drop(node);
-                let e = ProxyError::Status(408, "request body timed out".into());
-                return Ok(error_response(&e, false));
-            }
-            Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(UploadError::Client(e)))) => {
-                drop(node);
-                return Ok(error_response(&ProxyError::BadRequest(format!("request body: {e}")), false));
-            }
-            // A node that answers and closes without reading the rest resets the connection,
-            // and the write fails: its answer may be waiting all the same.
-            Ok(Some(Err(UploadError::Node(e)))) => match node_said(&mut node, &mut early, head_only, true) {
-                Ok(true) => break Sent::Cut(upload),
-                _ => {
-                    let error = ProxyError::Connect(e.to_string());
-                    return Err((fail(upload, error, Outcome::TcpFailure), peer, None));
+    // A body is never sent twice, so a pooled connection is checked with a syscall too.
+    let mut pooled = checkout(peer.addr, keepalive, true);
+    let (node, uses, early, sent) = 'connection: loop {
+        let (mut node, uses, reused) =
+            match open_and_send(&head, pooled.take(), peer.addr, timeouts, start).await {
+                Ok(opened) => opened,
+                Err(f @ Failure::Node { sent: false, .. }) => return Err((f, peer, Some(upload.body))),
+                Err(f) => {
+                    (*upload).discard();
+                    return Err((f, peer, None));
                 }
-            },
-            Ok(None) => match node_said(&mut node, &mut early, head_only, false) {
-                Ok(true) => break Sent::Going(upload),
-                Ok(false) => {}
-                Err(e) => {
-                    let (error, outcome) = match e {
-                        PumpError::Node(error, outcome) => (error, outcome),
-                        _ => (ProxyError::BadResponse("node failed".into()), Outcome::TcpFailure),
-                    };
-                    return Err((fail(upload, error, outcome), peer, None));
+            };
+        let mut early = BytesMut::new();
+        let mut last = tokio::time::Instant::now();
+        let sent = loop {
+            if upload.done() {
+                break Sent::Whole;
+            }
+            let writing = upload.writing();
+            let limit = if writing { timeouts.send } else { body_timeout };
+            let step = std::future::poll_fn(|cx| {
+                // An answer (or a close) from the node comes first.
+                if node.poll_read_ready(cx).is_ready() {
+                    return Poll::Ready(None);
                 }
-            },
-        }
+                upload.poll_step(cx, &mut node).map(Some)
+            });
+            match tokio::time::timeout_at(last + limit, step).await {
+                Err(_) if writing => {
+                    return Err((fail(upload, ProxyError::Timeout("send"), Outcome::Timeout), peer, None));
+                }
+                Err(_) => {
+                    drop(node);
+                    (*upload).discard();
+                    let e = ProxyError::Status(408, "request body timed out".into());
+                    return Ok(error_response(&e, false));
+                }
+                Ok(Some(Ok(()))) => last = tokio::time::Instant::now(),
+                Ok(Some(Err(UploadError::Client(e)))) => {
+                    drop(node);
+                    return Ok(error_response(&ProxyError::BadRequest(format!("request body: {e}")), false));
+                }
+                // A node that answers and closes without reading the rest resets the connection,
+                // and the write fails: its answer may be waiting all the same.
+                Ok(Some(Err(UploadError::Node(e)))) => {
+                    match node_said(&mut node, &mut early, head_only, true) {
+                        Ok(true) => break Sent::Cut(upload),
+                        _ => {
+                            let error = ProxyError::Connect(e.to_string());
+                            return Err((fail(upload, error, Outcome::TcpFailure), peer, None));
+                        }
+                    }
+                }
+                Ok(None) => match node_said(&mut node, &mut early, head_only, false) {
+                    Ok(true) => break Sent::Going(upload),
+                    Ok(false) => {}
+                    // A pooled connection the node closed just as it was taken, before any of
+                    // the body was: a fresh one to the same node, once.
+                    Err(_) if reused && !upload.started => continue 'connection,
+                    Err(e) => {
+                        let (error, outcome) = match e {
+                            PumpError::Node(error, outcome) => (error, outcome),
+                            _ => (ProxyError::BadResponse("node failed".into()), Outcome::TcpFailure),
+                        };
+                        return Err((fail(upload, error, outcome), peer, None));
+                    }
+                },
+            }
+        };
+        break (node, uses, early, sent);
     };
     match read_head(node, uses, early, timeouts.read, head_only, HeadFor::Map, start).await {
         Ok(got) => Ok(into_response(got, peer, keepalive, timeouts, start, sent)),
@@ -1760,6 +1776,33 @@ pub(crate) struct Upload {
     out: std::collections::VecDeque<bytes::Bytes>,
     /// All of the body, and its framing's end, is in `out` or written.
     ended: bool,
+    /// Something was taken from the body: it cannot be sent again.
+    started: bool,
+}
+
+/// Whether a client's trailer field may go on to the node: not one that frames, routes,
+/// authenticates or describes the message (RFC 9110 §6.5.1), which a node that merges trailers
+/// into the headers would take for the request's own.
+fn trailer_allowed(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::COOKIE
+            | header::EXPECT
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::PROXY_AUTHORIZATION
+            | header::RANGE
+            | header::SET_COOKIE
+            | header::TE
+            | header::TRAILER
+            | header::TRANSFER_ENCODING
+    )
 }
 
 /// Why an [`Upload`] stopped.
@@ -1772,7 +1815,13 @@ enum UploadError {
 
 impl Upload {
     fn new(body: ProxyBody, chunked: bool) -> Upload {
-        Upload { body, chunked, out: std::collections::VecDeque::with_capacity(3), ended: false }
+        Upload {
+            body,
+            chunked,
+            out: std::collections::VecDeque::with_capacity(3),
+            ended: false,
+            started: false,
+        }
     }
 
     /// The whole body reached the node.
@@ -1820,18 +1869,19 @@ impl Upload {
         if self.ended {
             return Poll::Ready(Ok(()));
         }
-        let frame =
-            match std::task::ready!(http_body::Body::poll_frame(std::pin::Pin::new(&mut self.body), cx)) {
-                Some(Ok(frame)) => frame,
-                Some(Err(e)) => return Poll::Ready(Err(UploadError::Client(e))),
-                None => {
-                    if self.chunked {
-                        self.out.push_back(bytes::Bytes::from_static(b"0\r\n\r\n"));
-                    }
-                    self.ended = true;
-                    return Poll::Ready(Ok(()));
+        let polled = std::task::ready!(http_body::Body::poll_frame(std::pin::Pin::new(&mut self.body), cx));
+        self.started = true;
+        let frame = match polled {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Poll::Ready(Err(UploadError::Client(e))),
+            None => {
+                if self.chunked {
+                    self.out.push_back(bytes::Bytes::from_static(b"0\r\n\r\n"));
                 }
-            };
+                self.ended = true;
+                return Poll::Ready(Ok(()));
+            }
+        };
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
             Ok(data) => {
@@ -1849,7 +1899,7 @@ impl Upload {
                 if let Ok(trailers) = frame.into_trailers() {
                     if self.chunked {
                         let mut end = b"0\r\n".to_vec();
-                        for (k, v) in &trailers {
+                        for (k, v) in trailers.iter().filter(|(k, _)| trailer_allowed(k)) {
                             end.extend_from_slice(k.as_str().as_bytes());
                             end.extend_from_slice(b": ");
                             end.extend_from_slice(v.as_bytes());
@@ -2045,7 +2095,15 @@ impl http_body::Body for RawBody {
                         this.waiting = true;
                     }
                     if timer.as_mut().poll(cx).is_ready() {
-                        return this.fail("upstream timed out (read)".into());
+                        // With a body still to send that the client does not send, the wait
+                        // may be the node's for the body: said so, not blamed on the node.
+                        let stalled = this.upload.as_ref().is_some_and(|up| !up.writing());
+                        return this.fail(if stalled {
+                            "no progress either way for the read timeout, with the request body still coming"
+                                .into()
+                        } else {
+                            "upstream timed out (read)".into()
+                        });
                     }
                     return Poll::Pending;
                 }
