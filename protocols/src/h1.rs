@@ -10,8 +10,8 @@
 //! (content-length, chunked or until close) are copied as they are, chunk framing included.
 //! Everything it does not handle is decided before anything is sent, and goes to the general
 //! path: see [`eligible`]. The general path uses the same node connections for its requests to
-//! plain `http` nodes: without a body or with a small one of known length ([`attempt`]), or with
-//! any other body, streamed ([`attempt_streamed`]). There the response head becomes a
+//! plain `http` nodes: without a body or with a small one of known length (`attempt`), or with
+//! any other body, streamed (`attempt_streamed`). There the response head becomes a
 //! `Response` and the body is decoded as the client reads it.
 //!
 //! The semantics are the general path's: the same header rewriting

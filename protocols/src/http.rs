@@ -140,7 +140,7 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
 /// it. Answering while the client is still sending makes HTTP/2 reset the request stream right
 /// after the answer (RST_STREAM NO_ERROR, RFC 9113 §8.1), which some clients (curl 7.x) report
 /// as a stream error instead of reading the answer; with the body read, the stream simply
-/// closes. An HTTP/2 client's body is read in a task of its own ([`drain_in_background`]), so the
+/// closes. An HTTP/2 client's body is read in a task of its own (`drain_in_background`), so the
 /// answer goes at once; any other is read here first, up to 64 KiB and 200 ms.
 pub async fn drain_unread(body: ProxyBody) {
     use http_body_util::BodyExt;
