@@ -1757,6 +1757,78 @@ async fn a_node_trickling_bytes_does_not_hold_off_the_body_timeout() {
     assert!(start.elapsed() < Duration::from_secs(8), "HTTP/2: after {:?}", start.elapsed());
 }
 
+/// A node that answers an HTTP/2 client's upload before reading it, keeps the connection, and
+/// then reads the rest (as nginx's `return 200` does) gets the rest of the body, and its
+/// connection is reused for the next upload instead of a new one each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let seen = conns.clone();
+    // Reports each request's body length once it has read all of it.
+    let (tx, mut bodies) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            seen.fetch_add(1, Ordering::Relaxed);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 << 10];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0);
+                    buf.drain(..end + 4);
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                        return;
+                    }
+                    while buf.len() < len {
+                        match s.read(&mut chunk).await {
+                            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    buf.drain(..len);
+                    let _ = tx.send(len);
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    for i in 0..5 {
+        let req = Request::post(format!("http://{}/up", gw.http()))
+            .body(Full::new(Bytes::from(vec![b'x'; 4 << 20])))
+            .unwrap();
+        let (status, _, body, _) = send_h2(gw.http(), req).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "upload {i}");
+        let len = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
+            .await
+            .expect("the node read the rest");
+        assert_eq!(len, Some(4 << 20), "upload {i}");
+    }
+    // The gateway pools a connection just after the node has read the last byte: the next
+    // upload may come first and open a second one, once in a while.
+    let n = conns.load(Ordering::Relaxed);
+    assert!(n <= 2, "{n} node connections for 5 uploads one after another");
+}
+
 /// A small request body from an HTTP/2 client is read whole before a node is picked: a client
 /// that declares one and does not send it gets a 408 once the send timeout has passed, and no
 /// request reaches a node; one sent in pieces is forwarded whole.

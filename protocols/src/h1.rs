@@ -1616,11 +1616,11 @@ fn into_response(
         _ => false,
     };
     if whole_answer {
+        let keep = reusable && (parsed.framing != Framing::None || buf.is_empty());
         match upload {
-            None if reusable && (parsed.framing != Framing::None || buf.is_empty()) => {
-                checkin(peer.addr, node, uses + 1, keepalive);
-            }
+            None if keep => checkin(peer.addr, node, uses + 1, keepalive),
             None => {}
+            Some(up) if keep => (*up).finish_then_pool(node, peer.addr, uses, keepalive),
             Some(up) => (*up).discard(),
         }
         if parsed.framing != Framing::None {
@@ -1677,7 +1677,7 @@ pub(crate) async fn attempt_streamed(
     let head_only = parts.method == Method::HEAD;
     let head = request_head(parts, host);
     let chunked = !parts.headers.contains_key(header::CONTENT_LENGTH);
-    let mut upload = Box::new(Upload::new(body, chunked));
+    let mut upload = Box::new(Upload::new(body, chunked, timeouts.send, body_timeout));
     // The node failed: the client's answer is the gateway's, and the rest of its body is
     // discarded.
     let fail = |upload: Box<Upload>, error, outcome| {
@@ -1778,6 +1778,9 @@ pub(crate) struct Upload {
     ended: bool,
     /// Something was taken from the body: it cannot be sent again.
     started: bool,
+    /// Longest wait for a write to the node, and for the client's next part of the body.
+    send_timeout: Duration,
+    body_timeout: Duration,
 }
 
 /// Whether a client's trailer field may go on to the node: not one that frames, routes,
@@ -1814,14 +1817,58 @@ enum UploadError {
 }
 
 impl Upload {
-    fn new(body: ProxyBody, chunked: bool) -> Upload {
+    fn new(body: ProxyBody, chunked: bool, send_timeout: Duration, body_timeout: Duration) -> Upload {
         Upload {
             body,
             chunked,
             out: std::collections::VecDeque::with_capacity(3),
             ended: false,
             started: false,
+            send_timeout,
+            body_timeout,
         }
+    }
+
+    /// Sends the rest of the body to a node whose answer has ended and that keeps the
+    /// connection, in a task of its own, then pools the connection. A node that answers before
+    /// it has the whole body must still read the rest to read its next request, so the
+    /// connection is worth keeping (nginx answering `return 200` to an upload does this). If the
+    /// node sends anything meanwhile, or the client or the node stalls (the body and send
+    /// timeouts), the connection is closed and the rest of the body discarded.
+    fn finish_then_pool(
+        mut self,
+        mut node: TcpStream,
+        addr: SocketAddr,
+        uses: u32,
+        keepalive: KeepalivePool,
+    ) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        rt.spawn(async move {
+            let mut last = tokio::time::Instant::now();
+            while !self.done() {
+                let limit = if self.writing() { self.send_timeout } else { self.body_timeout };
+                let step = std::future::poll_fn(|cx| {
+                    while node.poll_read_ready(cx).is_ready() {
+                        match node.try_read(&mut [0u8; 1]) {
+                            // Nothing after all: the readiness is cleared, and the next poll
+                            // waits for the node again.
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            // A close, an error, or bytes no request asked for.
+                            _ => return Poll::Ready(false),
+                        }
+                    }
+                    self.poll_step(cx, &mut node).map(|r| r.is_ok())
+                });
+                match tokio::time::timeout_at(last + limit, step).await {
+                    Ok(true) => last = tokio::time::Instant::now(),
+                    _ => {
+                        self.discard();
+                        return;
+                    }
+                }
+            }
+            checkin(addr, node, uses + 1, keepalive);
+        });
     }
 
     /// The whole body reached the node.
@@ -1994,11 +2041,16 @@ impl RawBody {
 
     /// The body ended: the connection is reused if nothing follows it.
     fn finish(&mut self) {
-        // A request body the node has not all had yet is dropped: its connection is not reused.
+        // A request body the node has not all had yet goes on to it if it keeps the connection,
+        // which is pooled after that; else the rest is discarded.
+        let keep = self.reusable && self.buf.is_empty() && self.framing != Framing::UntilClose;
         let sent_whole = match self.upload.take() {
             None => true,
             Some(up) => {
-                (*up).discard();
+                match self.node.take() {
+                    Some(node) if keep => (*up).finish_then_pool(node, self.addr, self.uses, self.keepalive),
+                    _ => (*up).discard(),
+                }
                 false
             }
         };
