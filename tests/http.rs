@@ -68,7 +68,8 @@ async fn no_route_is_apisix_404_json_and_grpc_clients_get_a_grpc_status() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["grpc-status"], "12", "UNIMPLEMENTED for an unknown method");
 
-    // An HTTP/2 upload without a route is answered at once, and its stream ends cleanly.
+    // An HTTP/2 upload without a route is answered (after 200 ms without more of the body), and
+    // its stream ends cleanly.
     h2_uploads_go_on_after_the_answer(gw.http(), "/nope", StatusCode::NOT_FOUND).await;
 }
 
@@ -1812,11 +1813,17 @@ async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection
         "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
         nodes_yaml(&[node])
     ));
+    // One client connection, kept open: a client that closes it once it has the answer gives
+    // up the rest of its upload.
+    let mut sender = h2c_sender(gw.http()).await;
     for i in 0..5 {
+        use http_body_util::BodyExt;
         let req = Request::post(format!("http://{}/up", gw.http()))
             .body(Full::new(Bytes::from(vec![b'x'; 4 << 20])))
             .unwrap();
-        let (status, _, body, _) = send_h2(gw.http(), req).await;
+        let resp = sender.send_request(req).await.expect("an answer");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("the answer's body").to_bytes();
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "upload {i}");
         let len = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
             .await
