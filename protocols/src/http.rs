@@ -137,21 +137,17 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
 }
 
 /// Reads and drops what is left of a request body the gateway answers itself, as nginx discards
-/// it. Answering while the client is still sending makes HTTP/2 reset the request stream right
-/// after the answer (RST_STREAM NO_ERROR, RFC 9113 §8.1), which some clients (curl 7.x) report
-/// as a stream error instead of reading the answer; with the body read, the stream simply
-/// closes. An HTTP/2 client's body is read in a task of its own (`drain_in_background`), so the
-/// answer goes at once; any other is read here first, up to 64 KiB and 200 ms.
-pub async fn drain_unread(body: ProxyBody) {
+/// it: up to 64 KiB, for at most 200 ms, before the answer. Answering while the client is still
+/// sending makes HTTP/2 reset the request stream right after the answer (RST_STREAM NO_ERROR,
+/// RFC 9113 §8.1), which some clients (curl 7.x) report as a stream error instead of reading the
+/// answer, and curl 7.x may also wait forever for an answer that came before its upload ended;
+/// with a small body read first, the stream simply closes. What an HTTP/2 client still sends
+/// after that is read in a task of its own (`drain_in_background`) instead of being reset.
+pub async fn drain_unread(mut body: ProxyBody) {
     use http_body_util::BodyExt;
     if body.is_end_stream() {
         return;
     }
-    if matches!(body, ProxyBody::H2(_)) {
-        drain_in_background(body);
-        return;
-    }
-    let mut body = std::pin::pin!(body);
     let drain = async {
         let mut seen = 0usize;
         while let Some(Ok(frame)) = BodyExt::frame(&mut body).await {
@@ -162,12 +158,13 @@ pub async fn drain_unread(body: ProxyBody) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
+    drain_in_background(body);
 }
 
 /// Lets go of an HTTP/2 client's request body that nobody will read: what the client still sends
 /// of it is read and dropped in a task of its own, until its end (each wait up to 5 s, 30 s in
 /// all, nginx's lingering limits), so that the client's stream ends as it expects. Dropping it
-/// at once would reset the stream (see [`drain_unread`]); and DATA frames still in flight for
+/// at once would reset the stream (see `drain_unread`); and DATA frames still in flight for
 /// streams the `h2` crate has forgotten count as the client's errors, of which it allows 1,024
 /// per connection before it closes it (under an upload load: every connection). Other bodies
 /// are dropped.
