@@ -1678,12 +1678,9 @@ pub(crate) async fn attempt_streamed(
     let head = request_head(parts, host);
     let chunked = !parts.headers.contains_key(header::CONTENT_LENGTH);
     let mut upload = Box::new(Upload::new(body, chunked, timeouts.send, body_timeout));
-    // The node failed: the client's answer is the gateway's, and the rest of its body is
-    // discarded.
-    let fail = |upload: Box<Upload>, error, outcome| {
-        (*upload).discard();
-        node_failure(error, outcome, start, true)
-    };
+    // The node failed: the client's answer is the gateway's, after some of the rest of its body
+    // is read (`Upload::give_up`).
+    let fail = |error, outcome| node_failure(error, outcome, start, true);
     // A body is never sent twice, so a pooled connection is checked with a syscall too.
     let mut pooled = checkout(peer.addr, keepalive, true);
     let (node, uses, early, sent) = 'connection: loop {
@@ -1692,7 +1689,7 @@ pub(crate) async fn attempt_streamed(
                 Ok(opened) => opened,
                 Err(f @ Failure::Node { sent: false, .. }) => return Err((f, peer, Some(upload.body))),
                 Err(f) => {
-                    (*upload).discard();
+                    (*upload).give_up().await;
                     return Err((f, peer, None));
                 }
             };
@@ -1713,7 +1710,9 @@ pub(crate) async fn attempt_streamed(
             });
             match tokio::time::timeout_at(last + limit, step).await {
                 Err(_) if writing => {
-                    return Err((fail(upload, ProxyError::Timeout("send"), Outcome::Timeout), peer, None));
+                    let f = fail(ProxyError::Timeout("send"), Outcome::Timeout);
+                    (*upload).give_up().await;
+                    return Err((f, peer, None));
                 }
                 Err(_) => {
                     drop(node);
@@ -1733,7 +1732,9 @@ pub(crate) async fn attempt_streamed(
                         Ok(true) => break Sent::Cut(upload),
                         _ => {
                             let error = ProxyError::Connect(e.to_string());
-                            return Err((fail(upload, error, Outcome::TcpFailure), peer, None));
+                            let f = fail(error, Outcome::TcpFailure);
+                            (*upload).give_up().await;
+                            return Err((f, peer, None));
                         }
                     }
                 }
@@ -1748,7 +1749,9 @@ pub(crate) async fn attempt_streamed(
                             PumpError::Node(error, outcome) => (error, outcome),
                             _ => (ProxyError::BadResponse("node failed".into()), Outcome::TcpFailure),
                         };
-                        return Err((fail(upload, error, outcome), peer, None));
+                        let f = fail(error, outcome);
+                        (*upload).give_up().await;
+                        return Err((f, peer, None));
                     }
                 },
             }
@@ -1759,7 +1762,7 @@ pub(crate) async fn attempt_streamed(
         Ok(got) => Ok(into_response(got, peer, keepalive, timeouts, start, sent)),
         Err(f) => {
             if let Sent::Going(up) | Sent::Cut(up) = sent {
-                (*up).discard();
+                (*up).give_up().await;
             }
             Err((f, peer, None))
         }
@@ -1880,6 +1883,12 @@ impl Upload {
     /// [`crate::http::drain_in_background`].
     fn discard(self) {
         crate::http::drain_in_background(self.body);
+    }
+
+    /// Lets go of a body before the gateway answers a failure itself: some of it is read first,
+    /// as for any request the gateway answers ([`crate::http::drain_unread`]).
+    async fn give_up(self) {
+        crate::http::drain_unread(self.body).await;
     }
 
     /// Bytes are waiting for the node (rather than for the client).
