@@ -2041,7 +2041,10 @@ impl RawBody {
             }
         }
         if cut {
-            self.upload = None;
+            // What the client still sends is read and dropped, not reset.
+            if let Some(up) = self.upload.take() {
+                (*up).discard();
+            }
             self.reusable = false;
         } else if up.done() {
             self.upload = None;
