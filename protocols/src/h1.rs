@@ -364,17 +364,7 @@ impl StreamedAttempt {
                     (0, false) => After::KeepAlive,
                 })
             }
-            Err(Broken::BeforeHead) => {
-                let e = ProxyError::BadResponse("invalid chunked body".into());
-                Err(node_failure(e, Outcome::TcpFailure, start, true))
-            }
-            Err(Broken::Node(outcome)) => {
-                if let Some(p) = peer.as_ref() {
-                    p.report(outcome, start.elapsed());
-                }
-                Err(Failure::Client)
-            }
-            Err(Broken::Client) => Err(Failure::Client),
+            Err(broken) => Err(broken.failure(peer.as_ref(), start)),
         }
     }
 
@@ -867,17 +857,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
             }
             Ok(if client_close { After::Close } else { After::KeepAlive })
         }
-        Err(Broken::BeforeHead) => {
-            let e = ProxyError::BadResponse("invalid chunked body".into());
-            Err(node_failure(e, Outcome::TcpFailure, start, true))
-        }
-        Err(Broken::Node(outcome)) => {
-            if let Some(p) = peer.as_ref() {
-                p.report(outcome, start.elapsed());
-            }
-            Err(Failure::Client)
-        }
-        Err(Broken::Client) => Err(Failure::Client),
+        Err(broken) => Err(broken.failure(peer.as_ref(), start)),
     }
 }
 
@@ -1306,6 +1286,28 @@ enum Broken {
     Node(Outcome),
     /// The client went away.
     Client,
+}
+
+impl Broken {
+    /// What a relay that broke means for the attempt: framing invalid before the client had
+    /// anything is the node's failure (a 502 can still be answered); a node that failed
+    /// mid-body is reported to passive health; either way after the head, the client
+    /// connection can say nothing more.
+    fn failure(self, peer: Option<&Peer>, start: Instant) -> Failure {
+        match self {
+            Broken::BeforeHead => {
+                let e = ProxyError::BadResponse("invalid chunked body".into());
+                node_failure(e, Outcome::TcpFailure, start, true)
+            }
+            Broken::Node(outcome) => {
+                if let Some(p) = peer {
+                    p.report(outcome, start.elapsed());
+                }
+                Failure::Client
+            }
+            Broken::Client => Failure::Client,
+        }
+    }
 }
 
 /// Writes `a` then `b` with as few syscalls as the socket allows, and flushes: a TLS stream may
