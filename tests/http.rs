@@ -1037,21 +1037,16 @@ async fn a_node_connection_still_sending_a_body_is_not_reused_over(h2: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
     use tokio::io::AsyncWriteExt;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if read_request_head(&mut s).await {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!")
-                        .await;
-                    // Closed with the body unread and no lingering: a reset.
-                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                }
-            });
+    let node = hand_node(|mut s| async move {
+        if read_request_head(&mut s).await {
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!")
+                .await;
+            // Closed with the body unread and no lingering: a reset.
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
         }
-    });
+    })
+    .await;
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
         nodes_yaml(&[node])
@@ -1145,24 +1140,21 @@ async fn h2_uploads_go_on_after_the_answer(addr: SocketAddr, path: &str, status:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_body_reaches_the_node_before_it_ends_and_a_stalled_one_is_a_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
     // The node reports how many bytes it got before the gateway closed the connection.
     let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let got_tx = got_tx.clone();
-            tokio::spawn(async move {
-                let mut total = 0;
-                let mut buf = vec![0u8; 64 << 10];
-                while let Ok(n @ 1..) = s.read(&mut buf).await {
-                    total += n;
-                    let _ = got_tx.send(total);
-                }
-                let _ = got_tx.send(usize::MAX);
-            });
+    let node = hand_node(move |mut s| {
+        let got_tx = got_tx.clone();
+        async move {
+            let mut total = 0;
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                total += n;
+                let _ = got_tx.send(total);
+            }
+            let _ = got_tx.send(usize::MAX);
         }
-    });
+    })
+    .await;
     // The body's timeout (2 s), not the head's (20 s here), bounds the pauses in a body.
     let gw = TestGateway::start_with(
         &BASE_CONFIG.replace("client_header_timeout: 2s", "client_header_timeout: 20s"),
@@ -1250,32 +1242,29 @@ async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
     const BODY: u64 = 1 << 30;
     // A node that answers every request with a 1 GiB body and reports when its connection
     // breaks under it.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
     let (broken_tx, mut broken) = tokio::sync::mpsc::unbounded_channel::<()>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let broken = broken_tx.clone();
-            tokio::spawn(async move {
-                if !read_request_head(&mut s).await {
+    let node = hand_node(move |mut s| {
+        let broken = broken_tx.clone();
+        async move {
+            if !read_request_head(&mut s).await {
+                return;
+            }
+            let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
+            if s.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+            let zeros = vec![0u8; 64 * 1024];
+            let mut sent = 0u64;
+            while sent < BODY {
+                if s.write_all(&zeros).await.is_err() {
+                    let _ = broken.send(());
                     return;
                 }
-                let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
-                if s.write_all(reply.as_bytes()).await.is_err() {
-                    return;
-                }
-                let zeros = vec![0u8; 64 * 1024];
-                let mut sent = 0u64;
-                while sent < BODY {
-                    if s.write_all(&zeros).await.is_err() {
-                        let _ = broken.send(());
-                        return;
-                    }
-                    sent += zeros.len() as u64;
-                }
-            });
+                sent += zeros.len() as u64;
+            }
         }
-    });
+    })
+    .await;
     let config =
         BASE_CONFIG.replace("client_header_timeout: 2s", "client_header_timeout: 2s\n    send_timeout: 1s");
     let gw = TestGateway::start_with(
@@ -1410,23 +1399,20 @@ async fn h2c_bodies_beyond_every_window_stream_both_ways() {
 async fn an_h2_stream_reset_by_the_client_cancels_the_node_exchange() {
     use tokio::io::AsyncReadExt;
     // A node that never answers and reports when the gateway hangs up on it.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if !read_request_head(&mut s).await {
-                    return;
-                }
-                let _ = tx.send("request");
-                let mut b = [0u8; 1024];
-                while matches!(s.read(&mut b).await, Ok(1..)) {}
-                let _ = tx.send("hung up");
-            });
+    let node = hand_node(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            if !read_request_head(&mut s).await {
+                return;
+            }
+            let _ = tx.send("request");
+            let mut b = [0u8; 1024];
+            while matches!(s.read(&mut b).await, Ok(1..)) {}
+            let _ = tx.send("hung up");
         }
-    });
+    })
+    .await;
     let b = Backend::start("b").await;
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /hang\n    upstream:\n      nodes: {}\n  - uri: /*\n    upstream:\n      nodes: {}\n",
@@ -1523,43 +1509,40 @@ async fn an_idle_h2c_connection_is_closed_after_keepalive_timeout() {
 /// chunked body's last chunk and trailers.
 async fn recording_node() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    let complete = seen.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|end| {
-                        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
-                        let body = &seen[end + 4..];
-                        match head.lines().find_map(|l| l.strip_prefix("content-length: ")) {
-                            Some(n) => body.len() >= n.trim().parse::<usize>().unwrap(),
-                            None => {
-                                head.contains("transfer-encoding: chunked")
-                                    && body.windows(5).any(|w| w == b"\r\n0\r\n")
-                                    && body.ends_with(b"\r\n\r\n")
-                            }
+    let node = hand_node(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let complete = seen.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|end| {
+                    let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                    let body = &seen[end + 4..];
+                    match head.lines().find_map(|l| l.strip_prefix("content-length: ")) {
+                        Some(n) => body.len() >= n.trim().parse::<usize>().unwrap(),
+                        None => {
+                            head.contains("transfer-encoding: chunked")
+                                && body.windows(5).any(|w| w == b"\r\n0\r\n")
+                                && body.ends_with(b"\r\n\r\n")
                         }
-                    });
-                    if complete {
-                        let _ = tx.send(std::mem::take(&mut seen));
-                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
-                            return;
-                        }
-                        continue;
                     }
-                    match s.read(&mut buf).await {
-                        Ok(n @ 1..) => seen.extend_from_slice(&buf[..n]),
-                        _ => return,
+                });
+                if complete {
+                    let _ = tx.send(std::mem::take(&mut seen));
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                        return;
                     }
+                    continue;
                 }
-            });
+                match s.read(&mut buf).await {
+                    Ok(n @ 1..) => seen.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
         }
-    });
+    })
+    .await;
     (node, rx)
 }
 
@@ -1703,23 +1686,19 @@ async fn bodies_the_general_http1_stack_takes_are_streamed_to_the_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_trickling_bytes_does_not_hold_off_the_body_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if !read_request_head(&mut s).await {
-                    return;
-                }
-                for b in b"HTTP/1.1 200 OK\r\nx-slow: ".iter().chain(std::iter::repeat(&b'z')) {
-                    if s.write_all(&[*b]).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-            });
+    let node = hand_node(|mut s| async move {
+        if !read_request_head(&mut s).await {
+            return;
         }
-    });
+        for b in b"HTTP/1.1 200 OK\r\nx-slow: ".iter().chain(std::iter::repeat(&b'z')) {
+            if s.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            // The node's pace (the behaviour under test), not a wait for anything.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
     let gw = TestGateway::start_with(
         &BASE_CONFIG.replace("client_header_timeout: 2s", "client_header_timeout: 20s"),
         &format!(
@@ -1766,49 +1745,46 @@ async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
     let seen = conns.clone();
     // Reports each request's body length once it has read all of it.
     let (tx, mut bodies) = tokio::sync::mpsc::unbounded_channel::<usize>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            seen.fetch_add(1, Ordering::Relaxed);
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk).await {
-                            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .and_then(|n| n.trim().parse().ok())
-                        .unwrap_or(0);
-                    buf.drain(..end + 4);
-                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
-                        return;
+    let node = hand_node(move |mut s| {
+        seen.fetch_add(1, Ordering::Relaxed);
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 64 << 10];
+            loop {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match s.read(&mut chunk).await {
+                        Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
                     }
-                    while buf.len() < len {
-                        match s.read(&mut chunk).await {
-                            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
-                    }
-                    buf.drain(..len);
-                    let _ = tx.send(len);
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
+                buf.drain(..end + 4);
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                    return;
                 }
-            });
+                while buf.len() < len {
+                    match s.read(&mut chunk).await {
+                        Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                buf.drain(..len);
+                let _ = tx.send(len);
+            }
         }
-    });
+    })
+    .await;
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
         nodes_yaml(&[node])
@@ -1885,33 +1861,30 @@ async fn chunked_request_bodies_are_streamed_and_the_next_request_follows() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = Backend::start("b").await;
     // A node that reports what it reads, and answers each request once its chunked body ended.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let seen_tx = seen_tx.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut answered = 0;
-                let mut chunk = [0u8; 4096];
-                while let Ok(n @ 1..) = s.read(&mut chunk).await {
-                    got.extend_from_slice(&chunk[..n]);
-                    let _ = seen_tx.send(got.clone());
-                    let ends = got.windows(5).filter(|w| w == b"0\r\n\r\n").count();
-                    let heads = got.windows(4).filter(|w| w == b"\r\n\r\n").count();
-                    // A GET (no body) is one head; a chunked POST is a head and a last chunk.
-                    let done = if got.starts_with(b"GET") { heads } else { ends };
-                    while answered < done {
-                        answered += 1;
-                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
-                            return;
-                        }
+    let node = hand_node(move |mut s| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut answered = 0;
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                got.extend_from_slice(&chunk[..n]);
+                let _ = seen_tx.send(got.clone());
+                let ends = got.windows(5).filter(|w| w == b"0\r\n\r\n").count();
+                let heads = got.windows(4).filter(|w| w == b"\r\n\r\n").count();
+                // A GET (no body) is one head; a chunked POST is a head and a last chunk.
+                let done = if got.starts_with(b"GET") { heads } else { ends };
+                while answered < done {
+                    answered += 1;
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                        return;
                     }
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /sink\n    upstream: {{nodes: {}}}\n  - uri: /raw\n    upstream: {{nodes: {}}}\n",
         nodes_yaml(&[b.addr]),

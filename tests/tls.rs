@@ -157,19 +157,13 @@ async fn http1_over_tls_is_relayed_with_keepalive_and_a_clean_close() {
     let leaf = ca.leaf(&["api.example.com"]);
     let b = Backend::start("b").await;
     // A node whose answer has no length: its body ends where the node closes.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let closing = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if !read_request_head(&mut s).await {
-                    return;
-                }
-                let _ =
-                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end").await;
-            });
+    let closing = hand_node(|mut s| async move {
+        if !read_request_head(&mut s).await {
+            return;
         }
-    });
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end").await;
+    })
+    .await;
     let (_dir, ca_path) = ca_file(&ca);
     let ca_path = ca_path.as_str();
     let gw = TestGateway::start_with(

@@ -534,6 +534,23 @@ pub fn nodes_yaml(addrs: &[SocketAddr]) -> String {
     format!("{{{}}}", inner.join(", "))
 }
 
+/// A hand-written node on an ephemeral loopback port: `serve` runs on each connection it
+/// accepts, in a task of its own.
+pub async fn hand_node<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
 /// For hand-written nodes: reads until the end of a request head; false if the client left.
 pub async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
     use tokio::io::AsyncReadExt;
