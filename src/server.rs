@@ -274,7 +274,11 @@ async fn worker(
             return;
         }
     };
-    let protocols = HttpProtocols::new(shared.node.client_header_timeout, shared.node.keepalive_timeout);
+    let protocols = HttpProtocols::new(
+        shared.node.client_header_timeout,
+        shared.node.keepalive_timeout,
+        shared.node.send_timeout,
+    );
     let mut accepts = Vec::new();
     for l in listeners {
         let listener = match TcpListener::from_std(l.socket) {
@@ -471,7 +475,7 @@ pub(crate) struct HttpProtocols {
 }
 
 impl HttpProtocols {
-    fn new(header_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
+    fn new(header_timeout: Duration, idle_timeout: Duration, send_timeout: Duration) -> Arc<Self> {
         let mut h1 = hyper::server::conn::http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
@@ -479,7 +483,7 @@ impl HttpProtocols {
             .max_header_size(32 * 1024)
             .writev(true)
             .keep_alive(true);
-        let h2 = strait_protocols::h2s::Settings::new(idle_timeout);
+        let h2 = strait_protocols::h2s::Settings::new(idle_timeout, send_timeout);
         Arc::new(HttpProtocols { h1, h2 })
     }
 }

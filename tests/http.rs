@@ -1235,7 +1235,8 @@ async fn expect_100_continue_is_answered_before_the_body() {
 /// `nginx_config.http.send_timeout`: a client that stops reading a large response is cut off
 /// once a write to it has made no progress for that long, and the node's connection goes with it
 /// (instead of both being held until the client reads again). Checked on the HTTP/1.1 relay (a
-/// GET) and on the general path (a POST with a body).
+/// GET), on the general path (a POST with a body), and for an HTTP/2 stream waiting for the
+/// client's flow-control window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1298,6 +1299,45 @@ async fn client_that_stops_reading_is_cut_off_after_send_timeout() {
         }
         assert!(got < BODY, "the whole body arrived: the client was not cut off");
     }
+
+    // HTTP/2: a client that reads none of the answer keeps the stream's window shut (it gives
+    // none back). The stream is reset once its next frame has waited `send_timeout`, the node
+    // connection goes with it, and the client's connection goes on serving.
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://{}/h2", gw.http())).body(()).unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer head").unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let started = Instant::now();
+    let cut = tokio::time::timeout(Duration::from_secs(20), broken.recv()).await;
+    assert!(matches!(cut, Ok(Some(()))), "HTTP/2: node connection still held");
+    assert!(started.elapsed() >= Duration::from_millis(900), "HTTP/2: cut off before send_timeout");
+    let mut body = answer.into_body();
+    let reset = loop {
+        match tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("HTTP/2 stream left open")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e.reason(),
+            None => panic!("HTTP/2: the answer ended instead of being reset"),
+        }
+    };
+    assert_eq!(reset, Some(h2::Reason::CANCEL));
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://{}/again", gw.http())).body(()).unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no second answer").unwrap();
+    assert_eq!(answer.status(), StatusCode::OK, "the connection serves on");
 }
 
 /// A download far bigger than any buffer, from a node that always has bytes ready, to a client

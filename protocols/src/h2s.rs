@@ -14,6 +14,10 @@
 //!   none;
 //! * a body is sent only as the client's flow-control window opens, so a slow reader holds at
 //!   most `max_send_buffer_size` of it in memory;
+//! * a stream whose next DATA frame has waited for the client's window for `send_timeout` is
+//!   reset (`CANCEL`), which drops the node exchange: a client that stops reading cannot hold a
+//!   node connection for ever by keeping its window shut (nginx's `send_timeout` times such a
+//!   wait too; stalled socket writes are the caller's to time);
 //! * a body that breaks mid-way resets the stream (`INTERNAL_ERROR`).
 //!
 //! Per connection: a PING every `keepalive_interval`; a client that does not answer within
@@ -22,7 +26,7 @@
 //! streams in flight finish first.
 
 use std::future::{Future, poll_fn};
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -35,6 +39,7 @@ use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
 
 use crate::body::{H2Body, ProxyBody};
 
@@ -44,14 +49,16 @@ pub struct Settings {
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
 }
 
 impl Settings {
     /// Strait's HTTP/2 server settings: 1,024 concurrent streams, 64 KiB of request headers, a
     /// 1 MiB stream and 4 MiB connection receive window, at most 400 KiB buffered per stream
     /// towards a slow client, and a PING after 60 s answered within 20 s. A connection without
-    /// an open stream for `idle_timeout` is closed.
-    pub fn new(idle_timeout: Duration) -> Self {
+    /// an open stream for `idle_timeout` is closed; a stream that waits for the client's window
+    /// for `send_timeout` is reset.
+    pub fn new(idle_timeout: Duration, send_timeout: Duration) -> Self {
         let mut builder = h2::server::Builder::new();
         builder
             .max_concurrent_streams(1024)
@@ -64,6 +71,7 @@ impl Settings {
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
             idle_timeout,
+            send_timeout,
         }
     }
 }
@@ -107,7 +115,7 @@ where
                     let (parts, recv) = req.into_parts();
                     let len = content_length(&parts.headers);
                     let req = Request::from_parts(parts, ProxyBody::H2(H2Body::new(recv, len)));
-                    streams.push(answer(service(req), respond));
+                    streams.push(answer(service(req), respond, settings.send_timeout));
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
@@ -154,7 +162,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Answers one stream: waits for the service (or the client's reset), sends the head, then the
 /// body.
-async fn answer<Fut>(service: Fut, mut respond: SendResponse<Bytes>)
+async fn answer<Fut>(service: Fut, mut respond: SendResponse<Bytes>, send_timeout: Duration)
 where
     Fut: Future<Output = Response<ProxyBody>>,
 {
@@ -183,7 +191,7 @@ where
     }
     let Ok(send) = respond.send_response(Response::from_parts(parts, ()), end) else { return };
     if !end {
-        send_body(body, send).await;
+        send_body(body, send, send_timeout).await;
     }
 }
 
@@ -192,11 +200,16 @@ where
 /// The next frame is taken from the body before any window is claimed (as hyper does since its
 /// issue 4003): a claim made while the body has nothing to send would hold part of the
 /// connection's window that other streams may need. A frame in hand then waits for room, and
-/// h2 buffers it beyond the window up to `max_send_buffer_size`.
-async fn send_body(body: ProxyBody, mut send: SendStream<Bytes>) {
+/// h2 buffers it beyond the window up to `max_send_buffer_size`. A frame that gets no room for
+/// `send_timeout` resets the stream.
+async fn send_body(body: ProxyBody, mut send: SendStream<Bytes>, send_timeout: Duration) {
     let mut body = pin!(body);
     // A DATA frame taken from the body and waiting for room, with its end-of-stream flag.
     let mut held: Option<(Bytes, bool)> = None;
+    // Bounds a wait for room. Made on the first wait only (an answer the window never holds up,
+    // as most are, costs no timer), then moved on at the start of each wait.
+    let mut stall: Option<Pin<Box<Sleep>>> = None;
+    let mut waiting = false;
     poll_fn(|cx| {
         loop {
             // Registered on every wait, so a reset by the client wakes this stream.
@@ -206,14 +219,28 @@ async fn send_body(body: ProxyBody, mut send: SendStream<Bytes>) {
             if let Some((data, end)) = held.take() {
                 while send.capacity() == 0 {
                     match send.poll_capacity(cx) {
-                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Ok(_))) => waiting = false,
                         Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
                         Poll::Pending => {
+                            if !waiting {
+                                waiting = true;
+                                let deadline = tokio::time::Instant::now() + send_timeout;
+                                match stall.as_mut() {
+                                    Some(timer) => timer.as_mut().reset(deadline),
+                                    None => stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                                }
+                            }
+                            if stall.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready()) {
+                                tracing::debug!("no flow-control window from the client for send_timeout; resetting the stream");
+                                send.send_reset(Reason::CANCEL);
+                                return Poll::Ready(());
+                            }
                             held = Some((data, end));
                             return Poll::Pending;
                         }
                     }
                 }
+                waiting = false;
                 if send.send_data(data, end).is_err() || end {
                     return Poll::Ready(());
                 }
