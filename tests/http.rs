@@ -959,7 +959,8 @@ async fn cookies_split_by_an_h2_client_reach_an_http1_node_as_one_line() {
 /// rest nor closes, leaves the gateway a node connection still busy sending that body. It is not
 /// reused: the next request goes over a fresh connection at once, instead of waiting behind the
 /// stalled body until the send timeout. Checked for an HTTP/1.1 client and an h2c one (the
-/// relay streams both bodies, each its own way).
+/// relay streams both bodies, each its own way). The HTTP/1.1 client's connection is kept: the
+/// rest of its body is dropped once the node has taken none of it for the send timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_connection_still_sending_a_body_is_not_reused() {
     for h2 in [false, true] {
@@ -987,7 +988,7 @@ async fn a_node_connection_still_sending_a_body_is_not_reused_over(h2: bool) {
         }
     });
     let gw = TestGateway::start(&format!(
-        "routes:\n  - uri: /*\n    timeout: {{connect: 5, send: 10, read: 10}}\n    upstream: {{retries: 0, nodes: {}}}\n",
+        "routes:\n  - uri: /*\n    timeout: {{connect: 5, send: 2, read: 10}}\n    upstream: {{retries: 0, nodes: {}}}\n",
         nodes_yaml(&[node])
     ));
     let addr = gw.http();
@@ -1028,6 +1029,29 @@ async fn a_node_connection_still_sending_a_body_is_not_reused_over(h2: bool) {
         start.elapsed()
     );
     assert_eq!(conns.load(Ordering::Relaxed), 2, "h2: {h2}: a fresh connection for the second request");
+    if h2 {
+        return;
+    }
+    // The client's own connection: once the node has taken none of the rest for the send
+    // timeout, the gateway reads and drops it, and the connection carries the next request.
+    use tokio::io::AsyncReadExt;
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(format!("POST /up HTTP/1.1\r\nhost: h\r\ncontent-length: {}\r\n\r\n", 16 << 20).as_bytes())
+        .await
+        .unwrap();
+    c.write_all(&vec![b'x'; 16 << 20]).await.unwrap();
+    c.write_all(b"GET /next HTTP/1.1\r\nhost: h\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while got.windows(2).filter(|w| w == b"ok").count() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), c.read(&mut chunk)).await {
+            Ok(Ok(n @ 1..)) => got.extend_from_slice(&chunk[..n]),
+            other => panic!("no second answer ({other:?}): {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let answers = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert_eq!(answers.matches("http/1.1 200").count(), 2, "{answers}");
+    assert!(!answers.contains("connection: close"), "{answers}");
 }
 
 /// A node that answers a large upload at once and closes without reading it (nginx's 413, an
@@ -1777,9 +1801,9 @@ async fn a_node_trickling_bytes_does_not_hold_off_the_body_timeout() {
     assert!(start.elapsed() < Duration::from_secs(8), "HTTP/2: after {:?}", start.elapsed());
 }
 
-/// A node that answers an HTTP/2 client's upload before reading it, keeps the connection, and
-/// then reads the rest (as nginx's `return 200` does) gets the rest of the body, and its
-/// connection is reused for the next upload instead of a new one each time.
+/// A node that answers an upload before reading it, keeps the connection, and then reads the
+/// rest (as nginx's `return 200` does) gets the rest of the body, and its connection is reused
+/// for the next upload instead of a new one each time. Over HTTP/2 and HTTP/1.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection() {
     use std::sync::Arc;
@@ -1850,6 +1874,36 @@ async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection
     // upload may come first and open a second one, once in a while.
     let n = conns.load(Ordering::Relaxed);
     assert!(n <= 2, "{n} node connections for 5 uploads one after another");
+
+    // HTTP/1.1, on one client connection: the client's connection stays open too, since the
+    // gateway reads the rest of each body (it used to close it, and the node's, after each).
+    conns.store(0, Ordering::Relaxed);
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    for i in 0..5 {
+        let head = format!("POST /up HTTP/1.1\r\nhost: h\r\ncontent-length: {}\r\n\r\n", 4 << 20);
+        c.write_all(head.as_bytes()).await.unwrap();
+        c.write_all(&vec![b'x'; 4 << 20]).await.unwrap_or_else(|e| panic!("HTTP/1.1 upload {i}: {e}"));
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"ok")) {
+            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut chunk)).await {
+                Ok(Ok(n @ 1..)) => got.extend_from_slice(&chunk[..n]),
+                other => panic!(
+                    "HTTP/1.1 upload {i}: no whole answer ({other:?}): {}",
+                    String::from_utf8_lossy(&got)
+                ),
+            }
+        }
+        let answer = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "HTTP/1.1 upload {i}: {answer}");
+        assert!(!answer.contains("connection: close"), "HTTP/1.1 upload {i}: {answer}");
+        let len = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
+            .await
+            .expect("the node read the rest");
+        assert_eq!(len, Some(4 << 20), "HTTP/1.1 upload {i}");
+    }
+    let n = conns.load(Ordering::Relaxed);
+    assert!(n <= 2, "HTTP/1.1: {n} node connections for 5 uploads one after another");
 }
 
 /// A small request body from an HTTP/2 client is read whole before a node is picked: a client

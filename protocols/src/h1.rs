@@ -223,9 +223,11 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
 /// the head and the part of the body already read go to the node, then the rest is copied from
 /// `client` as the node takes it, each wait for the client bounded by `body_timeout`. Bytes the
 /// client sent past a chunked body's end are added to `rest`. An answer that comes before the
-/// body is all sent is relayed at once, while the body goes on until the answer ends; a client
-/// whose body was not all read by then loses its connection (after a lingering read). Only a
-/// failed connect is retried: the body is not kept.
+/// body is all sent is relayed at once, while the body goes on. After it, the rest of the body
+/// goes to a node that keeps its connection (which is then pooled), and is read and dropped
+/// otherwise; the client's connection stays open, unless the node said it closes (then a client
+/// whose body was not all read loses its connection, after a lingering read). Only a failed
+/// connect is retried: the body is not kept.
 pub async fn forward_streamed<C, P>(
     client: &mut C,
     mut parts: Parts,
@@ -301,7 +303,8 @@ struct StreamedAttempt {
 impl StreamedAttempt {
     /// Sends `head` (with the start of the body), then the rest of the body from `client`
     /// (`left` counts down as it is read), then relays the answer. An answer that starts before
-    /// the body is all sent is relayed at once while the body goes on, until the answer ends.
+    /// the body is all sent is relayed at once while the body goes on; see [`forward_streamed`]
+    /// for the rest of the body.
     async fn run<C: AsyncRead + AsyncWrite + Unpin>(
         &self,
         client: &mut C,
@@ -349,22 +352,69 @@ impl StreamedAttempt {
             out.truncate(out.len() - 2);
             out.extend_from_slice(b"connection: close\r\n\r\n");
         }
-        let relay = Duplex { framing: parsed.framing, read_timeout: self.timeouts.read };
-        let ended = relay.run(client, &mut node, body, out, buf, peer).await;
-        match ended {
-            Ok(clean) => {
-                if clean && !client_close && body.done() && !body.dropped {
-                    checkin(self.addr, node, uses + 1, self.keepalive);
-                }
-                // A client whose body was not all read cannot send its next request here: the
-                // connection closes, whatever the answer said.
-                Ok(match (body.left, client_close) {
-                    (1.., _) => After::Linger,
-                    (0, true) => After::Close,
-                    (0, false) => After::KeepAlive,
-                })
+        let relay =
+            Duplex { framing: parsed.framing, read_timeout: self.timeouts.read, keep_body: !client_close };
+        let clean = match relay.run(client, &mut node, body, out, buf, peer).await {
+            Ok(clean) => clean,
+            Err(broken) => return Err(broken.failure(peer.as_ref(), start)),
+        };
+        let mut reuse = clean && !client_close && !body.dropped;
+        if !client_close && !body.done() {
+            // The answer is whole and the client may send its next request here once its body
+            // has come. The rest goes to the node if it keeps its connection (then pooled, not
+            // closed), or is read and dropped.
+            if !reuse {
+                body.drop_rest();
             }
-            Err(broken) => Err(broken.failure(peer.as_ref(), start)),
+            match self.send_rest(client, &mut node, body).await {
+                Ok(whole) => reuse &= whole,
+                Err(_) => return Ok(After::Close),
+            }
+        }
+        if reuse && body.done() {
+            checkin(self.addr, node, uses + 1, self.keepalive);
+        }
+        // A client whose body was not all read (the node said it closes) cannot send its next
+        // request here: the connection closes, whatever the answer said.
+        Ok(match (body.left, client_close) {
+            (1.., _) => After::Linger,
+            (0, true) => After::Close,
+            (0, false) => After::KeepAlive,
+        })
+    }
+
+    /// The rest of a body whose answer has ended: copied from `client` to `node` as the node
+    /// takes it, each wait for the client bounded by the body timeout and each write by the
+    /// send timeout, or read and dropped once [`BodyPump::drop_rest`] was called. A node that
+    /// fails or takes nothing for the send timeout is given up and the rest dropped:
+    /// `Ok(false)`, its connection is not reused. `Ok(true)`: the node has the whole body.
+    async fn send_rest<C: AsyncRead + Unpin>(
+        &self,
+        client: &mut C,
+        node: &mut TcpStream,
+        body: &mut BodyPump,
+    ) -> Result<bool, PumpError> {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            if body.dropped {
+                body.from = body.to;
+            }
+            if body.done() {
+                return Ok(!body.dropped);
+            }
+            let writing = body.writing();
+            let limit = if writing { self.timeouts.send } else { self.body_timeout };
+            let step = std::future::poll_fn(|cx| body.poll_step(cx, client, node));
+            match tokio::time::timeout_at(last + limit, step).await {
+                Err(_) if writing => body.drop_rest(),
+                Err(_) => return Err(PumpError::ClientTimeout),
+                Ok(step) => match body.apply(step) {
+                    Ok(()) => {}
+                    Err(PumpError::Node(..)) => body.drop_rest(),
+                    Err(e) => return Err(e),
+                },
+            }
+            last = tokio::time::Instant::now();
         }
     }
 
@@ -538,6 +588,13 @@ impl BodyPump {
         self.from < self.to
     }
 
+    /// The node gets no more of the body: what is waiting for it is dropped, and so is the rest
+    /// as it is read.
+    fn drop_rest(&mut self) {
+        self.from = self.to;
+        self.dropped = true;
+    }
+
     fn poll_step<C: AsyncRead + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
@@ -609,6 +666,9 @@ enum PumpError {
 struct Duplex {
     framing: Framing,
     read_timeout: Duration,
+    /// The node keeps its connection: once its answer has ended, the body still goes to it
+    /// (rather than being dropped) for as long as it takes it.
+    keep_body: bool,
 }
 
 impl Duplex {
@@ -691,12 +751,12 @@ impl Duplex {
                     }
                 }
                 // Then the body, for as long as the node takes it. Once the node's answer is all
-                // read, the rest of the body is read and dropped instead: a client that reads
+                // read, the rest of the body is read and dropped instead, unless the node keeps
+                // its connection (and then once it stops taking it, below): a client that reads
                 // only after it has sent everything still gets the rest of the answer.
                 if body_open && !body.done() {
-                    if ended && body.writing() {
-                        body.from = body.to;
-                        body.dropped = true;
+                    if ended && (body.dropped || !(self.keep_body && clean)) {
+                        body.drop_rest();
                     }
                     if !body.done()
                         && let Poll::Ready(step) = body.poll_step(cx, client, node)
@@ -713,6 +773,13 @@ impl Duplex {
                     continue;
                 }
                 if timer.as_mut().poll(cx).is_ready() {
+                    if ended && body.writing() {
+                        // The answer is whole but waits for a client that sends before it
+                        // reads, and the node takes no more of the body: the rest is dropped.
+                        body.drop_rest();
+                        timer.as_mut().reset(tokio::time::Instant::now() + self.read_timeout);
+                        continue;
+                    }
                     // Nothing moved: the node did not answer on, unless the wait was for the
                     // client's body (an echo waits for it), which is not the node's fault.
                     let client_stalled = body_open && !body.done() && !body.writing();
