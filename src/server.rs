@@ -366,7 +366,7 @@ async fn accept_loop(
         };
         let guard = tracker.enter(&shared);
         let shared = shared.clone();
-        let shutdown = shutdown.clone();
+        let mut shutdown = shutdown.clone();
         match kind {
             Kind::Http { http2 } => {
                 let protocols = protocols.clone();
@@ -418,9 +418,11 @@ async fn accept_loop(
                     // The handshake and the first request head share one client_header_timeout,
                     // counted from the accept.
                     let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
-                    let hs = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
+                    // Boxed: the handshake's state is freed once it is done, instead of being
+                    // part of the task of every idle connection.
+                    let hs = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(stream))).await;
                     match hs {
-                        Ok(Ok(tls)) => {
+                        Ok(Ok(mut tls)) => {
                             if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                                 Box::pin(serve_http(
                                     tls,
@@ -434,11 +436,24 @@ async fn accept_loop(
                                 ))
                                 .await;
                             } else {
-                                let read = bytes::BytesMut::new();
-                                Box::pin(serve_h1(
-                                    tls, read, deadline, peer, local, shared, protocols, shutdown,
-                                ))
-                                .await;
+                                // As on plain connections, the HTTP/1.1 state is boxed only once
+                                // the client has spoken: until then an idle connection keeps only
+                                // its TLS state.
+                                let ready = tokio::select! {
+                                    r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| tls.poll_idle(cx))) => Some(r),
+                                    _ = shutdown.wait_for(|s| *s) => None,
+                                };
+                                match ready {
+                                    Some(Ok(Ok(()))) => {
+                                        let read = bytes::BytesMut::new();
+                                        Box::pin(serve_h1(
+                                            tls, read, deadline, peer, local, shared, protocols, shutdown,
+                                        ))
+                                        .await;
+                                    }
+                                    Some(_) => {}
+                                    None => close_client(&mut tls, shared.node.send_timeout).await,
+                                }
                             }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -845,7 +860,8 @@ async fn serve_h1<S: ClientStream>(
         }
     }
     let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
-    serve_http(io, Proto::H1, peer, local, S::TLS, shared, protocols, shutdown).await;
+    // Boxed: the general path's state is not part of every relayed connection's.
+    Box::pin(serve_http(io, Proto::H1, peer, local, S::TLS, shared, protocols, shutdown)).await;
 }
 
 /// One request: route, then forward (or answer an error).
