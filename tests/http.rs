@@ -972,25 +972,31 @@ async fn a_node_connection_still_sending_a_body_is_not_reused_over(h2: bool) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let seen = conns.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut s, _)) = l.accept().await {
-            seen.fetch_add(1, Ordering::Relaxed);
-            if read_request_head(&mut s).await
-                && s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_ok()
-            {
-                held.push(s);
+    // A node that answers the first request on each connection at once and then neither reads
+    // nor closes; a gateway in front of it.
+    let node_and_gateway = || async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let seen = conns.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                seen.fetch_add(1, Ordering::Relaxed);
+                if read_request_head(&mut s).await
+                    && s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_ok()
+                {
+                    held.push(s);
+                }
             }
-        }
-    });
-    let gw = TestGateway::start(&format!(
-        "routes:\n  - uri: /*\n    timeout: {{connect: 5, send: 2, read: 10}}\n    upstream: {{retries: 0, nodes: {}}}\n",
-        nodes_yaml(&[node])
-    ));
+        });
+        let gw = TestGateway::start(&format!(
+            "routes:\n  - uri: /*\n    timeout: {{connect: 5, send: 2, read: 10}}\n    upstream: {{retries: 0, nodes: {}}}\n",
+            nodes_yaml(&[node])
+        ));
+        (gw, conns)
+    };
+    let (gw, conns) = node_and_gateway().await;
     let addr = gw.http();
     let send_any = |req: Request<Full<Bytes>>| async move {
         if h2 {
@@ -1033,9 +1039,12 @@ async fn a_node_connection_still_sending_a_body_is_not_reused_over(h2: bool) {
         return;
     }
     // The client's own connection: once the node has taken none of the rest for the send
-    // timeout, the gateway reads and drops it, and the connection carries the next request.
+    // timeout, the gateway reads and drops it, and the connection carries the next request. (On
+    // a gateway of its own: the one above has pooled the second connection, which its node
+    // will never answer on again.)
     use tokio::io::AsyncReadExt;
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (gw, _) = node_and_gateway().await;
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
     c.write_all(format!("POST /up HTTP/1.1\r\nhost: h\r\ncontent-length: {}\r\n\r\n", 16 << 20).as_bytes())
         .await
         .unwrap();
