@@ -419,8 +419,13 @@ async fn accept_loop(
                     // counted from the accept.
                     let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
                     // Boxed: the handshake's state is freed once it is done, instead of being
-                    // part of the task of every idle connection.
-                    let hs = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(stream))).await;
+                    // part of the task of every idle connection. So is the TLS state: the task
+                    // and the HTTP state's box hold a pointer to it, not a copy each.
+                    let hs = Box::pin(async move {
+                        let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
+                        tls.map(|r| r.map(Box::new))
+                    })
+                    .await;
                     match hs {
                         Ok(Ok(mut tls)) => {
                             if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
@@ -662,7 +667,7 @@ impl ClientStream for TcpStream {
     }
 }
 
-impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
     const TLS: bool = true;
     fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         let (tcp, tls) = self.get_ref();
