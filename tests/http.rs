@@ -1818,6 +1818,13 @@ async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// Waits for the node to report that it read a whole 4 MiB body.
+    async fn node_read_all(bodies: &mut tokio::sync::mpsc::UnboundedReceiver<usize>, what: &str) {
+        let len = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the node did not read the rest"));
+        assert_eq!(len, Some(4 << 20), "{what}");
+    }
     let conns = Arc::new(AtomicUsize::new(0));
     let seen = conns.clone();
     // Reports each request's body length once it has read all of it.
@@ -1874,10 +1881,7 @@ async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection
         let status = resp.status();
         let body = resp.into_body().collect().await.expect("the answer's body").to_bytes();
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "upload {i}");
-        let len = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
-            .await
-            .expect("the node read the rest");
-        assert_eq!(len, Some(4 << 20), "upload {i}");
+        node_read_all(&mut bodies, &format!("upload {i}")).await;
     }
     // The gateway pools a connection just after the node has read the last byte: the next
     // upload may come first and open a second one, once in a while.
@@ -1906,10 +1910,7 @@ async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection
         let answer = String::from_utf8_lossy(&got).to_ascii_lowercase();
         assert!(answer.starts_with("http/1.1 200"), "HTTP/1.1 upload {i}: {answer}");
         assert!(!answer.contains("connection: close"), "HTTP/1.1 upload {i}: {answer}");
-        let len = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
-            .await
-            .expect("the node read the rest");
-        assert_eq!(len, Some(4 << 20), "HTTP/1.1 upload {i}");
+        node_read_all(&mut bodies, &format!("HTTP/1.1 upload {i}")).await;
     }
     let n = conns.load(Ordering::Relaxed);
     assert!(n <= 2, "HTTP/1.1: {n} node connections for 5 uploads one after another");

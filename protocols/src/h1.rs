@@ -396,9 +396,6 @@ impl StreamedAttempt {
     ) -> Result<bool, PumpError> {
         let mut last = tokio::time::Instant::now();
         loop {
-            if body.dropped {
-                body.from = body.to;
-            }
             if body.done() {
                 return Ok(!body.dropped);
             }
@@ -589,7 +586,7 @@ impl BodyPump {
     }
 
     /// The node gets no more of the body: what is waiting for it is dropped, and so is the rest
-    /// as it is read.
+    /// as it is read ([`BodyPump::apply`]).
     fn drop_rest(&mut self) {
         self.from = self.to;
         self.dropped = true;
@@ -643,6 +640,9 @@ impl BodyPump {
             PumpStep::Wrote(Err(e)) => {
                 return Err(PumpError::Node(ProxyError::Connect(e.to_string()), Outcome::TcpFailure));
             }
+        }
+        if self.dropped {
+            self.from = self.to;
         }
         Ok(())
     }
@@ -755,7 +755,7 @@ impl Duplex {
                 // its connection (and then once it stops taking it, below): a client that reads
                 // only after it has sent everything still gets the rest of the answer.
                 if body_open && !body.done() {
-                    if ended && (body.dropped || !(self.keep_body && clean)) {
+                    if ended && !(self.keep_body && clean) {
                         body.drop_rest();
                     }
                     if !body.done()
