@@ -366,7 +366,7 @@ async fn accept_loop(
         };
         let guard = tracker.enter(&shared);
         let shared = shared.clone();
-        let mut shutdown = shutdown.clone();
+        let shutdown = shutdown.clone();
         match kind {
             Kind::Http { http2 } => {
                 let protocols = protocols.clone();
@@ -382,12 +382,9 @@ async fn accept_loop(
                     };
                     match proto {
                         Some((Proto::H1, read)) => {
-                            // Boxed once the client has spoken: a silent connection keeps only
-                            // the small sniffing state.
-                            Box::pin(serve_h1(
-                                stream, read, deadline, peer, local, shared, protocols, shutdown,
-                            ))
-                            .await
+                            // In this task: it boxes the state of each request only while the
+                            // request is in flight.
+                            serve_h1(stream, read, deadline, peer, local, shared, protocols, shutdown).await
                         }
                         Some((Proto::H2, read)) => {
                             // Boxed too: otherwise the HTTP/2 state is part of every silent
@@ -420,14 +417,14 @@ async fn accept_loop(
                     let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
                     // Boxed: the handshake's state is freed once it is done, instead of being
                     // part of the task of every idle connection. So is the TLS state: the task
-                    // and the HTTP state's box hold a pointer to it, not a copy each.
+                    // holds a pointer to it, and the general path takes that pointer.
                     let hs = Box::pin(async move {
                         let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
                         tls.map(|r| r.map(Box::new))
                     })
                     .await;
                     match hs {
-                        Ok(Ok(mut tls)) => {
+                        Ok(Ok(tls)) => {
                             if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                                 Box::pin(serve_http(
                                     tls,
@@ -441,24 +438,11 @@ async fn accept_loop(
                                 ))
                                 .await;
                             } else {
-                                // As on plain connections, the HTTP/1.1 state is boxed only once
-                                // the client has spoken: until then an idle connection keeps only
-                                // its TLS state.
-                                let ready = tokio::select! {
-                                    r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| tls.poll_idle(cx))) => Some(r),
-                                    _ = shutdown.wait_for(|s| *s) => None,
-                                };
-                                match ready {
-                                    Some(Ok(Ok(()))) => {
-                                        let read = bytes::BytesMut::new();
-                                        Box::pin(serve_h1(
-                                            tls, read, deadline, peer, local, shared, protocols, shutdown,
-                                        ))
-                                        .await;
-                                    }
-                                    Some(_) => {}
-                                    None => close_client(&mut tls, shared.node.send_timeout).await,
-                                }
+                                // As on plain connections, in this task: an idle connection
+                                // keeps its TLS state, and the state of a request only while it
+                                // is in flight.
+                                let read = bytes::BytesMut::new();
+                                serve_h1(tls, read, deadline, peer, local, shared, protocols, shutdown).await;
                             }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -682,191 +666,235 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
 /// read whole (up to 64 KiB) or streamed; the first request that needs more (an upgrade, gRPC,
 /// transcoding, another transfer coding, anything malformed) hands the connection, with the
 /// bytes already read, to hyper for the rest of its life.
+///
+/// This future runs inside the connection's task and keeps only what lasts between requests
+/// ([`H1Conn`]) and the wait for the next one: the state of a request in flight (its head,
+/// route, and the exchange with the node) is boxed by [`one_request`] and freed when the request
+/// is done, so a keep-alive connection waiting for its next request costs about what a new one
+/// does.
 #[allow(clippy::too_many_arguments)]
 async fn serve_h1<S: ClientStream>(
-    mut stream: S,
+    stream: S,
     read: bytes::BytesMut,
     first_deadline: tokio::time::Instant,
     peer: SocketAddr,
     local: SocketAddr,
     shared: Arc<Shared>,
     protocols: Arc<HttpProtocols>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    use bytes::Buf;
-    use strait_protocols::h1::{ReqBody, RequestHead};
-    use tokio::io::AsyncReadExt;
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
-    let header_timeout = shared.node.client_header_timeout;
-    let body_timeout = shared.node.client_body_timeout;
+    let mut conn = H1Conn { stream, peer, local, shared, shutdown, client_ip, local_port_value };
     // What the client sent while the protocol was being told apart comes first.
     let mut buf = read;
     let mut first_deadline = Some(first_deadline);
     loop {
         // A complete request head within client_header_timeout (idle time included; for the
-        // first request, counted from the accept), or the reason to hand over.
-        let deadline = first_deadline.take().unwrap_or_else(|| tokio::time::Instant::now() + header_timeout);
-        let parsed = loop {
-            if !buf.is_empty() {
-                match strait_protocols::h1::parse_request(&buf) {
-                    RequestHead::Complete(p) => break Some(p),
-                    RequestHead::Partial if buf.len() < FAST_HEAD_MAX => {}
-                    _ => break None,
-                }
-            } else {
-                // Idle between requests: hold no buffer.
-                buf = bytes::BytesMut::new();
-                let ready = tokio::select! {
-                    r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| stream.poll_idle(cx))) => Some(r),
-                    _ = shutdown.wait_for(|s| *s) => None,
-                };
-                let Some(ready) = ready else {
-                    close_client(&mut stream, shared.node.send_timeout).await;
-                    return;
-                };
-                if !matches!(ready, Ok(Ok(()))) {
-                    return;
-                }
-                buf.reserve(4096);
-            }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(4096);
-            }
-            let idle = buf.is_empty();
-            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf));
-            // A TLS record can arrive in pieces: the wait for the rest of one is ended by a stop
-            // too.
-            let got = if idle && S::TLS {
-                tokio::select! {
-                    r = read => Some(r),
-                    _ = shutdown.wait_for(|s| *s) => None,
-                }
-            } else {
-                Some(read.await)
+        // first request, counted from the accept).
+        let deadline = first_deadline
+            .take()
+            .unwrap_or_else(|| tokio::time::Instant::now() + conn.shared.node.client_header_timeout);
+        if buf.is_empty() {
+            // Idle between requests: hold no buffer.
+            buf = bytes::BytesMut::new();
+            let ready = tokio::select! {
+                r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| conn.stream.poll_idle(cx))) => Some(r),
+                _ = conn.shutdown.wait_for(|s| *s) => None,
             };
-            match got {
-                Some(Ok(Ok(1..))) => {}
-                Some(_) => return,
-                None => {
-                    close_client(&mut stream, shared.node.send_timeout).await;
-                    return;
-                }
-            }
-        };
-        let Some(parsed) = parsed else { break };
-        let strait_protocols::h1::ParsedRequest { parts, len } = parsed;
-        let Some(body) = strait_protocols::h1::eligible(&parts) else { break };
-        if grpc::is_grpc_request(&parts.headers) {
-            break;
-        }
-        let (route, key) = {
-            let state = shared.state.load();
-            let view = RequestView::new(&parts, peer, local, S::TLS);
-            let Some(route) = state.router.find(&view) else { break };
-            let Some(up) = &route.upstream else { break };
-            if route.transcode.is_some()
-                || strait_protocols::UpstreamPicker::settings(&**up).scheme != strait_protocols::Scheme::Http
-            {
-                break;
-            }
-            let key = up.hash_key(&view).into_owned();
-            (route.clone(), key)
-        };
-        let Some(upstream) = &route.upstream else { break };
-        let have = (buf.len() - len) as u64;
-        let waiting = match body {
-            ReqBody::Length(n) => have < n,
-            ReqBody::Chunked => have == 0,
-        };
-        /// How the body is read.
-        enum Plan {
-            /// Whole (this many bytes), before a node is picked.
-            Whole(u64),
-            Streamed(strait_protocols::h1::StreamedBody),
-        }
-        let plan = match body {
-            ReqBody::Length(n) if n <= strait_protocols::h1::BODY_MAX => Plan::Whole(n),
-            // Starts with what came with the head; chunk framing that is invalid already goes to
-            // hyper, with the bytes as they came.
-            _ => match strait_protocols::h1::StreamedBody::start(body, &mut buf, len) {
-                Some(s) => Plan::Streamed(s),
-                None => break,
-            },
-        };
-        if waiting && strait_protocols::h1::expects_continue(&parts) {
-            // The client waits for this before it sends the body (nginx sends it when it starts
-            // reading the body, too).
-            let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
-            if write_flushed(&mut client, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+            let Some(ready) = ready else {
+                close_client(&mut conn.stream, conn.shared.node.send_timeout).await;
+                return;
+            };
+            if !matches!(ready, Ok(Ok(()))) {
                 return;
             }
         }
-        let ctx = ForwardCtx {
-            client_addr: peer,
-            local_port: local.port(),
-            client_ip: client_ip.clone(),
-            local_port_value: local_port_value.clone(),
-            downstream_tls: S::TLS,
-            hash_key: &key,
-            timeouts: route.spec.timeout,
-            websocket: false,
-            grpc: false,
-            deadline: None,
-            body_timeout,
-        };
-        shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
-        let after = match plan {
-            Plan::Whole(body_len) => {
-                // The whole body before a node is picked; a client that pauses longer than
-                // client_body_timeout loses the connection.
-                let need = len + body_len as usize;
-                if buf.len() < need {
-                    buf.reserve(need - buf.len());
-                    while buf.len() < need {
-                        match tokio::time::timeout(body_timeout, stream.read_buf(&mut buf)).await {
-                            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                            Ok(Ok(_)) => {}
-                        }
-                    }
-                }
-                buf.advance(len);
-                // (Splitting off nothing would still turn `buf` into a shared buffer: an allocation.)
-                let body =
-                    if body_len > 0 { buf.split_to(body_len as usize) } else { bytes::BytesMut::new() };
-                // Boxed: the exchange's state (a few KiB) exists only while a request is in flight,
-                // so an idle connection stays small.
-                let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
-                Box::pin(strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream)).await
-            }
-            // Streamed as it comes, each wait for the client bounded by client_body_timeout.
-            Plan::Streamed(streamed) => {
-                let mut client = SendTimeout::new(&mut stream, shared.node.send_timeout);
-                let forward = strait_protocols::h1::forward_streamed(
-                    &mut client,
-                    parts,
-                    streamed,
-                    &mut buf,
-                    &ctx,
-                    &**upstream,
-                );
-                Box::pin(forward).await
-            }
-        };
-        match after {
-            strait_protocols::h1::After::KeepAlive if !*shutdown.borrow() => {}
-            strait_protocols::h1::After::Linger => {
-                linger(&mut stream, shared.node.send_timeout, &mut shutdown).await;
-                return;
-            }
-            _ => {
-                close_client(&mut stream, shared.node.send_timeout).await;
-                return;
-            }
+        match Box::pin(one_request(&mut conn, &mut buf, deadline)).await {
+            Step::KeepAlive => {}
+            Step::Done => return,
+            Step::HandOff => break,
         }
     }
+    let H1Conn { stream, shared, shutdown, .. } = conn;
     let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
     // Boxed: the general path's state is not part of every relayed connection's.
     Box::pin(serve_http(io, Proto::H1, peer, local, S::TLS, shared, protocols, shutdown)).await;
+}
+
+/// What lasts of an HTTP/1.1 client connection between two requests.
+struct H1Conn<S> {
+    stream: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    /// `X-Real-IP` / `X-Forwarded-Port` values, computed once per connection.
+    client_ip: http::HeaderValue,
+    local_port_value: http::HeaderValue,
+}
+
+/// How a connection goes on after [`one_request`].
+enum Step {
+    /// Waits for the next request.
+    KeepAlive,
+    /// Has been closed (or is to be dropped).
+    Done,
+    /// Goes to the general path, with the bytes read so far.
+    HandOff,
+}
+
+/// Reads a request head (starting with what `buf` holds; more within `deadline`) and relays the
+/// request, or says why the connection goes to the general path. A connection that ends is
+/// closed here, gracefully where that matters.
+async fn one_request<S: ClientStream>(
+    conn: &mut H1Conn<S>,
+    buf: &mut bytes::BytesMut,
+    deadline: tokio::time::Instant,
+) -> Step {
+    use bytes::Buf;
+    use strait_protocols::h1::{ReqBody, RequestHead};
+    use tokio::io::AsyncReadExt;
+    let H1Conn { stream, peer, local, shared, shutdown, client_ip, local_port_value } = conn;
+    let (peer, local) = (*peer, *local);
+    let body_timeout = shared.node.client_body_timeout;
+    let parsed = loop {
+        if !buf.is_empty() {
+            match strait_protocols::h1::parse_request(buf) {
+                RequestHead::Complete(p) => break p,
+                RequestHead::Partial if buf.len() < FAST_HEAD_MAX => {}
+                _ => return Step::HandOff,
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let idle = buf.is_empty();
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(buf));
+        // A TLS record can arrive in pieces: the wait for the rest of one is ended by a stop
+        // too.
+        let got = if idle && S::TLS {
+            tokio::select! {
+                r = read => Some(r),
+                _ = shutdown.wait_for(|s| *s) => None,
+            }
+        } else {
+            Some(read.await)
+        };
+        match got {
+            Some(Ok(Ok(1..))) => {}
+            Some(_) => return Step::Done,
+            None => {
+                close_client(stream, shared.node.send_timeout).await;
+                return Step::Done;
+            }
+        }
+    };
+    let strait_protocols::h1::ParsedRequest { parts, len } = parsed;
+    let Some(body) = strait_protocols::h1::eligible(&parts) else { return Step::HandOff };
+    if grpc::is_grpc_request(&parts.headers) {
+        return Step::HandOff;
+    }
+    let (route, key) = {
+        let state = shared.state.load();
+        let view = RequestView::new(&parts, peer, local, S::TLS);
+        let Some(route) = state.router.find(&view) else { return Step::HandOff };
+        let Some(up) = &route.upstream else { return Step::HandOff };
+        if route.transcode.is_some()
+            || strait_protocols::UpstreamPicker::settings(&**up).scheme != strait_protocols::Scheme::Http
+        {
+            return Step::HandOff;
+        }
+        let key = up.hash_key(&view).into_owned();
+        (route.clone(), key)
+    };
+    let Some(upstream) = &route.upstream else { return Step::HandOff };
+    let have = (buf.len() - len) as u64;
+    let waiting = match body {
+        ReqBody::Length(n) => have < n,
+        ReqBody::Chunked => have == 0,
+    };
+    /// How the body is read.
+    enum Plan {
+        /// Whole (this many bytes), before a node is picked.
+        Whole(u64),
+        Streamed(strait_protocols::h1::StreamedBody),
+    }
+    let plan = match body {
+        ReqBody::Length(n) if n <= strait_protocols::h1::BODY_MAX => Plan::Whole(n),
+        // Starts with what came with the head; chunk framing that is invalid already goes to
+        // hyper, with the bytes as they came.
+        _ => match strait_protocols::h1::StreamedBody::start(body, buf, len) {
+            Some(s) => Plan::Streamed(s),
+            None => return Step::HandOff,
+        },
+    };
+    if waiting && strait_protocols::h1::expects_continue(&parts) {
+        // The client waits for this before it sends the body (nginx sends it when it starts
+        // reading the body, too).
+        let mut client = SendTimeout::new(&mut *stream, shared.node.send_timeout);
+        if write_flushed(&mut client, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+            return Step::Done;
+        }
+    }
+    let ctx = ForwardCtx {
+        client_addr: peer,
+        local_port: local.port(),
+        client_ip: client_ip.clone(),
+        local_port_value: local_port_value.clone(),
+        downstream_tls: S::TLS,
+        hash_key: &key,
+        timeouts: route.spec.timeout,
+        websocket: false,
+        grpc: false,
+        deadline: None,
+        body_timeout,
+    };
+    shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+    let after = match plan {
+        Plan::Whole(body_len) => {
+            // The whole body before a node is picked; a client that pauses longer than
+            // client_body_timeout loses the connection.
+            let need = len + body_len as usize;
+            if buf.len() < need {
+                buf.reserve(need - buf.len());
+                while buf.len() < need {
+                    match tokio::time::timeout(body_timeout, stream.read_buf(buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Step::Done,
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            }
+            buf.advance(len);
+            // (Splitting off nothing would still turn `buf` into a shared buffer: an allocation.)
+            let body = if body_len > 0 { buf.split_to(body_len as usize) } else { bytes::BytesMut::new() };
+            let mut client = SendTimeout::new(&mut *stream, shared.node.send_timeout);
+            strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream).await
+        }
+        // Streamed as it comes, each wait for the client bounded by client_body_timeout.
+        Plan::Streamed(streamed) => {
+            let mut client = SendTimeout::new(&mut *stream, shared.node.send_timeout);
+            Box::pin(strait_protocols::h1::forward_streamed(
+                &mut client,
+                parts,
+                streamed,
+                buf,
+                &ctx,
+                &**upstream,
+            ))
+            .await
+        }
+    };
+    match after {
+        strait_protocols::h1::After::KeepAlive if !*shutdown.borrow() => Step::KeepAlive,
+        strait_protocols::h1::After::Linger => {
+            linger(stream, shared.node.send_timeout, shutdown).await;
+            Step::Done
+        }
+        _ => {
+            close_client(stream, shared.node.send_timeout).await;
+            Step::Done
+        }
+    }
 }
 
 /// One request: route, then forward (or answer an error).
