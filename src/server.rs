@@ -349,7 +349,7 @@ async fn accept_loop(
             r = listener.accept() => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        let (stream, peer) = match accepted {
+        let (mut stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.
@@ -371,7 +371,6 @@ async fn accept_loop(
             Kind::Http { http2 } => {
                 let protocols = protocols.clone();
                 tokio::spawn(async move {
-                    let mut stream = stream;
                     // One client_header_timeout from the accept for the first request head,
                     // however long telling the protocol apart took.
                     let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
@@ -672,8 +671,11 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
 /// route, and the exchange with the node) is boxed by [`one_request`] and freed when the request
 /// is done, so a keep-alive connection waiting for its next request costs about what a new one
 /// does.
+///
+/// A function returning an async block rather than an async fn: an async fn would keep its
+/// arguments, and the locals made from them, side by side for its whole life.
 #[allow(clippy::too_many_arguments)]
-async fn serve_h1<S: ClientStream>(
+fn serve_h1<S: ClientStream>(
     stream: S,
     read: bytes::BytesMut,
     first_deadline: tokio::time::Instant,
@@ -682,43 +684,45 @@ async fn serve_h1<S: ClientStream>(
     shared: Arc<Shared>,
     protocols: Arc<HttpProtocols>,
     shutdown: watch::Receiver<bool>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     let mut conn = H1Conn { stream, peer, local, shared, shutdown, client_ip, local_port_value };
     // What the client sent while the protocol was being told apart comes first.
     let mut buf = read;
     let mut first_deadline = Some(first_deadline);
-    loop {
-        // A complete request head within client_header_timeout (idle time included; for the
-        // first request, counted from the accept).
-        let deadline = first_deadline
-            .take()
-            .unwrap_or_else(|| tokio::time::Instant::now() + conn.shared.node.client_header_timeout);
-        if buf.is_empty() {
-            // Idle between requests: hold no buffer.
-            buf = bytes::BytesMut::new();
-            let ready = tokio::select! {
-                r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| conn.stream.poll_idle(cx))) => Some(r),
-                _ = conn.shutdown.wait_for(|s| *s) => None,
-            };
-            let Some(ready) = ready else {
-                close_client(&mut conn.stream, conn.shared.node.send_timeout).await;
-                return;
-            };
-            if !matches!(ready, Ok(Ok(()))) {
-                return;
+    async move {
+        loop {
+            // A complete request head within client_header_timeout (idle time included; for the
+            // first request, counted from the accept).
+            let deadline = first_deadline
+                .take()
+                .unwrap_or_else(|| tokio::time::Instant::now() + conn.shared.node.client_header_timeout);
+            if buf.is_empty() {
+                // Idle between requests: hold no buffer.
+                buf = bytes::BytesMut::new();
+                let ready = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| conn.stream.poll_idle(cx))) => Some(r),
+                    _ = conn.shutdown.wait_for(|s| *s) => None,
+                };
+                let Some(ready) = ready else {
+                    close_client(&mut conn.stream, conn.shared.node.send_timeout).await;
+                    return;
+                };
+                if !matches!(ready, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            match Box::pin(one_request(&mut conn, &mut buf, deadline)).await {
+                Step::KeepAlive => {}
+                Step::Done => return,
+                Step::HandOff => break,
             }
         }
-        match Box::pin(one_request(&mut conn, &mut buf, deadline)).await {
-            Step::KeepAlive => {}
-            Step::Done => return,
-            Step::HandOff => break,
-        }
+        let H1Conn { stream, peer, local, shared, shutdown, .. } = conn;
+        let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
+        // Boxed: the general path's state is not part of every relayed connection's.
+        Box::pin(serve_http(io, Proto::H1, peer, local, S::TLS, shared, protocols, shutdown)).await;
     }
-    let H1Conn { stream, shared, shutdown, .. } = conn;
-    let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
-    // Boxed: the general path's state is not part of every relayed connection's.
-    Box::pin(serve_http(io, Proto::H1, peer, local, S::TLS, shared, protocols, shutdown)).await;
 }
 
 /// What lasts of an HTTP/1.1 client connection between two requests.
