@@ -4,16 +4,18 @@
 Starts `strait run` on a generated config (one route to a small keep-alive HTTP backend run by
 this script), opens N client connections that send nothing, and reports the RSS growth per
 connection; then sends one request on M of them (keep-alive) and reports the growth per used
-connection. Everything is on 127.0.0.1 with ports chosen by the kernel; the script ends only the
-processes it started.
+connection. `--l4 K` then also opens K sessions through an L4 stream route to an echo server,
+each sending one line and reading it back, and reports the RSS per idle session. Everything is
+on 127.0.0.1 with ports chosen by the kernel; the script ends only the processes it started.
 
-    cargo build --release && python3 scripts/conn-memory.py [--n 10000] [--m 1000] [--h2 K] [--tls K]
+    cargo build --release && python3 scripts/conn-memory.py [--n 10000] [--m 1000] [--h2 K] [--tls K] [--l4 K]
 """
 
 import argparse
 import http.server
 import os
 import resource
+import selectors
 import socket
 import ssl
 import subprocess
@@ -146,6 +148,58 @@ def tls_idle_and_used(pid, port, n, base, keep):
           f"{(used - idle) * 1024 / n:.0f} B more per connection")
 
 
+class Echo:
+    """A single-threaded TCP echo server (selectors), for any number of idle L4 sessions."""
+
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+        self.lsock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.lsock.setblocking(False)
+        self.sel.register(self.lsock, selectors.EVENT_READ)
+        self.port = self.lsock.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        while True:
+            for key, _ in self.sel.select():
+                if key.fileobj is self.lsock:
+                    c, _ = self.lsock.accept()
+                    c.setblocking(False)
+                    self.conns.append(c)
+                    self.sel.register(c, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = key.fileobj.recv(4096)
+                except OSError:
+                    data = b""
+                if data:
+                    key.fileobj.sendall(data)
+                else:
+                    self.sel.unregister(key.fileobj)
+                    key.fileobj.close()
+
+
+def l4_idle(pid, port, n, base, keep):
+    """RSS per idle L4 session (client and node connections), after one echoed line on each."""
+    conns = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.settimeout(10)
+        s.sendall(b"ping\n")
+        got = b""
+        while got != b"ping\n":
+            chunk = s.recv(16)
+            if not chunk:
+                sys.exit("L4 session closed before the echo")
+            got += chunk
+        conns.append(s)
+    keep.extend(conns)
+    idle = settle(pid)
+    print(f"L4 idle: {n} sessions, RSS {base} -> {idle} KiB, "
+          f"{(idle - base) * 1024 / n:.0f} B per session")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--strait", default="target/release/strait")
@@ -155,19 +209,28 @@ def main():
                     help="then also this many h2c connections (preface and SETTINGS, idle; then one GET each)")
     ap.add_argument("--tls", type=int, default=0,
                     help="then also this many HTTP/1.1 connections over TLS (idle after the handshake; then one GET each)")
+    ap.add_argument("--l4", type=int, default=0,
+                    help="then also this many L4 sessions to an echo server (one line echoed, then idle)")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < args.n + 100:
-        sys.exit(f"open-file limit {hard} is below {args.n} connections")
+    need = args.n + args.h2 + args.tls + 2 * args.l4 + 100
+    if hard < need:
+        sys.exit(f"open-file limit {hard} is below the {need} descriptors these connections need")
 
     backend = Backend(("127.0.0.1", 0), Hello)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     port = free_port()
     conf = tempfile.mkdtemp(prefix="strait-mem-")
     tls_port = free_port()
-    ssl_conf, ssls = "", ""
+    l4_port = free_port()
+    ssl_conf, ssls, stream_conf, stream_routes = "", "", "", ""
+    if args.l4:
+        echo = Echo()
+        stream_conf = "  stream_proxy:\n    tcp:\n      - \"127.0.0.1:%d\"\n" % l4_port
+        stream_routes = ('stream_routes:\n  - id: l4\n    server_port: %d\n    upstream:\n      nodes:\n'
+                         '        "127.0.0.1:%d": 1\n' % (l4_port, echo.port))
     if args.tls:
         key, cert = os.path.join(conf, "key.pem"), os.path.join(conf, "cert.pem")
         subprocess.run(
@@ -181,13 +244,14 @@ def main():
         ssls = "ssls:\n  - snis: [localhost]\n    cert: |\n%s    key: |\n%s" % (indent(cert), indent(key))
     with open(os.path.join(conf, "config.yaml"), "w") as f:
         f.write(
-            "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: %d\n%s"
-            "deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n" % (port, ssl_conf)
+            "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: %d\n%s%s"
+            "deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n"
+            % (port, ssl_conf, stream_conf)
         )
     with open(os.path.join(conf, "apisix.yaml"), "w") as f:
         f.write(
-            '%sroutes:\n  - uri: "/*"\n    upstream:\n      nodes:\n        "127.0.0.1:%d": 1\n#END\n'
-            % (ssls, backend.server_address[1])
+            '%s%sroutes:\n  - uri: "/*"\n    upstream:\n      nodes:\n        "127.0.0.1:%d": 1\n#END\n'
+            % (ssls, stream_routes, backend.server_address[1])
         )
     proc = subprocess.Popen(
         [args.strait, "run", "-c", os.path.join(conf, "config.yaml"), "--workers", "1"],
@@ -231,6 +295,9 @@ def main():
             used = settle(proc.pid)
         if args.tls:
             tls_idle_and_used(proc.pid, tls_port, args.tls, used, conns)
+            used = settle(proc.pid)
+        if args.l4:
+            l4_idle(proc.pid, l4_port, args.l4, used, conns)
     finally:
         for s in conns:
             s.close()

@@ -52,60 +52,111 @@ impl VarSource for StreamVars<'_> {
 const SILENT_CLIENT_WAIT: Duration = Duration::from_millis(500);
 
 /// Serves one accepted stream connection.
-pub async fn serve(
+///
+/// This future is the task of every session, idle ones too, so it is kept small: it is a function
+/// returning an async block (an async fn would keep its arguments beside the locals made from
+/// them), and the TLS paths, whose states are large, are boxed.
+#[allow(clippy::manual_async_fn)]
+pub fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     index: usize,
     shared: Arc<Shared>,
-    _shutdown: watch::Receiver<bool>,
-) {
-    shared.metrics.stream_connections.fetch_add(1, Ordering::Relaxed);
-    let Some(listener) = shared.node.stream.get(index).cloned() else {
-        return;
-    };
-    let handshake_timeout = shared.node.client_header_timeout;
-    let mut client = peer;
-    let mut dest = local;
-    if listener.proxy_protocol {
-        match tokio::time::timeout(handshake_timeout, read_proxy_header(&mut stream)).await {
-            Ok(Ok(h)) => {
-                client = h.source.unwrap_or(peer);
-                dest = h.destination.unwrap_or(local);
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "bad PROXY protocol header; closing");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "no PROXY protocol header in time; closing");
-                return;
-            }
-        }
-    }
-    let state = shared.state.load_full();
-
-    if listener.tls {
-        let Some(config) = shared.stream_tls() else {
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        // Held for the session's life, as the accept loop's other tasks hold theirs.
+        let _ = &shutdown;
+        shared.metrics.stream_connections.fetch_add(1, Ordering::Relaxed);
+        let Some(listener) = shared.node.stream.get(index).cloned() else {
             return;
         };
-        let acceptor = TlsAcceptor::from(config);
-        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
+        let handshake_timeout = shared.node.client_header_timeout;
+        let mut client = peer;
+        let mut dest = local;
+        if listener.proxy_protocol {
+            match tokio::time::timeout(handshake_timeout, read_proxy_header(&mut stream)).await {
+                Ok(Ok(h)) => {
+                    client = h.source.unwrap_or(peer);
+                    dest = h.destination.unwrap_or(local);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "bad PROXY protocol header; closing");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no PROXY protocol header in time; closing");
+                    return;
+                }
             }
-            Err(_) => return,
+        }
+        let state = shared.state.load_full();
+
+        if listener.tls {
+            // Boxed: the handshake's and the TLS state's room is not part of every plain session.
+            return Box::pin(async move {
+                let Some(config) = shared.stream_tls() else {
+                    return;
+                };
+                let acceptor = TlsAcceptor::from(config);
+                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let sni = tls.get_ref().1.server_name().map(str::to_string);
+                let Some(route) = state.stream_router.find(sni.as_deref(), client, local).cloned() else {
+                    shared.metrics.stream_no_route.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let vars = StreamVars { client, local, sni: sni.as_deref() };
+                session(
+                    Client::Tls(Box::new(tls)),
+                    &route.upstream,
+                    &vars,
+                    sni.as_deref(),
+                    dest,
+                    listener.proxy_protocol_to_upstream.then_some(listener.proxy_protocol_version),
+                    route.spec.idle_timeout,
+                )
+                .await;
+            })
+            .await;
+        }
+
+        let router = &state.stream_router;
+        let sni = if router.has_sni_routes() && router.sni_applies(client, local) {
+            // When a route without SNI would also take this connection, a client that stays silent
+            // (a server-speaks-first protocol such as MySQL or SMTP) goes there after a short wait:
+            // a TLS client sends its ClientHello right after the TCP handshake.
+            let first_byte = if router.plain_applies(client, local) {
+                SILENT_CLIENT_WAIT.min(handshake_timeout)
+            } else {
+                handshake_timeout
+            };
+            match peek_client_hello(&stream, first_byte, handshake_timeout).await {
+                Ok(Hello::Tls(sni)) => sni,
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "no ClientHello");
+                    None
+                }
+            }
+        } else {
+            None
         };
-        let sni = tls.get_ref().1.server_name().map(str::to_string);
         let Some(route) = state.stream_router.find(sni.as_deref(), client, local).cloned() else {
             shared.metrics.stream_no_route.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        drop(state);
         let vars = StreamVars { client, local, sni: sni.as_deref() };
         session(
-            Client::Tls(Box::new(tls)),
+            Client::Plain(stream),
             &route.upstream,
             &vars,
             sni.as_deref(),
@@ -114,49 +165,9 @@ pub async fn serve(
             route.spec.idle_timeout,
         )
         .await;
-        return;
     }
-
-    let router = &state.stream_router;
-    let sni = if router.has_sni_routes() && router.sni_applies(client, local) {
-        // When a route without SNI would also take this connection, a client that stays silent
-        // (a server-speaks-first protocol such as MySQL or SMTP) goes there after a short wait:
-        // a TLS client sends its ClientHello right after the TCP handshake.
-        let first_byte = if router.plain_applies(client, local) {
-            SILENT_CLIENT_WAIT.min(handshake_timeout)
-        } else {
-            handshake_timeout
-        };
-        match peek_client_hello(&stream, first_byte, handshake_timeout).await {
-            Ok(Hello::Tls(sni)) => sni,
-            Ok(_) => None,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "no ClientHello");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let Some(route) = state.stream_router.find(sni.as_deref(), client, local).cloned() else {
-        shared.metrics.stream_no_route.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    drop(state);
-    let vars = StreamVars { client, local, sni: sni.as_deref() };
-    session(
-        Client::Plain(stream),
-        &route.upstream,
-        &vars,
-        sni.as_deref(),
-        dest,
-        listener.proxy_protocol_to_upstream.then_some(listener.proxy_protocol_version),
-        route.spec.idle_timeout,
-    )
-    .await;
 }
 
-/// Connects to a node (retrying other nodes on connect failure) and relays the session.
 /// The client side of a session.
 enum Client {
     Plain(TcpStream),
@@ -173,7 +184,10 @@ where
     }
 }
 
-async fn session(
+/// Connects to a node (retrying other nodes on connect failure) and relays the session.
+/// (A function returning an async block, as [`serve`] is.)
+#[allow(clippy::manual_async_fn)]
+fn session(
     mut client: Client,
     upstream: &Arc<Upstream>,
     vars: &StreamVars<'_>,
@@ -181,67 +195,79 @@ async fn session(
     dest: SocketAddr,
     send_pp: Option<u8>,
     idle: Option<Duration>,
-) {
-    let settings = upstream.settings();
-    let key = upstream.hash_key(vars).into_owned();
-    let mut retry = Retry::new(&**upstream);
-    let (peer, mut tcp) = loop {
-        let peer = match retry.pick(&**upstream, &key) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(upstream = %settings.id, client = %vars.client, error = %e, "no node left for the stream session");
-                return;
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let settings = upstream.settings();
+        let key = upstream.hash_key(vars).into_owned();
+        let mut retry = Retry::new(&**upstream);
+        let (peer, mut tcp) = loop {
+            let peer = match retry.pick(&**upstream, &key) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(upstream = %settings.id, client = %vars.client, error = %e, "no node left for the stream session");
+                    return;
+                }
+            };
+            let started = Instant::now();
+            match connect_tcp(peer.addr, settings.timeouts.connect).await {
+                Ok(s) => break (peer, s),
+                Err(e) => {
+                    let (error, outcome) = if e.is_timeout() {
+                        (ProxyError::Timeout("connect"), Outcome::Timeout)
+                    } else {
+                        (ProxyError::Connect(e.to_string()), Outcome::TcpFailure)
+                    };
+                    peer.report(outcome, started.elapsed());
+                    if retry.failed(peer.addr, error, true).is_err() {
+                        return;
+                    }
+                }
             }
         };
         let started = Instant::now();
-        match connect_tcp(peer.addr, settings.timeouts.connect).await {
-            Ok(s) => break (peer, s),
-            Err(e) => {
-                let (error, outcome) = if e.is_timeout() {
-                    (ProxyError::Timeout("connect"), Outcome::Timeout)
-                } else {
-                    (ProxyError::Connect(e.to_string()), Outcome::TcpFailure)
-                };
-                peer.report(outcome, started.elapsed());
-                if retry.failed(peer.addr, error, true).is_err() {
-                    return;
-                }
-            }
-        }
-    };
-    let started = Instant::now();
-    if let Some(version) = send_pp {
-        let header = if version == 2 { v2_header(vars.client, dest) } else { v1_header(vars.client, dest) };
-        if tcp.write_all(&header).await.is_err() {
-            peer.report(Outcome::TcpFailure, started.elapsed());
-            return;
-        }
-    }
-    let result = if settings.scheme == Scheme::Tls {
-        let Some(tls) = &settings.tls else { return };
-        let sni = match &settings.pass_host {
-            strait_protocols::PassHost::Rewrite(h) => h.to_str().unwrap_or("localhost").to_string(),
-            _ => client_sni.map(str::to_string).unwrap_or_else(|| peer.host.to_string()),
-        };
-        let node = match connect_tls(tcp, peer.addr, tls.raw.clone(), &sni, settings.timeouts.connect).await {
-            Ok(t) => t,
-            Err(e) => {
+        if let Some(version) = send_pp {
+            let header =
+                if version == 2 { v2_header(vars.client, dest) } else { v1_header(vars.client, dest) };
+            if tcp.write_all(&header).await.is_err() {
                 peer.report(Outcome::TcpFailure, started.elapsed());
-                tracing::warn!(upstream = %settings.id, node = %peer.addr, error = %e, "TLS to node failed");
                 return;
             }
-        };
-        peer.report(Outcome::StreamOk, started.elapsed());
-        relay(&mut client, node, idle).await
-    } else {
-        peer.report(Outcome::StreamOk, started.elapsed());
-        match &mut client {
-            // Plain TCP on both sides: socket to socket, no stream layers.
-            Client::Plain(c) => relay_tcp(c, &mut tcp, idle).await,
-            Client::Tls(_) => relay(&mut client, tcp, idle).await,
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(upstream = %settings.id, node = %peer.addr, error = %e, "stream session ended");
+        let result = if settings.scheme == Scheme::Tls {
+            // Boxed: the TLS state towards the node is not part of every plain session.
+            let tls_session = Box::pin(async {
+                let tls = settings.tls.as_ref()?;
+                let sni = match &settings.pass_host {
+                    strait_protocols::PassHost::Rewrite(h) => h.to_str().unwrap_or("localhost").to_string(),
+                    _ => client_sni.map(str::to_string).unwrap_or_else(|| peer.host.to_string()),
+                };
+                let node = match connect_tls(tcp, peer.addr, tls.raw.clone(), &sni, settings.timeouts.connect)
+                    .await
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        peer.report(Outcome::TcpFailure, started.elapsed());
+                        tracing::warn!(upstream = %settings.id, node = %peer.addr, error = %e, "TLS to node failed");
+                        return None;
+                    }
+                };
+                peer.report(Outcome::StreamOk, started.elapsed());
+                Some(relay(&mut client, node, idle).await)
+            });
+            match tls_session.await {
+                Some(r) => r,
+                None => return,
+            }
+        } else {
+            peer.report(Outcome::StreamOk, started.elapsed());
+            match &mut client {
+                // Plain TCP on both sides: socket to socket, no stream layers.
+                Client::Plain(c) => relay_tcp(c, &mut tcp, idle).await,
+                Client::Tls(_) => relay(&mut client, tcp, idle).await,
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(upstream = %settings.id, node = %peer.addr, error = %e, "stream session ended");
+        }
     }
 }
