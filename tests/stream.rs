@@ -386,6 +386,21 @@ async fn idle_timeout_is_per_route_and_off_by_default() {
     let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the idle session was closed");
 
+    // Traffic holds the idle timeout off: a session that sends a byte every 100 ms lives for
+    // well over 0.3 s (the pace is the behaviour under test, not a wait for a server), and is
+    // cut only once it goes quiet.
+    let mut s = TcpStream::connect(gw.stream(0)).await.unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..10 {
+        s.write_all(b"t").await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut b)).await;
+        assert!(matches!(echoed, Ok(Ok(_))), "a busy session was cut after {:?}", start.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the session was not closed once quiet");
+
     // Without idle_timeout a quiet session stays open.
     let mut s = TcpStream::connect(gw.stream(1)).await.unwrap();
     s.write_all(b"a").await.unwrap();
