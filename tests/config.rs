@@ -180,7 +180,7 @@ async fn reload_does_not_fail_in_flight_requests() {
 async fn sigterm_drains_in_flight_requests_then_exits() {
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = closed_port().port();
+    let port = free_port();
     std::fs::write(
         dir.path().join("config.yaml"),
         format!("apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {port}}}]\n  enable_control: false\n"),

@@ -448,10 +448,23 @@ pub async fn garbage_server(reply: &'static [u8]) -> (SocketAddr, JoinHandle<()>
     (addr, t)
 }
 
-/// A port with nothing listening on it.
-pub fn closed_port() -> SocketAddr {
+/// A free port, for a server started outside this process to bind (it may be taken in between:
+/// callers that start such a server retry).
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    l.local_addr().unwrap().port()
+}
+
+/// A port with nothing listening on it, for a node that refuses connections.
+pub fn closed_port() -> SocketAddr {
+    // Bound but never listening: a connect is refused, and the port stays taken for the rest of
+    // the test process (the socket is leaked on purpose). A port bound and released at once could
+    // be taken by another test's listener running in parallel, which then answers instead.
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    std::mem::forget(s);
+    addr
 }
 
 // ------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ impl Redis {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let port = super::closed_port().port();
+        let port = super::free_port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -243,7 +243,7 @@ impl Bind {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let port = super::closed_port().port();
+        let port = super::free_port();
         let d = dir.path().display().to_string();
         std::fs::write(
             dir.path().join("named.conf"),
@@ -407,7 +407,7 @@ impl Nacos {
         let dir = tempfile::tempdir().unwrap();
         // HTTP, gRPC (+1000) and console (+2000) must all be free.
         let port = loop {
-            let p = super::closed_port().port();
+            let p = super::free_port();
             if p < 60000
                 && std::net::TcpListener::bind(("127.0.0.1", p + 1000)).is_ok()
                 && std::net::TcpListener::bind(("127.0.0.1", p + grpc_offset)).is_ok()
