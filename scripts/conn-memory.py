@@ -180,11 +180,14 @@ class Echo:
                     key.fileobj.close()
 
 
-def l4_idle(pid, port, n, base, keep):
-    """RSS per idle L4 session (client and node connections), after one echoed line on each."""
+def l4_idle(pid, port, n, base, keep, tls=None):
+    """RSS per idle L4 session (client and node connections), after one echoed line on each;
+    with `tls` (a client context), the gateway terminates TLS."""
     conns = []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port))
+        if tls:
+            s = tls.wrap_socket(s, server_hostname="localhost")
         s.settimeout(10)
         s.sendall(b"ping\n")
         got = b""
@@ -196,7 +199,7 @@ def l4_idle(pid, port, n, base, keep):
         conns.append(s)
     keep.extend(conns)
     idle = settle(pid)
-    print(f"L4 idle: {n} sessions, RSS {base} -> {idle} KiB, "
+    print(f"L4{' TLS' if tls else ''} idle: {n} sessions, RSS {base} -> {idle} KiB, "
           f"{(idle - base) * 1024 / n:.0f} B per session")
 
 
@@ -211,11 +214,13 @@ def main():
                     help="then also this many HTTP/1.1 connections over TLS (idle after the handshake; then one GET each)")
     ap.add_argument("--l4", type=int, default=0,
                     help="then also this many L4 sessions to an echo server (one line echoed, then idle)")
+    ap.add_argument("--l4tls", type=int, default=0,
+                    help="then also this many L4 sessions whose TLS the gateway terminates (as --l4)")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    need = args.n + args.h2 + args.tls + 2 * args.l4 + 100
+    need = args.n + args.h2 + args.tls + 2 * (args.l4 + args.l4tls) + 100
     if hard < need:
         sys.exit(f"open-file limit {hard} is below the {need} descriptors these connections need")
 
@@ -224,14 +229,17 @@ def main():
     port = free_port()
     conf = tempfile.mkdtemp(prefix="strait-mem-")
     tls_port = free_port()
-    l4_port = free_port()
+    l4_port, l4tls_port = free_port(), free_port()
     ssl_conf, ssls, stream_conf, stream_routes = "", "", "", ""
-    if args.l4:
+    if args.l4 or args.l4tls:
         echo = Echo()
-        stream_conf = "  stream_proxy:\n    tcp:\n      - \"127.0.0.1:%d\"\n" % l4_port
-        stream_routes = ('stream_routes:\n  - id: l4\n    server_port: %d\n    upstream:\n      nodes:\n'
-                         '        "127.0.0.1:%d": 1\n' % (l4_port, echo.port))
-    if args.tls:
+        stream_conf = ("  stream_proxy:\n    tcp:\n      - \"127.0.0.1:%d\"\n"
+                       "      - addr: \"127.0.0.1:%d\"\n        tls: true\n" % (l4_port, l4tls_port))
+        stream_routes = "stream_routes:\n"
+        for i, p in enumerate((l4_port, l4tls_port)):
+            stream_routes += ('  - id: l4-%d\n    server_port: %d\n    upstream:\n      nodes:\n'
+                              '        "127.0.0.1:%d": 1\n' % (i, p, echo.port))
+    if args.tls or args.l4tls:
         key, cert = os.path.join(conf, "key.pem"), os.path.join(conf, "cert.pem")
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -239,7 +247,7 @@ def main():
             check=True, capture_output=True,
         )
         ssl_conf = ("  ssl:\n    enable: true\n    fallback_sni: localhost\n"
-                    "    listen:\n      - ip: 127.0.0.1\n        port: %d\n" % tls_port)
+                    "    listen:\n      - ip: 127.0.0.1\n        port: %d\n" % tls_port) if args.tls else ""
         indent = lambda path: "".join("      " + line for line in open(path))
         ssls = "ssls:\n  - snis: [localhost]\n    cert: |\n%s    key: |\n%s" % (indent(cert), indent(key))
     with open(os.path.join(conf, "config.yaml"), "w") as f:
@@ -298,6 +306,12 @@ def main():
             used = settle(proc.pid)
         if args.l4:
             l4_idle(proc.pid, l4_port, args.l4, used, conns)
+            used = settle(proc.pid)
+        if args.l4tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            l4_idle(proc.pid, l4tls_port, args.l4tls, used, conns, tls=ctx)
     finally:
         for s in conns:
             s.close()

@@ -200,6 +200,40 @@ async fn redis_through_the_proxy_with_redis_cli_and_redis_benchmark() {
     assert!(!text.to_lowercase().contains("error"), "{text}");
 }
 
+/// A terminated TLS session carries a bulk transfer byte for byte both ways, and the client's
+/// close (`close_notify`, then FIN) reaches the node as an EOF whose answer still comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination_relays_8_mib_byte_for_byte_with_half_close() {
+    let ca = Ca::new("stream-ca");
+    let leaf = ca.leaf(&["db.test"]);
+    let echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
+        &format!(
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}stream_routes:\n  - upstream: {{nodes: {}}}\n",
+            yaml_block(&leaf.cert, 6),
+            yaml_block(&leaf.key, 6),
+            nodes_yaml(&[echo.addr])
+        ),
+        2,
+    );
+    let data: Vec<u8> =
+        (0..8 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let (s, _) = tls_connect(gw.stream(0), &ca, "db.test", &leaf).await;
+    let (mut r, mut w) = tokio::io::split(s);
+    let to_send = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&to_send).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len() + 3);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back)).await.unwrap().unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), data.len() + 3);
+    assert!(back[..data.len()] == data[..], "bytes differ");
+    assert_eq!(&back[data.len()..], b"bye");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_routes_by_sni_with_wildcards() {
     let ca = Ca::new("stream-ca");

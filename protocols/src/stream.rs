@@ -5,10 +5,8 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -277,76 +275,6 @@ pub async fn peek_client_hello(s: &TcpStream, first_byte: Duration, timeout: Dur
     }
 }
 
-/// Records when a stream last moved bytes.
-#[derive(Debug, Clone)]
-pub struct Activity(Arc<AtomicU64>, Instant);
-
-impl Activity {
-    pub fn new() -> Self {
-        Activity(Arc::new(AtomicU64::new(0)), Instant::now())
-    }
-    fn touch(&self) {
-        self.0.store(self.1.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-    /// Time since the last byte moved.
-    pub fn idle(&self) -> Duration {
-        let last = self.0.load(Ordering::Relaxed);
-        self.1.elapsed().saturating_sub(Duration::from_millis(last))
-    }
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Wraps a stream so reads mark activity.
-pub struct Tracked<S> {
-    inner: S,
-    activity: Activity,
-}
-
-impl<S> Tracked<S> {
-    pub fn new(inner: S, activity: Activity) -> Self {
-        Tracked { inner, activity }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 /// Copies both directions until both are closed, propagating half-close (EOF in one direction
 /// shuts down writing on the other side). With `idle`, the session ends after that long without
 /// a byte in either direction. Returns bytes (client->node, node->client).
@@ -355,22 +283,131 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Activity::new();
-    let mut a = Tracked::new(a, activity.clone());
-    let mut b = Tracked::new(b, activity.clone());
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024);
-    match idle {
-        None => copy.await,
-        Some(limit) => {
-            tokio::pin!(copy);
-            loop {
-                let wait = limit.saturating_sub(activity.idle()).max(Duration::from_millis(10));
-                tokio::select! {
-                    r = &mut copy => return r,
-                    _ = tokio::time::sleep(wait) => {
-                        if activity.idle() >= limit {
-                            return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
-                        }
+    let (mut a, mut b) = (a, b);
+    let mut up = Pipe::default();
+    let mut down = Pipe::default();
+    let mut timer = idle.map(IdleTimer::new);
+    std::future::poll_fn(|cx| {
+        let mut moved = false;
+        let up_done = up.poll(&mut a, &mut b, cx, &mut moved)?.is_ready();
+        let down_done = down.poll(&mut b, &mut a, cx, &mut moved)?.is_ready();
+        if up_done && down_done {
+            return Poll::Ready(Ok((up.total, down.total)));
+        }
+        if let Some(timer) = timer.as_mut() {
+            ready!(timer.poll(moved, cx));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Ends a quiet session: ready once `limit` has passed without a byte read in either direction.
+/// The timer is armed for `limit` after the last byte seen when it was (re)armed, and moved on
+/// only when it fires, so traffic costs no timer update. Boxed: most sessions have none.
+struct IdleTimer {
+    limit: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    last: tokio::time::Instant,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> Self {
+        IdleTimer { limit, sleep: Box::pin(tokio::time::sleep(limit)), last: tokio::time::Instant::now() }
+    }
+
+    /// `moved`: whether a byte was read since the last call.
+    fn poll(&mut self, moved: bool, cx: &mut Context<'_>) -> Poll<()> {
+        if moved {
+            self.last = tokio::time::Instant::now();
+        }
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            if self.last.elapsed() >= self.limit {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(self.last + self.limit);
+        }
+        Poll::Pending
+    }
+}
+
+/// Read size of a direction of [`proxy`] (a TLS record carries at most 16 KiB).
+const PIPE_CHUNK: usize = 64 * 1024;
+
+/// One direction of [`proxy`], for streams of any kind (TLS on either side). Each read goes into
+/// a buffer on the stack and is written from there; only what the writer does not take at once
+/// is kept, on the heap, until it is written. An idle session holds no buffer (it held two of
+/// 64 KiB for its whole life, through `copy_bidirectional`). Before a wait for more to read,
+/// the writer is flushed (a TLS writer may hold records back), and an EOF is passed on as a
+/// shutdown of the writer (for TLS, `close_notify` first).
+#[derive(Default)]
+struct Pipe {
+    /// What a write left over; `pending[written..]` is still to be written.
+    pending: Vec<u8>,
+    written: usize,
+    total: u64,
+    /// The reader has ended; the writer's shutdown is under way.
+    closing: bool,
+    done: bool,
+}
+
+impl Pipe {
+    fn poll<R, W>(
+        &mut self,
+        from: &mut R,
+        to: &mut W,
+        cx: &mut Context<'_>,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while self.written < self.pending.len() {
+                let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.pending[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+            }
+            if self.pending.capacity() > 0 {
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if self.closing {
+                ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut space = [std::mem::MaybeUninit::<u8>::uninit(); PIPE_CHUNK];
+            let mut read = ReadBuf::uninit(&mut space);
+            if Pin::new(&mut *from).poll_read(cx, &mut read)?.is_pending() {
+                // Nothing more for now: what the writer holds goes out before the wait.
+                ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                return Poll::Pending;
+            }
+            let data = read.filled();
+            if data.is_empty() {
+                self.closing = true;
+                continue;
+            }
+            *moved = true;
+            self.total += data.len() as u64;
+            let mut off = 0;
+            while off < data.len() {
+                match Pin::new(&mut *to).poll_write(cx, &data[off..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => off += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        self.pending = data[off..].to_vec();
+                        self.written = 0;
+                        return Poll::Pending;
                     }
                 }
             }
@@ -398,10 +435,7 @@ pub async fn relay_tcp(
     let mut down = OneWay::new();
     // Whether one direction has ended (and passed its half-close on).
     let mut ended = false;
-    // Only a session with an idle timeout has a timer (boxed: most have none). It is armed for
-    // `limit` after the last byte seen when it was (re)armed, and moved on only when it fires.
-    let mut timer = idle.map(|limit| Box::pin(tokio::time::sleep(limit)));
-    let mut last = tokio::time::Instant::now();
+    let mut timer = idle.map(IdleTimer::new);
     std::future::poll_fn(|cx| {
         let mut moved = false;
         let up_done = up.poll(a, b, cx, &mut ended, &mut moved)?.is_ready();
@@ -409,16 +443,9 @@ pub async fn relay_tcp(
         if up_done && down_done {
             return Poll::Ready(Ok((up.total, down.total)));
         }
-        if let (Some(limit), Some(timer)) = (idle, timer.as_mut()) {
-            if moved {
-                last = tokio::time::Instant::now();
-            }
-            while timer.as_mut().poll(cx).is_ready() {
-                if last.elapsed() >= limit {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
-                }
-                timer.as_mut().reset(last + limit);
-            }
+        if let Some(timer) = timer.as_mut() {
+            ready!(timer.poll(moved, cx));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
         }
         Poll::Pending
     })
