@@ -5,10 +5,11 @@ Starts `strait run` on a generated config (one route to a small keep-alive HTTP 
 this script), opens N client connections that send nothing, and reports the RSS growth per
 connection; then sends one request on M of them (keep-alive) and reports the growth per used
 connection. `--l4 K` then also opens K sessions through an L4 stream route to an echo server,
-each sending one line and reading it back, and reports the RSS per idle session. Everything is
+each sending one line and reading it back, and reports the RSS per idle session; `--l4tls K`
+does the same through a listener that terminates TLS. Everything is
 on 127.0.0.1 with ports chosen by the kernel; the script ends only the processes it started.
 
-    cargo build --release && python3 scripts/conn-memory.py [--n 10000] [--m 1000] [--h2 K] [--tls K] [--l4 K]
+    cargo build --release && python3 scripts/conn-memory.py [--n 10000] [--m 1000] [--h2 K] [--tls K] [--l4 K] [--l4tls K]
 """
 
 import argparse
@@ -233,10 +234,13 @@ def main():
     ssl_conf, ssls, stream_conf, stream_routes = "", "", "", ""
     if args.l4 or args.l4tls:
         echo = Echo()
-        stream_conf = ("  stream_proxy:\n    tcp:\n      - \"127.0.0.1:%d\"\n"
-                       "      - addr: \"127.0.0.1:%d\"\n        tls: true\n" % (l4_port, l4tls_port))
+        stream_conf = "  stream_proxy:\n    tcp:\n      - \"127.0.0.1:%d\"\n" % l4_port
+        ports = [l4_port]
+        if args.l4tls:
+            stream_conf += "      - addr: \"127.0.0.1:%d\"\n        tls: true\n" % l4tls_port
+            ports.append(l4tls_port)
         stream_routes = "stream_routes:\n"
-        for i, p in enumerate((l4_port, l4tls_port)):
+        for i, p in enumerate(ports):
             stream_routes += ('  - id: l4-%d\n    server_port: %d\n    upstream:\n      nodes:\n'
                               '        "127.0.0.1:%d": 1\n' % (i, p, echo.port))
     if args.tls or args.l4tls:
