@@ -10,7 +10,7 @@ use std::time::Duration;
 use support::certs::{Ca, Leaf, client_tls, yaml_block};
 use support::servers::{Echo, ProxyRecorder, Redis, require_bin};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn stream_config(listeners: &str) -> String {
@@ -72,6 +72,27 @@ async fn tls_connect(
     (s, presented == want)
 }
 
+/// Sends `len` bytes through `s` to an [`Echo`] node, then ends the sending side, and checks that
+/// every byte comes back in order, followed by the node's `bye` to the EOF.
+async fn echoes_byte_for_byte<S>(s: S, len: u32)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let data: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(s);
+    let to_send = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&to_send).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len() + 3);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back)).await.unwrap().unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), data.len() + 3);
+    assert!(back[..data.len()] == data[..], "bytes differ");
+    assert_eq!(&back[data.len()..], b"bye");
+}
+
 /// A gateway with one plain TCP listener and one stream route to `nodes`.
 fn one_tcp_route(nodes: &[SocketAddr], workers: usize) -> TestGateway {
     TestGateway::start_with(
@@ -87,22 +108,7 @@ async fn tcp_relay_with_half_close_and_32_mib_byte_for_byte() {
     let gw = one_tcp_route(&[echo.addr], 2);
     // Half-close: the client's EOF reaches the node, whose answer still comes back.
     assert_eq!(round_trip(gw.stream(0), b"hello").await, b"hellobye");
-
-    let data: Vec<u8> =
-        (0..32 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    let s = TcpStream::connect(gw.stream(0)).await.unwrap();
-    let (mut r, mut w) = s.into_split();
-    let to_send = data.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&to_send).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut back = Vec::with_capacity(data.len() + 3);
-    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back)).await.unwrap().unwrap();
-    writer.await.unwrap();
-    assert_eq!(back.len(), data.len() + 3);
-    assert!(back[..data.len()] == data[..], "bytes differ");
-    assert_eq!(&back[data.len()..], b"bye");
+    echoes_byte_for_byte(TcpStream::connect(gw.stream(0)).await.unwrap(), 32 << 20).await;
 }
 
 /// The other order: the node speaks first and half-closes, the client keeps sending. The
@@ -217,21 +223,8 @@ async fn tls_termination_relays_8_mib_byte_for_byte_with_half_close() {
         ),
         2,
     );
-    let data: Vec<u8> =
-        (0..8 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     let (s, _) = tls_connect(gw.stream(0), &ca, "db.test", &leaf).await;
-    let (mut r, mut w) = tokio::io::split(s);
-    let to_send = data.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&to_send).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut back = Vec::with_capacity(data.len() + 3);
-    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back)).await.unwrap().unwrap();
-    writer.await.unwrap();
-    assert_eq!(back.len(), data.len() + 3);
-    assert!(back[..data.len()] == data[..], "bytes differ");
-    assert_eq!(&back[data.len()..], b"bye");
+    echoes_byte_for_byte(s, 8 << 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,18 +413,15 @@ async fn idle_timeout_is_per_route_and_off_by_default() {
     let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the idle session was closed");
 
-    // Traffic holds the idle timeout off: a session that sends a byte every 100 ms lives for
-    // well over 0.3 s (the pace is the behaviour under test, not a wait for a server), and is
-    // cut only once it goes quiet.
+    // Traffic holds the idle timeout off: a session that keeps exchanging bytes lives for three
+    // times its 0.3 s, and is cut only once it goes quiet.
     let mut s = TcpStream::connect(gw.stream(0)).await.unwrap();
     let start = std::time::Instant::now();
-    for _ in 0..10 {
+    while start.elapsed() < Duration::from_millis(900) {
         s.write_all(b"t").await.unwrap();
         let echoed = tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut b)).await;
         assert!(matches!(echoed, Ok(Ok(_))), "a busy session was cut after {:?}", start.elapsed());
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(start.elapsed() >= Duration::from_millis(900));
     let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the session was not closed once quiet");
 

@@ -286,13 +286,26 @@ where
     let (mut a, mut b) = (a, b);
     let mut up = Pipe::default();
     let mut down = Pipe::default();
+    drive(idle, |cx, moved| {
+        let up_done = up.poll(&mut a, &mut b, cx, moved)?.is_ready();
+        let down_done = down.poll(&mut b, &mut a, cx, moved)?.is_ready();
+        Poll::Ready(Ok((up_done && down_done).then_some((up.total, down.total))))
+    })
+    .await
+}
+
+/// Runs a session's two directions until both have ended, or until it has been quiet for
+/// `idle`. `both` polls the two directions once, sets its flag when a byte was read, and
+/// gives the byte counts once both have ended.
+async fn drive<F>(idle: Option<Duration>, mut both: F) -> io::Result<(u64, u64)>
+where
+    F: FnMut(&mut Context<'_>, &mut bool) -> Poll<io::Result<Option<(u64, u64)>>>,
+{
     let mut timer = idle.map(IdleTimer::new);
     std::future::poll_fn(|cx| {
         let mut moved = false;
-        let up_done = up.poll(&mut a, &mut b, cx, &mut moved)?.is_ready();
-        let down_done = down.poll(&mut b, &mut a, cx, &mut moved)?.is_ready();
-        if up_done && down_done {
-            return Poll::Ready(Ok((up.total, down.total)));
+        if let Some(totals) = ready!(both(cx, &mut moved))? {
+            return Poll::Ready(Ok(totals));
         }
         if let Some(timer) = timer.as_mut() {
             ready!(timer.poll(moved, cx));
@@ -435,19 +448,10 @@ pub async fn relay_tcp(
     let mut down = OneWay::new();
     // Whether one direction has ended (and passed its half-close on).
     let mut ended = false;
-    let mut timer = idle.map(IdleTimer::new);
-    std::future::poll_fn(|cx| {
-        let mut moved = false;
-        let up_done = up.poll(a, b, cx, &mut ended, &mut moved)?.is_ready();
-        let down_done = down.poll(b, a, cx, &mut ended, &mut moved)?.is_ready();
-        if up_done && down_done {
-            return Poll::Ready(Ok((up.total, down.total)));
-        }
-        if let Some(timer) = timer.as_mut() {
-            ready!(timer.poll(moved, cx));
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
-        }
-        Poll::Pending
+    drive(idle, |cx, moved| {
+        let up_done = up.poll(a, b, cx, &mut ended, moved)?.is_ready();
+        let down_done = down.poll(b, a, cx, &mut ended, moved)?.is_ready();
+        Poll::Ready(Ok((up_done && down_done).then_some((up.total, down.total))))
     })
     .await
 }
