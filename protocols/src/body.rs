@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+pub use crate::h2s::H2Body;
 use crate::pool::Pooled;
 use crate::{Outcome, Peer, grpc};
 
@@ -99,58 +100,6 @@ impl Body for ProxyBody {
             ProxyBody::H2(b) => b.size_hint(),
             ProxyBody::Upstream(b) => b.inner.size_hint(),
             ProxyBody::Boxed(b) => b.size_hint(),
-        }
-    }
-}
-
-/// A request body from an HTTP/2 client: DATA frames, then the trailers if any. The bytes of
-/// each frame are given back to the client's flow-control window as the frame is taken, so the
-/// client sends on as fast as the node reads.
-pub struct H2Body {
-    recv: h2::RecvStream,
-    /// `content-length` of the request, if it had one.
-    len: Option<u64>,
-    data_done: bool,
-}
-
-impl H2Body {
-    /// Wraps the receiving half of a client's stream.
-    pub fn new(recv: h2::RecvStream, content_length: Option<u64>) -> Self {
-        let data_done = recv.is_end_stream();
-        H2Body { recv, len: content_length, data_done }
-    }
-
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let n = data.len();
-                    // Giving back exactly what was just received cannot fail.
-                    let _ = self.recv.flow_control().release_capacity(n);
-                    if let Some(left) = self.len.as_mut() {
-                        *left = left.saturating_sub(n as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => self.data_done = true,
-            }
-        }
-        match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.len {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
         }
     }
 }
