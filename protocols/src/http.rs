@@ -164,10 +164,8 @@ pub async fn drain_unread(mut body: ProxyBody) {
 /// Lets go of an HTTP/2 client's request body that nobody will read: what the client still sends
 /// of it is read and dropped in a task of its own, until its end (each wait up to 5 s, 30 s in
 /// all, nginx's lingering limits), so that the client's stream ends as it expects. Dropping it
-/// at once would reset the stream (see `drain_unread`); and DATA frames still in flight for
-/// streams the `h2` crate has forgotten count as the client's errors, of which it allows 1,024
-/// per connection before it closes it (under an upload load: every connection). Other bodies
-/// are dropped.
+/// at once would reset the stream with `NO_ERROR` once the answer is out (see `drain_unread`).
+/// Other bodies are dropped.
 pub(crate) fn drain_in_background(body: ProxyBody) {
     if !matches!(body, ProxyBody::H2(_)) || body.is_end_stream() {
         return;
