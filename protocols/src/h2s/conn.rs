@@ -162,6 +162,9 @@ pub(crate) struct Conn<'a, IO, F, Fut> {
     local_ready: Vec<u32>,
     scratch: Vec<u32>,
     last_id: u32,
+    /// Streams the gateway reset lately: frames the client sent on them before it saw the reset
+    /// are ignored (RFC 9113 §5.1), where frames on other closed streams are errors.
+    reset_ids: std::collections::VecDeque<u32>,
     open: usize,
     peer_initial_window: i64,
     resets: u32,
@@ -233,6 +236,7 @@ where
             local_ready: Vec::new(),
             scratch: Vec::new(),
             last_id: 0,
+            reset_ids: std::collections::VecDeque::new(),
             open: 0,
             peer_initial_window: frame::DEFAULT_WINDOW,
             resets: 0,
@@ -805,9 +809,14 @@ where
             return self.trailers(idx, end_stream, block);
         }
         if id <= self.last_id {
-            // A stream closed already: decoded only to keep the table in step.
+            // A stream closed already: decoded to keep the table in step. Trailers for a stream
+            // the gateway reset may cross the reset; anything else is a stream id out of order
+            // (RFC 9113 §5.1.1).
             self.decoder.decode(block, |_, _| {}).map_err(compression)?;
-            return Ok(());
+            if self.reset_ids.contains(&id) {
+                return Ok(());
+            }
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "HEADERS on a closed or out-of-order stream"));
         }
         self.last_id = id;
         if self.goaway {
@@ -818,7 +827,7 @@ where
         let mut req = RequestHead::new(self.cfg.max_header_list);
         self.decoder.decode(block, |n, v| req.field(n, v)).map_err(compression)?;
         if self.open >= MAX_CONCURRENT {
-            frame::put_rst(&mut self.out.wbuf, id, Reason::REFUSED_STREAM);
+            self.rst(id, Reason::REFUSED_STREAM);
             self.resets += 1;
             return self.check_resets();
         }
@@ -836,13 +845,13 @@ where
                     )
                 });
                 if !end_stream {
-                    frame::put_rst(&mut self.out.wbuf, id, Reason::NO_ERROR);
+                    self.rst(id, Reason::NO_ERROR);
                 }
                 return Ok(());
             }
             Err(Malformed::Invalid(why)) => {
                 tracing::debug!(stream = id, "malformed HTTP/2 request: {why}");
-                frame::put_rst(&mut self.out.wbuf, id, Reason::PROTOCOL_ERROR);
+                self.rst(id, Reason::PROTOCOL_ERROR);
                 self.resets += 1;
                 return self.check_resets();
             }
@@ -968,13 +977,22 @@ where
         }
     }
 
+    /// Writes RST_STREAM and remembers the stream as reset.
+    fn rst(&mut self, id: u32, reason: Reason) {
+        frame::put_rst(&mut self.out.wbuf, id, reason);
+        if self.reset_ids.len() == 64 {
+            self.reset_ids.pop_front();
+        }
+        self.reset_ids.push_back(id);
+    }
+
     /// A stream error on an open stream: RST_STREAM, and the slot freed.
     fn reset_stream(&mut self, idx: u32, reason: Reason) {
         let id = self.slots[idx as usize].id;
         if id == 0 {
             return;
         }
-        frame::put_rst(&mut self.out.wbuf, id, reason);
+        self.rst(id, reason);
         if reason != Reason::NO_ERROR && reason != Reason::CANCEL {
             self.resets += 1;
         }
@@ -985,7 +1003,7 @@ where
     fn stream_error(&mut self, id: u32, reason: Reason) {
         match self.ids.get(&id).copied() {
             Some(idx) => self.reset_stream(idx, reason),
-            None => frame::put_rst(&mut self.out.wbuf, id, reason),
+            None => self.rst(id, reason),
         }
     }
 
@@ -1074,7 +1092,8 @@ where
                 } else if slot.recv.as_ref().is_none_or(|r| r.reader_dropped()) {
                     // The answer is complete and nobody reads the rest of the request: the
                     // client may stop sending it (RFC 9113 §8.1).
-                    frame::put_rst(&mut self.out.wbuf, slot.id, Reason::NO_ERROR);
+                    let id = slot.id;
+                    self.rst(id, Reason::NO_ERROR);
                     self.completed += 1;
                     self.close_slot(idx, Some(Reason::NO_ERROR));
                 }
@@ -1375,7 +1394,8 @@ impl RequestHead {
             scheme: None,
             authority: None,
             path: None,
-            headers: HeaderMap::new(),
+            // Room for a typical request's headers and those the gateway adds.
+            headers: HeaderMap::with_capacity(6 + crate::h1::FORWARDED_HEADERS),
             pseudo_seen: false,
             regular_seen: false,
             malformed: None,
@@ -1434,6 +1454,12 @@ impl RequestHead {
                 }
                 if h == TE && value.as_ref() != b"trailers" {
                     return self.bad("te other than trailers");
+                }
+                // RFC 9113 §8.2.1: no whitespace at either end of a value.
+                if value.first().is_some_and(|b| *b == b' ' || *b == b'\t')
+                    || value.last().is_some_and(|b| *b == b' ' || *b == b'\t')
+                {
+                    return self.bad("whitespace around a header value");
                 }
                 match HeaderValue::from_maybe_shared(value) {
                     Ok(v) => {

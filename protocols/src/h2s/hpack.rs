@@ -332,6 +332,10 @@ fn int(src: &mut &[u8], prefix: u8) -> Result<usize, HpackError> {
     loop {
         let (&b, rest) = src.split_first().ok_or(HpackError("truncated integer"))?;
         *src = rest;
+        if shift > 21 {
+            // Four continuation octets already hold more than any legal value.
+            return Err(HpackError("integer too long"));
+        }
         v += ((b & 0x7f) as usize) << shift;
         if v > INT_MAX {
             return Err(HpackError("integer too large"));
@@ -817,8 +821,11 @@ mod tests {
     #[test]
     fn encoding_errors_are_caught() {
         let mut d = Decoder::new();
-        // Index 0, an index past the table, a truncated string, a huge integer.
-        for bad in [&[0x80][..], &[0xbe], &[0x40, 0x05, b'a'], &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]] {
+        // Index 0, an index past the table, a truncated string, a huge integer, a long run of
+        // continuation octets adding nothing.
+        let zeros = [0xff, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01];
+        for bad in [&[0x80][..], &[0xbe], &[0x40, 0x05, b'a'], &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f], &zeros]
+        {
             assert!(d.decode(bad, |_, _| {}).is_err(), "{bad:?}");
         }
         // A size update above the limit, or after a field.

@@ -39,6 +39,8 @@ mod conn;
 mod frame;
 mod hpack;
 mod recv;
+#[cfg(test)]
+mod tests;
 
 use std::future::{Future, poll_fn};
 use std::pin::pin;
