@@ -20,7 +20,6 @@
 //! health reports, keep-alive pool limits, and the same error answers.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
@@ -34,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
+use crate::fxhash::FxHashMap;
 use crate::http::{ForwardCtx, idempotent, prepare_request_headers, upstream_host};
 use crate::respond::error_response;
 use crate::retry::Retry;
@@ -314,7 +314,7 @@ impl StreamedAttempt {
     ) -> Result<After, Failure> {
         let start = Instant::now();
         // A body is never sent twice, so a pooled connection is checked with a syscall too.
-        let pooled = checkout(self.addr, self.keepalive, true);
+        let pooled = checkout(self.addr, self.keepalive, true, start);
         let (mut node, uses, _) = open_and_send(head, pooled, self.addr, self.timeouts, start).await?;
         let mut early = BytesMut::new();
         let whole = match self.pump(client, &mut node, body, &mut early).await {
@@ -332,8 +332,16 @@ impl StreamedAttempt {
             }
             Err(PumpError::Node(error, outcome)) => return Err(node_failure(error, outcome, start, true)),
         };
-        let got =
-            read_head(node, uses, early, self.timeouts.read, self.head_only, HeadFor::Bytes, start).await?;
+        let got = read_head(
+            node,
+            uses,
+            early,
+            read_deadline(self.timeouts.read),
+            self.head_only,
+            HeadFor::Bytes,
+            start,
+        )
+        .await?;
         if whole {
             let read = self.timeouts.read;
             return relay_response(client, got, peer, self.addr, self.keepalive, read, start).await;
@@ -952,11 +960,13 @@ async fn send_and_read_head(
 ) -> Result<Received, Failure> {
     // A request that may not be sent twice gets a connection checked with a syscall: the
     // reactor may not have seen a close that just arrived, and no retry would cover it.
-    let mut pooled = checkout(addr, keepalive, !resend_ok);
-    let (node, uses, buf) = loop {
+    let mut pooled = checkout(addr, keepalive, !resend_ok, start);
+    let (node, uses, buf, deadline) = loop {
         let (mut node, uses, reused) = open_and_send(head, pooled.take(), addr, timeouts, start).await?;
         let mut buf = BytesMut::new();
-        match read_some(&mut node, &mut buf, timeouts.read).await {
+        // The first read and the rest of the head share one deadline.
+        let deadline = read_deadline(timeouts.read);
+        match read_some_until(&mut node, &mut buf, deadline).await {
             // The node closed a pooled connection: it most likely never saw the request, but a
             // request that must not run twice is not sent again.
             Ok(0) | Err(ReadError::Io(_)) if reused && resend_ok => continue,
@@ -964,7 +974,7 @@ async fn send_and_read_head(
                 let e = ProxyError::BadResponse("node closed the connection without answering".into());
                 return Err(node_failure(e, Outcome::TcpFailure, start, true));
             }
-            Ok(_) => break (node, uses, buf),
+            Ok(_) => break (node, uses, buf, deadline),
             Err(ReadError::Io(e)) => {
                 let e = ProxyError::Connect(e.to_string());
                 return Err(node_failure(e, Outcome::TcpFailure, start, true));
@@ -974,7 +984,12 @@ async fn send_and_read_head(
             }
         }
     };
-    read_head(node, uses, buf, timeouts.read, head_only, mode, start).await
+    read_head(node, uses, buf, deadline, head_only, mode, start).await
+}
+
+/// When a wait for the node that starts now must end.
+fn read_deadline(read_timeout: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + read_timeout
 }
 
 fn node_failure(error: ProxyError, outcome: Outcome, start: Instant, sent: bool) -> Failure {
@@ -1006,7 +1021,16 @@ async fn open_and_send(
                 }
             },
         };
-        match tokio::time::timeout(timeouts.send, node.write_all(head)).await {
+        // Most heads go in one write the socket takes at once: no timer for those.
+        let sent = match node.try_write(head) {
+            Ok(n) if n == head.len() => Ok(Ok(())),
+            Ok(n) => tokio::time::timeout(timeouts.send, node.write_all(&head[n..])).await,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::timeout(timeouts.send, node.write_all(head)).await
+            }
+            Err(e) => Ok(Err(e)),
+        };
+        match sent {
             Ok(Ok(())) => return Ok((node, uses, reused)),
             Ok(Err(_)) if reused => continue,
             Ok(Err(e)) => {
@@ -1019,19 +1043,18 @@ async fn open_and_send(
 }
 
 /// Reads the response head from `node` (what came already is in `buf`), skipping 1xx interim
-/// responses; the whole head must come within `read_timeout`.
+/// responses; the whole head must come by `head_deadline`.
 async fn read_head(
     mut node: TcpStream,
     uses: u32,
     mut buf: BytesMut,
-    read_timeout: Duration,
+    head_deadline: tokio::time::Instant,
     head_only: bool,
     mode: HeadFor,
     start: Instant,
 ) -> Result<Received, Failure> {
     let node_fail = |error: ProxyError, outcome: Outcome| node_failure(error, outcome, start, true);
     let mut interim = 0;
-    let head_deadline = tokio::time::Instant::now() + read_timeout;
     loop {
         match parse_response(&buf, head_only, mode) {
             Ok(Some(parsed)) => {
@@ -1053,8 +1076,7 @@ async fn read_head(
             }
             Ok(None) if buf.len() < MAX_HEAD => {
                 let was_empty = buf.is_empty();
-                let limit = head_deadline.saturating_duration_since(tokio::time::Instant::now());
-                match read_some(&mut node, &mut buf, limit).await {
+                match read_some_until(&mut node, &mut buf, head_deadline).await {
                     Ok(0) => {
                         let e = ProxyError::BadResponse(if was_empty {
                             "node closed the connection without answering".into()
@@ -1089,7 +1111,15 @@ enum ReadError {
 /// Waits (up to `limit`) until the node has something, then reads it. The buffer is grown only
 /// once data is there, so a request waiting on a slow node holds no read buffer.
 async fn read_some(node: &mut TcpStream, buf: &mut BytesMut, limit: Duration) -> Result<usize, ReadError> {
-    let deadline = tokio::time::Instant::now() + limit;
+    read_some_until(node, buf, read_deadline(limit)).await
+}
+
+/// [`read_some`] with a deadline.
+async fn read_some_until(
+    node: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+) -> Result<usize, ReadError> {
     loop {
         match tokio::time::timeout_at(deadline, node.readable()).await {
             Ok(Ok(())) => {}
@@ -1751,7 +1781,7 @@ pub(crate) async fn attempt_streamed(
     // is read (`Upload::give_up`).
     let fail = |error, outcome| node_failure(error, outcome, start, true);
     // A body is never sent twice, so a pooled connection is checked with a syscall too.
-    let mut pooled = checkout(peer.addr, keepalive, true);
+    let mut pooled = checkout(peer.addr, keepalive, true, start);
     let (node, uses, early, sent) = 'connection: loop {
         let (mut node, uses, reused) =
             match open_and_send(&head, pooled.take(), peer.addr, timeouts, start).await {
@@ -1827,7 +1857,7 @@ pub(crate) async fn attempt_streamed(
         };
         break (node, uses, early, sent);
     };
-    match read_head(node, uses, early, timeouts.read, head_only, HeadFor::Map, start).await {
+    match read_head(node, uses, early, read_deadline(timeouts.read), head_only, HeadFor::Map, start).await {
         Ok(got) => Ok(into_response(got, peer, keepalive, timeouts, start, sent)),
         Err(f) => {
             if let Sent::Going(up) | Sent::Cut(up) = sent {
@@ -2307,15 +2337,19 @@ struct Checked {
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
+    // Keyed by node addresses, which come from configuration and discovery: no need for
+    // SipHash's flooding resistance.
+    static IDLE: RefCell<FxHashMap<SocketAddr, Vec<Idle>>> = RefCell::new(FxHashMap::default());
 }
 
-fn checkout(addr: SocketAddr, limits: KeepalivePool, ask_kernel: bool) -> Option<Checked> {
+/// Takes an idle connection to `addr` that is still open and has been idle for less than the
+/// pool's `idle_timeout` at `now` (the attempt's start: no clock read of its own).
+fn checkout(addr: SocketAddr, limits: KeepalivePool, ask_kernel: bool, now: Instant) -> Option<Checked> {
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.get_mut(&addr)?;
         while let Some(c) = list.pop() {
-            if c.since.elapsed() >= limits.idle_timeout
+            if now.saturating_duration_since(c.since) >= limits.idle_timeout
                 || !still_open(&c.stream)
                 || (ask_kernel && !kernel_says_open(&c.stream))
             {
@@ -2463,6 +2497,10 @@ pub fn parse_request(buf: &[u8]) -> RequestHead {
     }
 }
 
+/// Headers the gateway adds to a request it forwards (X-Forwarded-For, -Proto, -Host, -Port,
+/// X-Real-IP, Host).
+pub(crate) const FORWARDED_HEADERS: usize = 6;
+
 fn build_parts(req: &httparse::Request<'_, '_>) -> Option<Parts> {
     let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
     let uri = http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(req.path?.as_bytes())).ok()?;
@@ -2470,7 +2508,9 @@ fn build_parts(req: &httparse::Request<'_, '_>) -> Option<Parts> {
         Some(1) => http::Version::HTTP_11,
         _ => http::Version::HTTP_10,
     };
-    let mut map = http::HeaderMap::with_capacity(req.headers.len());
+    // Room for the X-Forwarded-* and X-Real-IP headers the gateway adds: growing the map later
+    // would cost three reallocations per request.
+    let mut map = http::HeaderMap::with_capacity(req.headers.len() + FORWARDED_HEADERS);
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
         let value = HeaderValue::from_bytes(h.value).ok()?;

@@ -271,6 +271,7 @@ impl Upstream {
                     metadata: r.metadata,
                     state,
                     passive: self.passive.clone(),
+                    track_latency: matches!(self.spec.balancer, Balancer::Ewma),
                     upstream_id: self.id.clone(),
                 })
             })

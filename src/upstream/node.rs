@@ -90,18 +90,16 @@ impl NodeState {
     /// Folds one latency sample into the peak-EWMA.
     pub fn observe_latency(&self, rtt: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        let cur = self.ewma_ns();
-        let next = if rtt > cur {
-            rtt // peak: jump up at once
-        } else {
-            // Decay toward the sample, weighted by the time since the last one.
-            let now = clock_ns();
-            let dt = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
-            let w = (-dt / EWMA_TAU_NS).exp();
-            cur * w + rtt * (1.0 - w)
-        };
+        let now = clock_ns();
+        let last = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        // The estimate decayed to now (as `ewma_ns`), then decayed toward the sample, weighted
+        // by the time since the last one; a sample above the decayed estimate is taken at once
+        // (peak).
+        let w = (-(now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64) / EWMA_TAU_NS).exp();
+        let cur = last * w;
+        let next = if rtt > cur { rtt } else { cur * w + rtt * (1.0 - w) };
         self.ewma.store(next.to_bits(), Ordering::Relaxed);
-        self.ewma_at.store(clock_ns(), Ordering::Relaxed);
+        self.ewma_at.store(now, Ordering::Relaxed);
     }
 }
 
@@ -155,6 +153,9 @@ pub struct Node {
     pub state: Arc<NodeState>,
     /// Passive checks of the upstream, if configured.
     pub passive: Option<Arc<PassivePolicy>>,
+    /// The upstream balances by latency (`ewma`): each answer's latency is folded into the
+    /// node's estimate. Other balancers skip that work.
+    pub track_latency: bool,
     /// Identity of the membership source(s), for the status API.
     pub upstream_id: Arc<str>,
 }
@@ -171,7 +172,9 @@ impl PeerNode for Node {
     fn report(&self, outcome: Outcome, elapsed: Duration) {
         match outcome {
             Outcome::HttpStatus(_) | Outcome::GrpcStatus(_) | Outcome::StreamOk => {
-                self.state.observe_latency(elapsed)
+                if self.track_latency {
+                    self.state.observe_latency(elapsed)
+                }
             }
             Outcome::TcpFailure | Outcome::Timeout => {
                 self.state.failures.fetch_add(1, Ordering::Relaxed);

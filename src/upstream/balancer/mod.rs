@@ -104,6 +104,7 @@ pub(crate) mod testutil {
                     metadata: Default::default(),
                     state: Arc::new(NodeState::new(addr)),
                     passive: None,
+                    track_latency: true,
                     upstream_id: Arc::from("test"),
                 })
             })
