@@ -8,6 +8,7 @@ if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 
 need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
+command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
 command -v named >/dev/null || need_apt+=(bind9)

@@ -95,6 +95,41 @@ async fn h2c_prior_knowledge_on_the_same_port_with_hyper_and_curl() {
     assert!(ok && out.ends_with("\n1.1"), "{out}");
 }
 
+/// nghttp2's h2load, a real HTTP/2 client, multiplexes 16 streams on each of 4 connections
+/// through the gateway: every GET succeeds, and so does every upload, whose bodies come back
+/// whole from an echoing node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_multiplexed_gets_and_uploads_all_succeed() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let h2load = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("h2load")
+            .args(&args)
+            .output()
+            .await
+            .expect("h2load (Debian's nghttp2-client, installed by scripts/install-test-deps.sh)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let url = format!("http://{}/get", gw.http());
+    let out = h2load(["-n", "4000", "-c", "4", "-m", "16", &url].map(String::from).to_vec()).await;
+    assert!(out.contains("4000 succeeded, 0 failed, 0 errored, 0 timeout"), "{out}");
+    assert!(out.contains("status codes: 4000 2xx, 0 3xx, 0 4xx, 0 5xx"), "{out}");
+
+    // 100 KiB uploads, echoed: each body crosses the gateway both ways.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    std::fs::write(&file, (0..100 * 1024u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>()).unwrap();
+    let url = format!("http://{}/echo", gw.http());
+    let file = file.to_string_lossy().into_owned();
+    let out = h2load(["-n", "400", "-c", "2", "-m", "8", "-d", &file, &url].map(String::from).to_vec()).await;
+    assert!(out.contains("400 succeeded, 0 failed, 0 errored, 0 timeout"), "{out}");
+    assert!(out.contains("status codes: 400 2xx"), "{out}");
+    assert!(out.contains(&format!("({}) data", 400 * 100 * 1024)), "every body came back whole: {out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_pool_reuses_node_connections() {
     let b = Backend::start("b").await;
