@@ -118,6 +118,8 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
+    // Inherited by every accepted socket (on Linux), so connections need no setsockopt of
+    // their own.
     s.set_tcp_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
@@ -358,7 +360,8 @@ async fn accept_loop(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY is set on the listener, and Linux gives it to every accepted socket: no
+        // setsockopt per connection.
         // A listener bound to one address accepts only on it: no getsockname per connection.
         let local = match local {
             Some(l) if !l.ip().is_unspecified() => l,
@@ -963,5 +966,21 @@ async fn handle(req: Request<ProxyBody>, c: &ConnCtx) -> Response<ProxyBody> {
             Ok(resp) => resp,
             Err(_) => error_response(&ProxyError::DeadlineExceeded, true),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted connections get TCP_NODELAY from their listener (small answers are not held
+    /// back by Nagle's algorithm), without a setsockopt of their own.
+    #[tokio::test]
+    async fn accepted_connections_inherit_tcp_nodelay_from_the_listener() {
+        let listener = TcpListener::from_std(bind_one("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "an accepted socket without TCP_NODELAY");
     }
 }
