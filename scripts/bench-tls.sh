@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# HTTP/1.1 over TLS through Strait, nginx and HAProxy, interleaved, with the pinning of the shared
-# harness (../shared/bench: proxy on CPU 1, origin and wrk on CPU 0, one worker each), which has
-# no TLS scenario. Prints the median req/s and p99 of each proxy for a 13-byte and a 64 KiB
-# answer, and Strait's ratio to the best peer.
+# HTTP/1.1 and HTTP/2 over TLS through Strait, nginx and HAProxy, interleaved, with the pinning of
+# the shared harness (../shared/bench: proxy on CPU 1, origin and load generator on CPU 0, one
+# worker each), which has no TLS scenario. Prints the median req/s and p99 of each proxy for a
+# 13-byte and a 64 KiB answer over HTTP/1.1 (wrk) and a 13-byte one over HTTP/2 (h2load, ALPN
+# h2, to the origin over HTTP/1.1 as in the harness's S3), and Strait's ratio to the best peer.
 #
 #   cargo build --release && scripts/bench-tls.sh            # 3 rounds of 5 s
 #   ROUNDS=5 DUR=5 scripts/bench-tls.sh
 #
-# Needs what ../shared/bench/setup.sh installs (wrk, nginx, haproxy, the origin server) and
-# openssl. TLS 1.3 with a P-256 certificate for every proxy; keep-alive on both sides.
+# Needs what ../shared/bench/setup.sh installs (wrk, h2load, nginx, haproxy, the origin server)
+# and openssl. TLS 1.3 with a P-256 certificate for every proxy; keep-alive on both sides.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -96,7 +97,7 @@ http {
     keepalive_requests 1000000;
     upstream up { server $ORIGIN; keepalive 256; keepalive_requests 1000000; }
     server {
-        listen 127.0.0.1:$PORT ssl backlog=4096;
+        listen 127.0.0.1:$PORT ssl http2 backlog=4096;
         ssl_certificate $DIR/cert.pem;
         ssl_certificate_key $DIR/key.pem;
         ssl_protocols TLSv1.3;
@@ -125,7 +126,7 @@ defaults
     option http-keep-alive
     http-reuse safe
 frontend fe
-    bind 127.0.0.1:$PORT ssl crt $DIR/both.pem alpn http/1.1
+    bind 127.0.0.1:$PORT ssl crt $DIR/both.pem alpn h2,http/1.1
     default_backend be
 backend be
     server s1 $ORIGIN
@@ -153,20 +154,33 @@ for _ in $(seq 1 200); do curl -s -o /dev/null "http://$ORIGIN/hello" && break; 
 
 PROXIES=(nginx haproxy strait)
 : > "$DIR/rows"
-for path in /hello /size/65536; do
+# HTTP/1.1 (wrk -c64) for the 13-byte and the 64 KiB answer, then HTTP/2 (h2load -c8 -m16,
+# ALPN h2) for the 13-byte one.
+for load in /hello /size/65536 h2:/hello; do
+    path=${load#h2:}
     for r in $(seq 1 "$ROUNDS"); do
         for p in "${PROXIES[@]}"; do
             start_proxy "$p"
             url="https://127.0.0.1:$PORT$path"
-            taskset -c 0 wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1
-            out=$(taskset -c 0 wrk -t1 -c64 -d"${DUR}s" --latency "$url" 2>&1)
+            if [[ $load == h2:* ]]; then
+                command -v h2load >/dev/null || { echo "missing: h2load (nghttp2-client)"; exit 1; }
+                taskset -c 0 h2load -t1 -c8 -m16 -D 1 "$url" >/dev/null 2>&1
+                out=$(taskset -c 0 h2load -t1 -c8 -m16 -D "$DUR" --log-file "$DIR/h2.log" "$url" 2>&1)
+                rate=$(awk '/^finished in/{print $4}' <<<"$out")
+                # The log's third column is each request's time in microseconds.
+                p99=$(awk '{print $3}' "$DIR/h2.log" | sort -n | awk '{v[NR]=$1} END{printf "%.3fms", v[int(NR*0.99)]/1000}')
+                errors=$(awk '/^requests:/ && !/ 0 failed, 0 errored/{print}' <<<"$out")
+            else
+                taskset -c 0 wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1
+                out=$(taskset -c 0 wrk -t1 -c64 -d"${DUR}s" --latency "$url" 2>&1)
+                rate=$(awk '/Requests\/sec/{print $2}' <<<"$out")
+                p99=$(awk '/ 99%/{print $2}' <<<"$out")
+                errors=$(awk '/Non-2xx|Socket errors/{print}' <<<"$out")
+            fi
             kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
             PROXY_PID=
-            rate=$(awk '/Requests\/sec/{print $2}' <<<"$out")
-            p99=$(awk '/ 99%/{print $2}' <<<"$out")
-            errors=$(awk '/Non-2xx|Socket errors/{print}' <<<"$out")
-            echo "$path $p $r $rate $p99 ${errors:+($errors)}"
-            echo "$path $p $rate $p99" >> "$DIR/rows"
+            echo "$load $p $r $rate $p99 ${errors:+($errors)}"
+            echo "$load $p $rate $p99" >> "$DIR/rows"
         done
     done
 done
@@ -179,7 +193,7 @@ def ms(v):
         if v.endswith(unit):
             return float(v[: -len(unit)]) * f
     return float(v)
-print("\npath          proxy     req/s (median)  p99 ms (median)")
+print("\nload          proxy     req/s (median)  p99 ms (median)")
 for path in dict.fromkeys(r[0] for r in rows):
     med = {}
     for proxy in dict.fromkeys(r[1] for r in rows):
