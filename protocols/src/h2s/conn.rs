@@ -73,14 +73,21 @@ struct Slot<Fut> {
     head_only: bool,
     /// Waiting for the client's window since.
     stalled: Option<Instant>,
-    /// Waiting for the connection window (listed in `conn_blocked`).
+    /// Waiting for the connection window.
     conn_blocked: bool,
+    /// Listed in `Out::conn_blocked` (an entry may outlive the wait; it is checked against
+    /// `conn_blocked` when the list is taken).
+    in_conn_list: bool,
+    /// Listed in `Out::write_blocked`.
+    in_write_list: bool,
 }
 
 /// A header block being assembled from HEADERS and CONTINUATION frames.
 struct Block {
     stream: u32,
     end_stream: bool,
+    /// The HEADERS frame made the stream depend on itself (a stream error, RFC 9113 §5.3.1).
+    self_dependent: bool,
     buf: Vec<u8>,
 }
 
@@ -172,6 +179,10 @@ pub(crate) struct Conn<'a, IO, F, Fut> {
 
     /// GOAWAY sent: no new streams; close once the open ones are done.
     goaway: bool,
+    /// The last stream id the first GOAWAY announced; later ones repeat it.
+    goaway_id: Option<u32>,
+    /// The client sent GOAWAY: close once the open streams are done.
+    peer_goaway: bool,
     /// The connection failed (GOAWAY with an error code sent): close at once.
     failed: Option<ConnError>,
     /// Write side shut down; reading what the client still sends until it closes.
@@ -179,9 +190,18 @@ pub(crate) struct Conn<'a, IO, F, Fut> {
 
     timer: Pin<Box<Sleep>>,
     timer_at: Instant,
-    /// When to send the next PING, or when the outstanding one times out.
+    /// The timer was moved since it was last polled (its waker must be registered again).
+    timer_moved: bool,
+    /// When to look at the client's liveness next: send a PING if nothing moved since the last
+    /// look, or end the connection if the outstanding PING got no answer and nothing moved.
     ping_at: Instant,
     awaiting_pong: bool,
+    /// Bytes read from or written to the client since the last look: the connection is alive.
+    heard: bool,
+    /// PINGs sent, for their payloads.
+    pings: u64,
+    /// A read was skipped because too much waited to be written: read again once it drains.
+    read_skipped: bool,
     idle_since: Instant,
     idle_check: Instant,
     stall_check: Option<Instant>,
@@ -242,12 +262,18 @@ where
             resets: 0,
             completed: 0,
             goaway: false,
+            goaway_id: None,
+            peer_goaway: false,
             failed: None,
             lingering: false,
             timer: Box::pin(tokio::time::sleep_until(first)),
             timer_at: first,
+            timer_moved: false,
             ping_at,
             awaiting_pong: false,
+            heard: false,
+            pings: 0,
+            read_skipped: false,
             idle_since: now,
             idle_check,
             stall_check: None,
@@ -289,8 +315,15 @@ where
             if let Poll::Ready(r) = self.poll_close(cx) {
                 return Poll::Ready(r);
             }
+            if std::mem::take(&mut self.timer_moved) && self.timer.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
             self.shared.waker.register(cx.waker());
-            let again = more || !self.local_ready.is_empty() || self.shared.has_ready();
+            let again = more
+                || !self.local_ready.is_empty()
+                || self.shared.has_ready()
+                || self.read_skipped && self.out.pending() < WRITE_HIGH && !self.read_closed
+                || self.shared.released.load(Ordering::Relaxed) as i64 >= CONN_WINDOW / 2;
             if !again {
                 return Poll::Pending;
             }
@@ -330,19 +363,26 @@ where
         if let Some(until) = self.linger_until
             && until <= now
         {
-            return Poll::Ready(Ok(()));
+            // The lingering read, or a close that could not be written, ran out of time.
+            return Poll::Ready(self.result());
         }
         if self.ping_at <= now {
-            if self.awaiting_pong {
+            // Any byte that moved either way since the last look says the client is there;
+            // a PING is sent only after a quiet interval, and only a quiet wait for its answer
+            // ends the connection (an answer queued behind a slow download still moves bytes).
+            let heard = std::mem::take(&mut self.heard);
+            if self.awaiting_pong && !heard {
                 tracing::debug!("HTTP/2 client did not answer a PING; closing");
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(self.result());
             }
-            if !self.lingering && self.failed.is_none() {
-                frame::put_ping(&mut self.out.wbuf, false, *b"strait\0\0");
+            if heard || self.lingering || self.failed.is_some() {
+                self.awaiting_pong = false;
+                self.ping_at = now + self.cfg.keepalive_interval;
+            } else {
+                self.pings += 1;
+                frame::put_ping(&mut self.out.wbuf, false, self.pings.to_be_bytes());
                 self.awaiting_pong = true;
                 self.ping_at = now + self.cfg.keepalive_timeout;
-            } else {
-                self.ping_at = now + self.cfg.keepalive_interval;
             }
         }
         if self.idle_check <= now {
@@ -351,8 +391,10 @@ where
                 tracing::debug!("HTTP/2 connection idle; closing");
                 self.go_away(Reason::NO_ERROR);
             }
-            self.idle_check =
-                if self.open == 0 && deadline > now { deadline } else { now + self.cfg.idle_timeout };
+            // While streams are open the check comes back no sooner than a second from now, so
+            // a `keepalive_timeout` of 0 does not spin.
+            let busy = now + self.cfg.idle_timeout.max(Duration::from_secs(1));
+            self.idle_check = if self.open == 0 && deadline > now { deadline } else { busy };
         }
         if let Some(at) = self.stall_check
             && at <= now
@@ -379,6 +421,7 @@ where
     fn arm(&mut self, at: Instant) {
         self.timer_at = at;
         self.timer.as_mut().reset(at);
+        self.timer_moved = true;
     }
 
     /// Resets the streams that waited for the client's window for `send_timeout`.
@@ -404,11 +447,15 @@ where
     /// Reads and handles frames until the socket has no more; true if it stopped with more to
     /// read.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Result<bool, Error> {
+        self.read_skipped = false;
         for _ in 0..READS_PER_POLL {
-            if self.read_closed
-                || self.out.pending() >= WRITE_HIGH
-                || self.failed.is_some() && !self.lingering
-            {
+            if self.read_closed || self.failed.is_some() && !self.lingering {
+                return Ok(false);
+            }
+            if self.out.pending() >= WRITE_HIGH {
+                // Back-pressure: the socket's readiness is not polled, so the loop must come
+                // back here itself once the buffer drains.
+                self.read_skipped = true;
                 return Ok(false);
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
@@ -428,6 +475,7 @@ where
                     return Ok(false);
                 }
                 Poll::Ready(Ok(_)) => {
+                    self.heard = true;
                     if self.lingering {
                         self.rbuf.clear();
                         continue;
@@ -443,20 +491,11 @@ where
         Ok(true)
     }
 
-    /// The client will send nothing more: request bodies still expected end with an error.
+    /// The client closed the connection (HTTP/2 has no half-close): every stream is cancelled,
+    /// and with it its node exchange, as when the client resets it.
     fn client_gone(&mut self) {
-        for idx in 0..self.slots.len() {
-            let slot = &mut self.slots[idx];
-            if slot.id == 0 || slot.remote_done {
-                continue;
-            }
-            slot.remote_done = true;
-            if let Some(r) = slot.recv.take() {
-                r.fail(Reason::CANCEL);
-            }
-            if matches!(slot.phase, Phase::Done) {
-                self.close_slot(idx as u32, None);
-            }
+        for idx in 0..self.slots.len() as u32 {
+            self.close_slot(idx, Some(Reason::CANCEL));
         }
     }
 
@@ -513,6 +552,13 @@ where
         {
             return Err(ConnError(Reason::PROTOCOL_ERROR, "header block interrupted"));
         }
+        if head.stream.is_multiple_of(2)
+            && head.stream != 0
+            && matches!(head.kind, frame::DATA | frame::HEADERS | frame::RST_STREAM | frame::WINDOW_UPDATE)
+        {
+            // Even ids are the server's, and the gateway opens none.
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "frame on a stream the server never opened"));
+        }
         match head.kind {
             frame::DATA => self.on_data(head, payload),
             frame::HEADERS => self.on_headers(head, payload),
@@ -521,6 +567,8 @@ where
                 if head.stream == 0 {
                     return Err(ConnError(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
+                // Priorities are advisory and ignored; a broken one is a stream error, sent only
+                // for an open stream (a reset of an idle one would be the gateway's error).
                 if head.len != 5 {
                     self.stream_error(head.stream, Reason::FRAME_SIZE_ERROR);
                 } else if frame::u32_at(payload) & 0x7fff_ffff == head.stream {
@@ -561,10 +609,8 @@ where
                 if code != Reason::NO_ERROR {
                     tracing::debug!(reason = %code, "HTTP/2 client sent GOAWAY");
                 }
-                // The client opens no more streams: finish the open ones, then close.
-                if !self.goaway {
-                    self.goaway = true;
-                }
+                // The client is going: finish the open streams, then close.
+                self.peer_goaway = true;
                 Ok(())
             }
             frame::WINDOW_UPDATE => self.on_window_update(head, payload),
@@ -586,6 +632,9 @@ where
         if !head.len.is_multiple_of(6) {
             return Err(ConnError(Reason::FRAME_SIZE_ERROR, "SETTINGS of the wrong size"));
         }
+        // Only the last INITIAL_WINDOW_SIZE of a frame counts, applied once (a frame full of them
+        // must not cost a pass over the streams each).
+        let mut initial_window = None;
         for s in p.chunks_exact(6) {
             let id = u16::from_be_bytes([s[0], s[1]]);
             let v = frame::u32_at(&s[2..]);
@@ -601,20 +650,7 @@ where
                             "SETTINGS_INITIAL_WINDOW_SIZE too large",
                         ));
                     }
-                    let delta = v as i64 - self.peer_initial_window;
-                    self.peer_initial_window = v as i64;
-                    for (idx, slot) in self.slots.iter_mut().enumerate() {
-                        if slot.id == 0 {
-                            continue;
-                        }
-                        slot.send_window += delta;
-                        if slot.send_window > frame::MAX_WINDOW {
-                            return Err(ConnError(Reason::FLOW_CONTROL_ERROR, "stream window overflow"));
-                        }
-                        if delta > 0 && slot.stalled.is_some() && !slot.conn_blocked {
-                            queue(&mut self.local_ready, &slot.flag, idx as u32);
-                        }
-                    }
+                    initial_window = Some(v as i64);
                 }
                 frame::SETTINGS_MAX_FRAME_SIZE => {
                     if !(frame::DEFAULT_MAX_FRAME as u32..=(1 << 24) - 1).contains(&v) {
@@ -628,6 +664,24 @@ where
                 // MAX_CONCURRENT_STREAMS limits pushes (none are sent); MAX_HEADER_LIST_SIZE is
                 // advisory; unknown settings are ignored.
                 _ => {}
+            }
+        }
+        if let Some(v) = initial_window {
+            let delta = v - self.peer_initial_window;
+            self.peer_initial_window = v;
+            for (idx, slot) in self.slots.iter_mut().enumerate() {
+                if slot.id == 0 || delta == 0 {
+                    continue;
+                }
+                slot.send_window += delta;
+                if slot.send_window > frame::MAX_WINDOW {
+                    return Err(ConnError(Reason::FLOW_CONTROL_ERROR, "stream window overflow"));
+                }
+                if delta > 0 && slot.stalled.is_some() && !slot.conn_blocked {
+                    // Its wait for the client is over; a new one starts its own clock.
+                    slot.stalled = None;
+                    queue(&mut self.local_ready, &slot.flag, idx as u32);
+                }
             }
         }
         frame::put_head(&mut self.out.wbuf, 0, frame::SETTINGS, frame::ACK, 0);
@@ -650,8 +704,12 @@ where
             let blocked = std::mem::take(&mut self.out.conn_blocked);
             for idx in blocked {
                 let slot = &mut self.slots[idx as usize];
-                slot.conn_blocked = false;
-                queue(&mut self.local_ready, &slot.flag, idx);
+                slot.in_conn_list = false;
+                if std::mem::take(&mut slot.conn_blocked) {
+                    // Its wait for the client is over; a new one starts its own clock.
+                    slot.stalled = None;
+                    queue(&mut self.local_ready, &slot.flag, idx);
+                }
             }
             return Ok(());
         }
@@ -670,6 +728,7 @@ where
             return Ok(());
         }
         if slot.stalled.is_some() && !slot.conn_blocked {
+            slot.stalled = None;
             queue(&mut self.local_ready, &slot.flag, idx);
         }
         Ok(())
@@ -718,7 +777,11 @@ where
         let data = unpad(head, p)?;
         let end = head.flags & frame::END_STREAM != 0;
         let Some(idx) = self.ids.get(&head.stream).copied() else {
-            // A stream closed already (or reset by either side): dropped, the octets given back.
+            // A stream the gateway reset (or did not serve after GOAWAY): dropped, the octets
+            // given back. On a stream that ended normally, DATA is the client's error.
+            if !self.ignorable(head.stream) {
+                return Err(ConnError(Reason::STREAM_CLOSED, "DATA on a closed stream"));
+            }
             self.shared.released.fetch_add(head.len, Ordering::Relaxed);
             return Ok(());
         };
@@ -734,10 +797,16 @@ where
             return Ok(());
         }
         slot.recv_window -= len;
-        // Padding is never read: give it back now.
+        // Padding is never read: give it back to the connection now, and to the stream with
+        // what its reader takes next.
         let padding = head.len - data.len();
         if padding > 0 {
             self.shared.released.fetch_add(padding, Ordering::Relaxed);
+            if let Some(recv) = slot.recv.as_ref()
+                && recv.owe(padding)
+            {
+                queue(&mut self.local_ready, &slot.flag, idx);
+            }
         }
         if let Some(left) = slot.expect.as_mut() {
             let n = data.len() as u64;
@@ -752,7 +821,7 @@ where
             self.shared.released.fetch_add(data.len(), Ordering::Relaxed);
             return Ok(());
         };
-        if !recv.push(Bytes::copy_from_slice(data), end) {
+        if !recv.push(data, end) {
             // Nobody reads it any more.
             self.shared.released.fetch_add(data.len(), Ordering::Relaxed);
         }
@@ -771,17 +840,19 @@ where
             return Err(ConnError(Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
         }
         let mut frag = unpad(head, p)?;
+        let mut self_dependent = false;
         if head.flags & frame::PRIORITY_FLAG != 0 {
             if frag.len() < 5 {
                 return Err(ConnError(Reason::FRAME_SIZE_ERROR, "HEADERS too short for its priority"));
             }
+            self_dependent = frame::u32_at(frag) & 0x7fff_ffff == head.stream;
             frag = &frag[5..];
         }
         let end_stream = head.flags & frame::END_STREAM != 0;
         if head.flags & frame::END_HEADERS != 0 {
-            return self.header_block(head.stream, end_stream, frag);
+            return self.header_block(head.stream, end_stream, self_dependent, frag);
         }
-        self.block = Some(Block { stream: head.stream, end_stream, buf: frag.to_vec() });
+        self.block = Some(Block { stream: head.stream, end_stream, self_dependent, buf: frag.to_vec() });
         Ok(())
     }
 
@@ -795,17 +866,28 @@ where
         block.buf.extend_from_slice(p);
         if head.flags & frame::END_HEADERS != 0 {
             let Some(b) = self.block.take() else { return Ok(()) };
-            return self.header_block(b.stream, b.end_stream, &b.buf);
+            return self.header_block(b.stream, b.end_stream, b.self_dependent, &b.buf);
         }
         Ok(())
     }
 
     /// A whole header block: a new request, or a request's trailers.
-    fn header_block(&mut self, id: u32, end_stream: bool, block: &[u8]) -> Result<(), ConnError> {
+    fn header_block(
+        &mut self,
+        id: u32,
+        end_stream: bool,
+        self_dependent: bool,
+        block: &[u8],
+    ) -> Result<(), ConnError> {
         if id.is_multiple_of(2) {
             return Err(ConnError(Reason::PROTOCOL_ERROR, "even stream id from a client"));
         }
         if let Some(idx) = self.ids.get(&id).copied() {
+            if self_dependent {
+                self.decoder.decode(block, |_, _| {}).map_err(compression)?;
+                self.reset_stream(idx, Reason::PROTOCOL_ERROR);
+                return self.check_resets();
+            }
             return self.trailers(idx, end_stream, block);
         }
         if id <= self.last_id {
@@ -813,7 +895,7 @@ where
             // the gateway reset may cross the reset; anything else is a stream id out of order
             // (RFC 9113 §5.1.1).
             self.decoder.decode(block, |_, _| {}).map_err(compression)?;
-            if self.reset_ids.contains(&id) {
+            if self.ignorable(id) {
                 return Ok(());
             }
             return Err(ConnError(Reason::PROTOCOL_ERROR, "HEADERS on a closed or out-of-order stream"));
@@ -826,6 +908,11 @@ where
         }
         let mut req = RequestHead::new(self.cfg.max_header_list);
         self.decoder.decode(block, |n, v| req.field(n, v)).map_err(compression)?;
+        if self_dependent {
+            self.rst(id, Reason::PROTOCOL_ERROR);
+            self.resets += 1;
+            return self.check_resets();
+        }
         if self.open >= MAX_CONCURRENT {
             self.rst(id, Reason::REFUSED_STREAM);
             self.resets += 1;
@@ -928,6 +1015,8 @@ where
                     head_only: false,
                     stalled: None,
                     conn_blocked: false,
+                    in_conn_list: false,
+                    in_write_list: false,
                 });
                 i
             }
@@ -966,10 +1055,7 @@ where
         if let Some(recv) = slot.recv.take() {
             recv.fail(reason.unwrap_or(Reason::CANCEL));
         }
-        if slot.conn_blocked {
-            slot.conn_blocked = false;
-            self.out.conn_blocked.retain(|&i| i != idx);
-        }
+        slot.conn_blocked = false;
         self.free.push(idx);
         self.open -= 1;
         if self.open == 0 {
@@ -980,10 +1066,17 @@ where
     /// Writes RST_STREAM and remembers the stream as reset.
     fn rst(&mut self, id: u32, reason: Reason) {
         frame::put_rst(&mut self.out.wbuf, id, reason);
-        if self.reset_ids.len() == 64 {
+        if self.reset_ids.len() == MAX_CONCURRENT {
             self.reset_ids.pop_front();
         }
         self.reset_ids.push_back(id);
+    }
+
+    /// Whether frames on this closed stream are to be ignored rather than be an error: the
+    /// gateway reset it lately (the client may have sent them before it saw the reset), or
+    /// it came after the last stream GOAWAY announced (the client learns it was not served).
+    fn ignorable(&self, id: u32) -> bool {
+        self.goaway_id.is_some_and(|g| id > g) || self.reset_ids.contains(&id)
     }
 
     /// A stream error on an open stream: RST_STREAM, and the slot freed.
@@ -993,17 +1086,24 @@ where
             return;
         }
         self.rst(id, reason);
-        if reason != Reason::NO_ERROR && reason != Reason::CANCEL {
+        // Only the client's faults count against its allowance, not the gateway's (a node's
+        // broken answer, a stall timeout).
+        if matches!(
+            reason,
+            Reason::PROTOCOL_ERROR
+                | Reason::FLOW_CONTROL_ERROR
+                | Reason::STREAM_CLOSED
+                | Reason::FRAME_SIZE_ERROR
+        ) {
             self.resets += 1;
         }
         self.close_slot(idx, Some(reason));
     }
 
-    /// A stream error on any stream id (open or not).
+    /// A stream error on a stream that may not be open: reset if it is.
     fn stream_error(&mut self, id: u32, reason: Reason) {
-        match self.ids.get(&id).copied() {
-            Some(idx) => self.reset_stream(idx, reason),
-            None => self.rst(id, reason),
+        if let Some(idx) = self.ids.get(&id).copied() {
+            self.reset_stream(idx, reason);
         }
     }
 
@@ -1037,7 +1137,7 @@ where
         }
         if self.out.pending() >= WRITE_HIGH && !matches!(slot.phase, Phase::Service(_)) {
             // Paused until the client reads: polled again when the buffer drains.
-            if !self.out.write_blocked.contains(&idx) {
+            if !std::mem::replace(&mut slot.in_write_list, true) {
                 self.out.write_blocked.push(idx);
             }
             return;
@@ -1075,12 +1175,12 @@ where
                     slot.stalled = Some(Instant::now());
                     self.out.stall_started = true;
                 }
-                if slot.conn_blocked && !self.out.conn_blocked.contains(&idx) {
+                if slot.conn_blocked && !std::mem::replace(&mut slot.in_conn_list, true) {
                     self.out.conn_blocked.push(idx);
                 }
             }
             Step::Paused => {
-                if !self.out.write_blocked.contains(&idx) {
+                if !std::mem::replace(&mut slot.in_write_list, true) {
                     self.out.write_blocked.push(idx);
                 }
             }
@@ -1108,6 +1208,9 @@ where
 
     /// Gives read request-body octets back to the client's connection window, in batches.
     fn credit_connection(&mut self) {
+        if self.failed.is_some() || self.lingering {
+            return;
+        }
         let released = self.shared.released.load(Ordering::Relaxed);
         if released as i64 >= CONN_WINDOW / 2 {
             self.shared.released.fetch_sub(released, Ordering::Relaxed);
@@ -1118,6 +1221,7 @@ where
 
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let out = &mut self.out;
+        let start = out.wpos;
         while out.wpos < out.wbuf.len() {
             match Pin::new(&mut self.io).poll_write(cx, &out.wbuf[out.wpos..]) {
                 Poll::Ready(Ok(0)) => {
@@ -1128,22 +1232,38 @@ where
                 Poll::Pending => break,
             }
         }
+        if out.wpos > start {
+            self.heard = true;
+        }
         if out.wpos == out.wbuf.len() && out.wpos > 0 {
             out.wbuf.clear();
             out.wpos = 0;
             if self.open == 0 || out.wbuf.capacity() > 4 * WRITE_HIGH {
                 out.wbuf = Vec::new();
             }
+        } else if out.wpos >= WRITE_HIGH / 2 {
+            // A client that reads slowly while answers keep coming never lets the buffer empty:
+            // drop what was written, so the buffer holds what waits and no more.
+            out.wbuf.drain(..out.wpos);
+            out.wpos = 0;
         }
         if out.pending() < WRITE_HIGH / 2 && !out.write_blocked.is_empty() {
             for idx in std::mem::take(&mut out.write_blocked) {
-                queue(&mut self.local_ready, &self.slots[idx as usize].flag, idx);
+                let slot = &mut self.slots[idx as usize];
+                slot.in_write_list = false;
+                queue(&mut self.local_ready, &slot.flag, idx);
             }
         }
+        if self.out.pending() > 0 {
+            // Waiting for the socket. (No flush now: a flush that succeeds would tell
+            // `SendTimeout` that writing made progress.)
+            return Poll::Pending;
+        }
+        // Pushes out what a TLS stream still buffers.
         match Pin::new(&mut self.io).poll_flush(cx) {
             Poll::Ready(Err(e)) => Poll::Ready(Err(Error::Io(e))),
-            Poll::Ready(Ok(())) if self.out.pending() == 0 => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -1151,8 +1271,10 @@ where
 
     /// Sends GOAWAY: no new streams; the connection closes once the open ones are done.
     fn go_away(&mut self, reason: Reason) {
+        // Never a higher last stream id than announced before (RFC 9113 §6.8).
+        let last = *self.goaway_id.get_or_insert(self.last_id);
         if !self.goaway || reason != Reason::NO_ERROR {
-            frame::put_goaway(&mut self.out.wbuf, self.last_id, reason);
+            frame::put_goaway(&mut self.out.wbuf, last, reason);
         }
         self.goaway = true;
     }
@@ -1168,10 +1290,15 @@ where
             self.close_slot(idx, Some(Reason::CANCEL));
         }
         self.failed = Some(e);
+        // The GOAWAY, and the lingering read after it, get `send_timeout` at most.
+        let until = Instant::now() + self.cfg.send_timeout;
+        self.linger_until = Some(until);
+        self.arm(until);
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        let done = self.failed.is_some() || (self.goaway || self.read_closed) && self.open == 0;
+        let done =
+            self.failed.is_some() || (self.goaway || self.peer_goaway || self.read_closed) && self.open == 0;
         if !done || self.out.pending() > 0 {
             return Poll::Pending;
         }
@@ -1472,7 +1599,7 @@ impl RequestHead {
         }
     }
 
-    fn finish(self, end_stream: bool) -> Result<RequestParts, Malformed> {
+    fn finish(mut self, end_stream: bool) -> Result<RequestParts, Malformed> {
         if self.too_large || self.size > self.limit {
             return Err(Malformed::TooLarge);
         }
@@ -1483,6 +1610,17 @@ impl RequestHead {
         let method = Method::from_bytes(&method).map_err(|_| Malformed::Invalid("invalid :method"))?;
         let mut parts = http::uri::Parts::default();
         if let Some(a) = self.authority {
+            // RFC 9113 §8.3.1: no userinfo.
+            if a.contains(&b'@') {
+                return Err(Malformed::Invalid("userinfo in :authority"));
+            }
+            // A Host header naming another authority (which a client must not send, though
+            // some do when a caller sets Host by hand) would route the request by one name and
+            // send it to the node by the other: `:authority` is the request's, and that Host
+            // header goes.
+            if self.headers.get(http::header::HOST).is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(&a)) {
+                self.headers.remove(http::header::HOST);
+            }
             parts.authority =
                 Some(Authority::from_maybe_shared(a).map_err(|_| Malformed::Invalid("invalid :authority"))?);
         }
@@ -1495,6 +1633,9 @@ impl RequestHead {
             let path = self.path.ok_or(Malformed::Invalid(":path missing"))?;
             if path.is_empty() {
                 return Err(Malformed::Invalid("empty :path"));
+            }
+            if &path[..] == b"*" && method != Method::OPTIONS {
+                return Err(Malformed::Invalid(":path * on a method other than OPTIONS"));
             }
             // A URI with a scheme needs an authority; without one, the path alone.
             if parts.authority.is_some() {
@@ -1511,8 +1652,10 @@ impl RequestHead {
             if lengths.next().is_some() {
                 return Err(Malformed::Invalid("repeated content-length"));
             }
+            // Digits only (`u64::from_str` would take a leading `+`).
             let n = std::str::from_utf8(v.as_bytes())
                 .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or(Malformed::Invalid("invalid content-length"))?;
             if end_stream && n != 0 {

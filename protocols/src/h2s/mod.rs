@@ -23,17 +23,23 @@
 //!   stream, 4 MiB per connection); once the answer is complete and nobody reads the rest of the
 //!   request, the stream is reset with `NO_ERROR` (RFC 9113 §8.1);
 //! * a malformed request (RFC 9113 §8.1.1: a missing or repeated pseudo-header, upper-case or
-//!   connection-specific fields, a `content-length` its DATA does not match) is reset with
-//!   `PROTOCOL_ERROR`; a head over 64 KiB (as HPACK counts it) gets a 431.
+//!   connection-specific fields, whitespace around a value, a `content-length` its DATA does not
+//!   match, userinfo in `:authority`) is reset with `PROTOCOL_ERROR`; a head over 64 KiB (as
+//!   HPACK counts it) gets a 431. A Host header that names another authority than `:authority`
+//!   is dropped, so a request is routed and forwarded by one name.
 //!
-//! Per connection: a PING every `keepalive_interval`; a client that does not answer within
-//! `keepalive_timeout` is disconnected. A connection without an open stream for `idle_timeout`
-//! gets GOAWAY and closes, and so does every connection when `shutdown` completes; either way the
-//! streams in flight finish first. Protocol errors end the connection with GOAWAY and the error
-//! code (RFC 9113 §5.4.1). Abuse is bounded: a header block over 256 KiB, or more reset and
-//! refused streams than completed ones (past 128), ends the connection with
-//! `ENHANCE_YOUR_CALM`; nothing more is read while 256 KiB of answers (or of PING and SETTINGS
-//! acknowledgements) wait for a client that does not read.
+//! Per connection: after `keepalive_interval` in which no byte moved either way, a PING; if
+//! nothing moves for `keepalive_timeout` after it, the connection is dropped (an answer that
+//! queues behind a slow download still moves bytes). A client that closes the connection
+//! cancels its streams. A connection without an open stream for `idle_timeout` gets GOAWAY and
+//! closes, and so does every connection when `shutdown` completes; either way the streams in
+//! flight finish first. Protocol errors end the connection with GOAWAY and the error code
+//! (RFC 9113 §5.4.1), within `send_timeout`. Abuse is bounded: a header block over 256 KiB, or
+//! more streams reset or refused for the client's faults than completed ones (past 128), ends
+//! the connection with `ENHANCE_YOUR_CALM`; nothing more is read while 256 KiB of answers (or of
+//! PING and SETTINGS acknowledgements) wait for a client that does not read, and what was
+//! written leaves the buffer as it goes; tiny DATA frames are merged as they are queued, so a
+//! request body costs about its size in memory.
 
 mod conn;
 mod frame;

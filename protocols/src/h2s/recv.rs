@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
@@ -49,9 +49,12 @@ impl ConnShared {
         !lock(&self.ready).is_empty()
     }
 
+    /// Octets taken (or dropped) by a request body's reader. The connection is woken only when
+    /// they are worth a WINDOW_UPDATE: a reader in another task does not wake it per chunk.
     fn release(&self, n: usize) {
-        if n > 0 {
-            self.released.fetch_add(n, Ordering::Relaxed);
+        const AT: usize = super::CONN_WINDOW as usize / 2;
+        let before = self.released.fetch_add(n, Ordering::Relaxed);
+        if before < AT && before + n >= AT {
             self.waker.wake();
         }
     }
@@ -100,6 +103,9 @@ pub(crate) struct RecvShared {
 #[derive(Default)]
 struct RecvInner {
     chunks: VecDeque<Bytes>,
+    /// Small payloads, merged after `chunks` (a client sending tiny DATA frames costs a byte of
+    /// memory per byte of window, not a chunk each).
+    tail: BytesMut,
     trailers: Option<HeaderMap>,
     /// The client ended the stream.
     end: bool,
@@ -115,6 +121,9 @@ struct RecvInner {
 /// Give back a stream's window once this much of it was read.
 const STREAM_CREDIT_AT: usize = super::STREAM_WINDOW as usize / 2;
 
+/// Payloads smaller than this are merged into the queue's tail.
+const SMALL: usize = 4096;
+
 impl RecvShared {
     pub(crate) fn new(conn: Arc<ConnShared>, slot: Arc<SlotWaker>) -> Arc<Self> {
         Arc::new(RecvShared { inner: Mutex::new(RecvInner::default()), conn, slot })
@@ -122,14 +131,20 @@ impl RecvShared {
 
     /// Queues a DATA payload. Returns false when the reader is gone (the caller gives the
     /// octets back to the connection window itself).
-    pub(crate) fn push(&self, data: Bytes, end: bool) -> bool {
+    pub(crate) fn push(&self, data: &[u8], end: bool) -> bool {
         let mut g = lock(&self.inner);
         if g.dropped {
             g.end |= end;
             return false;
         }
-        if !data.is_empty() {
-            g.chunks.push_back(data);
+        if data.len() < SMALL {
+            g.tail.extend_from_slice(data);
+        } else {
+            if !g.tail.is_empty() {
+                let t = g.tail.split().freeze();
+                g.chunks.push_back(t);
+            }
+            g.chunks.push_back(Bytes::copy_from_slice(data));
         }
         g.end |= end;
         if let Some(w) = g.reader.take() {
@@ -162,6 +177,14 @@ impl RecvShared {
         }
     }
 
+    /// Counts `n` octets of the stream's window (padding) as read; true when the stream's
+    /// window is then worth a WINDOW_UPDATE.
+    pub(crate) fn owe(&self, n: usize) -> bool {
+        let mut g = lock(&self.inner);
+        g.taken += n;
+        g.taken >= STREAM_CREDIT_AT
+    }
+
     /// Octets read since the last call, once they are worth a WINDOW_UPDATE.
     pub(crate) fn take_credit(&self) -> usize {
         let mut g = lock(&self.inner);
@@ -192,7 +215,12 @@ impl H2Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut g = lock(&self.shared.inner);
-        if let Some(data) = g.chunks.pop_front() {
+        let next = match g.chunks.pop_front() {
+            Some(c) => Some(c),
+            None if !g.tail.is_empty() => Some(g.tail.split().freeze()),
+            None => None,
+        };
+        if let Some(data) = next {
             let n = data.len();
             g.taken += n;
             let credit = g.taken >= STREAM_CREDIT_AT && !g.end;
@@ -221,7 +249,7 @@ impl H2Body {
 
     pub(crate) fn is_end_stream(&self) -> bool {
         let g = lock(&self.shared.inner);
-        g.end && g.chunks.is_empty() && g.trailers.is_none()
+        g.end && g.chunks.is_empty() && g.tail.is_empty() && g.trailers.is_none()
     }
 
     pub(crate) fn size_hint(&self) -> SizeHint {
@@ -237,7 +265,8 @@ impl Drop for H2Body {
         let mut g = lock(&self.shared.inner);
         g.dropped = true;
         g.reader = None;
-        let unread: usize = g.chunks.drain(..).map(|c| c.len()).sum();
+        let unread: usize = g.chunks.drain(..).map(|c| c.len()).sum::<usize>() + g.tail.len();
+        g.tail = BytesMut::new();
         drop(g);
         // Unread octets will never be taken: give them back to the connection now; the slot
         // decides what becomes of the stream.

@@ -277,7 +277,16 @@ impl Client {
         F: FnMut(Request<ProxyBody>) -> Fut + Send + 'static,
         Fut: Future<Output = Response<ProxyBody>> + Unpin + Send + 'static,
     {
-        let (io, server_io) = tokio::io::duplex(1 << 20);
+        Client::start_in(1 << 20, settings, service)
+    }
+
+    /// [`Client::start`] over a pipe that holds `buffer` octets each way.
+    fn start_in<F, Fut>(buffer: usize, settings: Settings, service: F) -> Client
+    where
+        F: FnMut(Request<ProxyBody>) -> Fut + Send + 'static,
+        Fut: Future<Output = Response<ProxyBody>> + Unpin + Send + 'static,
+    {
+        let (io, server_io) = tokio::io::duplex(buffer);
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             // Only an explicit shutdown counts, not the sender dropped with the client.
@@ -306,7 +315,11 @@ impl Client {
         F: FnMut(Request<ProxyBody>) -> Fut + Send + 'static,
         Fut: Future<Output = Response<ProxyBody>> + Unpin + Send + 'static,
     {
-        let mut c = Client::start(settings, service);
+        Client::handshake(Client::start(settings, service), ours).await
+    }
+
+    /// Exchanges the prefaces, the client's with these settings.
+    async fn handshake(mut c: Client, ours: &[(u16, u32)]) -> Client {
         let mut preface = frame::PREFACE.to_vec();
         preface.extend(frame_bytes(frame::SETTINGS, 0, 0, &settings_payload(ours)));
         c.send(&preface).await;
@@ -1008,6 +1021,218 @@ async fn a_client_reset_drops_the_service_future_at_once() {
     assert!(dropped.try_recv().is_ok(), "the service future was dropped when the RST_STREAM was read");
     assert!(seen.iter().all(|f| f.stream != 1), "nothing more on a reset stream: {seen:?}");
     assert!(c.finish().await.is_ok());
+}
+
+/// HTTP/2 has no half-close: a client that closes its connection cancels its requests in flight
+/// (their service futures are dropped), as a reset would.
+#[tokio::test]
+async fn a_client_closing_its_connection_cancels_its_requests() {
+    struct OnDrop(mpsc::UnboundedSender<()>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+    let service = move |_req: Request<ProxyBody>| {
+        let guard = OnDrop(dropped_tx.clone());
+        Box::pin(async move {
+            let _guard = guard;
+            std::future::pending::<Response<ProxyBody>>().await
+        })
+    };
+    let mut c = Client::connect(settings(), service).await;
+    c.headers(1, &GET, true).await;
+    c.headers(3, &GET, true).await;
+    c.barrier().await;
+    assert!(dropped.try_recv().is_err(), "the requests are in flight");
+    let result = c.finish().await;
+    assert!(result.is_ok(), "serve returned {result:?}");
+    for stream in [1, 3] {
+        let got = timeout(DEADLINE, dropped.recv()).await;
+        assert_eq!(got, Ok(Some(())), "the request on stream {stream} was not cancelled");
+    }
+}
+
+/// A Host header naming another authority than `:authority` (RFC 9113 §8.3.1: a client must not
+/// send one) is dropped, so the request is routed and forwarded by one name, `:authority`'s; the
+/// same name, in another case, stays. `:authority` with userinfo, and a `content-length` with a
+/// sign, make a request malformed.
+#[tokio::test]
+async fn the_authority_wins_over_a_host_header_that_differs() {
+    let service = |req: Request<ProxyBody>| {
+        let mut resp = status(200);
+        let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+        resp.headers_mut().insert("x-authority", HeaderValue::from_str(&authority).unwrap());
+        if let Some(host) = req.headers().get("host") {
+            resp.headers_mut().insert("x-host", host.clone());
+        }
+        ready(resp)
+    };
+    let mut c = Client::connect(settings(), service).await;
+    c.headers(1, &with(&GET, &[("host", "internal.example")]), true).await;
+    let a = c.answer(1).await;
+    assert_eq!(a.header("x-authority"), Some("example.com"));
+    assert_eq!(a.header("x-host"), None, "the differing Host header reached the service");
+    c.headers(3, &with(&GET, &[("host", "Example.COM")]), true).await;
+    assert_eq!(c.answer(3).await.header("x-host"), Some("Example.COM"));
+    for (i, (name, value)) in
+        [(":authority", "user@example.com"), ("content-length", "+0")].into_iter().enumerate()
+    {
+        let id = 5 + 2 * i as u32;
+        let fields: Vec<(&str, &str)> = GET
+            .iter()
+            .map(|&(n, v)| if n == name { (n, value) } else { (n, v) })
+            .chain((name == "content-length").then_some((name, value)))
+            .collect();
+        c.headers(id, &fields, true).await;
+        assert_eq!(c.answer(id).await.reset, Some(Reason::PROTOCOL_ERROR), "{name}: {value}");
+    }
+}
+
+/// DATA on a stream that ended normally (both sides) is the client's error (STREAM_CLOSED),
+/// where DATA on a stream the gateway reset is ignored.
+#[tokio::test]
+async fn data_on_a_stream_that_ended_is_a_connection_error() {
+    let mut c = Client::connect(settings(), hello).await;
+    c.headers(1, &with(&GET, &[("connection", "x")]), false).await;
+    assert_eq!(c.answer(1).await.reset, Some(Reason::PROTOCOL_ERROR));
+    c.data(1, b"after the reset", true).await;
+    assert!(c.sync().await, "DATA crossing the gateway's reset is ignored");
+    c.headers(3, &GET, true).await;
+    assert_eq!(c.answer(3).await.status(), Some(200));
+    c.data(3, b"after the end", false).await;
+    c.expect_conn_error(Reason::STREAM_CLOSED, "DATA after END_STREAM on a closed stream").await;
+}
+
+/// Padding counts against the stream's window like data, and is given back with it: an upload
+/// in heavily padded frames gets WINDOW_UPDATEs for its stream, not only for the connection.
+#[tokio::test]
+async fn padding_is_given_back_to_the_stream_window() {
+    let mut c = Client::connect(settings(), echo).await;
+    c.headers(1, &POST, false).await;
+    // 1 data octet and 255 of padding a frame: 257 octets of window each, 1 MiB in all.
+    let frame = frame_bytes(frame::DATA, frame::PADDED, 1, &padded(b"x", 255));
+    let frames = (1 << 20) / 257;
+    let mut bytes = Vec::with_capacity(frames * frame.len());
+    for _ in 0..frames {
+        bytes.extend_from_slice(&frame);
+    }
+    c.send(&bytes).await;
+    let seen = c.barrier().await;
+    let credited: u32 = seen
+        .iter()
+        .filter(|f| f.is(frame::WINDOW_UPDATE, 1))
+        .map(|f| u32::from_be_bytes([f.payload[0], f.payload[1], f.payload[2], f.payload[3]]))
+        .sum();
+    assert!(credited >= 512 * 1024, "the stream's window came back: {credited} octets");
+    c.data(1, b"", true).await;
+    let a = c.answer(1).await;
+    assert_eq!(a.status(), Some(200));
+    assert_eq!(a.data, frames.to_string().as_bytes(), "every data octet reached the service");
+}
+
+/// Streams the gateway resets for its own reasons (a node's answer that breaks) do not count
+/// against the client's reset allowance: the connection outlives hundreds of them.
+#[tokio::test]
+async fn broken_answers_do_not_cost_the_client_its_connection() {
+    struct Broken;
+    impl http_body::Body for Broken {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(Some(Err(std::io::Error::other("the node went away"))))
+        }
+    }
+    let service = |req: Request<ProxyBody>| {
+        if req.uri().path() == "/broken" {
+            return ready(Response::new(ProxyBody::boxed(Broken)));
+        }
+        hello(req)
+    };
+    let mut c = Client::connect(settings(), service).await;
+    let broken =
+        [(":method", "GET"), (":scheme", "https"), (":authority", "example.com"), (":path", "/broken")];
+    for i in 0..300u32 {
+        let id = 1 + 2 * i;
+        c.headers(id, &broken, true).await;
+        assert_eq!(c.answer(id).await.reset, Some(Reason::INTERNAL_ERROR));
+    }
+    c.headers(601, &GET, true).await;
+    assert_eq!(c.answer(601).await.status(), Some(200));
+}
+
+/// A PING that arrives while the gateway has so much to write that it stops reading is still
+/// answered once the client has read the backlog, even when the backlog leaves in one write
+/// (the connection must come back to reading on its own: no socket event is left to wake it).
+#[tokio::test]
+async fn a_ping_sent_behind_a_large_backlog_is_answered() {
+    // Sixteen 60 KiB answers, released together: more than WRITE_HIGH waits after the first
+    // write fills the 512 KiB pipe.
+    let go = Arc::new(Notify::new());
+    let release = go.clone();
+    let service = move |_req: Request<ProxyBody>| {
+        let go = go.clone();
+        Box::pin(async move {
+            go.notified().await;
+            Response::new(ProxyBody::full(vec![b'x'; 60 * 1024]))
+        })
+    };
+    let window = [(frame::SETTINGS_INITIAL_WINDOW_SIZE, 0x7fff_ffff)];
+    let mut c = Client::handshake(Client::start_in(512 * 1024, settings(), service), &window).await;
+    c.window_update(0, 0x7fff_ffff - 65_535).await;
+    for i in 0..16 {
+        c.headers(1 + 2 * i, &GET, true).await;
+    }
+    c.barrier().await;
+    release.notify_waiters();
+    // The answers flow (the server wrote until the pipe was full), and the PING comes while the
+    // rest waits in the gateway.
+    assert!(c.frame().await.is(frame::HEADERS, 1), "the first answer's head");
+    let ping = *b"backlog!";
+    c.send_frame(frame::PING, 0, 0, &ping).await;
+    let mut data = 0;
+    loop {
+        let f = c.frame().await;
+        if f.kind == frame::DATA {
+            data += f.payload.len();
+        }
+        if f.is_ping_ack(&ping) {
+            break;
+        }
+    }
+    assert!(data > 0, "the PING was answered behind the backlog");
+}
+
+/// A client that stops reading is cut off once a write has made no progress for the send
+/// timeout (on plain TCP too, where a flush always succeeds at once).
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    let (mut io, server_io) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move {
+        let io = crate::SendTimeout::new(server_io, Duration::from_millis(300));
+        super::serve(io, &settings(), body_of(4 << 20), std::future::pending()).await
+    });
+    let mut hello = frame::PREFACE.to_vec();
+    hello.extend(frame_bytes(
+        frame::SETTINGS,
+        0,
+        0,
+        &settings_payload(&[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 0x7fff_ffff)]),
+    ));
+    hello.extend(frame_bytes(frame::WINDOW_UPDATE, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    hello.extend(header_frames(1, &block(&GET), true));
+    io.write_all(&hello).await.unwrap();
+    // Nothing is read from here on.
+    let result = timeout(DEADLINE, server).await.expect("the stalled connection was not cut off").unwrap();
+    assert!(
+        matches!(&result, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+        "serve returned {result:?}"
+    );
+    drop(io);
 }
 
 // ------------------------------------------------------------------ flow control of answers
