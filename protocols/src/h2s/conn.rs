@@ -196,8 +196,13 @@ pub(crate) struct Conn<'a, IO, F, Fut> {
     /// look, or end the connection if the outstanding PING got no answer and nothing moved.
     ping_at: Instant,
     awaiting_pong: bool,
-    /// Bytes read from or written to the client since the last look: the connection is alive.
+    /// Bytes came from the client since the last look: it is alive.
     heard: bool,
+    /// Octets handed to the socket so far.
+    written: u64,
+    /// Where the outstanding PING ends in what is written: octets written past it were taken by
+    /// the socket after it, which a peer that has gone does not let happen for long.
+    ping_mark: u64,
     /// PINGs sent, for their payloads.
     pings: u64,
     /// A read was skipped because too much waited to be written: read again once it drains.
@@ -272,6 +277,8 @@ where
             ping_at,
             awaiting_pong: false,
             heard: false,
+            written: 0,
+            ping_mark: 0,
             pings: 0,
             read_skipped: false,
             idle_since: now,
@@ -367,20 +374,23 @@ where
             return Poll::Ready(self.result());
         }
         if self.ping_at <= now {
-            // Any byte that moved either way since the last look says the client is there;
-            // a PING is sent only after a quiet interval, and only a quiet wait for its answer
-            // ends the connection (an answer queued behind a slow download still moves bytes).
+            // A PING goes only after an interval in which the client sent nothing. While it is
+            // out, anything from the client, or the socket taking what was queued after the
+            // PING (a download the client still reads, with the answer queued behind it), says
+            // the client is there; neither for `keepalive_timeout` ends the connection.
             let heard = std::mem::take(&mut self.heard);
-            if self.awaiting_pong && !heard {
+            let alive = heard || self.awaiting_pong && self.written > self.ping_mark;
+            if self.awaiting_pong && !alive {
                 tracing::debug!("HTTP/2 client did not answer a PING; closing");
                 return Poll::Ready(self.result());
             }
-            if heard || self.lingering || self.failed.is_some() {
+            if alive || self.lingering || self.failed.is_some() {
                 self.awaiting_pong = false;
                 self.ping_at = now + self.cfg.keepalive_interval;
             } else {
                 self.pings += 1;
                 frame::put_ping(&mut self.out.wbuf, false, self.pings.to_be_bytes());
+                self.ping_mark = self.written + self.out.pending() as u64;
                 self.awaiting_pong = true;
                 self.ping_at = now + self.cfg.keepalive_timeout;
             }
@@ -1232,9 +1242,7 @@ where
                 Poll::Pending => break,
             }
         }
-        if out.wpos > start {
-            self.heard = true;
-        }
+        self.written += (out.wpos - start) as u64;
         if out.wpos == out.wbuf.len() && out.wpos > 0 {
             out.wbuf.clear();
             out.wpos = 0;

@@ -268,6 +268,8 @@ struct Client {
     server_settings: Vec<(u16, u32)>,
     /// The server's first WINDOW_UPDATE for the connection.
     server_window: u32,
+    /// How long a read waits for the server ([`DEADLINE`] unless a test waits for timers).
+    patience: Duration,
 }
 
 impl Client {
@@ -306,6 +308,7 @@ impl Client {
             pings: 0,
             server_settings: Vec::new(),
             server_window: 0,
+            patience: DEADLINE,
         }
     }
 
@@ -409,7 +412,7 @@ impl Client {
                 }
             }
         };
-        timeout(DEADLINE, read).await.expect("nothing from the server within the deadline")
+        timeout(self.patience, read).await.expect("nothing from the server within the deadline")
     }
 
     /// The next frame, a header block joined and decoded, or `None` once the server closed the
@@ -1331,6 +1334,37 @@ async fn an_idle_connection_gets_goaway_and_closes() {
     assert!(c.try_frame().await.is_none(), "then the close");
     let result = c.finish().await;
     assert!(result.is_ok(), "serve returned {result:?}");
+}
+
+/// A client that has gone silent (it neither reads nor sends, as after a network failure) with a
+/// stream open is dropped after a quiet keepalive interval, its PING and a quiet keepalive
+/// timeout: the PING the gateway wrote itself does not count as a sign of life. One that answers
+/// stays.
+#[tokio::test(start_paused = true)]
+async fn a_silent_client_is_dropped_after_an_unanswered_ping() {
+    let mut c = Client::connect(settings(), never).await;
+    c.headers(1, &GET, true).await;
+    assert!(c.sync().await);
+    let start = Instant::now();
+    let result =
+        timeout(Duration::from_secs(600), &mut c.server).await.expect("the silent client is still served");
+    let after = start.elapsed();
+    assert!(result.unwrap().is_ok());
+    // 60 s that heard the client, 60 s that did not, then the PING and 20 s without an answer.
+    assert!(after >= Duration::from_secs(80) && after <= Duration::from_secs(150), "dropped after {after:?}");
+
+    let mut c = Client::connect(settings(), never).await;
+    c.headers(1, &GET, true).await;
+    // Time is paused: waiting for the server's PINGs costs nothing.
+    c.patience = Duration::from_secs(300);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(400) {
+        let f = c.frame().await;
+        if f.is(frame::PING, 0) && !f.has(frame::ACK) {
+            c.send_frame(frame::PING, frame::ACK, 0, &f.payload).await;
+        }
+    }
+    assert!(!c.server.is_finished(), "a client that answers its PINGs was dropped");
 }
 
 // ------------------------------------------------------------------ random frames
