@@ -28,9 +28,10 @@
 //!   HPACK counts it) gets a 431. A Host header that names another authority than `:authority`
 //!   is dropped, so a request is routed and forwarded by one name.
 //!
-//! Per connection: after `keepalive_interval` in which no byte moved either way, a PING; if
-//! nothing moves for `keepalive_timeout` after it, the connection is dropped (an answer that
-//! queues behind a slow download still moves bytes). A client that closes the connection
+//! Per connection: after `keepalive_interval` in which the client sent nothing, a PING; if for
+//! `keepalive_timeout` after it nothing comes from the client and the socket takes nothing
+//! queued after the PING, the connection is dropped (a slow download the client still reads,
+//! with the answer queued behind it, keeps it). A client that closes the connection
 //! cancels its streams. A connection without an open stream for `idle_timeout` gets GOAWAY and
 //! closes, and so does every connection when `shutdown` completes; either way the streams in
 //! flight finish first. Protocol errors end the connection with GOAWAY and the error code
