@@ -92,6 +92,21 @@ fn hold_posts(req: Request<ProxyBody>) -> Answering {
     })
 }
 
+/// Answers every request with `body`, once `notify_waiters` is called on the returned gate
+/// (for the requests whose answers are waiting then).
+fn gated(body: Bytes) -> (Arc<Notify>, impl FnMut(Request<ProxyBody>) -> Answering + Send + 'static) {
+    let gate = Arc::new(Notify::new());
+    let waits = gate.clone();
+    let service = move |_req: Request<ProxyBody>| -> Answering {
+        let (waits, body) = (waits.clone(), body.clone());
+        Box::pin(async move {
+            waits.notified().await;
+            Response::new(ProxyBody::full(body))
+        })
+    };
+    (gate, service)
+}
+
 /// Never answers.
 fn never(_req: Request<ProxyBody>) -> std::future::Pending<Response<ProxyBody>> {
     std::future::pending()
@@ -1175,15 +1190,7 @@ async fn broken_answers_do_not_cost_the_client_its_connection() {
 async fn a_ping_sent_behind_a_large_backlog_is_answered() {
     // Sixteen 60 KiB answers, released together: more than WRITE_HIGH waits after the first
     // write fills the 512 KiB pipe.
-    let go = Arc::new(Notify::new());
-    let release = go.clone();
-    let service = move |_req: Request<ProxyBody>| {
-        let go = go.clone();
-        Box::pin(async move {
-            go.notified().await;
-            Response::new(ProxyBody::full(vec![b'x'; 60 * 1024]))
-        })
-    };
+    let (release, service) = gated(Bytes::from(vec![b'x'; 60 * 1024]));
     let window = [(frame::SETTINGS_INITIAL_WINDOW_SIZE, 0x7fff_ffff)];
     let mut c = Client::handshake(Client::start_in(512 * 1024, settings(), service), &window).await;
     c.window_update(0, 0x7fff_ffff - 65_535).await;
@@ -1294,15 +1301,7 @@ async fn an_answer_whose_window_never_opens_is_cancelled_after_send_timeout() {
 
 #[tokio::test]
 async fn shutdown_sends_goaway_and_finishes_the_streams_in_flight() {
-    let gate = Arc::new(Notify::new());
-    let service_gate = gate.clone();
-    let service = move |_req: Request<ProxyBody>| {
-        let gate = service_gate.clone();
-        Box::pin(async move {
-            gate.notified().await;
-            Response::new(ProxyBody::full("late but whole"))
-        })
-    };
+    let (gate, service) = gated(Bytes::from_static(b"late but whole"));
     let mut c = Client::connect(settings(), service).await;
     c.headers(1, &GET, true).await;
     c.barrier().await;
