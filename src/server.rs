@@ -501,7 +501,7 @@ enum Proto {
     H2,
 }
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use strait_protocols::h2s::PREFACE as H2_PREFACE;
 
 /// Tells h2c prior knowledge from HTTP/1.1 by reading the first bytes (at most the preface);
 /// they are returned, to be served first. Nothing is allocated until the client sends something.

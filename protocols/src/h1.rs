@@ -1025,10 +1025,8 @@ async fn open_and_send(
         let sent = match node.try_write(head) {
             Ok(n) if n == head.len() => Ok(Ok(())),
             Ok(n) => tokio::time::timeout(timeouts.send, node.write_all(&head[n..])).await,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::time::timeout(timeouts.send, node.write_all(head)).await
-            }
-            Err(e) => Ok(Err(e)),
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Ok(Err(e)),
+            Err(_) => tokio::time::timeout(timeouts.send, node.write_all(head)).await,
         };
         match sent {
             Ok(Ok(())) => return Ok((node, uses, reused)),

@@ -1431,25 +1431,23 @@ fn send_body<Fut>(out: &mut Out, slot: &mut Slot<Fut>, cx: &mut Context<'_>) -> 
             slot.stalled = None;
             let n = room.max(0) as usize;
             let finishes = n == data.len() && *last;
-            let mut chunk = data.split_to(n);
             slot.send_window -= n as i64;
             out.send_window -= n as i64;
+            // Copied into the write buffer frame by frame (at least one: an empty last frame
+            // carries END_STREAM); the held bytes only move on, no `Bytes` is split.
+            let mut sent = 0;
             loop {
-                let take = chunk.len().min(out.peer_max_frame);
-                let part = chunk.split_to(take);
-                let end = finishes && chunk.is_empty();
-                frame::put_head(
-                    &mut out.wbuf,
-                    take,
-                    frame::DATA,
-                    if end { frame::END_STREAM } else { 0 },
-                    slot.id,
-                );
-                out.wbuf.extend_from_slice(&part);
-                if chunk.is_empty() {
+                let take = (n - sent).min(out.peer_max_frame);
+                let end = finishes && sent + take == n;
+                let flags = if end { frame::END_STREAM } else { 0 };
+                frame::put_head(&mut out.wbuf, take, frame::DATA, flags, slot.id);
+                out.wbuf.extend_from_slice(&data[sent..sent + take]);
+                sent += take;
+                if sent == n {
                     break;
                 }
             }
+            data.advance(n);
             if data.is_empty() {
                 *held = None;
                 if finishes {

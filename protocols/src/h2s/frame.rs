@@ -5,7 +5,7 @@
 pub(crate) const HEAD_LEN: usize = 9;
 
 /// The client connection preface (RFC 9113 §3.4).
-pub(crate) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Largest frame payload anyone may send before SETTINGS_MAX_FRAME_SIZE says otherwise; the
 /// gateway never raises its own.

@@ -56,7 +56,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use frame::Reason;
+pub use frame::{PREFACE, Reason};
 pub use recv::H2Body;
 
 use crate::body::ProxyBody;

@@ -107,6 +107,35 @@ fn gated(body: Bytes) -> (Arc<Notify>, impl FnMut(Request<ProxyBody>) -> Answeri
     (gate, service)
 }
 
+/// Sends on its channel when dropped.
+struct OnDrop(mpsc::UnboundedSender<()>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// A service that never answers and reports each call (first receiver) and each request future
+/// it dropped (second).
+fn watched_never() -> (
+    mpsc::UnboundedReceiver<()>,
+    mpsc::UnboundedReceiver<()>,
+    impl FnMut(Request<ProxyBody>) -> Answering + Send + 'static,
+) {
+    let (called_tx, called) = mpsc::unbounded_channel();
+    let (dropped_tx, dropped) = mpsc::unbounded_channel();
+    let service = move |_req: Request<ProxyBody>| -> Answering {
+        let _ = called_tx.send(());
+        let guard = OnDrop(dropped_tx.clone());
+        Box::pin(async move {
+            let _guard = guard;
+            std::future::pending::<Response<ProxyBody>>().await
+        })
+    };
+    (called, dropped, service)
+}
+
 /// Never answers.
 fn never(_req: Request<ProxyBody>) -> std::future::Pending<Response<ProxyBody>> {
     std::future::pending()
@@ -1012,22 +1041,7 @@ async fn rapidly_reset_streams_cost_the_connection() {
 
 #[tokio::test]
 async fn a_client_reset_drops_the_service_future_at_once() {
-    struct OnDrop(mpsc::UnboundedSender<()>);
-    impl Drop for OnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.send(());
-        }
-    }
-    let (called_tx, mut called) = mpsc::unbounded_channel();
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let service = move |_req: Request<ProxyBody>| {
-        let _ = called_tx.send(());
-        let guard = OnDrop(dropped_tx.clone());
-        Box::pin(async move {
-            let _guard = guard;
-            std::future::pending::<Response<ProxyBody>>().await
-        })
-    };
+    let (mut called, mut dropped, service) = watched_never();
     let mut c = Client::connect(settings(), service).await;
     c.headers(1, &GET, true).await;
     c.barrier().await;
@@ -1045,20 +1059,7 @@ async fn a_client_reset_drops_the_service_future_at_once() {
 /// (their service futures are dropped), as a reset would.
 #[tokio::test]
 async fn a_client_closing_its_connection_cancels_its_requests() {
-    struct OnDrop(mpsc::UnboundedSender<()>);
-    impl Drop for OnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.send(());
-        }
-    }
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let service = move |_req: Request<ProxyBody>| {
-        let guard = OnDrop(dropped_tx.clone());
-        Box::pin(async move {
-            let _guard = guard;
-            std::future::pending::<Response<ProxyBody>>().await
-        })
-    };
+    let (_called, mut dropped, service) = watched_never();
     let mut c = Client::connect(settings(), service).await;
     c.headers(1, &GET, true).await;
     c.headers(3, &GET, true).await;
