@@ -2097,3 +2097,136 @@ async fn chunked_request_bodies_are_streamed_and_the_next_request_follows() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
+
+/// Reads one HTTP/1.1 answer with a `content-length` from `s`: its status, or `None` if the
+/// connection ended first.
+async fn read_answer(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().expect("a content-length"));
+            if buf.len() >= end + 4 + len {
+                let status = head.get(9..12).and_then(|c| c.parse().ok());
+                buf.drain(..end + 4 + len);
+                return status;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// Each keep-alive request gives the connection a new `client_header_timeout` (2 s here) for
+/// the next head: a request sent after the first deadline, within the second, is served; the
+/// connection then closes once it has been idle for the timeout. (The client's pace is what is
+/// under test, so it waits in real time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_keep_alive_request_restarts_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    // Within the first deadline (2 s after the accept), then after it, within the second.
+    for at in [1200, 2600] {
+        tokio::time::sleep_until((start + Duration::from_millis(at)).into()).await;
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+        assert_eq!(read_answer(&mut c, &mut buf).await, Some(200), "request sent at {at} ms");
+    }
+    let answered = Instant::now();
+    let left = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut c, &mut buf)).await;
+    assert_eq!(left, Ok(None), "the idle connection was closed, with nothing more said");
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_millis(1800), "closed {idle:?} after the last answer, before the timeout");
+    assert!(idle < Duration::from_secs(5), "kept {idle:?} after the last answer (header timeout 2 s)");
+    assert_eq!(b.requests(), 2);
+}
+
+/// A stop closes keep-alive connections that wait for their next request at once: it does not
+/// wait for their header timeout (20 s here) or the drain timeout (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_idle_keep_alive_connections_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let b = Backend::start("b").await;
+    let config = BASE_CONFIG.replace("client_header_timeout: 2s", "client_header_timeout: 20s");
+    let mut gw = TestGateway::start_with(
+        &config,
+        &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[b.addr])),
+        2,
+    );
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+        let mut buf = Vec::new();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+        assert_eq!(read_answer(&mut c, &mut buf).await, Some(200));
+        conns.push((c, buf));
+    }
+    let start = Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || gw.shutdown());
+    for (c, buf) in &mut conns {
+        let left = tokio::time::timeout(Duration::from_secs(10), read_answer(c, buf)).await;
+        assert_eq!(left, Ok(None), "an idle connection was closed by the stop");
+    }
+    stopping.await.unwrap();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "the stop took {took:?} with idle connections open");
+}
+
+/// A node connection from the pool has its read timeout like a new one, whether it is reused
+/// at once or after the timeout's length in the pool: the node answers the first request on
+/// each connection and never the next, and each of those gets its 504 after the read timeout
+/// (0.5 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_node_connection_keeps_its_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = connections.clone();
+    let node = hand_node(move |mut s| {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            if read_request_head(&mut s).await {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                // Reads the next request and never answers it.
+                let _ = read_request_head(&mut s).await;
+                let _ = read_request_head(&mut s).await;
+            }
+        }
+    })
+    .await;
+    // One worker: node connections are pooled per worker.
+    let gw = TestGateway::start_with(
+        BASE_CONFIG,
+        &format!(
+            "routes:\n  - uri: /*\n    timeout: {{connect: 1, send: 1, read: 0.5}}\n    upstream: {{retries: 0, nodes: {}}}\n",
+            nodes_yaml(&[node])
+        ),
+        1,
+    );
+    for pause in [Duration::ZERO, Duration::from_millis(800)] {
+        assert_eq!(get(gw.http(), "/first").await.0, StatusCode::OK);
+        tokio::time::sleep(pause).await;
+        let start = Instant::now();
+        assert_eq!(
+            get(gw.http(), "/next").await.0,
+            StatusCode::GATEWAY_TIMEOUT,
+            "after {pause:?} in the pool"
+        );
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(400), "a 504 after {took:?}, before the read timeout");
+        assert!(took < Duration::from_secs(3), "a 504 after {took:?} (read timeout 0.5 s)");
+    }
+    // Each `/next` went over the pooled connection of the `/first` before it.
+    assert_eq!(connections.load(std::sync::atomic::Ordering::Relaxed), 2);
+}

@@ -176,7 +176,7 @@ impl UpstreamBody {
             self.grpc_pending = false;
             if let Some(peer) = &self.peer {
                 let code = grpc_status.unwrap_or(grpc::Code::Unknown as u16);
-                peer.report(Outcome::GrpcStatus(code), self.started.elapsed());
+                peer.report_since(Outcome::GrpcStatus(code), self.started);
             }
         }
         if let Some(p) = self.pooled.take() {
@@ -188,7 +188,7 @@ impl UpstreamBody {
     fn fail(&mut self, outcome: Outcome) {
         self.pooled = None;
         if let Some(peer) = self.peer.take() {
-            peer.report(outcome, self.started.elapsed());
+            peer.report_since(outcome, self.started);
         }
     }
 }

@@ -352,7 +352,7 @@ impl StreamedAttempt {
         // connection closes too.
         let Received { mut node, uses, buf, head: parsed } = got;
         if let Some(p) = peer.as_ref() {
-            p.report(Outcome::HttpStatus(parsed.status), start.elapsed());
+            p.report_since(Outcome::HttpStatus(parsed.status), start);
         }
         let client_close = !parsed.keepalive || parsed.framing == Framing::UntilClose;
         let mut out = parsed.head;
@@ -914,7 +914,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
 ) -> Result<After, Failure> {
     let Received { mut node, uses, mut buf, head: parsed } = got;
     if let Some(p) = peer.as_ref() {
-        p.report(Outcome::HttpStatus(parsed.status), start.elapsed());
+        p.report_since(Outcome::HttpStatus(parsed.status), start);
     }
 
     // From here on the client has (part of) this response: failures close the connection.
@@ -938,7 +938,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
 
 /// A node connection with a complete response head read from it.
 struct Received {
-    node: TcpStream,
+    node: Node,
     uses: u32,
     /// What followed the head.
     buf: BytesMut,
@@ -1005,12 +1005,12 @@ async fn open_and_send(
     addr: SocketAddr,
     timeouts: crate::Timeouts,
     start: Instant,
-) -> Result<(TcpStream, u32, bool), Failure> {
+) -> Result<(Node, u32, bool), Failure> {
     loop {
         let (mut node, uses, reused) = match pooled.take() {
             Some(c) => (c.stream, c.uses, true),
             None => match connect_tcp(addr, timeouts.connect).await {
-                Ok(s) => (s, 0, false),
+                Ok(s) => (Node::new(s), 0, false),
                 Err(e) => {
                     let (err, outcome) = if e.is_timeout() {
                         (ProxyError::Timeout("connect"), Outcome::Timeout)
@@ -1043,7 +1043,7 @@ async fn open_and_send(
 /// Reads the response head from `node` (what came already is in `buf`), skipping 1xx interim
 /// responses; the whole head must come by `head_deadline`.
 async fn read_head(
-    mut node: TcpStream,
+    mut node: Node,
     uses: u32,
     mut buf: BytesMut,
     head_deadline: tokio::time::Instant,
@@ -1108,22 +1108,32 @@ enum ReadError {
 
 /// Waits (up to `limit`) until the node has something, then reads it. The buffer is grown only
 /// once data is there, so a request waiting on a slow node holds no read buffer.
-async fn read_some(node: &mut TcpStream, buf: &mut BytesMut, limit: Duration) -> Result<usize, ReadError> {
+async fn read_some(node: &mut Node, buf: &mut BytesMut, limit: Duration) -> Result<usize, ReadError> {
     read_some_until(node, buf, read_deadline(limit)).await
 }
 
 /// [`read_some`] with a deadline.
 async fn read_some_until(
-    node: &mut TcpStream,
+    node: &mut Node,
     buf: &mut BytesMut,
     deadline: tokio::time::Instant,
 ) -> Result<usize, ReadError> {
+    let mut armed = false;
     loop {
-        match tokio::time::timeout_at(deadline, node.readable()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(ReadError::Io(e)),
-            Err(_) => return Err(ReadError::Timeout),
-        }
+        // The node's bytes first: the timer is set only for a wait, once per call.
+        let ready = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = node.stream.poll_read_ready(cx) {
+                return Poll::Ready(r.map_err(ReadError::Io));
+            }
+            let elapsed = if armed {
+                node.poll_timer(cx)
+            } else {
+                armed = true;
+                std::future::Future::poll(node.timer_at(deadline), cx)
+            };
+            elapsed.map(|()| Err(ReadError::Timeout))
+        });
+        ready.await?;
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(BODY_CHUNK);
         }
@@ -1133,15 +1143,15 @@ async fn read_some_until(
         // with a read that fails with EAGAIN: one syscall less per relayed request.
         let polled = {
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, buf)
+            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut node.stream), &mut cx, buf)
         };
         match polled {
             Poll::Ready(Ok(n)) => return Ok(n),
             Poll::Ready(Err(e)) => return Err(ReadError::Io(e)),
             // Spurious readiness (cleared now: wait for the next event), or this task's
-            // cooperative budget is spent and the read was refused before it was tried. As
-            // `readable()` does not count against the budget, spend a unit here: when none is
-            // left that yields to the scheduler, which refills it, instead of spinning.
+            // cooperative budget is spent and the read was refused before it was tried. Spend
+            // a unit here: when none is left that yields to the scheduler, which refills it,
+            // instead of spinning.
             Poll::Pending => tokio::task::coop::consume_budget().await,
         }
     }
@@ -1297,7 +1307,7 @@ enum HeadFor {
 /// `Err` when the client or the node failed midway.
 async fn relay_body<C: AsyncWrite + Unpin>(
     client: &mut C,
-    node: &mut TcpStream,
+    node: &mut Node,
     buf: &mut BytesMut,
     head: &[u8],
     framing: Framing,
@@ -1396,7 +1406,7 @@ impl Broken {
             }
             Broken::Node(outcome) => {
                 if let Some(p) = peer {
-                    p.report(outcome, start.elapsed());
+                    p.report_since(outcome, start);
                 }
                 Failure::Client
             }
@@ -1692,7 +1702,7 @@ fn into_response(
     sent: Sent,
 ) -> http::Response<ProxyBody> {
     let Received { node, uses, buf, head: parsed } = got;
-    peer.report(Outcome::HttpStatus(parsed.status), start.elapsed());
+    peer.report_since(Outcome::HttpStatus(parsed.status), start);
     let mut resp = http::Response::new(ProxyBody::Empty);
     *resp.status_mut() = StatusCode::from_u16(parsed.status).unwrap_or(StatusCode::BAD_GATEWAY);
     *resp.headers_mut() = parsed.map;
@@ -1736,7 +1746,6 @@ fn into_response(
         },
         chunks: ChunkedState::default(),
         read_timeout: timeouts.read,
-        timer: None,
         waiting: false,
         peer: Some(peer),
         uses,
@@ -1935,13 +1944,7 @@ impl Upload {
     /// connection is worth keeping (nginx answering `return 200` to an upload does this). If the
     /// node sends anything meanwhile, or the client or the node stalls (the body and send
     /// timeouts), the connection is closed and the rest of the body discarded.
-    fn finish_then_pool(
-        mut self,
-        mut node: TcpStream,
-        addr: SocketAddr,
-        uses: u32,
-        keepalive: KeepalivePool,
-    ) {
+    fn finish_then_pool(mut self, mut node: Node, addr: SocketAddr, uses: u32, keepalive: KeepalivePool) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         rt.spawn(async move {
             let mut last = tokio::time::Instant::now();
@@ -2074,15 +2077,14 @@ impl Upload {
 struct RawBody {
     addr: SocketAddr,
     /// `None` once the body ended or failed.
-    node: Option<TcpStream>,
+    node: Option<Node>,
     buf: BytesMut,
     framing: Framing,
     /// Bytes left, for [`Framing::Length`].
     left: u64,
     chunks: ChunkedState,
     read_timeout: Duration,
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// The read timer runs for the current wait.
+    /// The node's read timer runs for the current wait.
     waiting: bool,
     /// Held until the body ends (least_conn counts it in flight).
     peer: Option<Peer>,
@@ -2229,7 +2231,7 @@ impl http_body::Body for RawBody {
                     if this.buf.capacity() - this.buf.len() < 4096 {
                         this.buf.reserve(BODY_CHUNK);
                     }
-                    tokio_util::io::poll_read_buf(std::pin::Pin::new(node), cx, &mut this.buf)
+                    tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut node.stream), cx, &mut this.buf)
                 }
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Pending => {
@@ -2248,14 +2250,13 @@ impl http_body::Body for RawBody {
                 Poll::Ready(Ok(_)) => this.waiting = false,
                 Poll::Ready(Err(e)) => return this.fail(e.into()),
                 Poll::Pending => {
-                    let deadline = tokio::time::Instant::now() + this.read_timeout;
-                    let timer =
-                        this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                    if !this.waiting {
-                        timer.as_mut().reset(deadline);
+                    let elapsed = if this.waiting {
+                        node.poll_timer(cx)
+                    } else {
                         this.waiting = true;
-                    }
-                    if timer.as_mut().poll(cx).is_ready() {
+                        node.timer_at(tokio::time::Instant::now() + this.read_timeout).poll(cx)
+                    };
+                    if elapsed.is_ready() {
                         // With a body still to send that the client does not send, the wait
                         // may be the node's for the body: said so, not blamed on the node.
                         let stalled = this.upload.as_ref().is_some_and(|up| !up.writing());
@@ -2322,15 +2323,66 @@ async fn answer_error<C: AsyncWrite + Unpin>(client: &mut C, err: &ProxyError, h
 // Node connections, per worker thread (each worker runs a single-threaded runtime, so there is
 // nothing to lock).
 
-struct Idle {
+/// A connection to a node, with the timer of its reads. The timer lives as long as the
+/// connection, from request to request: moving its deadline later costs a compare-and-swap,
+/// where a timer per wait is registered with the runtime's timer wheel and removed again (a
+/// lock round trip each). It is made at the first wait that needs it.
+///
+/// The timer keeps the waker of the last task that waited on it until its deadline passes, also
+/// while the connection sits in the pool: at most one task's allocation per pooled connection,
+/// for at most the read timeout.
+struct Node {
     stream: TcpStream,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Node {
+    fn new(stream: TcpStream) -> Node {
+        Node { stream, timer: None }
+    }
+
+    /// The read timer, due at `deadline`.
+    fn timer_at(&mut self, deadline: tokio::time::Instant) -> std::pin::Pin<&mut tokio::time::Sleep> {
+        let fresh = self.timer.is_none();
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !fresh {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut()
+    }
+
+    /// Polls the read timer as it was last set.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        use std::future::Future;
+        match &mut self.timer {
+            Some(t) => t.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+struct Idle {
+    stream: Node,
     uses: u32,
     since: Instant,
 }
 
 /// A connection taken from the pool.
 struct Checked {
-    stream: TcpStream,
+    stream: Node,
     uses: u32,
 }
 
@@ -2383,7 +2435,7 @@ fn kernel_says_open(s: &TcpStream) -> bool {
     matches!(socket2::SockRef::from(s).peek(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-fn checkin(addr: SocketAddr, stream: TcpStream, uses: u32, limits: KeepalivePool) {
+fn checkin(addr: SocketAddr, stream: Node, uses: u32, limits: KeepalivePool) {
     if uses >= limits.requests || limits.size == 0 {
         return;
     }
@@ -2533,7 +2585,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let mut node = l.accept().await.unwrap().0;
+        let node = l.accept().await.unwrap().0;
         peer.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
         let reader = tokio::spawn(async move {
             node.readable().await.unwrap();
@@ -2543,7 +2595,7 @@ mod tests {
             // Also the liveness check, which must not take a refused poll for "nothing here".
             let open = still_open(&node);
             let mut buf = BytesMut::new();
-            let n = read_some(&mut node, &mut buf, Duration::from_secs(5)).await.ok();
+            let n = read_some(&mut Node::new(node), &mut buf, Duration::from_secs(5)).await.ok();
             (open, n)
         });
         let (open, n) = tokio::time::timeout(Duration::from_secs(10), reader)

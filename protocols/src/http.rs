@@ -740,12 +740,11 @@ fn finish_response(
     timeouts: Timeouts,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
-    let elapsed = start.elapsed();
 
     if parts.status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_up) = upgrade
     {
-        peer.report(Outcome::HttpStatus(101), elapsed);
+        peer.report_since(Outcome::HttpStatus(101), start);
         let node_up = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
         tokio::spawn(async move {
             let _peer = peer; // in flight until the tunnel closes
@@ -762,8 +761,8 @@ fn finish_response(
     let grpc_status = if ctx.grpc { grpc::status_of(&parts.headers) } else { None };
     let grpc_pending = ctx.grpc && grpc_status.is_none() && parts.status == StatusCode::OK;
     match grpc_status {
-        Some(code) => peer.report(Outcome::GrpcStatus(code), elapsed),
-        None if !grpc_pending => peer.report(Outcome::HttpStatus(parts.status.as_u16()), elapsed),
+        Some(code) => peer.report_since(Outcome::GrpcStatus(code), start),
+        None if !grpc_pending => peer.report_since(Outcome::HttpStatus(parts.status.as_u16()), start),
         None => {}
     }
 

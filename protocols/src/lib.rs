@@ -52,6 +52,11 @@ pub enum Outcome {
 pub trait PeerNode: Send + Sync + 'static {
     /// Records the result of one attempt, with the time from connect start to response head.
     fn report(&self, outcome: Outcome, elapsed: Duration);
+    /// Whether [`PeerNode::report`] uses its `elapsed` (the balancer weighs latency): if not,
+    /// callers need not read the clock for it.
+    fn tracks_latency(&self) -> bool {
+        true
+    }
     /// Called exactly once when the attempt ends (the in-flight count drops).
     fn release(&self);
 }
@@ -85,6 +90,15 @@ impl Peer {
     /// Records the outcome of this attempt.
     pub fn report(&self, outcome: Outcome, elapsed: Duration) {
         if let Some(node) = &self.node {
+            node.report(outcome, elapsed);
+        }
+    }
+
+    /// Records the outcome of this attempt, which started at `start`: the clock is read only
+    /// if the node weighs latency.
+    pub fn report_since(&self, outcome: Outcome, start: std::time::Instant) {
+        if let Some(node) = &self.node {
+            let elapsed = if node.tracks_latency() { start.elapsed() } else { Duration::ZERO };
             node.report(outcome, elapsed);
         }
     }

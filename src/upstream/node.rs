@@ -197,6 +197,10 @@ impl PeerNode for Node {
     fn release(&self) {
         self.state.release();
     }
+
+    fn tracks_latency(&self) -> bool {
+        self.track_latency
+    }
 }
 
 #[cfg(test)]
