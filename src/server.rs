@@ -703,7 +703,7 @@ fn serve_h1<S: ClientStream>(
         loop {
             if buf.is_empty() {
                 // Idle between requests: hold no buffer.
-                buf = bytes::BytesMut::new();
+                strait_protocols::spare::give_head(std::mem::take(&mut buf));
                 // The client's bytes first: a connection that has a request is served, even
                 // if its time ran out or a stop came meanwhile.
                 let ready = tokio::select! {
@@ -781,7 +781,9 @@ async fn one_request<S: ClientStream>(
                 _ => return Step::HandOff,
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
+        if buf.capacity() == 0 {
+            *buf = strait_protocols::spare::head_buf();
+        } else if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
         }
         let idle = buf.is_empty();
@@ -883,6 +885,11 @@ async fn one_request<S: ClientStream>(
             buf.advance(len);
             // (Splitting off nothing would still turn `buf` into a shared buffer: an allocation.)
             let body = if body_len > 0 { buf.split_to(body_len as usize) } else { bytes::BytesMut::new() };
+            if buf.is_empty() {
+                // The head is parsed (copied out) and the body taken: the buffer can serve
+                // another connection's head while this request waits for its node.
+                strait_protocols::spare::give_head(std::mem::take(buf));
+            }
             let mut client = SendTimeout::new(&mut *stream, shared.node.send_timeout);
             strait_protocols::h1::forward(&mut client, parts, &body, &ctx, &**upstream).await
         }

@@ -43,9 +43,11 @@ use crate::{KeepalivePool, Outcome, Peer, ProxyError, Scheme, UpstreamPicker, co
 const MAX_HEADERS: usize = 128;
 /// Largest node response head.
 const MAX_HEAD: usize = 64 * 1024;
-/// Node read buffer, per request in flight: room for a 64 KiB body and its head in one read, so
-/// such a response costs one read and one write.
-const BODY_CHUNK: usize = 128 * 1024;
+/// Node read buffer, per request in flight (see [`crate::spare`]).
+const BODY_CHUNK: usize = crate::spare::NODE_BUF;
+/// Answers up to this size that came whole with their head are copied out of the node read
+/// buffer for the general path, which then goes back to the worker's spares.
+const SMALL_ANSWER: usize = 4096;
 /// Buffer for a request body streamed from the client to the node.
 const STREAM_CHUNK: usize = 64 * 1024;
 
@@ -925,7 +927,9 @@ async fn relay_response<C: AsyncWrite + Unpin>(
         out_head.truncate(out_head.len() - 2);
         out_head.extend_from_slice(b"connection: close\r\n\r\n");
     }
-    match relay_body(client, &mut node, &mut buf, &out_head, framing, read_timeout, peer).await {
+    let relayed = relay_body(client, &mut node, &mut buf, &out_head, framing, read_timeout, peer).await;
+    crate::spare::give_node(buf);
+    match relayed {
         Ok(clean) => {
             if clean && parsed.keepalive && framing != Framing::UntilClose {
                 checkin(addr, node, uses + 1, keepalive);
@@ -1134,7 +1138,9 @@ async fn read_some_until(
             elapsed.map(|()| Err(ReadError::Timeout))
         });
         ready.await?;
-        if buf.capacity() - buf.len() < 4096 {
+        if buf.capacity() == 0 {
+            *buf = crate::spare::node_buf();
+        } else if buf.capacity() - buf.len() < 4096 {
             buf.reserve(BODY_CHUNK);
         }
         // Through `poll_read`, not `try_read_buf`: a read that leaves part of the buffer empty
@@ -1326,7 +1332,7 @@ async fn relay_body<C: AsyncWrite + Unpin>(
     }
     // The rest of the body, as it arrives (no buffer is held while waiting for it).
     loop {
-        *buf = BytesMut::new();
+        crate::spare::give_node(std::mem::take(buf));
         let n = match read_some(node, buf, read_timeout).await {
             Ok(n) => n,
             Err(ReadError::Timeout) => return Err(Broken::Node(Outcome::Timeout)),
@@ -1730,8 +1736,19 @@ fn into_response(
             Some(up) if keep => (*up).finish_then_pool(node, peer.addr, uses, keepalive),
             Some(up) => (*up).discard(),
         }
-        if parsed.framing != Framing::None {
-            *resp.body_mut() = ProxyBody::full(buf.freeze());
+        if parsed.framing != Framing::None && !buf.is_empty() {
+            // A small answer is copied out, and the read buffer goes back to this worker's
+            // spares; a large one is handed on as it is.
+            let body = if buf.len() <= SMALL_ANSWER {
+                let body = bytes::Bytes::copy_from_slice(&buf);
+                crate::spare::give_node(buf);
+                body
+            } else {
+                buf.freeze()
+            };
+            *resp.body_mut() = ProxyBody::full(body);
+        } else {
+            crate::spare::give_node(buf);
         }
         return resp;
     }
@@ -2228,14 +2245,16 @@ impl http_body::Body for RawBody {
             let ready = if this.buf.is_empty() { node.poll_read_ready(cx) } else { Poll::Ready(Ok(())) };
             let polled = match ready {
                 Poll::Ready(Ok(())) => {
-                    if this.buf.capacity() - this.buf.len() < 4096 {
+                    if this.buf.capacity() == 0 {
+                        this.buf = crate::spare::node_buf();
+                    } else if this.buf.capacity() - this.buf.len() < 4096 {
                         this.buf.reserve(BODY_CHUNK);
                     }
                     tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut node.stream), cx, &mut this.buf)
                 }
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    this.buf = BytesMut::new();
+                    crate::spare::give_node(std::mem::take(&mut this.buf));
                     Poll::Pending
                 }
             };
@@ -2547,9 +2566,11 @@ pub fn parse_request(buf: &[u8]) -> RequestHead {
     }
 }
 
-/// Headers the gateway adds to a request it forwards (X-Forwarded-For, -Proto, -Host, -Port,
-/// X-Real-IP, Host).
-pub(crate) const FORWARDED_HEADERS: usize = 6;
+/// Headers the gateway adds to a request it forwards: X-Forwarded-For, -Proto, -Host, -Port and
+/// X-Real-IP. (The Host line is written apart from the map, and a client's Host leaves it.)
+/// Sized to the need, a map for a request with a single header stays small enough for the
+/// allocator's fast path (six entries instead of twelve).
+pub(crate) const FORWARDED_HEADERS: usize = 5;
 
 fn build_parts(req: &httparse::Request<'_, '_>) -> Option<Parts> {
     let method = Method::from_bytes(req.method?.as_bytes()).ok()?;

@@ -15,6 +15,7 @@ pub mod http;
 pub mod pool;
 pub mod respond;
 pub mod retry;
+pub mod spare;
 pub mod stream;
 pub mod tls;
 
