@@ -159,11 +159,12 @@ fn bench_keys_and_headers(c: &mut Criterion) {
             black_box(up.hash_key(&view).len())
         })
     });
+    let (client_ip, local_port_value) = strait_protocols::http::connection_values(client, 9080);
     let ctx = ForwardCtx {
         client_addr: client,
         local_port: 9080,
-        client_ip: strait_protocols::http::connection_values(client, 9080).0,
-        local_port_value: strait_protocols::http::connection_values(client, 9080).1,
+        client_ip: &client_ip,
+        local_port_value: &local_port_value,
         downstream_tls: false,
         hash_key: b"",
         timeouts: None,

@@ -857,8 +857,8 @@ async fn one_request<S: ClientStream>(
     let ctx = ForwardCtx {
         client_addr: peer,
         local_port: local.port(),
-        client_ip: client_ip.clone(),
-        local_port_value: local_port_value.clone(),
+        client_ip,
+        local_port_value,
         downstream_tls: S::TLS,
         hash_key: &key,
         timeouts: route.spec.timeout,
@@ -961,8 +961,8 @@ async fn handle(req: Request<ProxyBody>, c: &ConnCtx) -> Response<ProxyBody> {
     let ctx = ForwardCtx {
         client_addr: c.peer,
         local_port: c.local.port(),
-        client_ip: c.client_ip.clone(),
-        local_port_value: c.local_port_value.clone(),
+        client_ip: &c.client_ip,
+        local_port_value: &c.local_port_value,
         downstream_tls: c.tls,
         hash_key: &key,
         timeouts: route.spec.timeout,

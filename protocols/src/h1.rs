@@ -317,7 +317,7 @@ impl StreamedAttempt {
         let start = Instant::now();
         // A body is never sent twice, so a pooled connection is checked with a syscall too.
         let pooled = checkout(self.addr, self.keepalive, true, start);
-        let (mut node, uses, _) = open_and_send(head, pooled, self.addr, self.timeouts, start).await?;
+        let (mut node, uses, ..) = open_and_send(head, pooled, self.addr, self.timeouts, start).await?;
         let mut early = BytesMut::new();
         let whole = match self.pump(client, &mut node, body, &mut early).await {
             Ok(whole) => whole,
@@ -806,13 +806,12 @@ impl Duplex {
 /// Rewrites a client's request head for the node (forwarding headers, hop-by-hop ones dropped)
 /// and takes its `Host` out; returns the client's host, for `pass_host`.
 fn prepare_head(parts: &mut Parts, ctx: &ForwardCtx<'_>) -> Option<HeaderValue> {
+    // The Host line is written apart from the map (`request_head`): the client's leaves it.
     let client_host = parts
         .headers
-        .get(header::HOST)
-        .cloned()
+        .remove(header::HOST)
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     prepare_request_headers(parts, ctx, client_host.as_ref(), false, Scheme::Http);
-    parts.headers.remove(header::HOST);
     client_host
 }
 
@@ -966,10 +965,16 @@ async fn send_and_read_head(
     // reactor may not have seen a close that just arrived, and no retry would cover it.
     let mut pooled = checkout(addr, keepalive, !resend_ok, start);
     let (node, uses, buf, deadline) = loop {
-        let (mut node, uses, reused) = open_and_send(head, pooled.take(), addr, timeouts, start).await?;
+        let (mut node, uses, reused, at_once) =
+            open_and_send(head, pooled.take(), addr, timeouts, start).await?;
         let mut buf = BytesMut::new();
-        // The first read and the rest of the head share one deadline.
-        let deadline = read_deadline(timeouts.read);
+        // The first read and the rest of the head share one deadline, from now: from the
+        // attempt's start when it waited for nothing since (no clock read).
+        let deadline = if at_once {
+            tokio::time::Instant::from_std(start) + timeouts.read
+        } else {
+            read_deadline(timeouts.read)
+        };
         match read_some_until(&mut node, &mut buf, deadline).await {
             // The node closed a pooled connection: it most likely never saw the request, but a
             // request that must not run twice is not sent again.
@@ -1002,14 +1007,15 @@ fn node_failure(error: ProxyError, outcome: Outcome, start: Instant, sent: bool)
 
 /// Writes `head` to `pooled`, or to a fresh connection to `addr`. A pooled connection the node
 /// closed while idle fails at once; one fresh connection to the same node is tried before that
-/// counts as the node failing. Also says whether the connection was a pooled one.
+/// counts as the node failing. Also says whether the connection was a pooled one, and whether
+/// it took the head at once (the attempt waited for nothing since `start`).
 async fn open_and_send(
     head: &[u8],
     mut pooled: Option<Checked>,
     addr: SocketAddr,
     timeouts: crate::Timeouts,
     start: Instant,
-) -> Result<(Node, u32, bool), Failure> {
+) -> Result<(Node, u32, bool, bool), Failure> {
     loop {
         let (mut node, uses, reused) = match pooled.take() {
             Some(c) => (c.stream, c.uses, true),
@@ -1026,14 +1032,18 @@ async fn open_and_send(
             },
         };
         // Most heads go in one write the socket takes at once: no timer for those.
+        let mut at_once = false;
         let sent = match node.try_write(head) {
-            Ok(n) if n == head.len() => Ok(Ok(())),
+            Ok(n) if n == head.len() => {
+                at_once = reused;
+                Ok(Ok(()))
+            }
             Ok(n) => tokio::time::timeout(timeouts.send, node.write_all(&head[n..])).await,
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => Ok(Err(e)),
             Err(_) => tokio::time::timeout(timeouts.send, node.write_all(head)).await,
         };
         match sent {
-            Ok(Ok(())) => return Ok((node, uses, reused)),
+            Ok(Ok(())) => return Ok((node, uses, reused, at_once)),
             Ok(Err(_)) if reused => continue,
             Ok(Err(e)) => {
                 let e = ProxyError::Connect(e.to_string());
@@ -1807,7 +1817,7 @@ pub(crate) async fn attempt_streamed(
     // A body is never sent twice, so a pooled connection is checked with a syscall too.
     let mut pooled = checkout(peer.addr, keepalive, true, start);
     let (node, uses, early, sent) = 'connection: loop {
-        let (mut node, uses, reused) =
+        let (mut node, uses, reused, _) =
             match open_and_send(&head, pooled.take(), peer.addr, timeouts, start).await {
                 Ok(opened) => opened,
                 Err(f @ Failure::Node { sent: false, .. }) => return Err((f, peer, Some(upload.body))),

@@ -31,10 +31,11 @@ pub struct ForwardCtx<'a> {
     pub client_addr: SocketAddr,
     /// The local port the request arrived on (`X-Forwarded-Port`).
     pub local_port: u16,
-    /// The client's IP as a header value (`X-Real-IP`, `X-Forwarded-For`).
-    pub client_ip: HeaderValue,
+    /// The client's IP as a header value (`X-Real-IP`, `X-Forwarded-For`), made once per
+    /// connection.
+    pub client_ip: &'a HeaderValue,
     /// `local_port` as a header value.
-    pub local_port_value: HeaderValue,
+    pub local_port_value: &'a HeaderValue,
     /// Whether the client connection is TLS (`X-Forwarded-Proto`).
     pub downstream_tls: bool,
     /// Consistent-hash key, computed by the core from the upstream's `hash_on` / `key`.
