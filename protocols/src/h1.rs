@@ -1249,7 +1249,12 @@ fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<P
 
     let status_code = StatusCode::from_u16(status).map_err(|_| "invalid status".to_string())?;
     let mut head = Vec::new();
-    let mut map = http::HeaderMap::new();
+    // For the general path: room for the node's headers and the two an HTTP/2 answer may add
+    // (`date`, `content-length`), so the map is allocated once and not grown.
+    let mut map = match mode {
+        HeadFor::Map => http::HeaderMap::with_capacity(resp.headers.len() + 2),
+        HeadFor::Bytes => http::HeaderMap::new(),
+    };
     if mode == HeadFor::Bytes {
         head.reserve(len + 32);
         head.extend_from_slice(b"HTTP/1.1 ");
