@@ -697,38 +697,43 @@ fn serve_h1<S: ClientStream>(
         // once per connection. Each request moves the timer's deadline later, which costs a
         // compare-and-swap: a timer of its own per wait would be registered with the runtime's
         // timer wheel and removed again (two lock round trips), and so would a watch of its own.
-        let mut head_timer = std::pin::pin!(tokio::time::sleep_until(first_deadline));
-        let mut stop_rx = conn.shutdown.clone();
-        let mut stop = std::pin::pin!(stop_rx.wait_for(|s| *s));
-        loop {
-            if buf.is_empty() {
-                // Idle between requests: hold no buffer.
-                strait_protocols::spare::give_head(std::mem::take(&mut buf));
-                // The client's bytes first: a connection that has a request is served, even
-                // if its time ran out or a stop came meanwhile.
-                let ready = tokio::select! {
-                    biased;
-                    r = std::future::poll_fn(|cx| conn.stream.poll_idle(cx)) => Some(r.is_ok()),
-                    _ = &mut head_timer => Some(false),
-                    _ = &mut stop => None,
-                };
-                match ready {
-                    Some(true) => {}
-                    Some(false) => return,
-                    None => {
-                        close_client(&mut conn.stream, conn.shared.node.send_timeout).await;
-                        return;
+        // In a block of their own: a connection handed to the general path keeps neither.
+        {
+            let mut head_timer = std::pin::pin!(tokio::time::sleep_until(first_deadline));
+            let mut stop_rx = conn.shutdown.clone();
+            let mut stop = std::pin::pin!(stop_rx.wait_for(|s| *s));
+            loop {
+                if buf.is_empty() {
+                    // Idle between requests: hold no buffer.
+                    strait_protocols::spare::give_head(std::mem::take(&mut buf));
+                    // The client's bytes first: a connection that has a request is served, even
+                    // if its time ran out or a stop came meanwhile.
+                    let ready = tokio::select! {
+                        biased;
+                        r = std::future::poll_fn(|cx| conn.stream.poll_idle(cx)) => Some(r.is_ok()),
+                        _ = &mut head_timer => Some(false),
+                        _ = &mut stop => None,
+                    };
+                    match ready {
+                        Some(true) => {}
+                        Some(false) => return,
+                        None => {
+                            close_client(&mut conn.stream, conn.shared.node.send_timeout).await;
+                            return;
+                        }
                     }
                 }
+                match Box::pin(one_request(&mut conn, &mut buf, head_timer.deadline())).await {
+                    Step::KeepAlive => {}
+                    Step::Done => return,
+                    Step::HandOff => break,
+                }
+                // A complete request head within client_header_timeout (idle time included; for
+                // the first request, counted from the accept).
+                head_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + conn.shared.node.client_header_timeout);
             }
-            match Box::pin(one_request(&mut conn, &mut buf, head_timer.deadline())).await {
-                Step::KeepAlive => {}
-                Step::Done => return,
-                Step::HandOff => break,
-            }
-            // A complete request head within client_header_timeout (idle time included; for
-            // the first request, counted from the accept).
-            head_timer.as_mut().reset(tokio::time::Instant::now() + conn.shared.node.client_header_timeout);
         }
         let H1Conn { stream, peer, local, shared, shutdown, .. } = conn;
         let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);

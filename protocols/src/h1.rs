@@ -895,7 +895,9 @@ async fn exchange<C: AsyncWrite + Unpin>(
     head_only: bool,
     resend_ok: bool,
 ) -> Result<After, Failure> {
-    let start = Instant::now();
+    // Read from tokio's clock (the same read outside tests): the answer head's deadline may be
+    // counted from it, and must be on the clock of tokio's timers, paused in some tests.
+    let start = tokio::time::Instant::now().into_std();
     let got =
         send_and_read_head(head, addr, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
             .await?;
@@ -1262,8 +1264,6 @@ fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<P
         head.push(b' ');
         head.extend_from_slice(reason.as_bytes());
         head.extend_from_slice(b"\r\n");
-    } else {
-        map.reserve(resp.headers.len());
     }
     let mut dated = false;
     for h in resp.headers.iter() {
@@ -1691,7 +1691,9 @@ pub(crate) async fn attempt(
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
 ) -> Result<http::Response<ProxyBody>, (Failure, Peer)> {
-    let start = Instant::now();
+    // Read from tokio's clock (the same read outside tests): the answer head's deadline may be
+    // counted from it, and must be on the clock of tokio's timers, paused in some tests.
+    let start = tokio::time::Instant::now().into_std();
     let head_only = parts.method == Method::HEAD;
     let mut head = request_head(parts, host);
     head.extend_from_slice(body);
