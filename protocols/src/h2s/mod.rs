@@ -116,15 +116,25 @@ impl std::error::Error for Error {}
 /// Serves one client connection until it closes, fails, or `shutdown` completes and the streams
 /// in flight have ended. `service` answers one request; its futures may borrow from the caller.
 /// The client's connection preface is read from `io` (sniffing it first is fine if `io` replays
-/// it).
-pub async fn serve<IO, F, Fut, S>(io: IO, settings: &Settings, service: F, shutdown: S) -> Result<(), Error>
+/// it). Must be called within a tokio runtime (the connection's timer is made at once).
+///
+/// A function returning an async block rather than an async fn: an async fn would keep `io`
+/// and `service` in its state beside the connection made from them, for the connection's life.
+pub fn serve<IO, F, Fut, S>(
+    io: IO,
+    settings: &Settings,
+    service: F,
+    shutdown: S,
+) -> impl Future<Output = Result<(), Error>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<ProxyBody>) -> Fut,
     Fut: Future<Output = Response<ProxyBody>> + Unpin,
     S: Future<Output = ()>,
 {
-    let mut shutdown = pin!(shutdown);
     let mut conn = conn::Conn::new(io, settings, service);
-    poll_fn(|cx| conn.poll(cx, shutdown.as_mut())).await
+    async move {
+        let mut shutdown = pin!(shutdown);
+        poll_fn(|cx| conn.poll(cx, shutdown.as_mut())).await
+    }
 }
