@@ -8,6 +8,8 @@ use strait::{Config, Options, Running};
 
 /// mimalloc instead of glibc's malloc: glibc trims per-thread arenas with madvise/mprotect,
 /// and on a VM each of those TLB shootdowns is an inter-processor interrupt on the hot path.
+/// (Not with the `system-alloc` feature, which is for heap profilers.)
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
