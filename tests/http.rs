@@ -2230,3 +2230,79 @@ async fn a_reused_node_connection_keeps_its_read_timeout() {
     // Each `/next` went over the pooled connection of the `/first` before it.
     assert_eq!(connections.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
+
+/// The forwarding headers a node gets are the same whether the request came over HTTP/1.1
+/// (the relay writes them as lines) or HTTP/2 (the general path sets them in the header map):
+/// the client's `X-Forwarded-For` gets its address added, its `X-Real-IP` is replaced (not sent
+/// twice), and the `X-Forwarded-Proto`, `-Host` and `-Port` it sent are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_the_same_over_http1_and_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let node = hand_node(move |mut s| {
+        let heads_tx = heads_tx.clone();
+        async move {
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk).await {
+                    Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+            }
+            let _ = heads_tx.send(String::from_utf8_lossy(&head).into_owned());
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    let sent = [
+        ("x-forwarded-for", "198.51.100.7"),
+        ("x-real-ip", "10.9.9.9"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "fwd.example"),
+        ("x-forwarded-port", "8443"),
+    ];
+    // The forwarding headers of a head the node got, sorted.
+    let forwarding = |head: &str| {
+        let mut lines: Vec<String> = head
+            .lines()
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                l.starts_with("x-forwarded-") || l.starts_with("x-real-ip")
+            })
+            .map(|l| l.to_ascii_lowercase())
+            .collect();
+        lines.sort();
+        lines
+    };
+    let expected = vec![
+        "x-forwarded-for: 198.51.100.7, 127.0.0.1".to_string(),
+        "x-forwarded-host: fwd.example".to_string(),
+        "x-forwarded-port: 8443".to_string(),
+        "x-forwarded-proto: https".to_string(),
+        "x-real-ip: 127.0.0.1".to_string(),
+    ];
+
+    let mut h1 = "GET /a HTTP/1.1\r\nhost: shop.example\r\n".to_string();
+    for (k, v) in sent {
+        h1.push_str(&format!("{k}: {v}\r\n"));
+    }
+    h1.push_str("\r\n");
+    let out = raw(gw.http(), h1.as_bytes(), Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    let got = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
+    assert_eq!(forwarding(&got), expected, "over HTTP/1.1: {got}");
+
+    let mut req = Request::get(format!("http://shop.example:{}/a", gw.http().port()));
+    for (k, v) in sent {
+        req = req.header(k, v);
+    }
+    let (status, ..) = send_h2(gw.http(), req.body(body("")).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let got = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
+    assert_eq!(forwarding(&got), expected, "over HTTP/2: {got}");
+}

@@ -64,11 +64,11 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::EXPECT,
 ];
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub(crate) static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -347,6 +347,58 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
     }
 }
 
+/// What a client sent of the headers the gateway rewrites, found in one pass.
+#[derive(Default)]
+pub(crate) struct Seen {
+    /// A hop-by-hop header (or one `Connection` may name).
+    pub hop: bool,
+    /// The client's last `X-Forwarded-For`.
+    pub xff: Option<HeaderValue>,
+    pub real_ip: bool,
+    pub proto: bool,
+    pub fhost: bool,
+    pub port: bool,
+}
+
+/// One pass over what the client sent, instead of a lookup per header of interest.
+pub(crate) fn scan_forwarding(h: &http::HeaderMap) -> Seen {
+    let mut seen = Seen::default();
+    for (name, value) in h.iter() {
+        if HOP_BY_HOP.contains(name) {
+            seen.hop = true;
+        } else if name == X_FORWARDED_FOR {
+            seen.xff = Some(value.clone());
+        } else if name == X_REAL_IP {
+            seen.real_ip = true;
+        } else if name == X_FORWARDED_PROTO {
+            seen.proto = true;
+        } else if name == X_FORWARDED_HOST {
+            seen.fhost = true;
+        } else if name == X_FORWARDED_PORT {
+            seen.port = true;
+        }
+    }
+    seen
+}
+
+/// Drops the hop-by-hop headers, keeping what must go on: `TE: trailers`, and the upgrade of
+/// a websocket route.
+pub(crate) fn rewrite_hop_by_hop(h: &mut http::HeaderMap, websocket: bool, scheme: Scheme) {
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    let ws = if websocket { h.get(header::UPGRADE).cloned() } else { None };
+    strip_hop_by_hop(h);
+    if let Some(up) = ws {
+        h.insert(header::UPGRADE, up);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if te_trailers && !scheme.is_grpc() {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
 /// Rewrites the client's headers for the upstream once per request (public for benchmarks).
 pub fn prepare_request_headers(
     parts: &mut Parts,
@@ -356,35 +408,9 @@ pub fn prepare_request_headers(
     scheme: Scheme,
 ) {
     let h = &mut parts.headers;
-    // One pass over what the client sent, instead of a lookup per header of interest.
-    let (mut hop, mut xff, mut proto, mut fhost, mut port) = (false, None, false, false, false);
-    for (name, value) in h.iter() {
-        if HOP_BY_HOP.contains(name) {
-            hop = true;
-        } else if name == X_FORWARDED_FOR {
-            xff = Some(value.clone());
-        } else if name == X_FORWARDED_PROTO {
-            proto = true;
-        } else if name == X_FORWARDED_HOST {
-            fhost = true;
-        } else if name == X_FORWARDED_PORT {
-            port = true;
-        }
-    }
+    let Seen { hop, xff, proto, fhost, port, .. } = scan_forwarding(h);
     if hop {
-        let te_trailers = h
-            .get(header::TE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
-        let ws = if websocket { h.get(header::UPGRADE).cloned() } else { None };
-        strip_hop_by_hop(h);
-        if let Some(up) = ws {
-            h.insert(header::UPGRADE, up);
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        if te_trailers && !scheme.is_grpc() {
-            h.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
+        rewrite_hop_by_hop(h, websocket, scheme);
     }
     if scheme.is_grpc() {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
