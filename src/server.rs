@@ -454,6 +454,13 @@ struct ConnCtx {
     local_port_value: http::HeaderValue,
 }
 
+impl ConnCtx {
+    fn new(shared: Arc<Shared>, peer: SocketAddr, local: SocketAddr, tls: bool) -> ConnCtx {
+        let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
+        ConnCtx { shared, peer, local, tls, client_ip, local_port_value }
+    }
+}
+
 /// HTTP/1.1 and HTTP/2 server settings of a worker, built once and shared by its connections.
 pub(crate) struct HttpProtocols {
     h1: hyper::server::conn::http1::Builder,
@@ -522,10 +529,9 @@ async fn serve_http<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     // A client that stops reading is cut off after `send_timeout` without progress.
     let io = SendTimeout::new(io, shared.node.send_timeout);
-    let ctx = Arc::new(ConnCtx { shared, peer, local, tls, client_ip, local_port_value });
+    let ctx = Arc::new(ConnCtx::new(shared, peer, local, tls));
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         // hyper's HTTP/1 dispatcher keeps the allocation that holds the in-flight service
@@ -560,7 +566,6 @@ async fn serve_http<IO>(
 ///
 /// A function returning an async block rather than an async fn, as [`serve_h1`]: an async fn
 /// would keep its arguments beside the values made from them for the connection's life.
-#[allow(clippy::too_many_arguments)]
 fn serve_h2<IO>(
     io: IO,
     peer: SocketAddr,
@@ -573,10 +578,9 @@ fn serve_h2<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
     // A client that stops reading is cut off after `send_timeout` without progress.
     let io = SendTimeout::new(io, shared.node.send_timeout);
-    let ctx = ConnCtx { shared, peer, local, tls, client_ip, local_port_value };
+    let ctx = ConnCtx::new(shared, peer, local, tls);
     async move {
         // Pinned here, and lent: the server's future then holds a pointer to it, not a copy.
         let stop = std::pin::pin!(async move {

@@ -2237,19 +2237,12 @@ async fn a_reused_node_connection_keeps_its_read_timeout() {
 /// twice), and the `X-Forwarded-Proto`, `-Host` and `-Port` it sent are kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_are_the_same_over_http1_and_http2() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
     let node = hand_node(move |mut s| {
         let heads_tx = heads_tx.clone();
         async move {
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let mut chunk = [0u8; 4096];
-                match s.read(&mut chunk).await {
-                    Ok(n @ 1..) => head.extend_from_slice(&chunk[..n]),
-                    _ => return,
-                }
-            }
+            let Some(head) = request_head_bytes(&mut s).await else { return };
             let _ = heads_tx.send(String::from_utf8_lossy(&head).into_owned());
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
         }

@@ -182,7 +182,7 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
 ) -> After {
     let settings = picker.settings();
     let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
-    let (client_host, fwd) = prepare_head(&mut parts, ctx);
+    let fwd = prepare_head(&mut parts, ctx);
     if !body.is_empty() {
         // Said once, by the relay: a client's `Connection: content-length` must not leave the
         // node without the body's length.
@@ -197,7 +197,7 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
             Ok(p) => p,
             Err(e) => return answer_error(client, &e, head_only).await,
         };
-        let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
+        let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, Scheme::Http);
         let mut head = request_head(&parts, &host, Some(&fwd));
         head.extend_from_slice(body);
         let addr = peer.addr;
@@ -244,7 +244,7 @@ where
 {
     let settings = picker.settings();
     let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
-    let (client_host, fwd) = prepare_head(&mut parts, ctx);
+    let fwd = prepare_head(&mut parts, ctx);
     let StreamedBody { prefix, mut left, chunks } = body;
     if chunks.is_some() {
         parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
@@ -258,7 +258,7 @@ where
             Ok(p) => p,
             Err(e) => return answer_error(client, &e, head_only).await.unless_unread(left),
         };
-        let host = upstream_host(&settings.pass_host, client_host.as_ref(), &peer, Scheme::Http);
+        let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, Scheme::Http);
         let mut head = request_head(&parts, &host, Some(&fwd));
         head.extend_from_slice(&prefix);
         let addr = peer.addr;
@@ -805,8 +805,8 @@ impl Duplex {
 
 /// Rewrites a client's request head for the node (hop-by-hop headers dropped, the client's
 /// `X-Forwarded-For` and `X-Real-IP` taken out to be written anew) and takes its `Host` out;
-/// returns the client's host, for `pass_host`, and the forwarding headers to write.
-fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> (Option<HeaderValue>, Forwarding<'a>) {
+/// returns the forwarding headers to write, with the client's host (for `pass_host` too).
+fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> Forwarding<'a> {
     // The Host line is written apart from the map (`request_head`): the client's leaves it.
     let client_host = parts
         .headers
@@ -823,14 +823,14 @@ fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> (Option<HeaderVa
     if seen.real_ip {
         h.remove(&crate::http::X_REAL_IP);
     }
-    let fwd = Forwarding {
+    Forwarding {
         xff_prev: seen.xff.filter(|v| !v.is_empty()),
         ip: ctx.client_ip,
         proto: (!seen.proto).then_some(if ctx.downstream_tls { "https" } else { "http" }),
-        host: if seen.fhost { None } else { client_host.clone() },
+        client_host,
+        write_host: !seen.fhost,
         port: (!seen.port).then_some(ctx.local_port_value),
-    };
-    (client_host, fwd)
+    }
 }
 
 /// The forwarding headers of a relayed request, as [`crate::http::prepare_request_headers`]
@@ -842,16 +842,23 @@ struct Forwarding<'a> {
     xff_prev: Option<HeaderValue>,
     ip: &'a HeaderValue,
     proto: Option<&'static str>,
-    host: Option<HeaderValue>,
+    /// The client's `Host` (or its request target's authority).
+    client_host: Option<HeaderValue>,
+    /// `X-Forwarded-Host` is the client's host: the client sent none.
+    write_host: bool,
     port: Option<&'a HeaderValue>,
 }
 
 impl Forwarding<'_> {
+    fn forwarded_host(&self) -> Option<&HeaderValue> {
+        self.client_host.as_ref().filter(|_| self.write_host)
+    }
+
     /// Bytes [`Forwarding::write`] adds, at most.
     fn len(&self) -> usize {
         let mut n = 60 + self.xff_prev.as_ref().map_or(0, |v| v.len() + 2) + 2 * self.ip.len();
         n += self.proto.map_or(0, |p| 21 + p.len());
-        n += self.host.as_ref().map_or(0, |h| 20 + h.len());
+        n += self.forwarded_host().map_or(0, |h| 20 + h.len());
         n += self.port.map_or(0, |p| 20 + p.len());
         n
     }
@@ -871,7 +878,7 @@ impl Forwarding<'_> {
             out.extend_from_slice(proto.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        if let Some(host) = &self.host {
+        if let Some(host) = self.forwarded_host() {
             out.extend_from_slice(b"x-forwarded-host: ");
             out.extend_from_slice(host.as_bytes());
             out.extend_from_slice(b"\r\n");
