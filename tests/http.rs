@@ -1573,6 +1573,47 @@ async fn an_h2c_request_in_flight_at_shutdown_is_answered() {
     stopped.await.unwrap();
 }
 
+/// An h2c connection is served by a task of its own once the preface is read (the task that
+/// told the protocol apart ends): it still counts in `strait_connections_active` while it is
+/// open, through its request, and stops counting once the client closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_connection_counts_as_active_until_it_closes() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream:\n      nodes: {}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let active = |n: u64| {
+        let control = gw.control();
+        async move {
+            let metrics = get(control, "/v1/metrics").await.2;
+            String::from_utf8_lossy(&metrics).contains(&format!("strait_connections_active {n}\n"))
+        }
+    };
+    assert!(eventually(Duration::from_secs(10), || active(0)).await, "a connection counted before any");
+
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://{}/one", gw.http())).body(()).unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().expect("answered");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    assert!(
+        eventually(Duration::from_secs(10), || active(1)).await,
+        "the open h2c connection is not counted"
+    );
+
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(10), driver).await.expect("the client connection ended");
+    assert!(
+        eventually(Duration::from_secs(10), || active(0)).await,
+        "the closed h2c connection is still counted"
+    );
+}
+
 /// `nginx_config.http.keepalive_timeout` closes an HTTP/2 connection that has had no open
 /// stream for that long (GOAWAY, then the close), as nginx does; a stream that lasts longer than
 /// the timeout keeps its connection open until it is answered.
