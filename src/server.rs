@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -76,13 +76,18 @@ struct Listener {
     socket: std::net::TcpListener,
 }
 
-/// Tracks live connections of a worker so a drain can wait for them.
+/// Tracks live connections of a worker so a drain can wait for them, and tells the HTTP
+/// connections when the worker stops.
 #[derive(Default)]
 pub(crate) struct ConnTracker {
     active: AtomicUsize,
     idle: Notify,
+    stopping: AtomicBool,
+    stop: Notify,
 }
 
+/// A live connection, counted until it is dropped; it also lends the connection the worker's
+/// stop signal.
 pub(crate) struct ConnGuard(Arc<ConnTracker>, Arc<Shared>);
 
 impl ConnTracker {
@@ -90,6 +95,36 @@ impl ConnTracker {
         self.active.fetch_add(1, Ordering::Relaxed);
         shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
         ConnGuard(self.clone(), shared.clone())
+    }
+
+    /// Tells every connection of the worker, and those that ask later, that it stops.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Completes once the worker stops. Every HTTP connection waits for it, so it is small: 96
+    /// bytes, where a wait on the `watch` channel the accept loops use takes 160 and its
+    /// receiver 16 more.
+    async fn stopped(&self) {
+        let mut notified = std::pin::pin!(self.stop.notified());
+        // Listed as a waiter before the flag is read: a stop between the two still wakes it.
+        notified.as_mut().enable();
+        if self.is_stopping() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+impl std::ops::Deref for ConnGuard {
+    type Target = ConnTracker;
+    fn deref(&self) -> &ConnTracker {
+        &self.0
     }
 }
 
@@ -314,6 +349,7 @@ async fn worker(
         }
     });
     let _ = shutdown.wait_for(|s| *s).await;
+    tracker.stop();
     for a in accepts {
         let _ = a.await;
     }
@@ -351,7 +387,7 @@ async fn accept_loop(
             r = listener.accept() => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        let (mut stream, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.
@@ -369,41 +405,17 @@ async fn accept_loop(
         };
         let guard = tracker.enter(&shared);
         let shared = shared.clone();
-        let shutdown = shutdown.clone();
         match kind {
             Kind::Http { http2 } => {
+                // One client_header_timeout from the accept for the first request head, however
+                // long telling the protocol apart takes.
+                let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
+                // The task is the future as it is: one wrapping it would hold its arguments
+                // twice, as what it captured and inside what it awaits. An h2c connection gets a
+                // task of its own once its preface is read ([`serve_h1`]).
                 let protocols = protocols.clone();
-                tokio::spawn(async move {
-                    // One client_header_timeout from the accept for the first request head,
-                    // however long telling the protocol apart took.
-                    let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
-                    let proto = if http2 {
-                        sniff(&mut stream, deadline).await
-                    } else {
-                        Some((Proto::H1, bytes::BytesMut::new()))
-                    };
-                    match proto {
-                        Some((Proto::H1, read)) => {
-                            // In this task: it boxes the state of each request only while the
-                            // request is in flight.
-                            serve_h1(stream, read, deadline, peer, local, shared, protocols, shutdown).await
-                        }
-                        Some((Proto::H2, read)) => {
-                            // A task of its own, sized for the HTTP/2 state alone: this one, sized
-                            // for the HTTP/1.1 relay, ends here and frees its room (about 900
-                            // bytes an idle h2c connection would otherwise keep beside its state).
-                            let io = strait_protocols::h1::Prefixed::new(read.freeze(), stream);
-                            // Spawned as it is (a future awaiting it would hold it twice: once as
-                            // what it captured, once as what it awaits).
-                            tokio::spawn(serve_h2(
-                                io, peer, local, false, shared, protocols, shutdown, guard,
-                            ));
-                            return;
-                        }
-                        None => {}
-                    }
-                    drop(guard);
-                });
+                let first = First { deadline, h2c: http2 };
+                tokio::spawn(serve_h1(stream, first, peer, local, shared, protocols, guard));
             }
             Kind::Tls { http2 } => {
                 let acceptor = tls.clone();
@@ -424,18 +436,17 @@ async fn accept_loop(
                     match hs {
                         Ok(Ok(tls)) => {
                             if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                                // A task of its own, as for h2c above.
-                                tokio::spawn(serve_h2(
-                                    tls, peer, local, true, shared, protocols, shutdown, guard,
-                                ));
-                                return;
+                                // A task of its own, sized for the HTTP/2 state, as for h2c.
+                                let ctx = ConnCtx::new(shared, peer, local, true);
+                                tokio::spawn(serve_h2(tls, ctx, protocols, guard));
                             } else {
                                 // As on plain connections, in this task: an idle connection
                                 // keeps its TLS state, and the state of a request only while it
                                 // is in flight.
-                                let read = bytes::BytesMut::new();
-                                serve_h1(tls, read, deadline, peer, local, shared, protocols, shutdown).await;
+                                let first = First { deadline, h2c: false };
+                                serve_h1(tls, first, peer, local, shared, protocols, guard).await;
                             }
+                            return;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -444,6 +455,7 @@ async fn accept_loop(
                 });
             }
             Kind::Stream { index } => {
+                let shutdown = shutdown.clone();
                 tokio::spawn(async move {
                     crate::stream::serve(stream, peer, local, index, shared, shutdown).await;
                     drop(guard);
@@ -502,13 +514,15 @@ use strait_protocols::h2s::PREFACE as H2_PREFACE;
 
 /// Tells h2c prior knowledge from HTTP/1.1 by reading the first bytes (at most the preface);
 /// they are returned, to be served first. Nothing is allocated until the client sends something.
-/// `None` when the client closes or stays silent past `deadline`.
-async fn sniff(stream: &mut TcpStream, deadline: tokio::time::Instant) -> Option<(Proto, bytes::BytesMut)> {
+/// `None` when the client closes. The caller times it, with the timer of the first request head.
+async fn sniff(stream: &mut TcpStream) -> Option<(Proto, bytes::BytesMut)> {
     // At most the preface's length: the rest of the request is read by whoever serves it.
     let mut head = [0u8; H2_PREFACE.len()];
     let mut have = 0;
     loop {
-        tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
+        // Readiness polled, not awaited with `readable()`: no waiter of its own in this future,
+        // which is part of every connection's.
+        std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await.ok()?;
         match stream.try_read(&mut head[have..]) {
             Ok(0) => return None,
             Ok(n) => have += n,
@@ -535,7 +549,7 @@ async fn serve_http<IO>(
     tls: bool,
     shared: Arc<Shared>,
     protocols: Arc<HttpProtocols>,
-    mut shutdown: watch::Receiver<bool>,
+    stop: &ConnTracker,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -554,7 +568,7 @@ async fn serve_http<IO>(
     let mut conn = Box::pin(protocols.h1.serve_connection(TokioIo::new(io), svc).with_upgrades());
     let done = tokio::select! {
         res = conn.as_mut() => Some(res),
-        _ = shutdown.wait_for(|s| *s) => None,
+        _ = stop.stopped() => None,
     };
     let result = match done {
         Some(res) => res,
@@ -572,34 +586,27 @@ async fn serve_http<IO>(
 /// HTTP/2 server. The caller spawns the returned future as a task of its own, and that task's
 /// one allocation holds the connection's context, the watch on the stop signal and the HTTP/2
 /// connection's state: no box for the server's future (an idle h2c connection cost about 440
-/// bytes more with one), and not the room of the task that told the protocol apart (about 900).
+/// bytes more with one), and not the room of the task that told the protocol apart, which is
+/// sized for the HTTP/1.1 relay.
 ///
 /// A function returning an async block rather than an async fn, as [`serve_h1`]: an async fn
 /// would keep its arguments beside the values made from them for the connection's life.
-#[allow(clippy::too_many_arguments)]
 fn serve_h2<IO>(
     io: IO,
-    peer: SocketAddr,
-    local: SocketAddr,
-    tls: bool,
-    shared: Arc<Shared>,
+    ctx: ConnCtx,
     protocols: Arc<HttpProtocols>,
-    mut shutdown: watch::Receiver<bool>,
     guard: ConnGuard,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // A client that stops reading is cut off after `send_timeout` without progress.
-    let mut io = SendTimeout::new(io, shared.node.send_timeout);
-    let ctx = ConnCtx::new(shared, peer, local, tls);
+    let mut io = SendTimeout::new(io, ctx.shared.node.send_timeout);
     async move {
         // What this block captured is lent, not moved, to the futures made in it: a captured
         // value moved into one would be held twice (a capture's room is never reused).
         // Pinned here, and lent: the server's future then holds a pointer to it, not a copy.
-        let stop = std::pin::pin!(async {
-            let _ = shutdown.wait_for(|s| *s).await;
-        });
+        let stop = std::pin::pin!(guard.stopped());
         // A request's state (a few KiB) is boxed once, where it is made; the stream's own
         // future then moves only a pointer.
         let served =
@@ -608,7 +615,6 @@ where
         if let Err(e) = served {
             tracing::debug!(peer = %ctx.peer, error = %e, "client connection ended with an error");
         }
-        drop(guard);
     }
 }
 
@@ -623,6 +629,9 @@ trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready once the client has sent something (or the stream holds bytes already received),
     /// so an idle connection can wait without a read buffer.
     fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>>;
+    /// The TCP connection whose first bytes can tell h2c from HTTP/1.1 (none under TLS, where
+    /// ALPN does).
+    fn sniffable(&mut self) -> Option<&mut TcpStream>;
 }
 
 /// Ends a connection the relay closes: over TLS with `close_notify`, so a client reading a body
@@ -630,7 +639,9 @@ trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 async fn close_client<S: ClientStream>(stream: &mut S, limit: Duration) {
     if S::TLS {
         use tokio::io::AsyncWriteExt;
-        let _ = tokio::time::timeout(limit, stream.shutdown()).await;
+        // Boxed: the futures that may end this way (every HTTP/1.1 connection's) do not carry a
+        // timer's room for it.
+        let _ = Box::pin(tokio::time::timeout(limit, stream.shutdown())).await;
     }
 }
 
@@ -651,7 +662,7 @@ const LINGER_QUIET: Duration = Duration::from_secs(5);
 /// dropped until the client closes too, goes quiet for [`LINGER_QUIET`], [`LINGER_TOTAL`] has
 /// passed or the gateway stops. Closing with unread bytes would reset the connection, and the
 /// client could lose the answer still on its way.
-async fn linger<S: ClientStream>(stream: &mut S, limit: Duration, shutdown: &mut watch::Receiver<bool>) {
+async fn linger<S: ClientStream>(stream: &mut S, limit: Duration, stop: &ConnTracker) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if tokio::time::timeout(limit, stream.shutdown()).await.is_err() {
         return;
@@ -665,7 +676,7 @@ async fn linger<S: ClientStream>(stream: &mut S, limit: Duration, shutdown: &mut
                 Ok(Ok(1..)) => {}
                 _ => return,
             },
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = stop.stopped() => return,
         }
     }
 }
@@ -674,6 +685,9 @@ impl ClientStream for TcpStream {
     const TLS: bool = false;
     fn poll_idle(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         self.poll_read_ready(cx)
+    }
+    fn sniffable(&mut self) -> Option<&mut TcpStream> {
+        Some(self)
     }
 }
 
@@ -685,6 +699,9 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
         // close_notify): those are read at once. Otherwise the socket says when records come.
         if tls.wants_read() { tcp.poll_read_ready(cx) } else { std::task::Poll::Ready(Ok(())) }
     }
+    fn sniffable(&mut self) -> Option<&mut TcpStream> {
+        None
+    }
 }
 
 /// Serves an HTTP/1.1 connection (plain, or TLS without h2 negotiated): requests routed to
@@ -693,7 +710,8 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
 /// transcoding, another transfer coding, anything malformed) hands the connection, with the
 /// bytes already read, to hyper for the rest of its life.
 ///
-/// This future runs inside the connection's task and keeps only what lasts between requests
+/// This future is a plain connection's task (a TLS connection's task awaits it after the
+/// handshake), so it is kept small: it holds only what lasts between requests
 /// ([`H1Conn`]) and the wait for the next one: the state of a request in flight (its head,
 /// route, and the exchange with the node) is boxed by [`one_request`] and freed when the request
 /// is done, so a keep-alive connection waiting for its next request costs about what a new one
@@ -701,31 +719,56 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
 ///
 /// A function returning an async block rather than an async fn: an async fn would keep its
 /// arguments, and the locals made from them, side by side for its whole life.
-#[allow(clippy::too_many_arguments)]
+///
+/// On a plain listener with HTTP/2, the connection's first bytes tell h2c prior knowledge from
+/// HTTP/1.1 first ([`First::h2c`]); an h2c connection gets a task of its own ([`serve_h2`]), and
+/// the one running this future, sized for the HTTP/1.1 relay, ends.
 fn serve_h1<S: ClientStream>(
     stream: S,
-    read: bytes::BytesMut,
-    first_deadline: tokio::time::Instant,
+    first: First,
     peer: SocketAddr,
     local: SocketAddr,
     shared: Arc<Shared>,
     protocols: Arc<HttpProtocols>,
-    shutdown: watch::Receiver<bool>,
+    guard: ConnGuard,
 ) -> impl std::future::Future<Output = ()> {
-    let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
-    let mut conn = H1Conn { stream, peer, local, shared, shutdown, client_ip, local_port_value };
-    // What the client sent while the protocol was being told apart comes first.
-    let mut buf = read;
+    // The header values are made once the client has sent something (below): a connection
+    // that stays silent costs no allocation of its own.
+    let empty = http::HeaderValue::from_static("");
+    let mut conn = H1Conn { stream, peer, local, shared, client_ip: empty.clone(), local_port_value: empty };
+    let mut buf = bytes::BytesMut::new();
     async move {
-        // The waits for a request head share one timer and one watch on the stop signal, made
+        // The waits for a request head share one timer and one wait for the stop signal, made
         // once per connection. Each request moves the timer's deadline later, which costs a
         // compare-and-swap: a timer of its own per wait would be registered with the runtime's
-        // timer wheel and removed again (two lock round trips), and so would a watch of its own.
+        // timer wheel and removed again (two lock round trips), and so would a wait of its own.
         // In a block of their own: a connection handed to the general path keeps neither.
         {
-            let mut head_timer = std::pin::pin!(tokio::time::sleep_until(first_deadline));
-            let mut stop_rx = conn.shutdown.clone();
-            let mut stop = std::pin::pin!(stop_rx.wait_for(|s| *s));
+            let mut head_timer = std::pin::pin!(tokio::time::sleep_until(first.deadline));
+            if first.h2c
+                && let Some(tcp) = conn.stream.sniffable()
+            {
+                let sniffed = tokio::select! {
+                    biased;
+                    s = sniff(tcp) => s,
+                    _ = &mut head_timer => None,
+                };
+                match sniffed {
+                    // What the client sent while the protocol was being told apart comes first.
+                    Some((Proto::H1, read)) => buf = read,
+                    Some((Proto::H2, read)) => {
+                        let H1Conn { stream, peer, local, shared, .. } = conn;
+                        let io = strait_protocols::h1::Prefixed::new(read.freeze(), stream);
+                        let ctx = ConnCtx::new(shared, peer, local, S::TLS);
+                        tokio::spawn(serve_h2(io, ctx, protocols, guard));
+                        return;
+                    }
+                    None => return,
+                }
+            }
+            (conn.client_ip, conn.local_port_value) =
+                strait_protocols::http::connection_values(conn.peer, conn.local.port());
+            let mut stop = std::pin::pin!(guard.stopped());
             loop {
                 if buf.is_empty() {
                     // Idle between requests: hold no buffer.
@@ -747,7 +790,7 @@ fn serve_h1<S: ClientStream>(
                         }
                     }
                 }
-                match Box::pin(one_request(&mut conn, &mut buf, head_timer.deadline())).await {
+                match Box::pin(one_request(&mut conn, &mut buf, head_timer.deadline(), &guard)).await {
                     Step::KeepAlive => {}
                     Step::Done => return,
                     Step::HandOff => break,
@@ -759,11 +802,19 @@ fn serve_h1<S: ClientStream>(
                     .reset(tokio::time::Instant::now() + conn.shared.node.client_header_timeout);
             }
         }
-        let H1Conn { stream, peer, local, shared, shutdown, .. } = conn;
+        let H1Conn { stream, peer, local, shared, .. } = conn;
         let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
         // Boxed: the general path's state is not part of every relayed connection's.
-        Box::pin(serve_http(io, peer, local, S::TLS, shared, protocols, shutdown)).await;
+        Box::pin(serve_http(io, peer, local, S::TLS, shared, protocols, &guard)).await;
     }
+}
+
+/// How a connection's first request is waited for.
+struct First {
+    /// The first request head's deadline, counted from the accept.
+    deadline: tokio::time::Instant,
+    /// Tell h2c prior knowledge from HTTP/1.1 first (a plain listener with HTTP/2 on).
+    h2c: bool,
 }
 
 /// What lasts of an HTTP/1.1 client connection between two requests.
@@ -772,7 +823,6 @@ struct H1Conn<S> {
     peer: SocketAddr,
     local: SocketAddr,
     shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
     /// `X-Real-IP` / `X-Forwarded-Port` values, computed once per connection.
     client_ip: http::HeaderValue,
     local_port_value: http::HeaderValue,
@@ -795,11 +845,12 @@ async fn one_request<S: ClientStream>(
     conn: &mut H1Conn<S>,
     buf: &mut bytes::BytesMut,
     deadline: tokio::time::Instant,
+    stop: &ConnTracker,
 ) -> Step {
     use bytes::Buf;
     use strait_protocols::h1::{ReqBody, RequestHead};
     use tokio::io::AsyncReadExt;
-    let H1Conn { stream, peer, local, shared, shutdown, client_ip, local_port_value } = conn;
+    let H1Conn { stream, peer, local, shared, client_ip, local_port_value } = conn;
     let (peer, local) = (*peer, *local);
     let body_timeout = shared.node.client_body_timeout;
     let parsed = loop {
@@ -822,7 +873,7 @@ async fn one_request<S: ClientStream>(
         let got = if idle && S::TLS {
             tokio::select! {
                 r = read => Some(r),
-                _ = shutdown.wait_for(|s| *s) => None,
+                _ = stop.stopped() => None,
             }
         } else {
             Some(read.await)
@@ -937,9 +988,9 @@ async fn one_request<S: ClientStream>(
         }
     };
     match after {
-        strait_protocols::h1::After::KeepAlive if !*shutdown.borrow() => Step::KeepAlive,
+        strait_protocols::h1::After::KeepAlive if !stop.is_stopping() => Step::KeepAlive,
         strait_protocols::h1::After::Linger => {
-            linger(stream, shared.node.send_timeout, shutdown).await;
+            linger(stream, shared.node.send_timeout, stop).await;
             Step::Done
         }
         _ => {

@@ -2194,6 +2194,49 @@ async fn each_keep_alive_request_restarts_the_header_timeout() {
     assert_eq!(b.requests(), 2);
 }
 
+/// A stop also closes at once an idle h2c connection (GOAWAY, then the close) and an idle
+/// keep-alive connection served by the general path (here an HTTP/1.0 client asking for
+/// keep-alive, which the relay hands to hyper), rather than waiting for their idle timeouts (20 s
+/// here) or the drain timeout (5 s in the tests, so each is given 4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_idle_h2c_and_general_path_connections_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let b = Backend::start("b").await;
+    let config = BASE_CONFIG
+        .replace("client_header_timeout: 2s", "client_header_timeout: 20s\n    keepalive_timeout: 20s");
+    let mut gw = TestGateway::start_with(
+        &config,
+        &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[b.addr])),
+        1,
+    );
+    // An HTTP/1.0 keep-alive exchange, on the general path.
+    let mut old = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let mut buf = Vec::new();
+    old.write_all(b"GET /x HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n").await.unwrap();
+    assert_eq!(read_answer(&mut old, &mut buf).await, Some(200));
+    // An h2c connection with one exchange behind it.
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let h2_closed = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://{}/y", gw.http())).body(()).unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().expect("answered");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+
+    let start = Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || gw.shutdown());
+    let left = tokio::time::timeout(Duration::from_secs(4), read_answer(&mut old, &mut buf)).await;
+    assert_eq!(left, Ok(None), "the general path's idle connection was not closed by the stop");
+    let ended = tokio::time::timeout(Duration::from_secs(4), h2_closed).await;
+    assert!(ended.is_ok(), "the idle h2c connection was not closed by the stop");
+    stopping.await.unwrap();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "the stop took {took:?} with idle connections open");
+    drop(client);
+}
+
 /// A stop closes keep-alive connections that wait for their next request at once: it does not
 /// wait for their header timeout (20 s here) or the drain timeout (30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
