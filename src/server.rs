@@ -440,11 +440,12 @@ async fn accept_loop(
                                 let ctx = ConnCtx::new(shared, peer, local, true);
                                 tokio::spawn(serve_h2(tls, ctx, protocols, guard));
                             } else {
-                                // As on plain connections, in this task: an idle connection
-                                // keeps its TLS state, and the state of a request only while it
-                                // is in flight.
+                                // A task of its own too, sized for the HTTP/1.1 relay: awaited
+                                // here, it would sit beside what this one captured. As on plain
+                                // connections, an idle connection keeps its TLS state, and the
+                                // state of a request only while it is in flight.
                                 let first = First { deadline, h2c: false };
-                                serve_h1(tls, first, peer, local, shared, protocols, guard).await;
+                                tokio::spawn(serve_h1(tls, first, peer, local, shared, protocols, guard));
                             }
                             return;
                         }
@@ -455,11 +456,8 @@ async fn accept_loop(
                 });
             }
             Kind::Stream { index } => {
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move {
-                    crate::stream::serve(stream, peer, local, index, shared, shutdown).await;
-                    drop(guard);
-                });
+                // The task is the future as it is, as for HTTP/1.1 above.
+                tokio::spawn(crate::stream::serve(stream, peer, local, index, shared, guard));
             }
         }
     }

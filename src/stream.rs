@@ -20,11 +20,11 @@ use strait_protocols::stream::{
 use strait_protocols::{Outcome, ProxyError, Scheme, UpstreamPicker, connect_tcp, connect_tls};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::gateway::Shared;
 use crate::route::expr::{Var, VarSource};
+use crate::server::ConnGuard;
 use crate::upstream::Upstream;
 
 /// Variables a stream connection offers to chash.
@@ -57,17 +57,17 @@ const SILENT_CLIENT_WAIT: Duration = Duration::from_millis(500);
 /// returning an async block (an async fn would keep its arguments beside the locals made from
 /// them), and the TLS paths, whose states are large, are boxed.
 #[allow(clippy::manual_async_fn)]
-pub fn serve(
+pub(crate) fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     index: usize,
     shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
+    guard: ConnGuard,
 ) -> impl std::future::Future<Output = ()> {
     async move {
-        // Held for the session's life, as the accept loop's other tasks hold theirs.
-        let _ = &shutdown;
+        // Counted as a live connection (a stop drains it) for the session's life.
+        let _ = &guard;
         shared.metrics.stream_connections.fetch_add(1, Ordering::Relaxed);
         let Some(listener) = shared.node.stream.get(index).cloned() else {
             return;
