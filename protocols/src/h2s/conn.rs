@@ -332,6 +332,12 @@ where
                 || self.read_skipped && self.out.pending() < WRITE_HIGH && !self.read_closed
                 || self.shared.released.load(Ordering::Relaxed) as i64 >= CONN_WINDOW / 2;
             if !again {
+                if self.open == 0 && self.rbuf.is_empty() && self.rbuf.capacity() != 0 {
+                    // Idle, with the last read made while a stream was still open: no read
+                    // buffer while waiting (poll_read frees it only when it finds the
+                    // connection idle, and nothing may call it again for a long time).
+                    self.rbuf = BytesMut::new();
+                }
                 return Poll::Pending;
             }
             rounds += 1;
@@ -341,6 +347,12 @@ where
                 return Poll::Pending;
             }
         }
+    }
+
+    /// The read buffer's room, for tests of what an idle connection holds.
+    #[cfg(test)]
+    pub(crate) fn read_buffer_capacity(&self) -> usize {
+        self.rbuf.capacity()
     }
 
     // ------------------------------------------------------------------ timers
@@ -1010,6 +1022,12 @@ where
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
+                if self.slots.is_empty() {
+                    // Room for one: a vector's first growth makes room for four, which a
+                    // connection serving one stream at a time would keep for its life.
+                    self.slots.reserve_exact(1);
+                    self.wakers.reserve_exact(1);
+                }
                 let i = self.slots.len() as u32;
                 let flag = SlotWaker::new(i, self.shared.clone());
                 self.wakers.push(Waker::from(flag.clone()));

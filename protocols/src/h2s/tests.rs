@@ -1577,3 +1577,77 @@ async fn random_frames_never_panic_or_hang_a_connection() {
         }
     }
 }
+
+/// A body whose parts come from a channel; it ends when the sender is dropped.
+struct Trickle(mpsc::UnboundedReceiver<Bytes>);
+
+impl http_body::Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|part| part.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// Reads frames from the server until one ends stream 1.
+async fn read_until_end_of_stream_1(client: &mut DuplexStream) {
+    let mut buf = Vec::new();
+    let mut at = 0;
+    loop {
+        while buf.len() >= at + frame::HEAD_LEN {
+            let len = u32::from_be_bytes([0, buf[at], buf[at + 1], buf[at + 2]]) as usize;
+            if buf.len() < at + frame::HEAD_LEN + len {
+                break;
+            }
+            let flags = buf[at + 4];
+            let stream = u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]]);
+            if stream == 1 && flags & frame::END_STREAM != 0 {
+                return;
+            }
+            at += frame::HEAD_LEN + len;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = client.read(&mut chunk).await.expect("reading the answer");
+        assert!(n > 0, "the connection closed before the answer ended");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// An idle connection holds no read buffer (16 KiB) once its last stream is answered, also when
+/// the answer's body ended after the connection's last read (as a node's body does), with no
+/// byte from the client since: the buffer would otherwise stay for as long as the client is
+/// silent.
+#[tokio::test]
+async fn an_idle_connection_holds_no_read_buffer_after_its_streams() {
+    let (mut client, server_io) = tokio::io::duplex(1 << 16);
+    let cfg = settings();
+    let (parts, body) = mpsc::unbounded_channel::<Bytes>();
+    let mut body = Some(body);
+    let service = move |_req: Request<ProxyBody>| -> Ready<Response<ProxyBody>> {
+        let body = body.take().expect("one request");
+        ready(Response::new(ProxyBody::boxed(Trickle(body))))
+    };
+    let mut conn = super::conn::Conn::new(server_io, &cfg, service);
+    let mut stop = std::pin::pin!(std::future::pending::<()>());
+    let mut hello = frame::PREFACE.to_vec();
+    hello.extend(frame_bytes(frame::SETTINGS, 0, 0, &[]));
+    hello.extend(frame_bytes(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, 1, &block(&GET)));
+    client.write_all(&hello).await.unwrap();
+    parts.send(Bytes::from_static(b"first part")).unwrap();
+    // The server reads all of it, answers the head and the first part, and waits for the rest.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(conn.poll(cx, stop.as_mut()))).await;
+    assert!(first.is_pending(), "the connection ended");
+    assert!(conn.read_buffer_capacity() > 0, "read without a buffer");
+    // The body ends: the server sends its end while polled, and the client reads up to it.
+    drop(parts);
+    let served = std::future::poll_fn(|cx| conn.poll(cx, stop.as_mut()));
+    tokio::select! {
+        r = served => panic!("the connection ended: {:?}", r.err()),
+        r = timeout(DEADLINE, read_until_end_of_stream_1(&mut client)) => r.expect("no end of the answer in time"),
+    }
+    assert_eq!(conn.read_buffer_capacity(), 0, "an idle connection kept its read buffer");
+}
