@@ -1573,6 +1573,23 @@ async fn an_h2c_request_in_flight_at_shutdown_is_answered() {
     stopped.await.unwrap();
 }
 
+/// Opens an h2c connection and makes one `GET` on it, answered 200. Returns the client, which
+/// keeps the connection open, and the task driving the connection, which ends with it.
+async fn h2c_after_one_get(
+    addr: SocketAddr,
+    path: &str,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://{addr}{path}")).body(()).unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().expect("answered");
+    assert_eq!(resp.status(), StatusCode::OK);
+    (client, driver)
+}
+
 /// An h2c connection is served by a task of its own once the preface is read (the task that
 /// told the protocol apart ends): it still counts in `strait_connections_active` while it is
 /// open, through its request, and stops counting once the client closes it.
@@ -1592,15 +1609,7 @@ async fn an_h2c_connection_counts_as_active_until_it_closes() {
     };
     assert!(eventually(Duration::from_secs(10), || active(0)).await, "a connection counted before any");
 
-    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    let driver = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let req = Request::get(format!("http://{}/one", gw.http())).body(()).unwrap();
-    let (answer, _) = client.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().expect("answered");
-    assert_eq!(resp.status(), StatusCode::OK);
-    drop(resp);
+    let (client, driver) = h2c_after_one_get(gw.http(), "/one").await;
     assert!(
         eventually(Duration::from_secs(10), || active(1)).await,
         "the open h2c connection is not counted"
@@ -2215,15 +2224,7 @@ async fn a_stop_closes_idle_h2c_and_general_path_connections_at_once() {
     old.write_all(b"GET /x HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n").await.unwrap();
     assert_eq!(read_answer(&mut old, &mut buf).await, Some(200));
     // An h2c connection with one exchange behind it.
-    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    let h2_closed = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let req = Request::get(format!("http://{}/y", gw.http())).body(()).unwrap();
-    let (answer, _) = client.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().expect("answered");
-    assert_eq!(resp.status(), StatusCode::OK);
-    drop(resp);
+    let (client, h2_closed) = h2c_after_one_get(gw.http(), "/y").await;
 
     let start = Instant::now();
     let stopping = tokio::task::spawn_blocking(move || gw.shutdown());
