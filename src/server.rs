@@ -582,7 +582,7 @@ async fn serve_http<IO>(
 
 /// Serves an HTTP/2 connection (h2c with prior knowledge, or TLS with ALPN `h2`) with Strait's
 /// HTTP/2 server. The caller spawns the returned future as a task of its own, and that task's
-/// one allocation holds the connection's context, the watch on the stop signal and the HTTP/2
+/// one allocation holds the connection's context, the wait for the stop signal and the HTTP/2
 /// connection's state: no box for the server's future (an idle h2c connection cost about 440
 /// bytes more with one), and not the room of the task that told the protocol apart, which is
 /// sized for the HTTP/1.1 relay.
@@ -708,12 +708,11 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
 /// transcoding, another transfer coding, anything malformed) hands the connection, with the
 /// bytes already read, to hyper for the rest of its life.
 ///
-/// This future is a plain connection's task (a TLS connection's task awaits it after the
-/// handshake), so it is kept small: it holds only what lasts between requests
-/// ([`H1Conn`]) and the wait for the next one: the state of a request in flight (its head,
-/// route, and the exchange with the node) is boxed by [`one_request`] and freed when the request
-/// is done, so a keep-alive connection waiting for its next request costs about what a new one
-/// does.
+/// This future is a connection's task (over TLS, from the end of the handshake), so it is kept
+/// small: it holds only what lasts between requests ([`H1Conn`]) and the wait for the next one.
+/// The state of a request in flight (its head, route, and the exchange with the node) is boxed by
+/// [`one_request`] and freed when the request is done, so a keep-alive connection waiting for its
+/// next request costs about what a new one does.
 ///
 /// A function returning an async block rather than an async fn: an async fn would keep its
 /// arguments, and the locals made from them, side by side for its whole life.
