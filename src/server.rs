@@ -510,10 +510,29 @@ enum Proto {
 
 use strait_protocols::h2s::PREFACE as H2_PREFACE;
 
-/// Tells h2c prior knowledge from HTTP/1.1 by reading the first bytes (at most the preface);
-/// they are returned, to be served first. Nothing is allocated until the client sends something.
-/// `None` when the client closes. The caller times it, with the timer of the first request head.
-async fn sniff(stream: &mut TcpStream) -> Option<(Proto, bytes::BytesMut)> {
+/// Tells h2c prior knowledge from HTTP/1.1 by reading the first bytes (at most the preface;
+/// without `h2c`, the first read, into a head buffer, as HTTP/1.1); they are returned, to be
+/// served first. Nothing is allocated until the client sends something. `None` when the client closes.
+/// The caller times it, with the timer of the first request head.
+async fn sniff(stream: &mut TcpStream, h2c: bool) -> Option<(Proto, bytes::BytesMut)> {
+    if !h2c {
+        // HTTP/1.1 only: the first read goes straight into a head buffer, taken once there is
+        // something to read.
+        loop {
+            std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await.ok()?;
+            let mut buf = strait_protocols::spare::head_buf();
+            match stream.try_read_buf(&mut buf) {
+                Ok(1..) => return Some((Proto::H1, buf)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    strait_protocols::spare::give_head(buf);
+                }
+                _ => {
+                    strait_protocols::spare::give_head(buf);
+                    return None;
+                }
+            }
+        }
+    }
     // At most the preface's length: the rest of the request is read by whoever serves it.
     let mut head = [0u8; H2_PREFACE.len()];
     let mut have = 0;
@@ -729,8 +748,8 @@ fn serve_h1<S: ClientStream>(
     protocols: Arc<HttpProtocols>,
     guard: ConnGuard,
 ) -> impl std::future::Future<Output = ()> {
-    // The header values are made once the client has sent something (below): a connection
-    // that stays silent costs no allocation of its own.
+    // The header values are made once a plain connection's client has sent something (over TLS,
+    // once the handshake is done): a connection that stays silent costs no allocation of its own.
     let empty = http::HeaderValue::from_static("");
     let mut conn = H1Conn { stream, peer, local, shared, client_ip: empty.clone(), local_port_value: empty };
     let mut buf = bytes::BytesMut::new();
@@ -742,13 +761,19 @@ fn serve_h1<S: ClientStream>(
         // In a block of their own: a connection handed to the general path keeps neither.
         {
             let mut head_timer = std::pin::pin!(tokio::time::sleep_until(first.deadline));
-            if first.h2c
-                && let Some(tcp) = conn.stream.sniffable()
-            {
-                let sniffed = tokio::select! {
-                    biased;
-                    s = sniff(tcp) => s,
-                    _ = &mut head_timer => None,
+            // A plain connection's first bytes are waited for here, with the stop watched: tokio
+            // takes a new socket for readable, so the wait below would return at once and leave
+            // a silent client in a read that a stop does not end.
+            if let Some(tcp) = conn.stream.sniffable() {
+                let sniffed = {
+                    // Made and dropped here: the guard moves on with an h2c connection.
+                    let stop = guard.stopped();
+                    tokio::select! {
+                        biased;
+                        s = sniff(tcp, first.h2c) => s,
+                        _ = &mut head_timer => None,
+                        _ = stop => None,
+                    }
                 };
                 match sniffed {
                     // What the client sent while the protocol was being told apart comes first.

@@ -2203,6 +2203,43 @@ async fn each_keep_alive_request_restarts_the_header_timeout() {
     assert_eq!(b.requests(), 2);
 }
 
+/// A stop closes at once a connection whose client has sent nothing yet, on a listener that tells
+/// h2c apart and on one without HTTP/2 (where tokio takes a new socket for readable, so the
+/// first wait must still watch the stop): it does not wait for the header timeout (20 s here) or
+/// the drain timeout (5 s in the tests, so each connection is given 4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_connections_that_have_not_spoken_at_once() {
+    use tokio::io::AsyncReadExt;
+    let b = Backend::start("b").await;
+    let base = BASE_CONFIG.replace("client_header_timeout: 2s", "client_header_timeout: 20s");
+    let no_h2 = base.replacen("      port: 0\n", "      port: 0\n      enable_http2: false\n", 1);
+    assert_ne!(base, no_h2);
+    for (what, config) in [("HTTP/2 on", base.as_str()), ("HTTP/2 off", no_h2.as_str())] {
+        let mut gw = TestGateway::start_with(
+            config,
+            &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[b.addr])),
+            1,
+        );
+        let mut silent = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+        // The gateway has the connection (it answers a request on another one meanwhile).
+        assert_eq!(get(gw.http(), "/x").await.0, StatusCode::OK, "{what}");
+        let start = Instant::now();
+        let stopping = tokio::task::spawn_blocking(move || gw.shutdown());
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(4), silent.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "{what}: the silent connection was not closed by the stop"
+        );
+        stopping.await.unwrap();
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(4),
+            "{what}: the stop took {took:?} with a silent connection open"
+        );
+    }
+}
+
 /// A stop also closes at once an idle h2c connection (GOAWAY, then the close) and an idle
 /// keep-alive connection served by the general path (here an HTTP/1.0 client asking for
 /// keep-alive, which the relay hands to hyper), rather than waiting for their idle timeouts (20 s

@@ -2,7 +2,8 @@
 //!
 //! The relay reads a client's request head into a 4 KiB buffer and a node's answer into a
 //! 128 KiB one, and lets go of both when the request ends, so that a connection waiting for its
-//! next request holds no buffer. Allocations that large leave the allocator's fast path (which
+//! next request holds no buffer; the HTTP/2 server reads into a 16 KiB one, which it lets go of
+//! whenever the connection has no stream open. Allocations that large leave the allocator's fast path (which
 //! mimalloc keeps for blocks up to 1 KiB): taking them from a short list of spares instead saves
 //! a few hundred instructions per buffer, per request. Each worker keeps at most
 //! [`HEAD_SPARES`] head buffers and [`NODE_SPARES`] node buffers, so the memory this holds is
@@ -20,14 +21,20 @@ pub const HEAD_BUF: usize = 4096;
 /// Size of a node's answer buffer: room for a 64 KiB body and its head in one read, so such an
 /// answer costs one read and one write.
 pub const NODE_BUF: usize = 128 * 1024;
+/// Size of an HTTP/2 connection's read buffer: a frame of the default maximum size (16 KiB) and
+/// its 9-byte head.
+pub const H2_READ_BUF: usize = 16 * 1024 + 9;
 /// Head buffers kept per worker (128 KiB).
 const HEAD_SPARES: usize = 32;
 /// Node buffers kept per worker (512 KiB).
 const NODE_SPARES: usize = 4;
+/// HTTP/2 read buffers kept per worker (about 130 KiB).
+const H2_READ_SPARES: usize = 8;
 
 thread_local! {
     static HEADS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     static NODES: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    static H2_READS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
 }
 
 /// An empty buffer with room for [`HEAD_BUF`] bytes.
@@ -38,6 +45,16 @@ pub fn head_buf() -> BytesMut {
 /// An empty buffer with room for [`NODE_BUF`] bytes.
 pub fn node_buf() -> BytesMut {
     NODES.with(|l| l.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(NODE_BUF))
+}
+
+/// An empty buffer with room for [`H2_READ_BUF`] bytes.
+pub fn h2_read_buf() -> BytesMut {
+    H2_READS.with(|l| l.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(H2_READ_BUF))
+}
+
+/// Gives back a buffer from [`h2_read_buf`] once its bytes are no longer needed.
+pub fn give_h2_read(buf: BytesMut) {
+    give(&H2_READS, buf, H2_READ_BUF, H2_READ_SPARES);
 }
 
 /// Gives back a buffer from [`head_buf`] once its bytes are no longer needed.

@@ -336,7 +336,7 @@ where
                     // Idle, with the last read made while a stream was still open: no read
                     // buffer while waiting (poll_read frees it only when it finds the
                     // connection idle, and nothing may call it again for a long time).
-                    self.rbuf = BytesMut::new();
+                    crate::spare::give_h2_read(std::mem::take(&mut self.rbuf));
                 }
                 return Poll::Pending;
             }
@@ -480,14 +480,18 @@ where
                 self.read_skipped = true;
                 return Ok(false);
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            if self.rbuf.capacity() == 0 {
+                // From the worker's spares: a connection that serves one stream at a time takes
+                // and gives back its buffer with each of them.
+                self.rbuf = crate::spare::h2_read_buf();
+            } else if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(16 * 1024 + frame::HEAD_LEN);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                 Poll::Pending => {
                     if self.rbuf.is_empty() && self.open == 0 {
                         // Idle: hold no read buffer while waiting.
-                        self.rbuf = BytesMut::new();
+                        crate::spare::give_h2_read(std::mem::take(&mut self.rbuf));
                     }
                     return Ok(false);
                 }
