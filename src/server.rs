@@ -121,6 +121,14 @@ impl ConnTracker {
     }
 }
 
+impl ConnGuard {
+    /// Another guard for the same connection, for a task that takes it over (the count goes
+    /// back down when this one is dropped).
+    fn again(&self) -> ConnGuard {
+        self.0.enter(&self.1)
+    }
+}
+
 impl std::ops::Deref for ConnGuard {
     type Target = ConnTracker;
     fn deref(&self) -> &ConnTracker {
@@ -764,16 +772,13 @@ fn serve_h1<S: ClientStream>(
             // A plain connection's first bytes are waited for here, with the stop watched: tokio
             // takes a new socket for readable, so the wait below would return at once and leave
             // a silent client in a read that a stop does not end.
+            let mut stop = std::pin::pin!(guard.stopped());
             if let Some(tcp) = conn.stream.sniffable() {
-                let sniffed = {
-                    // Made and dropped here: the guard moves on with an h2c connection.
-                    let stop = guard.stopped();
-                    tokio::select! {
-                        biased;
-                        s = sniff(tcp, first.h2c) => s,
-                        _ = &mut head_timer => None,
-                        _ = stop => None,
-                    }
+                let sniffed = tokio::select! {
+                    biased;
+                    s = sniff(tcp, first.h2c) => s,
+                    _ = &mut head_timer => None,
+                    _ = &mut stop => None,
                 };
                 match sniffed {
                     // What the client sent while the protocol was being told apart comes first.
@@ -782,7 +787,9 @@ fn serve_h1<S: ClientStream>(
                         let H1Conn { stream, peer, local, shared, .. } = conn;
                         let io = strait_protocols::h1::Prefixed::new(read.freeze(), stream);
                         let ctx = ConnCtx::new(shared, peer, local, S::TLS);
-                        tokio::spawn(serve_h2(io, ctx, protocols, guard));
+                        // A guard of its own: this one is lent to the stop wait until this
+                        // future ends, right after.
+                        tokio::spawn(serve_h2(io, ctx, protocols, guard.again()));
                         return;
                     }
                     None => return,
@@ -790,7 +797,6 @@ fn serve_h1<S: ClientStream>(
             }
             (conn.client_ip, conn.local_port_value) =
                 strait_protocols::http::connection_values(conn.peer, conn.local.port());
-            let mut stop = std::pin::pin!(guard.stopped());
             loop {
                 if buf.is_empty() {
                     // Idle between requests: hold no buffer.
