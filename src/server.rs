@@ -6,7 +6,8 @@
 //! reloads, node sources and health probes.
 //!
 //! SIGTERM (or [`Running::shutdown`]) drains: listeners close, idle keep-alive connections are
-//! told to finish, in-flight requests complete up to the drain deadline, then the process exits.
+//! told to finish, in-flight requests and open tunnels (upgrades such as WebSocket) complete up
+//! to the drain deadline, then the process exits.
 
 use std::convert::Infallible;
 use std::io;
@@ -574,20 +575,28 @@ async fn serve_http<IO>(
     tls: bool,
     shared: Arc<Shared>,
     protocols: Arc<HttpProtocols>,
-    stop: &ConnTracker,
+    stop: &ConnGuard,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // A client that stops reading is cut off after `send_timeout` without progress.
     let io = SendTimeout::new(io, shared.node.send_timeout);
+    // A connection that becomes a tunnel (an upgrade) outlives this function and the guard its
+    // caller holds: the tunnel takes a guard of its own, so a drain waits for it too.
+    let tracker = stop.0.clone();
     let ctx = Arc::new(ConnCtx::new(shared, peer, local, tls));
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
+        let tracker = tracker.clone();
         // hyper's HTTP/1 dispatcher keeps the allocation that holds the in-flight service
         // future for the life of the connection. The request's state (a few KiB) therefore
         // lives in a box of its own, freed when the request ends, so an idle keep-alive
         // connection does not keep it.
-        let fut = Box::pin(async move { handle(req.map(ProxyBody::Incoming), &ctx).await });
+        let fut = Box::pin(async move {
+            let hold = || -> Box<dyn std::any::Any + Send> { Box::new(tracker.enter(&ctx.shared)) };
+            let hold = strait_protocols::http::TunnelHold(&hold);
+            handle(req.map(ProxyBody::Incoming), &ctx, Some(hold)).await
+        });
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let mut conn = Box::pin(protocols.h1.serve_connection(TokioIo::new(io), svc).with_upgrades());
@@ -634,9 +643,13 @@ where
         let stop = std::pin::pin!(guard.stopped());
         // A request's state (a few KiB) is boxed once, where it is made; the stream's own
         // future then moves only a pointer.
-        let served =
-            strait_protocols::h2s::serve(&mut io, &protocols.h2, |req| Box::pin(handle(req, &ctx)), stop)
-                .await;
+        let served = strait_protocols::h2s::serve(
+            &mut io,
+            &protocols.h2,
+            |req| Box::pin(handle(req, &ctx, None)),
+            stop,
+        )
+        .await;
         if let Err(e) = served {
             tracing::debug!(peer = %ctx.peer, error = %e, "client connection ended with an error");
         }
@@ -974,6 +987,8 @@ async fn one_request<S: ClientStream>(
         grpc: false,
         deadline: None,
         body_timeout,
+        // Upgrades go to the general path.
+        tunnel_hold: None,
     };
     shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     let after = match plan {
@@ -1029,7 +1044,12 @@ async fn one_request<S: ClientStream>(
 }
 
 /// One request: route, then forward (or answer an error).
-async fn handle(req: Request<ProxyBody>, c: &ConnCtx) -> Response<ProxyBody> {
+/// `tunnel_hold` makes what a tunnel holds if the request becomes one (HTTP/1.1 upgrades).
+async fn handle(
+    req: Request<ProxyBody>,
+    c: &ConnCtx,
+    tunnel_hold: Option<strait_protocols::http::TunnelHold<'_>>,
+) -> Response<ProxyBody> {
     let shared = &c.shared;
     shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     let is_grpc = grpc::is_grpc_request(req.headers());
@@ -1078,6 +1098,7 @@ async fn handle(req: Request<ProxyBody>, c: &ConnCtx) -> Response<ProxyBody> {
         grpc: is_grpc,
         deadline,
         body_timeout: shared.node.client_body_timeout,
+        tunnel_hold,
     };
     if let Some(t) = &route.transcode {
         // Boxed: its state (~6 KiB) would otherwise be part of every request's.

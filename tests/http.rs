@@ -383,6 +383,44 @@ async fn websocket_upgrade_only_where_enabled() {
     assert!(!text.starts_with("HTTP/1.1 101"), "no upgrade without enable_websocket: {text}");
 }
 
+/// A WebSocket tunnel open when the gateway is told to stop counts as a live connection, as
+/// nginx's graceful stop keeps upgraded connections: the tunnel keeps working while the gateway
+/// drains, and the stop completes once it closes (within the drain timeout, 5 s in the tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_drains_an_open_websocket_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b").await;
+    let mut gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /ws\n    enable_websocket: true\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let addr = gw.http();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf[..n]));
+    async fn echo(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Option<bool> {
+        s.write_all(msg).await.ok()?;
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(4), s.read_exact(&mut got)).await.ok()?.ok()?;
+        Some(got == msg)
+    }
+    assert_eq!(echo(&mut s, b"before the stop").await, Some(true));
+
+    let stopping = tokio::task::spawn_blocking(move || gw.shutdown());
+    // The stop has begun once the listener refuses new connections.
+    let refused =
+        eventually(Duration::from_secs(4), || async { tokio::net::TcpStream::connect(addr).await.is_err() })
+            .await;
+    assert!(refused, "the listener still accepts after the stop");
+    assert_eq!(echo(&mut s, b"while draining").await, Some(true), "the tunnel was cut by the stop");
+    assert!(!stopping.is_finished(), "the stop did not wait for the open tunnel");
+    drop(s);
+    let stopped = tokio::time::timeout(Duration::from_secs(4), stopping).await;
+    assert!(stopped.is_ok(), "the stop did not end once the tunnel closed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_requests_and_slow_clients() {
     let b = Backend::start("b").await;

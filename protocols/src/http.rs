@@ -51,6 +51,20 @@ pub struct ForwardCtx<'a> {
     /// Longest wait for the next part of a request body that is streamed to a node
     /// (`client_body_timeout`).
     pub body_timeout: Duration,
+    /// Called when the client's connection becomes a tunnel (an upgrade such as WebSocket): the
+    /// tunnel holds what it returns until it closes (the gateway counts the tunnel as a live
+    /// connection, so a drain waits for it). `None`: nothing is held.
+    pub tunnel_hold: Option<TunnelHold<'a>>,
+}
+
+/// What [`ForwardCtx::tunnel_hold`] calls.
+#[derive(Clone, Copy)]
+pub struct TunnelHold<'a>(pub &'a (dyn Fn() -> Box<dyn std::any::Any + Send> + Sync));
+
+impl std::fmt::Debug for TunnelHold<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TunnelHold")
+    }
 }
 
 /// Headers that describe one hop and are never forwarded.
@@ -773,8 +787,10 @@ fn finish_response(
     {
         peer.report_since(Outcome::HttpStatus(101), start);
         let node_up = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
+        let held = ctx.tunnel_hold.map(|hold| (hold.0)());
         tokio::spawn(async move {
             let _peer = peer; // in flight until the tunnel closes
+            let _held = held;
             if let (Ok(c), Ok(n)) = (client_up.await, node_up.await) {
                 let mut c = TokioIo::new(c);
                 let mut n = TokioIo::new(n);
