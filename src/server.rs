@@ -575,34 +575,34 @@ async fn serve_http<IO>(
     tls: bool,
     shared: Arc<Shared>,
     protocols: Arc<HttpProtocols>,
-    stop: &ConnGuard,
+    guard: &ConnGuard,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // A client that stops reading is cut off after `send_timeout` without progress.
     let io = SendTimeout::new(io, shared.node.send_timeout);
     // A connection that becomes a tunnel (an upgrade) outlives this function and the guard its
-    // caller holds: the tunnel takes a guard of its own, so a drain waits for it too.
-    let tracker = stop.0.clone();
-    let ctx = Arc::new(ConnCtx::new(shared, peer, local, tls));
+    // caller holds: the tunnel takes a guard of its own from the worker's tracker, so a drain
+    // waits for it too.
+    let ctx = Arc::new((ConnCtx::new(shared, peer, local, tls), guard.0.clone()));
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
-        let tracker = tracker.clone();
         // hyper's HTTP/1 dispatcher keeps the allocation that holds the in-flight service
         // future for the life of the connection. The request's state (a few KiB) therefore
         // lives in a box of its own, freed when the request ends, so an idle keep-alive
         // connection does not keep it.
         let fut = Box::pin(async move {
-            let hold = || -> Box<dyn std::any::Any + Send> { Box::new(tracker.enter(&ctx.shared)) };
+            let (conn, tracker) = &*ctx;
+            let hold = || -> Box<dyn std::any::Any + Send> { Box::new(tracker.enter(&conn.shared)) };
             let hold = strait_protocols::http::TunnelHold(&hold);
-            handle(req.map(ProxyBody::Incoming), &ctx, Some(hold)).await
+            handle(req.map(ProxyBody::Incoming), conn, Some(hold)).await
         });
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let mut conn = Box::pin(protocols.h1.serve_connection(TokioIo::new(io), svc).with_upgrades());
     let done = tokio::select! {
         res = conn.as_mut() => Some(res),
-        _ = stop.stopped() => None,
+        _ = guard.stopped() => None,
     };
     let result = match done {
         Some(res) => res,

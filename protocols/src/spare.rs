@@ -3,11 +3,11 @@
 //! The relay reads a client's request head into a 4 KiB buffer and a node's answer into a
 //! 128 KiB one, and lets go of both when the request ends, so that a connection waiting for its
 //! next request holds no buffer; the HTTP/2 server reads into a 16 KiB one, which it lets go of
-//! whenever the connection has no stream open. Allocations that large leave the allocator's fast path (which
-//! mimalloc keeps for blocks up to 1 KiB): taking them from a short list of spares instead saves
-//! a few hundred instructions per buffer, per request. Each worker keeps at most
-//! [`HEAD_SPARES`] head buffers and [`NODE_SPARES`] node buffers, so the memory this holds is
-//! bounded per worker, not per connection.
+//! whenever the connection has no stream open. Allocations that large leave the allocator's fast
+//! path (which mimalloc keeps for blocks up to 1 KiB): taking them from a short list of spares
+//! instead saves a few hundred instructions per buffer, per request. Each worker keeps at most
+//! [`HEAD_SPARES`] head buffers, [`NODE_SPARES`] node buffers and [`H2_READ_SPARES`] HTTP/2 read
+//! buffers, so the memory this holds is bounded per worker, not per connection.
 //!
 //! A buffer comes back only if nothing else shares its memory (no `Bytes` split from it is
 //! alive): [`BytesMut::try_reclaim`] says so, without copying.
@@ -37,19 +37,21 @@ thread_local! {
     static H2_READS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
 }
 
+type Spares = std::thread::LocalKey<RefCell<Vec<BytesMut>>>;
+
 /// An empty buffer with room for [`HEAD_BUF`] bytes.
 pub fn head_buf() -> BytesMut {
-    HEADS.with(|l| l.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(HEAD_BUF))
+    take(&HEADS, HEAD_BUF)
 }
 
 /// An empty buffer with room for [`NODE_BUF`] bytes.
 pub fn node_buf() -> BytesMut {
-    NODES.with(|l| l.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(NODE_BUF))
+    take(&NODES, NODE_BUF)
 }
 
 /// An empty buffer with room for [`H2_READ_BUF`] bytes.
 pub fn h2_read_buf() -> BytesMut {
-    H2_READS.with(|l| l.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(H2_READ_BUF))
+    take(&H2_READS, H2_READ_BUF)
 }
 
 /// Gives back a buffer from [`h2_read_buf`] once its bytes are no longer needed.
@@ -67,12 +69,11 @@ pub fn give_node(buf: BytesMut) {
     give(&NODES, buf, NODE_BUF, NODE_SPARES);
 }
 
-fn give(
-    list: &'static std::thread::LocalKey<RefCell<Vec<BytesMut>>>,
-    mut buf: BytesMut,
-    size: usize,
-    keep: usize,
-) {
+fn take(list: &'static Spares, size: usize) -> BytesMut {
+    list.with(|l| l.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(size))
+}
+
+fn give(list: &'static Spares, mut buf: BytesMut, size: usize, keep: usize) {
     // Only a buffer of this kind: one that grew (a large head) is not kept at its new size.
     if buf.capacity() == 0 {
         return;

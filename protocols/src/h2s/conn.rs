@@ -332,10 +332,10 @@ where
                 || self.read_skipped && self.out.pending() < WRITE_HIGH && !self.read_closed
                 || self.shared.released.load(Ordering::Relaxed) as i64 >= CONN_WINDOW / 2;
             if !again {
-                if self.open == 0 && self.rbuf.is_empty() && self.rbuf.capacity() != 0 {
-                    // Idle, with the last read made while a stream was still open: no read
-                    // buffer while waiting (poll_read frees it only when it finds the
-                    // connection idle, and nothing may call it again for a long time).
+                if self.open == 0 && self.rbuf.is_empty() {
+                    // Idle: hold no read buffer while waiting. Here, after the streams' work,
+                    // not when the read found nothing: a stream that ends after the last read
+                    // (its answer's body done) leaves the connection idle too.
                     crate::spare::give_h2_read(std::mem::take(&mut self.rbuf));
                 }
                 return Poll::Pending;
@@ -488,13 +488,8 @@ where
                 self.rbuf.reserve(16 * 1024 + frame::HEAD_LEN);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
-                Poll::Pending => {
-                    if self.rbuf.is_empty() && self.open == 0 {
-                        // Idle: hold no read buffer while waiting.
-                        crate::spare::give_h2_read(std::mem::take(&mut self.rbuf));
-                    }
-                    return Ok(false);
-                }
+                // The buffer is given back, if the connection is idle, once `poll` is done.
+                Poll::Pending => return Ok(false),
                 Poll::Ready(Ok(0)) => {
                     self.read_closed = true;
                     self.client_gone();
