@@ -9,6 +9,13 @@ use strait::{Config, Options, Running};
 /// mimalloc instead of glibc's malloc: glibc trims per-thread arenas with madvise/mprotect,
 /// and on a VM each of those TLB shootdowns is an inter-processor interrupt on the hot path.
 /// (Not with the `system-alloc` feature, which is for heap profilers.)
+///
+/// mimalloc 2 (the crate's `v2` feature), not 3: mimalloc 3 spaces the blocks of the sizes our
+/// connection tasks have further apart (100,000 blocks of 768 bytes at 128-byte alignment, as
+/// tokio aligns tasks: 896 bytes apart against 768; of 1,280 bytes: 1,536 against 1,280).
+/// Resident memory per idle connection (`scripts/conn-memory.py`, one sitting): plain 1,055 ->
+/// 839 B, h2c 2,307 -> 1,678 B, L4 session 2,113 -> 1,986 B, for about 2 MiB more at start; the
+/// harness's rates did not move (BENCHMARKS.md, "Memory").
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
