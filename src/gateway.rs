@@ -279,7 +279,7 @@ impl Shared {
             return Some(c.clone());
         }
         let resolver = Arc::new(StateCerts(self.state.clone()));
-        match strait_protocols::tls::server_config(resolver, &[]) {
+        match strait_protocols::tls::server_config(resolver, &[], self.node.ssl_protocols) {
             Ok(c) => Some(self.stream_tls.get_or_init(|| c).clone()),
             Err(e) => {
                 tracing::error!(error = %e, "stream TLS setup failed");

@@ -33,8 +33,10 @@ and re-read when the file changes.
 
 OPTIONS:
     -c, --config PATH        node configuration (default: conf/config.yaml)
-    -w, --workers N          worker threads (default: number of cores)
-        --drain-timeout S    on SIGTERM, wait up to S seconds for in-flight requests (default 30)
+    -w, --workers N          worker threads (default: nginx_config.worker_processes,
+                             else the number of cores)
+        --drain-timeout S    on SIGTERM, wait up to S seconds for in-flight requests
+                             (default: nginx_config.worker_shutdown_timeout, else 30)
     -h, --help               this text
     -V, --version            the version
 
@@ -57,7 +59,7 @@ struct Args {
     command: String,
     config: PathBuf,
     workers: Option<usize>,
-    drain: Duration,
+    drain: Option<Duration>,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -66,7 +68,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         command: String::new(),
         config: PathBuf::from("conf/config.yaml"),
         workers: None,
-        drain: Duration::from_secs(30),
+        drain: None,
     };
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -93,7 +95,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                 if !(s.is_finite() && s >= 0.0) {
                     return Err("--drain-timeout must be >= 0".into());
                 }
-                args.drain = Duration::from_secs_f64(s);
+                args.drain = Some(Duration::from_secs_f64(s));
             }
             "run" | "validate" if args.command.is_empty() => args.command = a,
             other => return Err(format!("unexpected argument {other:?}")),
@@ -132,6 +134,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !config.node.ignored.is_empty() {
+        // Not an error: APISIX settings Strait accepts without applying them
+        // (docs/configuration.md, "APISIX settings accepted and not applied").
+        let list = config.node.ignored.join(", ");
+        if args.command == "validate" {
+            eprintln!("{}: note: accepted, not applied: {list}", config.config_path.display());
+        } else {
+            tracing::warn!(file = %config.config_path.display(), "accepted, not applied: {list}");
+        }
+    }
     if args.command == "validate" {
         println!(
             "{}: ok; {}: ok ({} routes, {} upstreams, {} stream routes, {} ssls)",
@@ -145,8 +157,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let mut opts = Options { drain_timeout: args.drain, ..Options::default() };
-    if let Some(w) = args.workers {
+    let mut opts = Options::default();
+    if let Some(d) = args.drain.or(config.node.drain_timeout) {
+        opts.drain_timeout = d;
+    }
+    if let Some(w) = args.workers.or(config.node.workers) {
         opts.workers = w;
     }
     let running = match Running::start(config, opts) {

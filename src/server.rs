@@ -303,6 +303,7 @@ async fn worker(
     let tls = match strait_protocols::tls::server_config(
         Arc::new(StateCerts(shared.state.clone())),
         &[b"h2", b"http/1.1"],
+        shared.node.ssl_protocols,
     ) {
         Ok(c) => c,
         Err(e) => {
@@ -313,6 +314,7 @@ async fn worker(
     let tls_h1 = match strait_protocols::tls::server_config(
         Arc::new(StateCerts(shared.state.clone())),
         &[b"http/1.1"],
+        shared.node.ssl_protocols,
     ) {
         Ok(c) => c,
         Err(e) => {

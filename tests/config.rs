@@ -53,15 +53,195 @@ fn validate_reports_every_problem_as_file_path_reason() {
     // config.yaml problems name config.yaml.
     std::fs::write(
         dir.path().join("config.yaml"),
-        "apisix:\n  node_listen: 9080\n  bogus_key: 1\nnginx_config:\n  error_log: x\n",
+        "apisix:\n  node_listen: 9080\n  bogus_key: 1\nnginx_config:\n  http_configuration_snippet: \"lua_shared_dict x 1m;\"\n",
     )
     .unwrap();
     let out = strait().args(["validate", "-c", cfg.to_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     let file = cfg.display().to_string();
-    assert!(err.contains(&format!("{file}: nginx_config.error_log: unsupported by Strait")), "{err}");
+    assert!(
+        err.contains(&format!("{file}: nginx_config.http_configuration_snippet: unsupported by Strait")),
+        "{err}"
+    );
     assert!(err.contains("bogus_key"), "{err}");
+}
+
+/// The settings of APISIX's `conf/config.yaml.example` (APISIX 3.x, at their default values),
+/// as a user who copied it for a standalone data plane would have them.
+const APISIX_EXAMPLE_CONFIG: &str = r#"
+apisix:
+  node_listen:
+    - ip: 127.0.0.1
+      port: 0
+  enable_admin: true
+  enable_dev_mode: false
+  enable_reuseport: true
+  show_upstream_status_in_response_header: false
+  enable_ipv6: false
+  enable_http2: true
+  enable_server_tokens: true
+  extra_lua_path: ""
+  extra_lua_cpath: ""
+  proxy_cache:
+    cache_ttl: 10s
+    zones:
+      - name: disk_cache_one
+        memory_size: 50m
+        disk_size: 1G
+        disk_path: /tmp/disk_cache_one
+        cache_levels: "1:2"
+  delete_uri_tail_slash: false
+  normalize_uri_like_servlet: false
+  match_uri_encoded_slash: false
+  max_post_args_readable_size: 64
+  router:
+    http: radixtree_host_uri
+    ssl: radixtree_sni
+  proxy_mode: http
+  resolver_timeout: 5
+  enable_resolv_search_opt: true
+  ssl:
+    enable: true
+    listen:
+      - ip: 127.0.0.1
+        port: 0
+        enable_http3: false
+    ssl_protocols: TLSv1.2 TLSv1.3
+    ssl_ciphers: ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384
+    ssl_session_tickets: false
+  enable_control: true
+  control:
+    ip: 127.0.0.1
+    port: 0
+  disable_sync_configuration_during_start: false
+  worker_startup_time_threshold: 60
+  data_encryption:
+    enable_encrypt_fields: true
+    keyring:
+      - qeddd145sfvddff3
+  lru:
+    secret:
+      ttl: 300
+      count: 512
+  tracing: false
+nginx_config:
+  error_log: logs/error.log
+  error_log_level: warn
+  worker_processes: auto
+  enable_cpu_affinity: false
+  worker_rlimit_nofile: 20480
+  worker_shutdown_timeout: 240s
+  max_pending_timers: 16384
+  max_running_timers: 4096
+  event:
+    worker_connections: 10620
+  meta:
+    lua_shared_dict:
+      prometheus-metrics: 15m
+  stream:
+    enable_access_log: false
+    access_log: logs/access_stream.log
+    lua_shared_dict:
+      lrucache-lock-stream: 10m
+  main_configuration_snippet: |
+    # Add custom Nginx main configuration to nginx.conf.
+  http_configuration_snippet: |
+  http_server_configuration_snippet: |
+  http_server_location_configuration_snippet: |
+  http_admin_configuration_snippet: |
+  http_end_configuration_snippet: |
+  stream_configuration_snippet: |
+  http:
+    enable_access_log: true
+    access_log: logs/access.log
+    access_log_buffer: 16384
+    access_log_format: '$remote_addr - $remote_user [$time_local] $http_host "$request" $status'
+    access_log_format_escape: default
+    keepalive_timeout: 60s
+    client_header_timeout: 60s
+    client_body_timeout: 60s
+    client_max_body_size: 0
+    send_timeout: 10s
+    underscores_in_headers: "on"
+    real_ip_header: X-Real-IP
+    real_ip_recursive: "off"
+    real_ip_from:
+      - 127.0.0.1
+      - "unix:"
+    proxy_ssl_server_name: true
+    upstream:
+      keepalive: 320
+      keepalive_requests: 1000
+      keepalive_timeout: 60s
+    charset: utf-8
+    variables_hash_max_size: 2048
+    lua_shared_dict:
+      internal-status: 10m
+plugins:
+  - real-ip
+  - grpc-transcode
+stream_plugins:
+  - ip-restriction
+plugin_attr:
+  prometheus:
+    export_uri: /apisix/prometheus/metrics
+graphql:
+  max_size: 1048576
+deployment:
+  role: data_plane
+  role_data_plane:
+    config_provider: yaml
+  admin:
+    admin_key:
+      - name: admin
+        key: edd1c9f034335f136f87ad84b625c8f1
+        role: admin
+"#;
+
+#[test]
+fn a_config_copied_from_apisix_example_is_accepted_and_its_unapplied_settings_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(&cfg, APISIX_EXAMPLE_CONFIG).unwrap();
+    std::fs::write(dir.path().join("apisix.yaml"), "routes: []\n#END\n").unwrap();
+    let out = strait().args(["validate", "-c", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.lines().count(), 1, "one note line: {err}");
+    let note = format!("{}: note: accepted, not applied: ", cfg.display());
+    assert!(err.starts_with(&note), "{err}");
+    for path in [
+        "plugins",
+        "apisix.enable_server_tokens",
+        "nginx_config.error_log_level",
+        "nginx_config.http.real_ip_from",
+    ] {
+        assert!(err.contains(path), "{path} missing from {err}");
+    }
+    // What Strait applies, or does anyway (APISIX's defaults), is not in the list.
+    for path in [
+        "ssl_protocols",
+        "worker_shutdown_timeout",
+        "worker_processes",
+        "client_header_timeout",
+        "delete_uri_tail_slash",
+        "snippet",
+        "upstream.keepalive",
+    ] {
+        assert!(!err.contains(path), "{path} listed in {err}");
+    }
+
+    // The same settings with one that asks for what Strait does not do: an error naming it.
+    let text = APISIX_EXAMPLE_CONFIG.replace("delete_uri_tail_slash: false", "delete_uri_tail_slash: true");
+    std::fs::write(&cfg, text).unwrap();
+    let out = strait().args(["validate", "-c", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("{}: apisix.delete_uri_tail_slash: unsupported by Strait", cfg.display())),
+        "{err}"
+    );
 }
 
 #[test]

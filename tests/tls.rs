@@ -33,6 +33,39 @@ fn ca_file(ca: &Ca) -> (tempfile::TempDir, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_protocols_limits_the_tls_versions_offered() {
+    let ca = Ca::new("test-ca");
+    let api = ca.leaf(&["api.example.com"]);
+    let b = Backend::start("b").await;
+    let (_dir, ca_file) = ca_file(&ca);
+    for (protocols, works, refused) in
+        [("TLSv1.3", "--tlsv1.3", "--tls-max 1.2"), ("TLSv1.2", "--tls-max 1.2", "--tlsv1.3")]
+    {
+        let config =
+            tls_config().replace("  control:", &format!("    ssl_protocols: {protocols}\n  control:"));
+        let gw = TestGateway::start_with(
+            &config,
+            &format!(
+                "ssls:\n{}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+                ssl_entry("api", "api.example.com", &api),
+                nodes_yaml(&[b.addr])
+            ),
+            1,
+        );
+        let port = gw.tls().port();
+        let resolve = format!("api.example.com:{port}:127.0.0.1");
+        let url = format!("https://api.example.com:{port}/x");
+        for (flags, ok_expected) in [(works, true), (refused, false)] {
+            let mut args = vec!["-sS", "-f", "--cacert", &ca_file, "--resolve", &resolve];
+            args.extend(flags.split(' '));
+            args.push(&url);
+            let (ok, _out, err) = curl(&args).await;
+            assert_eq!(ok, ok_expected, "ssl_protocols {protocols}, curl {flags}: {err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_by_sni_with_wildcards_and_alpn() {
     let ca = Ca::new("test-ca");
     let api = ca.leaf(&["api.example.com"]);

@@ -261,14 +261,39 @@ impl CertStore {
     }
 }
 
+/// The TLS versions a listener offers (`apisix.ssl.ssl_protocols`); at least one is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsVersions {
+    pub tls12: bool,
+    pub tls13: bool,
+}
+
+impl Default for TlsVersions {
+    /// APISIX's default, `TLSv1.2 TLSv1.3`.
+    fn default() -> Self {
+        TlsVersions { tls12: true, tls13: true }
+    }
+}
+
 /// A server configuration for TLS listeners: certificates by SNI, ALPN `h2` (when enabled) and
-/// `http/1.1`.
+/// `http/1.1`, the TLS `versions` given.
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[&[u8]],
+    versions: TlsVersions,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut list: Vec<&'static rustls::SupportedProtocolVersion> = Vec::with_capacity(2);
+    if versions.tls13 {
+        list.push(&rustls::version::TLS13);
+    }
+    if versions.tls12 {
+        list.push(&rustls::version::TLS12);
+    }
+    if list.is_empty() {
+        return Err(rustls::Error::General("no TLS version enabled".into()).into());
+    }
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(&list)?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::raw::{RawApisix, RawNodeConfig};
-use super::value::{decode, index, join, kind, reject_unsupported};
+use super::value::{decode, index, join, kind};
 use super::{ConfigErrors, Errors, parse_yaml, read_file, substitute_env};
 
 /// An HTTP listener (`apisix.node_listen` or `apisix.ssl.listen`).
@@ -87,72 +87,186 @@ pub struct NodeConfig {
     pub disable_healthcheck: bool,
     /// `apisix.enable_ipv6`.
     pub enable_ipv6: bool,
+    /// TLS versions of TLS listeners, HTTP and stream (`apisix.ssl.ssl_protocols`).
+    pub ssl_protocols: strait_protocols::tls::TlsVersions,
+    /// Worker threads (`nginx_config.worker_processes`; `None`: `auto`, one per core).
+    pub workers: Option<usize>,
+    /// How long a stop waits for connections to finish
+    /// (`nginx_config.worker_shutdown_timeout`; `None`: Strait's default).
+    pub drain_timeout: Option<Duration>,
+    /// APISIX settings accepted but not applied, by YAML path ([`Foreign`]).
+    pub ignored: Vec<String>,
 }
 
-const APISIX_UNSUPPORTED: &[&str] = &[
-    "enable_dev_mode",
-    "show_upstream_status_in_response_header",
-    "enable_http2",
-    "enable_server_tokens",
-    "extra_lua_path",
-    "extra_lua_cpath",
-    "proxy_cache",
-    "delete_uri_tail_slash",
-    "normalize_uri_like_servlet",
-    "router",
-    "data_encryption",
-    "events",
-    "tracing",
-    "lru",
-    "disable_sync_configuration_during_start",
-    "config_center",
+/// What Strait does with a `config.yaml` setting of APISIX's that it does not implement.
+///
+/// An APISIX user's `config.yaml` (often a copy of APISIX's `config.yaml.example`) sets many
+/// things that only tune nginx, OpenResty or Lua, or that ask for APISIX's default behaviour.
+/// Rejecting them would make every such file fail, and ignoring them silently would hide a
+/// difference; so each is accepted, those with no effect in Strait are listed by `strait
+/// validate` and logged at start ([`NodeConfig::ignored`]), and a value that asks for
+/// something Strait does not do is an error.
+#[derive(Debug, Clone, Copy)]
+enum Foreign {
+    /// Any value: nginx, OpenResty or Lua tuning (log files, shared dicts, timers, plugin
+    /// loading), or a feature whose use elsewhere Strait rejects (a plugin on a route).
+    Any,
+    /// Only these values: APISIX's default (first), which is what Strait does (so it is not
+    /// listed as ignored).
+    Only(&'static [&'static str]),
+    /// nginx configuration text injected into nginx.conf: only blank lines and `#` comments
+    /// (what APISIX's example has).
+    Snippet,
+}
+
+use Foreign::{Any, Only, Snippet};
+
+/// The settings of [`Foreign`], by YAML path. A map's own entry comes after its keys', so that
+/// it is only listed when something is left in it (see [`take_foreign`]).
+const FOREIGN: &[(&str, Foreign)] = &[
+    ("plugins", Any),
+    ("stream_plugins", Any),
+    ("plugin_attr", Any),
+    ("graphql", Any),
+    ("ext-plugin", Any),
+    ("wasm", Any),
+    ("xrpc", Any),
+    ("etcd", Any),
+    ("deployment.admin", Any),
+    ("deployment.etcd", Any),
+    // Their roles are errors (`deployment.role`); these only configure them.
+    ("deployment.role_traditional", Any),
+    ("deployment.role_control_plane", Any),
+    ("apisix.enable_admin", Any),
+    ("apisix.enable_dev_mode", Any),
+    ("apisix.show_upstream_status_in_response_header", Only(&["false"])),
+    ("apisix.enable_server_tokens", Any),
+    ("apisix.extra_lua_path", Any),
+    ("apisix.extra_lua_cpath", Any),
+    ("apisix.proxy_cache", Any),
+    ("apisix.delete_uri_tail_slash", Only(&["false"])),
+    ("apisix.normalize_uri_like_servlet", Only(&["false"])),
+    ("apisix.match_uri_encoded_slash", Any),
+    ("apisix.max_post_args_readable_size", Any),
+    ("apisix.router.http", Only(&["radixtree_host_uri"])),
+    ("apisix.router.ssl", Only(&["radixtree_sni"])),
+    ("apisix.router", Any),
+    ("apisix.data_encryption", Any),
+    ("apisix.lru", Any),
+    ("apisix.tracing", Any),
+    ("apisix.disable_sync_configuration_during_start", Any),
+    ("apisix.worker_startup_time_threshold", Any),
+    ("apisix.ssl.ssl_ciphers", Any),
+    ("apisix.ssl.ssl_session_tickets", Only(&["false"])),
+    ("apisix.ssl.key_encrypt_salt", Any),
+    ("nginx_config.user", Any),
+    ("nginx_config.error_log", Any),
+    ("nginx_config.error_log_level", Any),
+    ("nginx_config.enable_cpu_affinity", Any),
+    ("nginx_config.worker_cpu_affinity", Any),
+    ("nginx_config.worker_rlimit_nofile", Any),
+    ("nginx_config.max_pending_timers", Any),
+    ("nginx_config.max_running_timers", Any),
+    ("nginx_config.event", Any),
+    ("nginx_config.meta", Any),
+    ("nginx_config.stream", Any),
+    ("nginx_config.main_configuration_snippet", Snippet),
+    ("nginx_config.http_configuration_snippet", Snippet),
+    ("nginx_config.http_server_configuration_snippet", Snippet),
+    ("nginx_config.http_server_location_configuration_snippet", Snippet),
+    ("nginx_config.http_admin_configuration_snippet", Snippet),
+    ("nginx_config.http_end_configuration_snippet", Snippet),
+    ("nginx_config.stream_configuration_snippet", Snippet),
+    ("nginx_config.http.enable_access_log", Any),
+    ("nginx_config.http.access_log", Any),
+    ("nginx_config.http.access_log_buffer", Any),
+    ("nginx_config.http.access_log_format", Any),
+    ("nginx_config.http.access_log_format_escape", Any),
+    ("nginx_config.http.client_max_body_size", Only(&["0"])),
+    ("nginx_config.http.underscores_in_headers", Only(&["on"])),
+    ("nginx_config.http.real_ip_header", Any),
+    ("nginx_config.http.real_ip_recursive", Any),
+    ("nginx_config.http.real_ip_from", Any),
+    ("nginx_config.http.custom_lua_shared_dict", Any),
+    ("nginx_config.http.lua_shared_dict", Any),
+    ("nginx_config.http.proxy_ssl_server_name", Only(&["true"])),
+    // Strait's defaults for an upstream's `keepalive_pool` are these.
+    ("nginx_config.http.upstream.keepalive", Only(&["320"])),
+    ("nginx_config.http.upstream.keepalive_requests", Only(&["1000"])),
+    ("nginx_config.http.upstream.keepalive_timeout", Only(&["60s", "60"])),
+    ("nginx_config.http.upstream", Any),
+    ("nginx_config.http.charset", Any),
+    ("nginx_config.http.variables_hash_max_size", Any),
 ];
 
-const TOP_UNSUPPORTED: &[&str] =
-    &["plugins", "stream_plugins", "plugin_attr", "graphql", "ext-plugin", "wasm", "xrpc", "etcd"];
+/// Takes the [`FOREIGN`] settings out of `tree`: the path of each accepted [`Foreign::Any`]
+/// goes to `ignored`, each setting with a value Strait cannot honour to `errs`.
+fn take_foreign(tree: &mut Value, errs: &mut Errors, ignored: &mut Vec<String>) {
+    for &(path, rule) in FOREIGN {
+        let Some(v) = take_path(tree, path) else { continue };
+        match rule {
+            Any if v.as_object().is_some_and(|m| m.is_empty()) => {}
+            Any => ignored.push(path.to_string()),
+            Only(values) => match scalar_text(&v) {
+                // Strait does what this asks for: nothing to list.
+                Some(t) if values.contains(&t.as_str()) => {}
+                _ => errs.add(
+                    path,
+                    format!(
+                        "unsupported by Strait: only {:?} (APISIX's default) is accepted, found {}",
+                        values[0],
+                        shown(&v)
+                    ),
+                ),
+            },
+            Snippet => match scalar_text(&v) {
+                Some(t) if t.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) => {}
+                _ => errs.add(
+                    path,
+                    format!(
+                        "unsupported by Strait: nginx configuration cannot be applied, found {}",
+                        shown(&v)
+                    ),
+                ),
+            },
+        }
+    }
+}
 
-const SSL_UNSUPPORTED: &[&str] =
-    &["ssl_protocols", "ssl_ciphers", "ssl_session_tickets", "ssl_session_timeout", "key_encrypt_salt"];
+/// Removes and returns the value at a dotted `path` of maps.
+fn take_path(tree: &mut Value, path: &str) -> Option<Value> {
+    let (parent, last) = match path.rsplit_once('.') {
+        Some((parent, last)) => {
+            let mut v = &mut *tree;
+            for k in parent.split('.') {
+                v = v.get_mut(k)?;
+            }
+            (v, last)
+        }
+        None => (tree, path),
+    };
+    parent.as_object_mut()?.remove(last)
+}
 
-const NGINX_HTTP_UNSUPPORTED: &[&str] = &[
-    "enable_access_log",
-    "access_log",
-    "access_log_format",
-    "access_log_format_escape",
-    "client_max_body_size",
-    "underscores_in_headers",
-    "real_ip_header",
-    "real_ip_recursive",
-    "real_ip_from",
-    "custom_lua_shared_dict",
-    "proxy_ssl_server_name",
-    "upstream",
-    "charset",
-    "variables_hash_max_size",
-    "lua_shared_dict",
-];
+/// A value for an error message: a scalar quoted (its first 40 characters), else its kind.
+fn shown(v: &Value) -> String {
+    match scalar_text(v) {
+        Some(t) if t.chars().count() > 40 => format!("{:?}...", t.chars().take(40).collect::<String>()),
+        Some(t) => format!("{t:?}"),
+        None => kind(v).to_string(),
+    }
+}
 
-const NGINX_UNSUPPORTED: &[&str] = &[
-    "user",
-    "error_log",
-    "error_log_level",
-    "worker_cpu_affinity",
-    "worker_rlimit_nofile",
-    "worker_shutdown_timeout",
-    "max_pending_timers",
-    "max_running_timers",
-    "event",
-    "meta",
-    "stream",
-    "main_configuration_snippet",
-    "http_configuration_snippet",
-    "http_server_configuration_snippet",
-    "http_server_location_configuration_snippet",
-    "http_admin_configuration_snippet",
-    "http_end_configuration_snippet",
-    "stream_configuration_snippet",
-    "envs",
-];
+/// A scalar as its YAML text (`""` for null or blank), for comparing with [`Foreign::Only`].
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => Some(String::new()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(s.trim().to_string()),
+        _ => None,
+    }
+}
 
 impl NodeConfig {
     /// Reads and validates `config.yaml` at `path`.
@@ -186,23 +300,14 @@ impl NodeConfig {
             errs.add("", format!("expected a map at the top level, found {}", kind(&tree)));
             return errs.into_result(NodeConfig::defaults(file));
         }
-        reject_unsupported(&mut tree, "", TOP_UNSUPPORTED, &mut errs);
-        if let Some(a) = tree.get_mut("apisix") {
-            reject_unsupported(a, "apisix", APISIX_UNSUPPORTED, &mut errs);
-            if let Some(s) = a.get_mut("ssl") {
-                reject_unsupported(s, "apisix.ssl", SSL_UNSUPPORTED, &mut errs);
-            }
-        }
-        if let Some(n) = tree.get_mut("nginx_config") {
-            reject_unsupported(n, "nginx_config", NGINX_UNSUPPORTED, &mut errs);
-            if let Some(h) = n.get_mut("http") {
-                reject_unsupported(h, "nginx_config.http", NGINX_HTTP_UNSUPPORTED, &mut errs);
-            }
-        }
+        let mut ignored = Vec::new();
+        take_foreign(&mut tree, &mut errs, &mut ignored);
         let Some(raw) = decode::<RawNodeConfig>(&tree, "", &mut errs) else {
             return errs.into_result(NodeConfig::defaults(file));
         };
-        let cfg = validate(file, raw, &mut errs);
+        let mut cfg = validate(file, raw, &mut errs);
+        ignored.append(&mut cfg.ignored);
+        cfg.ignored = ignored;
         errs.into_result(cfg)
     }
 
@@ -228,6 +333,10 @@ impl NodeConfig {
             discovery_config: Default::default(),
             disable_healthcheck: false,
             enable_ipv6: false,
+            ssl_protocols: Default::default(),
+            workers: None,
+            drain_timeout: None,
+            ignored: Vec::new(),
         }
     }
 }
@@ -261,12 +370,6 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     }
 
     cfg.enable_ipv6 = a.enable_ipv6.unwrap_or(false);
-    if a.enable_admin == Some(true) {
-        errs.add(
-            "apisix.enable_admin",
-            "unsupported by Strait: there is no Admin API; resources come from apisix.yaml",
-        );
-    }
     cfg.disable_healthcheck = a.disable_upstream_healthcheck.unwrap_or(false);
 
     cfg.proxy_mode = match a.proxy_mode.as_deref() {
@@ -288,6 +391,9 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     if !cfg.proxy_mode.http() {
         cfg.http.clear();
     }
+    // APISIX 3.9+: one switch for every HTTP and TLS listener (its default, `true`, leaves
+    // each listener's own `enable_http2`, which older versions had, in force).
+    let http2 = a.enable_http2.unwrap_or(true);
 
     if let Some(ssl) = &a.ssl {
         let enabled = ssl.enable.unwrap_or(ssl.listen.is_some());
@@ -313,6 +419,14 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
             }
         }
         cfg.fallback_sni = ssl.fallback_sni.clone();
+        if let Some(p) = &ssl.ssl_protocols {
+            cfg.ssl_protocols = ssl_protocols(p, errs, &mut cfg.ignored);
+        }
+    }
+    if !http2 {
+        for l in cfg.http.iter_mut().chain(cfg.tls.iter_mut()) {
+            l.http2 = false;
+        }
     }
 
     if a.enable_control == Some(false) {
@@ -377,10 +491,19 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     }
 
     if let Some(n) = &raw.nginx_config {
-        if let Some(w) = &n.worker_processes
-            && !(w.as_str() == Some("auto") || w.as_u64().is_some_and(|n| n > 0))
-        {
-            errs.add("nginx_config.worker_processes", "must be `auto` or a positive integer");
+        match &n.worker_processes {
+            None => {}
+            Some(w) if w.as_str() == Some("auto") => {}
+            Some(w) => match w.as_u64().and_then(|n| usize::try_from(n).ok()).filter(|&n| n > 0) {
+                Some(n) => cfg.workers = Some(n),
+                None => errs.add("nginx_config.worker_processes", "must be `auto` or a positive integer"),
+            },
+        }
+        if let Some(v) = &n.worker_shutdown_timeout {
+            match parse_duration(v) {
+                Some(d) => cfg.drain_timeout = Some(d),
+                None => errs.add("nginx_config.worker_shutdown_timeout", "expected a duration like 240s"),
+            }
         }
         if let Some(h) = &n.http {
             if let Some(v) = &h.client_header_timeout {
@@ -431,6 +554,40 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         }
     }
     cfg
+}
+
+/// `apisix.ssl.ssl_protocols`, nginx's form (`TLSv1.2 TLSv1.3`). rustls has no TLS 1.1 or
+/// older: those are listed as ignored when a newer version is there too, and are an error alone.
+fn ssl_protocols(
+    text: &str,
+    errs: &mut Errors,
+    ignored: &mut Vec<String>,
+) -> strait_protocols::tls::TlsVersions {
+    const PATH: &str = "apisix.ssl.ssl_protocols";
+    let mut v = strait_protocols::tls::TlsVersions { tls12: false, tls13: false };
+    let mut old = Vec::new();
+    for p in text.split_whitespace() {
+        match p {
+            "TLSv1.3" => v.tls13 = true,
+            "TLSv1.2" => v.tls12 = true,
+            "SSLv2" | "SSLv3" | "TLSv1" | "TLSv1.1" => old.push(p),
+            other => {
+                errs.add(PATH, format!("unknown protocol {other:?} (expected TLSv1.2 or TLSv1.3)"));
+                return Default::default();
+            }
+        }
+    }
+    if !v.tls12 && !v.tls13 {
+        errs.add(
+            PATH,
+            format!("unsupported by Strait: only TLSv1.2 and TLSv1.3 are offered, found {text:?}"),
+        );
+        return Default::default();
+    }
+    if !old.is_empty() {
+        ignored.push(format!("{PATH} ({}: older than TLS 1.2, not offered)", old.join(" ")));
+    }
+    v
 }
 
 /// Resolves `p` relative to the directory of the config file.
@@ -686,11 +843,79 @@ mod tests {
     }
 
     #[test]
-    fn apisix_keys_not_implemented_say_unsupported() {
-        let e = parse("apisix:\n  enable_dev_mode: false\nplugins:\n  - limit-count\n").unwrap_err();
-        let paths: Vec<_> = e.0.iter().map(|e| (e.path.as_str(), e.reason.as_str())).collect();
-        assert!(paths.contains(&("plugins", "unsupported by Strait")), "{paths:?}");
-        assert!(paths.contains(&("apisix.enable_dev_mode", "unsupported by Strait")), "{paths:?}");
+    fn apisix_settings_without_effect_are_accepted_and_listed() {
+        let c = parse(
+            "plugins:\n  - limit-count\napisix:\n  enable_dev_mode: false\n  enable_admin: true\n  router:\n    http: radixtree_host_uri\n    ssl: radixtree_sni\n  ssl:\n    ssl_session_tickets: false\nnginx_config:\n  error_log_level: warn\n  http_configuration_snippet: |\n  http:\n    underscores_in_headers: \"on\"\n    upstream:\n      keepalive: 320\n      keepalive_timeout: 60s\n",
+        )
+        .unwrap();
+        // Listed: what Strait does not do.
+        assert_eq!(
+            c.ignored,
+            ["plugins", "apisix.enable_admin", "apisix.enable_dev_mode", "nginx_config.error_log_level"]
+        );
+        // Not listed: APISIX's defaults, which Strait does; a map whose keys were all taken.
+        // Settings Strait applies are not listed.
+        let c = parse("apisix:\n  node_listen: 9080\n").unwrap();
+        assert!(c.ignored.is_empty(), "{:?}", c.ignored);
+    }
+
+    #[test]
+    fn an_apisix_setting_strait_cannot_honour_is_an_error_with_its_path() {
+        for (text, path) in [
+            ("apisix:\n  delete_uri_tail_slash: true\n", "apisix.delete_uri_tail_slash"),
+            ("apisix:\n  router:\n    http: radixtree_uri\n", "apisix.router.http"),
+            ("apisix:\n  ssl:\n    ssl_session_tickets: true\n", "apisix.ssl.ssl_session_tickets"),
+            (
+                "nginx_config:\n  http_configuration_snippet: \"lua_shared_dict x 1m;\"\n",
+                "nginx_config.http_configuration_snippet",
+            ),
+            (
+                "nginx_config:\n  http:\n    client_max_body_size: 1m\n",
+                "nginx_config.http.client_max_body_size",
+            ),
+            (
+                "nginx_config:\n  http:\n    upstream:\n      keepalive: [1]\n",
+                "nginx_config.http.upstream.keepalive",
+            ),
+            ("apisix:\n  ssl:\n    ssl_protocols: TLSv1.1\n", "apisix.ssl.ssl_protocols"),
+            ("apisix:\n  ssl:\n    ssl_protocols: TLSv9\n", "apisix.ssl.ssl_protocols"),
+            ("nginx_config:\n  worker_shutdown_timeout: soon\n", "nginx_config.worker_shutdown_timeout"),
+            ("nginx_config:\n  worker_processes: 0\n", "nginx_config.worker_processes"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{text}: {e}");
+            assert_eq!(e.0[0].path, path, "{text}: {e}");
+        }
+        let e = parse("apisix:\n  delete_uri_tail_slash: true\n").unwrap_err();
+        assert!(e.0[0].reason.contains("only \"false\" (APISIX's default)"), "{e}");
+    }
+
+    #[test]
+    fn ssl_protocols_workers_shutdown_timeout_and_http2_are_applied() {
+        use strait_protocols::tls::TlsVersions;
+        let c = parse("apisix:\n  node_listen: 9080\n").unwrap();
+        assert_eq!(c.ssl_protocols, TlsVersions { tls12: true, tls13: true });
+        assert_eq!((c.workers, c.drain_timeout), (None, None));
+        assert!(c.http[0].http2);
+        let c = parse(
+            "apisix:\n  enable_http2: false\n  ssl:\n    enable: true\n    listen: [9443]\n    ssl_protocols: TLSv1.1 TLSv1.3\nnginx_config:\n  worker_processes: 3\n  worker_shutdown_timeout: 240s\n",
+        )
+        .unwrap();
+        assert_eq!(c.ssl_protocols, TlsVersions { tls12: false, tls13: true });
+        assert!(
+            c.ignored.iter().any(|i| i.starts_with("apisix.ssl.ssl_protocols (TLSv1.1")),
+            "{:?}",
+            c.ignored
+        );
+        assert_eq!(c.workers, Some(3));
+        assert_eq!(c.drain_timeout, Some(Duration::from_secs(240)));
+        assert!(!c.http[0].http2 && !c.tls[0].http2);
+        let c = parse(
+            "apisix:\n  ssl:\n    ssl_protocols: \"TLSv1.2\"\nnginx_config:\n  worker_processes: auto\n",
+        )
+        .unwrap();
+        assert_eq!(c.ssl_protocols, TlsVersions { tls12: true, tls13: false });
+        assert_eq!(c.workers, None);
     }
 
     #[test]

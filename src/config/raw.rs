@@ -71,7 +71,7 @@ pub struct RawNodeConfig {
 pub struct RawApisix {
     pub node_listen: Option<Value>,
     pub enable_ipv6: Option<bool>,
-    pub enable_admin: Option<bool>,
+    pub enable_http2: Option<bool>,
     pub enable_reuseport: Option<bool>,
     pub enable_control: Option<bool>,
     pub control: Option<RawControl>,
@@ -101,6 +101,7 @@ pub struct RawSslListen {
     pub listen: Option<Value>,
     pub ssl_trusted_certificate: Option<String>,
     pub fallback_sni: Option<String>,
+    pub ssl_protocols: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -136,6 +137,7 @@ pub struct RawRoleDataPlane {
 #[serde(deny_unknown_fields)]
 pub struct RawNginxConfig {
     pub worker_processes: Option<Value>,
+    pub worker_shutdown_timeout: Option<Value>,
     pub http: Option<RawNginxHttp>,
 }
 
