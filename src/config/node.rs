@@ -155,9 +155,13 @@ const FOREIGN: &[(&str, Foreign)] = &[
     ("apisix.lru", Any),
     ("apisix.tracing", Any),
     ("apisix.disable_sync_configuration_during_start", Any),
+    ("apisix.events", Any),
+    // APISIX 2.x's switch to standalone mode.
+    ("apisix.config_center", Only(&["yaml"])),
     ("apisix.worker_startup_time_threshold", Any),
     ("apisix.ssl.ssl_ciphers", Any),
     ("apisix.ssl.ssl_session_tickets", Only(&["false"])),
+    ("apisix.ssl.ssl_session_timeout", Any),
     ("apisix.ssl.key_encrypt_salt", Any),
     ("nginx_config.user", Any),
     ("nginx_config.error_log", Any),
@@ -170,6 +174,7 @@ const FOREIGN: &[(&str, Foreign)] = &[
     ("nginx_config.event", Any),
     ("nginx_config.meta", Any),
     ("nginx_config.stream", Any),
+    ("nginx_config.envs", Any),
     ("nginx_config.main_configuration_snippet", Snippet),
     ("nginx_config.http_configuration_snippet", Snippet),
     ("nginx_config.http_server_configuration_snippet", Snippet),
@@ -848,12 +853,12 @@ mod tests {
             "plugins:\n  - limit-count\napisix:\n  enable_dev_mode: false\n  enable_admin: true\n  router:\n    http: radixtree_host_uri\n    ssl: radixtree_sni\n  ssl:\n    ssl_session_tickets: false\nnginx_config:\n  error_log_level: warn\n  http_configuration_snippet: |\n  http:\n    underscores_in_headers: \"on\"\n    upstream:\n      keepalive: 320\n      keepalive_timeout: 60s\n",
         )
         .unwrap();
-        // Listed: what Strait does not do.
+        // Listed: what Strait does not do. Not listed: APISIX's defaults, which Strait does
+        // (router, session tickets, the empty snippet, ...), and a map whose keys were all taken.
         assert_eq!(
             c.ignored,
             ["plugins", "apisix.enable_admin", "apisix.enable_dev_mode", "nginx_config.error_log_level"]
         );
-        // Not listed: APISIX's defaults, which Strait does; a map whose keys were all taken.
         // Settings Strait applies are not listed.
         let c = parse("apisix:\n  node_listen: 9080\n").unwrap();
         assert!(c.ignored.is_empty(), "{:?}", c.ignored);
