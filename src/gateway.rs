@@ -19,7 +19,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use strait_discovery::Discovery;
 use strait_discovery::dns::DnsDiscovery;
-use strait_protocols::tls::CertStore;
+use strait_protocols::tls::{CertStore, SniPolicy};
 use tokio::task::AbortHandle;
 
 use crate::config::node::NodeConfig;
@@ -200,8 +200,16 @@ impl Shared {
         for ssl in res.ssls.iter().filter(|s| !s.client) {
             let key = strait_protocols::tls::certified_key(&ssl.cert, &ssl.key)
                 .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
+            let policy = if ssl.client_auth.is_some() || ssl.protocols.is_some() {
+                let versions = ssl.protocols.unwrap_or(self.node.ssl_protocols);
+                let p = SniPolicy::new(key.clone(), versions, ssl.client_auth.clone())
+                    .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
+                Some(Arc::new(p))
+            } else {
+                None
+            };
             for sni in &ssl.snis {
-                certs.insert(sni, key.clone());
+                certs.insert_with(sni, key.clone(), policy.clone());
             }
         }
         if let Some(f) = &self.node.fallback_sni {
@@ -320,6 +328,44 @@ impl ResolvesServerCert for StateCerts {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.0.load().certs.resolve(hello.server_name())
     }
+}
+
+/// Which of an [`SniPolicy`]'s configurations a listener takes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TlsKind {
+    /// HTTP with HTTP/2 (ALPN `h2`, `http/1.1`).
+    H2,
+    /// HTTP/1.1 only.
+    H1,
+    /// L4 streams (no ALPN).
+    Raw,
+}
+
+/// Accepts a TLS client with the listener's configuration (`acceptor`) or, when the `ssls`
+/// entry for the SNI it asks for has settings of its own (`client`, `ssl_protocols`), with
+/// that entry's [`SniPolicy`]. Only then is the ClientHello read before a configuration is
+/// chosen; without such entries the handshake is the listener's, as it was.
+pub(crate) async fn accept_tls<IO>(
+    io: IO,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    state: &ArcSwap<State>,
+    kind: TlsKind,
+) -> std::io::Result<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if !state.load().certs.has_policies() {
+        return acceptor.accept(io).await;
+    }
+    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+    let policy = state.load().certs.policy(start.client_hello().server_name());
+    let config = match (policy, kind) {
+        (Some(p), TlsKind::H2) => p.h2.clone(),
+        (Some(p), TlsKind::H1) => p.h1.clone(),
+        (Some(p), TlsKind::Raw) => p.raw.clone(),
+        (None, _) => acceptor.config().clone(),
+    };
+    start.into_stream(config).await
 }
 
 /// Bound listener addresses of a running gateway.

@@ -31,7 +31,7 @@ use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::gateway::{Addresses, Shared, StateCerts};
+use crate::gateway::{Addresses, Shared, StateCerts, TlsKind, accept_tls};
 use crate::route::RequestView;
 
 /// How the gateway runs.
@@ -439,8 +439,11 @@ async fn accept_loop(
                     // Boxed: the handshake's state is freed once it is done, instead of being
                     // part of the task of every idle connection. So is the TLS state: the task
                     // holds a pointer to it, and the general path takes that pointer.
+                    let state = shared.state.clone();
+                    let kind = if http2 { TlsKind::H2 } else { TlsKind::H1 };
                     let hs = Box::pin(async move {
-                        let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
+                        let accept = accept_tls(stream, &acceptor, &state, kind);
+                        let tls = tokio::time::timeout_at(deadline, accept).await;
                         tls.map(|r| r.map(Box::new))
                     })
                     .await;
@@ -448,7 +451,8 @@ async fn accept_loop(
                         Ok(Ok(tls)) => {
                             if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                                 // A task of its own, sized for the HTTP/2 state, as for h2c.
-                                let ctx = ConnCtx::new(shared, peer, local, true);
+                                let sni = tls.get_ref().1.server_name();
+                                let ctx = ConnCtx::new(shared, peer, local, true).with_sni(sni);
                                 tokio::spawn(serve_h2(tls, ctx, protocols, guard));
                             } else {
                                 // A task of its own too, sized for the HTTP/1.1 relay: awaited
@@ -480,6 +484,9 @@ struct ConnCtx {
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
+    /// The SNI of a TLS connection's handshake, kept only while some `ssls` entry requires
+    /// client certificates ([`strait_protocols::tls::CertStore::host_allowed`]).
+    sni: Option<Box<str>>,
     /// `X-Real-IP` / `X-Forwarded-Port` values, computed once per connection.
     client_ip: http::HeaderValue,
     local_port_value: http::HeaderValue,
@@ -488,7 +495,15 @@ struct ConnCtx {
 impl ConnCtx {
     fn new(shared: Arc<Shared>, peer: SocketAddr, local: SocketAddr, tls: bool) -> ConnCtx {
         let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
-        ConnCtx { shared, peer, local, tls, client_ip, local_port_value }
+        ConnCtx { shared, peer, local, tls, sni: None, client_ip, local_port_value }
+    }
+
+    /// With the SNI of the TLS handshake, when it may be needed.
+    fn with_sni(mut self, sni: Option<&str>) -> ConnCtx {
+        if self.shared.state.load().certs.has_client_auth() {
+            self.sni = sni.map(Box::from);
+        }
+        self
     }
 }
 
@@ -570,23 +585,17 @@ async fn sniff(stream: &mut TcpStream, h2c: bool) -> Option<(Proto, bytes::Bytes
 /// Serves an HTTP/1.1 connection through hyper's server (the general path): what the relay of
 /// [`serve_h1`] hands over. Boxed by the caller, so a connection that has not spoken yet costs
 /// only a pointer to it.
-async fn serve_http<IO>(
-    io: IO,
-    peer: SocketAddr,
-    local: SocketAddr,
-    tls: bool,
-    shared: Arc<Shared>,
-    protocols: Arc<HttpProtocols>,
-    guard: &ConnGuard,
-) where
+async fn serve_http<IO>(io: IO, conn: ConnCtx, protocols: Arc<HttpProtocols>, guard: &ConnGuard)
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // A client that stops reading is cut off after `send_timeout` without progress.
-    let io = SendTimeout::new(io, shared.node.send_timeout);
+    let io = SendTimeout::new(io, conn.shared.node.send_timeout);
+    let peer = conn.peer;
     // A connection that becomes a tunnel (an upgrade) outlives this function and the guard its
     // caller holds: the tunnel takes a guard of its own from the worker's tracker, so a drain
     // waits for it too.
-    let ctx = Arc::new((ConnCtx::new(shared, peer, local, tls), guard.0.clone()));
+    let ctx = Arc::new((conn, guard.0.clone()));
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         // hyper's HTTP/1 dispatcher keeps the allocation that holds the in-flight service
@@ -672,6 +681,8 @@ trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The TCP connection whose first bytes can tell h2c from HTTP/1.1 (none under TLS, where
     /// ALPN does).
     fn sniffable(&mut self) -> Option<&mut TcpStream>;
+    /// The SNI the client's TLS handshake asked for.
+    fn sni(&self) -> Option<&str>;
 }
 
 /// Ends a connection the relay closes: over TLS with `close_notify`, so a client reading a body
@@ -729,6 +740,9 @@ impl ClientStream for TcpStream {
     fn sniffable(&mut self) -> Option<&mut TcpStream> {
         Some(self)
     }
+    fn sni(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
@@ -741,6 +755,9 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
     }
     fn sniffable(&mut self) -> Option<&mut TcpStream> {
         None
+    }
+    fn sni(&self) -> Option<&str> {
+        self.get_ref().1.server_name()
     }
 }
 
@@ -846,9 +863,10 @@ fn serve_h1<S: ClientStream>(
             }
         }
         let H1Conn { stream, peer, local, shared, .. } = conn;
+        let ctx = ConnCtx::new(shared, peer, local, S::TLS).with_sni(stream.sni());
         let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
         // Boxed: the general path's state is not part of every relayed connection's.
-        Box::pin(serve_http(io, peer, local, S::TLS, shared, protocols, &guard)).await;
+        Box::pin(serve_http(io, ctx, protocols, &guard)).await;
     }
 }
 
@@ -938,6 +956,10 @@ async fn one_request<S: ClientStream>(
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, peer, local, S::TLS);
+        if S::TLS && !state.certs.host_allowed(&view.host, stream.sni()) {
+            // The general path answers it (400).
+            return Step::HandOff;
+        }
         let Some(route) = state.router.find(&view) else { return Step::HandOff };
         let Some(up) = &route.upstream else { return Step::HandOff };
         if route.transcode.is_some()
@@ -1059,6 +1081,13 @@ async fn handle(
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, c.peer, c.local, c.tls);
+        if c.tls && !state.certs.host_allowed(&view.host, c.sni.as_deref()) {
+            // APISIX: "client certificate verified with SNI ..., but the host is ...".
+            drop(state);
+            strait_protocols::http::drain_unread(body).await;
+            let e = ProxyError::BadRequest("this host requires a client certificate for its own name".into());
+            return error_response(&e, is_grpc);
+        }
         match state.router.find(&view) {
             None => {
                 shared.metrics.http_no_route.fetch_add(1, Ordering::Relaxed);

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::gateway::Shared;
+use crate::gateway::{Shared, TlsKind, accept_tls};
 use crate::route::expr::{Var, VarSource};
 use crate::server::ConnGuard;
 use crate::upstream::Upstream;
@@ -100,7 +100,8 @@ pub(crate) fn serve(
                     return;
                 };
                 let acceptor = TlsAcceptor::from(config);
-                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                let accept = accept_tls(stream, &acceptor, &shared.state, TlsKind::Raw);
+                let tls = match tokio::time::timeout(handshake_timeout, accept).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");

@@ -7,7 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::certs::{Ca, Leaf, client_tls, yaml_block};
+use support::certs::{Ca, Leaf, client_tls, client_tls_with_cert, yaml_block};
 use support::servers::{Echo, ProxyRecorder, Redis, require_bin};
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -225,6 +225,47 @@ async fn tls_termination_relays_8_mib_byte_for_byte_with_half_close() {
     );
     let (s, _) = tls_connect(gw.stream(0), &ca, "db.test", &leaf).await;
     echoes_byte_for_byte(s, 8 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination_with_client_ca_relays_only_for_client_certificates() {
+    let ca = Ca::new("stream-ca");
+    let client_ca = Ca::new("client-ca");
+    let leaf = ca.leaf(&["db.test"]);
+    let echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
+        &format!(
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}    client:\n      ca: {}stream_routes:\n  - upstream: {{nodes: {}}}\n",
+            yaml_block(&leaf.cert, 6),
+            yaml_block(&leaf.key, 6),
+            yaml_block(&client_ca.pem, 8),
+            nodes_yaml(&[echo.addr])
+        ),
+        1,
+    );
+    let sn = rustls::pki_types::ServerName::try_from("db.test").unwrap();
+    // With a certificate from the client CA: relayed.
+    let tcp = TcpStream::connect(gw.stream(0)).await.unwrap();
+    let connector = client_tls_with_cert(&ca, &client_ca.leaf(&["client"]));
+    let mut s = connector.connect(sn.clone(), tcp).await.expect("TLS handshake with a client certificate");
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    // Without one: the gateway ends the handshake (with TLS 1.3 the client learns it at its
+    // first read) and the node never sees the session.
+    let tcp = TcpStream::connect(gw.stream(0)).await.unwrap();
+    let relayed = match client_tls(&ca).connect(sn, tcp).await {
+        Err(_) => false,
+        Ok(mut s) => {
+            let _ = s.write_all(b"ping").await;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await.is_ok()
+        }
+    };
+    assert!(!relayed, "relayed without a client certificate");
+    assert_eq!(*echo.connections.lock().unwrap(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

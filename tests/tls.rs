@@ -66,6 +66,87 @@ async fn ssl_protocols_limits_the_tls_versions_offered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does_not() {
+    let ca = Ca::new("test-ca");
+    let client_ca = Ca::new("client-ca");
+    let other_ca = Ca::new("other-ca");
+    let (api, open, v13) =
+        (ca.leaf(&["api.example.com"]), ca.leaf(&["open.example.com"]), ca.leaf(&["v13.example.com"]));
+    let b = Backend::start("b").await;
+    let (dir, ca_file) = ca_file(&ca);
+    let mut files = Vec::new();
+    for (name, leaf) in [("good", client_ca.leaf(&["client"])), ("bad", other_ca.leaf(&["client"]))] {
+        let (c, k) = (dir.path().join(format!("{name}.pem")), dir.path().join(format!("{name}.key")));
+        std::fs::write(&c, &leaf.cert).unwrap();
+        std::fs::write(&k, &leaf.key).unwrap();
+        files.push((c.to_str().unwrap().to_string(), k.to_str().unwrap().to_string()));
+    }
+    let gw = TestGateway::start_with(
+        &tls_config(),
+        &format!(
+            "ssls:\n{}    client:\n      ca: {}{}{}    ssl_protocols: [TLSv1.3]\nroutes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+            ssl_entry("api", "api.example.com", &api),
+            yaml_block(&client_ca.pem, 8),
+            ssl_entry("open", "open.example.com", &open),
+            ssl_entry("v13", "v13.example.com", &v13),
+            nodes_yaml(&[b.addr])
+        ),
+        1,
+    );
+    let port = gw.tls().port();
+    let get = |host: &'static str, extra: Vec<String>| {
+        let ca_file = ca_file.clone();
+        async move {
+            let resolve = format!("{host}:{port}:127.0.0.1");
+            let url = format!("https://{host}:{port}/x");
+            let mut args: Vec<String> = ["-sS", "-f", "--cacert", &ca_file, "--resolve", &resolve]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            args.extend(extra);
+            args.push(url);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(&args).await
+        }
+    };
+    let cert =
+        |i: usize| vec!["--cert".to_string(), files[i].0.clone(), "--key".to_string(), files[i].1.clone()];
+    // A certificate from the SNI's client CA: served, over HTTP/2 and HTTP/1.1.
+    for proto in ["--http2", "--http1.1"] {
+        let mut extra = cert(0);
+        extra.push(proto.to_string());
+        let (ok, out, err) = get("api.example.com", extra).await;
+        assert!(ok && out.contains("b"), "{proto} with a good client certificate: {err}");
+    }
+    // None, or one from another CA: refused at the handshake.
+    let (ok, _, err) = get("api.example.com", vec![]).await;
+    assert!(!ok, "no client certificate was accepted: {err}");
+    let (ok, _, err) = get("api.example.com", cert(1)).await;
+    assert!(!ok, "a certificate from another CA was accepted: {err}");
+    // A request for that host over a connection for another name, whose handshake asked for
+    // no certificate: 400, as in APISIX.
+    for proto in ["--http1.1", "--http2"] {
+        let extra = vec![
+            "-H".into(),
+            "Host: api.example.com".into(),
+            proto.into(),
+            "-w".into(),
+            "%{http_code}".into(),
+        ];
+        let (_, out, err) = get("open.example.com", extra).await;
+        assert!(out.ends_with("400"), "{proto}: Host api.example.com over SNI open.example.com: {out} {err}");
+    }
+    // Another SNI on the same port asks for none and keeps the listener's TLS versions.
+    let (ok, _, err) = get("open.example.com", vec!["--tls-max".into(), "1.2".into()]).await;
+    assert!(ok, "an SNI without client.ca: {err}");
+    // An SNI with its own ssl_protocols.
+    let (ok, _, err) = get("v13.example.com", vec!["--tlsv1.3".into()]).await;
+    assert!(ok, "TLS 1.3 to an SNI with ssl_protocols [TLSv1.3]: {err}");
+    let (ok, _, _) = get("v13.example.com", vec!["--tls-max".into(), "1.2".into()]).await;
+    assert!(!ok, "TLS 1.2 was accepted by an SNI with ssl_protocols [TLSv1.3]");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_by_sni_with_wildcards_and_alpn() {
     let ca = Ca::new("test-ca");
     let api = ca.leaf(&["api.example.com"]);

@@ -55,6 +55,19 @@ pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>,
     Ok(Arc::new(ck))
 }
 
+/// The CAs of `ssls[].client.ca` (PEM), checked to be usable for verifying clients.
+pub fn client_roots(pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in parse_certs(pem)? {
+        store.add(c)?;
+    }
+    let store = Arc::new(store);
+    rustls::server::WebPkiClientVerifier::builder_with_provider(store.clone(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    Ok(store)
+}
+
 /// The system's trust anchors plus any extra PEM bundle, loaded once.
 pub fn root_store(extra_pem: Option<&str>) -> Result<Arc<RootCertStore>, TlsError> {
     static SYSTEM: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
@@ -175,30 +188,86 @@ impl ServerCertVerifier for NoVerify {
 /// Certificates by SNI (`ssls`): exact names and `*.` wildcards, matched case-insensitively.
 #[derive(Default, Debug, Clone)]
 pub struct CertStore {
-    exact: HashMap<String, Arc<CertifiedKey>>,
+    exact: HashMap<String, SniEntry>,
     /// Keyed by the suffix after `*`, e.g. `.example.com`.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, SniEntry>,
     /// Used when the client sends no SNI (`apisix.ssl.fallback_sni`).
-    fallback: Option<Arc<CertifiedKey>>,
+    fallback: Option<SniEntry>,
+    /// Whether some entry has a [`SniPolicy`] (then handshakes read the ClientHello first).
+    policies: bool,
+    /// Whether some entry's policy requires client certificates.
+    client_auth: bool,
+}
+
+/// What one SNI is served with.
+#[derive(Debug, Clone)]
+struct SniEntry {
+    key: Arc<CertifiedKey>,
+    policy: Option<Arc<SniPolicy>>,
 }
 
 impl CertStore {
     /// Adds a certificate for `sni` (exact or `*.suffix`).
     pub fn insert(&mut self, sni: &str, key: Arc<CertifiedKey>) {
+        self.insert_with(sni, key, None);
+    }
+
+    /// Adds a certificate for `sni` whose handshakes follow `policy` (client certificates, TLS
+    /// versions) instead of the listener's settings.
+    pub fn insert_with(&mut self, sni: &str, key: Arc<CertifiedKey>, policy: Option<Arc<SniPolicy>>) {
+        self.policies |= policy.is_some();
+        self.client_auth |= policy.as_ref().is_some_and(|p| p.client_auth);
+        let entry = SniEntry { key, policy };
         let sni = sni.to_ascii_lowercase();
         match sni.strip_prefix('*') {
-            Some(suffix) => self.wildcard.insert(suffix.to_string(), key),
-            None => self.exact.insert(sni, key),
+            Some(suffix) => self.wildcard.insert(suffix.to_string(), entry),
+            None => self.exact.insert(sni, entry),
         };
     }
 
     /// Sets the certificate for clients that send no SNI, by looking `name` up.
     pub fn set_fallback(&mut self, name: &str) {
-        self.fallback = self.lookup(name);
+        self.fallback = self.entry(name).cloned();
+    }
+
+    /// Whether some SNI requires client certificates.
+    pub fn has_client_auth(&self) -> bool {
+        self.client_auth
+    }
+
+    /// Whether some SNI has a policy of its own.
+    pub fn has_policies(&self) -> bool {
+        self.policies
+    }
+
+    /// Whether a request for `host` (lower-case, no port) may go over a connection whose
+    /// handshake was for `sni`: not when `host`'s entry requires client certificates and the
+    /// connection was for another name, whose handshake did not ask for them (APISIX's rule:
+    /// 400). Always, while no entry requires them.
+    pub fn host_allowed(&self, host: &str, sni: Option<&str>) -> bool {
+        if !self.client_auth {
+            return true;
+        }
+        match self.entry(host).and_then(|e| e.policy.as_ref()) {
+            Some(p) if p.client_auth => sni.is_some_and(|s| s.eq_ignore_ascii_case(host)),
+            _ => true,
+        }
+    }
+
+    /// The policy of the SNI a client asked for (or of the fallback, without SNI).
+    pub fn policy(&self, sni: Option<&str>) -> Option<Arc<SniPolicy>> {
+        match sni {
+            Some(name) => self.entry(name)?.policy.clone(),
+            None => self.fallback.as_ref()?.policy.clone(),
+        }
     }
 
     /// The certificate for `sni`: exact match first, then the longest wildcard suffix.
     pub fn lookup(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        self.entry(sni).map(|e| e.key.clone())
+    }
+
+    fn entry(&self, sni: &str) -> Option<&SniEntry> {
         let lower;
         let sni = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = sni.to_ascii_lowercase();
@@ -206,16 +275,16 @@ impl CertStore {
         } else {
             sni
         };
-        if let Some(k) = self.exact.get(sni) {
-            return Some(k.clone());
+        if let Some(e) = self.exact.get(sni) {
+            return Some(e);
         }
         // `*.example.com` matches any depth below example.com, but not example.com itself.
         for (i, _) in sni.match_indices('.') {
             if i == 0 {
                 continue;
             }
-            if let Some(k) = self.wildcard.get(&sni[i..]) {
-                return Some(k.clone());
+            if let Some(e) = self.wildcard.get(&sni[i..]) {
+                return Some(e);
             }
         }
         None
@@ -256,8 +325,125 @@ impl CertStore {
     pub fn resolve(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         match sni {
             Some(name) => self.lookup(name),
-            None => self.fallback.clone(),
+            None => self.fallback.as_ref().map(|e| e.key.clone()),
         }
+    }
+}
+
+/// The server configurations of an SNI whose `ssls` entry asks for client certificates
+/// (`client.ca`) or its own TLS versions (`ssl_protocols`): rustls fixes both per
+/// configuration, so such an SNI gets configurations of its own, chosen once the ClientHello
+/// is read. One per kind of listener, by ALPN.
+#[derive(Debug)]
+pub struct SniPolicy {
+    /// HTTP listeners with HTTP/2: ALPN `h2` and `http/1.1`.
+    pub h2: Arc<rustls::ServerConfig>,
+    /// HTTP listeners without HTTP/2: ALPN `http/1.1`.
+    pub h1: Arc<rustls::ServerConfig>,
+    /// L4 stream listeners: no ALPN.
+    pub raw: Arc<rustls::ServerConfig>,
+    /// Whether its handshakes require a client certificate.
+    pub client_auth: bool,
+}
+
+/// Client certificates an SNI requires (`ssls[].client`).
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// The CAs a client certificate must chain to (`client.ca`).
+    pub roots: Arc<RootCertStore>,
+    /// nginx's `ssl_verify_depth` (`client.depth`, APISIX's default 1): the chain may have at
+    /// most `depth - 1` intermediates between the client's certificate and a CA.
+    pub depth: usize,
+}
+
+impl SniPolicy {
+    /// Configurations serving `key`, with `versions` and, when given, required client
+    /// certificates.
+    pub fn new(
+        key: Arc<CertifiedKey>,
+        versions: TlsVersions,
+        client: Option<ClientAuth>,
+    ) -> Result<SniPolicy, TlsError> {
+        let client_auth = client.is_some();
+        let verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>> = match client {
+            None => None,
+            Some(c) => {
+                let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(c.roots, provider())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                Some(Arc::new(DepthLimited { inner, depth: c.depth.max(1) }))
+            }
+        };
+        let build = |alpn: &[&[u8]]| -> Result<Arc<rustls::ServerConfig>, TlsError> {
+            let builder = rustls::ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&versions.list()?)?;
+            let builder = match &verifier {
+                Some(v) => builder.with_client_cert_verifier(v.clone()),
+                None => builder.with_no_client_auth(),
+            };
+            let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(key.clone())));
+            cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(Arc::new(cfg))
+        };
+        Ok(SniPolicy {
+            h2: build(&[b"h2", b"http/1.1"])?,
+            h1: build(&[b"http/1.1"])?,
+            raw: build(&[])?,
+            client_auth,
+        })
+    }
+}
+
+/// Serves one certificate, whatever the SNI (the SNI chose the [`SniPolicy`]).
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// webpki's client verification, with only the first `depth - 1` intermediates the client
+/// sent available to build the chain: a client whose certificate needs more between it and a
+/// CA is refused, as with nginx's `ssl_verify_depth`.
+#[derive(Debug)]
+struct DepthLimited {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    depth: usize,
+}
+
+impl rustls::server::danger::ClientCertVerifier for DepthLimited {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let usable = &intermediates[..intermediates.len().min(self.depth - 1)];
+        self.inner.verify_client_cert(end_entity, usable, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -275,6 +461,23 @@ impl Default for TlsVersions {
     }
 }
 
+impl TlsVersions {
+    /// rustls's versions, newest first; an error when none is on.
+    fn list(self) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, TlsError> {
+        let mut list: Vec<&'static rustls::SupportedProtocolVersion> = Vec::with_capacity(2);
+        if self.tls13 {
+            list.push(&rustls::version::TLS13);
+        }
+        if self.tls12 {
+            list.push(&rustls::version::TLS12);
+        }
+        if list.is_empty() {
+            return Err(rustls::Error::General("no TLS version enabled".into()).into());
+        }
+        Ok(list)
+    }
+}
+
 /// A server configuration for TLS listeners: certificates by SNI, ALPN `h2` (when enabled) and
 /// `http/1.1`, the TLS `versions` given.
 pub fn server_config(
@@ -282,18 +485,8 @@ pub fn server_config(
     alpn: &[&[u8]],
     versions: TlsVersions,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let mut list: Vec<&'static rustls::SupportedProtocolVersion> = Vec::with_capacity(2);
-    if versions.tls13 {
-        list.push(&rustls::version::TLS13);
-    }
-    if versions.tls12 {
-        list.push(&rustls::version::TLS12);
-    }
-    if list.is_empty() {
-        return Err(rustls::Error::General("no TLS version enabled".into()).into());
-    }
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&list)?
+        .with_protocol_versions(&versions.list()?)?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -303,6 +496,57 @@ pub fn server_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA (`is_ca`) or client certificate for `name`, signed by `issuer` (self-signed without).
+    fn cert(
+        name: &str,
+        is_ca: bool,
+        issuer: Option<&rcgen::Issuer<'static, rcgen::KeyPair>>,
+    ) -> (CertificateDer<'static>, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        if is_ca {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        } else {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let c = match issuer {
+            Some(i) => p.signed_by(&key, i).unwrap(),
+            None => p.self_signed(&key).unwrap(),
+        };
+        (c.der().clone(), rcgen::Issuer::new(p, key))
+    }
+
+    #[test]
+    fn client_depth_limits_the_intermediates_between_a_client_and_its_ca() {
+        use rustls::server::danger::ClientCertVerifier;
+        let (root, root_issuer) = cert("root", true, None);
+        let (inter, inter_issuer) = cert("inter", true, Some(&root_issuer));
+        let (direct, _) = cert("direct", false, Some(&root_issuer));
+        let (below, _) = cert("below", false, Some(&inter_issuer));
+        let mut roots = RootCertStore::empty();
+        roots.add(root).unwrap();
+        let roots = Arc::new(roots);
+        let verifier = |depth| {
+            let inner =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                    .build()
+                    .unwrap();
+            DepthLimited { inner, depth }
+        };
+        let now = UnixTime::now();
+        // depth 1 (APISIX's default): signed by the CA itself only.
+        assert!(verifier(1).verify_client_cert(&direct, &[], now).is_ok());
+        assert!(verifier(1).verify_client_cert(&below, std::slice::from_ref(&inter), now).is_err());
+        // depth 2: one intermediate.
+        assert!(verifier(2).verify_client_cert(&below, std::slice::from_ref(&inter), now).is_ok());
+        // A certificate from another CA, whatever the depth.
+        let (_, other_issuer) = cert("other", true, None);
+        let (stranger, _) = cert("stranger", false, Some(&other_issuer));
+        assert!(verifier(9).verify_client_cert(&stranger, &[], now).is_err());
+    }
 
     fn key() -> Arc<CertifiedKey> {
         let ck = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();

@@ -278,9 +278,18 @@ pub struct RawSsl {
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub status: Option<u8>,
+    pub client: Option<RawSslClient>,
+    pub ssl_protocols: Option<Vec<String>>,
 }
 
-pub const SSL_UNSUPPORTED: &[&str] = &["client", "ssl_protocols"];
+/// `ssls[].client`: client certificates required from clients (mTLS).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawSslClient {
+    pub ca: Option<String>,
+    pub depth: Option<i64>,
+    pub skip_mtls_uri_regex: Option<Vec<String>>,
+}
 
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]

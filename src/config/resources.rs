@@ -221,6 +221,10 @@ pub struct SslSpec {
     pub key: String,
     /// `type: client` certificates are for mTLS to upstreams, not for listeners.
     pub client: bool,
+    /// `client`: certificates its SNIs require from clients.
+    pub client_auth: Option<strait_protocols::tls::ClientAuth>,
+    /// `ssl_protocols`: its SNIs' TLS versions (`None`: the listener's).
+    pub protocols: Option<strait_protocols::tls::TlsVersions>,
 }
 
 /// A proto resource.
@@ -365,9 +369,8 @@ impl Builder<'_> {
     fn ssls(&mut self, items: Vec<Value>) -> HashMap<String, SslSpec> {
         let mut by_id = HashMap::new();
         let mut seen = HashSet::new();
-        for (i, mut v) in items.into_iter().enumerate() {
+        for (i, v) in items.into_iter().enumerate() {
             let path = index("ssls", i);
-            reject_unsupported(&mut v, &path, raw::SSL_UNSUPPORTED, &mut self.errs);
             let Some(r) = decode::<RawSsl>(&v, &path, &mut self.errs) else {
                 continue;
             };
@@ -408,17 +411,95 @@ impl Builder<'_> {
                     self.errs.add(index(&join(&path, "snis"), j), format!("invalid SNI {s:?}"));
                 }
             }
+            let client_auth =
+                r.client.as_ref().and_then(|c| self.ssl_client(c, client, &join(&path, "client")));
+            let protocols =
+                r.ssl_protocols.as_ref().and_then(|p| self.ssl_protocols(p, &join(&path, "ssl_protocols")));
             let spec = SslSpec {
                 id: id.clone(),
                 snis: snis.iter().map(|s| s.to_ascii_lowercase()).collect(),
                 cert,
                 key,
                 client,
+                client_auth,
+                protocols,
             };
             by_id.insert(id, spec.clone());
             self.res.ssls.push(spec);
         }
         by_id
+    }
+
+    /// `ssls[].client`: the CAs client certificates must chain to, and the chain's depth.
+    fn ssl_client(
+        &mut self,
+        c: &raw::RawSslClient,
+        for_upstreams: bool,
+        path: &str,
+    ) -> Option<strait_protocols::tls::ClientAuth> {
+        if for_upstreams {
+            self.errs.add(path, "only for `type: server` certificates (it asks clients for theirs)");
+            return None;
+        }
+        if c.skip_mtls_uri_regex.is_some() {
+            self.errs.add(
+                join(path, "skip_mtls_uri_regex"),
+                "unsupported by Strait: client certificates are required at the handshake, for every URI",
+            );
+        }
+        let depth = match c.depth {
+            None => 1,
+            Some(d) if d >= 1 => usize::try_from(d).unwrap_or(usize::MAX),
+            Some(0) => {
+                self.errs.add(
+                    join(path, "depth"),
+                    "unsupported by Strait: depth 0 (a client certificate trusted as itself); use 1 or more",
+                );
+                return None;
+            }
+            Some(_) => {
+                self.errs.add(join(path, "depth"), "must be an integer >= 0");
+                return None;
+            }
+        };
+        let Some(ca) = &c.ca else {
+            self.errs
+                .add(join(path, "ca"), "required: the CA certificates client certificates must chain to");
+            return None;
+        };
+        match strait_protocols::tls::client_roots(ca) {
+            Ok(roots) => Some(strait_protocols::tls::ClientAuth { roots, depth }),
+            Err(e) => {
+                self.errs.add(join(path, "ca"), format!("cannot use these CA certificates: {e}"));
+                None
+            }
+        }
+    }
+
+    /// `ssls[].ssl_protocols`: `TLSv1.1`, `TLSv1.2`, `TLSv1.3` (APISIX's enum). rustls offers
+    /// no TLS 1.1, so it must come with a newer one.
+    fn ssl_protocols(&mut self, list: &[String], path: &str) -> Option<strait_protocols::tls::TlsVersions> {
+        let mut v = strait_protocols::tls::TlsVersions { tls12: false, tls13: false };
+        for (i, p) in list.iter().enumerate() {
+            match p.as_str() {
+                "TLSv1.3" => v.tls13 = true,
+                "TLSv1.2" => v.tls12 = true,
+                "TLSv1.1" => {}
+                other => {
+                    self.errs
+                        .add(index(path, i), format!("must be TLSv1.1, TLSv1.2 or TLSv1.3, not {other:?}"));
+                    return None;
+                }
+            }
+        }
+        if !v.tls12 && !v.tls13 {
+            self.errs.add(
+                path,
+                "unsupported by Strait: TLSv1.2 or TLSv1.3 must be among them (TLS 1.1 is not offered)",
+            );
+            return None;
+        }
+        Some(v)
     }
 
     fn named_upstreams(&mut self, items: Vec<Value>, ssls: &HashMap<String, SslSpec>) {
@@ -1532,6 +1613,38 @@ mod tests {
                 metadata: Map::new()
             }])
         );
+    }
+
+    #[test]
+    fn ssl_client_ca_and_ssl_protocols_are_checked_with_their_paths() {
+        let ck = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        let block =
+            |pem: &str| format!("|\n{}", pem.lines().map(|l| format!("        {l}\n")).collect::<String>());
+        let ssl = |extra: &str| {
+            format!(
+                "ssls:\n  - snis: [a.test]\n    cert: {}    key: {}{extra}#END\n",
+                block(&ck.cert.pem()),
+                block(&ck.signing_key.serialize_pem())
+            )
+        };
+        let ca = format!("    client:\n      ca: {}", block(&ck.cert.pem()));
+        let r = parse(&ssl(&format!("{ca}    ssl_protocols: [TLSv1.1, TLSv1.3]\n"))).unwrap();
+        let spec = &r.ssls[0];
+        assert_eq!(spec.client_auth.as_ref().map(|c| c.depth), Some(1));
+        assert_eq!(spec.protocols, Some(strait_protocols::tls::TlsVersions { tls12: false, tls13: true }));
+        let r = parse(&ssl("")).unwrap();
+        assert!(r.ssls[0].client_auth.is_none() && r.ssls[0].protocols.is_none());
+        for (extra, path) in [
+            (format!("{ca}      depth: 0\n"), "ssls[0].client.depth"),
+            (format!("{ca}      skip_mtls_uri_regex: [\"/open\"]\n"), "ssls[0].client.skip_mtls_uri_regex"),
+            ("    client:\n      ca: not a certificate\n".to_string(), "ssls[0].client.ca"),
+            ("    client:\n      depth: 2\n".to_string(), "ssls[0].client.ca"),
+            ("    ssl_protocols: [TLSv1.1]\n".to_string(), "ssls[0].ssl_protocols"),
+            ("    ssl_protocols: [SSLv3]\n".to_string(), "ssls[0].ssl_protocols[0]"),
+        ] {
+            let e = errors(&ssl(&extra));
+            assert!(e.iter().any(|m| m.starts_with(&format!("{path}: "))), "{path}: {e:?}");
+        }
     }
 
     #[test]

@@ -66,3 +66,23 @@ pub fn client_tls(ca: &Ca) -> tokio_rustls::TlsConnector {
     .with_no_client_auth();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
 }
+
+/// A TLS client that trusts only `ca` and presents `cert` (mTLS).
+pub fn client_tls_with_cert(ca: &Ca, cert: &Leaf) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in strait_protocols::tls::parse_certs(&ca.pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        strait_protocols::tls::parse_certs(&cert.cert).unwrap(),
+        strait_protocols::tls::parse_key(&cert.key).unwrap(),
+    )
+    .unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+}
