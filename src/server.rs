@@ -451,8 +451,7 @@ async fn accept_loop(
                         Ok(Ok(tls)) => {
                             if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                                 // A task of its own, sized for the HTTP/2 state, as for h2c.
-                                let sni = tls.get_ref().1.server_name();
-                                let ctx = ConnCtx::new(shared, peer, local, true).with_sni(sni);
+                                let ctx = ConnCtx::new(shared, peer, local, true).with_tls(&tls);
                                 tokio::spawn(serve_h2(tls, ctx, protocols, guard));
                             } else {
                                 // A task of its own too, sized for the HTTP/1.1 relay: awaited
@@ -484,9 +483,11 @@ struct ConnCtx {
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
-    /// The SNI of a TLS connection's handshake, kept only while some `ssls` entry requires
-    /// client certificates ([`strait_protocols::tls::CertStore::host_allowed`]).
+    /// The SNI of a TLS connection's handshake, kept only while some `ssls` entry asks for
+    /// client certificates ([`strait_protocols::tls::CertStore::request_allowed`]).
     sni: Option<Box<str>>,
+    /// Whether the client presented a verified certificate.
+    client_verified: bool,
     /// `X-Real-IP` / `X-Forwarded-Port` values, computed once per connection.
     client_ip: http::HeaderValue,
     local_port_value: http::HeaderValue,
@@ -495,13 +496,14 @@ struct ConnCtx {
 impl ConnCtx {
     fn new(shared: Arc<Shared>, peer: SocketAddr, local: SocketAddr, tls: bool) -> ConnCtx {
         let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
-        ConnCtx { shared, peer, local, tls, sni: None, client_ip, local_port_value }
+        ConnCtx { shared, peer, local, tls, sni: None, client_verified: false, client_ip, local_port_value }
     }
 
-    /// With the SNI of the TLS handshake, when it may be needed.
-    fn with_sni(mut self, sni: Option<&str>) -> ConnCtx {
-        if self.shared.state.load().certs.has_client_auth() {
-            self.sni = sni.map(Box::from);
+    /// With what the TLS handshake said of the client, when it may be needed.
+    fn with_tls<S: ClientStream>(mut self, stream: &S) -> ConnCtx {
+        if S::TLS && self.shared.state.load().certs.has_client_auth() {
+            self.sni = stream.sni().map(Box::from);
+            self.client_verified = stream.client_verified();
         }
         self
     }
@@ -683,6 +685,8 @@ trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn sniffable(&mut self) -> Option<&mut TcpStream>;
     /// The SNI the client's TLS handshake asked for.
     fn sni(&self) -> Option<&str>;
+    /// Whether the client presented a certificate its SNI's `client.ca` verified.
+    fn client_verified(&self) -> bool;
 }
 
 /// Ends a connection the relay closes: over TLS with `close_notify`, so a client reading a body
@@ -743,6 +747,9 @@ impl ClientStream for TcpStream {
     fn sni(&self) -> Option<&str> {
         None
     }
+    fn client_verified(&self) -> bool {
+        false
+    }
 }
 
 impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
@@ -758,6 +765,10 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
     }
     fn sni(&self) -> Option<&str> {
         self.get_ref().1.server_name()
+    }
+    fn client_verified(&self) -> bool {
+        // rustls only completes a handshake whose certificate, if any, its verifier accepted.
+        self.get_ref().1.peer_certificates().is_some()
     }
 }
 
@@ -863,7 +874,7 @@ fn serve_h1<S: ClientStream>(
             }
         }
         let H1Conn { stream, peer, local, shared, .. } = conn;
-        let ctx = ConnCtx::new(shared, peer, local, S::TLS).with_sni(stream.sni());
+        let ctx = ConnCtx::new(shared, peer, local, S::TLS).with_tls(&stream);
         let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
         // Boxed: the general path's state is not part of every relayed connection's.
         Box::pin(serve_http(io, ctx, protocols, &guard)).await;
@@ -956,7 +967,14 @@ async fn one_request<S: ClientStream>(
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, peer, local, S::TLS);
-        if S::TLS && !state.certs.host_allowed(&view.host, stream.sni()) {
+        if S::TLS
+            && !state.certs.request_allowed(
+                &view.host,
+                parts.uri.path(),
+                stream.sni(),
+                stream.client_verified(),
+            )
+        {
             // The general path answers it (400).
             return Step::HandOff;
         }
@@ -1081,11 +1099,14 @@ async fn handle(
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, c.peer, c.local, c.tls);
-        if c.tls && !state.certs.host_allowed(&view.host, c.sni.as_deref()) {
-            // APISIX: "client certificate verified with SNI ..., but the host is ...".
+        if c.tls
+            && !state.certs.request_allowed(&view.host, parts.uri.path(), c.sni.as_deref(), c.client_verified)
+        {
+            // APISIX: "client certificate was not present", or "client certificate verified
+            // with SNI ..., but the host is ...".
             drop(state);
             strait_protocols::http::drain_unread(body).await;
-            let e = ProxyError::BadRequest("this host requires a client certificate for its own name".into());
+            let e = ProxyError::BadRequest("a client certificate is required for this host and path".into());
             return error_response(&e, is_grpc);
         }
         match state.router.find(&view) {

@@ -236,7 +236,8 @@ async fn tls_termination_with_client_ca_relays_only_for_client_certificates() {
     let gw = TestGateway::start_with(
         &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
         &format!(
-            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}    client:\n      ca: {}stream_routes:\n  - upstream: {{nodes: {}}}\n",
+            // skip_mtls_uri_regex is for HTTP paths: L4 sessions always need the certificate.
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}    client:\n      skip_mtls_uri_regex: [\".\"]\n      ca: {}stream_routes:\n  - upstream: {{nodes: {}}}\n",
             yaml_block(&leaf.cert, 6),
             yaml_block(&leaf.key, 6),
             yaml_block(&client_ca.pem, 8),

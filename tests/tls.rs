@@ -70,8 +70,12 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
     let ca = Ca::new("test-ca");
     let client_ca = Ca::new("client-ca");
     let other_ca = Ca::new("other-ca");
-    let (api, open, v13) =
-        (ca.leaf(&["api.example.com"]), ca.leaf(&["open.example.com"]), ca.leaf(&["v13.example.com"]));
+    let (api, open, v13, mixed) = (
+        ca.leaf(&["api.example.com"]),
+        ca.leaf(&["open.example.com"]),
+        ca.leaf(&["v13.example.com"]),
+        ca.leaf(&["mixed.example.com"]),
+    );
     let b = Backend::start("b").await;
     let (dir, ca_file) = ca_file(&ca);
     let mut files = Vec::new();
@@ -84,21 +88,23 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
     let gw = TestGateway::start_with(
         &tls_config(),
         &format!(
-            "ssls:\n{}    client:\n      ca: {}{}{}    ssl_protocols: [TLSv1.3]\nroutes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+            "ssls:\n{}    client:\n      ca: {}{}{}    ssl_protocols: [TLSv1.3]\n{}    client:\n      skip_mtls_uri_regex: [\"^/public/\"]\n      ca: {}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
             ssl_entry("api", "api.example.com", &api),
             yaml_block(&client_ca.pem, 8),
             ssl_entry("open", "open.example.com", &open),
             ssl_entry("v13", "v13.example.com", &v13),
+            ssl_entry("mixed", "mixed.example.com", &mixed),
+            yaml_block(&client_ca.pem, 8),
             nodes_yaml(&[b.addr])
         ),
         1,
     );
     let port = gw.tls().port();
-    let get = |host: &'static str, extra: Vec<String>| {
+    let get_path = |host: &'static str, path: &'static str, extra: Vec<String>| {
         let ca_file = ca_file.clone();
         async move {
             let resolve = format!("{host}:{port}:127.0.0.1");
-            let url = format!("https://{host}:{port}/x");
+            let url = format!("https://{host}:{port}{path}");
             let mut args: Vec<String> = ["-sS", "-f", "--cacert", &ca_file, "--resolve", &resolve]
                 .iter()
                 .map(|s| s.to_string())
@@ -109,6 +115,7 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
             curl(&args).await
         }
     };
+    let get = |host: &'static str, extra: Vec<String>| get_path(host, "/x", extra);
     let cert =
         |i: usize| vec!["--cert".to_string(), files[i].0.clone(), "--key".to_string(), files[i].1.clone()];
     // A certificate from the SNI's client CA: served, over HTTP/2 and HTTP/1.1.
@@ -139,6 +146,21 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
     // Another SNI on the same port asks for none and keeps the listener's TLS versions.
     let (ok, _, err) = get("open.example.com", vec!["--tls-max".into(), "1.2".into()]).await;
     assert!(ok, "an SNI without client.ca: {err}");
+    // An SNI with skip_mtls_uri_regex: the handshake asks for a certificate without requiring
+    // one; a request without one is served for a matching path only, else 400.
+    for proto in ["--http1.1", "--http2"] {
+        let code = |extra: Vec<String>| {
+            let mut e = extra;
+            e.extend([proto.to_string(), "-w".into(), "%{http_code}".into()]);
+            e
+        };
+        let (_, out, err) = get_path("mixed.example.com", "/public/a", code(vec![])).await;
+        assert!(out.ends_with("200"), "{proto} /public/a without a certificate: {out} {err}");
+        let (_, out, err) = get_path("mixed.example.com", "/x", code(vec![])).await;
+        assert!(out.ends_with("400"), "{proto} /x without a certificate: {out} {err}");
+        let (_, out, err) = get_path("mixed.example.com", "/x", code(cert(0))).await;
+        assert!(out.ends_with("200"), "{proto} /x with a certificate: {out} {err}");
+    }
     // An SNI with its own ssl_protocols.
     let (ok, _, err) = get("v13.example.com", vec!["--tlsv1.3".into()]).await;
     assert!(ok, "TLS 1.3 to an SNI with ssl_protocols [TLSv1.3]: {err}");

@@ -244,9 +244,21 @@ impl CertStore {
     /// handshake was for `sni`: not when `host`'s entry requires client certificates and the
     /// connection was for another name, whose handshake did not ask for them (APISIX's rule:
     /// 400). Always, while no entry requires them.
-    pub fn host_allowed(&self, host: &str, sni: Option<&str>) -> bool {
+    ///
+    /// Also, on a connection for an SNI whose entry lists `skip_mtls_uri_regex` (its handshake
+    /// asked for a certificate without requiring one), a request without a verified client
+    /// certificate (`verified`) is allowed only for a `path` that one of them matches.
+    pub fn request_allowed(&self, host: &str, path: &str, sni: Option<&str>, verified: bool) -> bool {
         if !self.client_auth {
             return true;
+        }
+        if !verified
+            && let Some(p) = self.policy(sni)
+            && p.client_auth
+            && !p.skip_uris.is_empty()
+            && !p.skip_uris.iter().any(|r| r.is_match(path))
+        {
+            return false;
         }
         match self.entry(host).and_then(|e| e.policy.as_ref()) {
             Some(p) if p.client_auth => sni.is_some_and(|s| s.eq_ignore_ascii_case(host)),
@@ -342,8 +354,10 @@ pub struct SniPolicy {
     pub h1: Arc<rustls::ServerConfig>,
     /// L4 stream listeners: no ALPN.
     pub raw: Arc<rustls::ServerConfig>,
-    /// Whether its handshakes require a client certificate.
+    /// Whether its handshakes ask for a client certificate.
     pub client_auth: bool,
+    /// Paths that need none (`client.skip_mtls_uri_regex`; see [`ClientAuth::skip_uris`]).
+    pub skip_uris: Vec<regex::Regex>,
 }
 
 /// Client certificates an SNI requires (`ssls[].client`).
@@ -354,6 +368,10 @@ pub struct ClientAuth {
     /// nginx's `ssl_verify_depth` (`client.depth`, APISIX's default 1): the chain may have at
     /// most `depth - 1` intermediates between the client's certificate and a CA.
     pub depth: usize,
+    /// `client.skip_mtls_uri_regex`: HTTP requests whose path matches one of these need no
+    /// certificate. When there are any, the handshake asks for a certificate without requiring
+    /// one, and each request is checked ([`CertStore::request_allowed`]).
+    pub skip_uris: Vec<regex::Regex>,
 }
 
 impl SniPolicy {
@@ -364,32 +382,50 @@ impl SniPolicy {
         versions: TlsVersions,
         client: Option<ClientAuth>,
     ) -> Result<SniPolicy, TlsError> {
+        type Verifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
         let client_auth = client.is_some();
-        let verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>> = match client {
-            None => None,
+        let mut skip_uris = Vec::new();
+        // Required: for L4 streams always (APISIX rejects in the handshake there), and for HTTP
+        // unless some paths may go without (`skip_mtls_uri_regex`): then a certificate that is
+        // sent is still verified, and its absence is for each request to judge.
+        let (required, http): (Option<Verifier>, Option<Verifier>) = match client {
+            None => (None, None),
             Some(c) => {
-                let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(c.roots, provider())
-                    .build()
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
-                Some(Arc::new(DepthLimited { inner, depth: c.depth.max(1) }))
+                let verifier = |optional: bool| -> Result<Verifier, TlsError> {
+                    let mut b = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        c.roots.clone(),
+                        provider(),
+                    );
+                    if optional {
+                        b = b.allow_unauthenticated();
+                    }
+                    let inner = b.build().map_err(|e| rustls::Error::General(e.to_string()))?;
+                    Ok(Arc::new(DepthLimited { inner, depth: c.depth.max(1) }))
+                };
+                let required = verifier(false)?;
+                let http = if c.skip_uris.is_empty() { required.clone() } else { verifier(true)? };
+                skip_uris = c.skip_uris;
+                (Some(required), Some(http))
             }
         };
-        let build = |alpn: &[&[u8]]| -> Result<Arc<rustls::ServerConfig>, TlsError> {
-            let builder = rustls::ServerConfig::builder_with_provider(provider())
-                .with_protocol_versions(&versions.list()?)?;
-            let builder = match &verifier {
-                Some(v) => builder.with_client_cert_verifier(v.clone()),
-                None => builder.with_no_client_auth(),
+        let build =
+            |alpn: &[&[u8]], verifier: &Option<Verifier>| -> Result<Arc<rustls::ServerConfig>, TlsError> {
+                let builder = rustls::ServerConfig::builder_with_provider(provider())
+                    .with_protocol_versions(&versions.list()?)?;
+                let builder = match verifier {
+                    Some(v) => builder.with_client_cert_verifier(v.clone()),
+                    None => builder.with_no_client_auth(),
+                };
+                let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(key.clone())));
+                cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+                Ok(Arc::new(cfg))
             };
-            let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(key.clone())));
-            cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-            Ok(Arc::new(cfg))
-        };
         Ok(SniPolicy {
-            h2: build(&[b"h2", b"http/1.1"])?,
-            h1: build(&[b"http/1.1"])?,
-            raw: build(&[])?,
+            h2: build(&[b"h2", b"http/1.1"], &http)?,
+            h1: build(&[b"http/1.1"], &http)?,
+            raw: build(&[], &required)?,
             client_auth,
+            skip_uris,
         })
     }
 }
@@ -414,6 +450,12 @@ struct DepthLimited {
 }
 
 impl rustls::server::danger::ClientCertVerifier for DepthLimited {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
         self.inner.root_hint_subjects()
     }

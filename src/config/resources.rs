@@ -441,11 +441,18 @@ impl Builder<'_> {
             self.errs.add(path, "only for `type: server` certificates (it asks clients for theirs)");
             return None;
         }
-        if c.skip_mtls_uri_regex.is_some() {
-            self.errs.add(
-                join(path, "skip_mtls_uri_regex"),
-                "unsupported by Strait: client certificates are required at the handshake, for every URI",
-            );
+        let mut skip_uris = Vec::new();
+        if let Some(list) = &c.skip_mtls_uri_regex {
+            let p = join(path, "skip_mtls_uri_regex");
+            if list.is_empty() {
+                self.errs.add(&p, "must list at least one regular expression");
+            }
+            for (i, r) in list.iter().enumerate() {
+                match regex::Regex::new(r) {
+                    Ok(re) => skip_uris.push(re),
+                    Err(e) => self.errs.add(index(&p, i), format!("invalid regular expression: {e}")),
+                }
+            }
         }
         let depth = match c.depth {
             None => 1,
@@ -468,7 +475,7 @@ impl Builder<'_> {
             return None;
         };
         match strait_protocols::tls::client_roots(ca) {
-            Ok(roots) => Some(strait_protocols::tls::ClientAuth { roots, depth }),
+            Ok(roots) => Some(strait_protocols::tls::ClientAuth { roots, depth, skip_uris }),
             Err(e) => {
                 self.errs.add(join(path, "ca"), format!("cannot use these CA certificates: {e}"));
                 None
@@ -1634,9 +1641,17 @@ mod tests {
         assert_eq!(spec.protocols, Some(strait_protocols::tls::TlsVersions { tls12: false, tls13: true }));
         let r = parse(&ssl("")).unwrap();
         assert!(r.ssls[0].client_auth.is_none() && r.ssls[0].protocols.is_none());
+        let r =
+            parse(&ssl(&format!("{ca}      skip_mtls_uri_regex: [\"^/health\"]\n      depth: 3\n"))).unwrap();
+        let auth = r.ssls[0].client_auth.as_ref().unwrap();
+        assert_eq!((auth.depth, auth.skip_uris.len()), (3, 1));
         for (extra, path) in [
             (format!("{ca}      depth: 0\n"), "ssls[0].client.depth"),
-            (format!("{ca}      skip_mtls_uri_regex: [\"/open\"]\n"), "ssls[0].client.skip_mtls_uri_regex"),
+            (
+                format!("{ca}      skip_mtls_uri_regex: [\"/open(\"]\n"),
+                "ssls[0].client.skip_mtls_uri_regex[0]",
+            ),
+            (format!("{ca}      skip_mtls_uri_regex: []\n"), "ssls[0].client.skip_mtls_uri_regex"),
             ("    client:\n      ca: not a certificate\n".to_string(), "ssls[0].client.ca"),
             ("    client:\n      depth: 2\n".to_string(), "ssls[0].client.ca"),
             ("    ssl_protocols: [TLSv1.1]\n".to_string(), "ssls[0].ssl_protocols"),
