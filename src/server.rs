@@ -483,8 +483,8 @@ struct ConnCtx {
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
-    /// The SNI of a TLS connection's handshake, kept only while some `ssls` entry asks for
-    /// client certificates ([`strait_protocols::tls::CertStore::request_allowed`]).
+    /// The SNI of a TLS connection's handshake, for the client certificate rules of
+    /// [`strait_protocols::tls::CertStore::request_allowed`].
     sni: Option<Box<str>>,
     /// Whether the client presented a verified certificate.
     client_verified: bool,
@@ -499,12 +499,11 @@ impl ConnCtx {
         ConnCtx { shared, peer, local, tls, sni: None, client_verified: false, client_ip, local_port_value }
     }
 
-    /// With what the TLS handshake said of the client, when it may be needed.
+    /// With what the TLS handshake said of the client. Kept whether or not some `ssls` entry
+    /// asks for client certificates now: one may by a later request, after a reload.
     fn with_tls<S: ClientStream>(mut self, stream: &S) -> ConnCtx {
-        if S::TLS && self.shared.state.load().certs.has_client_auth() {
-            self.sni = stream.sni().map(Box::from);
-            self.client_verified = stream.client_verified();
-        }
+        self.sni = stream.sni().map(Box::from);
+        self.client_verified = stream.client_verified();
         self
     }
 }

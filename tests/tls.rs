@@ -3,7 +3,10 @@
 
 mod support;
 
+use std::time::Duration;
+
 use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use support::certs::{Ca, Leaf, client_tls, yaml_block};
 use support::*;
 
@@ -166,6 +169,56 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
     assert!(ok, "TLS 1.3 to an SNI with ssl_protocols [TLSv1.3]: {err}");
     let (ok, _, _) = get("v13.example.com", vec!["--tls-max".into(), "1.2".into()]).await;
     assert!(!ok, "TLS 1.2 was accepted by an SNI with ssl_protocols [TLSv1.3]");
+}
+
+/// One HTTP/1.1 request on an open connection; its status, once the whole answer is read.
+async fn request_status<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, host: &str) -> u16 {
+    s.write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before the answer's head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed in the answer's body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    head[9..12].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_before_client_ca_was_configured_gets_400_after_the_reload() {
+    let ca = Ca::new("test-ca");
+    let client_ca = Ca::new("client-ca");
+    let api = ca.leaf(&["api.example.com"]);
+    let b = Backend::start("b").await;
+    let resources = |client: &str| {
+        format!(
+            "ssls:\n{}{client}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+            ssl_entry("api", "api.example.com", &api),
+            nodes_yaml(&[b.addr])
+        )
+    };
+    let gw = TestGateway::start_with(&tls_config(), &resources(""), 1);
+    let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
+    let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    let mut s = client_tls(&ca).connect(sn, tcp).await.expect("handshake without a client certificate");
+    assert_eq!(request_status(&mut s, "api.example.com").await, 200);
+    let v = gw.version();
+    gw.write_resources(&resources(&format!("    client:\n      ca: {}", yaml_block(&client_ca.pem, 8))));
+    assert!(eventually(Duration::from_secs(5), || async { gw.version() > v }).await, "reload applied");
+    // The same connection, whose handshake asked for no certificate, no longer reaches the host.
+    assert_eq!(request_status(&mut s, "api.example.com").await, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,40 +230,35 @@ impl CertStore {
         self.fallback = self.entry(name).cloned();
     }
 
-    /// Whether some SNI requires client certificates.
-    pub fn has_client_auth(&self) -> bool {
-        self.client_auth
-    }
-
     /// Whether some SNI has a policy of its own.
     pub fn has_policies(&self) -> bool {
         self.policies
     }
 
-    /// Whether a request for `host` (lower-case, no port) may go over a connection whose
-    /// handshake was for `sni`: not when `host`'s entry requires client certificates and the
-    /// connection was for another name, whose handshake did not ask for them (APISIX's rule:
-    /// 400). Always, while no entry requires them.
+    /// Whether a request for `host` (lower-case, no port) and `path` may be served on a TLS
+    /// connection whose handshake was for `sni` and whose client did or did not present a
+    /// verified certificate (`verified`). APISIX's rules (otherwise 400):
     ///
-    /// Also, on a connection for an SNI whose entry lists `skip_mtls_uri_regex` (its handshake
-    /// asked for a certificate without requiring one), a request without a verified client
-    /// certificate (`verified`) is allowed only for a `path` that one of them matches.
+    /// * when `host`'s entry asks for client certificates, the connection must have been made
+    ///   for that name, so a client cannot reach it through a connection for another;
+    /// * when that entry, or the entry of the connection's SNI, asks for them, the client must
+    ///   have presented one, unless the entry's `skip_mtls_uri_regex` matches `path`.
+    ///
+    /// The second rule also covers connections made before the entry asked for certificates
+    /// (the configuration is swapped under open connections). Always true while no entry asks.
     pub fn request_allowed(&self, host: &str, path: &str, sni: Option<&str>, verified: bool) -> bool {
         if !self.client_auth {
             return true;
         }
-        if !verified
-            && let Some(p) = self.policy(sni)
+        let needs_cert =
+            |p: &SniPolicy| p.client_auth && !verified && !p.skip_uris.iter().any(|r| r.is_match(path));
+        if let Some(p) = self.entry(host).and_then(|e| e.policy.as_deref())
             && p.client_auth
-            && !p.skip_uris.is_empty()
-            && !p.skip_uris.iter().any(|r| r.is_match(path))
+            && (!sni.is_some_and(|s| s.eq_ignore_ascii_case(host)) || needs_cert(p))
         {
             return false;
         }
-        match self.entry(host).and_then(|e| e.policy.as_ref()) {
-            Some(p) if p.client_auth => sni.is_some_and(|s| s.eq_ignore_ascii_case(host)),
-            _ => true,
-        }
+        !self.policy(sni).is_some_and(|p| needs_cert(&p))
     }
 
     /// The policy of the SNI a client asked for (or of the fallback, without SNI).
