@@ -95,7 +95,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                 if !(s.is_finite() && s >= 0.0) {
                     return Err("--drain-timeout must be >= 0".into());
                 }
-                args.drain = Some(Duration::from_secs_f64(s));
+                args.drain = Some(strait::config::seconds(s));
             }
             "run" | "validate" if args.command.is_empty() => args.command = a,
             other => return Err(format!("unexpected argument {other:?}")),

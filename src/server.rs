@@ -33,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Config;
 use crate::gateway::{Addresses, Shared, StateCerts, TlsKind, accept_tls};
 use crate::route::RequestView;
+use strait_protocols::tls::CertStore;
 
 /// How the gateway runs.
 #[derive(Debug, Clone)]
@@ -966,14 +967,7 @@ async fn one_request<S: ClientStream>(
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, peer, local, S::TLS);
-        if S::TLS
-            && !state.certs.request_allowed(
-                &view.host,
-                parts.uri.path(),
-                stream.sni(),
-                stream.client_verified(),
-            )
-        {
+        if S::TLS && !client_cert_rules_allow(&state.certs, &view, stream.sni(), stream.client_verified()) {
             // The general path answers it (400).
             return Step::HandOff;
         }
@@ -1084,6 +1078,28 @@ async fn one_request<S: ClientStream>(
     }
 }
 
+/// The client certificate rules of `ssls` entries ([`CertStore::request_allowed`]) for a
+/// request on a TLS connection: for the host it is routed by and, when a `Host` header names
+/// another (an absolute-form target, or HTTP/2's `:authority` beside a `host` header), for
+/// that one too, since the node may go by it.
+fn client_cert_rules_allow(certs: &CertStore, view: &RequestView, sni: Option<&str>, verified: bool) -> bool {
+    if !certs.has_client_auth() {
+        return true;
+    }
+    let path = view.parts.uri.path();
+    if !certs.request_allowed(&view.host, path, sni, verified) {
+        return false;
+    }
+    view.parts.headers.get_all(http::header::HOST).iter().all(|h| match h.to_str() {
+        Ok(h) => {
+            let h = crate::route::strip_port(h).to_ascii_lowercase();
+            h == view.host || certs.request_allowed(&h, path, sni, verified)
+        }
+        // A name that cannot be read cannot be checked.
+        Err(_) => false,
+    })
+}
+
 /// One request: route, then forward (or answer an error).
 /// `tunnel_hold` makes what a tunnel holds if the request becomes one (HTTP/1.1 upgrades).
 async fn handle(
@@ -1098,9 +1114,7 @@ async fn handle(
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, c.peer, c.local, c.tls);
-        if c.tls
-            && !state.certs.request_allowed(&view.host, parts.uri.path(), c.sni.as_deref(), c.client_verified)
-        {
+        if c.tls && !client_cert_rules_allow(&state.certs, &view, c.sni.as_deref(), c.client_verified) {
             // APISIX: "client certificate was not present", or "client certificate verified
             // with SNI ..., but the host is ...".
             drop(state);

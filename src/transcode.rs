@@ -139,7 +139,7 @@ pub fn build(conf: &Value, protos: &[ProtoSpec]) -> Result<Transcoder, (String, 
     let deadline = match c.get("deadline") {
         None => None,
         Some(v) => match v.as_f64() {
-            Some(ms) if ms > 0.0 => Some(Duration::from_secs_f64(ms / 1000.0)),
+            Some(ms) if ms > 0.0 => Some(crate::config::seconds(ms / 1000.0)),
             Some(0.0) => None,
             _ => return Err(err("deadline", "must be a number of milliseconds >= 0".into())),
         },

@@ -6,9 +6,9 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use support::certs::{Ca, Leaf, client_tls, yaml_block};
 use support::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 fn tls_config() -> String {
     BASE_CONFIG.replace(
@@ -89,7 +89,8 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
         files.push((c.to_str().unwrap().to_string(), k.to_str().unwrap().to_string()));
     }
     let gw = TestGateway::start_with(
-        &tls_config(),
+        // A client without SNI counts as asking for api.example.com.
+        &tls_config().replace("    listen:", "    fallback_sni: api.example.com\n    listen:"),
         &format!(
             "ssls:\n{}    client:\n      ca: {}{}{}    ssl_protocols: [TLSv1.3]\n{}    client:\n      skip_mtls_uri_regex: [\"^/public/\"]\n      ca: {}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
             ssl_entry("api", "api.example.com", &api),
@@ -164,6 +165,56 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
         let (_, out, err) = get_path("mixed.example.com", "/x", code(cert(0))).await;
         assert!(out.ends_with("200"), "{proto} /x with a certificate: {out} {err}");
     }
+    // The host is checked whether it comes in the request target or in Host: over a connection
+    // for open.example.com, a request whose Host is api.example.com gets 400 even when its
+    // target names open.example.com.
+    let resolve = format!("open.example.com:{port}:127.0.0.1");
+    let url = format!("https://open.example.com:{port}/x");
+    let (_, out, err) = curl(&[
+        "-sS",
+        "--cacert",
+        &ca_file,
+        "--resolve",
+        &resolve,
+        "--http1.1",
+        "-H",
+        "Host: api.example.com",
+        "--request-target",
+        &url,
+        "-w",
+        "%{http_code}",
+        &url,
+    ])
+    .await;
+    assert!(out.ends_with("400"), "absolute-form target for open, Host api: {out} {err}");
+    // skip_mtls_uri_regex sees the path as nginx's $uri: dot segments and escapes do not get a
+    // request for /x past it.
+    for path in ["/public/../x", "/public/%2e%2e/x", "/public/%2E%2E/x"] {
+        let resolve = format!("mixed.example.com:{port}:127.0.0.1");
+        let url = format!("https://mixed.example.com:{port}{path}");
+        let (_, out, err) = curl(&[
+            "-sS",
+            "--cacert",
+            &ca_file,
+            "--resolve",
+            &resolve,
+            "--path-as-is",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .await;
+        assert!(out.ends_with("400"), "{path} without a certificate: {out} {err}");
+    }
+    // No SNI: the fallback (api.example.com) asks for the certificate, and with one its host is
+    // served.
+    let url = format!("https://127.0.0.1:{port}/x");
+    let mut args = vec!["-sS", "-f", "-k", "-H", "Host: api.example.com", &url];
+    let (ok, _, err) = curl(&args).await;
+    assert!(!ok, "no SNI and no certificate was served: {err}");
+    args.extend(["--cert", &files[0].0, "--key", &files[0].1]);
+    let (ok, out, err) = curl(&args).await;
+    assert!(ok && out.contains("b"), "no SNI, with a certificate, Host api.example.com: {err}");
     // An SNI with its own ssl_protocols.
     let (ok, _, err) = get("v13.example.com", vec!["--tlsv1.3".into()]).await;
     assert!(ok, "TLS 1.3 to an SNI with ssl_protocols [TLSv1.3]: {err}");

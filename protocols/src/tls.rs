@@ -193,6 +193,8 @@ pub struct CertStore {
     wildcard: HashMap<String, SniEntry>,
     /// Used when the client sends no SNI (`apisix.ssl.fallback_sni`).
     fallback: Option<SniEntry>,
+    /// The name of [`Self::fallback`]: what a client without SNI counts as having asked for.
+    fallback_name: Option<String>,
     /// Whether some entry has a [`SniPolicy`] (then handshakes read the ClientHello first).
     policies: bool,
     /// Whether some entry's policy requires client certificates.
@@ -228,6 +230,12 @@ impl CertStore {
     /// Sets the certificate for clients that send no SNI, by looking `name` up.
     pub fn set_fallback(&mut self, name: &str) {
         self.fallback = self.entry(name).cloned();
+        self.fallback_name = self.fallback.is_some().then(|| name.to_ascii_lowercase());
+    }
+
+    /// Whether some SNI asks for client certificates.
+    pub fn has_client_auth(&self) -> bool {
+        self.client_auth
     }
 
     /// Whether some SNI has a policy of its own.
@@ -245,13 +253,25 @@ impl CertStore {
     ///   have presented one, unless the entry's `skip_mtls_uri_regex` matches `path`.
     ///
     /// The second rule also covers connections made before the entry asked for certificates
-    /// (the configuration is swapped under open connections). Always true while no entry asks.
+    /// (the configuration is swapped under open connections). A client without SNI counts as
+    /// having asked for `fallback_sni` (APISIX's `ssl.server_name()`). `skip_mtls_uri_regex` is
+    /// matched against the path as nginx's `$uri` has it: percent-decoded, `.` and `..`
+    /// resolved, slashes merged (a raw `/public/../admin` is `/admin`). Always true while no
+    /// entry asks.
     pub fn request_allowed(&self, host: &str, path: &str, sni: Option<&str>, verified: bool) -> bool {
         if !self.client_auth {
             return true;
         }
-        let needs_cert =
-            |p: &SniPolicy| p.client_auth && !verified && !p.skip_uris.iter().any(|r| r.is_match(path));
+        let sni = sni.or(self.fallback_name.as_deref());
+        let normalized = std::cell::OnceCell::new();
+        let skipped = |p: &SniPolicy| {
+            !p.skip_uris.is_empty()
+                && normalized
+                    .get_or_init(|| normalized_path(path))
+                    .as_deref()
+                    .is_some_and(|n| p.skip_uris.iter().any(|r| r.is_match(n)))
+        };
+        let needs_cert = |p: &SniPolicy| p.client_auth && !verified && !skipped(p);
         if let Some(p) = self.entry(host).and_then(|e| e.policy.as_deref())
             && p.client_auth
             && (!sni.is_some_and(|s| s.eq_ignore_ascii_case(host)) || needs_cert(p))
@@ -361,7 +381,7 @@ pub struct ClientAuth {
     /// The CAs a client certificate must chain to (`client.ca`).
     pub roots: Arc<RootCertStore>,
     /// nginx's `ssl_verify_depth` (`client.depth`, APISIX's default 1): the chain may have at
-    /// most `depth - 1` intermediates between the client's certificate and a CA.
+    /// most `depth` intermediates between the client's certificate and a CA of `roots`.
     pub depth: usize,
     /// `client.skip_mtls_uri_regex`: HTTP requests whose path matches one of these need no
     /// certificate. When there are any, the handshake asks for a certificate without requiring
@@ -395,7 +415,7 @@ impl SniPolicy {
                         b = b.allow_unauthenticated();
                     }
                     let inner = b.build().map_err(|e| rustls::Error::General(e.to_string()))?;
-                    Ok(Arc::new(DepthLimited { inner, depth: c.depth.max(1) }))
+                    Ok(Arc::new(DepthLimited { inner, depth: c.depth }))
                 };
                 let required = verifier(false)?;
                 let http = if c.skip_uris.is_empty() { required.clone() } else { verifier(true)? };
@@ -425,6 +445,46 @@ impl SniPolicy {
     }
 }
 
+/// A request path as nginx's `$uri`: `%XX` decoded, empty and `.` segments dropped, `..`
+/// taking the segment before it away; `None` when `..` would climb above the root (nginx
+/// answers 400). A trailing slash is kept.
+fn normalized_path(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) =
+                (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b)))
+        {
+            decoded.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let text = String::from_utf8_lossy(&decoded);
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = text.split('/').collect();
+    for seg in &segments {
+        match *seg {
+            "" | "." => {}
+            ".." => {
+                out.pop()?;
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = matches!(segments.last(), Some(&"") | Some(&".") | Some(&"..")) && !out.is_empty();
+    let mut path = format!("/{}", out.join("/"));
+    if trailing {
+        path.push('/');
+    }
+    Some(path)
+}
+
 /// Serves one certificate, whatever the SNI (the SNI chose the [`SniPolicy`]).
 #[derive(Debug)]
 struct Fixed(Arc<CertifiedKey>);
@@ -435,9 +495,11 @@ impl ResolvesServerCert for Fixed {
     }
 }
 
-/// webpki's client verification, with only the first `depth - 1` intermediates the client
-/// sent available to build the chain: a client whose certificate needs more between it and a
-/// CA is refused, as with nginx's `ssl_verify_depth`.
+/// webpki's client verification, with only the first `depth` intermediates the client sent
+/// (in the order sent, the client's issuer first, as TLS asks) available to build the chain: a
+/// client whose certificate needs more between it and a CA is refused. nginx's
+/// `ssl_verify_depth` with OpenSSL 1.1 and later: depth N allows N intermediate CAs between the
+/// client's certificate and the trust anchor (0: signed by a CA of `client.ca` itself).
 #[derive(Debug)]
 struct DepthLimited {
     inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
@@ -451,6 +513,9 @@ impl rustls::server::danger::ClientCertVerifier for DepthLimited {
     fn client_auth_mandatory(&self) -> bool {
         self.inner.client_auth_mandatory()
     }
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
         self.inner.root_hint_subjects()
     }
@@ -460,7 +525,7 @@ impl rustls::server::danger::ClientCertVerifier for DepthLimited {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let usable = &intermediates[..intermediates.len().min(self.depth - 1)];
+        let usable = &intermediates[..intermediates.len().min(self.depth)];
         self.inner.verify_client_cert(end_entity, usable, now)
     }
     fn verify_tls12_signature(
@@ -557,6 +622,24 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_normalized_as_nginx_uri_for_skip_mtls_uri_regex() {
+        for (raw, want) in [
+            ("/public/a", Some("/public/a")),
+            ("/public/../admin", Some("/admin")),
+            ("/public/%2e%2e/admin", Some("/admin")),
+            ("//public///a/", Some("/public/a/")),
+            ("/./public/./a", Some("/public/a")),
+            ("/%70ublic/a", Some("/public/a")),
+            ("/public/%zz", Some("/public/%zz")),
+            ("/..", None),
+            ("/a/../../b", None),
+            ("/", Some("/")),
+        ] {
+            assert_eq!(normalized_path(raw).as_deref(), want, "{raw}");
+        }
+    }
+
+    #[test]
     fn client_depth_limits_the_intermediates_between_a_client_and_its_ca() {
         use rustls::server::danger::ClientCertVerifier;
         let (root, root_issuer) = cert("root", true, None);
@@ -574,11 +657,12 @@ mod tests {
             DepthLimited { inner, depth }
         };
         let now = UnixTime::now();
-        // depth 1 (APISIX's default): signed by the CA itself only.
+        // depth 0: signed by the CA itself only.
+        assert!(verifier(0).verify_client_cert(&direct, &[], now).is_ok());
+        assert!(verifier(0).verify_client_cert(&below, std::slice::from_ref(&inter), now).is_err());
+        // depth 1 (APISIX's default): one intermediate, as OpenSSL counts it.
+        assert!(verifier(1).verify_client_cert(&below, std::slice::from_ref(&inter), now).is_ok());
         assert!(verifier(1).verify_client_cert(&direct, &[], now).is_ok());
-        assert!(verifier(1).verify_client_cert(&below, std::slice::from_ref(&inter), now).is_err());
-        // depth 2: one intermediate.
-        assert!(verifier(2).verify_client_cert(&below, std::slice::from_ref(&inter), now).is_ok());
         // A certificate from another CA, whatever the depth.
         let (_, other_issuer) = cert("other", true, None);
         let (stranger, _) = cert("stranger", false, Some(&other_issuer));

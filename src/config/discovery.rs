@@ -144,7 +144,7 @@ fn parse_dns(file: &str, v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -
     }
     if let Some(t) = r.timeout {
         if t > 0.0 && t.is_finite() {
-            opts.timeout = Duration::from_secs_f64(t);
+            opts.timeout = super::seconds(t);
         } else {
             errs.add(join(path, "timeout"), "must be a positive number of seconds");
         }

@@ -105,6 +105,16 @@ impl Config {
     }
 }
 
+/// Longest duration a setting can give, about 31 years: larger values (`1e300`) would make
+/// `Duration` itself panic, or a timer's deadline overflow.
+const MAX_SECONDS: f64 = 1e9;
+
+/// A finite, non-negative number of seconds from configuration, as a `Duration` (at most
+/// [`MAX_SECONDS`]; callers check the sign and finiteness and name the setting in errors).
+pub fn seconds(t: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(if t.is_nan() { 0.0 } else { t.clamp(0.0, MAX_SECONDS) })
+}
+
 /// `apisix.yaml` in the directory of `config.yaml`.
 pub fn resources_path_for(config: &Path) -> PathBuf {
     config.parent().map(|d| d.join("apisix.yaml")).unwrap_or_else(|| PathBuf::from("apisix.yaml"))

@@ -218,8 +218,8 @@ fn take_foreign(tree: &mut Value, errs: &mut Errors, ignored: &mut Vec<String>) 
                 _ => errs.add(
                     path,
                     format!(
-                        "unsupported by Strait: only {:?} (APISIX's default) is accepted, found {}",
-                        values[0],
+                        "unsupported by Strait: only {} is accepted (what Strait does), found {}",
+                        values.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(" or "),
                         shown(&v)
                     ),
                 ),
@@ -489,7 +489,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     cfg.dns_resolver_valid = a.dns_resolver_valid.map(Duration::from_secs);
     if let Some(t) = a.resolver_timeout {
         if t > 0.0 && t.is_finite() {
-            cfg.resolver_timeout = Duration::from_secs_f64(t);
+            cfg.resolver_timeout = super::seconds(t);
         } else {
             errs.add("apisix.resolver_timeout", "must be a positive number of seconds");
         }
@@ -776,7 +776,7 @@ pub fn parse_host_port(s: &str, default_port: u16) -> Option<SocketAddr> {
 /// nginx durations: a number of seconds, or `500ms`, `60s`, `5m`, `1h`.
 pub fn parse_duration(v: &Value) -> Option<Duration> {
     if let Some(n) = v.as_f64() {
-        return (n >= 0.0 && n.is_finite()).then(|| Duration::from_secs_f64(n));
+        return (n >= 0.0 && n.is_finite()).then(|| super::seconds(n));
     }
     let s = v.as_str()?.trim();
     let (num, mul_ms) = if let Some(n) = s.strip_suffix("ms") {
@@ -791,7 +791,7 @@ pub fn parse_duration(v: &Value) -> Option<Duration> {
         (s, 1000.0)
     };
     let n: f64 = num.trim().parse().ok()?;
-    (n >= 0.0 && n.is_finite()).then(|| Duration::from_secs_f64(n * mul_ms / 1000.0))
+    (n >= 0.0 && n.is_finite()).then(|| super::seconds(n * mul_ms / 1000.0))
 }
 
 #[cfg(test)]
@@ -892,7 +892,9 @@ mod tests {
             assert_eq!(e.0[0].path, path, "{text}: {e}");
         }
         let e = parse("apisix:\n  delete_uri_tail_slash: true\n").unwrap_err();
-        assert!(e.0[0].reason.contains("only \"false\" (APISIX's default)"), "{e}");
+        assert!(e.0[0].reason.contains("only \"false\" is accepted"), "{e}");
+        let e = parse("nginx_config:\n  http:\n    upstream:\n      keepalive_timeout: 30s\n").unwrap_err();
+        assert!(e.0[0].reason.contains("only \"60s\" or \"60\" is accepted"), "{e}");
     }
 
     #[test]
@@ -944,6 +946,20 @@ mod tests {
         assert_eq!(c.control, None);
         let c = parse("apisix:\n  control: {ip: 127.0.0.1, port: 0}\n").unwrap();
         assert_eq!(c.control, Some("127.0.0.1:0".parse().unwrap()));
+    }
+
+    #[test]
+    fn huge_durations_are_capped_instead_of_panicking() {
+        let c = parse(
+            "nginx_config:\n  worker_shutdown_timeout: 1e300\n  http:\n    keepalive_timeout: 1e306h\n    send_timeout: 1e308\n",
+        )
+        .unwrap();
+        for d in [c.drain_timeout.unwrap(), c.keepalive_timeout, c.send_timeout] {
+            assert!(
+                d >= Duration::from_secs(1_000_000_000) && d < Duration::from_secs(1_000_000_001),
+                "{d:?}"
+            );
+        }
     }
 
     #[test]

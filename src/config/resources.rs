@@ -456,14 +456,7 @@ impl Builder<'_> {
         }
         let depth = match c.depth {
             None => 1,
-            Some(d) if d >= 1 => usize::try_from(d).unwrap_or(usize::MAX),
-            Some(0) => {
-                self.errs.add(
-                    join(path, "depth"),
-                    "unsupported by Strait: depth 0 (a client certificate trusted as itself); use 1 or more",
-                );
-                return None;
-            }
+            Some(d) if d >= 0 => usize::try_from(d).unwrap_or(usize::MAX),
             Some(_) => {
                 self.errs.add(join(path, "depth"), "must be an integer >= 0");
                 return None;
@@ -689,7 +682,7 @@ impl Builder<'_> {
         };
         let retry_timeout = match r.retry_timeout {
             None => None,
-            Some(t) if t.is_finite() && t >= 0.0 => (t > 0.0).then(|| Duration::from_secs_f64(t)),
+            Some(t) if t.is_finite() && t >= 0.0 => (t > 0.0).then(|| super::seconds(t)),
             Some(_) => {
                 e.add(join(path, "retry_timeout"), "must be a number >= 0");
                 None
@@ -726,7 +719,7 @@ impl Builder<'_> {
                 None => {}
             }
             match k.idle_timeout {
-                Some(t) if t.is_finite() && t >= 0.0 => keepalive.idle_timeout = Duration::from_secs_f64(t),
+                Some(t) if t.is_finite() && t >= 0.0 => keepalive.idle_timeout = super::seconds(t),
                 Some(_) => e.add(join(&p, "idle_timeout"), "must be a number >= 0"),
                 None => {}
             }
@@ -1112,7 +1105,7 @@ impl Builder<'_> {
             }
             let idle_timeout = match r.idle_timeout {
                 None => None,
-                Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+                Some(t) if t.is_finite() && t > 0.0 => Some(super::seconds(t)),
                 Some(_) => {
                     self.errs.add(join(&path, "idle_timeout"), "must be a positive number of seconds");
                     None
@@ -1181,7 +1174,7 @@ fn timeouts(t: &RawTimeout, path: &str, e: &mut Errors) -> Timeouts {
         ("read", t.read, &mut out.read),
     ] {
         if v.is_finite() && v > 0.0 {
-            *slot = Duration::from_secs_f64(v);
+            *slot = super::seconds(v);
         } else {
             e.add(join(path, name), "must be a number of seconds > 0");
         }
@@ -1495,7 +1488,7 @@ fn parse_checks(v: &Value, path: &str, e: &mut Errors) -> Option<HealthChecks> {
     };
     let timeout = match a.timeout {
         None => Duration::from_secs(1),
-        Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
+        Some(t) if t.is_finite() && t > 0.0 => super::seconds(t),
         Some(_) => {
             e.add(join(&ap, "timeout"), "must be a positive number of seconds");
             Duration::from_secs(1)
@@ -1646,7 +1639,7 @@ mod tests {
         let auth = r.ssls[0].client_auth.as_ref().unwrap();
         assert_eq!((auth.depth, auth.skip_uris.len()), (3, 1));
         for (extra, path) in [
-            (format!("{ca}      depth: 0\n"), "ssls[0].client.depth"),
+            (format!("{ca}      depth: -1\n"), "ssls[0].client.depth"),
             (
                 format!("{ca}      skip_mtls_uri_regex: [\"/open(\"]\n"),
                 "ssls[0].client.skip_mtls_uri_regex[0]",
@@ -1660,6 +1653,16 @@ mod tests {
             let e = errors(&ssl(&extra));
             assert!(e.iter().any(|m| m.starts_with(&format!("{path}: "))), "{path}: {e:?}");
         }
+    }
+
+    #[test]
+    fn huge_timeouts_are_capped_instead_of_panicking() {
+        let r = parse(
+            "upstreams:\n  - id: u\n    nodes: {\"127.0.0.1:80\": 1}\n    timeout: {connect: 1e300, send: 1e300, read: 1e300}\n    retry_timeout: 1e300\n    keepalive_pool: {idle_timeout: 1e300}\n#END\n",
+        )
+        .unwrap();
+        let u = r.upstream("upstreams/u").unwrap();
+        assert_eq!(u.timeouts.connect, Duration::from_secs(1_000_000_000));
     }
 
     #[test]
