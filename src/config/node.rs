@@ -499,10 +499,13 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         match &n.worker_processes {
             None => {}
             Some(w) if w.as_str() == Some("auto") => {}
-            Some(w) => match w.as_u64().and_then(|n| usize::try_from(n).ok()).filter(|&n| n > 0) {
-                Some(n) => cfg.workers = Some(n),
-                None => errs.add("nginx_config.worker_processes", "must be `auto` or a positive integer"),
-            },
+            Some(w) => {
+                match w.as_u64().and_then(|n| usize::try_from(n).ok()).filter(|&n| (1..=1024).contains(&n)) {
+                    Some(n) => cfg.workers = Some(n),
+                    None => errs
+                        .add("nginx_config.worker_processes", "must be `auto` or an integer from 1 to 1024"),
+                }
+            }
         }
         if let Some(v) = &n.worker_shutdown_timeout {
             match parse_duration(v) {
@@ -886,6 +889,7 @@ mod tests {
             ("apisix:\n  ssl:\n    ssl_protocols: TLSv9\n", "apisix.ssl.ssl_protocols"),
             ("nginx_config:\n  worker_shutdown_timeout: soon\n", "nginx_config.worker_shutdown_timeout"),
             ("nginx_config:\n  worker_processes: 0\n", "nginx_config.worker_processes"),
+            ("nginx_config:\n  worker_processes: 100000\n", "nginx_config.worker_processes"),
         ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.0.len(), 1, "{text}: {e}");

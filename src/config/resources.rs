@@ -448,6 +448,9 @@ impl Builder<'_> {
                 self.errs.add(&p, "must list at least one regular expression");
             }
             for (i, r) in list.iter().enumerate() {
+                if list[..i].contains(r) {
+                    self.errs.add(index(&p, i), format!("duplicate {r:?}"));
+                }
                 match regex::Regex::new(r) {
                     Ok(re) => skip_uris.push(re),
                     Err(e) => self.errs.add(index(&p, i), format!("invalid regular expression: {e}")),
@@ -1645,6 +1648,7 @@ mod tests {
                 "ssls[0].client.skip_mtls_uri_regex[0]",
             ),
             (format!("{ca}      skip_mtls_uri_regex: []\n"), "ssls[0].client.skip_mtls_uri_regex"),
+            (format!("{ca}      skip_mtls_uri_regex: [a, a]\n"), "ssls[0].client.skip_mtls_uri_regex[1]"),
             ("    client:\n      ca: not a certificate\n".to_string(), "ssls[0].client.ca"),
             ("    client:\n      depth: 2\n".to_string(), "ssls[0].client.ca"),
             ("    ssl_protocols: [TLSv1.1]\n".to_string(), "ssls[0].ssl_protocols"),
