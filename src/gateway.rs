@@ -198,18 +198,26 @@ impl Shared {
         }
         let mut certs = CertStore::default();
         for ssl in res.ssls.iter().filter(|s| !s.client) {
-            let key = strait_protocols::tls::certified_key(&ssl.cert, &ssl.key)
-                .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
+            let mut keys = Vec::with_capacity(1 + ssl.more.len());
+            for (cert, key) in
+                std::iter::once((&ssl.cert, &ssl.key)).chain(ssl.more.iter().map(|(c, k)| (c, k)))
+            {
+                keys.push(
+                    strait_protocols::tls::certified_key(cert, key)
+                        .map_err(|e| format!("ssl {}: {e}", ssl.id))?,
+                );
+            }
+            let keys: Arc<[_]> = keys.into();
             let policy = if ssl.client_auth.is_some() || ssl.protocols.is_some() {
                 let versions = ssl.protocols.unwrap_or(self.node.ssl_protocols);
-                let p = SniPolicy::new(key.clone(), versions, ssl.client_auth.clone())
+                let p = SniPolicy::new(keys.clone(), versions, ssl.client_auth.clone())
                     .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
                 Some(Arc::new(p))
             } else {
                 None
             };
             for sni in &ssl.snis {
-                certs.insert_with(sni, key.clone(), policy.clone());
+                certs.insert_with(sni, keys.clone(), policy.clone());
             }
         }
         if let Some(f) = &self.node.fallback_sni {
@@ -326,7 +334,7 @@ impl std::fmt::Debug for Shared {
 
 impl ResolvesServerCert for StateCerts {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.load().certs.resolve(hello.server_name())
+        self.0.load().certs.resolve(&hello)
     }
 }
 

@@ -272,6 +272,98 @@ async fn a_connection_made_before_client_ca_was_configured_gets_400_after_the_re
     assert_eq!(request_status(&mut s, "api.example.com").await, 400);
 }
 
+/// A test client's verifier: accepts any server certificate (checking the handshake's
+/// signature) and offers only `schemes`, so the server must pick a certificate that signs
+/// with one of them.
+#[derive(Debug)]
+struct OnlySchemes(Vec<rustls::SignatureScheme>, std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for OnlySchemes {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.1.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.1.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssl_with_certs_and_keys_serves_each_client_a_certificate_it_can_verify() {
+    use rustls::SignatureScheme as S;
+    let ca = Ca::new("test-ca");
+    let (ecdsa, ed25519) = (ca.leaf(&["api.example.com"]), ca.leaf_ed25519(&["api.example.com"]));
+    let b = Backend::start("b").await;
+    let entry = |extra: &str| {
+        format!(
+            "{}    certs:\n      - {}    keys:\n      - {}{extra}",
+            ssl_entry("api", "api.example.com", &ecdsa),
+            yaml_block(&ed25519.cert, 8),
+            yaml_block(&ed25519.key, 8)
+        )
+    };
+    // With the listener's settings, and with settings of its own (an SniPolicy).
+    for extra in ["", "    ssl_protocols: [TLSv1.2, TLSv1.3]\n"] {
+        let gw = TestGateway::start_with(
+            &tls_config(),
+            &format!(
+                "ssls:\n{}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+                entry(extra),
+                nodes_yaml(&[b.addr])
+            ),
+            1,
+        );
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        for (schemes, want) in [
+            (vec![S::ED25519], &ed25519),
+            (vec![S::ECDSA_NISTP256_SHA256], &ecdsa),
+            (provider.signature_verification_algorithms.supported_schemes(), &ecdsa),
+        ] {
+            let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(OnlySchemes(
+                    schemes.clone(),
+                    provider.clone(),
+                )))
+                .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
+            let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(sn, tcp)
+                .await
+                .unwrap_or_else(|e| panic!("{extra:?} {schemes:?}: {e}"));
+            let got = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+            let want_der = strait_protocols::tls::parse_certs(&want.cert).unwrap()[0].clone();
+            assert_eq!(got, want_der, "{extra:?} {schemes:?}: wrong certificate");
+            assert_eq!(request_status(&mut s, "api.example.com").await, 200);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_by_sni_with_wildcards_and_alpn() {
     let ca = Ca::new("test-ca");

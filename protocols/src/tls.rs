@@ -204,22 +204,24 @@ pub struct CertStore {
 /// What one SNI is served with.
 #[derive(Debug, Clone)]
 struct SniEntry {
-    key: Arc<CertifiedKey>,
+    /// The `ssls` entry's certificates: `cert`, then `certs` (e.g. an ECDSA and an RSA one);
+    /// a handshake gets the first whose key can sign with a scheme the client offers.
+    keys: Arc<[Arc<CertifiedKey>]>,
     policy: Option<Arc<SniPolicy>>,
 }
 
 impl CertStore {
     /// Adds a certificate for `sni` (exact or `*.suffix`).
     pub fn insert(&mut self, sni: &str, key: Arc<CertifiedKey>) {
-        self.insert_with(sni, key, None);
+        self.insert_with(sni, Arc::new([key]), None);
     }
 
     /// Adds a certificate for `sni` whose handshakes follow `policy` (client certificates, TLS
     /// versions) instead of the listener's settings.
-    pub fn insert_with(&mut self, sni: &str, key: Arc<CertifiedKey>, policy: Option<Arc<SniPolicy>>) {
+    pub fn insert_with(&mut self, sni: &str, keys: Arc<[Arc<CertifiedKey>]>, policy: Option<Arc<SniPolicy>>) {
         self.policies |= policy.is_some();
         self.client_auth |= policy.as_ref().is_some_and(|p| p.client_auth);
-        let entry = SniEntry { key, policy };
+        let entry = SniEntry { keys, policy };
         let sni = sni.to_ascii_lowercase();
         match sni.strip_prefix('*') {
             Some(suffix) => self.wildcard.insert(suffix.to_string(), entry),
@@ -291,7 +293,7 @@ impl CertStore {
 
     /// The certificate for `sni`: exact match first, then the longest wildcard suffix.
     pub fn lookup(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
-        self.entry(sni).map(|e| e.key.clone())
+        self.entry(sni).and_then(|e| e.keys.first().cloned())
     }
 
     fn entry(&self, sni: &str) -> Option<&SniEntry> {
@@ -343,18 +345,29 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.store.load().resolve(hello.server_name())
+        self.store.load().resolve(&hello)
     }
 }
 
 impl CertStore {
-    /// The certificate for a handshake with this SNI (or none).
-    pub fn resolve(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        match sni {
-            Some(name) => self.lookup(name),
-            None => self.fallback.as_ref().map(|e| e.key.clone()),
-        }
+    /// The certificate for a handshake: by its SNI (or the fallback without one), the first of
+    /// the entry's that can sign with a scheme the client offers.
+    pub fn resolve(&self, hello: &ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let entry = match hello.server_name() {
+            Some(name) => self.entry(name),
+            None => self.fallback.as_ref(),
+        }?;
+        choose(&entry.keys, hello.signature_schemes())
     }
+}
+
+/// The first of `keys` that can sign with one of `schemes` (the first one when none can: the
+/// handshake then fails as it would with that one alone).
+fn choose(keys: &[Arc<CertifiedKey>], schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+    if let [one] = keys {
+        return Some(one.clone());
+    }
+    keys.iter().find(|k| k.key.choose_scheme(schemes).is_some()).or(keys.first()).cloned()
 }
 
 /// The server configurations of an SNI whose `ssls` entry asks for client certificates
@@ -390,10 +403,10 @@ pub struct ClientAuth {
 }
 
 impl SniPolicy {
-    /// Configurations serving `key`, with `versions` and, when given, required client
-    /// certificates.
+    /// Configurations serving `keys` (an entry's certificates, as [`CertStore::insert_with`]
+    /// takes them), with `versions` and, when given, required client certificates.
     pub fn new(
-        key: Arc<CertifiedKey>,
+        keys: Arc<[Arc<CertifiedKey>]>,
         versions: TlsVersions,
         client: Option<ClientAuth>,
     ) -> Result<SniPolicy, TlsError> {
@@ -431,7 +444,7 @@ impl SniPolicy {
                     Some(v) => builder.with_client_cert_verifier(v.clone()),
                     None => builder.with_no_client_auth(),
                 };
-                let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(key.clone())));
+                let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(keys.clone())));
                 cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
                 Ok(Arc::new(cfg))
             };
@@ -485,13 +498,13 @@ fn normalized_path(raw: &str) -> Option<String> {
     Some(path)
 }
 
-/// Serves one certificate, whatever the SNI (the SNI chose the [`SniPolicy`]).
+/// Serves one entry's certificates, whatever the SNI (the SNI chose the [`SniPolicy`]).
 #[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
+struct Fixed(Arc<[Arc<CertifiedKey>]>);
 
 impl ResolvesServerCert for Fixed {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        choose(&self.0, hello.signature_schemes())
     }
 }
 

@@ -219,6 +219,8 @@ pub struct SslSpec {
     pub snis: Vec<String>,
     pub cert: String,
     pub key: String,
+    /// `certs`/`keys`: more certificate and key pairs for the same names (PEM).
+    pub more: Vec<(String, String)>,
     /// `type: client` certificates are for mTLS to upstreams, not for listeners.
     pub client: bool,
     /// `client`: certificates its SNIs require from clients.
@@ -379,9 +381,25 @@ impl Builder<'_> {
             if r.status == Some(0) {
                 continue;
             }
-            if r.certs.is_some() || r.keys.is_some() {
-                self.errs
-                    .add(join(&path, "certs"), "unsupported by Strait: use one cert/key pair per ssl object");
+            // `certs`/`keys`: more certificates for the same names (an RSA one beside an ECDSA
+            // one, say), paired by index.
+            let mut more = Vec::new();
+            let (certs, keys) = (r.certs.clone().unwrap_or_default(), r.keys.clone().unwrap_or_default());
+            if certs.len() != keys.len() {
+                self.errs.add(
+                    join(&path, "keys"),
+                    format!("{} certs but {} keys: each certificate needs its key", certs.len(), keys.len()),
+                );
+            } else {
+                for (j, (c, k)) in certs.into_iter().zip(keys).enumerate() {
+                    match strait_protocols::tls::certified_key(&c, &k) {
+                        Ok(_) => more.push((c, k)),
+                        Err(e) => self.errs.add(
+                            index(&join(&path, "certs"), j),
+                            format!("cannot use certificate and key: {e}"),
+                        ),
+                    }
+                }
             }
             let client = match r.kind.as_deref() {
                 None | Some("server") => false,
@@ -420,6 +438,7 @@ impl Builder<'_> {
                 snis: snis.iter().map(|s| s.to_ascii_lowercase()).collect(),
                 cert,
                 key,
+                more,
                 client,
                 client_auth,
                 protocols,
@@ -1643,6 +1662,11 @@ mod tests {
         assert_eq!((auth.depth, auth.skip_uris.len()), (3, 1));
         for (extra, path) in [
             (format!("{ca}      depth: -1\n"), "ssls[0].client.depth"),
+            ("    certs: [x]\n".to_string(), "ssls[0].keys"),
+            (
+                format!("    certs:\n      - {}    keys:\n      - nope\n", block(&ck.cert.pem())),
+                "ssls[0].certs[0]",
+            ),
             (
                 format!("{ca}      skip_mtls_uri_regex: [\"/open(\"]\n"),
                 "ssls[0].client.skip_mtls_uri_regex[0]",

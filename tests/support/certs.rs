@@ -28,12 +28,21 @@ impl Ca {
 
     /// A certificate for `names` (DNS names or IPs), usable by servers and clients.
     pub fn leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_with_key(names, KeyPair::generate().unwrap())
+    }
+
+    /// As [`Ca::leaf`], with an Ed25519 key (`leaf`'s is ECDSA P-256).
+    #[allow(dead_code)]
+    pub fn leaf_ed25519(&self, names: &[&str]) -> Leaf {
+        self.leaf_with_key(names, KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap())
+    }
+
+    fn leaf_with_key(&self, names: &[&str], key: KeyPair) -> Leaf {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(rcgen::DnType::CommonName, names.first().copied().unwrap_or("leaf"));
         params.extended_key_usages =
             vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf { cert: cert.pem(), key: key.serialize_pem() }
     }
