@@ -294,7 +294,7 @@ impl Shared {
         if let Some(c) = self.stream_tls.get() {
             return Some(c.clone());
         }
-        let resolver = Arc::new(StateCerts(self.state.clone()));
+        let resolver = Arc::new(StateCerts(self.state.clone(), self.node.ssl_protocols));
         match strait_protocols::tls::server_config(resolver, &[], self.node.ssl_protocols) {
             Ok(c) => Some(self.stream_tls.get_or_init(|| c).clone()),
             Err(e) => {
@@ -318,7 +318,7 @@ fn hash(b: &[u8]) -> u64 {
 
 /// TLS certificates by SNI, read from the current state at every handshake.
 #[derive(Debug)]
-pub struct StateCerts(pub Arc<ArcSwap<State>>);
+pub struct StateCerts(pub Arc<ArcSwap<State>>, pub strait_protocols::tls::TlsVersions);
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -334,7 +334,7 @@ impl std::fmt::Debug for Shared {
 
 impl ResolvesServerCert for StateCerts {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.load().certs.resolve(&hello)
+        self.0.load().certs.resolve(&hello, self.1)
     }
 }
 

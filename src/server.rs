@@ -302,7 +302,7 @@ async fn worker(
 ) {
     let tracker = Arc::new(ConnTracker::default());
     let tls = match strait_protocols::tls::server_config(
-        Arc::new(StateCerts(shared.state.clone())),
+        Arc::new(StateCerts(shared.state.clone(), shared.node.ssl_protocols)),
         &[b"h2", b"http/1.1"],
         shared.node.ssl_protocols,
     ) {
@@ -313,7 +313,7 @@ async fn worker(
         }
     };
     let tls_h1 = match strait_protocols::tls::server_config(
-        Arc::new(StateCerts(shared.state.clone())),
+        Arc::new(StateCerts(shared.state.clone(), shared.node.ssl_protocols)),
         &[b"http/1.1"],
         shared.node.ssl_protocols,
     ) {
@@ -1090,11 +1090,9 @@ fn client_cert_rules_allow(certs: &CertStore, view: &RequestView, sni: Option<&s
     if !certs.request_allowed(&view.host, path, sni, verified) {
         return false;
     }
+    // request_allowed takes each name as nginx's $host would be made from it.
     view.parts.headers.get_all(http::header::HOST).iter().all(|h| match h.to_str() {
-        Ok(h) => {
-            let h = crate::route::strip_port(h).to_ascii_lowercase();
-            h == view.host || certs.request_allowed(&h, path, sni, verified)
-        }
+        Ok(h) => certs.request_allowed(h, path, sni, verified),
         // A name that cannot be read cannot be checked.
         Err(_) => false,
     })

@@ -187,9 +187,27 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
     ])
     .await;
     assert!(out.ends_with("400"), "absolute-form target for open, Host api: {out} {err}");
+    // A Host that nginx's $host makes api.example.com of: its trailing dot, its port.
+    for host in ["api.example.com.", "API.example.com.:443"] {
+        let (_, out, err) = curl(&[
+            "-sS",
+            "--cacert",
+            &ca_file,
+            "--resolve",
+            &resolve,
+            "--http1.1",
+            "-H",
+            &format!("Host: {host}"),
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .await;
+        assert!(out.ends_with("400"), "Host {host} over SNI open: {out} {err}");
+    }
     // skip_mtls_uri_regex sees the path as nginx's $uri: dot segments and escapes do not get a
     // request for /x past it.
-    for path in ["/public/../x", "/public/%2e%2e/x", "/public/%2E%2E/x"] {
+    for path in ["/public/../x", "/public/%2e%2e/x", "/public/%2E%2E/x", "/x/..%2Fpublic/a"] {
         let resolve = format!("mixed.example.com:{port}:127.0.0.1");
         let url = format!("https://mixed.example.com:{port}{path}");
         let (_, out, err) = curl(&[
@@ -314,18 +332,24 @@ impl rustls::client::danger::ServerCertVerifier for OnlySchemes {
 async fn an_ssl_with_certs_and_keys_serves_each_client_a_certificate_it_can_verify() {
     use rustls::SignatureScheme as S;
     let ca = Ca::new("test-ca");
-    let (ecdsa, ed25519) = (ca.leaf(&["api.example.com"]), ca.leaf_ed25519(&["api.example.com"]));
+    let (ecdsa, ed25519, rsa) = (
+        ca.leaf(&["api.example.com"]),
+        ca.leaf_ed25519(&["api.example.com"]),
+        ca.leaf_rsa(&["api.example.com"]),
+    );
     let b = Backend::start("b").await;
     let entry = |extra: &str| {
         format!(
-            "{}    certs:\n      - {}    keys:\n      - {}{extra}",
+            "{}    certs:\n      - {}      - {}    keys:\n      - {}      - {}{extra}",
             ssl_entry("api", "api.example.com", &ecdsa),
             yaml_block(&ed25519.cert, 8),
-            yaml_block(&ed25519.key, 8)
+            yaml_block(&rsa.cert, 8),
+            yaml_block(&ed25519.key, 8),
+            yaml_block(&rsa.key, 8)
         )
     };
     // With the listener's settings, and with settings of its own (an SniPolicy).
-    for extra in ["", "    ssl_protocols: [TLSv1.2, TLSv1.3]\n"] {
+    for extra in ["", "    ssl_protocols: [TLSv1.2]\n"] {
         let gw = TestGateway::start_with(
             &tls_config(),
             &format!(
@@ -336,12 +360,25 @@ async fn an_ssl_with_certs_and_keys_serves_each_client_a_certificate_it_can_veri
             1,
         );
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        for (schemes, want) in [
-            (vec![S::ED25519], &ed25519),
-            (vec![S::ECDSA_NISTP256_SHA256], &ecdsa),
-            (provider.signature_verification_algorithms.supported_schemes(), &ecdsa),
+        // A client whose only TLS 1.2 cipher suite is an RSA one, beside the TLS 1.3 ones, and
+        // that lists ECDSA signature schemes too (as OpenSSL's `--ciphers ECDHE-RSA-...` does):
+        // where TLS 1.3 is on it takes the first certificate; where the SNI allows TLS 1.2 only,
+        // it can only take the RSA one.
+        let mut rsa_only = rustls::crypto::ring::default_provider();
+        rsa_only.cipher_suites.retain(|s| match s {
+            rustls::SupportedCipherSuite::Tls13(_) => true,
+            _ => s.suite() == rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        });
+        let rsa_only = std::sync::Arc::new(rsa_only);
+        let tls12_only = !extra.is_empty();
+        let all = provider.signature_verification_algorithms.supported_schemes();
+        for (schemes, client, want) in [
+            (vec![S::ED25519], &provider, &ed25519),
+            (vec![S::ECDSA_NISTP256_SHA256], &provider, &ecdsa),
+            (all.clone(), &provider, &ecdsa),
+            (all.clone(), &rsa_only, if tls12_only { &rsa } else { &ecdsa }),
         ] {
-            let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            let cfg = rustls::ClientConfig::builder_with_provider(client.clone())
                 .with_safe_default_protocol_versions()
                 .unwrap()
                 .dangerous()

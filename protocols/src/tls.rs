@@ -256,22 +256,24 @@ impl CertStore {
     ///
     /// The second rule also covers connections made before the entry asked for certificates
     /// (the configuration is swapped under open connections). A client without SNI counts as
-    /// having asked for `fallback_sni` (APISIX's `ssl.server_name()`). `skip_mtls_uri_regex` is
-    /// matched against the path as nginx's `$uri` has it: percent-decoded, `.` and `..`
-    /// resolved, slashes merged (a raw `/public/../admin` is `/admin`). Always true while no
-    /// entry asks.
+    /// having asked for `fallback_sni` (APISIX's `ssl.server_name()`). `skip_mtls_uri_regex` must
+    /// match both the path as sent and as nginx's `$uri` has it (percent-decoded, `.` and `..`
+    /// resolved, slashes merged): a raw `/public/../admin` is `/admin`. `host` is taken as
+    /// nginx's `$host` is ([`canonical_host`]). Always true while no entry asks.
     pub fn request_allowed(&self, host: &str, path: &str, sni: Option<&str>, verified: bool) -> bool {
         if !self.client_auth {
             return true;
         }
         let sni = sni.or(self.fallback_name.as_deref());
+        let host = &*canonical_host(host);
         let normalized = std::cell::OnceCell::new();
+        // Both the path as sent (what routes match and the node gets) and as nginx's `$uri`:
+        // `/public/../admin` and `/admin/..%2Fpublic/x` are not let through by `^/public/`.
         let skipped = |p: &SniPolicy| {
+            let matches = |path: &str| p.skip_uris.iter().any(|r| r.is_match(path));
             !p.skip_uris.is_empty()
-                && normalized
-                    .get_or_init(|| normalized_path(path))
-                    .as_deref()
-                    .is_some_and(|n| p.skip_uris.iter().any(|r| r.is_match(n)))
+                && matches(path)
+                && normalized.get_or_init(|| normalized_path(path)).as_deref().is_some_and(matches)
         };
         let needs_cert = |p: &SniPolicy| p.client_auth && !verified && !skipped(p);
         if let Some(p) = self.entry(host).and_then(|e| e.policy.as_deref())
@@ -345,29 +347,66 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.store.load().resolve(&hello)
+        self.store.load().resolve(&hello, TlsVersions::default())
     }
 }
 
 impl CertStore {
     /// The certificate for a handshake: by its SNI (or the fallback without one), the first of
-    /// the entry's that can sign with a scheme the client offers.
-    pub fn resolve(&self, hello: &ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    /// the entry's that the client can take ([`choose`]) with the server's `versions`.
+    pub fn resolve(&self, hello: &ClientHello<'_>, versions: TlsVersions) -> Option<Arc<CertifiedKey>> {
         let entry = match hello.server_name() {
             Some(name) => self.entry(name),
             None => self.fallback.as_ref(),
         }?;
-        choose(&entry.keys, hello.signature_schemes())
+        choose(&entry.keys, hello, versions)
     }
 }
 
-/// The first of `keys` that can sign with one of `schemes` (the first one when none can: the
-/// handshake then fails as it would with that one alone).
-fn choose(keys: &[Arc<CertifiedKey>], schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+/// The first of `keys` the client can take: one that signs with a signature scheme it offers
+/// which a cipher suite both sides have allows (TLS 1.3: no PKCS#1 v1.5 or SHA-1 schemes;
+/// TLS 1.2: the suite's own, ECDSA ones for `ECDHE_ECDSA` suites, RSA ones for `ECDHE_RSA`),
+/// as nginx picks between an ECDSA and an RSA certificate. The first key when none fits: the
+/// handshake then fails as it would with that one alone.
+fn choose(
+    keys: &[Arc<CertifiedKey>],
+    hello: &ClientHello<'_>,
+    versions: TlsVersions,
+) -> Option<Arc<CertifiedKey>> {
     if let [one] = keys {
         return Some(one.clone());
     }
-    keys.iter().find(|k| k.key.choose_scheme(schemes).is_some()).or(keys.first()).cloned()
+    let (schemes, offered) = (hello.signature_schemes(), hello.cipher_suites());
+    let provider = provider();
+    let signs_with = |k: &CertifiedKey, allowed: &dyn Fn(&SignatureScheme) -> bool| {
+        let ok: Vec<SignatureScheme> = schemes.iter().copied().filter(|s| allowed(s)).collect();
+        k.key.choose_scheme(&ok).is_some()
+    };
+    let takes = |k: &CertifiedKey| {
+        provider.cipher_suites.iter().filter(|s| offered.contains(&s.suite())).any(|s| match s {
+            rustls::SupportedCipherSuite::Tls13(_) => versions.tls13 && signs_with(k, &tls13_scheme),
+            rustls::SupportedCipherSuite::Tls12(t) => {
+                versions.tls12 && signs_with(k, &|x| t.sign.contains(x))
+            }
+        })
+    };
+    keys.iter().find(|k| takes(k)).or(keys.first()).cloned()
+}
+
+/// Whether TLS 1.3 allows `s` for a server's handshake signature (RFC 8446, 4.2.3).
+fn tls13_scheme(s: &SignatureScheme) -> bool {
+    use SignatureScheme as S;
+    matches!(
+        s,
+        S::ECDSA_NISTP256_SHA256
+            | S::ECDSA_NISTP384_SHA384
+            | S::ECDSA_NISTP521_SHA512
+            | S::ED25519
+            | S::ED448
+            | S::RSA_PSS_SHA256
+            | S::RSA_PSS_SHA384
+            | S::RSA_PSS_SHA512
+    )
 }
 
 /// The server configurations of an SNI whose `ssls` entry asks for client certificates
@@ -444,7 +483,7 @@ impl SniPolicy {
                     Some(v) => builder.with_client_cert_verifier(v.clone()),
                     None => builder.with_no_client_auth(),
                 };
-                let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(keys.clone())));
+                let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(keys.clone(), versions)));
                 cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
                 Ok(Arc::new(cfg))
             };
@@ -455,6 +494,21 @@ impl SniPolicy {
             client_auth,
             skip_uris,
         })
+    }
+}
+
+/// A host name as nginx's `$host` is made from a `Host` header: lower-case, without a port
+/// (whatever follows the first `:` outside brackets) and without one trailing dot.
+pub fn canonical_host(h: &str) -> std::borrow::Cow<'_, str> {
+    let name = match h.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(h, |i| &h[..i + 2]),
+        None => h.split(':').next().unwrap_or(h),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
     }
 }
 
@@ -498,13 +552,14 @@ fn normalized_path(raw: &str) -> Option<String> {
     Some(path)
 }
 
-/// Serves one entry's certificates, whatever the SNI (the SNI chose the [`SniPolicy`]).
+/// Serves one entry's certificates, whatever the SNI (the SNI chose the [`SniPolicy`]), with
+/// the policy's TLS versions.
 #[derive(Debug)]
-struct Fixed(Arc<[Arc<CertifiedKey>]>);
+struct Fixed(Arc<[Arc<CertifiedKey>]>, TlsVersions);
 
 impl ResolvesServerCert for Fixed {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        choose(&self.0, hello.signature_schemes())
+        choose(&self.0, &hello, self.1)
     }
 }
 
@@ -644,11 +699,27 @@ mod tests {
             ("/./public/./a", Some("/public/a")),
             ("/%70ublic/a", Some("/public/a")),
             ("/public/%zz", Some("/public/%zz")),
+            ("/admin/..%2Fpublic/x", Some("/public/x")),
             ("/..", None),
             ("/a/../../b", None),
             ("/", Some("/")),
         ] {
             assert_eq!(normalized_path(raw).as_deref(), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_canonical_as_nginx_host() {
+        for (raw, want) in [
+            ("api.example.com", "api.example.com"),
+            ("API.Example.com.", "api.example.com"),
+            ("api.example.com:443", "api.example.com"),
+            ("api.example.com:x", "api.example.com"),
+            ("api.example.com.:8443", "api.example.com"),
+            ("[::1]:80", "[::1]"),
+            ("[::1]", "[::1]"),
+        ] {
+            assert_eq!(canonical_host(raw), want, "{raw}");
         }
     }
 

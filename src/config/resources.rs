@@ -429,6 +429,10 @@ impl Builder<'_> {
                     self.errs.add(index(&join(&path, "snis"), j), format!("invalid SNI {s:?}"));
                 }
             }
+            if client && !more.is_empty() {
+                // An upstream's client certificate is one cert/key pair.
+                self.errs.add(join(&path, "certs"), "only for `type: server` certificates");
+            }
             let client_auth =
                 r.client.as_ref().and_then(|c| self.ssl_client(c, client, &join(&path, "client")));
             let protocols =

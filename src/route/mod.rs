@@ -65,7 +65,7 @@ impl<'a> RequestView<'a> {
     }
 }
 
-pub(crate) fn strip_port(h: &str) -> &str {
+fn strip_port(h: &str) -> &str {
     if let Some(rest) = h.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }

@@ -37,6 +37,13 @@ impl Ca {
         self.leaf_with_key(names, KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap())
     }
 
+    /// As [`Ca::leaf`], with a 2048-bit RSA key generated once for these tests (ring, which
+    /// rcgen uses here, cannot generate RSA keys).
+    #[allow(dead_code)]
+    pub fn leaf_rsa(&self, names: &[&str]) -> Leaf {
+        self.leaf_with_key(names, KeyPair::from_pem(RSA_KEY).unwrap())
+    }
+
     fn leaf_with_key(&self, names: &[&str], key: KeyPair) -> Leaf {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
@@ -95,3 +102,34 @@ pub fn client_tls_with_cert(ca: &Ca, cert: &Leaf) -> tokio_rustls::TlsConnector 
     .unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
 }
+
+/// A test RSA key (`openssl genrsa 2048 | openssl pkcs8 -topk8 -nocrypt`), for [`Ca::leaf_rsa`].
+const RSA_KEY: &str = "\
+-----BEGIN PRIVATE KEY-----\n\
+MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCoSqJxFkQ0r5bq\n\
+mKbpUV1AA2LhwFYLhFIltUkY8cfQU88WO4h73E+O+AI7MmJUpCK/ECMLzcYkFhcI\n\
+/QLnbJLI2YUAidqdD7nCOiIdq382WW4hQaCgmjj+5w2BQy8a3+9A5k99is1rrz3L\n\
+QA8r7wMmg7F28R5oEFr6B3v9d46QDt/XbAL7iyyUieNB0eT3tZDnOEKNDJJcDKL/\n\
+0JlTCCJRireDDICdgorhxhK6UcSf924iTqFV/2TWI4LmL5XhM2iSC73aBDghgfvY\n\
+osTFK9U7KvFrzSGUqfk6kU58XztXqaQUgURbMoJhOjXoad+ksascsnPKIByvZFTr\n\
+JmhmOmeFAgMBAAECggEAB9h04rdCRj+CVlz3+QwTQBL4VuRnzoEkcEAXkItjAI4L\n\
+qzJqzjVq2xQqTHawmVgOi6A1tgzphhCmkcNz0XShEi570hbbI3PSeeDKat4uH8tD\n\
+BFdiJOKTsiR033gRl9vlND4YahagtXq1s4ZAvtBVcgP1L8GVZI4Qo7PaHqqmcYZA\n\
+o6PWni9uyNXP8uSL2XtvR7W1w1iJYNaGwdDzGAxpOiCobjymR6Gc1FZSc4K6+QRv\n\
+f9REVX408Bb3MSIE7uIR3EBsvvVyZKG9w64Wl6SUtLCEdRwRw/ZwQy5qYacWfL+C\n\
+E1u93HfEwi690XLqZ4cUJaJQIm87cexAmEApdcD2qQKBgQDTEiXnUp9LmGYz4JsG\n\
+wCMqSpzjPQx6o6xojlscxi+ccjlC04GOzmQOfj5v5TX4txeyf666/1CJuC3a9Jsc\n\
+328yycD3JFxgYxq/wBJDrXVh4Etf5Suvy86FPImsD6LIQ/oAdijEFcvkr8pAA4y/\n\
+9soCsnv2iMtUWwoX6zsilhiaTQKBgQDMHVF7XgI7f242rwjuQrExVHw/HIcvgZXI\n\
+gHCnuSZB1Nqi7P8DdxtDZQvakSO3UYPAOLZiPhZSWLm+TrHwuvam/3cJ4I+ebLeu\n\
+mhMW49+63kIyukOcI0qqbMkZzJLguuknqYFPNx/rhHEni3CmEAZPeYdjHOTD4Ckt\n\
+ejB3PD+uGQKBgC5n+g9u+fj769SSGGOWkOS2fOH1RS4dmEVwrxWXeVZTQsWvjPeh\n\
+5xvMo9ukMIabcslbC0av5bwx01slloj1kxQ+iX+M7gZ/I51vFFTu6TT4xHm0ADPp\n\
+gmGG2toKogaX83pwgCwEgsyn3bbPUP3Pu8B2D403rETCs2ho3pqPF5+tAoGAD46Q\n\
+fkmc+/HrcYmHsbktjif1TE4dU5aZ1u1LKM1oyA20GETd7uKuFkXmUGNNiJRS6Vyp\n\
+MfWvd9lBVurijwmA8Rt5dCxEZfu9SDaAC/eUPsbf3sPpkUXzU+f0r92yuCQmzxoR\n\
+O/tkmGvAwBXVoSKJiJcnpXs3SGKWYNv2Q7A43kkCgYEAxZoa7XbEf6pHORzNkgHd\n\
+GXoxaRBMrjbS0eFInsKs3Cuvy4NIRBVJTKIUdN1dsmi5R7ULgMJo7phs0kC+WGR6\n\
+sZ7Yabtrx+mSjIvNtDbAuVZXnuAVex89whTxLOslG0ALW5ZYI7IoM7cBf2jKu/p8\n\
+gYdriQtKxV37gzUTrqBSs7U=\n\
+-----END PRIVATE KEY-----\n";
