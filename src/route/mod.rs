@@ -65,14 +65,15 @@ impl<'a> RequestView<'a> {
     }
 }
 
+/// The host name routes match, as nginx's `$host` is made from a `Host` header: without the
+/// port (whatever follows the first `:` outside brackets) and without one trailing dot, so
+/// `api.example.com.` and `api.example.com:443` match `api.example.com`.
 fn strip_port(h: &str) -> &str {
-    if let Some(rest) = h.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match h.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => h,
-    }
+    let h = match h.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => h.split(':').next().unwrap_or(h),
+    };
+    h.strip_suffix('.').unwrap_or(h)
 }
 
 /// Percent-decodes a query component (`+` is a space).
@@ -354,6 +355,10 @@ mod tests {
             Some("host")
         );
         assert_eq!(find(&r, "GET", "/server_port", "api.test.com", "1.1.1.1:1").as_deref(), Some("ex"));
+        // As nginx's $host: one trailing dot and any port dropped.
+        for host in ["api.test.com.", "API.test.com.:443", "api.test.com:x"] {
+            assert_eq!(find(&r, "GET", "/server_port", host, "1.1.1.1:1").as_deref(), Some("ex"), "{host}");
+        }
         assert_eq!(find(&r, "GET", "/server_port", "test.com", "1.1.1.1:1").as_deref(), Some("plain"));
         assert_eq!(find(&r, "GET", "/nope", "test.com", "1.1.1.1:1"), None);
     }
