@@ -362,24 +362,24 @@ async fn an_ssl_with_certs_and_keys_serves_each_client_a_certificate_it_can_veri
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         // A client whose only TLS 1.2 cipher suite is an RSA one, beside the TLS 1.3 ones, and
         // that lists ECDSA signature schemes too (as OpenSSL's `--ciphers ECDHE-RSA-...` does):
-        // where TLS 1.3 is on it takes the first certificate; where the SNI allows TLS 1.2 only,
-        // it can only take the RSA one.
+        // whichever version is spoken (the SNI may allow TLS 1.2 only, the client may speak only
+        // TLS 1.2 while listing TLS 1.3 suites), the RSA certificate is the one that fits.
         let mut rsa_only = rustls::crypto::ring::default_provider();
         rsa_only.cipher_suites.retain(|s| match s {
             rustls::SupportedCipherSuite::Tls13(_) => true,
             _ => s.suite() == rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
         });
         let rsa_only = std::sync::Arc::new(rsa_only);
-        let tls12_only = !extra.is_empty();
         let all = provider.signature_verification_algorithms.supported_schemes();
-        for (schemes, client, want) in [
-            (vec![S::ED25519], &provider, &ed25519),
-            (vec![S::ECDSA_NISTP256_SHA256], &provider, &ecdsa),
-            (all.clone(), &provider, &ecdsa),
-            (all.clone(), &rsa_only, if tls12_only { &rsa } else { &ecdsa }),
+        for (schemes, client, want, versions) in [
+            (vec![S::ED25519], &provider, &ed25519, rustls::DEFAULT_VERSIONS),
+            (vec![S::ECDSA_NISTP256_SHA256], &provider, &ecdsa, rustls::DEFAULT_VERSIONS),
+            (all.clone(), &provider, &ecdsa, rustls::DEFAULT_VERSIONS),
+            (all.clone(), &rsa_only, &rsa, rustls::DEFAULT_VERSIONS),
+            (all.clone(), &rsa_only, &rsa, &[&rustls::version::TLS12]),
         ] {
             let cfg = rustls::ClientConfig::builder_with_provider(client.clone())
-                .with_safe_default_protocol_versions()
+                .with_protocol_versions(versions)
                 .unwrap()
                 .dangerous()
                 .with_custom_certificate_verifier(std::sync::Arc::new(OnlySchemes(

@@ -366,8 +366,10 @@ impl CertStore {
 /// The first of `keys` the client can take: one that signs with a signature scheme it offers
 /// which a cipher suite both sides have allows (TLS 1.3: no PKCS#1 v1.5 or SHA-1 schemes;
 /// TLS 1.2: the suite's own, ECDSA ones for `ECDHE_ECDSA` suites, RSA ones for `ECDHE_RSA`),
-/// as nginx picks between an ECDSA and an RSA certificate. The first key when none fits: the
-/// handshake then fails as it would with that one alone.
+/// as nginx picks between an ECDSA and an RSA certificate. rustls does not tell the resolver
+/// which version it settled on, and a client lists TLS 1.3 suites even when it will not speak
+/// TLS 1.3; so a key that fits every version both sides offer comes first, then one that fits
+/// some. The first key when none fits: the handshake then fails as it would with that one.
 fn choose(
     keys: &[Arc<CertifiedKey>],
     hello: &ClientHello<'_>,
@@ -382,15 +384,28 @@ fn choose(
         let ok: Vec<SignatureScheme> = schemes.iter().copied().filter(|s| allowed(s)).collect();
         k.key.choose_scheme(&ok).is_some()
     };
-    let takes = |k: &CertifiedKey| {
-        provider.cipher_suites.iter().filter(|s| offered.contains(&s.suite())).any(|s| match s {
-            rustls::SupportedCipherSuite::Tls13(_) => versions.tls13 && signs_with(k, &tls13_scheme),
-            rustls::SupportedCipherSuite::Tls12(t) => {
-                versions.tls12 && signs_with(k, &|x| t.sign.contains(x))
-            }
-        })
+    let common = || provider.cipher_suites.iter().filter(|s| offered.contains(&s.suite()));
+    let tls13 = versions.tls13 && common().any(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)));
+    let tls12 = versions.tls12 && common().any(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)));
+    // (fits TLS 1.3, fits TLS 1.2) for a key.
+    let fits = |k: &CertifiedKey| {
+        let f13 = tls13 && signs_with(k, &tls13_scheme);
+        let f12 = tls12
+            && common().any(|s| match s {
+                rustls::SupportedCipherSuite::Tls12(t) => signs_with(k, &|x| t.sign.contains(x)),
+                rustls::SupportedCipherSuite::Tls13(_) => false,
+            });
+        (f13, f12)
     };
-    keys.iter().find(|k| takes(k)).or(keys.first()).cloned()
+    let all = |k: &&Arc<CertifiedKey>| {
+        let (f13, f12) = fits(k);
+        (f13 || f12) && f13 == tls13 && f12 == tls12
+    };
+    let some = |k: &&Arc<CertifiedKey>| {
+        let (f13, f12) = fits(k);
+        f13 || f12
+    };
+    keys.iter().find(all).or_else(|| keys.iter().find(some)).or(keys.first()).cloned()
 }
 
 /// Whether TLS 1.3 allows `s` for a server's handshake signature (RFC 8446, 4.2.3).
@@ -502,6 +517,8 @@ impl SniPolicy {
 pub fn canonical_host(h: &str) -> std::borrow::Cow<'_, str> {
     let name = match h.strip_prefix('[') {
         Some(rest) => rest.find(']').map_or(h, |i| &h[..i + 2]),
+        // An IPv6 address without brackets (a host already taken from `[...]`): no port.
+        None if h.bytes().filter(|&b| b == b':').count() > 1 => h,
         None => h.split(':').next().unwrap_or(h),
     };
     let name = name.strip_suffix('.').unwrap_or(name);
@@ -718,6 +735,9 @@ mod tests {
             ("api.example.com.:8443", "api.example.com"),
             ("[::1]:80", "[::1]"),
             ("[::1]", "[::1]"),
+            ("::1", "::1"),
+            ("", ""),
+            (":", ""),
         ] {
             assert_eq!(canonical_host(raw), want, "{raw}");
         }

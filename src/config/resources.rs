@@ -883,16 +883,18 @@ impl Builder<'_> {
         if host.is_some() && hosts.is_some() {
             self.errs.add(path, "set either host or hosts, not both");
         }
+        // As requests' hosts are matched: lower-case, without one trailing dot (nginx's $host).
+        let name = |h: &str| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase();
         if let Some(h) = host {
             if valid_host(h) {
-                out.push(h.to_ascii_lowercase());
+                out.push(name(h));
             } else {
                 self.errs.add(join(path, "host"), format!("invalid host {h:?}"));
             }
         }
         for (i, h) in hosts.into_iter().flatten().enumerate() {
             if valid_host(h) {
-                out.push(h.to_ascii_lowercase());
+                out.push(name(h));
             } else {
                 self.errs.add(index(&join(path, "hosts"), i), format!("invalid host {h:?}"));
             }
@@ -1752,6 +1754,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.routes[0].hosts, ["a.test"]);
+        let dotted =
+            parse("routes:\n  - {uri: /x, host: A.Test., upstream: {nodes: {\"127.0.0.1:1\": 1}}}\n#END\n")
+                .unwrap();
+        assert_eq!(dotted.routes[0].hosts, ["a.test"], "matched as requests' hosts are: no trailing dot");
         assert_eq!(r.routes[0].upstream.as_deref(), Some("services/s"));
         assert_eq!(r.routes[0].id, "arr_1");
     }
