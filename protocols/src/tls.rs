@@ -205,7 +205,7 @@ pub struct CertStore {
 #[derive(Debug, Clone)]
 struct SniEntry {
     /// The `ssls` entry's certificates: `cert`, then `certs` (e.g. an ECDSA and an RSA one);
-    /// a handshake gets the first whose key can sign with a scheme the client offers.
+    /// a handshake gets the first the client can take ([`choose`]).
     keys: Arc<[Arc<CertifiedKey>]>,
     policy: Option<Arc<SniPolicy>>,
 }
@@ -245,7 +245,7 @@ impl CertStore {
         self.policies
     }
 
-    /// Whether a request for `host` (lower-case, no port) and `path` may be served on a TLS
+    /// Whether a request for `host` (as the request or a `Host` header names it) and `path` may be served on a TLS
     /// connection whose handshake was for `sni` and whose client did or did not present a
     /// verified certificate (`verified`). APISIX's rules (otherwise 400):
     ///
