@@ -173,6 +173,7 @@ fn bench_keys_and_headers(c: &mut Criterion) {
         deadline: None,
         body_timeout: std::time::Duration::from_secs(60),
         tunnel_hold: None,
+        trust: Default::default(),
     };
     c.bench_function("rewrite_request_headers", |b| {
         b.iter_batched(

@@ -1024,6 +1024,7 @@ async fn one_request<S: ClientStream>(
         body_timeout,
         // Upgrades go to the general path.
         tunnel_hold: None,
+        trust: shared.node.forward_trust(peer.ip()),
     };
     shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     let after = match plan {
@@ -1162,6 +1163,7 @@ async fn handle(
         deadline,
         body_timeout: shared.node.client_body_timeout,
         tunnel_hold,
+        trust: shared.node.forward_trust(c.peer.ip()),
     };
     if let Some(t) = &route.transcode {
         // Boxed: its state (~6 KiB) would otherwise be part of every request's.

@@ -2392,9 +2392,12 @@ async fn a_reused_node_connection_keeps_its_read_timeout() {
 }
 
 /// The forwarding headers a node gets are the same whether the request came over HTTP/1.1
-/// (the relay writes them as lines) or HTTP/2 (the general path sets them in the header map):
-/// the client's `X-Forwarded-For` gets its address added, its `X-Real-IP` is replaced (not sent
-/// twice), and the `X-Forwarded-Proto`, `-Host` and `-Port` it sent are kept.
+/// (the relay writes them as lines) or HTTP/2 (the general path sets them in the header map),
+/// and follow APISIX 3.14+'s `apisix.trusted_addresses`: by default the client's
+/// `X-Forwarded-For` gets its address added, its `X-Real-IP` is replaced (not sent twice), its
+/// `X-Forwarded-Proto`, `-Host` and `-Port` are replaced by the gateway's (the port the Host
+/// names) and its `Forwarded` is dropped; a trusted client's are kept; a client outside a
+/// configured list also loses its `X-Forwarded-For`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_are_the_same_over_http1_and_http2() {
     use tokio::io::AsyncWriteExt;
@@ -2408,54 +2411,85 @@ async fn forwarding_headers_are_the_same_over_http1_and_http2() {
         }
     })
     .await;
-    let gw = TestGateway::start(&format!(
-        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
-        nodes_yaml(&[node])
-    ));
     let sent = [
         ("x-forwarded-for", "198.51.100.7"),
         ("x-real-ip", "10.9.9.9"),
         ("x-forwarded-proto", "https"),
         ("x-forwarded-host", "fwd.example"),
         ("x-forwarded-port", "8443"),
+        ("forwarded", "for=198.51.100.7;proto=https"),
     ];
     // The forwarding headers of a head the node got, sorted.
     let forwarding = |head: &str| {
         let mut lines: Vec<String> = head
             .lines()
-            .filter(|l| {
-                let l = l.to_ascii_lowercase();
-                l.starts_with("x-forwarded-") || l.starts_with("x-real-ip")
-            })
             .map(|l| l.to_ascii_lowercase())
+            .filter(|l| {
+                l.starts_with("x-forwarded-") || l.starts_with("x-real-ip") || l.starts_with("forwarded")
+            })
             .collect();
         lines.sort();
         lines
     };
-    let expected = vec![
-        "x-forwarded-for: 198.51.100.7, 127.0.0.1".to_string(),
-        "x-forwarded-host: fwd.example".to_string(),
-        "x-forwarded-port: 8443".to_string(),
-        "x-forwarded-proto: https".to_string(),
-        "x-real-ip: 127.0.0.1".to_string(),
-    ];
+    let lines = |list: &[&str]| list.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+    for (trusted, kept) in [(None, false), (Some("[127.0.0.1]"), true), (Some("[\"10.0.0.0/8\"]"), false)] {
+        let config = match trusted {
+            None => BASE_CONFIG.to_string(),
+            Some(list) => {
+                BASE_CONFIG.replace("  control:", &format!("  trusted_addresses: {list}\n  control:"))
+            }
+        };
+        let gw = TestGateway::start_with(
+            &config,
+            &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[node])),
+            2,
+        );
+        let port = gw.http().port();
+        let expected = if kept {
+            lines(&[
+                "forwarded: for=198.51.100.7;proto=https",
+                "x-forwarded-for: 198.51.100.7, 127.0.0.1",
+                "x-forwarded-host: fwd.example",
+                "x-forwarded-port: 8443",
+                "x-forwarded-proto: https",
+                "x-real-ip: 127.0.0.1",
+            ])
+        } else {
+            let xff = if trusted.is_some() {
+                "x-forwarded-for: 127.0.0.1"
+            } else {
+                "x-forwarded-for: 198.51.100.7, 127.0.0.1"
+            };
+            lines(&[
+                xff,
+                &format!("x-forwarded-host: shop.example:{port}"),
+                &format!("x-forwarded-port: {port}"),
+                "x-forwarded-proto: http",
+                "x-real-ip: 127.0.0.1",
+            ])
+        };
 
-    let mut h1 = "GET /a HTTP/1.1\r\nhost: shop.example\r\n".to_string();
-    for (k, v) in sent {
-        h1.push_str(&format!("{k}: {v}\r\n"));
-    }
-    h1.push_str("\r\n");
-    let out = raw(gw.http(), h1.as_bytes(), Duration::from_secs(5)).await;
-    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
-    let got = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
-    assert_eq!(forwarding(&got), expected, "over HTTP/1.1: {got}");
+        let mut h1 = format!("GET /a HTTP/1.1\r\nhost: shop.example:{port}\r\n");
+        for (k, v) in sent {
+            h1.push_str(&format!("{k}: {v}\r\n"));
+        }
+        h1.push_str("\r\n");
+        let out = raw(gw.http(), h1.as_bytes(), Duration::from_secs(5)).await;
+        assert!(
+            String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        let got = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
+        assert_eq!(forwarding(&got), expected, "{trusted:?}, over HTTP/1.1: {got}");
 
-    let mut req = Request::get(format!("http://shop.example:{}/a", gw.http().port()));
-    for (k, v) in sent {
-        req = req.header(k, v);
+        let mut req = Request::get(format!("http://shop.example:{port}/a"));
+        for (k, v) in sent {
+            req = req.header(k, v);
+        }
+        let (status, ..) = send_h2(gw.http(), req.body(body("")).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        let got = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
+        assert_eq!(forwarding(&got), expected, "{trusted:?}, over HTTP/2: {got}");
     }
-    let (status, ..) = send_h2(gw.http(), req.body(body("")).unwrap()).await;
-    assert_eq!(status, StatusCode::OK);
-    let got = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
-    assert_eq!(forwarding(&got), expected, "over HTTP/2: {got}");
 }

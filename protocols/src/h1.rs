@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::fxhash::FxHashMap;
-use crate::http::{ForwardCtx, idempotent, upstream_host};
+use crate::http::{ForwardCtx, ForwardTrust, idempotent, upstream_host};
 use crate::respond::error_response;
 use crate::retry::Retry;
 use crate::{KeepalivePool, Outcome, Peer, ProxyError, Scheme, UpstreamPicker, connect_tcp};
@@ -823,19 +823,37 @@ fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> Forwarding<'a> {
     if seen.real_ip {
         h.remove(&crate::http::X_REAL_IP);
     }
+    // A trusted client's own X-Forwarded-Proto/-Host/-Port and Forwarded stay; anyone else's
+    // are replaced by ours (`ForwardTrust`).
+    let trusted = ctx.trust == ForwardTrust::Trusted;
+    if !trusted {
+        for (sent, name) in [
+            (seen.proto, &crate::http::X_FORWARDED_PROTO),
+            (seen.fhost, &crate::http::X_FORWARDED_HOST),
+            (seen.port, &crate::http::X_FORWARDED_PORT),
+        ] {
+            if sent {
+                h.remove(name);
+            }
+        }
+        if seen.forwarded {
+            h.remove(header::FORWARDED);
+        }
+    }
     Forwarding {
-        xff_prev: seen.xff.filter(|v| !v.is_empty()),
+        xff_prev: seen.xff.filter(|v| !v.is_empty() && ctx.trust != ForwardTrust::Untrusted),
         ip: ctx.client_ip,
-        proto: (!seen.proto).then_some(if ctx.downstream_tls { "https" } else { "http" }),
+        proto: (!(trusted && seen.proto)).then_some(if ctx.downstream_tls { "https" } else { "http" }),
         client_host,
-        write_host: !seen.fhost,
-        port: (!seen.port).then_some(ctx.local_port_value),
+        write_host: !(trusted && seen.fhost),
+        port: (!(trusted && seen.port)).then_some(ctx.local_port_value),
     }
 }
 
 /// The forwarding headers of a relayed request, as [`crate::http::prepare_request_headers`]
 /// sets them for the general path (the client's `X-Forwarded-For` with its address added;
-/// `X-Real-IP`; `X-Forwarded-Proto`, `-Host` and `-Port` unless the client sent them), written
+/// `X-Real-IP`; `X-Forwarded-Proto`, `-Host` and `-Port` unless a trusted client sent them),
+/// written
 /// as lines after the client's headers rather than added to the header map: five map
 /// insertions (hashing, probing, growing) cost about 1,000 instructions per request.
 struct Forwarding<'a> {
@@ -846,10 +864,17 @@ struct Forwarding<'a> {
     client_host: Option<HeaderValue>,
     /// `X-Forwarded-Host` is the client's host: the client sent none.
     write_host: bool,
+    /// The listener's port, when `X-Forwarded-Port` is written: the client's host's port goes
+    /// first ([`crate::http::host_port`]).
     port: Option<&'a HeaderValue>,
 }
 
 impl Forwarding<'_> {
+    fn port(&self) -> Option<&[u8]> {
+        let local = self.port?;
+        Some(self.client_host.as_ref().and_then(crate::http::host_port).unwrap_or(local.as_bytes()))
+    }
+
     fn forwarded_host(&self) -> Option<&HeaderValue> {
         self.client_host.as_ref().filter(|_| self.write_host)
     }
@@ -859,7 +884,7 @@ impl Forwarding<'_> {
         let mut n = 60 + self.xff_prev.as_ref().map_or(0, |v| v.len() + 2) + 2 * self.ip.len();
         n += self.proto.map_or(0, |p| 21 + p.len());
         n += self.forwarded_host().map_or(0, |h| 20 + h.len());
-        n += self.port.map_or(0, |p| 20 + p.len());
+        n += self.port().map_or(0, |p| 20 + p.len());
         n
     }
 
@@ -883,9 +908,9 @@ impl Forwarding<'_> {
             out.extend_from_slice(host.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        if let Some(port) = self.port {
+        if let Some(port) = self.port() {
             out.extend_from_slice(b"x-forwarded-port: ");
-            out.extend_from_slice(port.as_bytes());
+            out.extend_from_slice(port);
             out.extend_from_slice(b"\r\n");
         }
     }

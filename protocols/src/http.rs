@@ -55,6 +55,25 @@ pub struct ForwardCtx<'a> {
     /// tunnel holds what it returns until it closes (the gateway counts the tunnel as a live
     /// connection, so a drain waits for it). `None`: nothing is held.
     pub tunnel_hold: Option<TunnelHold<'a>>,
+    /// What the client's own forwarding headers are worth (`apisix.trusted_addresses`).
+    pub trust: ForwardTrust,
+}
+
+/// How a client's own `X-Forwarded-*` and `Forwarded` headers are taken, as APISIX 3.14+ does
+/// with `apisix.trusted_addresses`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardTrust {
+    /// No `trusted_addresses`: the gateway's `X-Forwarded-Proto`, `-Host` and `-Port` replace
+    /// the client's, its `Forwarded` is dropped, and its `X-Forwarded-For` is kept with the
+    /// client's address added (APISIX's compatible default).
+    #[default]
+    Default,
+    /// The client is in `trusted_addresses`: what it sent is kept (the gateway's values only
+    /// fill in what it did not send) and its `X-Forwarded-For` gets its address added.
+    Trusted,
+    /// `trusted_addresses` is set and the client is not in it: as [`ForwardTrust::Default`],
+    /// and its `X-Forwarded-For` is dropped too, so the node sees only the client's address.
+    Untrusted,
 }
 
 /// What [`ForwardCtx::tunnel_hold`] calls.
@@ -79,9 +98,22 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// The port a client's `Host` names (`example.com:8443`, `[::1]:8443`), for `X-Forwarded-Port`
+/// as APISIX sets it: that port, or the listener's when the host has none.
+pub(crate) fn host_port(host: &HeaderValue) -> Option<&[u8]> {
+    let b = host.as_bytes();
+    let colon = b.iter().rposition(|&c| c == b':')?;
+    let port = &b[colon + 1..];
+    (!port.is_empty()
+        && port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && !b[colon..].contains(&b']'))
+    .then_some(port)
+}
 pub(crate) static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
@@ -372,6 +404,8 @@ pub(crate) struct Seen {
     pub proto: bool,
     pub fhost: bool,
     pub port: bool,
+    /// `Forwarded` (RFC 7239).
+    pub forwarded: bool,
 }
 
 /// One pass over what the client sent, instead of a lookup per header of interest.
@@ -390,6 +424,8 @@ pub(crate) fn scan_forwarding(h: &http::HeaderMap) -> Seen {
             seen.fhost = true;
         } else if name == X_FORWARDED_PORT {
             seen.port = true;
+        } else if name == header::FORWARDED {
+            seen.forwarded = true;
         }
     }
     seen
@@ -422,10 +458,15 @@ pub fn prepare_request_headers(
     scheme: Scheme,
 ) {
     let h = &mut parts.headers;
-    let Seen { hop, xff, proto, fhost, port, .. } = scan_forwarding(h);
+    let Seen { hop, xff, proto, fhost, port, forwarded, .. } = scan_forwarding(h);
     if hop {
         rewrite_hop_by_hop(h, websocket, scheme);
     }
+    let trusted = ctx.trust == ForwardTrust::Trusted;
+    if forwarded && !trusted {
+        h.remove(header::FORWARDED);
+    }
+    let xff = if ctx.trust == ForwardTrust::Untrusted { None } else { xff };
     if scheme.is_grpc() {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -444,15 +485,23 @@ pub fn prepare_request_headers(
     };
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_REAL_IP, ip_value);
-    if !proto {
+    // Ours, unless a trusted client sent its own (insert: an untrusted client's go).
+    if !(trusted && proto) {
         let proto = if ctx.downstream_tls { "https" } else { "http" };
-        h.append(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !fhost && let Some(host) = client_host {
-        h.append(&X_FORWARDED_HOST, host.clone());
+    if !(trusted && fhost) {
+        match client_host {
+            Some(host) => h.insert(&X_FORWARDED_HOST, host.clone()),
+            None => h.remove(&X_FORWARDED_HOST),
+        };
     }
-    if !port {
-        h.append(&X_FORWARDED_PORT, ctx.local_port_value.clone());
+    if !(trusted && port) {
+        let value = client_host
+            .and_then(host_port)
+            .and_then(|p| HeaderValue::from_bytes(p).ok())
+            .unwrap_or_else(|| ctx.local_port_value.clone());
+        h.insert(&X_FORWARDED_PORT, value);
     }
 }
 

@@ -96,6 +96,21 @@ pub struct NodeConfig {
     pub drain_timeout: Option<Duration>,
     /// APISIX settings accepted but not applied, by YAML path ([`Foreign`]).
     pub ignored: Vec<String>,
+    /// `apisix.trusted_addresses`: clients whose `X-Forwarded-*` headers are kept (`None`: not
+    /// set, APISIX's compatible default; see [`strait_protocols::http::ForwardTrust`]).
+    pub trusted_addresses: Option<Vec<crate::route::ip::IpNet>>,
+}
+
+impl NodeConfig {
+    /// How the forwarding headers of a client at `ip` are taken.
+    pub fn forward_trust(&self, ip: IpAddr) -> strait_protocols::http::ForwardTrust {
+        use strait_protocols::http::ForwardTrust;
+        match &self.trusted_addresses {
+            None => ForwardTrust::Default,
+            Some(nets) if nets.iter().any(|n| n.contains(ip)) => ForwardTrust::Trusted,
+            Some(_) => ForwardTrust::Untrusted,
+        }
+    }
 }
 
 /// What Strait does with a `config.yaml` setting of APISIX's that it does not implement.
@@ -342,6 +357,7 @@ impl NodeConfig {
             workers: None,
             drain_timeout: None,
             ignored: Vec::new(),
+            trusted_addresses: None,
         }
     }
 }
@@ -376,6 +392,17 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
 
     cfg.enable_ipv6 = a.enable_ipv6.unwrap_or(false);
     cfg.disable_healthcheck = a.disable_upstream_healthcheck.unwrap_or(false);
+    if let Some(list) = &a.trusted_addresses {
+        let mut nets = Vec::with_capacity(list.len());
+        for (i, s) in list.iter().enumerate() {
+            match crate::route::ip::IpNet::parse(s) {
+                Some(n) => nets.push(n),
+                None => errs
+                    .add(index("apisix.trusted_addresses", i), format!("not an IP address or CIDR: {s:?}")),
+            }
+        }
+        cfg.trusted_addresses = Some(nets);
+    }
 
     cfg.proxy_mode = match a.proxy_mode.as_deref() {
         None if a.stream_proxy.is_some() => ProxyMode::Both,

@@ -85,6 +85,7 @@ pub struct RawApisix {
     pub proxy_protocol: Option<RawProxyProtocol>,
     pub disable_upstream_healthcheck: Option<bool>,
     pub id: Option<String>,
+    pub trusted_addresses: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
