@@ -840,6 +840,7 @@ fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> Forwarding<'a> {
             h.remove(header::FORWARDED);
         }
     }
+    let host_port = client_host.as_ref().and_then(|h| crate::http::host_port_at(h.as_bytes()));
     Forwarding {
         xff_prev: seen.xff.filter(|v| !v.is_empty() && ctx.trust != ForwardTrust::Untrusted),
         ip: ctx.client_ip,
@@ -847,6 +848,7 @@ fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> Forwarding<'a> {
         client_host,
         write_host: !(trusted && seen.fhost),
         port: (!(trusted && seen.port)).then_some(ctx.local_port_value),
+        host_port,
     }
 }
 
@@ -865,14 +867,19 @@ struct Forwarding<'a> {
     /// `X-Forwarded-Host` is the client's host: the client sent none.
     write_host: bool,
     /// The listener's port, when `X-Forwarded-Port` is written: the client's host's port goes
-    /// first ([`crate::http::host_port`]).
+    /// first.
     port: Option<&'a HeaderValue>,
+    /// Where the port in `client_host` starts, if it names one ([`crate::http::host_port_at`]).
+    host_port: Option<usize>,
 }
 
 impl Forwarding<'_> {
     fn port(&self) -> Option<&[u8]> {
         let local = self.port?;
-        Some(self.client_host.as_ref().and_then(crate::http::host_port).unwrap_or(local.as_bytes()))
+        Some(match (&self.client_host, self.host_port) {
+            (Some(h), Some(i)) => &h.as_bytes()[i..],
+            _ => local.as_bytes(),
+        })
     }
 
     fn forwarded_host(&self) -> Option<&HeaderValue> {

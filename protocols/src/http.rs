@@ -105,15 +105,17 @@ pub(crate) static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forw
 /// The port a client's `Host` names (`example.com:8443`, `[::1]:8443`), for `X-Forwarded-Port`
 /// as APISIX sets it: that port, or the listener's when the host has none.
 pub(crate) fn host_port(host: &HeaderValue) -> Option<&[u8]> {
-    let b = host.as_bytes();
-    let colon = b.iter().rposition(|&c| c == b':')?;
-    let port = &b[colon + 1..];
-    (!port.is_empty()
-        && port.len() <= 5
-        && port.iter().all(u8::is_ascii_digit)
-        && !b[colon..].contains(&b']'))
-    .then_some(port)
+    host_port_at(host.as_bytes()).map(|i| &host.as_bytes()[i..])
 }
+
+/// Where the port of a `Host` value starts: after a `:` followed by one to five digits that
+/// end it (read from the end, so only the port's bytes are looked at).
+pub(crate) fn host_port_at(b: &[u8]) -> Option<usize> {
+    let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+    let start = b.len() - digits;
+    ((1..=5).contains(&digits) && start >= 2 && b[start - 1] == b':').then_some(start)
+}
+
 pub(crate) static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
@@ -882,6 +884,23 @@ fn finish_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_a_host_names() {
+        for (host, want) in [
+            ("example.com:8443", Some("8443")),
+            ("[::1]:80", Some("80")),
+            ("example.com", None),
+            ("[::1]", None),
+            ("example.com:", None),
+            ("example.com:123456", None),
+            (":80", None),
+            ("a:80", Some("80")),
+        ] {
+            let v = HeaderValue::from_static(host);
+            assert_eq!(host_port(&v), want.map(str::as_bytes), "{host}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_and_connection_tokens_are_removed() {
