@@ -2413,6 +2413,7 @@ async fn forwarding_headers_are_the_same_over_http1_and_http2() {
     .await;
     let sent = [
         ("x-forwarded-for", "198.51.100.7"),
+        ("X-Forwarded-For", "203.0.113.9"),
         ("x-real-ip", "10.9.9.9"),
         ("x-forwarded-proto", "https"),
         ("x-forwarded-host", "fwd.example"),
@@ -2448,7 +2449,7 @@ async fn forwarding_headers_are_the_same_over_http1_and_http2() {
         let expected = if kept {
             lines(&[
                 "forwarded: for=198.51.100.7;proto=https",
-                "x-forwarded-for: 198.51.100.7, 127.0.0.1",
+                "x-forwarded-for: 198.51.100.7, 203.0.113.9, 127.0.0.1",
                 "x-forwarded-host: fwd.example",
                 "x-forwarded-port: 8443",
                 "x-forwarded-proto: https",
@@ -2458,7 +2459,7 @@ async fn forwarding_headers_are_the_same_over_http1_and_http2() {
             let xff = if trusted.is_some() {
                 "x-forwarded-for: 127.0.0.1"
             } else {
-                "x-forwarded-for: 198.51.100.7, 127.0.0.1"
+                "x-forwarded-for: 198.51.100.7, 203.0.113.9, 127.0.0.1"
             };
             lines(&[
                 xff,
@@ -2492,4 +2493,26 @@ async fn forwarding_headers_are_the_same_over_http1_and_http2() {
         let got = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
         assert_eq!(forwarding(&got), expected, "{trusted:?}, over HTTP/2: {got}");
     }
+    // A trusted client's header that it sent empty, or that its Connection header names (a
+    // hop-by-hop header then, dropped), is not kept: ours is sent instead.
+    let gw = TestGateway::start_with(
+        &BASE_CONFIG.replace("  control:", "  trusted_addresses: [127.0.0.1]\n  control:"),
+        &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[node])),
+        2,
+    );
+    let port = gw.http().port();
+    let h1 = format!(
+        "GET /a HTTP/1.1\r\nhost: shop.example:{port}\r\nconnection: keep-alive, x-forwarded-proto\r\nx-forwarded-proto: https\r\nx-forwarded-host:\r\nx-forwarded-port: 8443\r\n\r\n"
+    );
+    let out = raw(gw.http(), h1.as_bytes(), Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    let got = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
+    let want = lines(&[
+        "x-forwarded-for: 127.0.0.1",
+        &format!("x-forwarded-host: shop.example:{port}"),
+        "x-forwarded-port: 8443",
+        "x-forwarded-proto: http",
+        "x-real-ip: 127.0.0.1",
+    ]);
+    assert_eq!(forwarding(&got), want, "trusted client, emptied or hop-by-hop headers: {got}");
 }

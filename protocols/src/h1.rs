@@ -813,9 +813,11 @@ fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> Forwarding<'a> {
         .remove(header::HOST)
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let h = &mut parts.headers;
-    let seen = crate::http::scan_forwarding(h);
+    let mut seen = crate::http::scan_forwarding(h);
     if seen.hop {
         crate::http::rewrite_hop_by_hop(h, false, Scheme::Http);
+        // `Connection` may have named a forwarding header: what is left counts.
+        seen = crate::http::scan_forwarding(h);
     }
     if seen.xff.is_some() {
         h.remove(&crate::http::X_FORWARDED_FOR);
@@ -823,31 +825,31 @@ fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> Forwarding<'a> {
     if seen.real_ip {
         h.remove(&crate::http::X_REAL_IP);
     }
-    // A trusted client's own X-Forwarded-Proto/-Host/-Port and Forwarded stay; anyone else's
-    // are replaced by ours (`ForwardTrust`).
-    let trusted = ctx.trust == ForwardTrust::Trusted;
-    if !trusted {
-        for (sent, name) in [
-            (seen.proto, &crate::http::X_FORWARDED_PROTO),
-            (seen.fhost, &crate::http::X_FORWARDED_HOST),
-            (seen.port, &crate::http::X_FORWARDED_PORT),
+    // A trusted client's own X-Forwarded-Proto/-Host/-Port and Forwarded stay (when not
+    // empty); the client's others are replaced by ours (`ForwardTrust`).
+    let kept = seen.kept(ctx.trust);
+    let dropped = seen.sent & !kept;
+    if dropped != 0 {
+        use crate::http::{FHOST, FORWARDED, PORT, PROTO};
+        for (bit, name) in [
+            (PROTO, &crate::http::X_FORWARDED_PROTO),
+            (FHOST, &crate::http::X_FORWARDED_HOST),
+            (PORT, &crate::http::X_FORWARDED_PORT),
+            (FORWARDED, &header::FORWARDED),
         ] {
-            if sent {
+            if dropped & bit != 0 {
                 h.remove(name);
             }
-        }
-        if seen.forwarded {
-            h.remove(header::FORWARDED);
         }
     }
     let host_port = client_host.as_ref().and_then(|h| crate::http::host_port_at(h.as_bytes()));
     Forwarding {
         xff_prev: seen.xff.filter(|v| !v.is_empty() && ctx.trust != ForwardTrust::Untrusted),
         ip: ctx.client_ip,
-        proto: (!(trusted && seen.proto)).then_some(if ctx.downstream_tls { "https" } else { "http" }),
+        proto: (kept & crate::http::PROTO == 0).then_some(if ctx.downstream_tls { "https" } else { "http" }),
         client_host,
-        write_host: !(trusted && seen.fhost),
-        port: (!(trusted && seen.port)).then_some(ctx.local_port_value),
+        write_host: kept & crate::http::FHOST == 0,
+        port: (kept & crate::http::PORT == 0).then_some(ctx.local_port_value),
         host_port,
     }
 }

@@ -400,37 +400,81 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
 pub(crate) struct Seen {
     /// A hop-by-hop header (or one `Connection` may name).
     pub hop: bool,
-    /// The client's last `X-Forwarded-For`.
+    /// The client's `X-Forwarded-For` (several lines joined with `, `, as nginx's
+    /// `$proxy_add_x_forwarded_for` does).
     pub xff: Option<HeaderValue>,
     pub real_ip: bool,
-    pub proto: bool,
-    pub fhost: bool,
-    pub port: bool,
-    /// `Forwarded` (RFC 7239).
-    pub forwarded: bool,
+    /// Which of [`PROTO`], [`FHOST`], [`PORT`] and [`FORWARDED`] the client sent at all...
+    pub sent: u8,
+    /// ... and which it sent with a value (APISIX treats an empty one as not sent).
+    pub valued: u8,
+}
+
+/// `X-Forwarded-Proto`, in [`Seen::sent`] and [`Seen::valued`].
+pub(crate) const PROTO: u8 = 1;
+/// `X-Forwarded-Host`.
+pub(crate) const FHOST: u8 = 2;
+/// `X-Forwarded-Port`.
+pub(crate) const PORT: u8 = 4;
+/// `Forwarded` (RFC 7239).
+pub(crate) const FORWARDED: u8 = 8;
+
+impl Seen {
+    /// Which of the client's own forwarding headers go on to the node: a trusted client's,
+    /// when not empty. Ours replace the others.
+    pub(crate) fn kept(&self, trust: ForwardTrust) -> u8 {
+        if trust == ForwardTrust::Trusted { self.valued } else { 0 }
+    }
 }
 
 /// One pass over what the client sent, instead of a lookup per header of interest.
 pub(crate) fn scan_forwarding(h: &http::HeaderMap) -> Seen {
     let mut seen = Seen::default();
     for (name, value) in h.iter() {
-        if HOP_BY_HOP.contains(name) {
+        let bit = if HOP_BY_HOP.contains(name) {
             seen.hop = true;
+            continue;
         } else if name == X_FORWARDED_FOR {
-            seen.xff = Some(value.clone());
+            seen.xff = Some(match seen.xff.take() {
+                None => value.clone(),
+                Some(prev) => join_values(&prev, value),
+            });
+            continue;
         } else if name == X_REAL_IP {
             seen.real_ip = true;
+            continue;
         } else if name == X_FORWARDED_PROTO {
-            seen.proto = true;
+            PROTO
         } else if name == X_FORWARDED_HOST {
-            seen.fhost = true;
+            FHOST
         } else if name == X_FORWARDED_PORT {
-            seen.port = true;
+            PORT
         } else if name == header::FORWARDED {
-            seen.forwarded = true;
+            FORWARDED
+        } else {
+            continue;
+        };
+        seen.sent |= bit;
+        if !value.is_empty() {
+            seen.valued |= bit;
         }
     }
     seen
+}
+
+/// `a, b` (the rare client that sends several `X-Forwarded-For` lines).
+fn join_values(a: &HeaderValue, b: &HeaderValue) -> HeaderValue {
+    if a.is_empty() {
+        return b.clone();
+    }
+    if b.is_empty() {
+        return a.clone();
+    }
+    let mut v = Vec::with_capacity(a.len() + 2 + b.len());
+    v.extend_from_slice(a.as_bytes());
+    v.extend_from_slice(b", ");
+    v.extend_from_slice(b.as_bytes());
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or_else(|_| b.clone())
 }
 
 /// Drops the hop-by-hop headers, keeping what must go on: `TE: trailers`, and the upgrade of
@@ -460,15 +504,17 @@ pub fn prepare_request_headers(
     scheme: Scheme,
 ) {
     let h = &mut parts.headers;
-    let Seen { hop, xff, proto, fhost, port, forwarded, .. } = scan_forwarding(h);
-    if hop {
+    let mut seen = scan_forwarding(h);
+    if seen.hop {
         rewrite_hop_by_hop(h, websocket, scheme);
+        // `Connection` may have named a forwarding header: what is left counts.
+        seen = scan_forwarding(h);
     }
-    let trusted = ctx.trust == ForwardTrust::Trusted;
-    if forwarded && !trusted {
+    let kept = seen.kept(ctx.trust);
+    if seen.sent & !kept & FORWARDED != 0 {
         h.remove(header::FORWARDED);
     }
-    let xff = if ctx.trust == ForwardTrust::Untrusted { None } else { xff };
+    let xff = if ctx.trust == ForwardTrust::Untrusted { None } else { seen.xff };
     if scheme.is_grpc() {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -487,18 +533,18 @@ pub fn prepare_request_headers(
     };
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_REAL_IP, ip_value);
-    // Ours, unless a trusted client sent its own (insert: an untrusted client's go).
-    if !(trusted && proto) {
+    // Ours, unless a trusted client sent its own (insert: the client's others go).
+    if kept & PROTO == 0 {
         let proto = if ctx.downstream_tls { "https" } else { "http" };
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !(trusted && fhost) {
+    if kept & FHOST == 0 {
         match client_host {
             Some(host) => h.insert(&X_FORWARDED_HOST, host.clone()),
             None => h.remove(&X_FORWARDED_HOST),
         };
     }
-    if !(trusted && port) {
+    if kept & PORT == 0 {
         let value = client_host
             .and_then(host_port)
             .and_then(|p| HeaderValue::from_bytes(p).ok())

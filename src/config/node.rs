@@ -393,6 +393,9 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     cfg.enable_ipv6 = a.enable_ipv6.unwrap_or(false);
     cfg.disable_healthcheck = a.disable_upstream_healthcheck.unwrap_or(false);
     if let Some(list) = &a.trusted_addresses {
+        if list.is_empty() {
+            errs.add("apisix.trusted_addresses", "must list at least one address (APISIX's schema)");
+        }
         let mut nets = Vec::with_capacity(list.len());
         for (i, s) in list.iter().enumerate() {
             match crate::route::ip::IpNet::parse(s) {
@@ -917,6 +920,8 @@ mod tests {
             ("nginx_config:\n  worker_shutdown_timeout: soon\n", "nginx_config.worker_shutdown_timeout"),
             ("nginx_config:\n  worker_processes: 0\n", "nginx_config.worker_processes"),
             ("nginx_config:\n  worker_processes: 100000\n", "nginx_config.worker_processes"),
+            ("apisix:\n  trusted_addresses: []\n", "apisix.trusted_addresses"),
+            ("apisix:\n  trusted_addresses: [\"10.0.0.0/33\"]\n", "apisix.trusted_addresses[0]"),
         ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.0.len(), 1, "{text}: {e}");
