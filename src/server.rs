@@ -1091,9 +1091,8 @@ fn client_cert_rules_allow(certs: &CertStore, view: &RequestView, sni: Option<&s
     if !certs.request_allowed(&view.host, path, sni, verified) {
         return false;
     }
-    // request_allowed takes each name as nginx's $host would be made from it.
     view.parts.headers.get_all(http::header::HOST).iter().all(|h| match h.to_str() {
-        Ok(h) => certs.request_allowed(h, path, sni, verified),
+        Ok(h) => certs.request_allowed(&crate::route::host_name(h), path, sni, verified),
         // A name that cannot be read cannot be checked.
         Err(_) => false,
     })

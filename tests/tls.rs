@@ -256,12 +256,8 @@ async fn request_status<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, host: &str
     let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
     let len: usize =
         head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
-    while buf.len() < head_end + len {
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "connection closed in the answer's body");
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let mut rest = vec![0; (head_end + len).saturating_sub(buf.len())];
+    s.read_exact(&mut rest).await.expect("the rest of the answer's body");
     head[9..12].parse().unwrap()
 }
 

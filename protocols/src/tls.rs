@@ -245,8 +245,7 @@ impl CertStore {
         self.policies
     }
 
-    /// Whether a request for `host` (as the request or a `Host` header names it) and `path` may be served on a TLS
-    /// connection whose handshake was for `sni` and whose client did or did not present a
+    /// Whether a request for `host` and `path` may be served on a TLS connection whose handshake was for `sni` and whose client did or did not present a
     /// verified certificate (`verified`). APISIX's rules (otherwise 400):
     ///
     /// * when `host`'s entry asks for client certificates, the connection must have been made
@@ -258,14 +257,14 @@ impl CertStore {
     /// (the configuration is swapped under open connections). A client without SNI counts as
     /// having asked for `fallback_sni` (APISIX's `ssl.server_name()`). `skip_mtls_uri_regex` must
     /// match both the path as sent and as nginx's `$uri` has it (percent-decoded, `.` and `..`
-    /// resolved, slashes merged): a raw `/public/../admin` is `/admin`. `host` is taken as
-    /// nginx's `$host` is ([`canonical_host`]). Always true while no entry asks.
+    /// resolved, slashes merged): a raw `/public/../admin` is `/admin`. `host` must be as
+    /// nginx's `$host` is made (lower-case, no port, no trailing dot: the caller's routing host).
+    /// Always true while no entry asks.
     pub fn request_allowed(&self, host: &str, path: &str, sni: Option<&str>, verified: bool) -> bool {
         if !self.client_auth {
             return true;
         }
         let sni = sni.or(self.fallback_name.as_deref());
-        let host = &*canonical_host(host);
         let normalized = std::cell::OnceCell::new();
         // Both the path as sent (what routes match and the node gets) and as nginx's `$uri`:
         // `/public/../admin` and `/admin/..%2Fpublic/x` are not let through by `^/public/`.
@@ -512,23 +511,6 @@ impl SniPolicy {
     }
 }
 
-/// A host name as nginx's `$host` is made from a `Host` header: lower-case, without a port
-/// (whatever follows the first `:` outside brackets) and without one trailing dot.
-pub fn canonical_host(h: &str) -> std::borrow::Cow<'_, str> {
-    let name = match h.strip_prefix('[') {
-        Some(rest) => rest.find(']').map_or(h, |i| &h[..i + 2]),
-        // An IPv6 address without brackets (a host already taken from `[...]`): no port.
-        None if h.bytes().filter(|&b| b == b':').count() > 1 => h,
-        None => h.split(':').next().unwrap_or(h),
-    };
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(name.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(name)
-    }
-}
-
 /// A request path as nginx's `$uri`: `%XX` decoded, empty and `.` segments dropped, `..`
 /// taking the segment before it away; `None` when `..` would climb above the root (nginx
 /// answers 400). A trailing slash is kept.
@@ -649,6 +631,31 @@ impl Default for TlsVersions {
 }
 
 impl TlsVersions {
+    /// The versions `names` lists as nginx and APISIX write them (`TLSv1.2`, `TLSv1.3`), with
+    /// the names of `old` that it lists too: accepted, never offered (rustls has no TLS 1.1 or
+    /// older). `Err`: the index and text of a name that is neither. Check [`Self::any`] after.
+    pub fn from_names<'a>(
+        names: impl IntoIterator<Item = &'a str>,
+        old: &[&str],
+    ) -> Result<(TlsVersions, Vec<&'a str>), (usize, &'a str)> {
+        let mut v = TlsVersions { tls12: false, tls13: false };
+        let mut listed_old = Vec::new();
+        for (i, name) in names.into_iter().enumerate() {
+            match name {
+                "TLSv1.3" => v.tls13 = true,
+                "TLSv1.2" => v.tls12 = true,
+                n if old.contains(&n) => listed_old.push(n),
+                n => return Err((i, n)),
+            }
+        }
+        Ok((v, listed_old))
+    }
+
+    /// Whether some version is on.
+    pub fn any(self) -> bool {
+        self.tls12 || self.tls13
+    }
+
     /// rustls's versions, newest first; an error when none is on.
     fn list(self) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, TlsError> {
         let mut list: Vec<&'static rustls::SupportedProtocolVersion> = Vec::with_capacity(2);
@@ -722,24 +729,6 @@ mod tests {
             ("/", Some("/")),
         ] {
             assert_eq!(normalized_path(raw).as_deref(), want, "{raw}");
-        }
-    }
-
-    #[test]
-    fn hosts_are_canonical_as_nginx_host() {
-        for (raw, want) in [
-            ("api.example.com", "api.example.com"),
-            ("API.Example.com.", "api.example.com"),
-            ("api.example.com:443", "api.example.com"),
-            ("api.example.com:x", "api.example.com"),
-            ("api.example.com.:8443", "api.example.com"),
-            ("[::1]:80", "[::1]"),
-            ("[::1]", "[::1]"),
-            ("::1", "::1"),
-            ("", ""),
-            (":", ""),
-        ] {
-            assert_eq!(canonical_host(raw), want, "{raw}");
         }
     }
 

@@ -601,31 +601,27 @@ fn ssl_protocols(
     errs: &mut Errors,
     ignored: &mut Vec<String>,
 ) -> strait_protocols::tls::TlsVersions {
+    use strait_protocols::tls::TlsVersions;
     const PATH: &str = "apisix.ssl.ssl_protocols";
-    let mut v = strait_protocols::tls::TlsVersions { tls12: false, tls13: false };
-    let mut old = Vec::new();
-    for p in text.split_whitespace() {
-        match p {
-            "TLSv1.3" => v.tls13 = true,
-            "TLSv1.2" => v.tls12 = true,
-            "SSLv2" | "SSLv3" | "TLSv1" | "TLSv1.1" => old.push(p),
-            other => {
-                errs.add(PATH, format!("unknown protocol {other:?} (expected TLSv1.2 or TLSv1.3)"));
-                return Default::default();
+    match TlsVersions::from_names(text.split_whitespace(), &["SSLv2", "SSLv3", "TLSv1", "TLSv1.1"]) {
+        Err((_, other)) => {
+            errs.add(PATH, format!("unknown protocol {other:?} (expected TLSv1.2 or TLSv1.3)"));
+            Default::default()
+        }
+        Ok((v, _)) if !v.any() => {
+            errs.add(
+                PATH,
+                format!("unsupported by Strait: only TLSv1.2 and TLSv1.3 are offered, found {text:?}"),
+            );
+            Default::default()
+        }
+        Ok((v, old)) => {
+            if !old.is_empty() {
+                ignored.push(format!("{PATH} ({}: older than TLS 1.2, not offered)", old.join(" ")));
             }
+            v
         }
     }
-    if !v.tls12 && !v.tls13 {
-        errs.add(
-            PATH,
-            format!("unsupported by Strait: only TLSv1.2 and TLSv1.3 are offered, found {text:?}"),
-        );
-        return Default::default();
-    }
-    if !old.is_empty() {
-        ignored.push(format!("{PATH} ({}: older than TLS 1.2, not offered)", old.join(" ")));
-    }
-    v
 }
 
 /// Resolves `p` relative to the directory of the config file.

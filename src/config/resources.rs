@@ -505,27 +505,20 @@ impl Builder<'_> {
     /// `ssls[].ssl_protocols`: `TLSv1.1`, `TLSv1.2`, `TLSv1.3` (APISIX's enum). rustls offers
     /// no TLS 1.1, so it must come with a newer one.
     fn ssl_protocols(&mut self, list: &[String], path: &str) -> Option<strait_protocols::tls::TlsVersions> {
-        let mut v = strait_protocols::tls::TlsVersions { tls12: false, tls13: false };
-        for (i, p) in list.iter().enumerate() {
-            match p.as_str() {
-                "TLSv1.3" => v.tls13 = true,
-                "TLSv1.2" => v.tls12 = true,
-                "TLSv1.1" => {}
-                other => {
-                    self.errs
-                        .add(index(path, i), format!("must be TLSv1.1, TLSv1.2 or TLSv1.3, not {other:?}"));
-                    return None;
-                }
+        match strait_protocols::tls::TlsVersions::from_names(list.iter().map(String::as_str), &["TLSv1.1"]) {
+            Err((i, other)) => {
+                self.errs.add(index(path, i), format!("must be TLSv1.1, TLSv1.2 or TLSv1.3, not {other:?}"));
+                None
             }
+            Ok((v, _)) if !v.any() => {
+                self.errs.add(
+                    path,
+                    "unsupported by Strait: TLSv1.2 or TLSv1.3 must be among them (TLS 1.1 is not offered)",
+                );
+                None
+            }
+            Ok((v, _)) => Some(v),
         }
-        if !v.tls12 && !v.tls13 {
-            self.errs.add(
-                path,
-                "unsupported by Strait: TLSv1.2 or TLSv1.3 must be among them (TLS 1.1 is not offered)",
-            );
-            return None;
-        }
-        Some(v)
     }
 
     fn named_upstreams(&mut self, items: Vec<Value>, ssls: &HashMap<String, SslSpec>) {

@@ -51,13 +51,7 @@ impl<'a> RequestView<'a> {
             .map(|a| a.host())
             .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .unwrap_or("");
-        let host = strip_port(raw);
-        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            Cow::Owned(host.to_ascii_lowercase())
-        } else {
-            Cow::Borrowed(host)
-        };
-        RequestView { parts, host, client, local, tls }
+        RequestView { parts, host: host_name(raw), client, local, tls }
     }
 
     fn query(&self) -> Option<&'a str> {
@@ -65,9 +59,19 @@ impl<'a> RequestView<'a> {
     }
 }
 
-/// The host name routes match, as nginx's `$host` is made from a `Host` header: without the
-/// port (whatever follows the first `:` outside brackets) and without one trailing dot, so
-/// `api.example.com.` and `api.example.com:443` match `api.example.com`.
+/// The host name routes match (and the client certificate rules check), as nginx's `$host`
+/// is made from a `Host` header: lower-case, without the port and one trailing dot.
+pub(crate) fn host_name(raw: &str) -> Cow<'_, str> {
+    let host = strip_port(raw);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// Without the port (whatever follows the first `:` outside brackets) and without one trailing
+/// dot, so `api.example.com.` and `api.example.com:443` are `api.example.com`.
 fn strip_port(h: &str) -> &str {
     let h = match h.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or(rest),
@@ -342,6 +346,22 @@ mod tests {
         assert_eq!(find(&r, "GET", "/api/", "a", "1.1.1.1:1").as_deref(), Some("api"));
         assert_eq!(find(&r, "GET", "/api/v1/z?q=1", "a", "1.1.1.1:1").as_deref(), Some("deep"));
         assert_eq!(find(&r, "GET", "/other", "a", "1.1.1.1:1").as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn host_names_are_made_as_nginx_host() {
+        for (raw, want) in [
+            ("api.example.com", "api.example.com"),
+            ("API.Example.com.", "api.example.com"),
+            ("api.example.com:443", "api.example.com"),
+            ("api.example.com:x", "api.example.com"),
+            ("api.example.com.:8443", "api.example.com"),
+            ("[::1]:80", "::1"),
+            ("", ""),
+            (":", ""),
+        ] {
+            assert_eq!(host_name(raw), want, "{raw}");
+        }
     }
 
     #[test]

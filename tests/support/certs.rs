@@ -69,37 +69,33 @@ pub fn yaml_block(pem: &str, spaces: usize) -> String {
 
 /// A TLS client that trusts only `ca`.
 pub fn client_tls(ca: &Ca) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in strait_protocols::tls::parse_certs(&ca.pem).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    client_tls_as(ca, None)
 }
 
 /// A TLS client that trusts only `ca` and presents `cert` (mTLS).
+#[allow(dead_code)]
 pub fn client_tls_with_cert(ca: &Ca, cert: &Leaf) -> tokio_rustls::TlsConnector {
+    client_tls_as(ca, Some(cert))
+}
+
+fn client_tls_as(ca: &Ca, cert: Option<&Leaf>) -> tokio_rustls::TlsConnector {
+    use strait_protocols::tls::{parse_certs, parse_key};
     let mut roots = rustls::RootCertStore::empty();
-    for c in strait_protocols::tls::parse_certs(&ca.pem).unwrap() {
+    for c in parse_certs(&ca.pem).unwrap() {
         roots.add(c).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        strait_protocols::tls::parse_certs(&cert.cert).unwrap(),
-        strait_protocols::tls::parse_key(&cert.key).unwrap(),
-    )
-    .unwrap();
+    .with_root_certificates(roots);
+    let cfg = match cert {
+        Some(c) => {
+            builder.with_client_auth_cert(parse_certs(&c.cert).unwrap(), parse_key(&c.key).unwrap()).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
 }
 
