@@ -374,6 +374,17 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream"));
     let mut headers = req.headers().clone();
+    // An HTTP/2 client's host is its request's authority (there is no Host header): the gRPC
+    // request keeps it, so the node gets the same `X-Forwarded-Host` as over HTTP/1.1.
+    let target = match (req.uri().scheme(), req.uri().authority()) {
+        (Some(scheme), Some(authority)) => http::Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query(t.path.as_str())
+            .build()
+            .ok(),
+        _ => None,
+    };
     let msg = match input_message(t, req).await {
         Ok(m) => m,
         Err(resp) => return resp,
@@ -395,7 +406,10 @@ pub async fn handle(
         let at = tokio::time::Instant::now() + d;
         ctx.deadline = Some(ctx.deadline.map_or(at, |c| c.min(at)));
     }
-    let mut builder = Request::post(t.path.as_str());
+    let mut builder = match target {
+        Some(uri) => Request::post(uri),
+        None => Request::post(t.path.as_str()),
+    };
     if let Some(h) = builder.headers_mut() {
         *h = headers;
     }

@@ -432,6 +432,28 @@ async fn transcode_query_form_and_json_with_every_field_kind() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
+/// The gRPC node gets the client's host as `X-Forwarded-Host` whether the client spoke HTTP/1.1
+/// (a Host header) or HTTP/2 (the request's authority, which the gRPC request used to lose).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_sends_the_same_forwarding_headers_over_http1_and_http2() {
+    let s = GrpcServer::start(None).await;
+    let gw = TestGateway::start(&transcode_resources(s.addr, g::PROTO, ""));
+    let port = gw.http().port();
+    let want = format!("x-forwarded-host=shop.example:{port} x-forwarded-proto=http x-forwarded-port={port}");
+
+    let (status, _, body) =
+        get_host(gw.http(), "/hello?name=forwarded", &format!("shop.example:{port}")).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["message"], want.as_str(), "over HTTP/1.1");
+
+    let req = http::Request::get(format!("http://shop.example:{port}/hello?name=forwarded"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body, _) = send_h2(gw.http(), req).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["message"], want.as_str(), "over HTTP/2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transcode_status_mapping_details_and_deadline() {
     let s = GrpcServer::start(None).await;

@@ -273,6 +273,10 @@ where
 {
     let path = req.uri().path().to_string();
     let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+    // A call named "forwarded" is answered with the forwarding headers the server got.
+    let forwarded = ["x-forwarded-host", "x-forwarded-proto", "x-forwarded-port"]
+        .map(|h| format!("{h}={}", req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("-")))
+        .join(" ");
     if path.starts_with("/grpc.health.v1.Health/") {
         return health.oneshot(req).await.expect("health service");
     }
@@ -282,8 +286,15 @@ where
         "/test.Greeter/SayHello" => {
             let svc = tower::service_fn(move |r: Request<HelloRequest>| {
                 let authority = authority.clone();
+                let forwarded = forwarded.clone();
                 async move {
                     let req = r.into_inner();
+                    if req.name == "forwarded" {
+                        return Ok(Response::new(HelloReply {
+                            message: forwarded,
+                            ..reply(&req, &authority)
+                        }));
+                    }
                     if req.delay_ms > 0 {
                         tokio::time::sleep(Duration::from_millis(req.delay_ms as u64)).await;
                     }
