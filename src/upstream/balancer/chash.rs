@@ -200,7 +200,7 @@ fn sorted_points(chains: &[Chain]) -> Vec<(u32, u32)> {
     for i in 1..starts.len() {
         starts[i] += starts[i - 1];
     }
-    // Zeroed by the allocator (fresh pages need no writing), not by a pass of our own.
+    // Every slot is written below; the zeros only make it a vector to index.
     let mut points = vec![(0u32, 0u32); total];
     let mut next = starts.clone();
     for_each_point(chains, |h, idx| {
