@@ -228,11 +228,13 @@ fn sort_run(run: &mut [(u32, u32)], scratch: &mut Vec<(u32, u32)>) {
     const RADIX: usize = 1 << DIGIT;
     scratch.clear();
     scratch.resize(run.len(), (0, 0));
-    let pass = |src: &[(u32, u32)], dst: &mut [(u32, u32)], shift: u32| {
-        let mut next = [0u32; RADIX];
-        for p in src {
-            next[((p.0 >> shift) as usize) & (RADIX - 1)] += 1;
-        }
+    // Both digits are counted in one read of the run.
+    let mut counts = [[0u32; RADIX]; 2];
+    for p in run.iter() {
+        counts[0][p.0 as usize & (RADIX - 1)] += 1;
+        counts[1][(p.0 >> DIGIT) as usize & (RADIX - 1)] += 1;
+    }
+    let pass = |src: &[(u32, u32)], dst: &mut [(u32, u32)], shift: u32, next: &mut [u32; RADIX]| {
         let mut sum = 0;
         for n in next.iter_mut() {
             let count = *n;
@@ -245,8 +247,9 @@ fn sort_run(run: &mut [(u32, u32)], scratch: &mut Vec<(u32, u32)>) {
             next[d] += 1;
         }
     };
-    pass(run, scratch, 0);
-    pass(scratch, run, DIGIT);
+    let [low, high] = &mut counts;
+    pass(run, scratch, 0, low);
+    pass(scratch, run, DIGIT, high);
     let mut i = 0;
     while i < run.len() {
         let mut j = i + 1;
@@ -294,7 +297,14 @@ impl Ring {
             .map(|(idx, n)| Chain::of(n, idx, g))
             .collect();
         if chains.iter().map(|c| c.len).sum::<usize>() > self.points.len() / 2 {
-            return Ring::new(nodes);
+            // Mostly new nodes: a full build, with the chains already made.
+            let mut fresh = chains.into_iter().peekable();
+            let all: Vec<Chain> = (nodes.iter().enumerate())
+                .map(|(idx, n)| {
+                    fresh.next_if(|c| c.idx as usize == idx).unwrap_or_else(|| Chain::of(n, idx, g))
+                })
+                .collect();
+            return Ring { points: sorted_points(&all), divisor: g };
         }
         let added = sorted_points(&chains);
         let mut points: Vec<(u32, u32)> = Vec::with_capacity(self.points.len() + added.len());
@@ -522,6 +532,10 @@ mod tests {
         let doubled: Vec<(&str, u32)> = after_spec.iter().map(|(a, w)| (*a, w * 2)).collect();
         let doubled = nodes(&doubled);
         assert_eq!(inc.rebuild(&after, &doubled).points, Ring::new(&doubled).points);
+        // Mostly new nodes (ten kept, three hundred new) take a full build.
+        let small = nodes(&all[..100]);
+        let mostly_new = nodes(&all[90..]);
+        assert_eq!(Ring::new(&small).rebuild(&small, &mostly_new).points, ring_by_definition(&mostly_new));
     }
 
     #[test]
