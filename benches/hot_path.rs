@@ -18,8 +18,9 @@ use strait::upstream::{BuildContext, ResolvedNode, Upstream};
 use strait_protocols::http::ForwardCtx;
 use strait_protocols::{Tried, UpstreamPicker};
 
-/// The `strait` binary's allocator, so allocations cost here what they cost there (a full chash
-/// build took 64 ms with glibc's malloc, 14% of it faulting in fresh pages for its 25 MB).
+/// The `strait` binary's allocator, so allocations cost here what they cost there (with glibc's
+/// malloc, which this bench used before, a roundrobin update of 10,000 nodes took 4.4 ms, with
+/// mimalloc 2.6 ms).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
