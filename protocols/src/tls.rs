@@ -489,18 +489,9 @@ impl SniPolicy {
                 (Some(required), Some(http))
             }
         };
-        let build =
-            |alpn: &[&[u8]], verifier: &Option<Verifier>| -> Result<Arc<rustls::ServerConfig>, TlsError> {
-                let builder = rustls::ServerConfig::builder_with_provider(provider())
-                    .with_protocol_versions(&versions.list()?)?;
-                let builder = match verifier {
-                    Some(v) => builder.with_client_cert_verifier(v.clone()),
-                    None => builder.with_no_client_auth(),
-                };
-                let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(keys.clone(), versions)));
-                cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-                Ok(Arc::new(cfg))
-            };
+        let build = |alpn: &[&[u8]], verifier: &Option<Verifier>| {
+            config_with(Arc::new(Fixed(keys.clone(), versions)), alpn, versions, verifier.clone())
+        };
         Ok(SniPolicy {
             h2: build(&[b"h2", b"http/1.1"], &http)?,
             h1: build(&[b"http/1.1"], &http)?,
@@ -679,10 +670,24 @@ pub fn server_config(
     alpn: &[&[u8]],
     versions: TlsVersions,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&versions.list()?)?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+    config_with(resolver, alpn, versions, None)
+}
+
+/// [`server_config`], verifying client certificates with `verifier` when there is one (an
+/// [`SniPolicy`]'s).
+fn config_with(
+    resolver: Arc<dyn ResolvesServerCert>,
+    alpn: &[&[u8]],
+    versions: TlsVersions,
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(&versions.list()?)?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(resolver);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
