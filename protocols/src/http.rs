@@ -462,7 +462,8 @@ pub(crate) fn scan_forwarding(h: &http::HeaderMap) -> Seen {
     seen
 }
 
-/// `a, b` (the rare client that sends several `X-Forwarded-For` lines).
+/// `a, b`, or the one that is not empty: several `X-Forwarded-For` lines, or the client's
+/// `X-Forwarded-For` and its address.
 fn join_values(a: &HeaderValue, b: &HeaderValue) -> HeaderValue {
     if a.is_empty() {
         return b.clone();
@@ -522,14 +523,8 @@ pub fn prepare_request_headers(
 
     let ip_value = ctx.client_ip.clone();
     let xff = match xff {
-        Some(prev) if !prev.is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip_value.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ip_value.as_bytes());
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or_else(|_| ip_value.clone())
-        }
-        _ => ip_value.clone(),
+        Some(prev) => join_values(&prev, &ip_value),
+        None => ip_value.clone(),
     };
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_REAL_IP, ip_value);
