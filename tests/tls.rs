@@ -165,63 +165,35 @@ async fn an_ssl_with_client_ca_requires_client_certificates_and_another_sni_does
         let (_, out, err) = get_path("mixed.example.com", "/x", code(cert(0))).await;
         assert!(out.ends_with("200"), "{proto} /x with a certificate: {out} {err}");
     }
+    // The status of a request to `host` and `path` without -f, after the `extra` arguments.
+    let status = |host: &str, path: &str, extra: Vec<String>| {
+        let (ca_file, resolve) = (ca_file.clone(), format!("{host}:{port}:127.0.0.1"));
+        let url = format!("https://{host}:{port}{path}");
+        async move {
+            let mut args = vec!["-sS", "--cacert", &ca_file, "--resolve", &resolve];
+            args.extend(extra.iter().map(String::as_str));
+            args.extend(["-w", "%{http_code}", &url]);
+            let (_, out, err) = curl(&args).await;
+            (out, err)
+        }
+    };
     // The host is checked whether it comes in the request target or in Host: over a connection
     // for open.example.com, a request whose Host is api.example.com gets 400 even when its
     // target names open.example.com.
-    let resolve = format!("open.example.com:{port}:127.0.0.1");
-    let url = format!("https://open.example.com:{port}/x");
-    let (_, out, err) = curl(&[
-        "-sS",
-        "--cacert",
-        &ca_file,
-        "--resolve",
-        &resolve,
-        "--http1.1",
-        "-H",
-        "Host: api.example.com",
-        "--request-target",
-        &url,
-        "-w",
-        "%{http_code}",
-        &url,
-    ])
-    .await;
+    let target = format!("https://open.example.com:{port}/x");
+    let extra = ["--http1.1", "-H", "Host: api.example.com", "--request-target", &target];
+    let (out, err) = status("open.example.com", "/x", extra.map(String::from).to_vec()).await;
     assert!(out.ends_with("400"), "absolute-form target for open, Host api: {out} {err}");
     // A Host that nginx's $host makes api.example.com of: its trailing dot, its port.
     for host in ["api.example.com.", "API.example.com.:443"] {
-        let (_, out, err) = curl(&[
-            "-sS",
-            "--cacert",
-            &ca_file,
-            "--resolve",
-            &resolve,
-            "--http1.1",
-            "-H",
-            &format!("Host: {host}"),
-            "-w",
-            "%{http_code}",
-            &url,
-        ])
-        .await;
+        let extra = vec!["--http1.1".into(), "-H".into(), format!("Host: {host}")];
+        let (out, err) = status("open.example.com", "/x", extra).await;
         assert!(out.ends_with("400"), "Host {host} over SNI open: {out} {err}");
     }
     // skip_mtls_uri_regex sees the path as nginx's $uri: dot segments and escapes do not get a
     // request for /x past it.
     for path in ["/public/../x", "/public/%2e%2e/x", "/public/%2E%2E/x", "/x/..%2Fpublic/a"] {
-        let resolve = format!("mixed.example.com:{port}:127.0.0.1");
-        let url = format!("https://mixed.example.com:{port}{path}");
-        let (_, out, err) = curl(&[
-            "-sS",
-            "--cacert",
-            &ca_file,
-            "--resolve",
-            &resolve,
-            "--path-as-is",
-            "-w",
-            "%{http_code}",
-            &url,
-        ])
-        .await;
+        let (out, err) = status("mixed.example.com", path, vec!["--path-as-is".into()]).await;
         assert!(out.ends_with("400"), "{path} without a certificate: {out} {err}");
     }
     // No SNI: the fallback (api.example.com) asks for the certificate, and with one its host is
