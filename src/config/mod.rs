@@ -163,11 +163,24 @@ pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Re
 }
 
 /// Parses YAML text into a JSON-like tree (map order kept).
+///
+/// serde-saphyr's default budget stops at 250,000 YAML nodes and a million parser events, which
+/// a standalone file of about 13,000 routes and upstreams passes ("budget breached"). Without
+/// aliases a text cannot hold more nodes or events than it has bytes, so those limits (and the
+/// one on scalar bytes) grow with the text; the limits on aliases, which are what lets a small
+/// text expand into a huge tree, stay as they are.
 pub fn parse_yaml(text: &str) -> Result<serde_json::Value, String> {
     if text.trim().is_empty() {
         return Ok(serde_json::Value::Object(Default::default()));
     }
-    let v: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
+    let mut budget = serde_saphyr::Budget::default();
+    let room = text.len().saturating_add(64);
+    budget.max_nodes = budget.max_nodes.max(room);
+    budget.max_events = budget.max_events.max(room);
+    budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(room);
+    let options = serde_saphyr::options! { budget: Some(budget) };
+    let v: serde_json::Value =
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| format!("invalid YAML: {e}"))?;
     Ok(match v {
         serde_json::Value::Null => serde_json::Value::Object(Default::default()),
         other => other,
@@ -195,5 +208,24 @@ mod tests {
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, ["b", "a"]);
         assert!(parse_yaml("a: [1, 2").is_err());
+    }
+
+    /// A large standalone file (here 300,000 list items, past serde-saphyr's default budget of
+    /// 250,000 nodes) parses, while a small text whose aliases expand into a huge tree is still
+    /// refused with an error.
+    #[test]
+    fn large_files_parse_and_alias_bombs_do_not() {
+        let big = format!("items:\n{}", "  - 1\n".repeat(300_000));
+        let v = parse_yaml(&big).unwrap();
+        assert_eq!(v["items"].as_array().map(Vec::len), Some(300_000));
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (prev, name) in
+            ["a", "b", "c", "d", "e", "f", "g", "h"].iter().zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            let refs = vec![format!("*{prev}"); 10].join(", ");
+            bomb.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        let err = parse_yaml(&bomb).unwrap_err();
+        assert!(err.starts_with("invalid YAML"), "{err}");
     }
 }
