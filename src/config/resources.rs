@@ -284,7 +284,7 @@ impl Resources {
             }
         };
         reject_unsupported(&mut tree, "", TOP_UNSUPPORTED, &mut errs);
-        let Value::Object(top) = tree else {
+        let Value::Object(mut top) = tree else {
             errs.add("", format!("expected a map at the top level, found {}", kind(&tree)));
             return errs.into_result(Resources::default());
         };
@@ -293,12 +293,13 @@ impl Resources {
                 errs.add(k.clone(), "unknown key");
             }
         }
-        let list = |name: &str, errs: &mut Errors| -> Vec<Value> {
-            match top.get(name) {
+        // Each list is taken out of the tree, not copied: a large file is held once.
+        let mut list = |name: &str, errs: &mut Errors| -> Vec<Value> {
+            match top.remove(name) {
                 None | Some(Value::Null) => vec![],
-                Some(Value::Array(a)) => a.clone(),
+                Some(Value::Array(a)) => a,
                 Some(other) => {
-                    errs.add(name, format!("expected a list, found {}", kind(other)));
+                    errs.add(name, format!("expected a list, found {}", kind(&other)));
                     vec![]
                 }
             }
