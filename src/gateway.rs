@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -255,6 +255,7 @@ impl Shared {
             return false;
         }
         self.applied_hash.store(h, Ordering::Relaxed);
+        let started = Instant::now();
         let text = String::from_utf8_lossy(&text);
         let file = self.resources_path.display().to_string();
         let parsed = Resources::parse(&file, &text, &self.node, |k| std::env::var(k).ok());
@@ -264,7 +265,8 @@ impl Shared {
             Ok(()) => {
                 st.reloads += 1;
                 st.last_success = Some(SystemTime::now());
-                tracing::info!(file = %file, version = self.state.load().version, "configuration reloaded");
+                let took_ms = started.elapsed().as_millis() as u64;
+                tracing::info!(file = %file, version = self.state.load().version, took_ms, "configuration reloaded");
                 true
             }
             Err(e) => {
