@@ -210,14 +210,14 @@ mod tests {
         assert!(parse_yaml("a: [1, 2").is_err());
     }
 
-    /// A large standalone file (here 300,000 list items, past serde-saphyr's default budget of
-    /// 250,000 nodes) parses, while a small text whose aliases expand into a huge tree is still
-    /// refused with an error.
+    /// A large standalone file (here 260,000 list items, past serde-saphyr's default budget of
+    /// 250,000 nodes) parses, while aliases that expand into a huge tree are still refused with
+    /// an error, in a small text and in a large one (whose size raised the node budget).
     #[test]
     fn large_files_parse_and_alias_bombs_do_not() {
-        let big = format!("items:\n{}", "  - 1\n".repeat(300_000));
+        let big = format!("items:\n{}", "  - 1\n".repeat(260_000));
         let v = parse_yaml(&big).unwrap();
-        assert_eq!(v["items"].as_array().map(Vec::len), Some(300_000));
+        assert_eq!(v["items"].as_array().map(Vec::len), Some(260_000));
         let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
         for (prev, name) in
             ["a", "b", "c", "d", "e", "f", "g", "h"].iter().zip(["b", "c", "d", "e", "f", "g", "h", "i"])
@@ -225,7 +225,11 @@ mod tests {
             let refs = vec![format!("*{prev}"); 10].join(", ");
             bomb.push_str(&format!("{name}: &{name} [{refs}]\n"));
         }
-        let err = parse_yaml(&bomb).unwrap_err();
-        assert!(err.starts_with("invalid YAML"), "{err}");
+        // Two megabytes of one scalar raise the node budget to two million.
+        let padded = format!("pad: {}\n{bomb}", "x".repeat(2 << 20));
+        for text in [bomb, padded] {
+            let err = parse_yaml(&text).unwrap_err();
+            assert!(err.starts_with("invalid YAML") && err.contains("budget"), "{err}");
+        }
     }
 }
