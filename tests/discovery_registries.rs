@@ -125,6 +125,50 @@ async fn consul_blocking_queries_tokens_health_and_failover() {
     assert_eq!(get(gw2.http(), "/x").await.0, StatusCode::SERVICE_UNAVAILABLE);
 }
 
+/// More services than a Consul agent lets one client hold connections for: a blocking query
+/// each would need 100 connections at once, and this agent (like a real one past
+/// `limits.http_max_conns_per_client`, 200 by default) answers 429 past 80. Every service
+/// resolves, the gateway never holds more than 64 blocking queries, two catalog-wide ones and
+/// 8 fetches at once, and a change to every service reaches its route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_more_services_than_the_agent_allows_connections() {
+    const N: usize = 100;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let consul = FakeConsul::start(None).await;
+    consul.limit_connections(80);
+    for i in 0..N {
+        consul.set(&format!("svc{i}"), vec![consul_instance(&format!("a{i}"), a.addr, true)]);
+    }
+    let mut res = String::from("upstreams:\n");
+    for i in 0..N {
+        res.push_str(&format!("  - id: u{i}\n    discovery_type: consul\n    service_name: svc{i}\n"));
+    }
+    res.push_str("routes:\n");
+    for i in 0..N {
+        res.push_str(&format!("  - uri: /s{i}/*\n    upstream_id: u{i}\n"));
+    }
+    let gw = TestGateway::start_with(&consul_config(&[consul.addr()], "", ""), &res, 1);
+    let all_from = |name: &'static str| {
+        let gw = &gw;
+        async move {
+            for i in 0..N {
+                let (status, headers, _) = get(gw.http(), &format!("/s{i}/x")).await;
+                if status != StatusCode::OK || headers.get("x-backend").is_none_or(|v| v != name) {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    assert!(eventually(Duration::from_secs(20), || all_from("a")).await, "every service resolves");
+    for i in 0..N {
+        consul.set(&format!("svc{i}"), vec![consul_instance(&format!("b{i}"), b.addr, true)]);
+    }
+    assert!(eventually(Duration::from_secs(20), || all_from("b")).await, "every change reaches traffic");
+    let most = consul.most_in_flight();
+    assert!(most <= 64 + 2 + 8, "{most} requests in flight at once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_host_names_and_the_node_address_fallback() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);

@@ -9,15 +9,23 @@
 //! * only instances whose checks pass are returned (`passing`); node address is
 //!   `Service.Address`, or `Node.Address` when empty (a host name is resolved to its first
 //!   IPv4 address); port `Service.Port`; weight from config;
+//! * past `BLOCKING_MAX` watched services, the others do not get a blocking query each: Consul
+//!   allows a client 200 connections at once by default (`limits.http_max_conns_per_client`,
+//!   answering 429 past it), and this client makes one connection per request. Those services
+//!   are fetched once, then again whenever one of two catalog-wide blocking queries says
+//!   something changed (`/v1/catalog/services` for registrations, `/v1/health/state/any` for
+//!   checks), as APISIX's Consul discovery does for every service; at most `FETCHES_AT_ONCE`
+//!   such fetches run at a time;
 //! * servers fail over in order; the ACL token goes in `X-Consul-Token`;
 //! * `skip_services` never resolve; `default_service` answers for services with no instance.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use http::Method;
 use serde_json::{Map, Value};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::http::{HttpClient, Url};
 use crate::nacos::urlencode;
@@ -43,16 +51,35 @@ pub struct ConsulOptions {
     pub default_service: Option<NodeSpec>,
 }
 
+/// Services followed with a blocking query of their own; the ones past it share the
+/// catalog-wide change signal (module doc). Well under Consul's default of 200 connections per
+/// client, which other clients on the same address may share.
+pub const BLOCKING_MAX: usize = 64;
+/// Fetches of services that share the change signal, at once.
+const FETCHES_AT_ONCE: usize = 8;
+
 /// The Consul backend.
 pub struct ConsulDiscovery {
     opts: ConsulOptions,
     http: HttpClient,
+    /// Services that have a blocking query of their own now.
+    blocking: AtomicUsize,
+    /// How many changes the catalog-wide queries have seen; started with the first service
+    /// that shares it.
+    changes: OnceLock<watch::Sender<u64>>,
+    fetches: Semaphore,
 }
 
 impl ConsulDiscovery {
     pub fn new(opts: ConsulOptions) -> Result<Self, DiscoveryError> {
         let http = HttpClient::new(opts.connect_timeout, opts.read_timeout)?;
-        Ok(ConsulDiscovery { opts, http })
+        Ok(ConsulDiscovery {
+            opts,
+            http,
+            blocking: AtomicUsize::new(0),
+            changes: OnceLock::new(),
+            fetches: Semaphore::new(FETCHES_AT_ONCE),
+        })
     }
 
     fn nodes(&self, entries: &[Value]) -> NodeSet {
@@ -84,8 +111,22 @@ impl ConsulDiscovery {
         index: Option<u64>,
         server: usize,
     ) -> Result<(NodeSet, u64), DiscoveryError> {
+        let path = format!("/v1/health/service/{}?passing=true", urlencode(service));
+        let (body, idx) = self.get(path, index, server).await?;
+        let v: Value = serde_json::from_slice(&body).map_err(|e| DiscoveryError::Invalid(e.to_string()))?;
+        let entries = v.as_array().ok_or_else(|| DiscoveryError::Invalid("expected a list".into()))?;
+        Ok((crate::resolve_names(self.nodes(entries), "consul").await, idx))
+    }
+
+    /// `GET path` (with `?` already in it), blocking while Consul's index is `index`; returns
+    /// the body and the new index.
+    async fn get(
+        &self,
+        mut path: String,
+        index: Option<u64>,
+        server: usize,
+    ) -> Result<(bytes::Bytes, u64), DiscoveryError> {
         let url = &self.opts.servers[server % self.opts.servers.len()];
-        let mut path = format!("/v1/health/service/{}?passing=true", urlencode(service));
         let mut read = self.opts.read_timeout;
         if let Some(i) = index {
             path.push_str(&format!("&index={i}&wait={}s", self.opts.wait.as_secs().max(1)));
@@ -112,10 +153,106 @@ impl ConsulDiscovery {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| DiscoveryError::Invalid("missing X-Consul-Index".into()))?;
-        let v: Value =
-            serde_json::from_slice(&resp.body).map_err(|e| DiscoveryError::Invalid(e.to_string()))?;
-        let entries = v.as_array().ok_or_else(|| DiscoveryError::Invalid("expected a list".into()))?;
-        Ok((crate::resolve_names(self.nodes(entries), "consul").await, idx))
+        Ok((resp.body, idx))
+    }
+
+    /// The catalog-wide change signal, started on first use: one task per blocking query
+    /// (`/v1/catalog/services`, `/v1/health/state/any`) that counts a change whenever the
+    /// query's index moves. The tasks end with the backend.
+    fn changes(self: &Arc<Self>) -> watch::Receiver<u64> {
+        let mut started = false;
+        let tx = self.changes.get_or_init(|| {
+            started = true;
+            watch::channel(0).0
+        });
+        let rx = tx.subscribe();
+        if started {
+            for path in ["/v1/catalog/services?stale", "/v1/health/state/any?stale"] {
+                tokio::spawn(watch_index(Arc::downgrade(self), path));
+            }
+        }
+        rx
+    }
+
+    /// Follows `query` with a blocking query of its own.
+    async fn follow_blocking(
+        &self,
+        query: &Query,
+        tx: &watch::Sender<Option<NodeSet>>,
+        status: &SharedStatus,
+    ) {
+        let mut index: Option<u64> = None;
+        let mut server = 0usize;
+        // APISIX's retry delays: 1 s, then x4 up to 256 s.
+        let mut backoff = Backoff::new(Duration::from_secs(16));
+        loop {
+            let result = tokio::select! {
+                r = self.query(&query.service_name, index, server) => r,
+                _ = tx.closed() => return,
+            };
+            match result {
+                Ok((set, idx)) => {
+                    backoff.reset();
+                    publish(tx, status, self.with_default(set));
+                    // Reset when the index goes backwards (Consul's rule for blocking queries).
+                    index = Some(match index {
+                        Some(old) if idx < old => 0,
+                        _ => idx.max(1),
+                    });
+                }
+                Err(e) => {
+                    record_error(status, "consul", query, &e);
+                    server += 1; // fail over to the next server
+                    index = None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Follows `query` by fetching it whenever the catalog-wide signal moves.
+    async fn follow_shared(
+        self: &Arc<Self>,
+        query: &Query,
+        tx: &watch::Sender<Option<NodeSet>>,
+        status: &SharedStatus,
+    ) {
+        let mut changes = self.changes();
+        let mut server = 0usize;
+        let mut backoff = Backoff::new(Duration::from_secs(16));
+        loop {
+            // A change while the fetch runs is seen by `changed` below.
+            changes.borrow_and_update();
+            let fetch = async {
+                let _permit = self.fetches.acquire().await;
+                self.query(&query.service_name, None, server).await
+            };
+            let result = tokio::select! {
+                r = fetch => r,
+                _ = tx.closed() => return,
+            };
+            match result {
+                Ok((set, _)) => {
+                    backoff.reset();
+                    publish(tx, status, self.with_default(set));
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { return },
+                        _ = tx.closed() => return,
+                    }
+                }
+                Err(e) => {
+                    record_error(status, "consul", query, &e);
+                    server += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        }
     }
 
     fn with_default(&self, set: NodeSet) -> NodeSet {
@@ -166,37 +303,49 @@ impl Discovery for ConsulDiscovery {
                 let me: Arc<dyn Discovery> = self.clone();
                 return crate::nacos::poll_forever(me, query, tx, status).await;
             }
-            let mut index: Option<u64> = None;
-            let mut server = 0usize;
-            // APISIX's retry delays: 1 s, then x4 up to 256 s.
-            let mut backoff = Backoff::new(Duration::from_secs(16));
-            loop {
-                let result = tokio::select! {
-                    r = self.query(&query.service_name, index, server) => r,
-                    _ = tx.closed() => return,
-                };
-                match result {
-                    Ok((set, idx)) => {
-                        backoff.reset();
-                        publish(&tx, &status, self.with_default(set));
-                        // Reset when the index goes backwards (Consul's rule for blocking queries).
-                        index = Some(match index {
-                            Some(old) if idx < old => 0,
-                            _ => idx.max(1),
-                        });
-                    }
-                    Err(e) => {
-                        record_error(&status, "consul", &query, &e);
-                        server += 1; // fail over to the next server
-                        index = None;
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff.next_delay()) => {}
-                            _ = tx.closed() => return,
-                        }
-                    }
-                }
+            if self.blocking.fetch_add(1, Ordering::Relaxed) < BLOCKING_MAX {
+                self.follow_blocking(&query, &tx, &status).await;
+                self.blocking.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                self.blocking.fetch_sub(1, Ordering::Relaxed);
+                self.follow_shared(&query, &tx, &status).await;
             }
         })
+    }
+}
+
+/// Counts a change in `me.changes` whenever the index of the blocking query `path` moves, until
+/// the backend is dropped. Errors fail over to the next server after a delay.
+async fn watch_index(me: Weak<ConsulDiscovery>, path: &'static str) {
+    let mut index: Option<u64> = None;
+    let mut server = 0usize;
+    let mut backoff = Backoff::new(Duration::from_secs(16));
+    loop {
+        let Some(d) = me.upgrade() else { return };
+        match d.get(path.to_string(), index, server).await {
+            Ok((_, idx)) => {
+                backoff.reset();
+                // The first answer counts too: a service fetched before it may predate it.
+                if index != Some(idx)
+                    && let Some(tx) = d.changes.get()
+                {
+                    tx.send_modify(|n| *n += 1);
+                }
+                index = Some(match index {
+                    Some(old) if idx < old => 0,
+                    _ => idx.max(1),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(path, error = %e, "consul: catalog-wide watch failed");
+                server += 1;
+                // What changed while the query failed is not known: the next answer counts as a
+                // change (its index is compared with none).
+                index = None;
+                drop(d);
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
     }
 }
 

@@ -2,10 +2,16 @@
 //! and behaviours of its official API reference, with state the test can change.
 //!
 //! * [`FakeConsul`] follows the Consul HTTP API: `GET /v1/health/service/:service` with
-//!   `passing`, blocking queries through `index`/`wait` and the `X-Consul-Index` header
+//!   `passing`, `GET /v1/catalog/services` and `GET /v1/health/state/any`, blocking queries
+//!   through `index`/`wait` and the `X-Consul-Index` header
 //!   (<https://developer.hashicorp.com/consul/api-docs/health#list-service-instances-for-service>,
-//!   <https://developer.hashicorp.com/consul/api-docs/features/blocking>), and ACL tokens in
-//!   `X-Consul-Token` (403 "ACL not found" otherwise).
+//!   <https://developer.hashicorp.com/consul/api-docs/catalog#list-services>,
+//!   <https://developer.hashicorp.com/consul/api-docs/health#list-checks-in-state>,
+//!   <https://developer.hashicorp.com/consul/api-docs/features/blocking>), ACL tokens in
+//!   `X-Consul-Token` (403 "ACL not found" otherwise), and, when asked, the agent's limit on
+//!   concurrent connections from one client (`limits.http_max_conns_per_client`, 200 by
+//!   default: 429 "Your IP is issuing too many concurrent connections" past it; counted here as
+//!   requests in flight, since the gateway's registry client makes one connection per request).
 //! * [`FakeEureka`] follows the Eureka REST operations: `GET /eureka/apps` as JSON, with
 //!   XStream's habit of giving a single application or instance as an object, and Basic auth
 //!   (<https://github.com/Netflix/eureka/wiki/Eureka-REST-operations>).
@@ -135,6 +141,15 @@ pub struct FakeConsul {
     token: Option<String>,
     server: Server,
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    limits: Arc<ConsulLimits>,
+}
+
+/// Requests in flight, the most seen at once, and the limit (0: none).
+#[derive(Default)]
+struct ConsulLimits {
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    max_conns_per_client: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeConsul {
@@ -151,69 +166,126 @@ impl FakeConsul {
         if state.lock().unwrap().index == 0 {
             state.lock().unwrap().index = 1;
         }
+        use std::sync::atomic::Ordering::Relaxed;
         let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (st, ch, tok, reqs) =
-            (state.clone(), changed.clone(), token.map(str::to_string), requests.clone());
+        let limits = Arc::new(ConsulLimits::default());
+        let (st, ch, tok, reqs, lim) =
+            (state.clone(), changed.clone(), token.map(str::to_string), requests.clone(), limits.clone());
         let handler: Handler = Arc::new(move |req: Request<Incoming>| {
-            let (st, ch, tok, reqs) = (st.clone(), ch.clone(), tok.clone(), reqs.clone());
+            let (st, ch, tok, reqs, lim) = (st.clone(), ch.clone(), tok.clone(), reqs.clone(), lim.clone());
             Box::pin(async move {
-                reqs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let q = query_map(req.uri().query());
-                if let Some(t) = &tok {
-                    let given = req
-                        .headers()
-                        .get("x-consul-token")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                        .or(q.get("token").cloned());
-                    if given.as_deref() != Some(t.as_str()) {
-                        return full(StatusCode::FORBIDDEN, "ACL not found");
-                    }
-                }
-                let Some(name) = req.uri().path().strip_prefix("/v1/health/service/").map(str::to_string)
-                else {
-                    return full(StatusCode::NOT_FOUND, "");
+                reqs.fetch_add(1, Relaxed);
+                let now = lim.in_flight.fetch_add(1, Relaxed) + 1;
+                let cap = lim.max_conns_per_client.load(Relaxed);
+                let resp = if cap > 0 && now > cap {
+                    full(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "Your IP is issuing too many concurrent connections, please rate limit your calls\n",
+                    )
+                } else {
+                    lim.most.fetch_max(now, Relaxed);
+                    Self::answer(req, st, ch, tok).await
                 };
-                // Blocking query: hold while the index has not moved past the client's.
-                if let Some(idx) = q.get("index").and_then(|i| i.parse::<u64>().ok()) {
-                    let wait = q
-                        .get("wait")
-                        .and_then(|w| w.trim_end_matches('s').parse::<u64>().ok())
-                        .unwrap_or(300);
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-                    loop {
-                        let notified = ch.notified();
-                        if st.lock().unwrap().index > idx {
-                            break;
-                        }
-                        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                let passing_only = q.contains_key("passing");
-                let s = st.lock().unwrap();
-                let list: Vec<Value> = s
-                    .services
-                    .get(&name)
-                    .into_iter()
-                    .flatten()
-                    .filter(|i| !passing_only || i.passing)
-                    .map(|i| {
-                        json!({
-                            "Node": {"Node": format!("node-{}", i.id), "Address": i.node_address, "Datacenter": "dc1"},
-                            "Service": {"ID": i.id, "Service": name, "Address": i.address, "Port": i.port, "Tags": [], "Meta": {"version": "1"}, "Weights": {"Passing": 1, "Warning": 1}},
-                            "Checks": [{"CheckID": format!("service:{}", i.id), "Status": if i.passing { "passing" } else { "critical" }}],
-                        })
-                    })
-                    .collect();
-                let mut r = full(StatusCode::OK, Value::Array(list).to_string());
-                r.headers_mut().insert("x-consul-index", s.index.to_string().parse().unwrap());
-                r
+                lim.in_flight.fetch_sub(1, Relaxed);
+                resp
             })
         });
         let server = Server::start(addr, handler).await;
-        FakeConsul { state, changed, token: token.map(str::to_string), server, requests }
+        FakeConsul { state, changed, token: token.map(str::to_string), server, requests, limits }
+    }
+
+    async fn answer(
+        req: Request<Incoming>,
+        st: Arc<Mutex<ConsulState>>,
+        ch: Arc<Notify>,
+        tok: Option<String>,
+    ) -> Response<Body> {
+        let q = query_map(req.uri().query());
+        if let Some(t) = &tok {
+            let given = req
+                .headers()
+                .get("x-consul-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .or(q.get("token").cloned());
+            if given.as_deref() != Some(t.as_str()) {
+                return full(StatusCode::FORBIDDEN, "ACL not found");
+            }
+        }
+        let path = req.uri().path();
+        let name = path.strip_prefix("/v1/health/service/").map(str::to_string);
+        if name.is_none() && path != "/v1/catalog/services" && path != "/v1/health/state/any" {
+            return full(StatusCode::NOT_FOUND, "");
+        }
+        // Blocking query: hold while the index has not moved past the client's.
+        if let Some(idx) = q.get("index").and_then(|i| i.parse::<u64>().ok()) {
+            let wait = q.get("wait").and_then(|w| w.trim_end_matches('s').parse::<u64>().ok()).unwrap_or(300);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+            loop {
+                let notified = ch.notified();
+                if st.lock().unwrap().index > idx {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let passing_only = q.contains_key("passing");
+        let s = st.lock().unwrap();
+        let index = s.index.to_string();
+        let body = match name {
+            Some(name) => Self::instances(&s, &name, passing_only),
+            None if req.uri().path() == "/v1/catalog/services" => Value::Object(
+                s.services
+                    .iter()
+                    .filter(|(_, list)| !list.is_empty())
+                    .map(|(name, _)| (name.clone(), json!([])))
+                    .collect(),
+            ),
+            None => Value::Array(
+                s.services
+                    .iter()
+                    .flat_map(|(name, list)| list.iter().map(move |i| (name, i)))
+                    .map(|(name, i)| {
+                        json!({"Node": format!("node-{}", i.id), "CheckID": format!("service:{}", i.id),
+                               "Status": if i.passing { "passing" } else { "critical" }, "ServiceName": name})
+                    })
+                    .collect(),
+            ),
+        };
+        let mut r = full(StatusCode::OK, body.to_string());
+        r.headers_mut().insert("x-consul-index", index.parse().unwrap());
+        r
+    }
+
+    fn instances(s: &ConsulState, name: &str, passing_only: bool) -> Value {
+        let list: Vec<Value> = s
+            .services
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|i| !passing_only || i.passing)
+            .map(|i| {
+                json!({
+                    "Node": {"Node": format!("node-{}", i.id), "Address": i.node_address, "Datacenter": "dc1"},
+                    "Service": {"ID": i.id, "Service": name, "Address": i.address, "Port": i.port, "Tags": [], "Meta": {"version": "1"}, "Weights": {"Passing": 1, "Warning": 1}},
+                    "Checks": [{"CheckID": format!("service:{}", i.id), "Status": if i.passing { "passing" } else { "critical" }}],
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    /// Answers 429 to requests past `n` in flight at once, as a Consul agent does past
+    /// `limits.http_max_conns_per_client`.
+    pub fn limit_connections(&self, n: usize) {
+        self.limits.max_conns_per_client.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The most requests that were in flight at once (and allowed).
+    pub fn most_in_flight(&self) -> usize {
+        self.limits.most.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn addr(&self) -> SocketAddr {
