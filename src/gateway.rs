@@ -198,16 +198,8 @@ impl Shared {
         }
         let mut certs = CertStore::default();
         for ssl in res.ssls.iter().filter(|s| !s.client) {
-            let mut keys = Vec::with_capacity(1 + ssl.more.len());
-            for (cert, key) in
-                std::iter::once((&ssl.cert, &ssl.key)).chain(ssl.more.iter().map(|(c, k)| (c, k)))
-            {
-                keys.push(
-                    strait_protocols::tls::certified_key(cert, key)
-                        .map_err(|e| format!("ssl {}: {e}", ssl.id))?,
-                );
-            }
-            let keys: Arc<[_]> = keys.into();
+            // Parsed when the file was checked.
+            let keys = ssl.keys.clone();
             let policy = if ssl.client_auth.is_some() || ssl.protocols.is_some() {
                 let versions = ssl.protocols.unwrap_or(self.node.ssl_protocols);
                 let p = SniPolicy::new(keys.clone(), versions, ssl.client_auth.clone())

@@ -221,6 +221,9 @@ pub struct SslSpec {
     pub key: String,
     /// `certs`/`keys`: more certificate and key pairs for the same names (PEM).
     pub more: Vec<(String, String)>,
+    /// `cert` and then `certs`, parsed when the file was checked (so a load parses each key
+    /// once).
+    pub keys: Arc<[Arc<rustls::sign::CertifiedKey>]>,
     /// `type: client` certificates are for mTLS to upstreams, not for listeners.
     pub client: bool,
     /// `client`: certificates its SNIs require from clients.
@@ -385,6 +388,7 @@ impl Builder<'_> {
             // `certs`/`keys`: more certificates for the same names (an RSA one beside an ECDSA
             // one, say), paired by index.
             let mut more = Vec::new();
+            let mut more_keys = Vec::new();
             let (certs, keys) = (r.certs.clone().unwrap_or_default(), r.keys.clone().unwrap_or_default());
             if certs.len() != keys.len() {
                 self.errs.add(
@@ -394,7 +398,10 @@ impl Builder<'_> {
             } else {
                 for (j, (c, k)) in certs.into_iter().zip(keys).enumerate() {
                     match strait_protocols::tls::certified_key(&c, &k) {
-                        Ok(_) => more.push((c, k)),
+                        Ok(ck) => {
+                            more.push((c, k));
+                            more_keys.push(ck);
+                        }
                         Err(e) => self.errs.add(
                             index(&join(&path, "certs"), j),
                             format!("cannot use certificate and key: {e}"),
@@ -414,10 +421,13 @@ impl Builder<'_> {
                 self.errs.add(path.clone(), "cert and key are required");
                 continue;
             };
-            if let Err(e) = strait_protocols::tls::certified_key(&cert, &key) {
-                self.errs.add(join(&path, "cert"), format!("cannot use certificate and key: {e}"));
-                continue;
-            }
+            let first = match strait_protocols::tls::certified_key(&cert, &key) {
+                Ok(ck) => ck,
+                Err(e) => {
+                    self.errs.add(join(&path, "cert"), format!("cannot use certificate and key: {e}"));
+                    continue;
+                }
+            };
             let mut snis: Vec<String> = r.snis.clone().unwrap_or_default();
             if let Some(s) = &r.sni {
                 snis.push(s.clone());
@@ -444,6 +454,7 @@ impl Builder<'_> {
                 cert,
                 key,
                 more,
+                keys: std::iter::once(first).chain(more_keys).collect(),
                 client,
                 client_auth,
                 protocols,
