@@ -129,7 +129,8 @@ async fn consul_blocking_queries_tokens_health_and_failover() {
 /// each would need 100 connections at once, and this agent (like a real one past
 /// `limits.http_max_conns_per_client`, 200 by default) answers 429 past 80. Every service
 /// resolves, the gateway never holds more than 64 blocking queries, two catalog-wide ones and
-/// 8 fetches at once, and a change to every service reaches its route.
+/// 8 fetches at once, and a change to every service reaches its route. After a reload that
+/// replaces every service, the new ones get the blocking queries the old ones gave back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_more_services_than_the_agent_allows_connections() {
     const N: usize = 100;
@@ -139,15 +140,20 @@ async fn consul_more_services_than_the_agent_allows_connections() {
     for i in 0..N {
         consul.set(&format!("svc{i}"), vec![consul_instance(&format!("a{i}"), a.addr, true)]);
     }
-    let mut res = String::from("upstreams:\n");
-    for i in 0..N {
-        res.push_str(&format!("  - id: u{i}\n    discovery_type: consul\n    service_name: svc{i}\n"));
-    }
-    res.push_str("routes:\n");
-    for i in 0..N {
-        res.push_str(&format!("  - uri: /s{i}/*\n    upstream_id: u{i}\n"));
-    }
-    let gw = TestGateway::start_with(&consul_config(&[consul.addr()], "", ""), &res, 1);
+    let resources = |prefix: &str| {
+        let mut res = String::from("upstreams:\n");
+        for i in 0..N {
+            res.push_str(&format!(
+                "  - id: u{i}\n    discovery_type: consul\n    service_name: {prefix}{i}\n"
+            ));
+        }
+        res.push_str("routes:\n");
+        for i in 0..N {
+            res.push_str(&format!("  - uri: /s{i}/*\n    upstream_id: u{i}\n"));
+        }
+        res
+    };
+    let gw = TestGateway::start_with(&consul_config(&[consul.addr()], "", ""), &resources("svc"), 1);
     let all_from = |name: &'static str| {
         let gw = &gw;
         async move {
@@ -167,6 +173,32 @@ async fn consul_more_services_than_the_agent_allows_connections() {
     assert!(eventually(Duration::from_secs(20), || all_from("b")).await, "every change reaches traffic");
     let most = consul.most_in_flight();
     assert!(most <= 64 + 2 + 8, "{most} requests in flight at once");
+    assert_eq!(consul.refused(), 0, "requests refused for the agent's connection limit");
+    assert_eq!(consul.blocking_services("svc"), 64);
+
+    // Every service replaced: the new ones resolve, and once a change comes, the 64 blocking
+    // queries the old ones held go to new ones.
+    for i in 0..N {
+        consul.set(&format!("new{i}"), vec![consul_instance(&format!("a{i}"), a.addr, true)]);
+    }
+    gw.write_resources(&resources("new"));
+    assert!(
+        eventually(Duration::from_secs(20), || all_from("a")).await,
+        "every new service resolves ({} refused, most {})",
+        consul.refused(),
+        consul.most_in_flight()
+    );
+    // The discovery dump lists the services followed now, not the replaced ones.
+    let dump = gw.control_json("/v1/discovery/consul/dump").await;
+    let names: Vec<&str> =
+        dump["services"].as_array().unwrap().iter().filter_map(|s| s["service_name"].as_str()).collect();
+    assert!(names.len() == N && names.iter().all(|n| n.starts_with("new")), "{names:?}");
+    consul.set("other", vec![consul_instance("o", b.addr, true)]);
+    assert!(
+        eventually(Duration::from_secs(20), || async { consul.blocking_services("new") == 64 }).await,
+        "{} new services got a blocking query",
+        consul.blocking_services("new")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,11 @@
 //!   are fetched once, then again whenever one of two catalog-wide blocking queries says
 //!   something changed (`/v1/catalog/services` for registrations, `/v1/health/state/any` for
 //!   checks), as APISIX's Consul discovery does for every service; at most `FETCHES_AT_ONCE`
-//!   such fetches run at a time;
+//!   such fetches run at a time, and a service is fetched at most once per `SHARED_GAP`. Any
+//!   change in the datacenter refetches all of them (the catalog-wide answers are not read);
+//!   the two catalog-wide queries run for the life of the process once started. A service
+//!   that shares them takes a blocking query of its own after a fetch that finds one free (a
+//!   reload dropped services that had one);
 //! * servers fail over in order; the ACL token goes in `X-Consul-Token`;
 //! * `skip_services` never resolve; `default_service` answers for services with no instance.
 
@@ -57,6 +61,9 @@ pub struct ConsulOptions {
 pub const BLOCKING_MAX: usize = 64;
 /// Fetches of services that share the change signal, at once.
 const FETCHES_AT_ONCE: usize = 8;
+/// Least time between two fetches of a service that shares the change signal: in a large
+/// datacenter some check changes all the time, and every change refetches every such service.
+const SHARED_GAP: Duration = Duration::from_secs(1);
 
 /// The Consul backend.
 pub struct ConsulDiscovery {
@@ -118,8 +125,7 @@ impl ConsulDiscovery {
         Ok((crate::resolve_names(self.nodes(entries), "consul").await, idx))
     }
 
-    /// `GET path` (with `?` already in it), blocking while Consul's index is `index`; returns
-    /// the body and the new index.
+    /// `GET path`, blocking while Consul's index is `index`; returns the body and the new index.
     async fn get(
         &self,
         mut path: String,
@@ -129,7 +135,8 @@ impl ConsulDiscovery {
         let url = &self.opts.servers[server % self.opts.servers.len()];
         let mut read = self.opts.read_timeout;
         if let Some(i) = index {
-            path.push_str(&format!("&index={i}&wait={}s", self.opts.wait.as_secs().max(1)));
+            let sep = if path.contains('?') { '&' } else { '?' };
+            path.push_str(&format!("{sep}index={i}&wait={}s", self.opts.wait.as_secs().max(1)));
             // Consul adds up to wait/16 of jitter; leave room for it and the answer.
             read = self.opts.wait + self.opts.wait / 16 + self.opts.read_timeout;
         }
@@ -167,7 +174,7 @@ impl ConsulDiscovery {
         });
         let rx = tx.subscribe();
         if started {
-            for path in ["/v1/catalog/services?stale", "/v1/health/state/any?stale"] {
+            for path in ["/v1/catalog/services", "/v1/health/state/any"] {
                 tokio::spawn(watch_index(Arc::downgrade(self), path));
             }
         }
@@ -213,34 +220,44 @@ impl ConsulDiscovery {
         }
     }
 
-    /// Follows `query` by fetching it whenever the catalog-wide signal moves.
+    /// Follows `query` by fetching it whenever the catalog-wide signal moves. Returns when the
+    /// watch ends (false) or, after a fetch, when a blocking query is free (true: a reload
+    /// dropped services that had one).
     async fn follow_shared(
         self: &Arc<Self>,
         query: &Query,
         tx: &watch::Sender<Option<NodeSet>>,
         status: &SharedStatus,
-    ) {
+    ) -> bool {
         let mut changes = self.changes();
         let mut server = 0usize;
         let mut backoff = Backoff::new(Duration::from_secs(16));
         loop {
             // A change while the fetch runs is seen by `changed` below.
             changes.borrow_and_update();
+            let started = tokio::time::Instant::now();
             let fetch = async {
                 let _permit = self.fetches.acquire().await;
                 self.query(&query.service_name, None, server).await
             };
             let result = tokio::select! {
                 r = fetch => r,
-                _ = tx.closed() => return,
+                _ = tx.closed() => return false,
             };
             match result {
                 Ok((set, _)) => {
                     backoff.reset();
                     publish(tx, status, self.with_default(set));
+                    if self.blocking.load(Ordering::Relaxed) < BLOCKING_MAX {
+                        return true;
+                    }
                     tokio::select! {
-                        r = changes.changed() => if r.is_err() { return },
-                        _ = tx.closed() => return,
+                        r = changes.changed() => if r.is_err() { return false },
+                        _ = tx.closed() => return false,
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(started + SHARED_GAP) => {}
+                        _ = tx.closed() => return false,
                     }
                 }
                 Err(e) => {
@@ -248,7 +265,7 @@ impl ConsulDiscovery {
                     server += 1;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        _ = tx.closed() => return,
+                        _ = tx.closed() => return false,
                     }
                 }
             }
@@ -303,14 +320,35 @@ impl Discovery for ConsulDiscovery {
                 let me: Arc<dyn Discovery> = self.clone();
                 return crate::nacos::poll_forever(me, query, tx, status).await;
             }
-            if self.blocking.fetch_add(1, Ordering::Relaxed) < BLOCKING_MAX {
-                self.follow_blocking(&query, &tx, &status).await;
-                self.blocking.fetch_sub(1, Ordering::Relaxed);
-            } else {
-                self.blocking.fetch_sub(1, Ordering::Relaxed);
-                self.follow_shared(&query, &tx, &status).await;
+            loop {
+                // The slot is given back when this future ends or is dropped (an aborted watch).
+                let (slot, before) = Slot::take(&self.blocking);
+                if before < BLOCKING_MAX {
+                    return self.follow_blocking(&query, &tx, &status).await;
+                }
+                drop(slot);
+                if !self.follow_shared(&query, &tx, &status).await {
+                    return;
+                }
             }
         })
+    }
+}
+
+/// One of the `BLOCKING_MAX` blocking queries, taken (counted) while this lives.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl<'a> Slot<'a> {
+    /// Counts one more, and says how many there were before.
+    fn take(count: &'a AtomicUsize) -> (Slot<'a>, usize) {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        (Slot(count), before)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -340,8 +378,12 @@ async fn watch_index(me: Weak<ConsulDiscovery>, path: &'static str) {
                 tracing::warn!(path, error = %e, "consul: catalog-wide watch failed");
                 server += 1;
                 // What changed while the query failed is not known: the next answer counts as a
-                // change (its index is compared with none).
+                // change (its index is compared with none). Until then the services are asked
+                // again now, so those Consul cannot answer report it (and retry on their own).
                 index = None;
+                if let Some(tx) = d.changes.get() {
+                    tx.send_modify(|n| *n += 1);
+                }
                 drop(d);
                 tokio::time::sleep(backoff.next_delay()).await;
             }

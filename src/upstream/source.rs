@@ -128,12 +128,14 @@ impl DiscoveryHub {
         Some(rx)
     }
 
-    /// Every watch of backend `kind`.
+    /// Every watch of backend `kind` that some upstream follows. (`prune` runs at a reload
+    /// before the replaced upstreams' feeds have let go of their watches: those end on their
+    /// own, and their entries stay until the next reload, but are not shown.)
     pub fn dump(&self, kind: &str) -> Vec<WatchDump> {
         let w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<WatchDump> = w
             .iter()
-            .filter(|((k, _), _)| k == kind)
+            .filter(|((k, _), e)| k == kind && e.tx.receiver_count() > 0)
             .map(|((k, q), e)| WatchDump {
                 kind: k.clone(),
                 query: q.clone(),

@@ -144,11 +144,30 @@ pub struct FakeConsul {
     limits: Arc<ConsulLimits>,
 }
 
-/// Requests in flight, the most seen at once, and the limit (0: none).
+/// One request in flight while this lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Requests in flight, the most seen at once, those refused, and the limit (0: none).
 #[derive(Default)]
 struct ConsulLimits {
     in_flight: std::sync::atomic::AtomicUsize,
     most: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+    /// Services asked for with a blocking query (`index`).
+    blocking: Mutex<std::collections::HashSet<String>>,
     max_conns_per_client: std::sync::atomic::AtomicUsize,
 }
 
@@ -175,19 +194,26 @@ impl FakeConsul {
             let (st, ch, tok, reqs, lim) = (st.clone(), ch.clone(), tok.clone(), reqs.clone(), lim.clone());
             Box::pin(async move {
                 reqs.fetch_add(1, Relaxed);
-                let now = lim.in_flight.fetch_add(1, Relaxed) + 1;
+                // Counted until the answer is made or the gateway goes away (hyper then drops this
+                // future), as an agent counts a connection until it closes.
+                let _in_flight = InFlight::enter(&lim.in_flight);
+                let now = lim.in_flight.load(Relaxed);
                 let cap = lim.max_conns_per_client.load(Relaxed);
-                let resp = if cap > 0 && now > cap {
+                if cap > 0 && now > cap {
+                    lim.refused.fetch_add(1, Relaxed);
                     full(
                         StatusCode::TOO_MANY_REQUESTS,
                         "Your IP is issuing too many concurrent connections, please rate limit your calls\n",
                     )
                 } else {
                     lim.most.fetch_max(now, Relaxed);
+                    if let Some(name) = req.uri().path().strip_prefix("/v1/health/service/")
+                        && query_map(req.uri().query()).contains_key("index")
+                    {
+                        lim.blocking.lock().unwrap().insert(name.to_string());
+                    }
                     Self::answer(req, st, ch, tok).await
-                };
-                lim.in_flight.fetch_sub(1, Relaxed);
-                resp
+                }
             })
         });
         let server = Server::start(addr, handler).await;
@@ -286,6 +312,16 @@ impl FakeConsul {
     /// The most requests that were in flight at once (and allowed).
     pub fn most_in_flight(&self) -> usize {
         self.limits.most.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Services that got a blocking query, among those whose names start with `prefix`.
+    pub fn blocking_services(&self, prefix: &str) -> usize {
+        self.limits.blocking.lock().unwrap().iter().filter(|s| s.starts_with(prefix)).count()
+    }
+
+    /// Requests refused with 429 (`limit_connections`).
+    pub fn refused(&self) -> usize {
+        self.limits.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn addr(&self) -> SocketAddr {
