@@ -279,7 +279,13 @@ impl Shared {
         loop {
             tick.tick().await;
             let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                me.reload_if_changed();
+                // A reload prunes right away, before the replaced upstreams' feeds have let go
+                // of their watches: those are ended here, a tick later.
+                me.hub.prune();
+            })
+            .await;
         }
     }
 

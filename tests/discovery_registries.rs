@@ -193,6 +193,13 @@ async fn consul_more_services_than_the_agent_allows_connections() {
     let names: Vec<&str> =
         dump["services"].as_array().unwrap().iter().filter_map(|s| s["service_name"].as_str()).collect();
     assert!(names.len() == N && names.iter().all(|n| n.starts_with("new")), "{names:?}");
+    // And the replaced services' watches leave the hub without waiting for another reload.
+    let hub = gw.running().shared.hub.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || async { hub.watch_count() == N }).await,
+        "{} watches",
+        hub.watch_count()
+    );
     consul.set("other", vec![consul_instance("o", b.addr, true)]);
     assert!(
         eventually(Duration::from_secs(20), || async { consul.blocking_services("new") == 64 }).await,

@@ -130,7 +130,8 @@ impl DiscoveryHub {
 
     /// Every watch of backend `kind` that some upstream follows. (`prune` runs at a reload
     /// before the replaced upstreams' feeds have let go of their watches: those end on their
-    /// own, and their entries stay until the next reload, but are not shown.)
+    /// own, and their entries stay until the next prune, a tick of the resources check later,
+    /// but are not shown.)
     pub fn dump(&self, kind: &str) -> Vec<WatchDump> {
         let w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<WatchDump> = w
@@ -145,6 +146,11 @@ impl DiscoveryHub {
             .collect();
         out.sort_by(|a, b| a.query.service_name.cmp(&b.query.service_name));
         out
+    }
+
+    /// Watches the hub holds, followed or not yet pruned (for tests).
+    pub fn watch_count(&self) -> usize {
+        self.watches.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Whether backend `kind` is configured.
