@@ -148,9 +148,10 @@ pub struct FakeConsul {
 struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl<'a> InFlight<'a> {
-    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> Self {
-        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InFlight(n)
+    /// Counts one more; returns the guard and how many are in flight with it.
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> (Self, usize) {
+        let now = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (InFlight(n), now)
     }
 }
 
@@ -196,8 +197,7 @@ impl FakeConsul {
                 reqs.fetch_add(1, Relaxed);
                 // Counted until the answer is made or the gateway goes away (hyper then drops this
                 // future), as an agent counts a connection until it closes.
-                let _in_flight = InFlight::enter(&lim.in_flight);
-                let now = lim.in_flight.load(Relaxed);
+                let (_in_flight, now) = InFlight::enter(&lim.in_flight);
                 let cap = lim.max_conns_per_client.load(Relaxed);
                 if cap > 0 && now > cap {
                     lim.refused.fetch_add(1, Relaxed);
