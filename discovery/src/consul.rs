@@ -201,11 +201,7 @@ impl ConsulDiscovery {
                 Ok((set, idx)) => {
                     backoff.reset();
                     publish(tx, status, self.with_default(set));
-                    // Reset when the index goes backwards (Consul's rule for blocking queries).
-                    index = Some(match index {
-                        Some(old) if idx < old => 0,
-                        _ => idx.max(1),
-                    });
+                    index = Some(next_index(index, idx));
                 }
                 Err(e) => {
                     record_error(status, "consul", query, &e);
@@ -335,6 +331,15 @@ impl Discovery for ConsulDiscovery {
     }
 }
 
+/// The index the next blocking query waits on, after one that answered `new`: reset to 0 when
+/// the index went backwards, and never 0 otherwise (Consul's rules for blocking queries).
+fn next_index(old: Option<u64>, new: u64) -> u64 {
+    match old {
+        Some(old) if new < old => 0,
+        _ => new.max(1),
+    }
+}
+
 /// One of the `BLOCKING_MAX` blocking queries, taken (counted) while this lives.
 struct Slot<'a>(&'a AtomicUsize);
 
@@ -369,10 +374,7 @@ async fn watch_index(me: Weak<ConsulDiscovery>, path: &'static str) {
                 {
                     tx.send_modify(|n| *n += 1);
                 }
-                index = Some(match index {
-                    Some(old) if idx < old => 0,
-                    _ => idx.max(1),
-                });
+                index = Some(next_index(index, idx));
             }
             Err(e) => {
                 tracing::warn!(path, error = %e, "consul: catalog-wide watch failed");

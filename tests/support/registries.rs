@@ -262,7 +262,7 @@ impl FakeConsul {
         let index = s.index.to_string();
         let body = match name {
             Some(name) => Self::instances(&s, &name, passing_only),
-            None if req.uri().path() == "/v1/catalog/services" => Value::Object(
+            None if path == "/v1/catalog/services" => Value::Object(
                 s.services
                     .iter()
                     .filter(|(_, list)| !list.is_empty())
