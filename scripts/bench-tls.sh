@@ -4,9 +4,12 @@
 # worker each), which has no TLS scenario. Prints the median req/s and p99 of each proxy for a
 # 13-byte and a 64 KiB answer over HTTP/1.1 (wrk) and a 13-byte one over HTTP/2 (h2load, ALPN
 # h2, to the origin over HTTP/1.1 as in the harness's S3), and Strait's ratio to the best peer.
+# The `close:/hello` load sends each request on a new connection (`Connection: close`), so it
+# measures full TLS 1.3 handshakes (wrk keeps no client session cache).
 #
 #   cargo build --release && scripts/bench-tls.sh            # 3 rounds of 5 s
 #   ROUNDS=5 DUR=5 scripts/bench-tls.sh
+#   LOADS="close:/hello" scripts/bench-tls.sh                # handshakes only
 #
 # Needs what ../shared/bench/setup.sh installs (wrk, h2load, nginx, haproxy, the origin server)
 # and openssl. TLS 1.3 with a P-256 certificate for every proxy; keep-alive on both sides.
@@ -155,9 +158,12 @@ for _ in $(seq 1 200); do curl -s -o /dev/null "http://$ORIGIN/hello" && break; 
 PROXIES=(nginx haproxy strait)
 : > "$DIR/rows"
 # HTTP/1.1 (wrk -c64) for the 13-byte and the 64 KiB answer, then HTTP/2 (h2load -c8 -m16,
-# ALPN h2) for the 13-byte one.
-for load in /hello /size/65536 h2:/hello; do
+# ALPN h2) for the 13-byte one; `close:` loads open a connection per request.
+for load in ${LOADS:-/hello /size/65536 h2:/hello}; do
     path=${load#h2:}
+    path=${path#close:}
+    close=()
+    [[ $load == close:* ]] && close=(-H 'Connection: close')
     for r in $(seq 1 "$ROUNDS"); do
         for p in "${PROXIES[@]}"; do
             start_proxy "$p"
@@ -171,8 +177,8 @@ for load in /hello /size/65536 h2:/hello; do
                 p99=$(awk '{print $3}' "$DIR/h2.log" | sort -n | awk '{v[NR]=$1} END{printf "%.3fms", v[int(NR*0.99)]/1000}')
                 errors=$(awk '/^requests:/ && !/ 0 failed, 0 errored/{print}' <<<"$out")
             else
-                taskset -c 0 wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1
-                out=$(taskset -c 0 wrk -t1 -c64 -d"${DUR}s" --latency "$url" 2>&1)
+                taskset -c 0 wrk -t1 -c64 -d1s "${close[@]}" "$url" >/dev/null 2>&1
+                out=$(taskset -c 0 wrk -t1 -c64 -d"${DUR}s" --latency "${close[@]}" "$url" 2>&1)
                 rate=$(awk '/Requests\/sec/{print $2}' <<<"$out")
                 p99=$(awk '/ 99%/{print $2}' <<<"$out")
                 errors=$(awk '/Non-2xx|Socket errors/{print}' <<<"$out")

@@ -19,7 +19,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use strait_discovery::Discovery;
 use strait_discovery::dns::DnsDiscovery;
-use strait_protocols::tls::{CertStore, SniPolicy};
+use strait_protocols::tls::{self, CertStore, SniPolicy};
 use tokio::task::AbortHandle;
 
 use crate::config::node::NodeConfig;
@@ -351,8 +351,9 @@ pub(crate) enum TlsKind {
 
 /// Accepts a TLS client with the listener's configuration (`acceptor`) or, when the `ssls`
 /// entry for the SNI it asks for has settings of its own (`client`, `ssl_protocols`), with
-/// that entry's [`SniPolicy`]. Only then is the ClientHello read before a configuration is
-/// chosen; without such entries the handshake is the listener's, as it was.
+/// that entry's [`SniPolicy`]. The ClientHello is read before a configuration is chosen, which
+/// also lets a client that lists ChaCha20-Poly1305 first have it ([`tls::prefers_chacha`]);
+/// every other client gets Strait's order, AES-128-GCM first.
 pub(crate) async fn accept_tls<IO>(
     io: IO,
     acceptor: &tokio_rustls::TlsAcceptor,
@@ -362,16 +363,18 @@ pub(crate) async fn accept_tls<IO>(
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if !state.load().certs.has_policies() {
-        return acceptor.accept(io).await;
-    }
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
-    let policy = state.load().certs.policy(start.client_hello().server_name());
-    let config = match (policy, kind) {
-        (Some(p), TlsKind::H2) => p.h2.clone(),
-        (Some(p), TlsKind::H1) => p.h1.clone(),
-        (Some(p), TlsKind::Raw) => p.raw.clone(),
-        (None, _) => acceptor.config().clone(),
+    let config = {
+        let hello = start.client_hello();
+        let state = state.load();
+        let policy = if state.certs.has_policies() { state.certs.policy(hello.server_name()) } else { None };
+        let config = match (&policy, kind) {
+            (Some(p), TlsKind::H2) => &p.h2,
+            (Some(p), TlsKind::H1) => &p.h1,
+            (Some(p), TlsKind::Raw) => &p.raw,
+            (None, _) => acceptor.config(),
+        };
+        if tls::prefers_chacha(hello.cipher_suites()) { tls::in_client_order(config) } else { config.clone() }
     };
     start.into_stream(config).await
 }

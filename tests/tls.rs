@@ -369,6 +369,77 @@ async fn an_ssl_with_certs_and_keys_serves_each_client_a_certificate_it_can_veri
     }
 }
 
+/// Strait chooses the cipher suite in its own order, AES-128-GCM first (cheaper than AES-256-GCM
+/// and its SHA-384 key schedule, for both sides), even for a client that lists AES-256-GCM
+/// first as OpenSSL and ring do; a client that lists ChaCha20-Poly1305 first (one without AES
+/// instructions) gets ChaCha20. The same with the listener's configuration and with an SNI's
+/// own (`ssl_protocols`), over TLS 1.3 and TLS 1.2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cipher_suite_is_aes_128_gcm_unless_the_client_prefers_chacha20() {
+    use rustls::CipherSuite as C;
+    let ca = Ca::new("test-ca");
+    let api = ca.leaf(&["api.example.com"]);
+    let b = Backend::start("b").await;
+    // A client provider whose suites come in the order given (suites not listed are left out).
+    let ordered = |order: &[C]| {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites.retain(|s| order.contains(&s.suite()));
+        p.cipher_suites.sort_by_key(|s| order.iter().position(|o| *o == s.suite()));
+        std::sync::Arc::new(p)
+    };
+    let aes256_first = ordered(&[
+        C::TLS13_AES_256_GCM_SHA384,
+        C::TLS13_CHACHA20_POLY1305_SHA256,
+        C::TLS13_AES_128_GCM_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    ]);
+    let chacha_first = ordered(&[
+        C::TLS13_CHACHA20_POLY1305_SHA256,
+        C::TLS13_AES_256_GCM_SHA384,
+        C::TLS13_AES_128_GCM_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    ]);
+    let no_aes128 = ordered(&[C::TLS13_CHACHA20_POLY1305_SHA256, C::TLS13_AES_256_GCM_SHA384]);
+    for extra in ["", "    ssl_protocols: [TLSv1.2, TLSv1.3]\n"] {
+        let gw = TestGateway::start_with(
+            &tls_config(),
+            &format!(
+                "ssls:\n{}{extra}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+                ssl_entry("api", "api.example.com", &api),
+                nodes_yaml(&[b.addr])
+            ),
+            1,
+        );
+        let tls12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+        for (client, versions, want) in [
+            (&aes256_first, rustls::DEFAULT_VERSIONS, C::TLS13_AES_128_GCM_SHA256),
+            (&aes256_first, tls12, C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+            (&chacha_first, rustls::DEFAULT_VERSIONS, C::TLS13_CHACHA20_POLY1305_SHA256),
+            (&chacha_first, tls12, C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+            (&no_aes128, rustls::DEFAULT_VERSIONS, C::TLS13_CHACHA20_POLY1305_SHA256),
+        ] {
+            let cfg = rustls::ClientConfig::builder_with_provider(client.clone())
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(ca.roots())
+                .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
+            let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(sn, tcp)
+                .await
+                .unwrap_or_else(|e| panic!("{extra:?} {want:?}: {e}"));
+            let got = s.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+            assert_eq!(got, Some(want), "{extra:?}: the client's suites {:?}", client.cipher_suites);
+            assert_eq!(request_status(&mut s, "api.example.com").await, 200);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_by_sni_with_wildcards_and_alpn() {
     let ca = Ca::new("test-ca");

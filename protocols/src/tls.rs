@@ -13,10 +13,78 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-/// The crypto provider used everywhere (ring).
+/// The crypto provider used everywhere (ring), with its cipher suites ordered AES-128-GCM,
+/// AES-256-GCM, ChaCha20-Poly1305 (for TLS 1.3 and TLS 1.2 alike), as Go's TLS stack and
+/// browsers order them. ring's default puts AES-256-GCM-SHA384 first; TLS 1.3's key schedule
+/// then runs on SHA-384, which no CPU instruction computes, where SHA-256 has one (SHA-NI on
+/// this machine). With AES-128-GCM a full TLS 1.3 handshake cost Strait about 10% less CPU,
+/// and an OpenSSL client, the bottleneck of that load, completed 5-8% more handshakes per
+/// second (BENCHMARKS.md, "TLS handshakes"). AES-128-GCM is TLS 1.3's mandatory suite and not
+/// the weaker choice in any practical sense.
+///
+/// Servers choose in this order ([`server_config`] sets `ignore_client_order`), except for a
+/// client that puts ChaCha20 first ([`prefers_chacha`]): that is how a client without AES
+/// instructions says so, and it gets its own order.
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+    P.get_or_init(|| {
+        let mut p = rustls::crypto::ring::default_provider();
+        // TLS 1.3 suites before TLS 1.2 ones, and (a stable sort) ECDSA ones before RSA ones.
+        p.cipher_suites.sort_by_key(|s| {
+            let rank = match aead(s.suite()) {
+                Aead::Aes128 => 0,
+                Aead::Aes256 => 1,
+                Aead::ChaCha20 | Aead::Other => 2,
+            };
+            (matches!(s, rustls::SupportedCipherSuite::Tls12(_)), rank)
+        });
+        Arc::new(p)
+    })
+    .clone()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Aead {
+    Aes128,
+    Aes256,
+    ChaCha20,
+    Other,
+}
+
+fn aead(suite: rustls::CipherSuite) -> Aead {
+    use rustls::CipherSuite as C;
+    match suite {
+        C::TLS13_AES_128_GCM_SHA256
+        | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Aead::Aes128,
+        C::TLS13_AES_256_GCM_SHA384
+        | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Aead::Aes256,
+        C::TLS13_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Aead::ChaCha20,
+        _ => Aead::Other,
+    }
+}
+
+/// Whether the first of `offered` (a ClientHello's cipher suites, in the client's order) that
+/// Strait supports is a ChaCha20-Poly1305 one. Clients without AES instructions list ChaCha20
+/// first, and software AES is slow for them; such a client gets the suite it prefers, as
+/// OpenSSL's `SSL_OP_PRIORITIZE_CHACHA` and Go do. GREASE and unknown values are skipped.
+pub fn prefers_chacha(offered: &[rustls::CipherSuite]) -> bool {
+    let provider = provider();
+    offered
+        .iter()
+        .find(|s| provider.cipher_suites.iter().any(|p| p.suite() == **s))
+        .is_some_and(|s| aead(*s) == Aead::ChaCha20)
+}
+
+/// `config`, choosing the cipher suite by the client's order instead of Strait's (for a client
+/// that [`prefers_chacha`]). Made per such handshake: a copy of the configuration's handles.
+pub fn in_client_order(config: &Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    let mut c = rustls::ServerConfig::clone(config);
+    c.ignore_client_order = false;
+    Arc::new(c)
 }
 
 /// Errors while loading certificates and keys.
@@ -718,6 +786,9 @@ fn config_with(
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(resolver);
+    // Strait's suite order ([`provider`]); `accept_tls` switches back to the client's order
+    // for a client that prefers ChaCha20.
+    cfg.ignore_client_order = true;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
@@ -746,6 +817,31 @@ mod tests {
             None => p.self_signed(&key).unwrap(),
         };
         (c.der().clone(), rcgen::Issuer::new(p, key))
+    }
+
+    /// The client's first suite that Strait supports decides, skipping GREASE and unknown
+    /// values; Strait's own order puts AES-128-GCM first for both versions.
+    #[test]
+    fn chacha_is_for_clients_that_list_it_first() {
+        use rustls::CipherSuite as C;
+        let grease = C::Unknown(0x0a0a);
+        assert!(prefers_chacha(&[grease, C::TLS13_CHACHA20_POLY1305_SHA256, C::TLS13_AES_128_GCM_SHA256]));
+        assert!(prefers_chacha(&[C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256]));
+        assert!(!prefers_chacha(&[grease, C::TLS13_AES_256_GCM_SHA384, C::TLS13_CHACHA20_POLY1305_SHA256]));
+        assert!(!prefers_chacha(&[C::TLS_EMPTY_RENEGOTIATION_INFO_SCSV, C::TLS13_AES_128_GCM_SHA256]));
+        assert!(!prefers_chacha(&[]));
+        let order: Vec<C> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            &order[..3],
+            [C::TLS13_AES_128_GCM_SHA256, C::TLS13_AES_256_GCM_SHA384, C::TLS13_CHACHA20_POLY1305_SHA256]
+        );
+        let pos = |s: C| order.iter().position(|o| *o == s).unwrap();
+        assert!(
+            pos(C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256) < pos(C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384)
+        );
+        assert!(
+            pos(C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256) < pos(C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384)
+        );
     }
 
     /// The same PEM texts give the key parsed before while something holds it; other texts, or

@@ -44,6 +44,15 @@ impl Ca {
         self.leaf_with_key(names, KeyPair::from_pem(RSA_KEY).unwrap())
     }
 
+    /// A root store holding this CA.
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in strait_protocols::tls::parse_certs(&self.pem).unwrap() {
+            roots.add(c).unwrap();
+        }
+        roots
+    }
+
     fn leaf_with_key(&self, names: &[&str], key: KeyPair) -> Leaf {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
@@ -80,10 +89,7 @@ pub fn client_tls_with_cert(ca: &Ca, cert: &Leaf) -> tokio_rustls::TlsConnector 
 
 fn client_tls_as(ca: &Ca, cert: Option<&Leaf>) -> tokio_rustls::TlsConnector {
     use strait_protocols::tls::{parse_certs, parse_key};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in parse_certs(&ca.pem).unwrap() {
-        roots.add(c).unwrap();
-    }
+    let roots = ca.roots();
     let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
