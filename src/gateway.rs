@@ -96,6 +96,9 @@ pub struct Shared {
     /// Hash of the resources text last applied.
     applied_hash: AtomicU64,
     stream_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
+    /// TLS sessions of the HTTP listeners, on every worker (an SNI with settings of its own
+    /// keeps its sessions in its [`SniPolicy`]'s configurations).
+    pub http_sessions: Arc<tls::SessionCache>,
 }
 
 impl Shared {
@@ -149,6 +152,7 @@ impl Shared {
         };
         let hub =
             DiscoveryHub::new(backends, global_dns, background, config.node.discovery_config.dumps.clone());
+        let http_sessions = tls::SessionCache::new(config.node.ssl_session_timeout);
         let shared = Arc::new(Shared {
             state: Arc::new(ArcSwap::from_pointee(State::empty())),
             node: config.node,
@@ -160,6 +164,7 @@ impl Shared {
             reload_lock: Mutex::new(()),
             applied_hash: AtomicU64::new(0),
             stream_tls: std::sync::OnceLock::new(),
+            http_sessions,
         });
         shared.apply(&config.resources)?;
         if let Ok(text) = std::fs::read(&shared.resources_path) {
@@ -202,8 +207,13 @@ impl Shared {
             let keys = ssl.keys.clone();
             let policy = if ssl.client_auth.is_some() || ssl.protocols.is_some() {
                 let versions = ssl.protocols.unwrap_or(self.node.ssl_protocols);
-                let p = SniPolicy::new(keys.clone(), versions, ssl.client_auth.clone())
-                    .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
+                let p = SniPolicy::new(
+                    keys.clone(),
+                    versions,
+                    ssl.client_auth.clone(),
+                    self.node.ssl_session_timeout,
+                )
+                .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
                 Some(Arc::new(p))
             } else {
                 None
@@ -295,7 +305,8 @@ impl Shared {
             return Some(c.clone());
         }
         let resolver = Arc::new(StateCerts(self.state.clone(), self.node.ssl_protocols));
-        match strait_protocols::tls::server_config(resolver, &[], self.node.ssl_protocols) {
+        let sessions = tls::SessionCache::new(self.node.ssl_session_timeout);
+        match strait_protocols::tls::server_config(resolver, &[], self.node.ssl_protocols, sessions) {
             Ok(c) => Some(self.stream_tls.get_or_init(|| c).clone()),
             Err(e) => {
                 tracing::error!(error = %e, "stream TLS setup failed");

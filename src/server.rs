@@ -305,6 +305,7 @@ async fn worker(
         Arc::new(StateCerts(shared.state.clone(), shared.node.ssl_protocols)),
         &[b"h2", b"http/1.1"],
         shared.node.ssl_protocols,
+        shared.http_sessions.clone(),
     ) {
         Ok(c) => c,
         Err(e) => {
@@ -316,6 +317,7 @@ async fn worker(
         Arc::new(StateCerts(shared.state.clone(), shared.node.ssl_protocols)),
         &[b"http/1.1"],
         shared.node.ssl_protocols,
+        shared.http_sessions.clone(),
     ) {
         Ok(c) => c,
         Err(e) => {

@@ -440,6 +440,63 @@ async fn cipher_suite_is_aes_128_gcm_unless_the_client_prefers_chacha20() {
     }
 }
 
+/// A client resumes its TLS session whichever worker its next connection reaches, after 300
+/// other clients made sessions of their own (more than rustls's 256 per configuration), and
+/// not at all with `ssl_session_timeout: 0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_on_every_worker_and_after_many_other_clients() {
+    let ca = Ca::new("test-ca");
+    let api = ca.leaf(&["api.example.com"]);
+    let b = Backend::start("b").await;
+    let resources = format!(
+        "ssls:\n{}routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        ssl_entry("api", "api.example.com", &api),
+        nodes_yaml(&[b.addr])
+    );
+    let client = |resume: bool| {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+        if !resume {
+            cfg.resumption = rustls::client::Resumption::disabled();
+        }
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    };
+    // One request on a new connection (which also reads the session tickets); how its
+    // handshake went.
+    let visit = |gw: std::net::SocketAddr, c: tokio_rustls::TlsConnector| async move {
+        let tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
+        let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+        let mut s = c.connect(sn, tcp).await.unwrap();
+        assert_eq!(request_status(&mut s, "api.example.com").await, 200);
+        s.get_ref().1.handshake_kind()
+    };
+    use rustls::HandshakeKind::{Full, Resumed};
+
+    let gw = TestGateway::start_with(&tls_config(), &resources, 2);
+    let returning = client(true);
+    assert_eq!(visit(gw.tls(), returning.clone()).await, Some(Full));
+    let others = client(false);
+    for _ in 0..300 {
+        assert_eq!(visit(gw.tls(), others.clone()).await, Some(Full));
+    }
+    // Each connection lands on either worker's listening socket; every one resumes.
+    for i in 0..8 {
+        assert_eq!(visit(gw.tls(), returning.clone()).await, Some(Resumed), "connection {i}");
+    }
+
+    let config = tls_config().replace("    enable: true\n", "    enable: true\n    ssl_session_timeout: 0\n");
+    let gw = TestGateway::start_with(&config, &resources, 1);
+    let returning = client(true);
+    for _ in 0..2 {
+        assert_eq!(visit(gw.tls(), returning.clone()).await, Some(Full));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_by_sni_with_wildcards_and_alpn() {
     let ca = Ca::new("test-ca");

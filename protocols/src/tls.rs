@@ -1,8 +1,9 @@
 //! TLS on both sides: the client configuration used towards nodes (verification, client
 //! certificate, ALPN) and the server-side certificate store chosen by SNI.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -555,11 +556,13 @@ pub struct ClientAuth {
 
 impl SniPolicy {
     /// Configurations serving `keys` (an entry's certificates, as [`CertStore::insert_with`]
-    /// takes them), with `versions` and, when given, required client certificates.
+    /// takes them), with `versions` and, when given, required client certificates; sessions
+    /// resumable for `session_timeout`.
     pub fn new(
         keys: Arc<[Arc<CertifiedKey>]>,
         versions: TlsVersions,
         client: Option<ClientAuth>,
+        session_timeout: Duration,
     ) -> Result<SniPolicy, TlsError> {
         type Verifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
         let client_auth = client.is_some();
@@ -587,8 +590,11 @@ impl SniPolicy {
                 (Some(required), Some(http))
             }
         };
+        // A cache per configuration: rustls does not ask, when it resumes a session, whether
+        // the configuration that made it required a client certificate as this one does.
         let build = |alpn: &[&[u8]], verifier: &Option<Verifier>| {
-            config_with(Arc::new(Fixed(keys.clone(), versions)), alpn, versions, verifier.clone())
+            let sessions = SessionCache::new(session_timeout);
+            config_with(Arc::new(Fixed(keys.clone(), versions)), alpn, versions, verifier.clone(), sessions)
         };
         Ok(SniPolicy {
             h2: build(&[b"h2", b"http/1.1"], &http)?,
@@ -761,14 +767,130 @@ impl TlsVersions {
     }
 }
 
+/// TLS sessions a server keeps so that clients can resume them: APISIX's `ssl_session_cache
+/// shared:SSL:20m` with `ssl_session_tickets off` (sessions kept by the server, the client
+/// holding only an id), for `apisix.ssl.ssl_session_timeout` (APISIX's default 10 minutes).
+/// A resumed handshake skips the certificate and its signature (for an RSA key, most of a full
+/// handshake's cost on both sides).
+///
+/// rustls's own cache keeps 256 sessions per configuration, with no expiry: two tickets per
+/// client meant the 129th client pushed out the first, and a listener's configuration was made
+/// per worker, so a client whose next connection went to another worker (each worker has its
+/// own listening socket) could not resume at all. One cache now serves a listener's
+/// configurations on every worker.
+///
+/// Sessions leave in the order they came, once [`SESSION_CAPACITY`] are held or when they
+/// expire; a TLS 1.3 session is taken when it is resumed (each ticket is good once).
+#[derive(Debug)]
+pub struct SessionCache {
+    timeout: Duration,
+    inner: Mutex<Sessions>,
+}
+
+/// Sessions held at most by one [`SessionCache`]: nginx's 20 MB zone holds about 80,000 ("one
+/// megabyte of the cache contains about 4000 sessions"). Memory is taken only as clients come:
+/// about 300 bytes a session.
+pub const SESSION_CAPACITY: usize = 80_000;
+
+#[derive(Debug, Default)]
+struct Sessions {
+    by_id: HashMap<Vec<u8>, (Vec<u8>, Instant)>,
+    /// Ids in the order they were stored (some already taken), for eviction and expiry.
+    order: VecDeque<(Vec<u8>, Instant)>,
+    capacity: usize,
+}
+
+impl SessionCache {
+    /// A cache whose sessions last `timeout` (none are kept when it is zero).
+    pub fn new(timeout: Duration) -> Arc<SessionCache> {
+        SessionCache::with_capacity(timeout, SESSION_CAPACITY)
+    }
+
+    fn with_capacity(timeout: Duration, capacity: usize) -> Arc<SessionCache> {
+        Arc::new(SessionCache { timeout, inner: Mutex::new(Sessions { capacity, ..Default::default() }) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        // A panic while holding the lock leaves whole entries only; go on with them.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of sessions held (expired ones included until they are pushed out).
+    pub fn len(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
+    /// Whether no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn fresh(&self, stored: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(stored) < self.timeout
+    }
+
+    fn put_at(&self, id: Vec<u8>, value: Vec<u8>, now: Instant) -> bool {
+        if self.timeout.is_zero() {
+            return false;
+        }
+        let mut s = self.lock();
+        // Expired sessions and, past the capacity, the oldest ones leave first. The queue
+        // bounds the map: every id in the map is in the queue.
+        while let Some((old, at)) = s.order.front() {
+            if s.order.len() < s.capacity && self.fresh(*at, now) {
+                break;
+            }
+            let (old, at) = (old.clone(), *at);
+            s.order.pop_front();
+            if s.by_id.get(&old).is_some_and(|(_, stored)| *stored == at) {
+                s.by_id.remove(&old);
+            }
+        }
+        s.order.push_back((id.clone(), now));
+        s.by_id.insert(id, (value, now));
+        true
+    }
+
+    fn get_at(&self, id: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let s = self.lock();
+        let (value, at) = s.by_id.get(id)?;
+        self.fresh(*at, now).then(|| value.clone())
+    }
+
+    fn take_at(&self, id: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let (value, at) = self.lock().by_id.remove(id)?;
+        self.fresh(at, now).then_some(value)
+    }
+}
+
+impl rustls::server::StoresServerSessions for SessionCache {
+    fn put(&self, id: Vec<u8>, value: Vec<u8>) -> bool {
+        self.put_at(id, value, Instant::now())
+    }
+
+    fn get(&self, id: &[u8]) -> Option<Vec<u8>> {
+        self.get_at(id, Instant::now())
+    }
+
+    fn take(&self, id: &[u8]) -> Option<Vec<u8>> {
+        self.take_at(id, Instant::now())
+    }
+
+    fn can_cache(&self) -> bool {
+        !self.timeout.is_zero()
+    }
+}
+
 /// A server configuration for TLS listeners: certificates by SNI, ALPN `h2` (when enabled) and
-/// `http/1.1`, the TLS `versions` given.
+/// `http/1.1`, the TLS `versions` given, sessions kept in `sessions` (which may serve several
+/// such configurations with the same certificates and no client certificates).
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[&[u8]],
     versions: TlsVersions,
+    sessions: Arc<SessionCache>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    config_with(resolver, alpn, versions, None)
+    config_with(resolver, alpn, versions, None, sessions)
 }
 
 /// [`server_config`], verifying client certificates with `verifier` when there is one (an
@@ -778,6 +900,7 @@ fn config_with(
     alpn: &[&[u8]],
     versions: TlsVersions,
     verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    sessions: Arc<SessionCache>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let builder =
         rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(&versions.list()?)?;
@@ -790,6 +913,7 @@ fn config_with(
     // for a client that prefers ChaCha20.
     cfg.ignore_client_order = true;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.session_storage = sessions;
     Ok(Arc::new(cfg))
 }
 
@@ -817,6 +941,37 @@ mod tests {
             None => p.self_signed(&key).unwrap(),
         };
         (c.der().clone(), rcgen::Issuer::new(p, key))
+    }
+
+    /// Sessions are kept for the timeout, a TLS 1.3 one is good once (`take`), the oldest leave
+    /// past the capacity (taken ones counted until they reach the front), and a zero timeout
+    /// keeps none.
+    #[test]
+    fn sessions_expire_are_taken_once_and_the_oldest_leave_first() {
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let c = SessionCache::with_capacity(Duration::from_secs(600), 3);
+        let id = |n: u8| vec![n; 32];
+        assert!(c.put_at(id(1), b"one".to_vec(), at(0)));
+        assert_eq!(c.get_at(&id(1), at(599)), Some(b"one".to_vec()));
+        assert_eq!(c.get_at(&id(1), at(600)), None, "expired");
+        assert_eq!(c.take_at(&id(1), at(10)), Some(b"one".to_vec()));
+        assert_eq!(c.take_at(&id(1), at(10)), None, "a session is taken once");
+        for n in 2..=5 {
+            c.put_at(id(n), vec![n], at(20));
+        }
+        // Capacity 3: 1 (taken) and 2 left the queue, 3, 4 and 5 are held.
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.get_at(&id(2), at(21)), None);
+        assert_eq!(c.get_at(&id(3), at(21)), Some(vec![3]));
+        // Expired sessions leave at the next store, whatever the capacity.
+        c.put_at(id(6), vec![6], at(700));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.take_at(&id(6), at(701)), Some(vec![6]));
+        let none = SessionCache::with_capacity(Duration::ZERO, 3);
+        assert!(!none.put_at(id(1), vec![1], t0));
+        assert!(none.is_empty());
+        assert!(!rustls::server::StoresServerSessions::can_cache(&*none));
     }
 
     /// The client's first suite that Strait supports decides, skipping GREASE and unknown

@@ -89,6 +89,9 @@ pub struct NodeConfig {
     pub enable_ipv6: bool,
     /// TLS versions of TLS listeners, HTTP and stream (`apisix.ssl.ssl_protocols`).
     pub ssl_protocols: strait_protocols::tls::TlsVersions,
+    /// How long a TLS session can be resumed (`apisix.ssl.ssl_session_timeout`, APISIX's default
+    /// `10m`; `0` keeps none).
+    pub ssl_session_timeout: Duration,
     /// Worker threads (`nginx_config.worker_processes`; `None`: `auto`, one per core).
     pub workers: Option<usize>,
     /// How long a stop waits for connections to finish
@@ -176,7 +179,6 @@ const FOREIGN: &[(&str, Foreign)] = &[
     ("apisix.worker_startup_time_threshold", Any),
     ("apisix.ssl.ssl_ciphers", Any),
     ("apisix.ssl.ssl_session_tickets", Only(&["false"])),
-    ("apisix.ssl.ssl_session_timeout", Any),
     ("apisix.ssl.key_encrypt_salt", Any),
     ("nginx_config.user", Any),
     ("nginx_config.error_log", Any),
@@ -354,6 +356,7 @@ impl NodeConfig {
             disable_healthcheck: false,
             enable_ipv6: false,
             ssl_protocols: Default::default(),
+            ssl_session_timeout: Duration::from_secs(600),
             workers: None,
             drain_timeout: None,
             ignored: Vec::new(),
@@ -456,6 +459,12 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         cfg.fallback_sni = ssl.fallback_sni.clone();
         if let Some(p) = &ssl.ssl_protocols {
             cfg.ssl_protocols = ssl_protocols(p, errs, &mut cfg.ignored);
+        }
+        if let Some(v) = &ssl.ssl_session_timeout {
+            match parse_duration(v) {
+                Some(d) => cfg.ssl_session_timeout = d,
+                None => errs.add("apisix.ssl.ssl_session_timeout", "expected a duration like 10m"),
+            }
         }
     }
     if !http2 {
@@ -913,6 +922,7 @@ mod tests {
             ),
             ("apisix:\n  ssl:\n    ssl_protocols: TLSv1.1\n", "apisix.ssl.ssl_protocols"),
             ("apisix:\n  ssl:\n    ssl_protocols: TLSv9\n", "apisix.ssl.ssl_protocols"),
+            ("apisix:\n  ssl:\n    ssl_session_timeout: soon\n", "apisix.ssl.ssl_session_timeout"),
             ("nginx_config:\n  worker_shutdown_timeout: soon\n", "nginx_config.worker_shutdown_timeout"),
             ("nginx_config:\n  worker_processes: 0\n", "nginx_config.worker_processes"),
             ("nginx_config:\n  worker_processes: 100000\n", "nginx_config.worker_processes"),

@@ -103,6 +103,7 @@ pub struct RawSslListen {
     pub ssl_trusted_certificate: Option<String>,
     pub fallback_sni: Option<String>,
     pub ssl_protocols: Option<String>,
+    pub ssl_session_timeout: Option<Value>,
 }
 
 #[derive(Debug, Deserialize, Default)]
