@@ -10,9 +10,11 @@
 #   cargo build --release && scripts/bench-tls.sh            # 3 rounds of 5 s
 #   ROUNDS=5 DUR=5 scripts/bench-tls.sh
 #   LOADS="close:/hello" scripts/bench-tls.sh                # handshakes only
+#   KEY=rsa LOADS="close:/hello" scripts/bench-tls.sh        # with an RSA 2048 certificate
 #
 # Needs what ../shared/bench/setup.sh installs (wrk, h2load, nginx, haproxy, the origin server)
-# and openssl. TLS 1.3 with a P-256 certificate for every proxy; keep-alive on both sides.
+# and openssl. TLS 1.3 with a P-256 certificate (KEY=rsa: RSA 2048) for every proxy; keep-alive
+# on both sides.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,7 +41,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+# KEY=rsa: an RSA 2048 certificate instead (its signature dominates a full handshake).
+case ${KEY:-ec} in
+    rsa) newkey=(-newkey rsa:2048) ;;
+    *) newkey=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1) ;;
+esac
+openssl req -x509 "${newkey[@]}" -nodes -days 7 \
     -keyout "$DIR/key.pem" -out "$DIR/cert.pem" -subj "/CN=localhost" \
     -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
 cat "$DIR/cert.pem" "$DIR/key.pem" > "$DIR/both.pem"
