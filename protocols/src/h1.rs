@@ -2529,6 +2529,14 @@ struct Idle {
     stream: Node,
     uses: u32,
     since: Instant,
+    /// The pool's `size` when it came back (what [`sweep`] trims to).
+    size: usize,
+}
+
+/// How many of the oldest connections of `list` (its front) beyond `size` have been idle for
+/// [`OVERFLOW_GRACE`] at `now`, counting `extra` connections about to join it.
+fn stale_overflow(list: &[Idle], size: usize, extra: usize, now: Instant) -> usize {
+    crate::pool::stale_overflow(list, |c| c.since, size, extra, now)
 }
 
 /// A connection taken from the pool.
@@ -2587,25 +2595,41 @@ fn kernel_says_open(s: &TcpStream) -> bool {
 }
 
 fn checkin(addr: SocketAddr, stream: Node, uses: u32, limits: KeepalivePool) {
+    checkin_at(addr, stream, uses, limits, Instant::now());
+}
+
+/// [`checkin`] at `now`. The list is in check-in order (checkouts take the newest), so the
+/// connections that stayed idle longest are at its front.
+fn checkin_at(addr: SocketAddr, stream: Node, uses: u32, limits: KeepalivePool, now: Instant) {
     if uses >= limits.requests || limits.size == 0 {
         return;
     }
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.entry(addr).or_default();
-        if list.len() < limits.size {
-            list.push(Idle { stream, uses, since: Instant::now() });
+        if list.len() >= limits.size {
+            let stale = stale_overflow(list, limits.size, 1, now);
+            list.drain(..stale);
         }
+        list.push(Idle { stream, uses, since: now, size: limits.size });
     });
 }
 
-/// Drops this worker's idle node connections older than `max_idle`, and the connections their
-/// nodes closed.
+/// Drops this worker's idle node connections older than `max_idle`, the connections their
+/// nodes closed, and those beyond their pool's `size` idle for [`crate::pool::OVERFLOW_GRACE`].
 pub fn sweep(max_idle: Duration) {
+    sweep_at(max_idle, Instant::now());
+}
+
+fn sweep_at(max_idle: Duration, now: Instant) {
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
         p.retain(|_, list| {
-            list.retain(|c| c.since.elapsed() < max_idle && still_open(&c.stream));
+            list.retain(|c| now.saturating_duration_since(c.since) < max_idle && still_open(&c.stream));
+            if let Some(size) = list.last().map(|c| c.size) {
+                let stale = stale_overflow(list, size, 0, now);
+                list.drain(..stale);
+            }
             !list.is_empty()
         });
     });
@@ -2756,6 +2780,42 @@ mod tests {
             .unwrap();
         assert!(!open, "a connection with unread bytes is not reusable");
         assert_eq!(n, Some(17));
+    }
+
+    /// A burst of answers keeps its node connections past the pool's `size` for the requests
+    /// that follow; those still idle after `OVERFLOW_GRACE` leave at the next check-in or
+    /// sweep, the longest idle first, down to `size`.
+    #[tokio::test]
+    async fn connections_past_the_pool_size_stay_only_while_recently_used() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (mut conns, mut peers) = (Vec::new(), Vec::new());
+        for _ in 0..9 {
+            conns.push(TcpStream::connect(addr).await.unwrap());
+            peers.push(l.accept().await.unwrap().0);
+        }
+        let limits = KeepalivePool { size: 2, idle_timeout: Duration::from_secs(60), requests: 100 };
+        let idle = || IDLE.with(|p| p.borrow().get(&addr).map_or(0, |l| l.len()));
+        let t0 = Instant::now();
+        let later = t0 + crate::pool::OVERFLOW_GRACE;
+        for c in conns.drain(..4) {
+            checkin_at(addr, Node::new(c), 1, limits, t0);
+        }
+        assert_eq!(idle(), 4, "a burst within the grace is kept whole");
+        checkin_at(addr, Node::new(conns.pop().unwrap()), 1, limits, later);
+        assert_eq!(idle(), 2, "three stale ones left, down to size with the newcomer");
+        // The newest comes out first: the one checked in last.
+        let fresh = IDLE.with(|p| p.borrow().get(&addr).and_then(|l| l.last().map(|c| c.since)));
+        assert_eq!(fresh, Some(later));
+        for c in conns.drain(..) {
+            checkin_at(addr, Node::new(c), 1, limits, later);
+        }
+        assert_eq!(idle(), 5, "the stale one left behind the newcomers went with the first of them");
+        sweep_at(Duration::from_secs(60), later + crate::pool::OVERFLOW_GRACE);
+        assert_eq!(idle(), 2, "the sweep trims what stayed idle past the grace");
+        sweep_at(Duration::from_secs(60), later + Duration::from_secs(60));
+        assert_eq!(idle(), 0, "idle_timeout still applies");
+        drop(peers);
     }
 
     fn head(extra: &[(&str, &str)]) -> Parts {
