@@ -96,9 +96,28 @@ pub struct Shared {
     /// Hash of the resources text last applied.
     applied_hash: AtomicU64,
     stream_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
-    /// TLS sessions of the HTTP listeners, on every worker (an SNI with settings of its own
-    /// keeps its sessions in its [`SniPolicy`]'s configurations).
-    pub http_sessions: Arc<tls::SessionCache>,
+    /// The process's TLS sessions (`ssl_session_timeout`), in scopes: one for the HTTP
+    /// listeners on every worker, one for the stream listeners, two per [`SniPolicy`].
+    sessions: Arc<tls::SessionCache>,
+    pub http_sessions: Arc<tls::SessionScope>,
+    stream_sessions: Arc<tls::SessionScope>,
+    /// What the served certificates were at the last load ([`certs_fingerprint`]): when they
+    /// change, the listeners' sessions are not resumed any more.
+    certs_seen: AtomicU64,
+}
+
+/// The SNIs and certificates `res` serves. A key that stays the same from load to load is the
+/// same object ([`strait_protocols::tls::certified_key`] finds it again), so its address tells
+/// an unchanged certificate from a replaced one.
+fn certs_fingerprint(res: &Resources) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for ssl in res.ssls.iter().filter(|s| !s.client) {
+        ssl.snis.hash(&mut h);
+        for k in ssl.keys.iter() {
+            (Arc::as_ptr(k) as usize).hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 impl Shared {
@@ -152,7 +171,8 @@ impl Shared {
         };
         let hub =
             DiscoveryHub::new(backends, global_dns, background, config.node.discovery_config.dumps.clone());
-        let http_sessions = tls::SessionCache::new(config.node.ssl_session_timeout);
+        let sessions = tls::SessionCache::new(config.node.ssl_session_timeout);
+        let (http_sessions, stream_sessions) = (sessions.scope(), sessions.scope());
         let shared = Arc::new(Shared {
             state: Arc::new(ArcSwap::from_pointee(State::empty())),
             node: config.node,
@@ -164,7 +184,10 @@ impl Shared {
             reload_lock: Mutex::new(()),
             applied_hash: AtomicU64::new(0),
             stream_tls: std::sync::OnceLock::new(),
+            sessions,
             http_sessions,
+            stream_sessions,
+            certs_seen: AtomicU64::new(0),
         });
         shared.apply(&config.resources)?;
         if let Ok(text) = std::fs::read(&shared.resources_path) {
@@ -207,13 +230,8 @@ impl Shared {
             let keys = ssl.keys.clone();
             let policy = if ssl.client_auth.is_some() || ssl.protocols.is_some() {
                 let versions = ssl.protocols.unwrap_or(self.node.ssl_protocols);
-                let p = SniPolicy::new(
-                    keys.clone(),
-                    versions,
-                    ssl.client_auth.clone(),
-                    self.node.ssl_session_timeout,
-                )
-                .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
+                let p = SniPolicy::new(keys.clone(), versions, ssl.client_auth.clone(), &self.sessions)
+                    .map_err(|e| format!("ssl {}: {e}", ssl.id))?;
                 Some(Arc::new(p))
             } else {
                 None
@@ -224,6 +242,14 @@ impl Shared {
         }
         if let Some(f) = &self.node.fallback_sni {
             certs.set_fallback(f);
+        }
+        // A replaced or removed certificate: sessions made with the old one are not resumed
+        // (rustls checks only the suite and SNI of a session it resumes). Policies' scopes are
+        // new at every load anyway.
+        let seen = certs_fingerprint(res);
+        if self.certs_seen.swap(seen, Ordering::Relaxed) != seen {
+            self.http_sessions.renew();
+            self.stream_sessions.renew();
         }
         // Everything is built; now start feeding the new upstreams and swap.
         let mut feeds = Vec::new();
@@ -305,7 +331,7 @@ impl Shared {
             return Some(c.clone());
         }
         let resolver = Arc::new(StateCerts(self.state.clone(), self.node.ssl_protocols));
-        let sessions = tls::SessionCache::new(self.node.ssl_session_timeout);
+        let sessions = self.stream_sessions.clone();
         match strait_protocols::tls::server_config(resolver, &[], self.node.ssl_protocols, sessions) {
             Ok(c) => Some(self.stream_tls.get_or_init(|| c).clone()),
             Err(e) => {

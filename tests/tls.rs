@@ -440,11 +440,44 @@ async fn cipher_suite_is_aes_128_gcm_unless_the_client_prefers_chacha20() {
     }
 }
 
+/// A TLS client trusting `ca`, speaking `versions`, keeping the sessions it is given (or not).
+fn session_client(
+    ca: &Ca,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    resume: bool,
+) -> tokio_rustls::TlsConnector {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(ca.roots())
+    .with_no_client_auth();
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+}
+
+/// One request to `api.example.com` on a new connection (which also reads the session
+/// tickets); how its handshake went, or `None` when the handshake or the request failed.
+async fn visit(gw: std::net::SocketAddr, c: &tokio_rustls::TlsConnector) -> Option<rustls::HandshakeKind> {
+    let tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
+    let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    let mut s = c.connect(sn, tcp).await.ok()?;
+    let req = b"GET /x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n";
+    s.write_all(req).await.ok()?;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await.ok()?;
+    answer.starts_with(b"HTTP/1.1 200").then(|| s.get_ref().1.handshake_kind()).flatten()
+}
+
 /// A client resumes its TLS session whichever worker its next connection reaches, after 300
 /// other clients made sessions of their own (more than rustls's 256 per configuration), and
 /// not at all with `ssl_session_timeout: 0`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_sessions_resume_on_every_worker_and_after_many_other_clients() {
+    use rustls::HandshakeKind::{Full, Resumed};
     let ca = Ca::new("test-ca");
     let api = ca.leaf(&["api.example.com"]);
     let b = Backend::start("b").await;
@@ -453,48 +486,80 @@ async fn tls_sessions_resume_on_every_worker_and_after_many_other_clients() {
         ssl_entry("api", "api.example.com", &api),
         nodes_yaml(&[b.addr])
     );
-    let client = |resume: bool| {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(ca.roots())
-        .with_no_client_auth();
-        if !resume {
-            cfg.resumption = rustls::client::Resumption::disabled();
-        }
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-    };
-    // One request on a new connection (which also reads the session tickets); how its
-    // handshake went.
-    let visit = |gw: std::net::SocketAddr, c: tokio_rustls::TlsConnector| async move {
-        let tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
-        let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-        let mut s = c.connect(sn, tcp).await.unwrap();
-        assert_eq!(request_status(&mut s, "api.example.com").await, 200);
-        s.get_ref().1.handshake_kind()
-    };
-    use rustls::HandshakeKind::{Full, Resumed};
-
     let gw = TestGateway::start_with(&tls_config(), &resources, 2);
-    let returning = client(true);
-    assert_eq!(visit(gw.tls(), returning.clone()).await, Some(Full));
-    let others = client(false);
+    let returning = session_client(&ca, rustls::DEFAULT_VERSIONS, true);
+    assert_eq!(visit(gw.tls(), &returning).await, Some(Full));
+    let others = session_client(&ca, rustls::DEFAULT_VERSIONS, false);
     for _ in 0..300 {
-        assert_eq!(visit(gw.tls(), others.clone()).await, Some(Full));
+        assert_eq!(visit(gw.tls(), &others).await, Some(Full));
     }
     // Each connection lands on either worker's listening socket; every one resumes.
     for i in 0..8 {
-        assert_eq!(visit(gw.tls(), returning.clone()).await, Some(Resumed), "connection {i}");
+        assert_eq!(visit(gw.tls(), &returning).await, Some(Resumed), "connection {i}");
+    }
+    // TLS 1.2 sessions (looked up, not taken) too.
+    let tls12 = session_client(&ca, &[&rustls::version::TLS12], true);
+    assert_eq!(visit(gw.tls(), &tls12).await, Some(Full));
+    for _ in 0..2 {
+        assert_eq!(visit(gw.tls(), &tls12).await, Some(Resumed));
     }
 
     let config = tls_config().replace("    enable: true\n", "    enable: true\n    ssl_session_timeout: 0\n");
     let gw = TestGateway::start_with(&config, &resources, 1);
-    let returning = client(true);
+    let returning = session_client(&ca, rustls::DEFAULT_VERSIONS, true);
     for _ in 0..2 {
-        assert_eq!(visit(gw.tls(), returning.clone()).await, Some(Full));
+        assert_eq!(visit(gw.tls(), &returning).await, Some(Full));
     }
+}
+
+/// A session is resumed only under the settings that made it: a reload that changes nothing
+/// about certificates keeps sessions; one that replaces the certificate, or gives the SNI
+/// settings of its own, does not; and a client holding a ticket from before `client.ca` was
+/// set cannot skip the client certificate by resuming. An SNI with settings of its own resumes
+/// its own sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_follow_the_certificates_and_settings_that_made_them() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let ca = Ca::new("test-ca");
+    let client_ca = Ca::new("client-ca");
+    let (api, api2) = (ca.leaf(&["api.example.com"]), ca.leaf(&["api.example.com"]));
+    let b = Backend::start("b").await;
+    let resources = |leaf: &Leaf, extra: &str, uri: &str| {
+        format!(
+            "ssls:\n{}{extra}routes:\n  - uri: {uri}\n    upstream: {{nodes: {}}}\n",
+            ssl_entry("api", "api.example.com", leaf),
+            nodes_yaml(&[b.addr])
+        )
+    };
+    let gw = TestGateway::start_with(&tls_config(), &resources(&api, "", "/*"), 1);
+    let gw = &gw;
+    let reload = |text: String| async move {
+        let v = gw.version();
+        gw.write_resources(&text);
+        assert!(
+            eventually(Duration::from_secs(5), || async move { gw.version() > v }).await,
+            "reload applied"
+        );
+    };
+    let c = session_client(&ca, rustls::DEFAULT_VERSIONS, true);
+    assert_eq!(visit(gw.tls(), &c).await, Some(Full));
+    assert_eq!(visit(gw.tls(), &c).await, Some(Resumed));
+    // A reload that leaves the certificates alone keeps the sessions.
+    reload(resources(&api, "", "/x")).await;
+    assert_eq!(visit(gw.tls(), &c).await, Some(Resumed));
+    // A new certificate for the SNI: no session made with the old one is resumed.
+    reload(resources(&api2, "", "/x")).await;
+    assert_eq!(visit(gw.tls(), &c).await, Some(Full));
+    assert_eq!(visit(gw.tls(), &c).await, Some(Resumed));
+    // Settings of its own: its own sessions, which it resumes.
+    let own = "    ssl_protocols: [TLSv1.2, TLSv1.3]\n";
+    reload(resources(&api2, own, "/x")).await;
+    assert_eq!(visit(gw.tls(), &c).await, Some(Full));
+    assert_eq!(visit(gw.tls(), &c).await, Some(Resumed));
+    // Client certificates required now: the ticket the client holds does not let it in.
+    let mtls = format!("    client:\n      ca: {}", yaml_block(&client_ca.pem, 8));
+    reload(resources(&api2, &mtls, "/x")).await;
+    assert_eq!(visit(gw.tls(), &c).await, None, "resumed past a required client certificate");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -557,12 +557,12 @@ pub struct ClientAuth {
 impl SniPolicy {
     /// Configurations serving `keys` (an entry's certificates, as [`CertStore::insert_with`]
     /// takes them), with `versions` and, when given, required client certificates; sessions
-    /// resumable for `session_timeout`.
+    /// kept in scopes of their own in `sessions`.
     pub fn new(
         keys: Arc<[Arc<CertifiedKey>]>,
         versions: TlsVersions,
         client: Option<ClientAuth>,
-        session_timeout: Duration,
+        sessions: &Arc<SessionCache>,
     ) -> Result<SniPolicy, TlsError> {
         type Verifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
         let client_auth = client.is_some();
@@ -590,16 +590,23 @@ impl SniPolicy {
                 (Some(required), Some(http))
             }
         };
-        // A cache per configuration: rustls does not ask, when it resumes a session, whether
-        // the configuration that made it required a client certificate as this one does.
-        let build = |alpn: &[&[u8]], verifier: &Option<Verifier>| {
-            let sessions = SessionCache::new(session_timeout);
-            config_with(Arc::new(Fixed(keys.clone(), versions)), alpn, versions, verifier.clone(), sessions)
+        // A scope per verifier (see `SessionScope`): the HTTP ones may take clients without a
+        // certificate (`skip_mtls_uri_regex`) where L4 streams never do. A new policy (made at
+        // each load) starts with new scopes.
+        let build = |alpn: &[&[u8]], verifier: &Option<Verifier>, scope: &Arc<SessionScope>| {
+            config_with(
+                Arc::new(Fixed(keys.clone(), versions)),
+                alpn,
+                versions,
+                verifier.clone(),
+                scope.clone(),
+            )
         };
+        let http_scope = sessions.scope();
         Ok(SniPolicy {
-            h2: build(&[b"h2", b"http/1.1"], &http)?,
-            h1: build(&[b"http/1.1"], &http)?,
-            raw: build(&[], &required)?,
+            h2: build(&[b"h2", b"http/1.1"], &http, &http_scope)?,
+            h1: build(&[b"http/1.1"], &http, &http_scope)?,
+            raw: build(&[], &required, &sessions.scope())?,
             client_auth,
             skip_uris,
         })
@@ -767,7 +774,7 @@ impl TlsVersions {
     }
 }
 
-/// TLS sessions a server keeps so that clients can resume them: APISIX's `ssl_session_cache
+/// TLS sessions the gateway keeps so that clients can resume them: APISIX's `ssl_session_cache
 /// shared:SSL:20m` with `ssl_session_tickets off` (sessions kept by the server, the client
 /// holding only an id), for `apisix.ssl.ssl_session_timeout` (APISIX's default 10 minutes).
 /// A resumed handshake skips the certificate and its signature (for an RSA key, most of a full
@@ -776,38 +783,73 @@ impl TlsVersions {
 /// rustls's own cache keeps 256 sessions per configuration, with no expiry: two tickets per
 /// client meant the 129th client pushed out the first, and a listener's configuration was made
 /// per worker, so a client whose next connection went to another worker (each worker has its
-/// own listening socket) could not resume at all. One cache now serves a listener's
-/// configurations on every worker.
+/// own listening socket) could not resume at all.
 ///
-/// Sessions leave in the order they came, once [`SESSION_CAPACITY`] are held or when they
-/// expire; a TLS 1.3 session is taken when it is resumed (each ticket is good once).
+/// One cache serves the whole process, within one budget of [`SESSION_BUDGET`] bytes, as
+/// APISIX's one zone does; each server configuration sees only the sessions it made, through
+/// its [`SessionScope`]. Sessions leave in the order they came, when the budget needs room or
+/// once expired; a TLS 1.3 session is taken when it is resumed (each ticket is good once).
+/// Like nginx, a session larger than [`MAX_SESSION_SIZE`] (one carrying a long client
+/// certificate chain) is not kept.
 #[derive(Debug)]
 pub struct SessionCache {
     timeout: Duration,
+    budget: usize,
+    scopes: std::sync::atomic::AtomicU64,
     inner: Mutex<Sessions>,
 }
 
-/// Sessions held at most by one [`SessionCache`]: nginx's 20 MB zone holds about 80,000 ("one
-/// megabyte of the cache contains about 4000 sessions"). Memory is taken only as clients come:
-/// about 300 bytes a session.
-pub const SESSION_CAPACITY: usize = 80_000;
+/// Bytes of sessions one process keeps: nginx's `shared:SSL:20m`, about 70,000 sessions of
+/// about 300 bytes. Memory is taken only as clients come.
+pub const SESSION_BUDGET: usize = 20 << 20;
+
+/// Largest session kept, in bytes (nginx's `NGX_SSL_MAX_SESSION_SIZE`).
+pub const MAX_SESSION_SIZE: usize = 4096;
+
+/// What an entry costs beyond its key and value bytes (the map's and queue's slots, the
+/// allocations' headers), for the budget.
+const SESSION_OVERHEAD: usize = 96;
+
+/// Expired sessions dropped at most per store beyond what the budget needs, so that one store
+/// after a quiet spell does not hold every worker's handshakes behind the lock for long.
+const EXPIRED_PER_PUT: usize = 8;
 
 #[derive(Debug, Default)]
 struct Sessions {
-    by_id: HashMap<Vec<u8>, (Vec<u8>, Instant)>,
-    /// Ids in the order they were stored (some already taken), for eviction and expiry.
-    order: VecDeque<(Vec<u8>, Instant)>,
-    capacity: usize,
+    /// Keyed by scope (8 bytes) and session id.
+    by_id: HashMap<Arc<[u8]>, (Vec<u8>, Instant)>,
+    /// Keys in the order they were stored (some already taken), with when and what they cost.
+    order: VecDeque<(Arc<[u8]>, Instant, usize)>,
+    /// What the entries of `order` cost.
+    bytes: usize,
 }
 
 impl SessionCache {
     /// A cache whose sessions last `timeout` (none are kept when it is zero).
     pub fn new(timeout: Duration) -> Arc<SessionCache> {
-        SessionCache::with_capacity(timeout, SESSION_CAPACITY)
+        SessionCache::with_budget(timeout, SESSION_BUDGET)
     }
 
-    fn with_capacity(timeout: Duration, capacity: usize) -> Arc<SessionCache> {
-        Arc::new(SessionCache { timeout, inner: Mutex::new(Sessions { capacity, ..Default::default() }) })
+    fn with_budget(timeout: Duration, budget: usize) -> Arc<SessionCache> {
+        Arc::new(SessionCache {
+            timeout,
+            budget,
+            scopes: std::sync::atomic::AtomicU64::new(0),
+            inner: Mutex::new(Sessions::default()),
+        })
+    }
+
+    /// A view of this cache for one server configuration (or several that accept the same
+    /// clients: the same certificates and client certificate rules).
+    pub fn scope(self: &Arc<Self>) -> Arc<SessionScope> {
+        Arc::new(SessionScope {
+            cache: self.clone(),
+            id: std::sync::atomic::AtomicU64::new(self.next_scope()),
+        })
+    }
+
+    fn next_scope(&self) -> u64 {
+        self.scopes.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
@@ -829,55 +871,93 @@ impl SessionCache {
         now.saturating_duration_since(stored) < self.timeout
     }
 
-    fn put_at(&self, id: Vec<u8>, value: Vec<u8>, now: Instant) -> bool {
-        if self.timeout.is_zero() {
+    fn key(scope: u64, id: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(8 + id.len());
+        k.extend_from_slice(&scope.to_le_bytes());
+        k.extend_from_slice(id);
+        k
+    }
+
+    fn put_at(&self, scope: u64, id: &[u8], value: Vec<u8>, now: Instant) -> bool {
+        if self.timeout.is_zero() || value.len() > MAX_SESSION_SIZE {
             return false;
         }
+        let key: Arc<[u8]> = Self::key(scope, id).into();
+        let cost = key.len() + value.len() + SESSION_OVERHEAD;
         let mut s = self.lock();
-        // Expired sessions and, past the capacity, the oldest ones leave first. The queue
-        // bounds the map: every id in the map is in the queue.
-        while let Some((old, at)) = s.order.front() {
-            if s.order.len() < s.capacity && self.fresh(*at, now) {
+        // The oldest leave first: all those the budget needs gone, and a few expired ones. The
+        // queue bounds the map (every key in the map is in the queue), the budget the queue.
+        let mut expired = EXPIRED_PER_PUT;
+        while let Some((_, at, _)) = s.order.front() {
+            let needed = s.bytes + cost > self.budget;
+            if !needed && (expired == 0 || self.fresh(*at, now)) {
                 break;
             }
-            let (old, at) = (old.clone(), *at);
-            s.order.pop_front();
+            if !needed {
+                expired -= 1;
+            }
+            let Some((old, at, old_cost)) = s.order.pop_front() else { break };
+            s.bytes -= old_cost;
             if s.by_id.get(&old).is_some_and(|(_, stored)| *stored == at) {
                 s.by_id.remove(&old);
             }
         }
-        s.order.push_back((id.clone(), now));
-        s.by_id.insert(id, (value, now));
+        s.order.push_back((key.clone(), now, cost));
+        s.bytes += cost;
+        s.by_id.insert(key, (value, now));
         true
     }
 
-    fn get_at(&self, id: &[u8], now: Instant) -> Option<Vec<u8>> {
+    fn get_at(&self, scope: u64, id: &[u8], now: Instant) -> Option<Vec<u8>> {
         let s = self.lock();
-        let (value, at) = s.by_id.get(id)?;
+        let (value, at) = s.by_id.get(Self::key(scope, id).as_slice())?;
         self.fresh(*at, now).then(|| value.clone())
     }
 
-    fn take_at(&self, id: &[u8], now: Instant) -> Option<Vec<u8>> {
-        let (value, at) = self.lock().by_id.remove(id)?;
+    fn take_at(&self, scope: u64, id: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let (value, at) = self.lock().by_id.remove(Self::key(scope, id).as_slice())?;
         self.fresh(at, now).then_some(value)
     }
 }
 
-impl rustls::server::StoresServerSessions for SessionCache {
+/// The sessions of one server configuration in the process's [`SessionCache`]: a session made
+/// in one scope is never resumed in another. rustls checks, when it resumes a session, only
+/// its cipher suite and SNI, not whether the configuration that made it asked for a client
+/// certificate as this one does; so configurations with different client certificate rules
+/// have different scopes. [`SessionScope::renew`] makes every session of the scope unusable
+/// (they leave the cache as they age), for when its certificates change.
+#[derive(Debug)]
+pub struct SessionScope {
+    cache: Arc<SessionCache>,
+    id: std::sync::atomic::AtomicU64,
+}
+
+impl SessionScope {
+    /// Starts afresh: sessions made before are not resumed.
+    pub fn renew(&self) {
+        self.id.store(self.cache.next_scope(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn id(&self) -> u64 {
+        self.id.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl rustls::server::StoresServerSessions for SessionScope {
     fn put(&self, id: Vec<u8>, value: Vec<u8>) -> bool {
-        self.put_at(id, value, Instant::now())
+        self.cache.put_at(self.id(), &id, value, Instant::now())
     }
 
     fn get(&self, id: &[u8]) -> Option<Vec<u8>> {
-        self.get_at(id, Instant::now())
+        self.cache.get_at(self.id(), id, Instant::now())
     }
 
     fn take(&self, id: &[u8]) -> Option<Vec<u8>> {
-        self.take_at(id, Instant::now())
+        self.cache.take_at(self.id(), id, Instant::now())
     }
 
     fn can_cache(&self) -> bool {
-        !self.timeout.is_zero()
+        !self.cache.timeout.is_zero()
     }
 }
 
@@ -888,7 +968,7 @@ pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[&[u8]],
     versions: TlsVersions,
-    sessions: Arc<SessionCache>,
+    sessions: Arc<SessionScope>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     config_with(resolver, alpn, versions, None, sessions)
 }
@@ -900,7 +980,7 @@ fn config_with(
     alpn: &[&[u8]],
     versions: TlsVersions,
     verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
-    sessions: Arc<SessionCache>,
+    sessions: Arc<SessionScope>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let builder =
         rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(&versions.list()?)?;
@@ -944,34 +1024,58 @@ mod tests {
     }
 
     /// Sessions are kept for the timeout, a TLS 1.3 one is good once (`take`), the oldest leave
-    /// past the capacity (taken ones counted until they reach the front), and a zero timeout
-    /// keeps none.
+    /// when the budget needs room (taken ones counted until they reach the front), a store drops
+    /// a few expired ones at most, scopes do not see each other's sessions, a renewed scope loses
+    /// its own, sessions past `MAX_SESSION_SIZE` are refused and a zero timeout keeps none.
     #[test]
-    fn sessions_expire_are_taken_once_and_the_oldest_leave_first() {
+    fn sessions_expire_are_taken_once_and_stay_within_budget_and_scope() {
+        use rustls::server::StoresServerSessions;
         let t0 = Instant::now();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
-        let c = SessionCache::with_capacity(Duration::from_secs(600), 3);
         let id = |n: u8| vec![n; 32];
-        assert!(c.put_at(id(1), b"one".to_vec(), at(0)));
-        assert_eq!(c.get_at(&id(1), at(599)), Some(b"one".to_vec()));
-        assert_eq!(c.get_at(&id(1), at(600)), None, "expired");
-        assert_eq!(c.take_at(&id(1), at(10)), Some(b"one".to_vec()));
-        assert_eq!(c.take_at(&id(1), at(10)), None, "a session is taken once");
+        // Each entry of these costs 8 + 32 + 3 + SESSION_OVERHEAD: room for three.
+        let cost = 8 + 32 + 3 + SESSION_OVERHEAD;
+        let c = SessionCache::with_budget(Duration::from_secs(600), 3 * cost);
+        assert!(c.put_at(1, &id(1), b"one".to_vec(), at(0)));
+        assert_eq!(c.get_at(1, &id(1), at(599)), Some(b"one".to_vec()));
+        assert_eq!(c.get_at(1, &id(1), at(600)), None, "expired");
+        assert_eq!(c.get_at(2, &id(1), at(1)), None, "another scope");
+        assert_eq!(c.take_at(1, &id(1), at(10)), Some(b"one".to_vec()));
+        assert_eq!(c.take_at(1, &id(1), at(10)), None, "a session is taken once");
         for n in 2..=5 {
-            c.put_at(id(n), vec![n], at(20));
+            c.put_at(1, &id(n), vec![n; 3], at(20));
         }
-        // Capacity 3: 1 (taken) and 2 left the queue, 3, 4 and 5 are held.
+        // Room for three: 1 (taken) and 2 left the queue, 3, 4 and 5 are held.
         assert_eq!(c.len(), 3);
-        assert_eq!(c.get_at(&id(2), at(21)), None);
-        assert_eq!(c.get_at(&id(3), at(21)), Some(vec![3]));
-        // Expired sessions leave at the next store, whatever the capacity.
-        c.put_at(id(6), vec![6], at(700));
+        assert_eq!(c.get_at(1, &id(2), at(21)), None);
+        assert_eq!(c.get_at(1, &id(3), at(21)), Some(vec![3; 3]));
+        // Expired sessions leave at the next store, whatever the room.
+        c.put_at(1, &id(6), vec![6; 3], at(700));
         assert_eq!(c.len(), 1);
-        assert_eq!(c.take_at(&id(6), at(701)), Some(vec![6]));
-        let none = SessionCache::with_capacity(Duration::ZERO, 3);
-        assert!(!none.put_at(id(1), vec![1], t0));
+        assert_eq!(c.take_at(1, &id(6), at(701)), Some(vec![6; 3]));
+        assert!(!c.put_at(1, &id(7), vec![0; MAX_SESSION_SIZE + 1], at(701)), "too large");
+
+        // A store drops at most EXPIRED_PER_PUT expired sessions beyond what it needs room for.
+        let big = SessionCache::with_budget(Duration::from_secs(600), 1 << 20);
+        for n in 0..20 {
+            big.put_at(1, &id(n), vec![n; 3], at(0));
+        }
+        big.put_at(1, &id(100), vec![1; 3], at(700));
+        assert_eq!(big.len(), 21 - EXPIRED_PER_PUT);
+
+        // Scopes through rustls's interface; a renewed scope's sessions are not resumed.
+        let cache = SessionCache::new(Duration::from_secs(600));
+        let (a, b) = (cache.scope(), cache.scope());
+        assert!(a.put(id(1), b"a".to_vec()));
+        assert_eq!(b.get(&id(1)), None);
+        assert_eq!(a.get(&id(1)), Some(b"a".to_vec()));
+        a.renew();
+        assert_eq!(a.take(&id(1)), None);
+        assert!(a.can_cache());
+        let none = SessionCache::with_budget(Duration::ZERO, 1 << 20);
+        assert!(!none.put_at(1, &id(1), vec![1], t0));
         assert!(none.is_empty());
-        assert!(!rustls::server::StoresServerSessions::can_cache(&*none));
+        assert!(!none.scope().can_cache());
     }
 
     /// The client's first suite that Strait supports decides, skipping GREASE and unknown
