@@ -101,23 +101,37 @@ pub struct Shared {
     sessions: Arc<tls::SessionCache>,
     pub http_sessions: Arc<tls::SessionScope>,
     stream_sessions: Arc<tls::SessionScope>,
-    /// What the served certificates were at the last load ([`certs_fingerprint`]): when they
-    /// change, the listeners' sessions are not resumed any more.
-    certs_seen: AtomicU64,
+    /// The certificates served at the last load, by SNI ([`served_keys`]): when one an SNI
+    /// was served with changes or goes, the listeners' sessions are not resumed any more.
+    served: Mutex<HashMap<String, Arc<[Arc<CertifiedKey>]>>>,
 }
 
-/// The SNIs and certificates `res` serves. A key that stays the same from load to load is the
-/// same object ([`strait_protocols::tls::certified_key`] finds it again), so its address tells
-/// an unchanged certificate from a replaced one.
-fn certs_fingerprint(res: &Resources) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+/// The keys `res` serves for each SNI (a later `ssls` entry for an SNI replaces an earlier one,
+/// as [`CertStore::insert_with`] does). A key that stays the same from load to load is the same
+/// object ([`strait_protocols::tls::certified_key`] finds it again while a configuration holds
+/// it), so comparing the objects tells an unchanged certificate from a replaced one; holding
+/// them keeps a replaced key's address from being reused for another.
+fn served_keys(res: &Resources) -> HashMap<String, Arc<[Arc<CertifiedKey>]>> {
+    let mut served = HashMap::new();
     for ssl in res.ssls.iter().filter(|s| !s.client) {
-        ssl.snis.hash(&mut h);
-        for k in ssl.keys.iter() {
-            (Arc::as_ptr(k) as usize).hash(&mut h);
+        for sni in &ssl.snis {
+            served.insert(sni.to_ascii_lowercase(), ssl.keys.clone());
         }
     }
-    h.finish()
+    served
+}
+
+/// Whether an SNI served in `before` is served with other keys, or not at all, in `after`.
+/// (A new SNI changes nothing: no session was made for it.)
+fn certs_changed(
+    before: &HashMap<String, Arc<[Arc<CertifiedKey>]>>,
+    after: &HashMap<String, Arc<[Arc<CertifiedKey>]>>,
+) -> bool {
+    before.iter().any(|(sni, old)| {
+        after.get(sni).is_none_or(|new| {
+            old.len() != new.len() || old.iter().zip(new.iter()).any(|(a, b)| !Arc::ptr_eq(a, b))
+        })
+    })
 }
 
 impl Shared {
@@ -187,7 +201,7 @@ impl Shared {
             sessions,
             http_sessions,
             stream_sessions,
-            certs_seen: AtomicU64::new(0),
+            served: Mutex::new(HashMap::new()),
         });
         shared.apply(&config.resources)?;
         if let Ok(text) = std::fs::read(&shared.resources_path) {
@@ -243,14 +257,7 @@ impl Shared {
         if let Some(f) = &self.node.fallback_sni {
             certs.set_fallback(f);
         }
-        // A replaced or removed certificate: sessions made with the old one are not resumed
-        // (rustls checks only the suite and SNI of a session it resumes). Policies' scopes are
-        // new at every load anyway.
-        let seen = certs_fingerprint(res);
-        if self.certs_seen.swap(seen, Ordering::Relaxed) != seen {
-            self.http_sessions.renew();
-            self.stream_sessions.renew();
-        }
+
         // Everything is built; now start feeding the new upstreams and swap.
         let mut feeds = Vec::new();
         for up in upstreams.values() {
@@ -267,6 +274,19 @@ impl Shared {
             feeds,
         };
         self.state.store(Arc::new(state));
+        // A replaced or removed certificate: sessions made before are not resumed (rustls
+        // checks only the suite and SNI of a session it resumes). After the swap, so that a
+        // session stored under the renewed scope was made with the new certificates (but for a
+        // handshake that chose its certificate before the swap and ends after it). Policies'
+        // scopes are new at every load anyway.
+        let served = served_keys(res);
+        let mut before = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        if certs_changed(&before, &served) {
+            self.http_sessions.renew();
+            self.stream_sessions.renew();
+        }
+        *before = served;
+        drop(before);
         prev.retire();
         self.hub.prune();
         Ok(())

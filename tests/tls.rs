@@ -513,25 +513,32 @@ async fn tls_sessions_resume_on_every_worker_and_after_many_other_clients() {
 }
 
 /// A session is resumed only under the settings that made it: a reload that changes nothing
-/// about certificates keeps sessions; one that replaces the certificate, or gives the SNI
-/// settings of its own, does not; and a client holding a ticket from before `client.ca` was
-/// set cannot skip the client certificate by resuming. An SNI with settings of its own resumes
-/// its own sessions.
+/// about the certificates served, or only adds one, keeps sessions; one that replaces the
+/// certificate, or gives the SNI settings of its own, does not; a client holding a ticket from
+/// before `client.ca` was set cannot skip the client certificate by resuming; an HTTP session
+/// is not resumed on an L4 TLS listener (nor the other way). An SNI with settings of its own
+/// resumes its own sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_sessions_follow_the_certificates_and_settings_that_made_them() {
     use rustls::HandshakeKind::{Full, Resumed};
     let ca = Ca::new("test-ca");
     let client_ca = Ca::new("client-ca");
-    let (api, api2) = (ca.leaf(&["api.example.com"]), ca.leaf(&["api.example.com"]));
+    let (api, api2, other) =
+        (ca.leaf(&["api.example.com"]), ca.leaf(&["api.example.com"]), ca.leaf(&["other.example.com"]));
     let b = Backend::start("b").await;
+    // The L4 TLS listener relays to the same HTTP node, so `visit` works on both.
     let resources = |leaf: &Leaf, extra: &str, uri: &str| {
         format!(
-            "ssls:\n{}{extra}routes:\n  - uri: {uri}\n    upstream: {{nodes: {}}}\n",
+            "ssls:\n{}{extra}routes:\n  - uri: {uri}\n    upstream: {{nodes: {n}}}\nstream_routes:\n  - upstream: {{nodes: {n}}}\n",
             ssl_entry("api", "api.example.com", leaf),
-            nodes_yaml(&[b.addr])
+            n = nodes_yaml(&[b.addr])
         )
     };
-    let gw = TestGateway::start_with(&tls_config(), &resources(&api, "", "/*"), 1);
+    let config = tls_config().replace(
+        "  control:",
+        "  proxy_mode: http&stream\n  stream_proxy:\n    tcp:\n      - addr: \"127.0.0.1:0\"\n        tls: true\n  control:",
+    );
+    let gw = TestGateway::start_with(&config, &resources(&api, "", "/*"), 1);
     let gw = &gw;
     let reload = |text: String| async move {
         let v = gw.version();
@@ -544,8 +551,14 @@ async fn tls_sessions_follow_the_certificates_and_settings_that_made_them() {
     let c = session_client(&ca, rustls::DEFAULT_VERSIONS, true);
     assert_eq!(visit(gw.tls(), &c).await, Some(Full));
     assert_eq!(visit(gw.tls(), &c).await, Some(Resumed));
-    // A reload that leaves the certificates alone keeps the sessions.
+    // The HTTP listener's session is not the L4 listener's, and back.
+    assert_eq!(visit(gw.stream(0), &c).await, Some(Full));
+    assert_eq!(visit(gw.stream(0), &c).await, Some(Resumed));
+    assert_eq!(visit(gw.tls(), &c).await, Some(Full));
+    // A reload that leaves the certificates alone, or adds one for another name, keeps them.
     reload(resources(&api, "", "/x")).await;
+    assert_eq!(visit(gw.tls(), &c).await, Some(Resumed));
+    reload(resources(&api, &ssl_entry("other", "other.example.com", &other), "/x")).await;
     assert_eq!(visit(gw.tls(), &c).await, Some(Resumed));
     // A new certificate for the SNI: no session made with the old one is resumed.
     reload(resources(&api2, "", "/x")).await;
@@ -556,10 +569,24 @@ async fn tls_sessions_follow_the_certificates_and_settings_that_made_them() {
     reload(resources(&api2, own, "/x")).await;
     assert_eq!(visit(gw.tls(), &c).await, Some(Full));
     assert_eq!(visit(gw.tls(), &c).await, Some(Resumed));
-    // Client certificates required now: the ticket the client holds does not let it in.
+    // Client certificates required now: the ticket the client holds does not let it skip the
+    // certificate. The handshake asks for one (no resumption) and ends with an alert, not with
+    // an answer (which a resumed session would get: a 400).
     let mtls = format!("    client:\n      ca: {}", yaml_block(&client_ca.pem, 8));
     reload(resources(&api2, &mtls, "/x")).await;
-    assert_eq!(visit(gw.tls(), &c).await, None, "resumed past a required client certificate");
+    let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
+    let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    if let Ok(mut s) = c.connect(sn, tcp).await {
+        assert_ne!(
+            s.get_ref().1.handshake_kind(),
+            Some(Resumed),
+            "resumed past a required client certificate"
+        );
+        let _ = s.write_all(b"GET /x HTTP/1.1\r\nHost: api.example.com\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        assert!(matches!(read, Ok(Err(_))), "no alert but {:?}", String::from_utf8_lossy(&answer));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

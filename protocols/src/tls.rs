@@ -1056,6 +1056,14 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c.take_at(1, &id(6), at(701)), Some(vec![6; 3]));
         assert!(!c.put_at(1, &id(7), vec![0; MAX_SESSION_SIZE + 1], at(701)), "too large");
+        // The same id stored again: the newer value is the one found, and the older one's queue
+        // entry, when it reaches the front, does not take the newer away.
+        let d = SessionCache::with_budget(Duration::from_secs(600), 2 * cost);
+        d.put_at(1, &id(1), vec![1; 3], at(0));
+        d.put_at(1, &id(1), vec![2; 3], at(1));
+        assert_eq!(d.get_at(1, &id(1), at(2)), Some(vec![2; 3]));
+        d.put_at(1, &id(3), vec![3; 3], at(2));
+        assert_eq!(d.get_at(1, &id(1), at(3)), Some(vec![2; 3]));
 
         // A store drops at most EXPIRED_PER_PUT expired sessions beyond what it needs room for.
         let big = SessionCache::with_budget(Duration::from_secs(600), 1 << 20);
