@@ -101,8 +101,9 @@ pub struct Shared {
     sessions: Arc<tls::SessionCache>,
     pub http_sessions: Arc<tls::SessionScope>,
     stream_sessions: Arc<tls::SessionScope>,
-    /// The certificates served at the last load, by SNI ([`served_keys`]): when one an SNI
-    /// was served with changes or goes, the listeners' sessions are not resumed any more.
+    /// The certificates served at the last load, by SNI ([`served_keys`]): when the one of an
+    /// SNI served before changes, or the SNI goes, the listeners' sessions are not resumed any
+    /// more.
     served: Mutex<HashMap<String, Arc<[Arc<CertifiedKey>]>>>,
 }
 
@@ -257,7 +258,6 @@ impl Shared {
         if let Some(f) = &self.node.fallback_sni {
             certs.set_fallback(f);
         }
-
         // Everything is built; now start feeding the new upstreams and swap.
         let mut feeds = Vec::new();
         for up in upstreams.values() {
