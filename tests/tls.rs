@@ -355,10 +355,7 @@ async fn an_ssl_with_certs_and_keys_serves_each_client_a_certificate_it_can_veri
                     provider.clone(),
                 )))
                 .with_no_client_auth();
-            let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
-            let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-                .connect(sn, tcp)
+            let mut s = connect_api(gw.tls(), &tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)))
                 .await
                 .unwrap_or_else(|e| panic!("{extra:?} {schemes:?}: {e}"));
             let got = s.get_ref().1.peer_certificates().unwrap()[0].clone();
@@ -427,10 +424,7 @@ async fn cipher_suite_is_aes_128_gcm_unless_the_client_prefers_chacha20() {
                 .unwrap()
                 .with_root_certificates(ca.roots())
                 .with_no_client_auth();
-            let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
-            let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-                .connect(sn, tcp)
+            let mut s = connect_api(gw.tls(), &tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)))
                 .await
                 .unwrap_or_else(|e| panic!("{extra:?} {want:?}: {e}"));
             let got = s.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
@@ -459,12 +453,20 @@ fn session_client(
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
 }
 
+/// A TLS connection to `addr` for `api.example.com`.
+async fn connect_api(
+    addr: std::net::SocketAddr,
+    c: &tokio_rustls::TlsConnector,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    c.connect(sn, tcp).await
+}
+
 /// One request to `api.example.com` on a new connection (which also reads the session
 /// tickets); how its handshake went, or `None` when the handshake or the request failed.
 async fn visit(gw: std::net::SocketAddr, c: &tokio_rustls::TlsConnector) -> Option<rustls::HandshakeKind> {
-    let tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
-    let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-    let mut s = c.connect(sn, tcp).await.ok()?;
+    let mut s = connect_api(gw, c).await.ok()?;
     let req = b"GET /x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n";
     s.write_all(req).await.ok()?;
     let mut answer = Vec::new();
@@ -574,9 +576,7 @@ async fn tls_sessions_follow_the_certificates_and_settings_that_made_them() {
     // an answer (which a resumed session would get: a 400).
     let mtls = format!("    client:\n      ca: {}", yaml_block(&client_ca.pem, 8));
     reload(resources(&api2, &mtls, "/x")).await;
-    let tcp = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
-    let sn = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-    if let Ok(mut s) = c.connect(sn, tcp).await {
+    if let Ok(mut s) = connect_api(gw.tls(), &c).await {
         assert_ne!(
             s.get_ref().1.handshake_kind(),
             Some(Resumed),
