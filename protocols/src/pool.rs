@@ -88,13 +88,18 @@ impl Pooled {
     /// Called once the response has ended, when hyper may not have marked the connection ready
     /// for the next request yet; see [`checkout_h1`] for one that never becomes ready.
     pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`Pooled::release`] at `now`. The list is in check-in order (checkouts take among the
+    /// newest), so the connections that stayed idle longest are at its front.
+    fn release_at(self, now: Instant) {
         if self.sender.is_closed() || self.uses >= self.limits.max_requests || self.limits.size == 0 {
             return;
         }
         POOL.with(|p| {
             let mut p = p.borrow_mut();
             let list = p.h1.entry(self.key).or_default();
-            let now = Instant::now();
             if list.len() >= self.limits.size {
                 let stale = stale_overflow(list, |i| i.since, self.limits.size, 1, now);
                 list.drain(..stale);
@@ -183,9 +188,12 @@ pub(crate) fn store_h2(key: PoolKey, sender: http2::SendRequest<ProxyBody>) {
 /// Drops idle connections older than their idle timeout, those beyond their pool's `size`
 /// idle for [`OVERFLOW_GRACE`], and closed HTTP/2 connections. Run periodically by each worker.
 pub fn sweep() {
+    sweep_at(Instant::now());
+}
+
+fn sweep_at(now: Instant) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        let now = Instant::now();
         p.h1.retain(|_, list| {
             list.retain(|i| !i.sender.is_closed() && now.saturating_duration_since(i.since) < i.idle_timeout);
             if let Some(size) = list.last().map(|i| i.size) {
@@ -204,4 +212,45 @@ pub fn sweep() {
 /// Number of idle HTTP/1 connections in this worker's pool (for tests and the status API).
 pub fn idle_h1_count() -> usize {
     POOL.with(|p| p.borrow().h1.values().map(Vec::len).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As the relay's pool (`h1`'s test): a burst of returns keeps its connections past `size`
+    /// for the requests that follow; those idle for the grace leave at the next return or sweep,
+    /// the longest idle first, down to `size`.
+    #[tokio::test]
+    async fn connections_past_the_pool_size_stay_only_while_recently_used() {
+        let key = PoolKey { addr: "127.0.0.1:9".parse().unwrap(), tls: 0, sni: None };
+        let limits = Limits { size: 2, idle_timeout: Duration::from_secs(60), max_requests: 100 };
+        let mut peers = Vec::new();
+        let mut conn = || {
+            let (a, b) = tokio::io::duplex(1024);
+            peers.push(b);
+            async move {
+                let (sender, conn) = http1::handshake(hyper_util::rt::TokioIo::new(a)).await.unwrap();
+                tokio::spawn(conn);
+                sender
+            }
+        };
+        let idle = || POOL.with(|p| p.borrow().h1.get(&key).map_or(0, Vec::len));
+        let t0 = Instant::now();
+        let later = t0 + OVERFLOW_GRACE;
+        for _ in 0..4 {
+            Pooled::new(key.clone(), conn().await, limits).release_at(t0);
+        }
+        assert_eq!(idle(), 4, "a burst within the grace is kept whole");
+        Pooled::new(key.clone(), conn().await, limits).release_at(later);
+        assert_eq!(idle(), 2, "three stale ones left, down to size with the newcomer");
+        for _ in 0..3 {
+            Pooled::new(key.clone(), conn().await, limits).release_at(later);
+        }
+        assert_eq!(idle(), 4, "the stale one left behind the newcomers went with the first of them");
+        sweep_at(later + OVERFLOW_GRACE);
+        assert_eq!(idle(), 2, "the sweep trims what stayed idle past the grace");
+        sweep_at(later + Duration::from_secs(60));
+        assert_eq!(idle(), 0, "idle_timeout still applies");
+    }
 }
