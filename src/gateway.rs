@@ -101,29 +101,16 @@ pub struct Shared {
     sessions: Arc<tls::SessionCache>,
     pub http_sessions: Arc<tls::SessionScope>,
     stream_sessions: Arc<tls::SessionScope>,
-    /// The certificates served at the last load, by SNI ([`served_keys`]): when the one of an
-    /// SNI served before changes, or the SNI goes, the listeners' sessions are not resumed any
-    /// more.
+    /// The keys served at the last load, by SNI ([`certs_changed`]): when the one of an SNI
+    /// served before changes, or the SNI goes, the listeners' sessions are not resumed any more.
     served: Mutex<HashMap<String, Arc<[Arc<CertifiedKey>]>>>,
 }
 
-/// The keys `res` serves for each SNI (a later `ssls` entry for an SNI replaces an earlier one,
-/// as [`CertStore::insert_with`] does). A key that stays the same from load to load is the same
-/// object ([`strait_protocols::tls::certified_key`] finds it again while a configuration holds
-/// it), so comparing the objects tells an unchanged certificate from a replaced one; holding
-/// them keeps a replaced key's address from being reused for another.
-fn served_keys(res: &Resources) -> HashMap<String, Arc<[Arc<CertifiedKey>]>> {
-    let mut served = HashMap::new();
-    for ssl in res.ssls.iter().filter(|s| !s.client) {
-        for sni in &ssl.snis {
-            served.insert(sni.to_ascii_lowercase(), ssl.keys.clone());
-        }
-    }
-    served
-}
-
 /// Whether an SNI served in `before` is served with other keys, or not at all, in `after`.
-/// (A new SNI changes nothing: no session was made for it.)
+/// (A new SNI changes nothing: no session was made for it.) A key that stays the same from load
+/// to load is the same object ([`strait_protocols::tls::certified_key`] finds it again while a
+/// configuration holds it), so comparing the objects tells an unchanged certificate from a
+/// replaced one; `before` holding them keeps a replaced key's address from being reused.
 fn certs_changed(
     before: &HashMap<String, Arc<[Arc<CertifiedKey>]>>,
     after: &HashMap<String, Arc<[Arc<CertifiedKey>]>>,
@@ -240,6 +227,9 @@ impl Shared {
             streams.push(Arc::new(StreamRoute { spec: spec.clone(), upstream }));
         }
         let mut certs = CertStore::default();
+        // The keys served by SNI (a later entry for an SNI replaces an earlier one, as in
+        // `certs`), to compare with the last load's.
+        let mut served = HashMap::new();
         for ssl in res.ssls.iter().filter(|s| !s.client) {
             // Parsed when the file was checked.
             let keys = ssl.keys.clone();
@@ -253,6 +243,7 @@ impl Shared {
             };
             for sni in &ssl.snis {
                 certs.insert_with(sni, keys.clone(), policy.clone());
+                served.insert(sni.clone(), keys.clone());
             }
         }
         if let Some(f) = &self.node.fallback_sni {
@@ -279,7 +270,6 @@ impl Shared {
         // session stored under the renewed scope was made with the new certificates (but for a
         // handshake that chose its certificate before the swap and ends after it). Policies'
         // scopes are new at every load anyway.
-        let served = served_keys(res);
         let mut before = self.served.lock().unwrap_or_else(|e| e.into_inner());
         if certs_changed(&before, &served) {
             self.http_sessions.renew();

@@ -219,10 +219,8 @@ pub struct SslSpec {
     pub snis: Vec<String>,
     pub cert: String,
     pub key: String,
-    /// `certs`/`keys`: more certificate and key pairs for the same names (PEM).
-    pub more: Vec<(String, String)>,
-    /// `cert` and then `certs`, parsed when the file was checked (so a load parses each key
-    /// once).
+    /// `cert` and then `certs`/`keys` (more certificates for the same names), parsed when the
+    /// file was checked (so a load parses each key once).
     pub keys: Arc<[Arc<rustls::sign::CertifiedKey>]>,
     /// `type: client` certificates are for mTLS to upstreams, not for listeners.
     pub client: bool,
@@ -387,7 +385,6 @@ impl Builder<'_> {
             }
             // `certs`/`keys`: more certificates for the same names (an RSA one beside an ECDSA
             // one, say), paired by index.
-            let mut more = Vec::new();
             let mut more_keys = Vec::new();
             let (certs, keys) = (r.certs.clone().unwrap_or_default(), r.keys.clone().unwrap_or_default());
             if certs.len() != keys.len() {
@@ -398,10 +395,7 @@ impl Builder<'_> {
             } else {
                 for (j, (c, k)) in certs.into_iter().zip(keys).enumerate() {
                     match strait_protocols::tls::certified_key(&c, &k) {
-                        Ok(ck) => {
-                            more.push((c, k));
-                            more_keys.push(ck);
-                        }
+                        Ok(ck) => more_keys.push(ck),
                         Err(e) => self.errs.add(
                             index(&join(&path, "certs"), j),
                             format!("cannot use certificate and key: {e}"),
@@ -440,7 +434,7 @@ impl Builder<'_> {
                     self.errs.add(index(&join(&path, "snis"), j), format!("invalid SNI {s:?}"));
                 }
             }
-            if client && !more.is_empty() {
+            if client && !more_keys.is_empty() {
                 // An upstream's client certificate is one cert/key pair.
                 self.errs.add(join(&path, "certs"), "only for `type: server` certificates");
             }
@@ -453,7 +447,6 @@ impl Builder<'_> {
                 snis: snis.iter().map(|s| s.to_ascii_lowercase()).collect(),
                 cert,
                 key,
-                more,
                 keys: std::iter::once(first).chain(more_keys).collect(),
                 client,
                 client_auth,
