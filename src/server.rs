@@ -775,7 +775,7 @@ impl ClientStream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
 }
 
 /// Serves an HTTP/1.1 connection (plain, or TLS without h2 negotiated): requests routed to
-/// plain `http` upstreams go through the direct relay ([`strait_protocols::h1`]), their bodies
+/// `http` and `https` upstreams go through the direct relay ([`strait_protocols::h1`]), their bodies
 /// read whole (up to 64 KiB) or streamed; the first request that needs more (an upgrade, gRPC,
 /// transcoding, another transfer coding, anything malformed) hands the connection, with the
 /// bytes already read, to hyper for the rest of its life.
@@ -976,7 +976,7 @@ async fn one_request<S: ClientStream>(
         let Some(route) = state.router.find(&view) else { return Step::HandOff };
         let Some(up) = &route.upstream else { return Step::HandOff };
         if route.transcode.is_some()
-            || strait_protocols::UpstreamPicker::settings(&**up).scheme != strait_protocols::Scheme::Http
+            || !strait_protocols::h1::relays(strait_protocols::UpstreamPicker::settings(&**up))
         {
             return Step::HandOff;
         }

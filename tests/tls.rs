@@ -818,3 +818,288 @@ async fn http1_over_tls_is_relayed_with_keepalive_and_a_clean_close() {
     assert!(start.elapsed() < std::time::Duration::from_secs(3), "closed after {:?}", start.elapsed());
     stopped.await.unwrap();
 }
+
+/// Requests to `https` nodes take the HTTP/1.1 relay over pooled TLS connections (ALPN
+/// `http/1.1`, even from a node that prefers `h2`): one node connection serves a series of
+/// requests, from HTTP/1.1 and HTTP/2 clients, with and without bodies, streamed ones too
+/// (echoed by the node as it reads them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_nodes_are_relayed_over_pooled_tls_connections() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let ca = Ca::new("upstream-ca");
+    let server = ca.leaf(&["backend.internal"]);
+    let b = Backend::start_tls("secure", &server, None, &[b"h2", b"http/1.1"]).await;
+    // One worker: node connections are pooled per worker.
+    let gw = TestGateway::start_with(
+        BASE_CONFIG,
+        &format!(
+            "routes:
+  - uri: /*
+    upstream:
+      scheme: https
+      pass_host: rewrite
+      upstream_host: backend.internal
+      nodes: {}
+",
+            nodes_yaml(&[b.addr])
+        ),
+        1,
+    );
+    for i in 0..5 {
+        let (status, headers, body) = get(gw.http(), &format!("/get/{i}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-backend"], "secure");
+        assert_eq!(json(&body)["headers"]["host"], "backend.internal");
+        assert_eq!(json(&body)["version"], "HTTP/1.1", "ALPN http/1.1, though the node prefers h2");
+    }
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let post = |uri: &str| http::Request::post(uri).body(Full::new(Bytes::from(big.clone()))).unwrap();
+    let mut h1 = post("/echo");
+    h1.headers_mut().insert("host", http::HeaderValue::from_static("localhost"));
+    let (status, _, body) = send(gw.http(), h1).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == big[..], "HTTP/1.1 upload: {} of {} bytes came back", body.len(), big.len());
+    let (status, _, body, _) = send_h2(gw.http(), post("http://localhost/echo")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == big[..], "HTTP/2 upload: {} of {} bytes came back", body.len(), big.len());
+    let small =
+        http::Request::post("http://localhost/echo").body(Full::new(Bytes::from_static(b"small"))).unwrap();
+    let (status, _, body, _) = send_h2(gw.http(), small).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"small"[..]));
+    assert_eq!(b.requests(), 8);
+    assert_eq!(
+        b.state.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "every request went over the one pooled TLS connection"
+    );
+}
+
+/// A TLS node that closes a kept-alive connection after its answer (`close_notify`, then
+/// FIN, as a node's keep-alive timeout does) costs the next request nothing: it goes over a
+/// fresh connection instead of failing on the closed one, also when it is a `POST` (which is
+/// not sent twice, so the pooled connection must be found closed before it is used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_node_closing_an_idle_connection_is_not_a_failure() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let ca = Ca::new("upstream-ca");
+    let leaf = ca.leaf(&["backend.internal"]);
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
+            strait_protocols::tls::parse_key(&leaf.key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (conns, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, d) = (conns.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, d) = (acceptor.clone(), d.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                // The request's body, when it has one (a POST's 4 bytes).
+                if head.to_ascii_lowercase().windows(17).any(|w| w == b"content-length: 4") {
+                    let mut body = [0u8; 4];
+                    if tls.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                }
+                let body = format!("connection {n}");
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                let _ = tls.write_all(answer.as_bytes()).await;
+                // Idle now: the node's keep-alive ends at once.
+                let _ = tls.shutdown().await;
+                d.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    // One worker, whose pool holds the connection the node closes.
+    let gw = TestGateway::start_with(
+        BASE_CONFIG,
+        &format!(
+            "routes:\n  - uri: /*\n    upstream:\n      scheme: https\n      nodes: {}\n",
+            nodes_yaml(&[addr])
+        ),
+        1,
+    );
+    for i in 0..4 {
+        let (status, _, body) = if i % 2 == 0 {
+            get(gw.http(), "/").await
+        } else {
+            let post = http::Request::post("/")
+                .header("host", "localhost")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"data")))
+                .unwrap();
+            send(gw.http(), post).await
+        };
+        assert_eq!(status, StatusCode::OK, "request {i}");
+        assert_eq!(&body[..], format!("connection {i}").as_bytes());
+        assert!(eventually(Duration::from_secs(5), || async { closed.load(Ordering::SeqCst) > i }).await);
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 4);
+}
+
+/// A TLS server on 127.0.0.1:0 with `leaf` that reads each request's body slowly (256 KiB
+/// every 5 ms, through a small receive buffer), then answers with the length it read.
+async fn slow_reading_tls_node(leaf: &Leaf) -> std::net::SocketAddr {
+    use std::sync::Arc;
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
+            strait_protocols::tls::parse_key(&leaf.key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // Set before listening, so accepted connections keep it (and the kernel does not grow it).
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut have = Vec::new();
+                loop {
+                    let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match tls.read(&mut buf).await {
+                            Ok(n @ 1..) => have.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&have[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let mut got = have.len() - end - 4;
+                    while got < length {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        let want = buf.len().min(length - got);
+                        match tls.read(&mut buf[..want]).await {
+                            Ok(n @ 1..) => got += n,
+                            _ => return,
+                        }
+                    }
+                    let body = got.to_string();
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    if tls.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    have.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A body sent to an `https` node that reads slowly reaches it whole, from HTTP/1.1 and
+/// HTTP/2 clients: the gateway's writes wait for the node, and what its TLS session took while
+/// the socket was full still goes out after the last write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_to_a_slow_https_node_arrive_whole() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let ca = Ca::new("upstream-ca");
+    let node = slow_reading_tls_node(&ca.leaf(&["backend.internal"])).await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    timeout: {{connect: 5, send: 5, read: 5}}\n    upstream:\n      scheme: https\n      nodes: {}\n",
+        nodes_yaml(&[node])
+    ));
+    let big = Bytes::from(vec![7u8; 8 << 20]);
+    let mut h1 = http::Request::post("/upload").body(Full::new(big.clone())).unwrap();
+    h1.headers_mut().insert("host", http::HeaderValue::from_static("localhost"));
+    let (status, _, body) = send(gw.http(), h1).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, big.len().to_string().as_bytes()), "HTTP/1.1");
+    let h2 = http::Request::post("http://localhost/upload").body(Full::new(big.clone())).unwrap();
+    let (status, _, body, _) = send_h2(gw.http(), h2).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, big.len().to_string().as_bytes()), "HTTP/2");
+}
+
+/// An `https` node that answers a large upload at once and resets the connection with the
+/// body unread (a 413, an auth failure): the client gets the node's answer, not a 502, from
+/// HTTP/1.1 and HTTP/2 clients alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::sync::Arc;
+    let ca = Ca::new("upstream-ca");
+    let leaf = ca.leaf(&["backend.internal"]);
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
+            strait_protocols::tls::parse_key(&leaf.key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            // Without Nagle's delay: an answer held back behind the unacknowledged session
+            // tickets would be discarded by the reset.
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!";
+                if tls.write_all(answer).await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+                // Closed with the body unread, no close_notify and no lingering: a reset.
+                let _ = socket2::SockRef::from(tls.get_ref().0).set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{scheme: https, retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[addr])
+    ));
+    let body = Bytes::from(vec![b'x'; 8 << 20]);
+    for i in 0..5 {
+        let req = http::Request::post("/up").header("host", "h").body(Full::new(body.clone())).unwrap();
+        let (status, _, answer) = send(gw.http(), req).await;
+        assert_eq!((status, &answer[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "upload {i}");
+        let req =
+            http::Request::post(format!("http://{}/up", gw.http())).body(Full::new(body.clone())).unwrap();
+        let (status, _, answer, _) = send_h2(gw.http(), req).await;
+        assert_eq!((status, &answer[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "h2 upload {i}");
+    }
+}

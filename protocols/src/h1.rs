@@ -1,7 +1,8 @@
 //! The HTTP/1.1 relay for the common case: a request from an HTTP/1.1 client (plain or TLS)
 //! without a body or with one framed by `Content-Length` (up to [`BODY_MAX`] read whole first,
 //! larger ones streamed: [`forward_streamed`]) or by chunked transfer coding (streamed),
-//! forwarded to a plain `http` node, its response relayed byte for byte.
+//! forwarded to an `http` node (or an `https` one, over TLS), its response relayed byte for
+//! byte.
 //!
 //! The general path (hyper's server and client, [`crate::http::forward`]) costs two tasks, a
 //! channel and a full decode and re-encode per request. This one runs the whole exchange in the
@@ -10,7 +11,7 @@
 //! (content-length, chunked or until close) are copied as they are, chunk framing included.
 //! Everything it does not handle is decided before anything is sent, and goes to the general
 //! path: see [`eligible`]. The general path uses the same node connections for its requests to
-//! plain `http` nodes: without a body or with a small one of known length (`attempt`), or with
+//! `http` and `https` nodes: without a body or with a small one of known length (`attempt`), or with
 //! any other body, streamed (`attempt_streamed`). There the response head becomes a
 //! `Response` and the body is decoded as the client reads it.
 //!
@@ -22,6 +23,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -32,12 +34,17 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::connect::NodeStream;
+use crate::pool::PoolKey;
+
 use crate::body::ProxyBody;
 use crate::fxhash::FxHashMap;
 use crate::http::{ForwardCtx, ForwardTrust, idempotent, upstream_host};
 use crate::respond::error_response;
 use crate::retry::Retry;
-use crate::{KeepalivePool, Outcome, Peer, ProxyError, Scheme, UpstreamPicker, connect_tcp};
+use crate::{
+    KeepalivePool, Outcome, Peer, ProxyError, Scheme, UpstreamPicker, UpstreamSettings, connect_tcp,
+};
 
 /// Most headers a node's response head may carry.
 const MAX_HEADERS: usize = 128;
@@ -197,14 +204,17 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
             Ok(p) => p,
             Err(e) => return answer_error(client, &e, head_only).await,
         };
-        let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, Scheme::Http);
+        let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, settings.scheme);
         let mut head = request_head(&parts, &host, Some(&fwd));
         head.extend_from_slice(body);
         let addr = peer.addr;
+        let Some(target) = Target::of(settings, addr, &host) else {
+            return answer_error(client, &ProxyError::Connect("scheme not relayed".into()), head_only).await;
+        };
         // The relay lets go of the peer (least_conn's in-flight count) once the node's answer is
         // all read, before the last bytes go to the client.
         let mut slot = Some(peer);
-        match exchange(client, &head, &mut slot, addr, settings.keepalive, timeouts, head_only, resend_ok)
+        match exchange(client, &head, &mut slot, &target, settings.keepalive, timeouts, head_only, resend_ok)
             .await
         {
             Ok(after) => return after,
@@ -258,14 +268,18 @@ where
             Ok(p) => p,
             Err(e) => return answer_error(client, &e, head_only).await.unless_unread(left),
         };
-        let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, Scheme::Http);
+        let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, settings.scheme);
         let mut head = request_head(&parts, &host, Some(&fwd));
         head.extend_from_slice(&prefix);
         let addr = peer.addr;
+        let Some(target) = Target::of(settings, addr, &host) else {
+            let e = ProxyError::Connect("scheme not relayed".into());
+            return answer_error(client, &e, head_only).await.unless_unread(left);
+        };
         let mut slot = Some(peer);
         let body_timeout = ctx.body_timeout;
         let attempt =
-            StreamedAttempt { body_timeout, addr, keepalive: settings.keepalive, timeouts, head_only };
+            StreamedAttempt { body_timeout, target, keepalive: settings.keepalive, timeouts, head_only };
         let mut pump = BodyPump::new(left, chunks.clone());
         let ran = attempt.run(client, &head, &mut pump, &mut slot).await;
         left = pump.left;
@@ -296,7 +310,7 @@ impl After {
 /// The settings of one attempt of [`forward_streamed`].
 struct StreamedAttempt {
     body_timeout: Duration,
-    addr: SocketAddr,
+    target: Target,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
     head_only: bool,
@@ -316,8 +330,8 @@ impl StreamedAttempt {
     ) -> Result<After, Failure> {
         let start = Instant::now();
         // A body is never sent twice, so a pooled connection is checked with a syscall too.
-        let pooled = checkout(self.addr, self.keepalive, true, start);
-        let (mut node, uses, ..) = open_and_send(head, pooled, self.addr, self.timeouts, start).await?;
+        let pooled = checkout(&self.target.key, self.keepalive, true, start);
+        let (mut node, uses, ..) = open_and_send(head, pooled, &self.target, self.timeouts, start).await?;
         let mut early = BytesMut::new();
         let whole = match self.pump(client, &mut node, body, &mut early).await {
             Ok(whole) => whole,
@@ -346,7 +360,7 @@ impl StreamedAttempt {
         .await?;
         if whole {
             let read = self.timeouts.read;
-            return relay_response(client, got, peer, self.addr, self.keepalive, read, start).await;
+            return relay_response(client, got, peer, &self.target.key, self.keepalive, read, start).await;
         }
         // The node answered first. The answer goes to the client as it comes, and the body to
         // the node for as long as the answer lasts (a node may answer as it reads, an echo). A
@@ -382,7 +396,7 @@ impl StreamedAttempt {
             }
         }
         if reuse && body.done() {
-            checkin(self.addr, node, uses + 1, self.keepalive);
+            checkin(&self.target.key, node, uses + 1, self.keepalive);
         }
         // A client whose body was not all read (the node said it closes) cannot send its next
         // request here: the connection closes, whatever the answer said.
@@ -401,7 +415,7 @@ impl StreamedAttempt {
     async fn send_rest<C: AsyncRead + Unpin>(
         &self,
         client: &mut C,
-        node: &mut TcpStream,
+        node: &mut Node,
         body: &mut BodyPump,
     ) -> Result<bool, PumpError> {
         let mut last = tokio::time::Instant::now();
@@ -431,7 +445,7 @@ impl StreamedAttempt {
     async fn pump<C: AsyncRead + Unpin>(
         &self,
         client: &mut C,
-        node: &mut TcpStream,
+        node: &mut Node,
         body: &mut BodyPump,
         early: &mut BytesMut,
     ) -> Result<bool, PumpError> {
@@ -450,7 +464,7 @@ impl StreamedAttempt {
             let limit = if writing { self.timeouts.send } else { self.body_timeout };
             let step = std::future::poll_fn(|cx| {
                 // An answer (or a close) from the node comes first.
-                if node.poll_read_ready(cx).is_ready() {
+                if node.poll_readable(cx).is_ready() {
                     return Poll::Ready(Step::NodeReadable);
                 }
                 body.poll_step(cx, client, node).map(Step::Body)
@@ -487,12 +501,7 @@ impl StreamedAttempt {
 /// sending after part of one). A node that closed the connection without a word is a
 /// failure. After a failed write (`reset`), the kernel is asked even if the reactor has not
 /// yet said that the socket is readable.
-fn node_said(
-    node: &mut TcpStream,
-    early: &mut BytesMut,
-    head_only: bool,
-    reset: bool,
-) -> Result<bool, PumpError> {
+fn node_said(node: &mut Node, early: &mut BytesMut, head_only: bool, reset: bool) -> Result<bool, PumpError> {
     if early.capacity() - early.len() < 4096 {
         early.reserve(4096);
     }
@@ -502,7 +511,7 @@ fn node_said(
         // reset's error.
         let mut chunk = [0u8; 4096];
         loop {
-            match io::Read::read(&mut &*socket2::SockRef::from(&*node), &mut chunk) {
+            match node.read_from_kernel(&mut chunk) {
                 Ok(n @ 1..) => {
                     early.extend_from_slice(&chunk[..n]);
                     if answer_head(early, head_only) {
@@ -514,8 +523,7 @@ fn node_said(
             }
         }
     } else {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), &mut cx, early)
+        node.read_now(early)
     };
     match polled {
         // Nothing after all (the readiness is cleared now), or more of what came.
@@ -560,12 +568,15 @@ struct BodyPump {
     excess: BytesMut,
     /// Part of the body was dropped instead of sent: the node connection is not reused.
     dropped: bool,
+    /// What was written is still in the node's TLS session, to be flushed.
+    flush: bool,
 }
 
 /// One read from the client, or one write to the node.
 enum PumpStep {
     Read(io::Result<usize>),
     Wrote(io::Result<usize>),
+    Flushed(io::Result<()>),
 }
 
 impl BodyPump {
@@ -582,23 +593,25 @@ impl BodyPump {
             chunks,
             excess: BytesMut::new(),
             dropped: false,
+            flush: false,
         }
     }
 
     /// The whole body reached the node.
     fn done(&self) -> bool {
-        self.from == self.to && self.left == 0
+        self.from == self.to && !self.flush && self.left == 0
     }
 
     /// Bytes are waiting for the node (rather than for the client).
     fn writing(&self) -> bool {
-        self.from < self.to
+        self.from < self.to || self.flush
     }
 
     /// The node gets no more of the body: what is waiting for it is dropped, and so is the rest
     /// as it is read ([`BodyPump::apply`]).
     fn drop_rest(&mut self) {
         self.from = self.to;
+        self.flush = false;
         self.dropped = true;
     }
 
@@ -606,10 +619,14 @@ impl BodyPump {
         &mut self,
         cx: &mut Context<'_>,
         client: &mut C,
-        node: &mut TcpStream,
+        node: &mut Node,
     ) -> Poll<PumpStep> {
-        if self.writing() {
-            std::pin::Pin::new(node).poll_write(cx, &self.chunk[self.from..self.to]).map(PumpStep::Wrote)
+        if self.from < self.to {
+            let wrote = std::pin::Pin::new(&mut node.stream).poll_write(cx, &self.chunk[self.from..self.to]);
+            self.flush = node.unflushed();
+            wrote.map(PumpStep::Wrote)
+        } else if self.flush {
+            std::pin::Pin::new(&mut node.stream).poll_flush(cx).map(PumpStep::Flushed)
         } else {
             let want = match self.chunks {
                 Some(_) => self.chunk.len(),
@@ -647,12 +664,14 @@ impl BodyPump {
                 return Err(PumpError::Node(e, Outcome::TcpFailure));
             }
             PumpStep::Wrote(Ok(n)) => self.from += n,
-            PumpStep::Wrote(Err(e)) => {
+            PumpStep::Wrote(Err(e)) | PumpStep::Flushed(Err(e)) => {
                 return Err(PumpError::Node(ProxyError::Connect(e.to_string()), Outcome::TcpFailure));
             }
+            PumpStep::Flushed(Ok(())) => self.flush = false,
         }
         if self.dropped {
             self.from = self.to;
+            self.flush = false;
         }
         Ok(())
     }
@@ -689,7 +708,7 @@ impl Duplex {
     async fn run<C: AsyncRead + AsyncWrite + Unpin>(
         &self,
         client: &mut C,
-        node: &mut TcpStream,
+        node: &mut Node,
         body: &mut BodyPump,
         head: Vec<u8>,
         mut buf: BytesMut,
@@ -740,7 +759,7 @@ impl Duplex {
                     if buf.capacity() - buf.len() < 4096 {
                         buf.reserve(STREAM_CHUNK);
                     }
-                    match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *node), cx, &mut buf) {
+                    match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut node.stream), cx, &mut buf) {
                         Poll::Ready(Ok(0)) if framing == Framing::UntilClose => {
                             (ended, clean) = (true, false);
                             moved = true;
@@ -1004,7 +1023,7 @@ async fn exchange<C: AsyncWrite + Unpin>(
     client: &mut C,
     head: &[u8],
     peer: &mut Option<Peer>,
-    addr: SocketAddr,
+    target: &Target,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
     head_only: bool,
@@ -1014,9 +1033,9 @@ async fn exchange<C: AsyncWrite + Unpin>(
     // counted from it, and must be on the clock of tokio's timers, paused in some tests.
     let start = tokio::time::Instant::now().into_std();
     let got =
-        send_and_read_head(head, addr, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
+        send_and_read_head(head, target, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
             .await?;
-    relay_response(client, got, peer, addr, keepalive, timeouts.read, start).await
+    relay_response(client, got, peer, &target.key, keepalive, timeouts.read, start).await
 }
 
 /// Relays the response whose head is in `got` (and its body) to the client.
@@ -1025,7 +1044,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
     client: &mut C,
     got: Received,
     peer: &mut Option<Peer>,
-    addr: SocketAddr,
+    key: &PoolKey,
     keepalive: KeepalivePool,
     read_timeout: Duration,
     start: Instant,
@@ -1048,7 +1067,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
     match relayed {
         Ok(clean) => {
             if clean && parsed.keepalive && framing != Framing::UntilClose {
-                checkin(addr, node, uses + 1, keepalive);
+                checkin(key, node, uses + 1, keepalive);
             }
             Ok(if client_close { After::Close } else { After::KeepAlive })
         }
@@ -1070,7 +1089,7 @@ struct Received {
 #[allow(clippy::too_many_arguments)]
 async fn send_and_read_head(
     head: &[u8],
-    addr: SocketAddr,
+    target: &Target,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
     head_only: bool,
@@ -1080,10 +1099,10 @@ async fn send_and_read_head(
 ) -> Result<Received, Failure> {
     // A request that may not be sent twice gets a connection checked with a syscall: the
     // reactor may not have seen a close that just arrived, and no retry would cover it.
-    let mut pooled = checkout(addr, keepalive, !resend_ok, start);
+    let mut pooled = checkout(&target.key, keepalive, !resend_ok, start);
     let (node, uses, buf, deadline) = loop {
         let (mut node, uses, reused, at_once) =
-            open_and_send(head, pooled.take(), addr, timeouts, start).await?;
+            open_and_send(head, pooled.take(), target, timeouts, start).await?;
         let mut buf = BytesMut::new();
         // The first read and the rest of the head share one deadline, from now: from the
         // attempt's start when it waited for nothing since (no clock read).
@@ -1122,22 +1141,22 @@ fn node_failure(error: ProxyError, outcome: Outcome, start: Instant, sent: bool)
     Failure::Node { error, outcome, elapsed: start.elapsed(), sent }
 }
 
-/// Writes `head` to `pooled`, or to a fresh connection to `addr`. A pooled connection the node
+/// Writes `head` to `pooled`, or to a fresh connection to `target`. A pooled connection the node
 /// closed while idle fails at once; one fresh connection to the same node is tried before that
 /// counts as the node failing. Also says whether the connection was a pooled one, and whether
 /// it took the head at once (the attempt waited for nothing since `start`).
 async fn open_and_send(
     head: &[u8],
     mut pooled: Option<Checked>,
-    addr: SocketAddr,
+    target: &Target,
     timeouts: crate::Timeouts,
     start: Instant,
 ) -> Result<(Node, u32, bool, bool), Failure> {
     loop {
         let (mut node, uses, reused) = match pooled.take() {
             Some(c) => (c.stream, c.uses, true),
-            None => match connect_tcp(addr, timeouts.connect).await {
-                Ok(s) => (Node::new(s), 0, false),
+            None => match target.connect(timeouts.connect).await {
+                Ok(node) => (node, 0, false),
                 Err(e) => {
                     let (err, outcome) = if e.is_timeout() {
                         (ProxyError::Timeout("connect"), Outcome::Timeout)
@@ -1150,14 +1169,24 @@ async fn open_and_send(
         };
         // Most heads go in one write the socket takes at once: no timer for those.
         let mut at_once = false;
-        let sent = match node.try_write(head) {
-            Ok(n) if n == head.len() => {
-                at_once = reused;
-                Ok(Ok(()))
+        let sent = match &mut node.stream {
+            NodeStream::Plain(tcp) => match tcp.try_write(head) {
+                Ok(n) if n == head.len() => {
+                    at_once = reused;
+                    Ok(Ok(()))
+                }
+                Ok(n) => tokio::time::timeout(timeouts.send, tcp.write_all(&head[n..])).await,
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => Ok(Err(e)),
+                Err(_) => tokio::time::timeout(timeouts.send, tcp.write_all(head)).await,
+            },
+            // Through the session, which must pass all of it on before the wait for the answer.
+            NodeStream::Tls(tls) => {
+                let write = async {
+                    tls.write_all(head).await?;
+                    tls.flush().await
+                };
+                tokio::time::timeout(timeouts.send, write).await
             }
-            Ok(n) => tokio::time::timeout(timeouts.send, node.write_all(&head[n..])).await,
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Ok(Err(e)),
-            Err(_) => tokio::time::timeout(timeouts.send, node.write_all(head)).await,
         };
         match sent {
             Ok(Ok(())) => return Ok((node, uses, reused, at_once)),
@@ -1253,7 +1282,7 @@ async fn read_some_until(
     loop {
         // The node's bytes first: the timer is set only for a wait, once per call.
         let ready = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = node.stream.poll_read_ready(cx) {
+            if let Poll::Ready(r) = node.poll_readable(cx) {
                 return Poll::Ready(r.map_err(ReadError::Io));
             }
             let elapsed = if armed {
@@ -1274,10 +1303,7 @@ async fn read_some_until(
         // drained the socket, and tokio then clears its readiness. The idle connection's
         // liveness check (`still_open`) can then answer from the reactor instead of probing
         // with a read that fails with EAGAIN: one syscall less per relayed request.
-        let polled = {
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut node.stream), &mut cx, buf)
-        };
+        let polled = node.read_now(buf);
         match polled {
             Poll::Ready(Ok(n)) => return Ok(n),
             Poll::Ready(Err(e)) => return Err(ReadError::Io(e)),
@@ -1794,7 +1820,7 @@ enum Next {
 }
 
 /// One attempt of the general path (an HTTP/2 client) for a request without a body or with a
-/// small one read whole (`parts` then carries its `content-length`), to a plain `http` node,
+/// small one read whole (`parts` then carries its `content-length`), to an `http` or `https` node,
 /// over this module's pooled connections: the response head becomes a `Response` whose body is
 /// decoded from the node as the client reads it. `Err` gives the peer back with why the node
 /// failed.
@@ -1802,6 +1828,7 @@ pub(crate) async fn attempt(
     parts: &Parts,
     body: &[u8],
     host: &HeaderValue,
+    target: &Target,
     peer: Peer,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
@@ -1814,9 +1841,9 @@ pub(crate) async fn attempt(
     head.extend_from_slice(body);
     let resend_ok = idempotent(&parts.method);
     let sent =
-        send_and_read_head(&head, peer.addr, keepalive, timeouts, head_only, resend_ok, HeadFor::Map, start);
+        send_and_read_head(&head, target, keepalive, timeouts, head_only, resend_ok, HeadFor::Map, start);
     match sent.await {
-        Ok(got) => Ok(into_response(got, peer, keepalive, timeouts, start, Sent::Whole)),
+        Ok(got) => Ok(into_response(got, target, peer, keepalive, timeouts, start, Sent::Whole)),
         Err(f) => Err((f, peer)),
     }
 }
@@ -1833,6 +1860,7 @@ enum Sent {
 /// The response whose head is in `got`, its body decoded from the node as the client reads it.
 fn into_response(
     got: Received,
+    target: &Target,
     peer: Peer,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
@@ -1863,9 +1891,9 @@ fn into_response(
     if whole_answer {
         let keep = reusable && (parsed.framing != Framing::None || buf.is_empty());
         match upload {
-            None if keep => checkin(peer.addr, node, uses + 1, keepalive),
+            None if keep => checkin(&target.key, node, uses + 1, keepalive),
             None => {}
-            Some(up) if keep => (*up).finish_then_pool(node, peer.addr, uses, keepalive),
+            Some(up) if keep => (*up).finish_then_pool(node, target.key.clone(), uses, keepalive),
             Some(up) => (*up).discard(),
         }
         if parsed.framing != Framing::None && !buf.is_empty() {
@@ -1885,7 +1913,7 @@ fn into_response(
         return resp;
     }
     let body = RawBody {
-        addr: peer.addr,
+        key: target.key.clone(),
         node: Some(node),
         buf,
         framing: parsed.framing,
@@ -1906,7 +1934,7 @@ fn into_response(
     resp
 }
 
-/// One attempt of the general path for a request whose body is streamed to a plain `http`
+/// One attempt of the general path for a request whose body is streamed to an `http` or `https`
 /// node (from an HTTP/2 client, over 64 KiB or of unknown length; or from a connection hyper's
 /// server took): the head, then the body framed as `parts` says (`content-length`, or chunked
 /// with the client's trailers) as the client sends it. Until the node's answer begins, the
@@ -1919,10 +1947,12 @@ fn into_response(
 ///
 /// `Err` gives the peer back, and the body when none of it was taken (the connect failed), so
 /// that another node can be tried. A client that stalls or breaks its body gets a 408 or 400.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn attempt_streamed(
     parts: &Parts,
     body: ProxyBody,
     host: &HeaderValue,
+    target: &Target,
     peer: Peer,
     keepalive: KeepalivePool,
     timeouts: crate::Timeouts,
@@ -1937,10 +1967,10 @@ pub(crate) async fn attempt_streamed(
     // is read (`Upload::give_up`).
     let fail = |error, outcome| node_failure(error, outcome, start, true);
     // A body is never sent twice, so a pooled connection is checked with a syscall too.
-    let mut pooled = checkout(peer.addr, keepalive, true, start);
+    let mut pooled = checkout(&target.key, keepalive, true, start);
     let (node, uses, early, sent) = 'connection: loop {
         let (mut node, uses, reused, _) =
-            match open_and_send(&head, pooled.take(), peer.addr, timeouts, start).await {
+            match open_and_send(&head, pooled.take(), target, timeouts, start).await {
                 Ok(opened) => opened,
                 Err(f @ Failure::Node { sent: false, .. }) => return Err((f, peer, Some(upload.body))),
                 Err(f) => {
@@ -1958,7 +1988,7 @@ pub(crate) async fn attempt_streamed(
             let limit = if writing { timeouts.send } else { body_timeout };
             let step = std::future::poll_fn(|cx| {
                 // An answer (or a close) from the node comes first.
-                if node.poll_read_ready(cx).is_ready() {
+                if node.poll_readable(cx).is_ready() {
                     return Poll::Ready(None);
                 }
                 upload.poll_step(cx, &mut node).map(Some)
@@ -2014,7 +2044,7 @@ pub(crate) async fn attempt_streamed(
         break (node, uses, early, sent);
     };
     match read_head(node, uses, early, read_deadline(timeouts.read), head_only, HeadFor::Map, start).await {
-        Ok(got) => Ok(into_response(got, peer, keepalive, timeouts, start, sent)),
+        Ok(got) => Ok(into_response(got, target, peer, keepalive, timeouts, start, sent)),
         Err(f) => {
             if let Sent::Going(up) | Sent::Cut(up) = sent {
                 (*up).give_up().await;
@@ -2036,6 +2066,8 @@ pub(crate) struct Upload {
     ended: bool,
     /// Something was taken from the body: it cannot be sent again.
     started: bool,
+    /// What was written is still in the node's TLS session, to be flushed.
+    flush: bool,
     /// Longest wait for a write to the node, and for the client's next part of the body.
     send_timeout: Duration,
     body_timeout: Duration,
@@ -2082,6 +2114,7 @@ impl Upload {
             out: std::collections::VecDeque::with_capacity(3),
             ended: false,
             started: false,
+            flush: false,
             send_timeout,
             body_timeout,
         }
@@ -2093,20 +2126,20 @@ impl Upload {
     /// connection is worth keeping (nginx answering `return 200` to an upload does this). If the
     /// node sends anything meanwhile, or the client or the node stalls (the body and send
     /// timeouts), the connection is closed and the rest of the body discarded.
-    fn finish_then_pool(mut self, mut node: Node, addr: SocketAddr, uses: u32, keepalive: KeepalivePool) {
+    fn finish_then_pool(mut self, mut node: Node, key: PoolKey, uses: u32, keepalive: KeepalivePool) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         rt.spawn(async move {
             let mut last = tokio::time::Instant::now();
             while !self.done() {
                 let limit = if self.writing() { self.send_timeout } else { self.body_timeout };
                 let step = std::future::poll_fn(|cx| {
-                    while node.poll_read_ready(cx).is_ready() {
-                        match node.try_read(&mut [0u8; 1]) {
+                    while node.poll_readable(cx).is_ready() {
+                        match node.read_now(&mut BytesMut::with_capacity(1)) {
                             // Nothing after all: the readiness is cleared, and the next poll
                             // waits for the node again.
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Poll::Pending => {}
                             // A close, an error, or bytes no request asked for.
-                            _ => return Poll::Ready(false),
+                            Poll::Ready(_) => return Poll::Ready(false),
                         }
                     }
                     self.poll_step(cx, &mut node).map(|r| r.is_ok())
@@ -2119,13 +2152,13 @@ impl Upload {
                     }
                 }
             }
-            checkin(addr, node, uses + 1, keepalive);
+            checkin(&key, node, uses + 1, keepalive);
         });
     }
 
     /// The whole body reached the node.
     fn done(&self) -> bool {
-        self.ended && self.out.is_empty()
+        self.ended && self.out.is_empty() && !self.flush
     }
 
     /// Lets go of a body the node will not get the rest of: see
@@ -2142,11 +2175,11 @@ impl Upload {
 
     /// Bytes are waiting for the node (rather than for the client).
     fn writing(&self) -> bool {
-        !self.out.is_empty()
+        !self.out.is_empty() || self.flush
     }
 
     /// One step: a write to the node, or a frame taken from the client's body.
-    fn poll_step(&mut self, cx: &mut Context<'_>, node: &mut TcpStream) -> Poll<Result<(), UploadError>> {
+    fn poll_step(&mut self, cx: &mut Context<'_>, node: &mut Node) -> Poll<Result<(), UploadError>> {
         if !self.out.is_empty() {
             let mut slices = [io::IoSlice::new(&[]); 3];
             let mut count = 0;
@@ -2154,7 +2187,8 @@ impl Upload {
                 *slot = io::IoSlice::new(b);
                 count += 1;
             }
-            let written = std::pin::Pin::new(node).poll_write_vectored(cx, &slices[..count]);
+            let written = std::pin::Pin::new(&mut node.stream).poll_write_vectored(cx, &slices[..count]);
+            self.flush = node.unflushed();
             let mut n = match std::task::ready!(written) {
                 Ok(0) => return Poll::Ready(Err(UploadError::Node(io::ErrorKind::WriteZero.into()))),
                 Ok(n) => n,
@@ -2170,6 +2204,11 @@ impl Upload {
                 }
             }
             return Poll::Ready(Ok(()));
+        }
+        if self.flush {
+            let flushed = std::task::ready!(std::pin::Pin::new(&mut node.stream).poll_flush(cx));
+            self.flush = false;
+            return Poll::Ready(flushed.map_err(UploadError::Node));
         }
         if self.ended {
             return Poll::Ready(Ok(()));
@@ -2224,7 +2263,7 @@ impl Upload {
 /// A node's response body for the general path, decoded as it is read; the node connection goes
 /// back to the pool when the body ended exactly where its framing said.
 struct RawBody {
-    addr: SocketAddr,
+    key: PoolKey,
     /// `None` once the body ended or failed.
     node: Option<Node>,
     buf: BytesMut,
@@ -2308,7 +2347,9 @@ impl RawBody {
             None => true,
             Some(up) => {
                 match self.node.take() {
-                    Some(node) if keep => (*up).finish_then_pool(node, self.addr, self.uses, self.keepalive),
+                    Some(node) if keep => {
+                        (*up).finish_then_pool(node, self.key.clone(), self.uses, self.keepalive)
+                    }
                     _ => (*up).discard(),
                 }
                 false
@@ -2320,7 +2361,7 @@ impl RawBody {
             && self.buf.is_empty()
             && self.framing != Framing::UntilClose
         {
-            checkin(self.addr, node, self.uses + 1, self.keepalive);
+            checkin(&self.key, node, self.uses + 1, self.keepalive);
         }
         self.peer = None;
     }
@@ -2374,7 +2415,7 @@ impl http_body::Body for RawBody {
             }
             let Some(node) = this.node.as_mut() else { return Poll::Ready(None) };
             // Nothing buffered: wait for the node without holding a read buffer.
-            let ready = if this.buf.is_empty() { node.poll_read_ready(cx) } else { Poll::Ready(Ok(())) };
+            let ready = if this.buf.is_empty() { node.poll_readable(cx) } else { Poll::Ready(Ok(())) };
             let polled = match ready {
                 Poll::Ready(Ok(())) => {
                     if this.buf.capacity() == 0 {
@@ -2483,13 +2524,84 @@ async fn answer_error<C: AsyncWrite + Unpin>(client: &mut C, err: &ProxyError, h
 /// while the connection sits in the pool: at most one task's allocation per pooled connection,
 /// for at most the read timeout.
 struct Node {
-    stream: TcpStream,
+    stream: NodeStream,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Node {
-    fn new(stream: TcpStream) -> Node {
+    fn new(stream: NodeStream) -> Node {
         Node { stream, timer: None }
+    }
+
+    /// The TCP connection (under TLS, for an https node).
+    fn tcp(&self) -> &TcpStream {
+        match &self.stream {
+            NodeStream::Plain(s) => s,
+            NodeStream::Tls(t) => t.get_ref().0,
+        }
+    }
+
+    /// Ready when a read would not wait: the socket is readable, or (TLS) decrypted bytes or
+    /// the node's `close_notify` are already held. The reactor answers for the socket, without
+    /// a syscall.
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.stream {
+            NodeStream::Plain(s) => s.poll_read_ready(cx),
+            NodeStream::Tls(t) => {
+                let (tcp, tls) = t.get_mut();
+                match tls.process_new_packets() {
+                    Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {
+                        tcp.poll_read_ready(cx)
+                    }
+                    // Something to read, or an error the read reports.
+                    _ => Poll::Ready(Ok(())),
+                }
+            }
+        }
+    }
+
+    /// Whether bytes written were taken into a TLS session's buffer without reaching the socket
+    /// yet: they go out with a flush.
+    fn unflushed(&self) -> bool {
+        match &self.stream {
+            NodeStream::Plain(_) => false,
+            NodeStream::Tls(t) => t.get_ref().1.wants_write(),
+        }
+    }
+
+    /// Reads from the kernel whatever the reactor knows (for a TLS node, records passed through
+    /// its session): decrypted bytes, `Ok(0)` at the end, `WouldBlock` when nothing is there.
+    fn read_from_kernel(&mut self, chunk: &mut [u8]) -> io::Result<usize> {
+        match &mut self.stream {
+            NodeStream::Plain(tcp) => io::Read::read(&mut &*socket2::SockRef::from(&*tcp), chunk),
+            NodeStream::Tls(t) => {
+                let (tcp, tls) = t.get_mut();
+                loop {
+                    match io::Read::read(&mut tls.reader(), chunk) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        done => return done,
+                    }
+                    // Nothing decrypted: more records from the socket (`WouldBlock` if none).
+                    let sock = socket2::SockRef::from(&*tcp);
+                    let got = tls.read_tls(&mut &*sock)?;
+                    tls.process_new_packets().map_err(io::Error::other)?;
+                    if got == 0 {
+                        // The stream ended: a clean close reads as the end, another as an error.
+                        return match io::Read::read(&mut tls.reader(), chunk) {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                            other => other,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads what is there without waiting (a waker that does nothing: the next wait registers
+    /// the task's own).
+    fn read_now(&mut self, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut self.stream), &mut cx, buf)
     }
 
     /// The read timer, due at `deadline`.
@@ -2513,15 +2625,60 @@ impl Node {
 }
 
 impl std::ops::Deref for Node {
-    type Target = TcpStream;
-    fn deref(&self) -> &TcpStream {
+    type Target = NodeStream;
+    fn deref(&self) -> &NodeStream {
         &self.stream
     }
 }
 
 impl std::ops::DerefMut for Node {
-    fn deref_mut(&mut self) -> &mut TcpStream {
+    fn deref_mut(&mut self) -> &mut NodeStream {
         &mut self.stream
+    }
+}
+
+/// Where a relayed request goes: a node's address, and for an https node the TLS settings and
+/// server name its connections are made with (they key the pool too, so a connection is only
+/// reused with the settings it was made with).
+#[derive(Clone)]
+pub(crate) struct Target {
+    key: PoolKey,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Target {
+    /// The target for `addr` of an upstream with `settings`, `host` being the request's `Host`
+    /// for the node (its name is the TLS server name); `None` for schemes the relay does not
+    /// speak.
+    pub(crate) fn of(settings: &UpstreamSettings, addr: SocketAddr, host: &HeaderValue) -> Option<Target> {
+        match (settings.scheme, settings.tls.as_deref()) {
+            (Scheme::Http, _) => Some(Target { key: PoolKey { addr, tls: 0, sni: None }, tls: None }),
+            (Scheme::Https, Some(t)) => Some(Target {
+                key: PoolKey { addr, tls: t.pool_id, sni: crate::http::sni_of(host) },
+                tls: Some(t.http1.clone()),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Opens a connection: TCP, then the TLS handshake for an https node, each within the
+    /// connect timeout.
+    async fn connect(&self, timeout: Duration) -> Result<Node, crate::ConnectError> {
+        let tcp = connect_tcp(self.key.addr, timeout).await?;
+        let Some(config) = &self.tls else { return Ok(Node::new(NodeStream::Plain(tcp))) };
+        let sni = self.key.sni.as_deref().unwrap_or("localhost");
+        let tls = crate::connect_tls(tcp, self.key.addr, config.clone(), sni, timeout).await?;
+        Ok(Node::new(NodeStream::Tls(Box::new(tls))))
+    }
+}
+
+/// Whether requests to nodes of an upstream with `settings` can be relayed: plain `http`
+/// nodes, and `https` ones (over TLS, ALPN `http/1.1`).
+pub fn relays(settings: &UpstreamSettings) -> bool {
+    match settings.scheme {
+        Scheme::Http => true,
+        Scheme::Https => settings.tls.is_some(),
+        _ => false,
     }
 }
 
@@ -2546,21 +2703,21 @@ struct Checked {
 }
 
 thread_local! {
-    // Keyed by node addresses, which come from configuration and discovery: no need for
-    // SipHash's flooding resistance.
-    static IDLE: RefCell<FxHashMap<SocketAddr, Vec<Idle>>> = RefCell::new(FxHashMap::default());
+    // Keyed by node addresses (and TLS settings), which come from configuration and discovery:
+    // no need for SipHash's flooding resistance.
+    static IDLE: RefCell<FxHashMap<PoolKey, Vec<Idle>>> = RefCell::new(FxHashMap::default());
 }
 
-/// Takes an idle connection to `addr` that is still open and has been idle for less than the
+/// Takes an idle connection for `key` that is still open and has been idle for less than the
 /// pool's `idle_timeout` at `now` (the attempt's start: no clock read of its own).
-fn checkout(addr: SocketAddr, limits: KeepalivePool, ask_kernel: bool, now: Instant) -> Option<Checked> {
+fn checkout(key: &PoolKey, limits: KeepalivePool, ask_kernel: bool, now: Instant) -> Option<Checked> {
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
-        let list = p.get_mut(&addr)?;
-        while let Some(c) = list.pop() {
+        let list = p.get_mut(key)?;
+        while let Some(mut c) = list.pop() {
             if now.saturating_duration_since(c.since) >= limits.idle_timeout
-                || !still_open(&c.stream)
-                || (ask_kernel && !kernel_says_open(&c.stream))
+                || !still_open(&mut c.stream)
+                || (ask_kernel && !kernel_says_open(c.stream.tcp()))
             {
                 continue;
             }
@@ -2570,21 +2727,40 @@ fn checkout(addr: SocketAddr, limits: KeepalivePool, ask_kernel: bool, now: Inst
     })
 }
 
-/// Whether an idle node connection is still usable: nothing to read (no EOF, no stray bytes).
-/// The reactor's readiness answers without a syscall unless something did arrive.
-fn still_open(s: &TcpStream) -> bool {
+/// Whether an idle node connection is still usable: nothing to read (no EOF, no stray bytes;
+/// over TLS no record either, not even a `close_notify`). The reactor's readiness answers
+/// without a syscall unless something did arrive.
+fn still_open(node: &mut Node) -> bool {
+    if let NodeStream::Tls(t) = &mut node.stream {
+        // Decrypted bytes or a `close_notify` already held, or a broken session.
+        let (_, tls) = t.get_mut();
+        if !tls.process_new_packets().is_ok_and(|s| s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed())
+        {
+            return false;
+        }
+    }
     if !tokio::task::coop::has_budget_remaining() {
         // The reactor would not answer (its poll counts against the budget): ask the kernel.
-        return kernel_says_open(s);
+        return kernel_says_open(node.tcp());
     }
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    match s.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            let mut probe = [0u8; 1];
-            matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-        }
+    match &node.stream {
+        NodeStream::Plain(s) => match s.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        },
+        // Records still in the socket cannot be read here without the session: any is a close
+        // or stray bytes (the session's own messages come before the first answer, which was
+        // read whole before the connection was pooled), unless the readiness was stale.
+        NodeStream::Tls(t) => match t.get_ref().0.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => kernel_says_open(node.tcp()),
+        },
     }
 }
 
@@ -2594,19 +2770,22 @@ fn kernel_says_open(s: &TcpStream) -> bool {
     matches!(socket2::SockRef::from(s).peek(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-fn checkin(addr: SocketAddr, stream: Node, uses: u32, limits: KeepalivePool) {
-    checkin_at(addr, stream, uses, limits, Instant::now());
+fn checkin(key: &PoolKey, stream: Node, uses: u32, limits: KeepalivePool) {
+    checkin_at(key, stream, uses, limits, Instant::now());
 }
 
 /// [`checkin`] at `now`. The list is in check-in order (checkouts take the newest), so the
 /// connections that stayed idle longest are at its front.
-fn checkin_at(addr: SocketAddr, stream: Node, uses: u32, limits: KeepalivePool, now: Instant) {
-    if uses >= limits.requests || limits.size == 0 {
+fn checkin_at(key: &PoolKey, stream: Node, uses: u32, limits: KeepalivePool, now: Instant) {
+    if uses >= limits.requests || limits.size == 0 || stream.unflushed() {
         return;
     }
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
-        let list = p.entry(addr).or_default();
+        let list = match p.get_mut(key) {
+            Some(list) => list,
+            None => p.entry(key.clone()).or_default(),
+        };
         if list.len() >= limits.size {
             let stale = stale_overflow(list, limits.size, 1, now);
             list.drain(..stale);
@@ -2625,7 +2804,9 @@ fn sweep_at(max_idle: Duration, now: Instant) {
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
         p.retain(|_, list| {
-            list.retain(|c| now.saturating_duration_since(c.since) < max_idle && still_open(&c.stream));
+            list.retain_mut(|c| {
+                now.saturating_duration_since(c.since) < max_idle && still_open(&mut c.stream)
+            });
             if let Some(size) = list.last().map(|c| c.size) {
                 let stale = stale_overflow(list, size, 0, now);
                 list.drain(..stale);
@@ -2769,9 +2950,10 @@ mod tests {
                 tokio::task::coop::consume_budget().await;
             }
             // Also the liveness check, which must not take a refused poll for "nothing here".
-            let open = still_open(&node);
+            let mut node = Node::new(NodeStream::Plain(node));
+            let open = still_open(&mut node);
             let mut buf = BytesMut::new();
-            let n = read_some(&mut Node::new(node), &mut buf, Duration::from_secs(5)).await.ok();
+            let n = read_some(&mut node, &mut buf, Duration::from_secs(5)).await.ok();
             (open, n)
         });
         let (open, n) = tokio::time::timeout(Duration::from_secs(10), reader)
@@ -2795,20 +2977,22 @@ mod tests {
             peers.push(l.accept().await.unwrap().0);
         }
         let limits = KeepalivePool { size: 2, idle_timeout: Duration::from_secs(60), requests: 100 };
-        let idle = || IDLE.with(|p| p.borrow().get(&addr).map_or(0, |l| l.len()));
+        let key = PoolKey { addr, tls: 0, sni: None };
+        let node = |c| Node::new(NodeStream::Plain(c));
+        let idle = || IDLE.with(|p| p.borrow().get(&key).map_or(0, |l| l.len()));
         let t0 = Instant::now();
         let later = t0 + crate::pool::OVERFLOW_GRACE;
         for c in conns.drain(..4) {
-            checkin_at(addr, Node::new(c), 1, limits, t0);
+            checkin_at(&key, node(c), 1, limits, t0);
         }
         assert_eq!(idle(), 4, "a burst within the grace is kept whole");
-        checkin_at(addr, Node::new(conns.pop().unwrap()), 1, limits, later);
+        checkin_at(&key, node(conns.pop().unwrap()), 1, limits, later);
         assert_eq!(idle(), 2, "three stale ones left, down to size with the newcomer");
         // The newest comes out first: the one checked in last.
-        let fresh = IDLE.with(|p| p.borrow().get(&addr).and_then(|l| l.last().map(|c| c.since)));
+        let fresh = IDLE.with(|p| p.borrow().get(&key).and_then(|l| l.last().map(|c| c.since)));
         assert_eq!(fresh, Some(later));
         for c in conns.drain(..) {
-            checkin_at(addr, Node::new(c), 1, limits, later);
+            checkin_at(&key, node(c), 1, limits, later);
         }
         assert_eq!(idle(), 5, "the stale one left behind the newcomers went with the first of them");
         sweep_at(Duration::from_secs(60), later + crate::pool::OVERFLOW_GRACE);
@@ -2816,6 +3000,94 @@ mod tests {
         sweep_at(Duration::from_secs(60), later + Duration::from_secs(60));
         assert_eq!(idle(), 0, "idle_timeout still applies");
         drop(peers);
+    }
+
+    /// A TLS connection to a node that reads nothing until `go` is sent, then reads everything
+    /// and reports how many bytes came; both sockets have small buffers, so a write can leave
+    /// bytes in the gateway's TLS session.
+    async fn tls_node_that_waits() -> (Node, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<usize>)
+    {
+        use tokio::io::AsyncReadExt;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["node.test".to_string()]).unwrap().self_signed(&key).unwrap();
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        let server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                crate::tls::parse_certs(&cert_pem).unwrap(),
+                crate::tls::parse_key(&key_pem).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listening = tokio::net::TcpSocket::new_v4().unwrap();
+        listening.set_recv_buffer_size(4096).unwrap();
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let reader = tokio::spawn(async move {
+            let mut tls = acceptor.accept(listener.accept().await.unwrap().0).await.unwrap();
+            let _ = wait.await;
+            let mut got = Vec::new();
+            let _ = tls.read_to_end(&mut got).await;
+            got.len()
+        });
+        let opts = crate::tls::ClientTlsOptions {
+            verify: false,
+            roots: Arc::new(rustls::RootCertStore::empty()),
+            client_cert: None,
+        };
+        let client = crate::tls::ClientTls::new(opts).unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(4096).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let tls = crate::connect_tls(tcp, addr, client.http1.clone(), "node.test", Duration::from_secs(5))
+            .await
+            .unwrap();
+        (Node::new(NodeStream::Tls(Box::new(tls))), go, reader)
+    }
+
+    /// Over TLS a write that finds the socket full leaves bytes in the session: both body
+    /// copiers (an HTTP/1.1 client's, an HTTP/2 client's) count them as still to send until a
+    /// flush has passed them on, and the node gets the whole body.
+    #[tokio::test]
+    async fn bodies_to_tls_nodes_are_not_done_until_flushed() {
+        const LEN: usize = 60 * 1024;
+        let body = vec![5u8; LEN];
+        let patience = Duration::from_millis(300);
+
+        let (mut node, go, reader) = tls_node_that_waits().await;
+        let mut pump = BodyPump::new(LEN as u64, None);
+        let mut client = &body[..];
+        let mut drive = async |pump: &mut BodyPump, node: &mut Node| {
+            while !pump.done() {
+                let step = std::future::poll_fn(|cx| pump.poll_step(cx, &mut client, node)).await;
+                assert!(pump.apply(step).is_ok());
+            }
+        };
+        let early = tokio::time::timeout(patience, drive(&mut pump, &mut node)).await;
+        assert!(early.is_err(), "the pump said done while the node had read nothing");
+        go.send(()).unwrap();
+        drive(&mut pump, &mut node).await;
+        drop(node);
+        assert_eq!(reader.await.unwrap(), LEN);
+
+        let (mut node, go, reader) = tls_node_that_waits().await;
+        let mut up = Upload::new(ProxyBody::full(body.clone()), false, patience, patience);
+        let drive = async |up: &mut Upload, node: &mut Node| {
+            while !up.done() {
+                assert!(std::future::poll_fn(|cx| up.poll_step(cx, node)).await.is_ok());
+            }
+        };
+        let early = tokio::time::timeout(patience, drive(&mut up, &mut node)).await;
+        assert!(early.is_err(), "the upload said done while the node had read nothing");
+        go.send(()).unwrap();
+        drive(&mut up, &mut node).await;
+        drop(node);
+        assert_eq!(reader.await.unwrap(), LEN);
     }
 
     fn head(extra: &[(&str, &str)]) -> Parts {

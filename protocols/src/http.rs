@@ -261,11 +261,11 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
     let body_empty = body.is_end_stream();
     let mut body = if body_empty { ProxyBody::Empty } else { body };
 
-    // A small body of known length from an HTTP/2 client, for a plain `http` node, is read whole
-    // first and goes with its head over the relay's node connections, as an HTTP/1.1 client's
-    // does (and as nginx buffers request bodies); a retry sends it again from memory.
+    // A small body of known length from an HTTP/2 client, for an `http` or `https` node, is
+    // read whole first and goes with its head over the relay's node connections, as an HTTP/1.1
+    // client's does (and as nginx buffers request bodies); a retry sends it again from memory.
     let mut buffered: Option<bytes::Bytes> = None;
-    if settings.scheme == Scheme::Http
+    if crate::h1::relays(settings)
         && upgrade.is_none()
         && !ctx.grpc
         && matches!(body, ProxyBody::H2(_))
@@ -284,9 +284,9 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         buffered = Some(bytes);
     }
-    // Any other body for a plain `http` node is streamed over the same connections, framed by
-    // its length when it has one and chunked when not.
-    let streamed = settings.scheme == Scheme::Http
+    // Any other body for an `http` or `https` node is streamed over the same connections,
+    // framed by its length when it has one and chunked when not.
+    let streamed = crate::h1::relays(settings)
         && upgrade.is_none()
         && !ctx.grpc
         && buffered.is_none()
@@ -313,20 +313,28 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
             Ok(p) => p,
             Err(e) => return Err((e, out.body)),
         };
-        // A request without a body for a plain `http` node goes over the direct HTTP/1.1
-        // relay's connections (no hyper client task per node connection).
-        let direct = settings.scheme == Scheme::Http
+        // A request without a body (or with a small one read whole) for an `http` or `https`
+        // node goes over the direct HTTP/1.1 relay's connections (no hyper client task per node
+        // connection).
+        let direct = crate::h1::relays(settings)
             && upgrade.is_none()
             && !ctx.grpc
             && matches!(out.body, ProxyBody::Empty);
-        let (fail, peer) = if streamed {
-            let host = upstream_host(&settings.pass_host, out.client_host.as_ref(), &peer, settings.scheme);
+        let relayed = (streamed || direct)
+            .then(|| {
+                let host =
+                    upstream_host(&settings.pass_host, out.client_host.as_ref(), &peer, settings.scheme);
+                crate::h1::Target::of(settings, peer.addr, &host).map(|t| (host, t))
+            })
+            .flatten();
+        let (fail, peer) = if let (true, Some((host, target))) = (streamed, &relayed) {
             let body = std::mem::replace(&mut out.body, ProxyBody::Empty);
             let keepalive = settings.keepalive;
             let sent = crate::h1::attempt_streamed(
                 &out.parts,
                 body,
-                &host,
+                host,
+                target,
                 peer,
                 keepalive,
                 timeouts,
@@ -346,10 +354,10 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
                     (AttemptError { error, outcome, elapsed: Duration::ZERO, request_intact: false }, p)
                 }
             }
-        } else if direct {
-            let host = upstream_host(&settings.pass_host, out.client_host.as_ref(), &peer, settings.scheme);
+        } else if let Some((host, target)) = &relayed {
             let body = buffered.as_deref().unwrap_or_default();
-            match crate::h1::attempt(&out.parts, body, &host, peer, settings.keepalive, timeouts).await {
+            match crate::h1::attempt(&out.parts, body, host, target, peer, settings.keepalive, timeouts).await
+            {
                 Ok(resp) => return Ok(resp),
                 Err((crate::h1::Failure::Node { error, outcome, elapsed, sent }, p)) => {
                     (AttemptError { error, outcome, elapsed, request_intact: !sent }, p)
@@ -590,7 +598,7 @@ fn node_host(peer: &Peer, scheme: Scheme) -> HeaderValue {
 }
 
 /// The TLS server name for `host` (a Host header value): without port and brackets.
-fn sni_of(host: &HeaderValue) -> Option<Arc<str>> {
+pub(crate) fn sni_of(host: &HeaderValue) -> Option<Arc<str>> {
     let s = host.to_str().ok()?;
     let name = if let Some(rest) = s.strip_prefix('[') {
         rest.split(']').next()?

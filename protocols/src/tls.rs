@@ -181,8 +181,12 @@ pub fn root_store(extra_pem: Option<&str>) -> Result<Arc<RootCertStore>, TlsErro
 /// TLS settings towards the nodes of one upstream.
 #[derive(Debug)]
 pub struct ClientTls {
-    /// Offers ALPN `h2` and `http/1.1` (https upstreams: HTTP/2 where the node speaks it).
+    /// Offers ALPN `h2` and `http/1.1` (gRPC calls to https upstreams, which go over HTTP/2
+    /// where the node speaks it).
     pub auto: Arc<ClientConfig>,
+    /// Offers ALPN `http/1.1` only: the HTTP/1.1 relay's connections to https nodes (as nginx,
+    /// and so APISIX, speak to them).
+    pub http1: Arc<ClientConfig>,
     /// Offers ALPN `h2` only (grpcs upstreams).
     pub h2: Arc<ClientConfig>,
     /// Offers no ALPN (TLS origination for L4 streams).
@@ -231,6 +235,7 @@ impl ClientTls {
         };
         Ok(ClientTls {
             auto: build(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?,
+            http1: build(vec![b"http/1.1".to_vec()])?,
             h2: build(vec![b"h2".to_vec()])?,
             raw: build(vec![])?,
             pool_id,
