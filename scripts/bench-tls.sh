@@ -11,6 +11,13 @@
 #   ROUNDS=5 DUR=5 scripts/bench-tls.sh
 #   LOADS="close:/hello" scripts/bench-tls.sh                # handshakes only
 #   KEY=rsa LOADS="close:/hello" scripts/bench-tls.sh        # with an RSA 2048 certificate
+#   NODES=tls LOADS=/hello scripts/bench-tls.sh               # plain clients, TLS to the node
+#   STRAIT_BIN_B=/tmp/strait-before scripts/bench-tls.sh      # and another build, interleaved
+#
+# NODES=tls turns it around: clients speak plain HTTP/1.1 to the proxy (wrk loads only), and
+# the proxy speaks TLS 1.3 to the node (an nginx on the origin's core answering `return 200`
+# with 13 bytes), keeping up to 256 connections to it (Strait `scheme: https`, nginx
+# `proxy_pass https://` with `keepalive 256`, HAProxy `ssl verify none` with `http-reuse safe`).
 #
 # Needs what ../shared/bench/setup.sh installs (wrk, h2load, nginx, haproxy, the origin server)
 # and openssl. TLS 1.3 with a P-256 certificate (KEY=rsa: RSA 2048) for every proxy; keep-alive
@@ -24,6 +31,13 @@ ROUNDS=${ROUNDS:-3}
 DUR=${DUR:-5}
 PORT=${PORT:-19443}
 ORIGIN=${ORIGIN:-127.0.0.1:18080}
+NODES=${NODES:-plain}
+TLS_ORIGIN=${TLS_ORIGIN:-127.0.0.1:18443}
+if [[ $NODES == tls ]]; then
+    NODE=$TLS_ORIGIN CLIENT_SCHEME=http NODE_SCHEME=https
+else
+    NODE=$ORIGIN CLIENT_SCHEME=https NODE_SCHEME=http
+fi
 
 for tool in wrk nginx haproxy openssl curl taskset; do
     command -v "$tool" >/dev/null || [[ -x /usr/sbin/$tool ]] || { echo "missing: $tool (run ../shared/bench/setup.sh)"; exit 1; }
@@ -40,6 +54,7 @@ cleanup() {
     rm -rf "$DIR"
 }
 trap cleanup EXIT
+[[ -n ${KEEP:-} ]] && trap - EXIT
 
 # KEY=rsa: an RSA 2048 certificate instead (its signature dominates a full handshake).
 case ${KEY:-ec} in
@@ -57,14 +72,14 @@ cat > "$DIR/strait/conf/config.yaml" <<EOF
 apisix:
   node_listen:
     - ip: 127.0.0.1
-      port: $((PORT + 1))
+      port: $([[ $NODES == tls ]] && echo "$PORT" || echo $((PORT + 1)))
   enable_control: false
   ssl:
-    enable: true
+    enable: $([[ $NODES == tls ]] && echo false || echo true)
     fallback_sni: localhost
     listen:
       - ip: 127.0.0.1
-        port: $PORT
+        port: $([[ $NODES == tls ]] && echo $((PORT + 1)) || echo "$PORT")
 deployment:
   role: data_plane
   role_data_plane:
@@ -81,8 +96,9 @@ EOF
     cat <<EOF
 upstreams:
   - id: up
+    scheme: $NODE_SCHEME
     nodes:
-      "$ORIGIN": 1
+      "$NODE": 1
     keepalive_pool: {size: 256, idle_timeout: 60, requests: 1000000}
 routes:
   - uri: /*
@@ -105,14 +121,15 @@ http {
     uwsgi_temp_path $DIR/nginx/tmp;
     scgi_temp_path $DIR/nginx/tmp;
     keepalive_requests 1000000;
-    upstream up { server $ORIGIN; keepalive 256; keepalive_requests 1000000; }
+    upstream up { server $NODE; keepalive 256; keepalive_requests 1000000; }
     server {
-        listen 127.0.0.1:$PORT ssl http2 backlog=4096;
+        listen 127.0.0.1:$PORT $([[ $NODES == tls ]] || echo ssl http2) backlog=4096;
         ssl_certificate $DIR/cert.pem;
         ssl_certificate_key $DIR/key.pem;
         ssl_protocols TLSv1.3;
         location / {
-            proxy_pass http://up;
+            proxy_pass $NODE_SCHEME://up;
+            proxy_ssl_protocols TLSv1.3;  # nginx 1.22 offers up to TLS 1.2 by default
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffer_size 16k;
@@ -136,14 +153,41 @@ defaults
     option http-keep-alive
     http-reuse safe
 frontend fe
-    bind 127.0.0.1:$PORT ssl crt $DIR/both.pem alpn h2,http/1.1
+    bind 127.0.0.1:$PORT $([[ $NODES == tls ]] || echo "ssl crt $DIR/both.pem alpn h2,http/1.1")
     default_backend be
 backend be
-    server s1 $ORIGIN
+    server s1 $NODE $([[ $NODES == tls ]] && echo "ssl verify none alpn http/1.1")
+EOF
+
+# NODES=tls: the node is an nginx speaking TLS 1.3 with the same certificate.
+mkdir -p "$DIR/origin/tmp"
+cat > "$DIR/origin/nginx.conf" <<EOF
+worker_processes 1;
+pid $DIR/origin/nginx.pid;
+error_log $DIR/origin/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $DIR/origin/tmp;
+    proxy_temp_path $DIR/origin/tmp;
+    fastcgi_temp_path $DIR/origin/tmp;
+    uwsgi_temp_path $DIR/origin/tmp;
+    scgi_temp_path $DIR/origin/tmp;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    server {
+        listen $TLS_ORIGIN ssl backlog=4096;
+        ssl_certificate $DIR/cert.pem;
+        ssl_certificate_key $DIR/key.pem;
+        ssl_protocols TLSv1.3;
+        location / { return 200 "Hello, World!"; }
+    }
+}
 EOF
 
 start_proxy() {
     case $1 in
+        strait_b) taskset -c 1 "$STRAIT_BIN_B" run -c "$DIR/strait/conf/config.yaml" --workers 1 >"$DIR/proxy.log" 2>&1 & ;;
         strait) taskset -c 1 "$STRAIT_BIN" run -c "$DIR/strait/conf/config.yaml" --workers 1 >"$DIR/proxy.log" 2>&1 & ;;
         nginx) taskset -c 1 "$(command -v nginx || echo /usr/sbin/nginx)" -p "$DIR/nginx" -e "$DIR/nginx/error.log" \
             -c "$DIR/nginx/nginx.conf" -g 'daemon off;' >"$DIR/proxy.log" 2>&1 & ;;
@@ -152,17 +196,26 @@ start_proxy() {
     esac
     PROXY_PID=$!
     for _ in $(seq 1 200); do
-        curl -sk -o /dev/null "https://127.0.0.1:$PORT/hello" && return 0
+        curl -sk -o /dev/null "$CLIENT_SCHEME://127.0.0.1:$PORT/hello" && return 0
         sleep 0.05
     done
     echo "$1 did not come up:"; cat "$DIR/proxy.log"; return 1
 }
 
-taskset -c 0 "$BACKEND_BIN" --http "$ORIGIN" --workers 1 >"$DIR/backend.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 200); do curl -s -o /dev/null "http://$ORIGIN/hello" && break; sleep 0.05; done
+if [[ $NODES == tls ]]; then
+    taskset -c 0 "$(command -v nginx || echo /usr/sbin/nginx)" -p "$DIR/origin" -e "$DIR/origin/error.log" \
+        -c "$DIR/origin/nginx.conf" -g 'daemon off;' >"$DIR/backend.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 1 200); do curl -sk -o /dev/null "https://$NODE/hello" && break; sleep 0.05; done
+else
+    taskset -c 0 "$BACKEND_BIN" --http "$ORIGIN" --workers 1 >"$DIR/backend.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 1 200); do curl -s -o /dev/null "http://$ORIGIN/hello" && break; sleep 0.05; done
+fi
 
 PROXIES=(nginx haproxy strait)
+# STRAIT_BIN_B: another Strait build, run as `strait_b` in each round (an A/B).
+[[ -n ${STRAIT_BIN_B:-} ]] && PROXIES+=(strait_b)
 : > "$DIR/rows"
 # HTTP/1.1 (wrk -c64) for the 13-byte and the 64 KiB answer, then HTTP/2 (h2load -c8 -m16,
 # ALPN h2) for the 13-byte one; `close:` loads open a connection per request.
@@ -174,7 +227,7 @@ for load in ${LOADS:-/hello /size/65536 h2:/hello}; do
     for r in $(seq 1 "$ROUNDS"); do
         for p in "${PROXIES[@]}"; do
             start_proxy "$p"
-            url="https://127.0.0.1:$PORT$path"
+            url="$CLIENT_SCHEME://127.0.0.1:$PORT$path"
             if [[ $load == h2:* ]]; then
                 command -v h2load >/dev/null || { echo "missing: h2load (nghttp2-client)"; exit 1; }
                 taskset -c 0 h2load -t1 -c8 -m16 -D 1 "$url" >/dev/null 2>&1
