@@ -51,10 +51,10 @@ PROXY_PID=
 cleanup() {
     for p in "${PIDS[@]}" $PROXY_PID; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$DIR"
+    # KEEP=1 leaves the configs and logs in $DIR.
+    if [[ -n ${KEEP:-} ]]; then echo "kept: $DIR"; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
-[[ -n ${KEEP:-} ]] && trap - EXIT
 
 # KEY=rsa: an RSA 2048 certificate instead (its signature dominates a full handshake).
 case ${KEY:-ec} in
