@@ -202,6 +202,11 @@ start_proxy() {
     echo "$1 did not come up:"; cat "$DIR/proxy.log"; return 1
 }
 
+for addr in "$NODE" "127.0.0.1:$PORT"; do
+    if (exec 3<>"/dev/tcp/${addr%:*}/${addr##*:}") 2>/dev/null; then
+        echo "$addr is already in use (a process left from another run?)"; exit 1
+    fi
+done
 if [[ $NODES == tls ]]; then
     taskset -c 0 "$(command -v nginx || echo /usr/sbin/nginx)" -p "$DIR/origin" -e "$DIR/origin/error.log" \
         -c "$DIR/origin/nginx.conf" -g 'daemon off;' >"$DIR/backend.log" 2>&1 &
