@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::certs::{Ca, Leaf, client_tls, yaml_block};
+use support::certs::{Ca, Leaf, client_tls, tls_acceptor, yaml_block};
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -885,16 +885,7 @@ async fn an_https_node_closing_an_idle_connection_is_not_a_failure() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let ca = Ca::new("upstream-ca");
     let leaf = ca.leaf(&["backend.internal"]);
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
-            strait_protocols::tls::parse_key(&leaf.key).unwrap(),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = tls_acceptor(&leaf);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (conns, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -905,20 +896,17 @@ async fn an_https_node_closing_an_idle_connection_is_not_a_failure() {
             let (acceptor, d) = (acceptor.clone(), d.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                // The request's body, when it has one (a POST's 4 bytes).
-                if head.to_ascii_lowercase().windows(17).any(|w| w == b"content-length: 4") {
-                    let mut body = [0u8; 4];
-                    if tls.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
+                let Some(got) = request_head_bytes(&mut tls).await else { return };
+                // The rest of the request's body, when it has one (a POST's 4 bytes).
+                let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else { return };
+                let length = if got.to_ascii_lowercase().windows(17).any(|w| w == b"content-length: 4") {
+                    4
+                } else {
+                    0
+                };
+                let mut rest = vec![0u8; length - (got.len() - end).min(length)];
+                if tls.read_exact(&mut rest).await.is_err() {
+                    return;
                 }
                 let body = format!("connection {n}");
                 let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
@@ -958,17 +946,7 @@ async fn an_https_node_closing_an_idle_connection_is_not_a_failure() {
 /// A TLS server on 127.0.0.1:0 with `leaf` that reads each request's body slowly (256 KiB
 /// every 5 ms, through a small receive buffer), then answers with the length it read.
 async fn slow_reading_tls_node(leaf: &Leaf) -> std::net::SocketAddr {
-    use std::sync::Arc;
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
-            strait_protocols::tls::parse_key(&leaf.key).unwrap(),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = tls_acceptor(leaf);
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     // Set before listening, so accepted connections keep it (and the kernel does not grow it).
     socket.set_recv_buffer_size(64 * 1024).unwrap();
@@ -981,15 +959,9 @@ async fn slow_reading_tls_node(leaf: &Leaf) -> std::net::SocketAddr {
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else { return };
                 let mut buf = vec![0u8; 256 * 1024];
-                let mut have = Vec::new();
                 loop {
-                    let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match tls.read(&mut buf).await {
-                            Ok(n @ 1..) => have.extend_from_slice(&buf[..n]),
-                            _ => return,
-                        }
-                        continue;
-                    };
+                    let Some(have) = request_head_bytes(&mut tls).await else { return };
+                    let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") else { return };
                     let head = String::from_utf8_lossy(&have[..end]).to_ascii_lowercase();
                     let length: usize = head
                         .lines()
@@ -1010,7 +982,6 @@ async fn slow_reading_tls_node(leaf: &Leaf) -> std::net::SocketAddr {
                     if tls.write_all(answer.as_bytes()).await.is_err() {
                         return;
                     }
-                    have.clear();
                 }
             });
         }
@@ -1048,19 +1019,9 @@ async fn uploads_to_a_slow_https_node_arrive_whole() {
 async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
     use bytes::Bytes;
     use http_body_util::Full;
-    use std::sync::Arc;
     let ca = Ca::new("upstream-ca");
     let leaf = ca.leaf(&["backend.internal"]);
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
-            strait_protocols::tls::parse_key(&leaf.key).unwrap(),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = tls_acceptor(&leaf);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1071,13 +1032,8 @@ async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
             let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if !read_request_head(&mut tls).await {
+                    return;
                 }
                 let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!";
                 if tls.write_all(answer).await.is_err() || tls.flush().await.is_err() {

@@ -2624,19 +2624,6 @@ impl Node {
     }
 }
 
-impl std::ops::Deref for Node {
-    type Target = NodeStream;
-    fn deref(&self) -> &NodeStream {
-        &self.stream
-    }
-}
-
-impl std::ops::DerefMut for Node {
-    fn deref_mut(&mut self) -> &mut NodeStream {
-        &mut self.stream
-    }
-}
-
 /// Where a relayed request goes: a node's address, and for an https node the TLS settings and
 /// server name its connections are made with (they key the pool too, so a connection is only
 /// reused with the settings it was made with).

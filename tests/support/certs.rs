@@ -76,6 +76,23 @@ pub fn yaml_block(pem: &str, spaces: usize) -> String {
     out
 }
 
+/// A TLS server configuration presenting `leaf`, without client certificates.
+#[allow(dead_code)]
+pub fn tls_acceptor(leaf: &Leaf) -> tokio_rustls::TlsAcceptor {
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
+        strait_protocols::tls::parse_key(&leaf.key).unwrap(),
+    )
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
 /// A TLS client that trusts only `ca`.
 pub fn client_tls(ca: &Ca) -> tokio_rustls::TlsConnector {
     client_tls_as(ca, None)

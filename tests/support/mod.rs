@@ -565,13 +565,13 @@ where
 }
 
 /// For hand-written nodes: reads until the end of a request head; false if the client left.
-pub async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
+pub async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
     request_head_bytes(s).await.is_some()
 }
 
 /// For hand-written nodes: reads until the end of a request head and returns what was read (the
 /// head, and whatever came with it); `None` if the client left first.
-pub async fn request_head_bytes(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+pub async fn request_head_bytes<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {

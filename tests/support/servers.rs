@@ -44,17 +44,7 @@ impl Echo {
 
     /// The same over TLS with `leaf`.
     pub async fn start_tls(leaf: &Leaf) -> Echo {
-        let cfg =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(
-                    strait_protocols::tls::parse_certs(&leaf.cert).unwrap(),
-                    strait_protocols::tls::parse_key(&leaf.key).unwrap(),
-                )
-                .unwrap();
-        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+        Self::start_inner(Some(super::certs::tls_acceptor(leaf))).await
     }
 
     async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> Echo {
