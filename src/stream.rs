@@ -253,7 +253,8 @@ fn session(
                     }
                 };
                 peer.report(Outcome::StreamOk, started.elapsed());
-                Some(relay(&mut client, node, idle).await)
+                // As a `NodeStream`: a node's close without `close_notify` reads as its EOF.
+                Some(relay(&mut client, strait_protocols::NodeStream::Tls(Box::new(node)), idle).await)
             });
             match tls_session.await {
                 Some(r) => r,

@@ -351,6 +351,47 @@ async fn tls_origination_to_a_tls_node() {
     assert_eq!(*tls_echo.connections.lock().unwrap(), 1);
 }
 
+/// A TLS node that sends its greeting and closes without `close_notify` (as many servers do)
+/// ends the session as a clean close would: the TLS client gets the greeting and then the
+/// gateway's own `close_notify`, not a cut-off session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_node_closing_without_close_notify_ends_the_session_cleanly() {
+    let ca = Ca::new("origination-ca");
+    let (leaf, edge) = (ca.leaf(&["node.internal"]), ca.leaf(&["db.test"]));
+    let acceptor = support::certs::tls_acceptor(&leaf);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                if tls.write_all(b"greeting").await.is_ok() && tls.flush().await.is_ok() {
+                    // Dropped without `shutdown`: FIN with no close_notify before it.
+                    drop(tls);
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start_with(
+        &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
+        &format!(
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}stream_routes:\n  - upstream:\n      scheme: tls\n      pass_host: rewrite\n      upstream_host: node.internal\n      nodes: {}\n",
+            yaml_block(&edge.cert, 6),
+            yaml_block(&edge.key, 6),
+            nodes_yaml(&[node])
+        ),
+        1,
+    );
+    for i in 0..3 {
+        let (mut s, _) = tls_connect(gw.stream(0), &ca, "db.test", &edge).await;
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(matches!(read, Ok(Ok(8))), "session {i}: {read:?} after {:?}", String::from_utf8_lossy(&out));
+        assert_eq!(out, b"greeting");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_in_drives_remote_addr_matching_and_out_reaches_the_node() {
     let (trusted, recorder) = (Echo::start().await, ProxyRecorder::start().await);

@@ -1059,3 +1059,51 @@ async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
         assert_eq!((status, &answer[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "h2 upload {i}");
     }
 }
+
+/// An `https` node whose answer has no length and that closes without `close_notify` (as many
+/// servers do): the body it sent is relayed whole and ends cleanly, as nginx (and so APISIX)
+/// relays it. An answer with a length cut off the same way is still an error for the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_node_closing_without_close_notify_ends_a_body_delimited_by_its_close() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new("upstream-ca");
+    let acceptor = tls_acceptor(&ca.leaf(&["backend.internal"]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Some(head) = request_head_bytes(&mut tls).await else { return };
+                let answer: &[u8] = if head.starts_with(b"GET /cut") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end"
+                };
+                if tls.write_all(answer).await.is_ok() && tls.flush().await.is_ok() {
+                    // Dropped without `shutdown`: FIN with no close_notify before it.
+                    drop(tls);
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{scheme: https, retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[addr])
+    ));
+    for _ in 0..3 {
+        let (status, _, body) = get(gw.http(), "/open").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"until the end"[..]), "HTTP/1.1");
+        let req = http::Request::get(format!("http://{}/open", gw.http()))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (status, _, body, _) = send_h2(gw.http(), req).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"until the end"[..]), "HTTP/2");
+    }
+    // A body with a length that ends early is cut off, not passed on as whole.
+    let (ok, out, _) =
+        curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}/cut", gw.http())]).await;
+    assert!(!ok, "curl must see the body cut off");
+    assert_eq!(out, "200");
+}

@@ -76,11 +76,18 @@ impl NodeStream {
     }
 }
 
+/// Reads from a TLS node take a close without `close_notify` for an end of stream, as nginx does
+/// (`SSL_OP_IGNORE_UNEXPECTED_EOF`, so APISIX too): many servers close that way, and a body
+/// delimited by the close then ends there. A body with a length or chunks that stops short is
+/// still cut off where its framing says so.
 impl AsyncRead for NodeStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             NodeStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            NodeStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            NodeStream::Tls(s) => match Pin::new(&mut **s).poll_read(cx, buf) {
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+                other => other,
+            },
         }
     }
 }

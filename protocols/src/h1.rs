@@ -2579,6 +2579,8 @@ impl Node {
                 loop {
                     match io::Read::read(&mut tls.reader(), chunk) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        // A close without `close_notify` is an end, as `NodeStream` reads it.
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                         done => return done,
                     }
                     // Nothing decrypted: more records from the socket (`WouldBlock` if none).
@@ -2586,9 +2588,16 @@ impl Node {
                     let got = tls.read_tls(&mut &*sock)?;
                     tls.process_new_packets().map_err(io::Error::other)?;
                     if got == 0 {
-                        // The stream ended: a clean close reads as the end, another as an error.
+                        // The stream ended, with or without `close_notify`.
                         return match io::Read::read(&mut tls.reader(), chunk) {
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    io::ErrorKind::WouldBlock | io::ErrorKind::UnexpectedEof
+                                ) =>
+                            {
+                                Ok(0)
+                            }
                             other => other,
                         };
                     }
