@@ -1181,6 +1181,52 @@ async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
     assert_eq!(get(gw.http(), "/status").await.0, StatusCode::PAYLOAD_TOO_LARGE, "the gateway serves on");
 }
 
+/// The same with a body small enough to be read whole and sent with the request head (60 KiB),
+/// to a node that reads only the head, answers, and resets the connection: the client gets the
+/// answer, not a 502, from HTTP/1.1 and HTTP/2 clients alike, whether the gateway's socket had
+/// taken the whole write when the reset came or was still waiting to (then the write fails:
+/// `h1::tests::a_head_cut_by_the_nodes_reset_leaves_its_answer_to_read` holds that case alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_and_resetting_before_taking_a_small_body_gets_its_answer_relayed() {
+    use tokio::io::AsyncWriteExt;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    // Set before listening, so accepted connections keep them: a small segment size (64 KiB on
+    // loopback) and receive buffer, so the body is mostly still in the gateway's socket when the
+    // reset comes.
+    socket.set_tcp_mss(536).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    socket.listen(16).unwrap();
+    let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+    let node = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut s).await {
+                    let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!";
+                    let _ = s.write_all(answer).await;
+                    // Closed with the body unread and no lingering: a reset.
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{retries: 0, nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    let body = Bytes::from(vec![b'x'; 60 << 10]);
+    for i in 0..20 {
+        let req = Request::post("/up").header("host", "h").body(Full::new(body.clone())).unwrap();
+        let (status, _, answer) = send(gw.http(), req).await;
+        assert_eq!((status, &answer[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "upload {i}");
+        let req = Request::post(format!("http://{}/up", gw.http())).body(Full::new(body.clone())).unwrap();
+        let (status, _, answer, _) = send_h2(gw.http(), req).await;
+        assert_eq!((status, &answer[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "h2 upload {i}");
+    }
+}
+
 /// A node that answers an upload early with chunk framing that is already invalid in what came
 /// with its head: the client has nothing of that answer yet, so it gets a 502 (and the rest of
 /// its body is read before the connection closes).

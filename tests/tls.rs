@@ -1012,9 +1012,9 @@ async fn uploads_to_a_slow_https_node_arrive_whole() {
     assert_eq!((status, &body[..]), (StatusCode::OK, big.len().to_string().as_bytes()), "HTTP/2");
 }
 
-/// An `https` node that answers a large upload at once and resets the connection with the
-/// body unread (a 413, an auth failure): the client gets the node's answer, not a 502, from
-/// HTTP/1.1 and HTTP/2 clients alike.
+/// An `https` node that answers an upload at once and resets the connection with the body
+/// unread (a 413, an auth failure): the client gets the node's answer, not a 502, from HTTP/1.1
+/// and HTTP/2 clients alike, for a body streamed to the node and for one sent with the head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
     use bytes::Bytes;
@@ -1022,7 +1022,16 @@ async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
     let ca = Ca::new("upstream-ca");
     let leaf = ca.leaf(&["backend.internal"]);
     let acceptor = tls_acceptor(&leaf);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A small segment size (64 KiB on loopback) and receive buffer, set before listening so
+    // accepted connections keep them: a body is mostly still in the gateway's socket when the
+    // reset comes.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_tcp_mss(536).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    socket.listen(16).unwrap();
+    let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -1048,8 +1057,9 @@ async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
         "routes:\n  - uri: /*\n    upstream: {{scheme: https, retries: 0, nodes: {}}}\n",
         nodes_yaml(&[addr])
     ));
-    let body = Bytes::from(vec![b'x'; 8 << 20]);
-    for i in 0..5 {
+    // Streamed (8 MiB), and read whole then sent with the head (60 KiB).
+    for (i, size) in [8 << 20, 60 << 10].into_iter().cycle().take(10).enumerate() {
+        let body = Bytes::from(vec![b'x'; size]);
         let req = http::Request::post("/up").header("host", "h").body(Full::new(body.clone())).unwrap();
         let (status, _, answer) = send(gw.http(), req).await;
         assert_eq!((status, &answer[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too big!"[..]), "upload {i}");

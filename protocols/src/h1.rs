@@ -1167,36 +1167,68 @@ async fn open_and_send(
                 }
             },
         };
-        // Most heads go in one write the socket takes at once: no timer for those.
-        let mut at_once = false;
-        let sent = match &mut node.stream {
-            NodeStream::Plain(tcp) => match tcp.try_write(head) {
-                Ok(n) if n == head.len() => {
-                    at_once = reused;
-                    Ok(Ok(()))
-                }
-                Ok(n) => tokio::time::timeout(timeouts.send, tcp.write_all(&head[n..])).await,
-                Err(e) if e.kind() != io::ErrorKind::WouldBlock => Ok(Err(e)),
-                Err(_) => tokio::time::timeout(timeouts.send, tcp.write_all(head)).await,
-            },
-            // Through the session, which must pass all of it on before the wait for the answer.
-            NodeStream::Tls(tls) => {
-                let write = async {
-                    tls.write_all(head).await?;
-                    tls.flush().await
-                };
-                tokio::time::timeout(timeouts.send, write).await
+        match send_head(&mut node, head, timeouts.send).await {
+            HeadSent::AtOnce => return Ok((node, uses, reused, reused)),
+            HeadSent::Waited => return Ok((node, uses, reused, false)),
+            HeadSent::Failed(_) | HeadSent::Cut if reused => continue,
+            // The answer may be waiting all the same: it is read as any answer is (no answer
+            // is a failure then), and the connection is not pooled.
+            HeadSent::Cut => {
+                node.cut = true;
+                return Ok((node, uses, reused, false));
             }
-        };
-        match sent {
-            Ok(Ok(())) => return Ok((node, uses, reused, at_once)),
-            Ok(Err(_)) if reused => continue,
-            Ok(Err(e)) => {
+            HeadSent::Failed(e) => {
                 let e = ProxyError::Connect(e.to_string());
                 return Err(node_failure(e, Outcome::TcpFailure, start, true));
             }
-            Err(_) => return Err(node_failure(ProxyError::Timeout("send"), Outcome::Timeout, start, true)),
+            HeadSent::TimedOut => {
+                return Err(node_failure(ProxyError::Timeout("send"), Outcome::Timeout, start, true));
+            }
         }
+    }
+}
+
+/// How a request head went to the node.
+#[derive(Debug)]
+enum HeadSent {
+    /// In one write the socket took at once (plain TCP).
+    AtOnce,
+    /// After a wait for room, or through a TLS session.
+    Waited,
+    /// The node reset the connection (or had closed it) before it took it all: a node that
+    /// answers at the head (a 413 for a body it will not take) and closes with the rest unread
+    /// does so, when the head and body are more than the socket takes at once.
+    Cut,
+    Failed(io::Error),
+    TimedOut,
+}
+
+/// Writes `head` (with the start of the body, or all of it) to `node` within `send_timeout`.
+async fn send_head(node: &mut Node, head: &[u8], send_timeout: Duration) -> HeadSent {
+    let sent = match &mut node.stream {
+        // Most heads go in one write the socket takes at once: no timer for those.
+        NodeStream::Plain(tcp) => match tcp.try_write(head) {
+            Ok(n) if n == head.len() => return HeadSent::AtOnce,
+            Ok(n) => tokio::time::timeout(send_timeout, tcp.write_all(&head[n..])).await,
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Ok(Err(e)),
+            Err(_) => tokio::time::timeout(send_timeout, tcp.write_all(head)).await,
+        },
+        // Through the session, which must pass all of it on before the wait for the answer.
+        NodeStream::Tls(tls) => {
+            let write = async {
+                tls.write_all(head).await?;
+                tls.flush().await
+            };
+            tokio::time::timeout(send_timeout, write).await
+        }
+    };
+    match sent {
+        Ok(Ok(())) => HeadSent::Waited,
+        Ok(Err(e)) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
+            HeadSent::Cut
+        }
+        Ok(Err(e)) => HeadSent::Failed(e),
+        Err(_) => HeadSent::TimedOut,
     }
 }
 
@@ -2526,11 +2558,14 @@ async fn answer_error<C: AsyncWrite + Unpin>(client: &mut C, err: &ProxyError, h
 struct Node {
     stream: NodeStream,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The request's head could not all be written (the node reset the connection): its
+    /// answer is still read, but the connection is not pooled.
+    cut: bool,
 }
 
 impl Node {
     fn new(stream: NodeStream) -> Node {
-        Node { stream, timer: None }
+        Node { stream, timer: None, cut: false }
     }
 
     /// The TCP connection (under TLS, for an https node).
@@ -2773,7 +2808,7 @@ fn checkin(key: &PoolKey, stream: Node, uses: u32, limits: KeepalivePool) {
 /// [`checkin`] at `now`. The list is in check-in order (checkouts take the newest), so the
 /// connections that stayed idle longest are at its front.
 fn checkin_at(key: &PoolKey, stream: Node, uses: u32, limits: KeepalivePool, now: Instant) {
-    if uses >= limits.requests || limits.size == 0 || stream.unflushed() {
+    if uses >= limits.requests || limits.size == 0 || stream.cut || stream.unflushed() {
         return;
     }
     IDLE.with(|p| {
@@ -2958,6 +2993,47 @@ mod tests {
             .unwrap();
         assert!(!open, "a connection with unread bytes is not reusable");
         assert_eq!(n, Some(17));
+    }
+
+    /// A node that answers at the head and resets the connection before taking the rest (a 413
+    /// for a body it will not take): the write of the head and body fails, yet the head counts
+    /// as cut, not as a failure, and the answer that came before the reset is read. Such a
+    /// connection is never pooled.
+    #[tokio::test]
+    async fn a_head_cut_by_the_nodes_reset_leaves_its_answer_to_read() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let gateway = TcpStream::connect(addr).await.unwrap();
+        let mut node = l.accept().await.unwrap().0;
+        let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+        node.write_all(answer).await.unwrap();
+        // Closed without lingering, with nothing read: a reset.
+        socket2::SockRef::from(&node).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(node);
+        // Until the reset has arrived (the socket reports its read side closed).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = gateway.ready(tokio::io::Interest::READABLE).await.unwrap();
+            if ready.is_read_closed() || ready.is_error() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the reset never arrived");
+            tokio::task::yield_now().await;
+        }
+        let mut node = Node::new(NodeStream::Plain(gateway));
+        let sent = send_head(&mut node, &vec![b'x'; 64 << 10], Duration::from_secs(5)).await;
+        assert!(matches!(sent, HeadSent::Cut), "{sent:?}");
+        let mut buf = BytesMut::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let n = read_some_until(&mut node, &mut buf, deadline).await.ok();
+        assert_eq!((n, &buf[..]), (Some(answer.len()), &answer[..]));
+        // A cut connection is not pooled.
+        node.cut = true;
+        let key = PoolKey { addr, tls: 0, sni: None };
+        let limits = KeepalivePool { size: 8, idle_timeout: Duration::from_secs(60), requests: 100 };
+        checkin(&key, node, 1, limits);
+        assert!(IDLE.with(|p| p.borrow().get(&key).is_none_or(|l| l.is_empty())));
     }
 
     /// A burst of answers keeps its node connections past the pool's `size` for the requests
