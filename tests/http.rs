@@ -1189,16 +1189,8 @@ async fn an_upload_answered_early_by_a_node_that_resets_gets_the_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_answering_and_resetting_before_taking_a_small_body_gets_its_answer_relayed() {
     use tokio::io::AsyncWriteExt;
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    // Set before listening, so accepted connections keep them: a small segment size (64 KiB on
-    // loopback) and receive buffer, so the body is mostly still in the gateway's socket when the
-    // reset comes.
-    socket.set_tcp_mss(536).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
-    socket.listen(16).unwrap();
-    let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+    // The body is mostly still in the gateway's socket when the reset comes.
+    let listener = narrow_listener();
     let node = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {

@@ -358,21 +358,13 @@ async fn tls_origination_to_a_tls_node() {
 async fn a_tls_node_closing_without_close_notify_ends_the_session_cleanly() {
     let ca = Ca::new("origination-ca");
     let (leaf, edge) = (ca.leaf(&["node.internal"]), ca.leaf(&["db.test"]));
-    let acceptor = support::certs::tls_acceptor(&leaf);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let node = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                if tls.write_all(b"greeting").await.is_ok() && tls.flush().await.is_ok() {
-                    // Dropped without `shutdown`: FIN with no close_notify before it.
-                    drop(tls);
-                }
-            });
+    let node = hand_tls_node(support::certs::tls_acceptor(&leaf), |mut tls| async move {
+        if tls.write_all(b"greeting").await.is_ok() && tls.flush().await.is_ok() {
+            // Dropped without `shutdown`: FIN with no close_notify before it.
+            drop(tls);
         }
-    });
+    })
+    .await;
     let gw = TestGateway::start_with(
         &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
         &format!(

@@ -1022,16 +1022,8 @@ async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
     let ca = Ca::new("upstream-ca");
     let leaf = ca.leaf(&["backend.internal"]);
     let acceptor = tls_acceptor(&leaf);
-    // A small segment size (64 KiB on loopback) and receive buffer, set before listening so
-    // accepted connections keep them: a body is mostly still in the gateway's socket when the
-    // reset comes.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_tcp_mss(536).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
-    socket.listen(16).unwrap();
-    let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+    // A body is mostly still in the gateway's socket when the reset comes.
+    let listener = narrow_listener();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -1077,27 +1069,19 @@ async fn an_https_node_answering_an_upload_early_and_resetting_is_relayed() {
 async fn an_https_node_closing_without_close_notify_ends_a_body_delimited_by_its_close() {
     use tokio::io::AsyncWriteExt;
     let ca = Ca::new("upstream-ca");
-    let acceptor = tls_acceptor(&ca.leaf(&["backend.internal"]));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                let Some(head) = request_head_bytes(&mut tls).await else { return };
-                let answer: &[u8] = if head.starts_with(b"GET /cut") {
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part"
-                } else {
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end"
-                };
-                if tls.write_all(answer).await.is_ok() && tls.flush().await.is_ok() {
-                    // Dropped without `shutdown`: FIN with no close_notify before it.
-                    drop(tls);
-                }
-            });
+    let addr = hand_tls_node(tls_acceptor(&ca.leaf(&["backend.internal"])), |mut tls| async move {
+        let Some(head) = request_head_bytes(&mut tls).await else { return };
+        let answer: &[u8] = if head.starts_with(b"GET /cut") {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end"
+        };
+        if tls.write_all(answer).await.is_ok() && tls.flush().await.is_ok() {
+            // Dropped without `shutdown`: FIN with no close_notify before it.
+            drop(tls);
         }
-    });
+    })
+    .await;
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /*\n    upstream: {{scheme: https, retries: 0, nodes: {}}}\n",
         nodes_yaml(&[addr])

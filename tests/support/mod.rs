@@ -564,6 +564,42 @@ where
     addr
 }
 
+/// [`hand_node`] over TLS: each connection is served by `serve` once `acceptor`'s handshake
+/// is done (connections whose handshake fails are dropped).
+pub async fn hand_tls_node<F, Fut>(acceptor: tokio_rustls::TlsAcceptor, serve: F) -> SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(s).await {
+                    serve(tls).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A listener on 127.0.0.1:0 whose connections take little at a time: a small segment size (on
+/// loopback it is 64 KiB) and receive buffer, set before listening so accepted connections keep
+/// them. What a peer sends beyond a few KiB stays in the peer's socket until it is read.
+pub fn narrow_listener() -> TcpListener {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_tcp_mss(536).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    socket.listen(16).unwrap();
+    TcpListener::from_std(socket.into()).unwrap()
+}
+
 /// For hand-written nodes: reads until the end of a request head; false if the client left.
 pub async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
     request_head_bytes(s).await.is_some()
