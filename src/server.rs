@@ -525,6 +525,9 @@ impl HttpProtocols {
             .max_buf_size(64 * 1024)
             .max_header_size(32 * 1024)
             .writev(true)
+            // A client that half-closes after its request (`printf ... | nc -N`) still gets
+            // the answer, as from nginx; hyper otherwise ends the connection at the EOF.
+            .half_close(true)
             .keep_alive(true);
         let h2 = strait_protocols::h2s::Settings::new(idle_timeout, send_timeout);
         Arc::new(HttpProtocols { h1, h2 })

@@ -2554,3 +2554,176 @@ async fn forwarding_headers_are_the_same_over_http1_and_http2() {
     ]);
     assert_eq!(forwarding(&got), want, "trusted client, emptied or hop-by-hop headers: {got}");
 }
+
+/// A client that sends its request and then half-closes (`printf ... | nc -N`, a shell health
+/// check) gets the answer, on the relay (HTTP/1.1) and on the general path (HTTP/1.0, a request
+/// without `Host`, a chunked upload), and then the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let requests: [&[u8]; 4] = [
+        b"GET /relay HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /old HTTP/1.0\r\nHost: h\r\n\r\n",
+        b"GET /nohost HTTP/1.0\r\n\r\n",
+        b"POST /chunked HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ];
+    for request in requests {
+        let mut s = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+        s.write_all(request).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("the connection never closed")
+            .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        let path = String::from_utf8_lossy(request).split(' ').nth(1).unwrap_or_default().to_string();
+        assert!(text.starts_with("HTTP/1.1 200 ") || text.starts_with("HTTP/1.0 200 "), "{path}: {text}");
+        assert!(text.contains(&format!("\"uri\":\"{path}\"")), "{path}: {text}");
+    }
+}
+
+// ------------------------------------------------------------------ mangled traffic
+
+/// xorshift64: the same sequence for a seed, everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// `seed` with one to four mutations: bytes replaced (often by a delimiter or a digit), bytes
+/// inserted, a range cut out or repeated, the end cut off, or a number made huge or negative.
+fn mangle(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    const SPECIAL: &[u8] = b"\r\n: \t0123456789;-\0\xff";
+    let mut v = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(v.len() + 1);
+        match rng.below(7) {
+            0 if at < v.len() => v[at] = SPECIAL[rng.below(SPECIAL.len())],
+            1 if at < v.len() => v[at] = rng.next() as u8,
+            2 => {
+                let b = SPECIAL[rng.below(SPECIAL.len())];
+                v.insert(at, b);
+            }
+            3 if at < v.len() => {
+                let end = (at + 1 + rng.below(16)).min(v.len());
+                v.drain(at..end);
+            }
+            4 if at < v.len() => {
+                let end = (at + 1 + rng.below(32)).min(v.len());
+                let piece = v[at..end].to_vec();
+                v.splice(at..at, piece);
+            }
+            5 => v.truncate(at),
+            _ => {
+                // A digit run (a length, a chunk size, a status, a version) made extreme.
+                if let Some(start) = (at..v.len()).find(|&i| v[i].is_ascii_digit()) {
+                    let end = (start..v.len()).find(|&i| !v[i].is_ascii_digit()).unwrap_or(v.len());
+                    let extreme: &[u8] =
+                        [&b"99999999999999999999"[..], b"18446744073709551616", b"-1", b"0"][rng.below(4)];
+                    v.splice(start..end, extreme.iter().copied());
+                }
+            }
+        }
+    }
+    v
+}
+
+const MANGLED_REQUESTS: &[&[u8]] = &[
+    b"GET /m HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /m HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /m HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+    b"PUT /m HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET /m HTTP/1.0\r\n\r\n",
+    b"GET http://h/m?q=1 HTTP/1.1\r\nHost: h:80\r\nX-Forwarded-For: 1.2.3.4\r\nConnection: keep-alive, x-a\r\nx-a: 1\r\n\r\n",
+    b"GET /m HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"HEAD /m HTTP/1.1\r\nHost: h\r\n\r\nGET /m HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok",
+];
+
+const MANGLED_ANSWERS: &[&[u8]] = &[
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-t\r\n\r\n5;ext=1\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+];
+
+/// Mangled requests from clients and mangled answers from a node (lengths and chunk sizes made
+/// huge or negative, delimiters dropped or doubled, heads cut short): the gateway answers or
+/// closes each connection, never panics (a release build aborts on a panic), never hangs on a
+/// client that has stopped sending, and serves a clean request afterwards. Seeded, so a
+/// failure repeats; `STRAIT_MANGLE_ROUNDS` runs more rounds than CI's 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mangled_requests_and_answers_never_panic_or_hang_the_gateway() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        default_hook(info);
+    }));
+    // The node's next answer, set before each request.
+    let answer = Arc::new(Mutex::new(Vec::new()));
+    let next = answer.clone();
+    let node = hand_node(move |mut s| {
+        let answer = next.clone();
+        async move {
+            if read_request_head(&mut s).await {
+                let bytes = answer.lock().unwrap().clone();
+                let _ = s.write_all(&bytes).await;
+                let _ = s.shutdown().await;
+            }
+        }
+    })
+    .await;
+    let b = Backend::start("clean").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /m*\n    timeout: {{connect: 2, send: 2, read: 2}}\n    upstream: {{retries: 0, nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[node]),
+        nodes_yaml(&[b.addr])
+    ));
+    let rounds: usize =
+        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    for round in 0..rounds {
+        // The request mangled, or the answer, or (one in ten) both.
+        let which = rng.below(10);
+        let request = MANGLED_REQUESTS[rng.below(MANGLED_REQUESTS.len())];
+        let request = if which % 2 == 0 || which == 9 { mangle(&mut rng, request) } else { request.to_vec() };
+        let reply = MANGLED_ANSWERS[rng.below(MANGLED_ANSWERS.len())];
+        *answer.lock().unwrap() = if which % 2 == 1 { mangle(&mut rng, reply) } else { reply.to_vec() };
+        let mut s = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+        let _ = s.write_all(&request).await;
+        // The client is done: whatever the gateway makes of it, the connection must end.
+        let _ = s.shutdown().await;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut got)).await;
+        assert!(
+            read.is_ok(),
+            "round {round}: the connection never ended\nrequest: {:?}\nanswer: {:?}",
+            String::from_utf8_lossy(&request),
+            String::from_utf8_lossy(&answer.lock().unwrap())
+        );
+        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "round {round}: a panic (see above)");
+    }
+    let (status, headers, _) = get(gw.http(), "/clean").await;
+    assert_eq!((status, &headers["x-backend"]), (StatusCode::OK, &http::HeaderValue::from_static("clean")));
+}
