@@ -393,3 +393,225 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(exit.success(), "{exit:?}");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed after exit");
 }
+
+// ------------------------------------------------------------------ mangled resources
+
+/// xorshift64: the same sequence for a seed, everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// A value to put in place of another: edge numbers, odd strings, other types.
+fn odd_value(rng: &mut Rng, old: &serde_json::Value) -> serde_json::Value {
+    use serde_json::json;
+    // Most often something of the same kind, so the change gets past the type checks.
+    if rng.below(2) == 0 {
+        match old {
+            serde_json::Value::Number(_) => {
+                return [
+                    json!(0),
+                    json!(-1),
+                    json!(1e300),
+                    json!(-0.5),
+                    json!(4294967296u64),
+                    json!(u64::MAX),
+                    json!(65536),
+                ][rng.below(7)]
+                .clone();
+            }
+            serde_json::Value::String(s) => {
+                let mut s = s.clone();
+                match rng.below(5) {
+                    0 => s.clear(),
+                    1 => s.push(['*', '/', ':', '[', '\0', '~', '%', '.'][rng.below(8)]),
+                    2 => {
+                        let cut = rng.below(s.len() + 1);
+                        s = s.chars().take(cut).collect();
+                    }
+                    3 => s = s.repeat(300),
+                    _ => s.insert(0, ['*', '/', '~', ' ', '['][rng.below(5)]),
+                }
+                return json!(s);
+            }
+            _ => {}
+        }
+    }
+    [
+        json!(0),
+        json!(-1),
+        json!(1e300),
+        json!(""),
+        json!("*"),
+        json!("/"),
+        json!("[::1]:0"),
+        json!("127.0.0.1:99999"),
+        json!("0.0.0.0/33"),
+        json!("~*["),
+        json!(true),
+        serde_json::Value::Null,
+        json!([]),
+        json!({}),
+        json!(["GET", "BREW"]),
+        json!({"127.0.0.1:1": 0}),
+        json!([["arg_x", "~~", "("]]),
+        json!([{"host": "", "port": 0, "weight": -1}]),
+    ][rng.below(18)]
+    .clone()
+}
+
+/// Changes one place in `v`: a value replaced, a key dropped or added, a list item dropped or
+/// repeated.
+fn mutate(rng: &mut Rng, v: &mut serde_json::Value) {
+    use serde_json::Value;
+    let descend = rng.below(10) < 7;
+    match v {
+        Value::Object(m) if !m.is_empty() && descend => {
+            let key = m.keys().nth(rng.below(m.len())).cloned().unwrap_or_default();
+            match rng.below(14) {
+                0 => {
+                    m.remove(&key);
+                }
+                1 => {
+                    let value = odd_value(rng, &Value::Null);
+                    m.insert(["id", "type", "nodes", "uri", "weight", "x"][rng.below(6)].to_string(), value);
+                }
+                _ => {
+                    if let Some(child) = m.get_mut(&key) {
+                        mutate(rng, child);
+                    }
+                }
+            }
+        }
+        Value::Array(a) if !a.is_empty() && descend => {
+            let i = rng.below(a.len());
+            match rng.below(14) {
+                0 => {
+                    a.remove(i);
+                }
+                1 => {
+                    let copy = a[i].clone();
+                    a.push(copy);
+                }
+                _ => mutate(rng, &mut a[i]),
+            }
+        }
+        other => *other = odd_value(rng, other),
+    }
+}
+
+/// Resources mangled at random from one that uses most of the schema (chash and health checks,
+/// https and grpc upstreams, services, route `vars`, hosts and priorities, grpc-transcode with
+/// its proto, stream routes by SNI and address, an `ssls` entry with a client CA): each file
+/// is refused with errors that name the file, or applied to a running gateway state, and
+/// neither panics (a release build aborts on a panic, so a bad file would take the gateway
+/// down instead of being refused). Seeded, so a failure repeats; `STRAIT_MANGLE_ROUNDS` runs
+/// more than CI's 300 rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mangled_resources_are_refused_or_applied_never_a_panic() {
+    use serde_json::json;
+    use strait::config::node::NodeConfig;
+    use strait::config::resources::Resources;
+    use support::certs::Ca;
+    let ca = Ca::new("mangle-ca");
+    let leaf = ca.leaf(&["a.example"]);
+    let proto = "syntax = \"proto3\"; package helloworld; service Greeter { rpc SayHello (HelloRequest) returns (HelloReply) {} } message HelloRequest { string name = 1; } message HelloReply { string message = 1; }";
+    let seed = json!({
+        "upstreams": [
+            {"id": "u1", "type": "chash", "hash_on": "header", "key": "x-user",
+             "nodes": {"127.0.0.1:1": 1, "127.0.0.1:2": 2},
+             "timeout": {"connect": 1, "send": 1, "read": 1}, "retries": 1, "retry_timeout": 5,
+             "keepalive_pool": {"size": 8, "idle_timeout": 5, "requests": 100},
+             "pass_host": "rewrite", "upstream_host": "h.example",
+             "checks": {"active": {"type": "http", "http_path": "/hz", "healthy": {"interval": 1, "successes": 1},
+                                   "unhealthy": {"interval": 1, "http_failures": 2}},
+                        "passive": {"unhealthy": {"http_statuses": [502], "http_failures": 3}}}},
+            {"id": "u2", "type": "least_conn", "scheme": "https", "tls": {"verify": false},
+             "nodes": [{"host": "localhost", "port": 8443, "weight": 1, "priority": 1},
+                       {"host": "127.0.0.1", "port": 8444, "weight": 1, "priority": 0}]},
+            {"id": "u3", "type": "ewma", "scheme": "grpc", "nodes": {"127.0.0.1:50051": 1}},
+            {"id": "u4", "type": "roundrobin", "service_name": "svc.example", "discovery_type": "dns"}
+        ],
+        "services": [{"id": "s1", "upstream_id": "u1", "hosts": ["a.example"]}],
+        "routes": [
+            {"id": "r1", "uri": "/a/*", "methods": ["GET", "POST"], "hosts": ["*.example.com"], "priority": 2,
+             "vars": [["arg_x", "==", "1"], ["http_x_y", "~~", "^v[0-9]+$"]], "upstream_id": "u1"},
+            {"id": "r2", "uris": ["/b", "/c/*"], "service_id": "s1"},
+            {"id": "r3", "uri": "/g/*", "upstream_id": "u3",
+             "plugins": {"grpc-transcode": {"proto_id": "p1", "service": "helloworld.Greeter", "method": "SayHello"}}},
+            {"id": "r4", "uri": "/x", "remote_addrs": ["127.0.0.0/8"], "upstream_id": "u2"},
+            {"id": "r5", "uri": "/d", "upstream_id": "u4"}
+        ],
+        "protos": [{"id": "p1", "content": proto}],
+        "stream_routes": [
+            {"id": "sr1", "server_port": 9100, "remote_addr": "127.0.0.1", "upstream_id": "u1"},
+            {"id": "sr2", "sni": "db.example", "upstream": {"scheme": "tls", "nodes": {"127.0.0.1:5432": 1}}}
+        ],
+        "ssls": [{"id": "c1", "snis": ["a.example"], "cert": leaf.cert, "key": leaf.key, "client": {"ca": ca.pem, "depth": 1}}]
+    });
+    let node = NodeConfig::parse(
+        "config.yaml",
+        "apisix:\n  proxy_mode: http&stream\ndiscovery:\n  dns:\n    servers: [\"127.0.0.1:53\"]\n",
+        |_| None,
+    )
+    .expect("the node config");
+    let text = |tree: &serde_json::Value| format!("{}\n#END\n", serde_json::to_string_pretty(tree).unwrap());
+    let resources = Resources::parse("apisix.yaml", &text(&seed), &node, |_| None)
+        .unwrap_or_else(|e| panic!("the seed must be valid: {e}"));
+    let config = strait::Config {
+        node: node.clone(),
+        resources,
+        config_path: "config.yaml".into(),
+        resources_path: "apisix.yaml".into(),
+    };
+    let shared =
+        strait::gateway::Shared::new(config, tokio::runtime::Handle::current()).expect("the seed's state");
+    let rounds: usize =
+        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let mut rng = Rng(0x5eed_c0f1_9000_0001);
+    let (mut refused, mut applied) = (0, 0);
+    for round in 0..rounds {
+        let mut tree = seed.clone();
+        // One change most of the time: more of the files get past validation to be applied.
+        for _ in 0..if rng.below(5) == 0 { 2 + rng.below(2) } else { 1 } {
+            mutate(&mut rng, &mut tree);
+        }
+        let text = text(&tree);
+        match Resources::parse("apisix.yaml", &text, &node, |_| None) {
+            Ok(res) => {
+                applied += 1;
+                // As a reload applies it, and as a start builds it.
+                let _ = shared.apply(&res);
+                if round.is_multiple_of(10) {
+                    let config = strait::Config {
+                        node: node.clone(),
+                        resources: res,
+                        config_path: "config.yaml".into(),
+                        resources_path: "apisix.yaml".into(),
+                    };
+                    let _ = strait::gateway::Shared::new(config, tokio::runtime::Handle::current());
+                }
+            }
+            Err(errors) => {
+                refused += 1;
+                assert!(!errors.0.is_empty(), "round {round}: refused without a reason");
+                for e in &errors.0 {
+                    assert_eq!(e.file, "apisix.yaml", "round {round}: {e}");
+                    assert!(!e.reason.is_empty(), "round {round}: {e}");
+                }
+            }
+        }
+    }
+    // Both outcomes were reached (about one file in ten is applied), so the mutations test more
+    // than the parser's first checks.
+    assert!(refused > rounds / 2 && applied > rounds / 20, "refused {refused}, applied {applied}");
+}
