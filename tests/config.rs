@@ -615,3 +615,68 @@ async fn mangled_resources_are_refused_or_applied_never_a_panic() {
     // than the parser's first checks.
     assert!(refused > rounds / 2 && applied > rounds / 20, "refused {refused}, applied {applied}");
 }
+
+/// The same for `config.yaml` (listeners, TLS and stream settings, every discovery backend,
+/// nginx_config timeouts): each mangled file is refused with errors naming the file, or its
+/// state is built, and neither panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mangled_node_configs_are_refused_or_built_never_a_panic() {
+    use serde_json::json;
+    use strait::config::node::NodeConfig;
+    let seed = json!({
+        "apisix": {
+            "node_listen": [{"ip": "127.0.0.1", "port": 0, "enable_http2": true}],
+            "ssl": {"enable": true, "listen": [{"port": 0}], "ssl_protocols": "TLSv1.2 TLSv1.3", "fallback_sni": "a.example"},
+            "proxy_mode": "http&stream",
+            "stream_proxy": {"tcp": [{"addr": "127.0.0.1:0", "tls": true}, "127.0.0.1:0"]},
+            "enable_control": true,
+            "control": {"ip": "127.0.0.1", "port": 0},
+            "trusted_addresses": ["127.0.0.0/8"]
+        },
+        "nginx_config": {"http": {"client_header_timeout": "60s", "client_body_timeout": "60s", "send_timeout": "10s"}},
+        "discovery": {
+            "dns": {"servers": ["127.0.0.1:53"]},
+            "consul": {"servers": ["http://127.0.0.1:1"], "timeout": {"connect": 300, "read": 1000, "wait": 5}},
+            "nacos": {"host": ["http://127.0.0.1:1"], "prefix": "/nacos/v1/"},
+            "eureka": {"host": ["http://127.0.0.1:1"], "prefix": "/eureka/", "fetch_interval": 1},
+            "kubernetes": {"service": {"schema": "http", "host": "127.0.0.1", "port": 1}, "client": {"token": "t"}}
+        },
+        "deployment": {"role": "data_plane", "role_data_plane": {"config_provider": "yaml"}}
+    });
+    let text = |tree: &serde_json::Value| serde_json::to_string_pretty(tree).unwrap();
+    NodeConfig::parse("config.yaml", &text(&seed), |_| None)
+        .unwrap_or_else(|e| panic!("the seed must be valid: {e}"));
+    let rounds: usize =
+        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let mut rng = Rng(0x5eed_c0f1_9000_0002);
+    let (mut refused, mut built) = (0, 0);
+    for round in 0..rounds {
+        let mut tree = seed.clone();
+        for _ in 0..if rng.below(5) == 0 { 2 + rng.below(2) } else { 1 } {
+            mutate(&mut rng, &mut tree);
+        }
+        match NodeConfig::parse("config.yaml", &text(&tree), |_| None) {
+            Ok(node) => {
+                built += 1;
+                if round.is_multiple_of(5) {
+                    let config = strait::Config {
+                        node,
+                        resources: Default::default(),
+                        config_path: "config.yaml".into(),
+                        resources_path: "apisix.yaml".into(),
+                    };
+                    let _ = strait::gateway::Shared::new(config, tokio::runtime::Handle::current());
+                }
+            }
+            Err(errors) => {
+                refused += 1;
+                assert!(!errors.0.is_empty(), "round {round}: refused without a reason");
+                for e in &errors.0 {
+                    assert_eq!(e.file, "config.yaml", "round {round}: {e}");
+                    assert!(!e.reason.is_empty(), "round {round}: {e}");
+                }
+            }
+        }
+    }
+    assert!(refused > rounds / 20 && built > rounds / 20, "refused {refused}, built {built}");
+}
