@@ -20,6 +20,8 @@ pub mod stream;
 pub mod tls;
 
 mod connect;
+#[cfg(test)]
+mod test_rng;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

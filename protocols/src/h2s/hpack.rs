@@ -886,4 +886,41 @@ mod tests {
         assert_eq!(decode_all(&mut d, &fourth).len(), 4);
         assert_eq!(d.size, 0);
     }
+
+    /// Mangled header blocks (from the encoder: literals, indexed fields, Huffman strings, table
+    /// size updates) decode or fail with an error, never a panic, and the dynamic table stays
+    /// within its size. Each mangled block goes to a decoder that has seen the clean blocks
+    /// before it, as a connection's decoder has.
+    #[test]
+    fn mangled_header_blocks_decode_or_fail_never_panic() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.insert("x-custom", HeaderValue::from_static("a value long enough to be Huffman coded"));
+        h.insert("content-length", HeaderValue::from_static("13"));
+        let mut e = Encoder::new();
+        let mut seeds = Vec::new();
+        for status in [StatusCode::OK, StatusCode::NOT_FOUND, StatusCode::OK] {
+            let mut block = Vec::new();
+            e.encode_head(status, &h, &mut block);
+            seeds.push(block);
+        }
+        e.set_limit(0);
+        let mut block = Vec::new();
+        e.encode_head(StatusCode::OK, &h, &mut block);
+        seeds.push(block);
+        seeds.push(huffman::encode(b"www.example.com"));
+        let mut rng = crate::test_rng::Rng::new(11);
+        for round in 0..20_000 {
+            let mut d = Decoder::new();
+            // The blocks before it, as the client sent them, then the mangled one.
+            let upto = rng.below(seeds.len() as u64) as usize;
+            for clean in &seeds[..upto] {
+                let _ = d.decode(clean, |_, _| {});
+            }
+            let m = rng.mangle(&seeds[upto]);
+            let _ = d.decode(&m, |_, _| {});
+            let _ = huffman::decode(&m);
+            assert!(d.size <= d.max_size.max(DEFAULT_TABLE_SIZE), "round {round}: table over its size");
+        }
+    }
 }

@@ -28,6 +28,7 @@ use super::frame::{self, Reason};
 use super::hpack::{Decoder, Name, Pseudo};
 use super::{Error, Settings};
 use crate::body::ProxyBody;
+use crate::test_rng::Rng;
 
 /// How long the client waits for anything the server should do at once.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -1368,30 +1369,6 @@ async fn a_silent_client_is_dropped_after_an_unanswered_ping() {
 }
 
 // ------------------------------------------------------------------ random frames
-
-/// xorshift64: the same sequence for a seed, everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
-}
 
 /// Request heads for the random connections: valid ones of several kinds, and malformed ones.
 const HEADS: &[&[(&str, &str)]] = &[
