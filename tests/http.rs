@@ -2664,11 +2664,12 @@ const MANGLED_ANSWERS: &[&[u8]] = &[
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
 ];
 
-/// Mangled requests from clients and mangled answers from a node (lengths and chunk sizes made
-/// huge or negative, delimiters dropped or doubled, heads cut short): the gateway answers or
-/// closes each connection, never panics (a release build aborts on a panic), never hangs on a
-/// client that has stopped sending, and serves a clean request afterwards. Seeded, so a
-/// failure repeats; `STRAIT_MANGLE_ROUNDS` runs more rounds than CI's 400.
+/// Mangled requests from clients and mangled answers from a node, plain or `https` (lengths
+/// and chunk sizes made huge or negative, delimiters dropped or doubled, heads cut short): the
+/// gateway answers or closes each connection, never panics (a release build aborts on a
+/// panic), never hangs on a client that has stopped sending, and serves a clean request
+/// afterwards. Seeded, so a failure repeats; `STRAIT_MANGLE_ROUNDS` runs more rounds than
+/// CI's 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mangled_requests_and_answers_never_panic_or_hang_the_gateway() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -2694,10 +2695,25 @@ async fn mangled_requests_and_answers_never_panic_or_hang_the_gateway() {
         }
     })
     .await;
+    // The same answers from an `https` node, for the relay's TLS reads.
+    let ca = support::certs::Ca::new("mangle-ca");
+    let next = answer.clone();
+    let tls_node = hand_tls_node(support::certs::tls_acceptor(&ca.leaf(&["h"])), move |mut s| {
+        let answer = next.clone();
+        async move {
+            if read_request_head(&mut s).await {
+                let bytes = answer.lock().unwrap().clone();
+                let _ = s.write_all(&bytes).await;
+                let _ = s.shutdown().await;
+            }
+        }
+    })
+    .await;
     let b = Backend::start("clean").await;
     let gw = TestGateway::start(&format!(
-        "routes:\n  - uri: /m*\n    timeout: {{connect: 2, send: 2, read: 2}}\n    upstream: {{retries: 0, nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        "routes:\n  - uri: /m*\n    timeout: {{connect: 2, send: 2, read: 2}}\n    upstream: {{retries: 0, nodes: {}}}\n  - uri: /t*\n    timeout: {{connect: 2, send: 2, read: 2}}\n    upstream: {{scheme: https, retries: 0, nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
         nodes_yaml(&[node]),
+        nodes_yaml(&[tls_node]),
         nodes_yaml(&[b.addr])
     ));
     let rounds: usize =
@@ -2706,9 +2722,17 @@ async fn mangled_requests_and_answers_never_panic_or_hang_the_gateway() {
     for round in 0..rounds {
         // The request mangled, or the answer, or (one in ten) both.
         let which = rng.below(10);
-        let request = MANGLED_REQUESTS[rng.below(MANGLED_REQUESTS.len())];
+        let mut request = MANGLED_REQUESTS[rng.below(MANGLED_REQUESTS.len())].to_vec();
+        if rng.below(2) == 0 {
+            // To the `https` node.
+            for i in 0..request.len().saturating_sub(1) {
+                if &request[i..i + 2] == b"/m" {
+                    request[i + 1] = b't';
+                }
+            }
+        }
         let request =
-            if which.is_multiple_of(2) || which == 9 { mangle(&mut rng, request) } else { request.to_vec() };
+            if which.is_multiple_of(2) || which == 9 { mangle(&mut rng, &request) } else { request };
         let reply = MANGLED_ANSWERS[rng.below(MANGLED_ANSWERS.len())];
         *answer.lock().unwrap() =
             if !which.is_multiple_of(2) { mangle(&mut rng, reply) } else { reply.to_vec() };
