@@ -396,21 +396,6 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
 
 // ------------------------------------------------------------------ mangled resources
 
-/// xorshift64: the same sequence for a seed, everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// A value to put in place of another: edge numbers, odd strings, other types.
 fn odd_value(rng: &mut Rng, old: &serde_json::Value) -> serde_json::Value {
     use serde_json::json;

@@ -2590,59 +2590,6 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
 
 // ------------------------------------------------------------------ mangled traffic
 
-/// xorshift64: the same sequence for a seed, everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// `seed` with one to four mutations: bytes replaced (often by a delimiter or a digit), bytes
-/// inserted, a range cut out or repeated, the end cut off, or a number made huge or negative.
-fn mangle(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
-    const SPECIAL: &[u8] = b"\r\n: \t0123456789;-\0\xff";
-    let mut v = seed.to_vec();
-    for _ in 0..1 + rng.below(4) {
-        let at = rng.below(v.len() + 1);
-        match rng.below(7) {
-            0 if at < v.len() => v[at] = SPECIAL[rng.below(SPECIAL.len())],
-            1 if at < v.len() => v[at] = rng.next() as u8,
-            2 => {
-                let b = SPECIAL[rng.below(SPECIAL.len())];
-                v.insert(at, b);
-            }
-            3 if at < v.len() => {
-                let end = (at + 1 + rng.below(16)).min(v.len());
-                v.drain(at..end);
-            }
-            4 if at < v.len() => {
-                let end = (at + 1 + rng.below(32)).min(v.len());
-                let piece = v[at..end].to_vec();
-                v.splice(at..at, piece);
-            }
-            5 => v.truncate(at),
-            _ => {
-                // A digit run (a length, a chunk size, a status, a version) made extreme.
-                if let Some(start) = (at..v.len()).find(|&i| v[i].is_ascii_digit()) {
-                    let end = (start..v.len()).find(|&i| !v[i].is_ascii_digit()).unwrap_or(v.len());
-                    let extreme: &[u8] =
-                        [&b"99999999999999999999"[..], b"18446744073709551616", b"-1", b"0"][rng.below(4)];
-                    v.splice(start..end, extreme.iter().copied());
-                }
-            }
-        }
-    }
-    v
-}
-
 const MANGLED_REQUESTS: &[&[u8]] = &[
     b"GET /m HTTP/1.1\r\nHost: h\r\n\r\n",
     b"POST /m HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello",
@@ -2672,43 +2619,31 @@ const MANGLED_ANSWERS: &[&[u8]] = &[
 /// CI's 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mangled_requests_and_answers_never_panic_or_hang_the_gateway() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    static PANICS: AtomicUsize = AtomicUsize::new(0);
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        PANICS.fetch_add(1, Ordering::SeqCst);
-        default_hook(info);
-    }));
-    // The node's next answer, set before each request.
+    let panics = count_panics();
+    /// Reads a request head, answers with what `answer` holds, and closes.
+    async fn answer_with<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut s: S,
+        answer: Arc<Mutex<Vec<u8>>>,
+    ) {
+        if read_request_head(&mut s).await {
+            let bytes = answer.lock().unwrap().clone();
+            let _ = s.write_all(&bytes).await;
+            let _ = s.shutdown().await;
+        }
+    }
+    // The node's next answer, set before each request, from a plain node and an `https` one
+    // (for the relay's TLS reads).
     let answer = Arc::new(Mutex::new(Vec::new()));
     let next = answer.clone();
-    let node = hand_node(move |mut s| {
-        let answer = next.clone();
-        async move {
-            if read_request_head(&mut s).await {
-                let bytes = answer.lock().unwrap().clone();
-                let _ = s.write_all(&bytes).await;
-                let _ = s.shutdown().await;
-            }
-        }
-    })
-    .await;
-    // The same answers from an `https` node, for the relay's TLS reads.
+    let node = hand_node(move |s| answer_with(s, next.clone())).await;
     let ca = support::certs::Ca::new("mangle-ca");
     let next = answer.clone();
-    let tls_node = hand_tls_node(support::certs::tls_acceptor(&ca.leaf(&["h"])), move |mut s| {
-        let answer = next.clone();
-        async move {
-            if read_request_head(&mut s).await {
-                let bytes = answer.lock().unwrap().clone();
-                let _ = s.write_all(&bytes).await;
-                let _ = s.shutdown().await;
-            }
-        }
-    })
-    .await;
+    let tls_node =
+        hand_tls_node(support::certs::tls_acceptor(&ca.leaf(&["h"])), move |s| answer_with(s, next.clone()))
+            .await;
     let b = Backend::start("clean").await;
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /m*\n    timeout: {{connect: 2, send: 2, read: 2}}\n    upstream: {{retries: 0, nodes: {}}}\n  - uri: /t*\n    timeout: {{connect: 2, send: 2, read: 2}}\n    upstream: {{scheme: https, retries: 0, nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
@@ -2748,7 +2683,7 @@ async fn mangled_requests_and_answers_never_panic_or_hang_the_gateway() {
             String::from_utf8_lossy(&request),
             String::from_utf8_lossy(&answer.lock().unwrap())
         );
-        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "round {round}: a panic (see above)");
+        assert_eq!(panics.load(Ordering::SeqCst), 0, "round {round}: a panic (see above)");
     }
     let (status, headers, _) = get(gw.http(), "/clean").await;
     assert_eq!((status, &headers["x-backend"]), (StatusCode::OK, &http::HeaderValue::from_static("clean")));

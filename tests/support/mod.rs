@@ -600,6 +600,78 @@ pub fn narrow_listener() -> TcpListener {
     TcpListener::from_std(socket.into()).unwrap()
 }
 
+// ------------------------------------------------------------------------------------------
+// Randomized tests
+
+/// Counts the panics of this test process from the first call on (each is still printed): a
+/// randomized test asserts that none happened, also in the gateway's tasks, whose panics would
+/// not reach it (a release build aborts on any).
+pub fn count_panics() -> &'static AtomicUsize {
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            default_hook(info);
+        }));
+    });
+    &PANICS
+}
+
+/// xorshift64: the same sequence for a seed, everywhere.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// `seed` with one to four mutations: bytes replaced (often by a delimiter or a digit), bytes
+/// inserted, a range cut out or repeated, the end cut off, or a number made huge or negative.
+pub fn mangle(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    const SPECIAL: &[u8] = b"\r\n: \t0123456789;-\0\xff";
+    let mut v = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(v.len() + 1);
+        match rng.below(7) {
+            0 if at < v.len() => v[at] = SPECIAL[rng.below(SPECIAL.len())],
+            1 if at < v.len() => v[at] = rng.next() as u8,
+            2 => {
+                let b = SPECIAL[rng.below(SPECIAL.len())];
+                v.insert(at, b);
+            }
+            3 if at < v.len() => {
+                let end = (at + 1 + rng.below(16)).min(v.len());
+                v.drain(at..end);
+            }
+            4 if at < v.len() => {
+                let end = (at + 1 + rng.below(32)).min(v.len());
+                let piece = v[at..end].to_vec();
+                v.splice(at..at, piece);
+            }
+            5 => v.truncate(at),
+            _ => {
+                // A digit run (a length, a chunk size, a status, a version) made extreme.
+                if let Some(start) = (at..v.len()).find(|&i| v[i].is_ascii_digit()) {
+                    let end = (start..v.len()).find(|&i| !v[i].is_ascii_digit()).unwrap_or(v.len());
+                    let extreme: &[u8] =
+                        [&b"99999999999999999999"[..], b"18446744073709551616", b"-1", b"0"][rng.below(4)];
+                    v.splice(start..end, extreme.iter().copied());
+                }
+            }
+        }
+    }
+    v
+}
+
 /// For hand-written nodes: reads until the end of a request head; false if the client left.
 pub async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
     request_head_bytes(s).await.is_some()
