@@ -636,3 +636,75 @@ async fn tls_origination_verifies_the_node_certificate_when_asked() {
     // Any other name fails verification: the client is closed without data.
     assert!(closed_without_data(gw.stream(1), b"x").await, "a certificate for another name is refused");
 }
+
+/// Mangled ClientHellos on a listener that routes by SNI without terminating TLS, and mangled
+/// PROXY protocol headers (v1 and v2) on one that expects them: each connection is relayed or
+/// closed, ends once the client stops sending, and nothing panics (a release build aborts on a
+/// panic). `STRAIT_MANGLE_ROUNDS` runs more than CI's 300 rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mangled_client_hellos_and_proxy_headers_end_each_session_and_never_panic() {
+    use std::sync::atomic::Ordering;
+    let panics = count_panics();
+    let (sni_echo, other_echo) = (Echo::start().await, Echo::start().await);
+    let gw = TestGateway::start_with(
+        // A short wait for a ClientHello that never completes (a mangled one often does not).
+        &stream_config(
+            "      - \"127.0.0.1:0\"\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol: true\n",
+        )
+        .replace("client_header_timeout: 2s", "client_header_timeout: 300ms"),
+        &format!(
+            "stream_routes:\n  - sni: db.test\n    upstream: {{nodes: {}}}\n  - upstream: {{nodes: {}}}\n",
+            nodes_yaml(&[sni_echo.addr]),
+            nodes_yaml(&[other_echo.addr])
+        ),
+        1,
+    );
+    // A real ClientHello for db.test, as rustls sends it.
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("db.test").unwrap();
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap().write_tls(&mut hello).unwrap();
+    let (src, dst): (SocketAddr, SocketAddr) = ("192.0.2.7:5555".parse().unwrap(), gw.stream(1));
+    let mut v1 = strait_protocols::stream::v1_header(src, dst);
+    v1.extend_from_slice(b"ping");
+    let mut v2 = strait_protocols::stream::v2_header(src, dst);
+    v2.extend_from_slice(b"ping");
+    let rounds: usize =
+        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let mut rng = Rng(0x5eed_5733_0000_0001);
+    // Sessions run 32 at a time: those with an incomplete ClientHello wait out the timeout.
+    let mut sessions = tokio::task::JoinSet::new();
+    for round in 0..rounds {
+        let (listener, seed) = match rng.below(3) {
+            0 => (0, &hello),
+            1 => (1, &v1),
+            _ => (1, &v2),
+        };
+        let bytes = mangle(&mut rng, seed);
+        let addr = gw.stream(listener);
+        sessions.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(&bytes).await;
+            let _ = s.shutdown().await;
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut got)).await;
+            (round, read.is_ok(), bytes)
+        });
+        if sessions.len() == 32 || round + 1 == rounds {
+            while let Some(done) = sessions.join_next().await {
+                let (round, ended, bytes) = done.unwrap();
+                assert!(ended, "round {round}: the session never ended for {bytes:?}");
+            }
+            assert_eq!(panics.load(Ordering::SeqCst), 0, "before round {round}: a panic (see above)");
+        }
+    }
+    // A clean session afterwards, on each listener.
+    assert_eq!(round_trip(gw.stream(0), b"plain").await, b"plainbye");
+    assert_eq!(round_trip(gw.stream(1), &v1).await, b"pingbye");
+}

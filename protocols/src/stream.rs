@@ -265,7 +265,13 @@ pub async fn peek_client_hello(s: &TcpStream, first_byte: Duration, timeout: Dur
                     }
                     buf.resize(buf.len() * 2, 0);
                 } else if n == last {
-                    // Peeking does not consume, so readiness stays set: poll gently for the rest.
+                    // Peeking does not consume, so readiness stays set: poll gently for the rest,
+                    // until the deadline (peeks return at once then, so their own timeout never
+                    // fires: a client that sends part of a ClientHello and stops, or half-closes,
+                    // held the connection forever).
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "ClientHello timed out"));
+                    }
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 last = n;
@@ -698,6 +704,26 @@ mod tests {
                 .await
                 .expect("the reader never returned");
         }
+    }
+
+    /// A client that sends part of a ClientHello and stops (here it also half-closes, so the
+    /// bytes stay readable) is given up at the deadline; it once held the connection forever,
+    /// peeking every 2 ms.
+    #[tokio::test]
+    async fn a_client_hello_that_never_completes_times_out() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let server = l.accept().await.unwrap().0;
+        client.write_all(&hello_with_sni("db.example.com")[..20]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let peeked = tokio::time::timeout(
+            Duration::from_secs(10),
+            peek_client_hello(&server, Duration::from_secs(1), Duration::from_millis(200)),
+        )
+        .await
+        .expect("the peek never gave up");
+        assert_eq!(peeked.map_err(|e| e.kind()), Err(io::ErrorKind::TimedOut));
     }
 
     #[test]
