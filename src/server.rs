@@ -526,7 +526,7 @@ impl HttpProtocols {
             .max_header_size(32 * 1024)
             .writev(true)
             // A client that half-closes after its request (`printf ... | nc -N`) still gets
-            // the answer, as from nginx; hyper otherwise ends the connection at the EOF.
+            // the answer, as on the relay; hyper otherwise ends the connection at the EOF.
             .half_close(true)
             .keep_alive(true);
         let h2 = strait_protocols::h2s::Settings::new(idle_timeout, send_timeout);
