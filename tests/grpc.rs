@@ -646,3 +646,96 @@ async fn transcode_with_mangled_requests_answers_each_and_never_panics() {
     let (status, _, body) = post_json(gw.http(), "/hello", r#"{"name": "clean"}"#).await;
     assert_eq!((status, json(&body)["message"].as_str()), (StatusCode::OK, Some("Hello clean")));
 }
+
+/// A gRPC node whose answers are mangled (message frames cut, lengths made huge, stray bytes;
+/// `grpc-status` and `grpc-message` trailers garbled or missing): gRPC clients get a status,
+/// grpc-transcode clients an HTTP answer, each call ends, and nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_node_with_mangled_answers_gets_each_call_a_status_and_never_a_panic() {
+    use prost::Message;
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+    let panics = count_panics();
+    // The node's next answer: its body bytes, and its trailers as (name, value) pairs.
+    type Answer = (Vec<u8>, Vec<(String, Vec<u8>)>);
+    let next: Arc<Mutex<Answer>> = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = listener.local_addr().unwrap();
+    let answers = next.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let (body, trailers) = answers.lock().unwrap().clone();
+                    async move {
+                        let mut map = http::HeaderMap::new();
+                        for (name, value) in trailers {
+                            if let (Ok(n), Ok(v)) = (
+                                http::HeaderName::from_bytes(name.as_bytes()),
+                                http::HeaderValue::from_bytes(&value),
+                            ) {
+                                map.append(n, v);
+                            }
+                        }
+                        let frames = vec![
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(body))),
+                            Ok(hyper::body::Frame::trailers(map)),
+                        ];
+                        let mut resp = http::Response::new(http_body_util::StreamBody::new(
+                            futures_util::stream::iter(frames),
+                        ));
+                        resp.headers_mut()
+                            .insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .http2_only();
+                let _ = b.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    let gw = TestGateway::start(
+        &transcode_resources(node, g::PROTO, "")
+            .replace("routes:\n", "routes:\n  - uri: /test.Greeter/*\n    upstream_id: g\n"),
+    );
+    let reply = HelloReply { message: "Hello mangled".into(), ..Default::default() }.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&reply);
+    let rounds: usize =
+        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let mut rng = Rng(0x5eed_96c0_0000_0001);
+    // gRPC calls failed / answered, transcoded calls failed / answered 200.
+    let mut outcomes = [0usize; 4];
+    for round in 0..rounds {
+        let body = if rng.below(3) == 0 { frame.clone() } else { mangle(&mut rng, &frame) };
+        let status = [&b"0"[..], b"13", b"14"][rng.below(3)];
+        let status = if rng.below(3) == 0 { mangle(&mut rng, status) } else { status.to_vec() };
+        let mut trailers = vec![("grpc-status".to_string(), status)];
+        if rng.below(2) == 0 {
+            trailers.push(("grpc-message".into(), mangle(&mut rng, b"bad%20thing")));
+        }
+        if rng.below(6) == 0 {
+            trailers.clear();
+        }
+        *next.lock().unwrap() = (body, trailers);
+        let call = tokio::time::timeout(
+            Duration::from_secs(15),
+            g::say_hello(gw.http(), HelloRequest { name: "x".into(), ..Default::default() }),
+        )
+        .await;
+        let Ok(call) = call else { panic!("round {round}: the gRPC call never ended") };
+        outcomes[usize::from(call.is_ok())] += 1;
+        let transcoded = tokio::time::timeout(
+            Duration::from_secs(15),
+            post_json(gw.http(), "/hello", "{\"name\": \"x\"}"),
+        )
+        .await;
+        let Ok((status, ..)) = transcoded else { panic!("round {round}: the transcoded call never ended") };
+        outcomes[2 + usize::from(status == StatusCode::OK)] += 1;
+        assert_eq!(panics.load(Ordering::SeqCst), 0, "round {round}: a panic (see above)");
+    }
+    assert!(outcomes.iter().all(|n| *n > 0), "both outcomes for both clients: {outcomes:?}");
+}
