@@ -637,6 +637,45 @@ async fn tls_origination_verifies_the_node_certificate_when_asked() {
     assert!(closed_without_data(gw.stream(1), b"x").await, "a certificate for another name is refused");
 }
 
+/// A ClientHello that arrives in two pieces, the second well after the first (a large hello
+/// over a slow link), is still routed by its SNI and passed on whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_in_two_pieces_is_routed_by_its_sni() {
+    let (sni_echo, other_echo) = (Echo::start().await, Echo::start().await);
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - sni: db.test\n    upstream: {{nodes: {}}}\n  - upstream: {{nodes: {}}}\n",
+            nodes_yaml(&[sni_echo.addr]),
+            nodes_yaml(&[other_echo.addr])
+        ),
+        1,
+    );
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("db.test").unwrap();
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap().write_tls(&mut hello).unwrap();
+    let mut s = TcpStream::connect(gw.stream(0)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&hello[..40]).await.unwrap();
+    // Shapes the delivery (the gateway's peeks back off to 64 ms): not a wait for a server.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&hello[40..]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await.expect("no EOF").unwrap();
+    let mut want = hello.clone();
+    want.extend_from_slice(b"bye");
+    assert!(got == want, "the hello came back changed ({} bytes, {} sent)", got.len(), hello.len());
+    assert_eq!((*sni_echo.connections.lock().unwrap(), *other_echo.connections.lock().unwrap()), (1, 0));
+}
+
 /// Mangled ClientHellos on a listener that routes by SNI without terminating TLS, and mangled
 /// PROXY protocol headers (v1 and v2) on one that expects them: each connection is relayed or
 /// closed, ends once the client stops sending, and nothing panics (a release build aborts on a

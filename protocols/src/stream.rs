@@ -249,6 +249,10 @@ pub async fn peek_client_hello(s: &TcpStream, first_byte: Duration, timeout: Dur
     let start = tokio::time::Instant::now();
     let deadline = start + timeout;
     let mut last = 0;
+    // Between two peeks that found nothing new: doubled each time, from 2 ms up to 64 ms, so a
+    // client that stalls mid-ClientHello costs about a thousand wake-ups over a minute's
+    // `client_header_timeout`, not thirty thousand.
+    let mut pause = Duration::from_millis(2);
     loop {
         let until = if last == 0 { deadline.min(start + first_byte) } else { deadline };
         let n = tokio::time::timeout_at(until, s.peek(&mut buf))
@@ -269,10 +273,14 @@ pub async fn peek_client_hello(s: &TcpStream, first_byte: Duration, timeout: Dur
                     // until the deadline (peeks return at once then, so their own timeout never
                     // fires: a client that sends part of a ClientHello and stops, or half-closes,
                     // held the connection forever).
-                    if tokio::time::Instant::now() >= deadline {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
                         return Err(io::Error::new(io::ErrorKind::TimedOut, "ClientHello timed out"));
                     }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep_until((now + pause).min(deadline)).await;
+                    pause = (pause * 2).min(Duration::from_millis(64));
+                } else {
+                    pause = Duration::from_millis(2);
                 }
                 last = n;
             }
