@@ -494,6 +494,39 @@ fn mutate(rng: &mut Rng, v: &mut serde_json::Value) {
     }
 }
 
+/// `seed` with one change most of the time (so more of the files get past validation), two or
+/// three otherwise.
+fn mangled_copy(rng: &mut Rng, seed: &serde_json::Value) -> serde_json::Value {
+    let mut tree = seed.clone();
+    for _ in 0..if rng.below(5) == 0 { 2 + rng.below(2) } else { 1 } {
+        mutate(rng, &mut tree);
+    }
+    tree
+}
+
+/// The gateway state for `node` and `resources`, as a start builds it.
+fn build_state(
+    node: strait::config::node::NodeConfig,
+    resources: strait::config::resources::Resources,
+) -> Result<std::sync::Arc<strait::gateway::Shared>, String> {
+    let config = strait::Config {
+        node,
+        resources,
+        config_path: "config.yaml".into(),
+        resources_path: "apisix.yaml".into(),
+    };
+    strait::gateway::Shared::new(config, tokio::runtime::Handle::current())
+}
+
+/// A refusal that gives a reason, each error naming `file`.
+fn assert_named_errors(errors: &strait::config::ConfigErrors, file: &str, round: usize) {
+    assert!(!errors.0.is_empty(), "round {round}: refused without a reason");
+    for e in &errors.0 {
+        assert_eq!(e.file, file, "round {round}: {e}");
+        assert!(!e.reason.is_empty(), "round {round}: {e}");
+    }
+}
+
 /// Resources mangled at random from one that uses most of the schema (chash and health checks,
 /// https and grpc upstreams, services, route `vars`, hosts and priorities, grpc-transcode with
 /// its proto, stream routes by SNI and address, an `ssls` entry with a client CA): each file
@@ -552,47 +585,24 @@ async fn mangled_resources_are_refused_or_applied_never_a_panic() {
     let text = |tree: &serde_json::Value| format!("{}\n#END\n", serde_json::to_string_pretty(tree).unwrap());
     let resources = Resources::parse("apisix.yaml", &text(&seed), &node, |_| None)
         .unwrap_or_else(|e| panic!("the seed must be valid: {e}"));
-    let config = strait::Config {
-        node: node.clone(),
-        resources,
-        config_path: "config.yaml".into(),
-        resources_path: "apisix.yaml".into(),
-    };
-    let shared =
-        strait::gateway::Shared::new(config, tokio::runtime::Handle::current()).expect("the seed's state");
-    let rounds: usize =
-        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let shared = build_state(node.clone(), resources).expect("the seed's state");
+    let rounds = mangle_rounds(300);
     let mut rng = Rng(0x5eed_c0f1_9000_0001);
     let (mut refused, mut applied) = (0, 0);
     for round in 0..rounds {
-        let mut tree = seed.clone();
-        // One change most of the time: more of the files get past validation to be applied.
-        for _ in 0..if rng.below(5) == 0 { 2 + rng.below(2) } else { 1 } {
-            mutate(&mut rng, &mut tree);
-        }
-        let text = text(&tree);
+        let text = text(&mangled_copy(&mut rng, &seed));
         match Resources::parse("apisix.yaml", &text, &node, |_| None) {
             Ok(res) => {
                 applied += 1;
                 // As a reload applies it, and as a start builds it.
                 let _ = shared.apply(&res);
                 if round.is_multiple_of(10) {
-                    let config = strait::Config {
-                        node: node.clone(),
-                        resources: res,
-                        config_path: "config.yaml".into(),
-                        resources_path: "apisix.yaml".into(),
-                    };
-                    let _ = strait::gateway::Shared::new(config, tokio::runtime::Handle::current());
+                    let _ = build_state(node.clone(), res);
                 }
             }
             Err(errors) => {
                 refused += 1;
-                assert!(!errors.0.is_empty(), "round {round}: refused without a reason");
-                for e in &errors.0 {
-                    assert_eq!(e.file, "apisix.yaml", "round {round}: {e}");
-                    assert!(!e.reason.is_empty(), "round {round}: {e}");
-                }
+                assert_named_errors(&errors, "apisix.yaml", round);
             }
         }
     }
@@ -631,35 +641,20 @@ async fn mangled_node_configs_are_refused_or_built_never_a_panic() {
     let text = |tree: &serde_json::Value| serde_json::to_string_pretty(tree).unwrap();
     NodeConfig::parse("config.yaml", &text(&seed), |_| None)
         .unwrap_or_else(|e| panic!("the seed must be valid: {e}"));
-    let rounds: usize =
-        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let rounds = mangle_rounds(300);
     let mut rng = Rng(0x5eed_c0f1_9000_0002);
     let (mut refused, mut built) = (0, 0);
     for round in 0..rounds {
-        let mut tree = seed.clone();
-        for _ in 0..if rng.below(5) == 0 { 2 + rng.below(2) } else { 1 } {
-            mutate(&mut rng, &mut tree);
-        }
-        match NodeConfig::parse("config.yaml", &text(&tree), |_| None) {
+        match NodeConfig::parse("config.yaml", &text(&mangled_copy(&mut rng, &seed)), |_| None) {
             Ok(node) => {
                 built += 1;
                 if round.is_multiple_of(5) {
-                    let config = strait::Config {
-                        node,
-                        resources: Default::default(),
-                        config_path: "config.yaml".into(),
-                        resources_path: "apisix.yaml".into(),
-                    };
-                    let _ = strait::gateway::Shared::new(config, tokio::runtime::Handle::current());
+                    let _ = build_state(node, Default::default());
                 }
             }
             Err(errors) => {
                 refused += 1;
-                assert!(!errors.0.is_empty(), "round {round}: refused without a reason");
-                for e in &errors.0 {
-                    assert_eq!(e.file, "config.yaml", "round {round}: {e}");
-                    assert!(!e.reason.is_empty(), "round {round}: {e}");
-                }
+                assert_named_errors(&errors, "config.yaml", round);
             }
         }
     }

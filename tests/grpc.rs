@@ -609,8 +609,7 @@ async fn transcode_with_mangled_requests_answers_each_and_never_panics() {
         deep.as_bytes(),
     ];
     let mut rng = Rng(0x5eed_7c0d_e000_0001);
-    let rounds: usize =
-        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let rounds = mangle_rounds(300);
     for round in 0..rounds {
         let pick = rng.below(bodies.len());
         let body = mangle(&mut rng, bodies[pick]);
@@ -704,8 +703,7 @@ async fn a_grpc_node_with_mangled_answers_gets_each_call_a_status_and_never_a_pa
     let mut frame = vec![0u8];
     frame.extend_from_slice(&(reply.len() as u32).to_be_bytes());
     frame.extend_from_slice(&reply);
-    let rounds: usize =
-        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let rounds = mangle_rounds(200);
     let mut rng = Rng(0x5eed_96c0_0000_0001);
     // gRPC calls failed / answered, transcoded calls failed / answered 200.
     let mut outcomes = [0usize; 4];

@@ -2651,8 +2651,7 @@ async fn mangled_requests_and_answers_never_panic_or_hang_the_gateway() {
         nodes_yaml(&[tls_node]),
         nodes_yaml(&[b.addr])
     ));
-    let rounds: usize =
-        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+    let rounds = mangle_rounds(400);
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     for round in 0..rounds {
         // The request mangled, or the answer, or (one in ten) both.
@@ -2715,37 +2714,18 @@ async fn mangled_requests_and_answers_never_panic_or_hang_the_gateway() {
 /// timeouts (here 2 s for heads, bodies and keep-alive, 2 s for the node), none is held open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_mid_request_are_closed_within_the_timeouts() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = Backend::start("b").await;
     let gw = TestGateway::start(&format!(
         "routes:\n  - uri: /*\n    timeout: {{connect: 2, send: 2, read: 2}}\n    upstream: {{nodes: {}}}\n",
         nodes_yaml(&[b.addr])
     ));
-    let rounds: usize =
-        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let mut rng = Rng(0x5eed_510e_0000_0001);
-    let mut clients = tokio::task::JoinSet::new();
-    for round in 0..rounds {
-        let seed = MANGLED_REQUESTS[rng.below(MANGLED_REQUESTS.len())];
-        let request = if rng.below(4) == 0 { seed.to_vec() } else { mangle(&mut rng, seed) };
-        let addr = gw.http();
-        clients.spawn(async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let _ = s.write_all(&request).await;
-            // No more, and no close: the gateway must end it.
-            let mut got = Vec::new();
-            let ended = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await.is_ok();
-            (round, ended, request)
-        });
-        if clients.len() == 50 || round + 1 == rounds {
-            while let Some(done) = clients.join_next().await {
-                let (round, ended, request) = done.unwrap();
-                assert!(
-                    ended,
-                    "round {round}: still open after 20 s: {:?}",
-                    String::from_utf8_lossy(&request)
-                );
-            }
-        }
-    }
+    let sessions = (0..mangle_rounds(100))
+        .map(|_| {
+            let seed = MANGLED_REQUESTS[rng.below(MANGLED_REQUESTS.len())];
+            (gw.http(), if rng.below(4) == 0 { seed.to_vec() } else { mangle(&mut rng, seed) })
+        })
+        .collect();
+    // No more bytes, and no close: the gateway must end each.
+    each_session_ends(sessions, false, Duration::from_secs(20)).await;
 }

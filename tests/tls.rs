@@ -1108,7 +1108,6 @@ async fn an_https_node_closing_without_close_notify_ends_a_body_delimited_by_its
 /// client afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mangled_client_hellos_on_the_https_listener_are_closed_within_the_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let panics = count_panics();
     let ca = Ca::new("test-ca");
     let leaf = ca.leaf(&["api.example.com"]);
@@ -1122,37 +1121,11 @@ async fn mangled_client_hellos_on_the_https_listener_are_closed_within_the_timeo
         ),
         1,
     );
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-    let mut hello = Vec::new();
-    rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap().write_tls(&mut hello).unwrap();
-    let rounds: usize =
-        std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let hello = support::certs::client_hello("api.example.com");
     let mut rng = Rng(0x5eed_71c5_0000_0001);
-    let mut clients = tokio::task::JoinSet::new();
-    for round in 0..rounds {
-        let bytes = mangle(&mut rng, &hello);
-        let addr = gw.tls();
-        clients.spawn(async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let _ = s.write_all(&bytes).await;
-            let mut got = Vec::new();
-            let ended = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await.is_ok();
-            (round, ended, bytes)
-        });
-        if clients.len() == 50 || round + 1 == rounds {
-            while let Some(done) = clients.join_next().await {
-                let (round, ended, bytes) = done.unwrap();
-                assert!(ended, "round {round}: still open after 20 s: {bytes:?}");
-            }
-        }
-    }
+    let sessions = (0..mangle_rounds(100)).map(|_| (gw.tls(), mangle(&mut rng, &hello))).collect();
+    // No more bytes, and no close: the handshake's timeout must end each.
+    each_session_ends(sessions, false, Duration::from_secs(20)).await;
     assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 0, "a panic (see above)");
     let (ok, _, err) = curl(&[
         "-f",

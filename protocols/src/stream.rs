@@ -734,6 +734,32 @@ mod tests {
         assert_eq!(peeked.map_err(|e| e.kind()), Err(io::ErrorKind::TimedOut));
     }
 
+    /// A ClientHello whose second piece comes after the peeks found the first one wanting (a
+    /// large hello over a slow link) is still read whole, at the first pause's end (2 ms; the
+    /// pauses then double up to 64 ms).
+    #[tokio::test(start_paused = true)]
+    async fn a_client_hello_in_two_pieces_is_read_after_the_first_pause() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let server = l.accept().await.unwrap().0;
+        let hello = hello_with_sni("db.example.com");
+        client.write_all(&hello[..20]).await.unwrap();
+        server.readable().await.unwrap();
+        // This runtime runs one task at a time: once yielded to, the peek finds the first piece
+        // wanting and pauses, before the second piece is written.
+        let start = tokio::time::Instant::now();
+        let peek = tokio::spawn(async move {
+            peek_client_hello(&server, Duration::from_secs(1), Duration::from_secs(10)).await
+        });
+        tokio::task::yield_now().await;
+        client.write_all(&hello[20..]).await.unwrap();
+        let peeked = peek.await.unwrap().unwrap();
+        assert_eq!(peeked, Hello::Tls(Some("db.example.com".into())));
+        // (Time stands still while tasks run: what passed is the pauses.)
+        assert_eq!(start.elapsed(), Duration::from_millis(2), "read after one pause");
+    }
+
     #[test]
     fn client_hello_sni() {
         let h = hello_with_sni("DB.Example.com");

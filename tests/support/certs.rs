@@ -93,6 +93,22 @@ pub fn tls_acceptor(leaf: &Leaf) -> tokio_rustls::TlsAcceptor {
     tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
 }
 
+/// The ClientHello a rustls client sends for `sni`, as bytes on the wire (one record).
+#[allow(dead_code)]
+pub fn client_hello(sni: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap().write_tls(&mut hello).unwrap();
+    hello
+}
+
 /// A TLS client that trusts only `ca`.
 pub fn client_tls(ca: &Ca) -> tokio_rustls::TlsConnector {
     client_tls_as(ca, None)

@@ -619,6 +619,41 @@ pub fn count_panics() -> &'static AtomicUsize {
     &PANICS
 }
 
+/// How many rounds a randomized test runs: `default` (what CI runs), or `STRAIT_MANGLE_ROUNDS`.
+pub fn mangle_rounds(default: usize) -> usize {
+    std::env::var("STRAIT_MANGLE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Opens a connection per `(address, bytes)`, 50 at a time, writes the bytes (then half-closes
+/// when `half_close`), and asserts that the gateway ends every connection (EOF or reset) within
+/// `limit`, naming the session and its bytes when one stays open.
+pub async fn each_session_ends(sessions: Vec<(SocketAddr, Vec<u8>)>, half_close: bool, limit: Duration) {
+    let mut running = tokio::task::JoinSet::new();
+    let total = sessions.len();
+    for (i, (addr, bytes)) in sessions.into_iter().enumerate() {
+        running.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(&bytes).await;
+            if half_close {
+                let _ = s.shutdown().await;
+            }
+            let mut got = Vec::new();
+            let ended = tokio::time::timeout(limit, s.read_to_end(&mut got)).await.is_ok();
+            (i, ended, bytes)
+        });
+        if running.len() == 50 || i + 1 == total {
+            while let Some(done) = running.join_next().await {
+                let (i, ended, bytes) = done.unwrap();
+                assert!(
+                    ended,
+                    "session {i}: still open after {limit:?}: {:?}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+        }
+    }
+}
+
 /// xorshift64: the same sequence for a seed, everywhere.
 pub struct Rng(pub u64);
 
