@@ -9,9 +9,13 @@
 //!   `metadata.weight`, else the configured weight;
 //! * both JSON shapes Eureka produces are read: lists, and a single application or instance
 //!   given as an object; numbers and booleans as strings or JSON values;
-//! * `user:pass@` hosts use Basic auth; hosts fail over.
+//! * `user:pass@` hosts use Basic auth; hosts fail over;
+//! * each fetched registry is indexed by application once, and every watched application reads
+//!   its nodes from that index: a watch costs a lookup, not a pass over (or a copy of) the
+//!   whole registry.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -38,8 +42,21 @@ pub struct EurekaDiscovery {
     opts: EurekaOptions,
     http: HttpClient,
     /// The last registry fetched and when; shared by all watches.
-    cache: tokio::sync::Mutex<Option<(Instant, Value)>>,
+    cache: tokio::sync::Mutex<Option<(Instant, Arc<Registry>)>>,
     next_host: Mutex<usize>,
+}
+
+/// One fetched registry: the nodes of each application, by its upper-cased name.
+#[derive(Debug, Default)]
+pub struct Registry {
+    apps: HashMap<String, NodeSet>,
+}
+
+impl Registry {
+    /// The nodes of application `app` (matched case-insensitively); none when it is not there.
+    pub fn nodes(&self, app: &str) -> NodeSet {
+        self.apps.get(&app.to_ascii_uppercase()).cloned().unwrap_or_default()
+    }
 }
 
 /// A list that Eureka may give as one object.
@@ -69,7 +86,7 @@ impl EurekaDiscovery {
         Ok(EurekaDiscovery { opts, http, cache: tokio::sync::Mutex::new(None), next_host: Mutex::new(0) })
     }
 
-    async fn fetch(&self) -> Result<Value, DiscoveryError> {
+    async fn fetch(&self) -> Result<Arc<Registry>, DiscoveryError> {
         let mut cache = self.cache.lock().await;
         let fresh = self.opts.fetch_interval.min(Duration::from_secs(30)) / 2;
         if let Some((at, v)) = cache.as_ref()
@@ -98,8 +115,9 @@ impl EurekaDiscovery {
                     if let Ok(mut g) = self.next_host.lock() {
                         *g = (start + i) % n;
                     }
-                    *cache = Some((Instant::now(), v.clone()));
-                    return Ok(v);
+                    let registry = Arc::new(self.index(&v));
+                    *cache = Some((Instant::now(), registry.clone()));
+                    return Ok(registry);
                 }
                 Ok(r) => {
                     last = DiscoveryError::Unavailable(format!("{}: HTTP {}", host.url.authority(), r.status))
@@ -110,48 +128,51 @@ impl EurekaDiscovery {
         Err(last)
     }
 
-    /// The nodes of application `app` in a registry document.
-    pub fn nodes_of(&self, registry: &Value, app: &str) -> NodeSet {
-        let apps = &registry["applications"]["application"];
-        let mut nodes = Vec::new();
-        for a in as_list(apps) {
-            if !a["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(app)) {
-                continue;
-            }
-            for inst in as_list(&a["instance"]) {
-                let overridden = inst["overriddenStatus"].as_str().or(inst["overriddenstatus"].as_str());
-                let status = match overridden {
-                    Some(s) if s != "UNKNOWN" => s,
-                    _ => inst["status"].as_str().unwrap_or("UNKNOWN"),
-                };
-                if status != "UP" {
-                    continue;
-                }
-                let Some(ip) = inst["ipAddr"].as_str() else { continue };
-                let mut port = None;
-                if truthy(&inst["port"]["@enabled"]) {
-                    port = number(&inst["port"]["$"]);
-                }
-                if truthy(&inst["securePort"]["@enabled"]) {
-                    port = number(&inst["securePort"]["$"]);
-                }
-                let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
-                    continue;
-                };
-                let metadata: Map<String, Value> = inst["metadata"].as_object().cloned().unwrap_or_default();
-                let weight =
-                    metadata.get("weight").and_then(number).map(|w| w as u32).unwrap_or(self.opts.weight);
-                nodes.push(NodeSpec {
-                    host: ip.to_string(),
-                    port: Some(port),
-                    weight,
-                    priority: 0,
-                    metadata,
-                });
-            }
+    /// Indexes a registry document: the nodes of every application, read in one pass.
+    pub fn index(&self, registry: &Value) -> Registry {
+        let mut apps: HashMap<String, Vec<NodeSpec>> = HashMap::new();
+        for a in as_list(&registry["applications"]["application"]) {
+            let Some(name) = a["name"].as_str() else { continue };
+            let nodes = apps.entry(name.to_ascii_uppercase()).or_default();
+            nodes.extend(as_list(&a["instance"]).into_iter().filter_map(|inst| self.node(inst)));
         }
-        nodes.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
-        NodeSet { nodes }
+        let apps = apps
+            .into_iter()
+            .map(|(name, mut nodes)| {
+                nodes.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+                (name, NodeSet { nodes })
+            })
+            .collect();
+        Registry { apps }
+    }
+
+    /// The node of one instance, if it is `UP` and has an enabled port.
+    fn node(&self, inst: &Value) -> Option<NodeSpec> {
+        let overridden = inst["overriddenStatus"].as_str().or(inst["overriddenstatus"].as_str());
+        let status = match overridden {
+            Some(s) if s != "UNKNOWN" => s,
+            _ => inst["status"].as_str().unwrap_or("UNKNOWN"),
+        };
+        if status != "UP" {
+            return None;
+        }
+        let ip = inst["ipAddr"].as_str()?;
+        let mut port = None;
+        if truthy(&inst["port"]["@enabled"]) {
+            port = number(&inst["port"]["$"]);
+        }
+        if truthy(&inst["securePort"]["@enabled"]) {
+            port = number(&inst["securePort"]["$"]);
+        }
+        let port = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0)?;
+        let metadata: Map<String, Value> = inst["metadata"].as_object().cloned().unwrap_or_default();
+        // A weight past u32 is the largest one, not what is left of it after truncation.
+        let weight = metadata
+            .get("weight")
+            .and_then(number)
+            .map(|w| u32::try_from(w).unwrap_or(u32::MAX))
+            .unwrap_or(self.opts.weight);
+        Some(NodeSpec { host: ip.to_string(), port: Some(port), weight, priority: 0, metadata })
     }
 }
 
@@ -163,7 +184,7 @@ impl Discovery for EurekaDiscovery {
     fn resolve<'a>(&'a self, query: &'a Query) -> BoxFuture<'a, Result<Resolution, DiscoveryError>> {
         Box::pin(async move {
             let registry = self.fetch().await?;
-            Ok(Resolution { nodes: self.nodes_of(&registry, &query.service_name), valid_for: None })
+            Ok(Resolution { nodes: registry.nodes(&query.service_name), valid_for: None })
         })
     }
 
@@ -200,11 +221,14 @@ mod tests {
                 {"ipAddr": "10.0.0.4", "status": "UP", "overriddenstatus": "UNKNOWN", "port": {"$": "8081", "@enabled": true}, "securePort": {"$": "8443", "@enabled": "true"}}
             ]
         }}});
-        let set = d().nodes_of(&reg, "web");
+        let set = d().index(&reg).nodes("web");
         let got: Vec<_> = set.nodes.iter().map(|n| (n.host.as_str(), n.port, n.weight)).collect();
         assert_eq!(got, [("10.0.0.1", Some(8080), 5), ("10.0.0.4", Some(8443), 100)]);
         let single = json!({"applications": {"application": [{"name": "API", "instance": {"ipAddr": "10.1.1.1", "status": "UP", "port": {"$": 1, "@enabled": "true"}}}]}});
-        assert_eq!(d().nodes_of(&single, "API").nodes.len(), 1);
-        assert!(d().nodes_of(&single, "WEB").nodes.is_empty());
+        assert_eq!(d().index(&single).nodes("API").nodes.len(), 1);
+        assert!(d().index(&single).nodes("WEB").nodes.is_empty());
+        // A weight past u32 saturates instead of wrapping to a small one (or 0).
+        let heavy = json!({"applications": {"application": {"name": "W", "instance": {"ipAddr": "10.1.1.1", "status": "UP", "port": {"$": 1, "@enabled": "true"}, "metadata": {"weight": "4294967296"}}}}});
+        assert_eq!(d().index(&heavy).nodes("w").nodes[0].weight, u32::MAX);
     }
 }

@@ -5,13 +5,17 @@
 //! One informer per cluster lists Endpoints (or EndpointSlices with `watch_endpoint_slices`),
 //! then watches from the list's `resourceVersion` with bookmarks; `410 Gone` relists, a broken
 //! watch reconnects with backoff from the last version seen. Only ready addresses become nodes.
+//! Objects are kept by service, and a watch event wakes only the watches of the service it
+//! changed: an event costs the same with ten services watched as with ten thousand, and in a
+//! cluster of any size. A watch event line longer than `MAX_EVENT` breaks the watch (it is
+//! retried with backoff), instead of growing a buffer without end.
 //! `service_name` is `namespace/name:portName` (`id/namespace/name:portName` for several
 //! clusters); an unnamed port is addressed by its number.
 //!
 //! Written on the crate's small HTTP client rather than `kube`: the informer is a few hundred
 //! lines, while `kube` with `k8s-openapi` would add minutes to every build on two cores.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -62,13 +66,66 @@ pub struct ClusterOptions {
 /// Ready addresses of one object, by port name: (ip, port).
 type PortMap = HashMap<String, Vec<(String, u16)>>;
 
+/// Longest watch event line read: far above what an API server sends (etcd refuses objects
+/// past 1.5 MiB by default), so only a broken or hostile server reaches it.
+const MAX_EVENT: usize = 16 << 20;
+
 #[derive(Default)]
 struct State {
-    /// Object key (`ns/object`) -> (service key `ns/service`, ports).
-    objects: HashMap<String, (String, PortMap)>,
+    /// Object key (`ns/object`) -> its service key (`ns/service`).
+    owners: HashMap<String, String>,
+    /// Service key -> the ready addresses of its objects, by object key.
+    services: HashMap<String, HashMap<String, PortMap>>,
+    /// Change signal of each watched service (service key).
+    watchers: HashMap<String, watch::Sender<u64>>,
     resource_version: String,
     synced: bool,
     last_error: Option<(SystemTime, String)>,
+}
+
+impl State {
+    /// Sets an object's service and ports, and signals the services that changed.
+    fn put(&mut self, key: String, svc: String, ports: PortMap) {
+        if let Some(old) = self.owners.insert(key.clone(), svc.clone())
+            && old != svc
+        {
+            self.take(&old, &key);
+        }
+        let objects = self.services.entry(svc.clone()).or_default();
+        if objects.get(&key) != Some(&ports) {
+            objects.insert(key, ports);
+            self.signal(&svc);
+        }
+    }
+
+    /// Forgets an object, if it is known.
+    fn remove(&mut self, key: &str) {
+        if let Some(svc) = self.owners.remove(key) {
+            self.take(&svc, key);
+        }
+    }
+
+    fn take(&mut self, svc: &str, key: &str) {
+        if let Some(objects) = self.services.get_mut(svc) {
+            objects.remove(key);
+            if objects.is_empty() {
+                self.services.remove(svc);
+            }
+        }
+        self.signal(svc);
+    }
+
+    fn signal(&self, svc: &str) {
+        if let Some(tx) = self.watchers.get(svc) {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+}
+
+/// What a watch event asks of the watch.
+enum Next {
+    Go,
+    Relist,
 }
 
 /// A list-and-watch loop over one cluster.
@@ -198,9 +255,9 @@ impl Informer {
         self.bump();
     }
 
-    /// Lists everything (paged) and replaces the state.
+    /// Lists everything (paged) and replaces the state; every watch looks again.
     async fn list(&self) -> Result<(), String> {
-        let mut objects = HashMap::new();
+        let mut objects = Vec::new();
         let mut cont: Option<String> = None;
         let rv = loop {
             let mut path = format!("{}?limit=500{}", self.resource_path(), self.selectors());
@@ -221,8 +278,8 @@ impl Informer {
             }
             let v: Value = serde_json::from_slice(&r.body).map_err(|e| format!("list: {e}"))?;
             for item in v["items"].as_array().into_iter().flatten() {
-                if let Some((k, svc, ports)) = self.parse(item) {
-                    objects.insert(k, (svc, ports));
+                if let Some(object) = self.parse(item) {
+                    objects.push(object);
                 }
             }
             match v["metadata"]["continue"].as_str().filter(|c| !c.is_empty()) {
@@ -230,8 +287,15 @@ impl Informer {
                 None => break v["metadata"]["resourceVersion"].as_str().unwrap_or("").to_string(),
             }
         };
+        let mut owners = HashMap::new();
+        let mut services: HashMap<String, HashMap<String, PortMap>> = HashMap::new();
+        for (key, svc, ports) in objects {
+            owners.insert(key.clone(), svc.clone());
+            services.entry(svc).or_default().insert(key, ports);
+        }
         if let Ok(mut s) = self.state.lock() {
-            s.objects = objects;
+            s.owners = owners;
+            s.services = services;
             s.resource_version = rv;
             s.synced = true;
             s.last_error = None;
@@ -262,6 +326,8 @@ impl Informer {
         }
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
+        // Where the search for the next newline resumes.
+        let mut scanned = 0;
         // Bookmarks arrive about once a minute; a silent watch for much longer is dead.
         let idle = Duration::from_secs(1800 + 120);
         loop {
@@ -273,48 +339,70 @@ impl Informer {
             };
             let Ok(data) = frame.into_data() else { continue };
             buf.extend_from_slice(&data);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
+            let mut start = 0;
+            while let Some(end) = buf[scanned..].iter().position(|b| *b == b'\n').map(|p| scanned + p) {
+                let line = &buf[start..end];
+                start = end + 1;
+                scanned = start;
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let ev: Value = serde_json::from_slice(&line).map_err(|e| format!("watch event: {e}"))?;
-                let obj = &ev["object"];
-                let new_rv = obj["metadata"]["resourceVersion"].as_str().map(str::to_string);
-                match ev["type"].as_str() {
-                    Some("ADDED") | Some("MODIFIED") => {
-                        if let Some((k, svc, ports)) = self.parse(obj)
-                            && let Ok(mut s) = self.state.lock()
-                        {
-                            s.objects.insert(k, (svc, ports));
-                        }
-                    }
-                    Some("DELETED") => {
-                        let md = &obj["metadata"];
-                        if let (Some(ns), Some(name)) = (md["namespace"].as_str(), md["name"].as_str())
-                            && let Ok(mut s) = self.state.lock()
-                        {
-                            s.objects.remove(&format!("{ns}/{name}"));
-                        }
-                    }
-                    Some("BOOKMARK") => {}
-                    Some("ERROR") => {
-                        if obj["code"].as_u64() == Some(410) {
-                            return Ok(true);
-                        }
-                        return Err(format!("watch error: {}", obj["message"].as_str().unwrap_or("unknown")));
-                    }
-                    other => return Err(format!("unknown watch event {other:?}")),
+                if let Next::Relist = self.apply(line)? {
+                    return Ok(true);
                 }
-                if let Some(rv) = new_rv
-                    && let Ok(mut s) = self.state.lock()
-                {
-                    s.resource_version = rv;
-                    s.last_error = None;
-                }
-                self.bump();
+            }
+            buf.drain(..start);
+            scanned = buf.len();
+            if buf.len() > MAX_EVENT {
+                return Err(format!("watch event longer than {} MiB", MAX_EVENT >> 20));
             }
         }
+    }
+
+    /// Applies one watch event (a line of the watch stream).
+    fn apply(&self, line: &[u8]) -> Result<Next, String> {
+        let ev: Value = serde_json::from_slice(line).map_err(|e| format!("watch event: {e}"))?;
+        let obj = &ev["object"];
+        let md = &obj["metadata"];
+        let key = match (md["namespace"].as_str(), md["name"].as_str()) {
+            (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+            _ => None,
+        };
+        // What the event does to the object: `Some(Some(..))` sets it, `Some(None)` forgets it.
+        let change = match ev["type"].as_str() {
+            // An object that no longer parses is no longer one of ours (its namespace is left
+            // out, or a slice lost its service label): forget it.
+            Some("ADDED") | Some("MODIFIED") => Some(self.parse(obj)),
+            Some("DELETED") => Some(None),
+            Some("BOOKMARK") => None,
+            Some("ERROR") => {
+                if obj["code"].as_u64() == Some(410) {
+                    return Ok(Next::Relist);
+                }
+                return Err(format!("watch error: {}", obj["message"].as_str().unwrap_or("unknown")));
+            }
+            other => return Err(format!("unknown watch event {other:?}")),
+        };
+        let mut s = self.state.lock().map_err(|_| "state lock poisoned".to_string())?;
+        match change {
+            Some(Some((key, svc, ports))) => s.put(key, svc, ports),
+            Some(None) => {
+                if let Some(key) = &key {
+                    s.remove(key);
+                }
+            }
+            None => {}
+        }
+        if let Some(rv) = md["resourceVersion"].as_str() {
+            s.resource_version = rv.to_string();
+        }
+        // The first good event after a failure: every watch reports the recovery.
+        let recovered = s.last_error.take().is_some();
+        drop(s);
+        if recovered {
+            self.bump();
+        }
+        Ok(Next::Go)
     }
 
     async fn run(self: Arc<Self>) {
@@ -350,11 +438,9 @@ impl Informer {
         if !s.synced {
             return None;
         }
-        let mut nodes: Vec<NodeSpec> = s
-            .objects
-            .values()
-            .filter(|(k, _)| k == svc)
-            .flat_map(|(_, ports)| ports.get(port).into_iter().flatten())
+        let mut nodes: Vec<NodeSpec> = (s.services.get(svc).into_iter())
+            .flat_map(|objects| objects.values())
+            .flat_map(|ports| ports.get(port).into_iter().flatten())
             .map(|(ip, p)| NodeSpec {
                 host: ip.clone(),
                 port: Some(*p),
@@ -366,6 +452,43 @@ impl Informer {
         nodes.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
         nodes.dedup_by(|a, b| a.host == b.host && a.port == b.port);
         Some(NodeSet { nodes })
+    }
+
+    /// The change signal of service `svc`, registered while the `Interest` lives.
+    fn interest(self: &Arc<Self>, svc: &str) -> Interest {
+        let rx = self.state.lock().ok().map(|mut s| {
+            s.watchers.entry(svc.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
+        });
+        Interest { informer: self.clone(), svc: svc.to_string(), rx }
+    }
+}
+
+/// A watch's subscription to one service's changes; the service's signal is dropped with the
+/// last one.
+struct Interest {
+    informer: Arc<Informer>,
+    svc: String,
+    rx: Option<watch::Receiver<u64>>,
+}
+
+impl Interest {
+    /// Waits for the next change of the service (forever without a signal).
+    async fn changed(&mut self) {
+        let Some(rx) = &mut self.rx else { return std::future::pending().await };
+        if rx.changed().await.is_err() {
+            std::future::pending().await
+        }
+    }
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        self.rx = None;
+        if let Ok(mut s) = self.informer.state.lock()
+            && s.watchers.get(&self.svc).is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            s.watchers.remove(&self.svc);
+        }
     }
 }
 
@@ -464,15 +587,18 @@ impl Discovery for KubernetesDiscovery {
                     return;
                 }
             };
-            Self::start(&cluster);
+            // Subscribed before the first look, so no change falls between the two.
+            let mut interest = cluster.interest(&svc);
             let mut changes = cluster.version.subscribe();
-            let mut seen_error: HashSet<SystemTime> = HashSet::new();
+            Self::start(&cluster);
+            let mut seen_error: Option<SystemTime> = None;
             loop {
                 // While the API server fails, keep what was published and report the failure.
                 let err = cluster.state.lock().ok().and_then(|s| s.last_error.clone());
                 match err {
                     Some((at, e)) => {
-                        if seen_error.insert(at) {
+                        if seen_error != Some(at) {
+                            seen_error = Some(at);
                             record_error(&status, "kubernetes", &query, &DiscoveryError::Unavailable(e));
                         }
                     }
@@ -484,9 +610,161 @@ impl Discovery for KubernetesDiscovery {
                 }
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
+                    _ = interest.changed() => {}
                     _ = tx.closed() => return,
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn informer(api: Url, endpoint_slices: bool) -> Arc<Informer> {
+        let opts = ClusterOptions {
+            id: None,
+            api,
+            token: Token::None,
+            namespaces: NamespaceSelector::default(),
+            label_selector: None,
+            default_weight: 50,
+            endpoint_slices,
+        };
+        let d = KubernetesDiscovery::new(vec![opts], Duration::from_secs(1), Duration::from_secs(5)).unwrap();
+        let inf = d.clusters[0].clone();
+        inf.state.lock().unwrap().synced = true;
+        inf
+    }
+
+    fn endpoints(name: &str, ips: &[&str]) -> Value {
+        let addresses: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        json!({"metadata": {"namespace": "ns", "name": name},
+               "subsets": [{"addresses": addresses, "ports": [{"name": "http", "port": 80}]}]})
+    }
+
+    fn slice(name: &str, service: Option<&str>, ips: &[&str]) -> Value {
+        let labels = match service {
+            Some(s) => json!({"kubernetes.io/service-name": s}),
+            None => json!({}),
+        };
+        json!({"metadata": {"namespace": "ns", "name": name, "labels": labels},
+               "endpoints": [{"addresses": ips, "conditions": {"ready": true}}],
+               "ports": [{"name": "http", "port": 80}]})
+    }
+
+    fn event(kind: &str, object: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap()
+    }
+
+    fn hosts(inf: &Informer, svc: &str) -> Vec<String> {
+        inf.nodes(svc, "http").unwrap().nodes.into_iter().map(|n| n.host).collect()
+    }
+
+    #[tokio::test]
+    async fn an_event_wakes_only_the_watches_of_the_services_it_changes() {
+        let inf = informer(Url::parse("http://127.0.0.1:1").unwrap(), true);
+        let mut web = inf.interest("ns/web");
+        let mut api = inf.interest("ns/api");
+        let changed = |i: &mut Interest| i.rx.as_mut().unwrap().has_changed().unwrap();
+        let seen = |i: &mut Interest| {
+            i.rx.as_mut().unwrap().borrow_and_update();
+        };
+
+        assert!(matches!(
+            inf.apply(&event("ADDED", slice("web-a", Some("web"), &["10.0.0.1"]))),
+            Ok(Next::Go)
+        ));
+        assert!(changed(&mut web) && !changed(&mut api));
+        assert_eq!(hosts(&inf, "ns/web"), ["10.0.0.1"]);
+        seen(&mut web);
+
+        // A change that leaves the ready addresses as they were wakes nobody.
+        inf.apply(&event("MODIFIED", slice("web-a", Some("web"), &["10.0.0.1"]))).unwrap();
+        assert!(!changed(&mut web) && !changed(&mut api));
+
+        // A slice that moves to another service wakes both.
+        inf.apply(&event("MODIFIED", slice("web-a", Some("api"), &["10.0.0.1"]))).unwrap();
+        assert!(changed(&mut web) && changed(&mut api));
+        assert!(hosts(&inf, "ns/web").is_empty());
+        assert_eq!(hosts(&inf, "ns/api"), ["10.0.0.1"]);
+        seen(&mut web);
+        seen(&mut api);
+
+        // A slice that loses its service label is forgotten; so is a deleted one.
+        inf.apply(&event("ADDED", slice("web-b", Some("web"), &["10.0.0.2"]))).unwrap();
+        inf.apply(&event("MODIFIED", slice("web-a", None, &["10.0.0.1"]))).unwrap();
+        assert!(hosts(&inf, "ns/api").is_empty());
+        inf.apply(&event("DELETED", slice("web-b", Some("web"), &["10.0.0.2"]))).unwrap();
+        assert!(hosts(&inf, "ns/web").is_empty());
+        let s = inf.state.lock().unwrap();
+        assert!(s.owners.is_empty() && s.services.is_empty());
+        drop(s);
+
+        // The last watch of a service takes its signal with it.
+        drop(web);
+        let again = inf.interest("ns/api");
+        drop(api);
+        assert_eq!(inf.state.lock().unwrap().watchers.len(), 1);
+        drop(again);
+        assert!(inf.state.lock().unwrap().watchers.is_empty());
+    }
+
+    /// Serves one watch request with `body` in chunks of 1, 2, 3, ... bytes, so events arrive
+    /// split at every kind of place.
+    async fn serve_watch(body: Vec<u8>) -> Url {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+            let (mut at, mut size) = (0, 1);
+            while at < body.len() {
+                let piece = &body[at..(at + size).min(body.len())];
+                let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), piece, b"\r\n"].concat();
+                if conn.write_all(&chunk).await.is_err() || conn.flush().await.is_err() {
+                    return;
+                }
+                at += piece.len();
+                size = size % 4096 + 1;
+            }
+            let _ = conn.write_all(b"0\r\n\r\n").await;
+        });
+        Url::parse(&format!("http://{addr}")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn watch_events_split_anywhere_are_applied_in_order() {
+        let mut body = Vec::new();
+        for (kind, object) in [
+            ("ADDED", endpoints("web", &["10.0.0.1"])),
+            ("ADDED", endpoints("db", &["10.0.1.1"])),
+            ("MODIFIED", endpoints("web", &["10.0.0.2", "10.0.0.3"])),
+            ("BOOKMARK", json!({"metadata": {"resourceVersion": "7"}})),
+            ("DELETED", endpoints("db", &[])),
+        ] {
+            body.extend(event(kind, object));
+            body.extend(b"\n\n");
+        }
+        let inf = informer(serve_watch(body).await, false);
+        assert_eq!(inf.watch_once().await.ok(), Some(false), "the stream ends cleanly");
+        assert_eq!(hosts(&inf, "ns/web"), ["10.0.0.2", "10.0.0.3"]);
+        assert!(hosts(&inf, "ns/db").is_empty());
+        assert_eq!(inf.state.lock().unwrap().resource_version, "7");
+    }
+
+    #[tokio::test]
+    async fn a_watch_event_without_end_breaks_the_watch_instead_of_growing() {
+        let inf = informer(serve_watch(vec![b'x'; MAX_EVENT + 8192]).await, false);
+        let err = inf.watch_once().await.err().unwrap_or_default();
+        assert!(err.contains("longer than 16 MiB"), "{err}");
     }
 }
