@@ -1,5 +1,7 @@
 //! A small HTTP/1.1 client for registry APIs (Nacos, Consul, Eureka, Kubernetes): one request
 //! per connection, connect and read timeouts, optional TLS, and streamed bodies for watches.
+//! A complete answer is read up to `MAX_BODY`: a registry that sends more (a broken or hostile
+//! one, at loopback speed gigabytes within the read timeout) gets an error, not all the memory.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -65,6 +67,9 @@ impl Url {
     }
 }
 
+/// Largest complete answer read: a registry listing 100,000 instances sends about 15 MB.
+pub const MAX_BODY: usize = 128 << 20;
+
 /// A complete response.
 #[derive(Debug)]
 pub struct HttpResponse {
@@ -79,6 +84,7 @@ pub struct HttpClient {
     connect_timeout: Duration,
     read_timeout: Duration,
     tls: Arc<rustls::ClientConfig>,
+    max_body: usize,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -97,7 +103,7 @@ impl HttpClient {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerify))
                 .with_no_client_auth();
-        Ok(HttpClient { connect_timeout, read_timeout, tls: Arc::new(tls) })
+        Ok(HttpClient { connect_timeout, read_timeout, tls: Arc::new(tls), max_body: MAX_BODY })
     }
 
     /// Sends a request and returns the response head with a streaming body. `read` bounds the
@@ -164,12 +170,19 @@ impl HttpClient {
         let read = read.unwrap_or(self.read_timeout);
         let resp = self.send(url, method, path, headers, body, read).await?;
         let (parts, body) = resp.into_parts();
-        let body = tokio::time::timeout(read, body.collect())
+        let body = tokio::time::timeout(read, http_body_util::Limited::new(body, self.max_body).collect())
             .await
             .map_err(|_| {
                 DiscoveryError::Unavailable(format!("{}: reading the body timed out", url.authority()))
             })?
-            .map_err(|e| DiscoveryError::Unavailable(format!("{}: {e}", url.authority())))?
+            .map_err(|e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                Some(_) => DiscoveryError::Invalid(format!(
+                    "{}: answer larger than {} MiB",
+                    url.authority(),
+                    self.max_body >> 20
+                )),
+                None => DiscoveryError::Unavailable(format!("{}: {e}", url.authority())),
+            })?
             .to_bytes();
         Ok(HttpResponse { status: parts.status.as_u16(), headers: parts.headers, body })
     }
@@ -260,6 +273,34 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_answer_past_the_limit_is_an_error_not_memory() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        tokio::spawn(async move {
+            // Two requests: one answer within the limit, then one without end.
+            for endless in [false, true] {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                if !endless {
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2048\r\n\r\n").await;
+                    let _ = conn.write_all(&[b'a'; 2048]).await;
+                    continue;
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+                let chunk = [b"10000\r\n".as_slice(), &[b'a'; 0x10000], b"\r\n"].concat();
+                while conn.write_all(&chunk).await.is_ok() {}
+            }
+        });
+        let mut client = HttpClient::new(Duration::from_secs(1), Duration::from_secs(10)).unwrap();
+        client.max_body = 1 << 20;
+        assert_eq!(client.get(&url, "/").await.unwrap().body.len(), 2048);
+        let err = client.get(&url, "/").await.unwrap_err();
+        assert!(matches!(&err, DiscoveryError::Invalid(m) if m.contains("larger than 1 MiB")), "{err}");
+    }
 
     #[test]
     fn urls() {
