@@ -37,7 +37,8 @@ pub struct State {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub certs: CertStore,
     pub version: u64,
-    feeds: Vec<AbortHandle>,
+    /// The task feeding each upstream its nodes, by upstream key, where one is needed.
+    feeds: HashMap<String, AbortHandle>,
 }
 
 impl State {
@@ -48,16 +49,20 @@ impl State {
             upstreams: HashMap::new(),
             certs: CertStore::default(),
             version: 0,
-            feeds: vec![],
+            feeds: HashMap::new(),
         }
     }
 
-    /// Stops the background work of this state (feeds and probes).
-    fn retire(&self) {
-        for f in &self.feeds {
-            f.abort();
-        }
-        for u in self.upstreams.values() {
+    /// Stops the background work (feeds and probes) of the upstreams that `next` does not
+    /// carry over.
+    fn retire(&self, next: &State) {
+        for (key, u) in &self.upstreams {
+            if next.upstreams.get(key).is_some_and(|n| Arc::ptr_eq(n, u)) {
+                continue;
+            }
+            if let Some(f) = self.feeds.get(key) {
+                f.abort();
+            }
             u.stop();
         }
     }
@@ -198,13 +203,26 @@ impl Shared {
         Ok(shared)
     }
 
-    /// Builds a new state from `res` (carrying over upstream state) and swaps it in.
+    /// Builds a new state from `res` and swaps it in. An upstream whose definition did not
+    /// change is carried over whole, as APISIX keeps an unchanged upstream's balancer and
+    /// health checker: its probes keep their schedule, its TLS sessions to nodes stay
+    /// resumable, its counters keep counting. A changed one is rebuilt, keeping the health of
+    /// the nodes it still has.
     pub fn apply(&self, res: &Resources) -> Result<(), String> {
         let _l = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let prev = self.state.load_full();
         let mut upstreams = HashMap::new();
+        let mut kept = HashMap::new();
         for spec in &res.upstreams {
-            let up = Upstream::new(spec.clone(), prev.upstreams.get(&spec.key).map(|u| &**u), &self.ctx)?;
+            let up = match prev.upstreams.get(&spec.key) {
+                Some(p) if p.spec == *spec => {
+                    if let Some(f) = prev.feeds.get(&spec.key) {
+                        kept.insert(spec.key.clone(), f.clone());
+                    }
+                    p.clone()
+                }
+                p => Upstream::new(spec.clone(), p.map(|u| &**u), &self.ctx)?,
+            };
             upstreams.insert(spec.key.clone(), up);
         }
         let mut routes = Vec::with_capacity(res.routes.len());
@@ -250,10 +268,13 @@ impl Shared {
             certs.set_fallback(f);
         }
         // Everything is built; now start feeding the new upstreams and swap.
-        let mut feeds = Vec::new();
-        for up in upstreams.values() {
+        let mut feeds = kept;
+        for (key, up) in &upstreams {
+            if prev.upstreams.get(key).is_some_and(|p| Arc::ptr_eq(p, up)) {
+                continue;
+            }
             if let Some(h) = source::start(up, &self.hub) {
-                feeds.push(h);
+                feeds.insert(key.clone(), h);
             }
         }
         let state = State {
@@ -277,7 +298,7 @@ impl Shared {
         }
         *before = served;
         drop(before);
-        prev.retire();
+        prev.retire(&self.state.load());
         self.hub.prune();
         Ok(())
     }

@@ -296,6 +296,66 @@ routes:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_carries_an_unchanged_upstream_over_whole() {
+    let a = Backend::start("a").await;
+    // `kept` has no nodes: every request is refused and counted in `no_node`.
+    let resources = |extra_route: &str| {
+        format!(
+            "upstreams:
+  - id: kept
+    nodes: []
+  - id: web
+    nodes: {}
+    checks:
+      active:
+        http_path: /healthz
+        healthy: {{interval: 30, successes: 1}}
+        unhealthy: {{interval: 30, http_failures: 1}}
+routes:
+  - uri: /kept/*
+    upstream_id: kept
+  - uri: /web/*
+    upstream_id: web
+{extra_route}",
+            nodes_yaml(&[a.addr])
+        )
+    };
+    async fn refused(gw: &TestGateway) -> u64 {
+        let ups = gw.control_json("/v1/upstreams").await;
+        ups.as_array().unwrap().iter().find(|u| u["id"] == "kept").unwrap()["no_node"].as_u64().unwrap()
+    }
+    let gw = TestGateway::start(&resources(""));
+    for _ in 0..2 {
+        assert_eq!(get(gw.http(), "/kept/x").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(refused(&gw).await, 2);
+    // The first probe of `web`'s node (within a second of the start), then none for 30 s.
+    assert!(
+        eventually(Duration::from_secs(5), || async { a.state.requests.load(Ordering::Relaxed) >= 1 }).await
+    );
+    let probes = a.state.requests.load(Ordering::Relaxed);
+
+    // Reloads that only add routes leave both upstreams as they are: the counters go on, and
+    // no probe starts over (a rebuilt upstream probes its nodes within a second).
+    for i in 0..3 {
+        let v = gw.version();
+        gw.write_resources(&resources(&format!("  - uri: /other{i}/*\n    upstream_id: kept\n")));
+        assert!(eventually(Duration::from_secs(3), || async { gw.version() > v }).await);
+    }
+    assert_eq!(refused(&gw).await, 2, "the refusals counted before the reloads are still there");
+    assert_eq!(get(gw.http(), "/kept/x").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused(&gw).await, 3);
+    assert_eq!(get(gw.http(), "/web/x").await.0, StatusCode::OK);
+    assert_eq!(a.state.requests.load(Ordering::Relaxed), probes + 1, "no probe since the start, one request");
+
+    // A changed upstream is rebuilt: its counters start again.
+    let v = gw.version();
+    gw.write_resources(&resources("").replace("nodes: []", "nodes: []\n    retries: 1"));
+    assert!(eventually(Duration::from_secs(3), || async { gw.version() > v }).await);
+    assert_eq!(refused(&gw).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_unhealthy_uses_all_nodes_by_default_or_fails_when_asked() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     a.state.force_status.store(503, std::sync::atomic::Ordering::Relaxed);
