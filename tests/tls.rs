@@ -703,6 +703,72 @@ async fn https_upstream_with_verification_and_client_certificate() {
     assert_eq!(get(gw.http(), "/wrongname").await.0, StatusCode::BAD_GATEWAY, "verification checks the name");
 }
 
+/// `https` probes speak TLS to the node, verify its certificate against the trusted CAs for
+/// `checks.active.host`, present the upstream's client certificate, and read the status: the
+/// node whose `/healthz` answers 503 goes out, the other stays. A probe that failed its
+/// handshake would take both out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_probes_verify_the_node_and_present_the_client_certificate() {
+    let ca = Ca::new("upstream-ca");
+    let server = ca.leaf(&["backend.internal"]);
+    let client = ca.leaf(&["strait-client"]);
+    let good = Backend::start_tls("good", &server, Some(&ca.pem), &[b"http/1.1"]).await;
+    let sick = Backend::start_tls("sick", &server, Some(&ca.pem), &[b"http/1.1"]).await;
+    sick.state.health_status.store(503, std::sync::atomic::Ordering::Relaxed);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    let config = BASE_CONFIG.replace(
+        "  control:",
+        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", dir.path().join("ca.pem").display()),
+    );
+    let gw = TestGateway::start_with(
+        &config,
+        &format!(
+            "upstreams:
+  - id: u
+    scheme: https
+    pass_host: rewrite
+    upstream_host: backend.internal
+    tls:
+      verify: true
+      client_cert: {}      client_key: {}    nodes: {n}
+    checks:
+      active:
+        type: https
+        host: backend.internal
+        http_path: /healthz
+        healthy: {{interval: 1, successes: 1}}
+        unhealthy: {{interval: 1, http_failures: 1, tcp_failures: 1}}
+routes:
+  - uri: /*
+    upstream_id: u
+",
+            yaml_block(&client.cert, 8),
+            yaml_block(&client.key, 8),
+            n = nodes_yaml(&[good.addr, sick.addr])
+        ),
+        1,
+    );
+    let statuses = || async {
+        let j = gw.control_json("/v1/healthcheck/upstreams/u").await;
+        let of = |port: u16| {
+            j["nodes"].as_array().unwrap().iter().find(|n| n["port"] == port).map(|n| n["status"].clone())
+        };
+        (of(good.addr.port()), of(sick.addr.port()))
+    };
+    let want = (Some(serde_json::json!("healthy")), Some(serde_json::json!("unhealthy")));
+    assert!(
+        eventually(Duration::from_secs(10), || async { statuses().await == want }).await,
+        "{:?}",
+        statuses().await
+    );
+    for _ in 0..4 {
+        let (status, headers, _) = get(gw.http(), "/x").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-backend"], "good");
+    }
+}
+
 /// HTTP/1.1 over TLS takes the same direct relay as plain HTTP/1.1: several requests on one
 /// kept-alive TLS connection (one without a body, one with a small body), and an answer whose
 /// body ends with the node's close arrives whole, the TLS session closed cleanly (close_notify:

@@ -28,13 +28,16 @@ pub struct HealthProbes {
     sem: Arc<Semaphore>,
     tasks: Mutex<HashMap<SocketAddr, AbortHandle>>,
     upstream: Arc<str>,
-    /// The upstream's mTLS client certificate, presented by https / grpcs probes too.
-    client_cert: Option<(String, String)>,
+    /// What the probes connect with when they use TLS, shared by all of them.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl HealthProbes {
     pub fn new(spec: &UpstreamSpec, ctx: &BuildContext) -> Self {
         let check = spec.checks.as_ref().map(|c| Arc::new(c.active.clone()));
+        // The upstream's mTLS client certificate is presented by https / grpcs probes too.
+        let client_cert = spec.tls.as_ref().and_then(|t| t.client_cert.clone());
+        let tls = check.as_ref().and_then(|c| probe::probe_tls(c, spec.scheme, &ctx.roots, client_cert));
         let permits = check.as_ref().map_or(1, |c| c.concurrency.max(1) as usize);
         HealthProbes {
             check,
@@ -42,7 +45,7 @@ impl HealthProbes {
             sem: Arc::new(Semaphore::new(permits)),
             tasks: Mutex::new(HashMap::new()),
             upstream: Arc::from(spec.id.as_str()),
-            client_cert: spec.tls.as_ref().and_then(|t| t.client_cert.clone()),
+            tls,
         }
     }
 
@@ -62,8 +65,7 @@ impl HealthProbes {
             if tasks.contains_key(&addr) {
                 continue;
             }
-            let target =
-                Arc::new(ProbeTarget::new(node, check, settings, &self.ctx.roots, self.client_cert.clone()));
+            let target = Arc::new(ProbeTarget::new(node, check, settings, self.tls.clone()));
             let c = check.clone();
             let probe = move || {
                 let (t, c) = (target.clone(), c.clone());

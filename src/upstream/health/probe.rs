@@ -36,12 +36,12 @@ pub struct ProbeResult {
 }
 
 impl ProbeTarget {
+    /// `tls` is the upstream's probe TLS configuration ([`probe_tls`]), if its probes use TLS.
     pub fn new(
         node: &Node,
         check: &ActiveCheck,
         settings: &UpstreamSettings,
-        roots: &Arc<rustls::RootCertStore>,
-        client_cert: Option<(String, String)>,
+        tls: Option<Arc<ClientConfig>>,
     ) -> Self {
         let addr = SocketAddr::new(node.addr.ip(), check.port.unwrap_or(node.addr.port()));
         let host = probe_host(node, check, settings);
@@ -50,24 +50,34 @@ impl ProbeTarget {
             .and_then(|h| h.split(']').next())
             .map(str::to_string)
             .unwrap_or_else(|| host.rsplit_once(':').map_or(host.clone(), |(h, _)| h.to_string()));
-        let use_tls = match check.kind {
-            ProbeType::Https => true,
-            ProbeType::Grpc => matches!(settings.scheme, Scheme::Grpcs | Scheme::Https),
-            _ => false,
-        };
-        let tls = use_tls
-            .then(|| {
-                ClientTls::new(ClientTlsOptions {
-                    verify: check.https_verify_certificate,
-                    roots: roots.clone(),
-                    client_cert,
-                })
-                .ok()
-            })
-            .flatten()
-            .map(|t| if check.kind == ProbeType::Grpc { t.h2.clone() } else { t.raw.clone() });
         ProbeTarget { addr, host, sni, tls }
     }
+}
+
+/// The TLS client configuration the probes of an upstream share, when they use TLS (`https`
+/// probes, and `grpc` probes of `grpcs`/`https` upstreams): built once per upstream, not per
+/// node. The upstream's mTLS client certificate is presented too.
+pub fn probe_tls(
+    check: &ActiveCheck,
+    scheme: Scheme,
+    roots: &Arc<rustls::RootCertStore>,
+    client_cert: Option<(String, String)>,
+) -> Option<Arc<ClientConfig>> {
+    let use_tls = match check.kind {
+        ProbeType::Https => true,
+        ProbeType::Grpc => matches!(scheme, Scheme::Grpcs | Scheme::Https),
+        _ => false,
+    };
+    if !use_tls {
+        return None;
+    }
+    let tls = ClientTls::new(ClientTlsOptions {
+        verify: check.https_verify_certificate,
+        roots: roots.clone(),
+        client_cert,
+    })
+    .ok()?;
+    Some(if check.kind == ProbeType::Grpc { tls.h2 } else { tls.raw })
 }
 
 fn result(event: Option<Event>, detail: impl Into<String>) -> ProbeResult {
