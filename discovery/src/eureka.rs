@@ -9,7 +9,8 @@
 //!   `metadata.weight`, else the configured weight;
 //! * both JSON shapes Eureka produces are read: lists, and a single application or instance
 //!   given as an object; numbers and booleans as strings or JSON values;
-//! * `user:pass@` hosts use Basic auth; hosts fail over;
+//! * `user:pass@` hosts use Basic auth; hosts fail over (also past one that answers something
+//!   that is not JSON);
 //! * each fetched registry is indexed by application once, and every watched application reads
 //!   its nodes from that index: a watch costs a lookup, not a pass over (or a copy of) the
 //!   whole registry.
@@ -41,10 +42,15 @@ pub struct EurekaOptions {
 pub struct EurekaDiscovery {
     opts: EurekaOptions,
     http: HttpClient,
-    /// The last registry fetched and when; shared by all watches.
-    cache: tokio::sync::Mutex<Option<(Instant, Arc<Registry>)>>,
+    /// The last fetch and when, shared by all watches: the registry, or why there is none (so
+    /// that while Eureka is away one failed fetch answers every watch, instead of each trying
+    /// every host in turn).
+    cache: tokio::sync::Mutex<Option<(Instant, Fetched)>>,
     next_host: Mutex<usize>,
 }
+
+/// What one fetch of the registry gave.
+type Fetched = Result<Arc<Registry>, DiscoveryError>;
 
 /// One fetched registry: the nodes of each application, by its upper-cased name.
 #[derive(Debug, Default)]
@@ -86,14 +92,21 @@ impl EurekaDiscovery {
         Ok(EurekaDiscovery { opts, http, cache: tokio::sync::Mutex::new(None), next_host: Mutex::new(0) })
     }
 
-    async fn fetch(&self) -> Result<Arc<Registry>, DiscoveryError> {
+    async fn fetch(&self) -> Fetched {
         let mut cache = self.cache.lock().await;
         let fresh = self.opts.fetch_interval.min(Duration::from_secs(30)) / 2;
-        if let Some((at, v)) = cache.as_ref()
+        if let Some((at, r)) = cache.as_ref()
             && at.elapsed() < fresh
         {
-            return Ok(v.clone());
+            return r.clone();
         }
+        let r = self.fetch_from_hosts().await;
+        *cache = Some((Instant::now(), r.clone()));
+        r
+    }
+
+    /// Asks the hosts in turn, from the last one that answered.
+    async fn fetch_from_hosts(&self) -> Fetched {
         let n = self.opts.hosts.len().max(1);
         let start = self.next_host.lock().map(|g| *g).unwrap_or(0);
         let mut last = DiscoveryError::Unavailable("no Eureka host configured".into());
@@ -109,16 +122,15 @@ impl EurekaDiscovery {
             let path = format!("{}apps", self.opts.prefix);
             match self.http.request(&host.url, Method::GET, &path, &headers, bytes::Bytes::new(), None).await
             {
-                Ok(r) if r.status == 200 => {
-                    let v: Value = serde_json::from_slice(&r.body)
-                        .map_err(|e| DiscoveryError::Invalid(e.to_string()))?;
-                    if let Ok(mut g) = self.next_host.lock() {
-                        *g = (start + i) % n;
+                Ok(r) if r.status == 200 => match serde_json::from_slice::<Value>(&r.body) {
+                    Ok(v) => {
+                        if let Ok(mut g) = self.next_host.lock() {
+                            *g = (start + i) % n;
+                        }
+                        return Ok(Arc::new(self.index(&v)));
                     }
-                    let registry = Arc::new(self.index(&v));
-                    *cache = Some((Instant::now(), registry.clone()));
-                    return Ok(registry);
-                }
+                    Err(e) => last = DiscoveryError::Invalid(format!("{}: {e}", host.url.authority())),
+                },
                 Ok(r) => {
                     last = DiscoveryError::Unavailable(format!("{}: HTTP {}", host.url.authority(), r.status))
                 }
@@ -199,8 +211,12 @@ mod tests {
     use serde_json::json;
 
     fn d() -> EurekaDiscovery {
+        with_hosts(vec![])
+    }
+
+    fn with_hosts(hosts: Vec<NacosHost>) -> EurekaDiscovery {
         EurekaDiscovery::new(EurekaOptions {
-            hosts: vec![],
+            hosts,
             prefix: "/eureka/".into(),
             fetch_interval: Duration::from_secs(30),
             weight: 100,
@@ -230,5 +246,60 @@ mod tests {
         // A weight past u32 saturates instead of wrapping to a small one (or 0).
         let heavy = json!({"applications": {"application": {"name": "W", "instance": {"ipAddr": "10.1.1.1", "status": "UP", "port": {"$": 1, "@enabled": "true"}, "metadata": {"weight": "4294967296"}}}}});
         assert_eq!(d().index(&heavy).nodes("w").nodes[0].weight, u32::MAX);
+    }
+
+    /// A host that answers every request with `status` and `body`, counting the requests.
+    async fn host(status: u16, body: &'static str) -> (NacosHost, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer =
+                        format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (NacosHost::parse(&url).unwrap(), count)
+    }
+
+    fn query(app: &str) -> Query {
+        Query { service_name: app.into(), args: vec![], scheme: "http".into() }
+    }
+
+    #[tokio::test]
+    async fn a_host_that_answers_no_json_fails_over_to_the_next() {
+        let (broken, _) = host(200, "<html>maintenance</html>").await;
+        let (good, _) = host(200, r#"{"applications": {"application": {"name": "WEB", "instance": {"ipAddr": "10.0.0.9", "status": "UP", "port": {"$": 80, "@enabled": "true"}}}}}"#).await;
+        let r = with_hosts(vec![broken, good]).resolve(&query("web")).await.unwrap();
+        assert_eq!(r.nodes.nodes.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_failed_fetch_answers_every_watch_until_the_next_is_due() {
+        let (down, asked) = host(503, "").await;
+        let d = Arc::new(with_hosts(vec![down]));
+        let mut all = tokio::task::JoinSet::new();
+        for i in 0..50 {
+            let d = d.clone();
+            all.spawn(async move { d.resolve(&query(&format!("app{i}"))).await });
+        }
+        while let Some(r) = all.join_next().await {
+            assert!(matches!(r.unwrap(), Err(DiscoveryError::Unavailable(m)) if m.contains("HTTP 503")));
+        }
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "one fetch for fifty watches");
     }
 }
