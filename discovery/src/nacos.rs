@@ -414,7 +414,10 @@ impl Discovery for NacosDiscovery {
                     }
                 }
             }
-            let check_every = self.opts.fetch_interval.min(Duration::from_secs(5));
+            // Pushes carry the changes; this check only reconciles and shows an outage, so it
+            // runs at `fetch_interval` (APISIX's poll): each is a query to the server, and a
+            // gateway may watch thousands of services.
+            let check_every = self.opts.fetch_interval.max(Duration::from_secs(1));
             let mut tick = tokio::time::interval(check_every);
             loop {
                 tokio::select! {
