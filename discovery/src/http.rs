@@ -124,6 +124,13 @@ impl HttpClient {
             .map_err(|_| unavailable("connect timed out".into()))?
             .map_err(|e| unavailable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
+        // Watches and blocking queries hold a connection for minutes: a peer that vanished
+        // without a reset is noticed within about a minute, not at the next timeout.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let mut req = Request::builder().method(method).uri(path);
         for (k, v) in headers {
             req = req.header(*k, v.as_str());

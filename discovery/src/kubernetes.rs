@@ -307,8 +307,13 @@ impl Informer {
     /// Watches from the current version until the stream ends. `Ok(true)` asks for a relist.
     async fn watch_once(&self) -> Result<bool, String> {
         let rv = self.state.lock().map(|s| s.resource_version.clone()).unwrap_or_default();
+        // As client-go's reflector: the server ends each watch after 5 to 10 minutes (spread
+        // so that many gateways do not reconnect together), and a watch that stays silent past
+        // that is dead (a load balancer or NAT that dropped it without a reset), since
+        // bookmarks are not promised at any rate.
+        let timeout = 300 + crate::random_below(300);
         let path = format!(
-            "{}?watch=true&allowWatchBookmarks=true&timeoutSeconds=1800&resourceVersion={}{}",
+            "{}?watch=true&allowWatchBookmarks=true&timeoutSeconds={timeout}&resourceVersion={}{}",
             self.resource_path(),
             urlencode(&rv),
             self.selectors()
@@ -328,8 +333,7 @@ impl Informer {
         let mut buf: Vec<u8> = Vec::new();
         // Where the search for the next newline resumes.
         let mut scanned = 0;
-        // Bookmarks arrive about once a minute; a silent watch for much longer is dead.
-        let idle = Duration::from_secs(1800 + 120);
+        let idle = Duration::from_secs(timeout + 60);
         loop {
             let frame = match tokio::time::timeout(idle, body.frame()).await {
                 Err(_) => return Err("watch went silent".into()),

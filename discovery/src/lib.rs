@@ -182,6 +182,14 @@ pub trait Discovery: Send + Sync + 'static {
     }
 }
 
+/// A number in `[0, n)` that differs between calls and processes (to spread retries and
+/// reconnections of many gateways); not for anything secret.
+pub(crate) fn random_below(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let h = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    h % n.max(1)
+}
+
 /// Publishes `nodes` if they differ from what `tx` holds, and records the success.
 pub fn publish(tx: &watch::Sender<Option<NodeSet>>, status: &SharedStatus, nodes: NodeSet) {
     let count = nodes.nodes.len();
