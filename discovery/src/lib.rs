@@ -94,6 +94,8 @@ pub struct SyncStatus {
     pub last_success: Option<SystemTime>,
     pub last_error: Option<(SystemTime, String)>,
     pub last_change: Option<SystemTime>,
+    /// How many times the published set changed.
+    pub changes: u64,
     pub node_count: usize,
     pub errors: u64,
     /// Whether a good answer was ever received.
@@ -208,6 +210,7 @@ pub fn publish(tx: &watch::Sender<Option<NodeSet>>, status: &SharedStatus, nodes
     s.node_count = count;
     if changed {
         s.last_change = Some(now);
+        s.changes += 1;
     }
 }
 
