@@ -365,6 +365,7 @@ async fn watch_index(me: Weak<ConsulDiscovery>, path: &'static str) {
     let mut backoff = Backoff::new(Duration::from_secs(16));
     loop {
         let Some(d) = me.upgrade() else { return };
+        let started = tokio::time::Instant::now();
         match d.get(path.to_string(), index, server).await {
             Ok((_, idx)) => {
                 backoff.reset();
@@ -375,6 +376,12 @@ async fn watch_index(me: Weak<ConsulDiscovery>, path: &'static str) {
                     tx.send_modify(|n| *n += 1);
                 }
                 index = Some(next_index(index, idx));
+                // At most one round a `SHARED_GAP`, as Consul asks of blocking queries: in a
+                // large datacenter some check changes all the time, and each answer of
+                // `/v1/health/state/any` lists every check (megabytes). The services that
+                // share this signal are fetched at most that often anyway.
+                drop(d);
+                tokio::time::sleep_until(started + SHARED_GAP).await;
             }
             Err(e) => {
                 tracing::warn!(path, error = %e, "consul: catalog-wide watch failed");
