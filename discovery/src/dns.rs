@@ -7,7 +7,11 @@
 //!   that last answered for that name);
 //! * SRV answers carry weight (0 becomes 1, split over the target's addresses), priority
 //!   (lower SRV priority is tried first: priority = -srv_priority) and port (a port in
-//!   `service_name` wins).
+//!   `service_name` wins);
+//! * a static host name is looked up once for every upstream that names it: the answer is
+//!   shared until its TTL ends (a failure for a second), and lookups of one name at the same
+//!   moment wait for the first (a thousand routes with inline upstreams on `backend.internal`
+//!   make one query per TTL, not a thousand).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -87,11 +91,24 @@ impl Default for DnsOptions {
 const MIN_TTL: Duration = Duration::from_secs(1);
 const MAX_TTL: Duration = Duration::from_secs(3600);
 
+/// How long a failed lookup of a static host name answers for everyone who asks.
+const FAILURE_SHARED: Duration = Duration::from_secs(1);
+
+/// The last lookup of a static host name: the addresses and until when they are valid, or
+/// the failure and when it happened.
+struct HostAnswer {
+    result: Result<(Vec<IpAddr>, Instant), DiscoveryError>,
+    at: Instant,
+}
+
 /// A DNS backend.
 pub struct DnsDiscovery {
     resolver: TokioResolver,
     opts: DnsOptions,
     last: Mutex<HashMap<String, RecordKind>>,
+    /// `lookup_host` answers by host name; the async lock makes lookups of a name wait for the
+    /// one under way.
+    hosts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<HostAnswer>>>>>,
 }
 
 impl DnsDiscovery {
@@ -125,7 +142,12 @@ impl DnsDiscovery {
         let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
         *builder.options_mut() = ropts;
         let resolver = builder.build().map_err(|e| DiscoveryError::Config(e.to_string()))?;
-        Ok(DnsDiscovery { resolver, opts, last: Mutex::new(HashMap::new()) })
+        Ok(DnsDiscovery {
+            resolver,
+            opts,
+            last: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(HashMap::new()),
+        })
     }
 
     fn ttl(&self, valid_until: Instant) -> Duration {
@@ -135,11 +157,30 @@ impl DnsDiscovery {
             .clamp(MIN_TTL, MAX_TTL)
     }
 
-    /// Resolves a host name to its addresses (A first, then AAAA), for static nodes.
+    /// Resolves a host name to its addresses (A first, then AAAA) and how long they are valid,
+    /// for static nodes; shared between callers (module doc).
     pub async fn lookup_host(&self, host: &str) -> Result<(Vec<IpAddr>, Duration), DiscoveryError> {
         if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             return Ok((vec![ip], MAX_TTL));
         }
+        let slot = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            hosts.entry(host.to_string()).or_default().clone()
+        };
+        let mut answer = slot.lock().await;
+        let now = Instant::now();
+        match answer.as_ref().map(|a| (&a.result, a.at)) {
+            Some((Ok((ips, until)), _)) if *until > now => return Ok((ips.clone(), *until - now)),
+            Some((Err(e), at)) if now.duration_since(at) < FAILURE_SHARED => return Err(e.clone()),
+            _ => {}
+        }
+        let result = self.lookup_host_now(host).await;
+        let now = Instant::now();
+        *answer = Some(HostAnswer { result: result.clone().map(|(ips, ttl)| (ips, now + ttl)), at: now });
+        result
+    }
+
+    async fn lookup_host_now(&self, host: &str) -> Result<(Vec<IpAddr>, Duration), DiscoveryError> {
         let name = fqdn(host);
         let mut last_err = None;
         let mut kinds = vec![RecordKind::A];
@@ -348,6 +389,61 @@ mod tests {
         assert!(split_service_name("web.svc:x").is_err());
         assert!(split_service_name(":80").is_err());
         assert!(split_service_name("").is_err());
+    }
+
+    /// A name server on UDP that answers every A question with 127.0.0.1 (TTL 30), counting
+    /// the questions.
+    async fn counting_name_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let q = &buf[..n];
+                // The question: labels from byte 12 to the root label, then type and class.
+                let mut end = 12;
+                while end < q.len() && q[end] != 0 {
+                    end += 1 + q[end] as usize;
+                }
+                let question = &q[12..(end + 5).min(q.len())];
+                let mut a = vec![q[0], q[1], 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+                a.extend_from_slice(question);
+                a.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 127, 0, 0, 1]);
+                let _ = sock.send_to(&a, from).await;
+            }
+        });
+        (addr, count)
+    }
+
+    #[tokio::test]
+    async fn upstreams_that_name_one_host_share_its_lookup() {
+        let (server, asked) = counting_name_server().await;
+        let dns = Arc::new(
+            DnsDiscovery::new(DnsOptions { servers: vec![server], ipv6: false, ..DnsOptions::default() })
+                .unwrap(),
+        );
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let dns = dns.clone();
+            all.spawn(async move { dns.lookup_host("backend.test").await });
+        }
+        while let Some(r) = all.join_next().await {
+            let (ips, ttl) = r.unwrap().unwrap();
+            assert_eq!(ips, [IpAddr::from([127, 0, 0, 1])]);
+            assert!(ttl <= Duration::from_secs(30) && ttl > Duration::from_secs(20), "{ttl:?}");
+        }
+        // Upstreams that look it up later within the TTL (their own schedules, a reload) get
+        // the same answer with what is left of the TTL.
+        for _ in 0..3 {
+            assert!(dns.lookup_host("backend.test").await.unwrap().1 <= Duration::from_secs(30));
+        }
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "one question for 53 lookups");
+        // Another name is asked on its own.
+        dns.lookup_host("other.test").await.unwrap();
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]
