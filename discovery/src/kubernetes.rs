@@ -29,7 +29,7 @@ use crate::http::{HttpClient, Url};
 use crate::nacos::urlencode;
 use crate::{
     Backoff, BoxFuture, Discovery, DiscoveryError, NodeSet, NodeSpec, Query, Resolution, SharedStatus,
-    publish, record_error,
+    note_error, publish, record_error,
 };
 
 /// How the service account token is found.
@@ -603,7 +603,8 @@ impl Discovery for KubernetesDiscovery {
                     Some((at, e)) => {
                         if seen_error != Some(at) {
                             seen_error = Some(at);
-                            record_error(&status, "kubernetes", &query, &DiscoveryError::Unavailable(e));
+                            // `Informer::fail` logged it, once for every service.
+                            note_error(&status, &DiscoveryError::Unavailable(e));
                         }
                     }
                     None => {

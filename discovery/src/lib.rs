@@ -214,12 +214,18 @@ pub fn publish(tx: &watch::Sender<Option<NodeSet>>, status: &SharedStatus, nodes
     }
 }
 
-/// Records a failed lookup (the last good set stays published).
+/// Records a failed lookup (the last good set stays published), and logs it.
 pub fn record_error(status: &SharedStatus, kind: &str, query: &Query, e: &DiscoveryError) {
+    note_error(status, e);
+    tracing::warn!(discovery = kind, service = %query.service_name, error = %e, "discovery lookup failed; keeping the last good nodes");
+}
+
+/// Records a failed lookup without logging it, for a failure shared by many services that is
+/// logged once where it happened (a Kubernetes informer's).
+pub fn note_error(status: &SharedStatus, e: &DiscoveryError) {
     let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
     s.errors += 1;
     s.last_error = Some((SystemTime::now(), e.to_string()));
-    tracing::warn!(discovery = kind, service = %query.service_name, error = %e, "discovery lookup failed; keeping the last good nodes");
 }
 
 /// Resolves node hosts that are names (a registry may hold `db.internal` where an address is
