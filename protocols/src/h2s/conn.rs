@@ -40,6 +40,15 @@ const READS_PER_POLL: usize = 16;
 /// with ENHANCE_YOUR_CALM, unless as many streams completed normally (a rapid-reset flood,
 /// CVE-2023-44487, costs its sender the connection).
 const RESET_ALLOWANCE: u32 = 128;
+/// What a stream waiting for the client's window must get through (or finish) to start its
+/// `send_timeout` again: a window handed out a byte at a time does not hold an answer (and its
+/// node connection) open for ever.
+const STALL_PROGRESS: usize = 16 * 1024;
+/// SETTINGS frames a connection may send, beyond one for every 16 streams it completed: each
+/// one that changes the initial window touches every open stream, so a flood of them would
+/// cost the gateway a thousand times what it costs the client. Clients send one or two, and
+/// gRPC's window tuning about ten over a connection's life.
+const SETTINGS_ALLOWANCE: u32 = 64;
 
 /// A connection error: GOAWAY with this reason, then the close.
 #[derive(Debug)]
@@ -71,8 +80,11 @@ struct Slot<Fut> {
     remote_done: bool,
     /// A HEAD request: the answer has no body.
     head_only: bool,
-    /// Waiting for the client's window since.
+    /// Waiting for the client's window since (the wait ends when `STALL_PROGRESS` bytes went
+    /// out, or the answer did).
     stalled: Option<Instant>,
+    /// Bytes sent since the wait began.
+    stall_sent: usize,
     /// Waiting for the connection window.
     conn_blocked: bool,
     /// Listed in `Out::conn_blocked` (an entry may outlive the wait; it is checked against
@@ -172,10 +184,14 @@ pub(crate) struct Conn<'a, IO, F, Fut> {
     /// Streams the gateway reset lately: frames the client sent on them before it saw the reset
     /// are ignored (RFC 9113 §5.1), where frames on other closed streams are errors.
     reset_ids: std::collections::VecDeque<u32>,
+    /// The same ids, to look up.
+    reset_set: FxHashMap<u32, ()>,
     open: usize,
     peer_initial_window: i64,
     resets: u32,
     completed: u32,
+    /// SETTINGS frames received (not counting ACKs).
+    settings: u32,
 
     /// GOAWAY sent: no new streams; close once the open ones are done.
     goaway: bool,
@@ -262,10 +278,12 @@ where
             scratch: Vec::new(),
             last_id: 0,
             reset_ids: std::collections::VecDeque::new(),
+            reset_set: FxHashMap::default(),
             open: 0,
             peer_initial_window: frame::DEFAULT_WINDOW,
             resets: 0,
             completed: 0,
+            settings: 0,
             goaway: false,
             goaway_id: None,
             peer_goaway: false,
@@ -653,6 +671,10 @@ where
         if !head.len.is_multiple_of(6) {
             return Err(ConnError(Reason::FRAME_SIZE_ERROR, "SETTINGS of the wrong size"));
         }
+        self.settings += 1;
+        if self.settings > SETTINGS_ALLOWANCE + self.completed / 16 {
+            return Err(ConnError(Reason::ENHANCE_YOUR_CALM, "too many SETTINGS frames"));
+        }
         // Only the last INITIAL_WINDOW_SIZE of a frame counts, applied once (a frame full of them
         // must not cost a pass over the streams each).
         let mut initial_window = None;
@@ -699,8 +721,7 @@ where
                     return Err(ConnError(Reason::FLOW_CONTROL_ERROR, "stream window overflow"));
                 }
                 if delta > 0 && slot.stalled.is_some() && !slot.conn_blocked {
-                    // Its wait for the client is over; a new one starts its own clock.
-                    slot.stalled = None;
+                    // It may send again; its wait ends once enough went out.
                     queue(&mut self.local_ready, &slot.flag, idx as u32);
                 }
             }
@@ -727,8 +748,7 @@ where
                 let slot = &mut self.slots[idx as usize];
                 slot.in_conn_list = false;
                 if std::mem::take(&mut slot.conn_blocked) {
-                    // Its wait for the client is over; a new one starts its own clock.
-                    slot.stalled = None;
+                    // It may send again; its wait ends once enough went out.
                     queue(&mut self.local_ready, &slot.flag, idx);
                 }
             }
@@ -749,7 +769,6 @@ where
             return Ok(());
         }
         if slot.stalled.is_some() && !slot.conn_blocked {
-            slot.stalled = None;
             queue(&mut self.local_ready, &slot.flag, idx);
         }
         Ok(())
@@ -955,7 +974,9 @@ where
                 if !end_stream {
                     self.rst(id, Reason::NO_ERROR);
                 }
-                return Ok(());
+                // The client's fault, as a malformed head is: counted with the resets.
+                self.resets += 1;
+                return self.check_resets();
             }
             Err(Malformed::Invalid(why)) => {
                 tracing::debug!(stream = id, "malformed HTTP/2 request: {why}");
@@ -1041,6 +1062,7 @@ where
                     remote_done: false,
                     head_only: false,
                     stalled: None,
+                    stall_sent: 0,
                     conn_blocked: false,
                     in_conn_list: false,
                     in_write_list: false,
@@ -1093,17 +1115,21 @@ where
     /// Writes RST_STREAM and remembers the stream as reset.
     fn rst(&mut self, id: u32, reason: Reason) {
         frame::put_rst(&mut self.out.wbuf, id, reason);
-        if self.reset_ids.len() == MAX_CONCURRENT {
-            self.reset_ids.pop_front();
+        if self.reset_set.insert(id, ()).is_none() {
+            if self.reset_ids.len() == MAX_CONCURRENT
+                && let Some(old) = self.reset_ids.pop_front()
+            {
+                self.reset_set.remove(&old);
+            }
+            self.reset_ids.push_back(id);
         }
-        self.reset_ids.push_back(id);
     }
 
     /// Whether frames on this closed stream are to be ignored rather than be an error: the
     /// gateway reset it lately (the client may have sent them before it saw the reset), or
     /// it came after the last stream GOAWAY announced (the client learns it was not served).
     fn ignorable(&self, id: u32) -> bool {
-        self.goaway_id.is_some_and(|g| id > g) || self.reset_ids.contains(&id)
+        self.goaway_id.is_some_and(|g| id > g) || self.reset_set.contains_key(&id)
     }
 
     /// A stream error on an open stream: RST_STREAM, and the slot freed.
@@ -1186,7 +1212,12 @@ where
                     match body {
                         Some(body) => {
                             slot.phase = Phase::Body { body, held: None, last: false };
-                            send_body(&mut self.out, slot, &mut cx)
+                            if self.out.pending() >= WRITE_HIGH {
+                                // The head is out; the body waits for the client to read.
+                                Step::Paused
+                            } else {
+                                send_body(&mut self.out, slot, &mut cx)
+                            }
                         }
                         None => done,
                     }
@@ -1200,6 +1231,7 @@ where
             Step::Stalled => {
                 if slot.stalled.is_none() {
                     slot.stalled = Some(Instant::now());
+                    slot.stall_sent = 0;
                     self.out.stall_started = true;
                 }
                 if slot.conn_blocked && !std::mem::replace(&mut slot.in_conn_list, true) {
@@ -1438,6 +1470,10 @@ fn send_body<Fut>(out: &mut Out, slot: &mut Slot<Fut>, cx: &mut Context<'_>) -> 
     let Phase::Body { body, held, last } = &mut slot.phase else { return Step::Done };
     loop {
         if let Some(data) = held.as_mut() {
+            if out.pending() >= WRITE_HIGH {
+                // Enough waits for the client already (many answers may become ready at once).
+                return Step::Paused;
+            }
             let room = slot.send_window.min(out.send_window).min(data.len() as i64);
             if room <= 0 && !data.is_empty() {
                 if slot.send_window > 0 {
@@ -1445,8 +1481,13 @@ fn send_body<Fut>(out: &mut Out, slot: &mut Slot<Fut>, cx: &mut Context<'_>) -> 
                 }
                 return Step::Stalled;
             }
-            slot.stalled = None;
             let n = room.max(0) as usize;
+            if slot.stalled.is_some() {
+                slot.stall_sent += n;
+                if slot.stall_sent >= STALL_PROGRESS {
+                    slot.stalled = None;
+                }
+            }
             let finishes = n == data.len() && *last;
             slot.send_window -= n as i64;
             out.send_window -= n as i64;
@@ -1466,6 +1507,8 @@ fn send_body<Fut>(out: &mut Out, slot: &mut Slot<Fut>, cx: &mut Context<'_>) -> 
             }
             data.advance(n);
             if data.is_empty() {
+                // All it held went out: whatever it waits for next, it is not the client.
+                slot.stalled = None;
                 *held = None;
                 if finishes {
                     return Step::Done;

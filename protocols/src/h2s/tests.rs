@@ -1299,6 +1299,87 @@ async fn an_answer_whose_window_never_opens_is_cancelled_after_send_timeout() {
     assert!(c.finish().await.is_ok());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_window_handed_out_a_byte_at_a_time_does_not_hold_an_answer_open() {
+    let settings = Settings::new(Duration::from_secs(60), Duration::from_millis(200));
+    let mut c =
+        Client::connect_with(settings, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 0)], body_of(100_000)).await;
+    c.headers(1, &GET, true).await;
+    // A byte of window every 50 ms, a quarter of `send_timeout`: each lets a byte out, none
+    // is progress enough to start the stall clock again.
+    let start = Instant::now();
+    for _ in 0..20 {
+        c.window_update(1, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = c.answer(1).await;
+    assert_eq!(a.reset, Some(Reason::CANCEL), "{a:?}");
+    assert!(a.data.len() < 20, "a few bytes went out before the reset: {}", a.data.len());
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    assert!(c.finish().await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_window_that_opens_enough_keeps_a_slow_answer_going() {
+    let settings = Settings::new(Duration::from_secs(60), Duration::from_millis(200));
+    let mut c =
+        Client::connect_with(settings, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 0)], body_of(100_000)).await;
+    c.headers(1, &GET, true).await;
+    // 16 KiB every 150 ms: slower than the answer could go, but each opening is progress.
+    let mut got = 0;
+    while got < 100_000 {
+        c.window_update(1, 16 * 1024).await;
+        c.window_update(0, 16 * 1024).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        for f in c.barrier().await {
+            assert!(!f.is(frame::RST_STREAM, 1), "reset while the client kept up: {f:?}");
+            if f.is(frame::DATA, 1) {
+                got += f.payload.len();
+            }
+        }
+    }
+    assert_eq!(got, 100_000);
+    assert!(c.finish().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_flood_of_settings_costs_the_connection() {
+    let mut c = Client::connect(settings(), hello).await;
+    let mut bytes = Vec::new();
+    for i in 0..70u32 {
+        let window = if i % 2 == 0 { 1 << 20 } else { 1 << 16 };
+        bytes.extend(frame_bytes(
+            frame::SETTINGS,
+            0,
+            0,
+            &settings_payload(&[(frame::SETTINGS_INITIAL_WINDOW_SIZE, window)]),
+        ));
+    }
+    c.send(&bytes).await;
+    c.expect_conn_error(Reason::ENHANCE_YOUR_CALM, "70 SETTINGS frames with no stream served").await;
+}
+
+#[tokio::test]
+async fn heads_too_large_count_as_resets() {
+    let mut c = Client::connect(settings(), hello).await;
+    // Just over 64 KiB decoded each, in a few hundred octets: a literal added to the dynamic
+    // table once, then referred to by index.
+    let value = "v".repeat(4000);
+    let mut first = GET.to_vec();
+    first.push(("x-big", value.as_str()));
+    c.send(&header_frames(1, &block(&first), true)).await;
+    c.answer(1).await;
+    let mut bytes = Vec::new();
+    let mut fields = GET.to_vec();
+    fields.extend(std::iter::repeat_n(("x-big", value.as_str()), 17));
+    let big = block(&fields);
+    for id in (3..600).step_by(2) {
+        bytes.extend(header_frames(id, &big, true));
+    }
+    c.send(&bytes).await;
+    c.expect_conn_error(Reason::ENHANCE_YOUR_CALM, "299 heads over the limit").await;
+}
+
 // ------------------------------------------------------------------ closing
 
 #[tokio::test]
