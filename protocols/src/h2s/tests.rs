@@ -1343,6 +1343,30 @@ async fn a_window_that_opens_enough_keeps_a_slow_answer_going() {
 }
 
 #[tokio::test]
+async fn a_stream_past_the_announced_limit_is_refused_and_the_others_go_on() {
+    let (gate, service) = gated(Bytes::from_static(b"done"));
+    let mut c = Client::connect(settings(), service).await;
+    let get = block(&GET);
+    let mut bytes = Vec::new();
+    for id in (1..=2049).step_by(2) {
+        bytes.extend(frame_bytes(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, id, &get));
+    }
+    c.send(&bytes).await;
+    // 1,024 streams are open: the 1,025th is refused (the client may retry it).
+    let seen = c.barrier().await;
+    let refused: Vec<&Frame> = seen.iter().filter(|f| f.is(frame::RST_STREAM, 2049)).collect();
+    assert!(refused.len() == 1 && refused[0].code() == Reason::REFUSED_STREAM, "{seen:?}");
+    assert!(
+        seen.iter().all(|f| f.kind != frame::GOAWAY && (f.stream == 2049 || f.kind != frame::RST_STREAM))
+    );
+    // The open ones are answered once their answers come.
+    gate.notify_waiters();
+    gate.notify_one();
+    let a = c.answer(1).await;
+    assert_eq!(a.status(), Some(200), "{a:?}");
+}
+
+#[tokio::test]
 async fn a_flood_of_settings_costs_the_connection() {
     let mut c = Client::connect(settings(), hello).await;
     let mut bytes = Vec::new();
