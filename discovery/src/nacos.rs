@@ -358,6 +358,29 @@ impl NamingEventListener for Forward {
     }
 }
 
+/// A subscription, ended when the watch that made it ends, also when the watch is aborted
+/// (a reload that dropped the service) rather than returning: otherwise the SDK would keep it,
+/// and subscribe it again after every reconnection, for the life of the process.
+struct Subscription {
+    client: NamingService,
+    service: String,
+    group: String,
+    listener: Arc<dyn NamingEventListener>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (client, service, group, listener) =
+            (self.client.clone(), self.service.clone(), self.group.clone(), self.listener.clone());
+        rt.spawn(async move {
+            if let Err(e) = client.unsubscribe(service.clone(), Some(group), vec![], listener).await {
+                tracing::warn!(discovery = "nacos", %service, error = %e, "unsubscribing failed");
+            }
+        });
+    }
+}
+
 impl Discovery for NacosDiscovery {
     fn kind(&self) -> &'static str {
         "nacos"
@@ -417,6 +440,12 @@ impl Discovery for NacosDiscovery {
             // Pushes carry the changes; this check only reconciles and shows an outage, so it
             // runs at `fetch_interval` (APISIX's poll): each is a query to the server, and a
             // gateway may watch thousands of services.
+            let _subscription = Subscription {
+                client: client.clone(),
+                service: query.service_name.clone(),
+                group: group.clone(),
+                listener: listener.clone(),
+            };
             let check_every = self.opts.fetch_interval.max(Duration::from_secs(1));
             let mut tick = tokio::time::interval(check_every);
             loop {
@@ -435,10 +464,7 @@ impl Discovery for NacosDiscovery {
                             Err(_) => record_error(&status, "nacos", &query, &DiscoveryError::Unavailable("query timed out".into())),
                         }
                     }
-                    _ = tx.closed() => {
-                        let _ = client.unsubscribe(query.service_name.clone(), Some(group.clone()), vec![], listener.clone()).await;
-                        return;
-                    }
+                    _ = tx.closed() => return,
                 }
             }
         })
