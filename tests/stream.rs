@@ -637,6 +637,40 @@ async fn tls_origination_verifies_the_node_certificate_when_asked() {
     assert!(closed_without_data(gw.stream(1), b"x").await, "a certificate for another name is refused");
 }
 
+/// A ClientHello whose SNI is not ASCII, on a listener with a wildcard SNI route: the name
+/// matches no SNI route (the session goes to the route without one), and the gateway does not
+/// fall over. A suffix cut inside its first character once panicked, and a release build
+/// aborts on a panic: one packet took the whole gateway down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_with_a_name_that_is_not_ascii_is_no_name() {
+    use std::sync::atomic::Ordering;
+    let panics = count_panics();
+    let (sni_echo, other_echo) = (Echo::start().await, Echo::start().await);
+    let gw = TestGateway::start_with(
+        &stream_config("      - \"127.0.0.1:0\"\n"),
+        &format!(
+            "stream_routes:\n  - sni: \"*.example.com\"\n    upstream: {{nodes: {}}}\n  - upstream: {{nodes: {}}}\n",
+            nodes_yaml(&[sni_echo.addr]),
+            nodes_yaml(&[other_echo.addr])
+        ),
+        1,
+    );
+    // "zz" + "example.com", then "zz" made the two bytes of U+00E9: 13 bytes, and the wildcard's
+    // 12-byte suffix would start inside the first character.
+    let mut hello = support::certs::client_hello("zzexample.com");
+    let at = hello.windows(13).position(|w| w == b"zzexample.com").unwrap();
+    hello[at..at + 2].copy_from_slice("\u{e9}".as_bytes());
+    let mut s = tokio::net::TcpStream::connect(gw.stream(0)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await.unwrap().unwrap();
+    assert!(back.ends_with(b"bye"), "relayed");
+    assert_eq!((*sni_echo.connections.lock().unwrap(), *other_echo.connections.lock().unwrap()), (0, 1));
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic (see above)");
+    assert_eq!(round_trip(gw.stream(0), b"after").await, b"afterbye");
+}
+
 /// Mangled ClientHellos on a listener that routes by SNI without terminating TLS, and mangled
 /// PROXY protocol headers (v1 and v2) on one that expects them: each connection is relayed or
 /// closed, ends once the client stops sending, and nothing panics (a release build aborts on a
@@ -653,7 +687,8 @@ async fn mangled_client_hellos_and_proxy_headers_end_each_session_and_never_pani
         )
         .replace("client_header_timeout: 2s", "client_header_timeout: 300ms"),
         &format!(
-            "stream_routes:\n  - sni: db.test\n    upstream: {{nodes: {}}}\n  - upstream: {{nodes: {}}}\n",
+            "stream_routes:\n  - sni: db.test\n    upstream: {{nodes: {}}}\n  - sni: \"*.test\"\n    upstream: {{nodes: {}}}\n  - upstream: {{nodes: {}}}\n",
+            nodes_yaml(&[sni_echo.addr]),
             nodes_yaml(&[sni_echo.addr]),
             nodes_yaml(&[other_echo.addr])
         ),

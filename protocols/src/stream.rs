@@ -225,6 +225,11 @@ pub fn parse_client_hello(buf: &[u8]) -> Hello {
                     let nl = u16::from_be_bytes([data[q + 1], data[q + 2]]) as usize;
                     let name = data.get(q + 3..q + 3 + nl)?;
                     if nt == 0 {
+                        // A host name is ASCII (RFC 6066 §3; international names go as
+                        // A-labels): anything else is no name that a route could match.
+                        if !name.is_ascii() {
+                            return Some(None);
+                        }
                         return Some(std::str::from_utf8(name).ok().map(|s| s.to_ascii_lowercase()));
                     }
                     q += 3 + nl;
@@ -767,5 +772,7 @@ mod tests {
         assert_eq!(parse_client_hello(&h[..20]), Hello::Incomplete);
         assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
         assert_eq!(parse_client_hello(b"*2\r\n$4\r\nPING"), Hello::NotTls);
+        // A name that is not ASCII is no host name: a ClientHello without one.
+        assert_eq!(parse_client_hello(&hello_with_sni("\u{e9}a.test")), Hello::Tls(None));
     }
 }

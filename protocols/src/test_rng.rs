@@ -30,8 +30,17 @@ impl Rng {
         let mut v = seed.to_vec();
         for _ in 0..1 + self.below(4) {
             let at = self.below(v.len() as u64 + 1) as usize;
-            match self.below(6) {
+            match self.below(7) {
                 0 if at < v.len() => v[at] = SPECIAL[self.below(SPECIAL.len() as u64) as usize],
+                // A multi-byte UTF-8 character over bytes in place (lengths still hold).
+                6 => {
+                    let c = ["\u{e9}", "\u{20ac}", "\u{1d11e}"][self.below(3) as usize].as_bytes();
+                    if at + c.len() <= v.len() {
+                        v[at..at + c.len()].copy_from_slice(c);
+                    } else {
+                        v.splice(at..at, c.iter().copied());
+                    }
+                }
                 1 if at < v.len() => v[at] = self.next_u64() as u8,
                 2 => {
                     let n = 1 + self.below(8) as usize;

@@ -288,7 +288,8 @@ impl Router {
                 if len >= host.len() && len != 0 {
                     continue;
                 }
-                let suffix = &host[host.len() - len..];
+                // `get`: a cut inside a multi-byte character is no suffix (and must not panic).
+                let Some(suffix) = host.get(host.len() - len..) else { continue };
                 if let Some(idx) = self.wildcard_hosts.get(suffix)
                     && let Some(r) = idx.find(path, req)
                 {

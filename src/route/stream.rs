@@ -85,7 +85,9 @@ impl StreamRouter {
                 if len >= sni.len() && len != 0 {
                     continue;
                 }
-                if let Some(r) = self.wildcard.get(&sni[sni.len() - len..]).and_then(|l| l.iter().find(ok)) {
+                // `get`: a cut inside a multi-byte character is no suffix (and must not panic).
+                let Some(suffix) = sni.get(sni.len() - len..) else { continue };
+                if let Some(r) = self.wildcard.get(suffix).and_then(|l| l.iter().find(ok)) {
                     return Some(r);
                 }
             }
@@ -151,6 +153,10 @@ mod tests {
         assert_eq!(id(&r, Some("test"), C, L).as_deref(), Some("plain"), "a wildcard needs a label");
         assert_eq!(id(&r, Some("other.example"), C, L).as_deref(), Some("plain"));
         assert_eq!(id(&r, None, C, L).as_deref(), Some("plain"));
+        // A suffix that would start inside a multi-byte character matches nothing, and does not
+        // panic (the L4 peek passes only ASCII names, this holds whatever it passes).
+        assert_eq!(id(&r, Some("\u{e9}a.test"), C, L).as_deref(), Some("wide"));
+        assert_eq!(id(&r, Some("\u{e9}test"), C, L).as_deref(), Some("plain"));
     }
 
     #[test]

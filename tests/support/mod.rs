@@ -670,14 +670,24 @@ impl Rng {
 }
 
 /// `seed` with one to four mutations: bytes replaced (often by a delimiter or a digit), bytes
-/// inserted, a range cut out or repeated, the end cut off, or a number made huge or negative.
+/// inserted, a range cut out or repeated, the end cut off, a number made huge or negative, or a
+/// multi-byte UTF-8 character written over bytes in place (so that binary lengths still hold:
+/// text that is valid UTF-8 but not ASCII, which byte-counting code cuts wrongly).
 pub fn mangle(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     const SPECIAL: &[u8] = b"\r\n: \t0123456789;-\0\xff";
     let mut v = seed.to_vec();
     for _ in 0..1 + rng.below(4) {
         let at = rng.below(v.len() + 1);
-        match rng.below(7) {
+        match rng.below(8) {
             0 if at < v.len() => v[at] = SPECIAL[rng.below(SPECIAL.len())],
+            7 => {
+                let c = ["\u{e9}", "\u{20ac}", "\u{1d11e}"][rng.below(3)].as_bytes();
+                if at + c.len() <= v.len() {
+                    v[at..at + c.len()].copy_from_slice(c);
+                } else {
+                    v.splice(at..at, c.iter().copied());
+                }
+            }
             1 if at < v.len() => v[at] = rng.next() as u8,
             2 => {
                 let b = SPECIAL[rng.below(SPECIAL.len())];
