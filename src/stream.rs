@@ -68,6 +68,7 @@ pub(crate) fn serve(
     async move {
         // Counted as a live connection (a stop drains it) for the session's life.
         let _ = &guard;
+        strait_protocols::stream::session_keepalive(&stream);
         shared.metrics.stream_connections.fetch_add(1, Ordering::Relaxed);
         let Some(listener) = shared.node.stream.get(index).cloned() else {
             return;
@@ -211,7 +212,10 @@ fn session(
             };
             let started = Instant::now();
             match connect_tcp(peer.addr, settings.timeouts.connect).await {
-                Ok(s) => break (peer, s),
+                Ok(s) => {
+                    strait_protocols::stream::session_keepalive(&s);
+                    break (peer, s);
+                }
                 Err(e) => {
                     let (error, outcome) = if e.is_timeout() {
                         (ProxyError::Timeout("connect"), Outcome::Timeout)

@@ -512,6 +512,53 @@ async fn idle_timeout_is_per_route_and_off_by_default() {
     assert_eq!(&back, b"still here");
 }
 
+/// Whether the kernel runs a keepalive timer on the TCP socket `local` -> `remote` (of any
+/// process: the gateway runs in this one), from /proc/net/tcp; `None` if there is no such
+/// socket.
+fn keepalive_timer(local: SocketAddr, remote: SocketAddr) -> Option<bool> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => format!("{:08X}:{:04X}", u32::from_le_bytes(a.ip().octets()), a.port()),
+        SocketAddr::V6(_) => String::new(),
+    };
+    let (l, r) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 5 && f[1] == l && f[2] == r).then(|| f[5].starts_with("02:"))
+    })
+}
+
+/// A quiet session without `idle_timeout` is kept, and both of its sockets have TCP keepalive
+/// on, so a peer that vanished without a reset ends the session within minutes instead of
+/// holding two sockets and a node connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_keep_tcp_keepalive_on_both_sides() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config("      - \"127.0.0.1:0\"\n"),
+        &format!("stream_routes:\n  - upstream: {{nodes: {}}}\n", nodes_yaml(&[echo.addr])),
+        1,
+    );
+    let mut s = TcpStream::connect(gw.stream(0)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    // The gateway's side of the client's connection.
+    assert_eq!(keepalive_timer(gw.stream(0), s.local_addr().unwrap()), Some(true), "client side");
+    // The gateway's connection to the node: the echo's only peer.
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let node_port = format!(":{:04X}", echo.addr.port());
+    let to_node: Vec<&str> = table
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2).is_some_and(|r| r.ends_with(&node_port)))
+        .collect();
+    assert_eq!(to_node.len(), 1, "{to_node:?}");
+    assert!(
+        to_node[0].split_whitespace().nth(5).is_some_and(|t| t.starts_with("02:")),
+        "node side: {to_node:?}"
+    );
+}
+
 /// A server that speaks first, as MySQL and SMTP do: a banner on accept, then an echo.
 async fn banner_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     banner_server_with(b"220 ready\r\n").await
