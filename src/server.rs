@@ -966,6 +966,10 @@ async fn one_request<S: ClientStream>(
     };
     let strait_protocols::h1::ParsedRequest { parts, len } = parsed;
     let Some(body) = strait_protocols::h1::eligible(&parts) else { return Step::HandOff };
+    if strait_protocols::http::host_fault(&parts).is_some() {
+        // The general path answers it (400).
+        return Step::HandOff;
+    }
     if grpc::is_grpc_request(&parts.headers) {
         return Step::HandOff;
     }
@@ -1114,6 +1118,10 @@ async fn handle(
     shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     let is_grpc = grpc::is_grpc_request(req.headers());
     let (parts, body) = req.into_parts();
+    if let Some(fault) = strait_protocols::http::host_fault(&parts) {
+        strait_protocols::http::drain_unread(body).await;
+        return error_response(&ProxyError::BadRequest(fault.to_string()), is_grpc);
+    }
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, c.peer, c.local, c.tls);

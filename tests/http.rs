@@ -970,6 +970,62 @@ async fn conflicting_content_lengths_are_refused_not_relayed() {
     assert_eq!(b.requests(), 0, "nothing reaches the node");
 }
 
+/// The Host a request is routed by is the Host the node gets: for an absolute-form target
+/// that is the target's host, not the Host header's (RFC 9112 §3.2.2), so a request routed as
+/// `public.test` cannot reach the node as `internal.test`. An HTTP/1.1 request without a Host,
+/// or with two, is a 400 (RFC 9112 §3.2, as nginx answers), on the relay and on hyper's path
+/// (chunked) alike; HTTP/1.0 needs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_routed_is_the_host_sent_and_a_missing_or_double_host_is_a_400() {
+    let (public, internal) = (Backend::start("public").await, Backend::start("internal").await);
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    host: public.test\n    upstream: {{nodes: {}}}\n  - uri: /*\n    host: internal.test\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[public.addr]),
+        nodes_yaml(&[internal.addr])
+    ));
+    for (what, request) in [
+        ("relay", &b"GET http://public.test/x HTTP/1.1\r\nHost: internal.test\r\n\r\n"[..]),
+        (
+            "general path",
+            b"POST http://public.test/x HTTP/1.1\r\nHost: internal.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+        ),
+    ] {
+        let out = raw_once(gw.http(), request).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200") && text.contains("x-backend: public"), "{what}: {text}");
+        let seen = public.state.last_headers.lock().unwrap().clone().unwrap();
+        assert_eq!(seen["host"], "public.test", "{what}");
+        assert_eq!(seen["x-forwarded-host"], "public.test", "{what}");
+    }
+    assert_eq!(internal.requests(), 0);
+
+    for (what, request) in [
+        ("no Host", &b"GET /x HTTP/1.1\r\n\r\n"[..]),
+        ("two Hosts", b"GET /x HTTP/1.1\r\nHost: public.test\r\nHost: internal.test\r\n\r\n"),
+        (
+            "two Hosts, chunked",
+            b"POST /x HTTP/1.1\r\nHost: public.test\r\nHost: internal.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        ("two Hosts, HTTP/1.0", b"GET /x HTTP/1.0\r\nHost: public.test\r\nHost: internal.test\r\n\r\n"),
+    ] {
+        let out = raw_once(gw.http(), request).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400") || text.starts_with("HTTP/1.0 400"), "{what}: {text}");
+    }
+    assert_eq!(internal.requests(), 0);
+    let before = public.requests();
+    let out = raw_once(gw.http(), b"GET http://public.test/x HTTP/1.1\r\n\r\n").await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"),
+        "an absolute-form target needs no Host"
+    );
+    // HTTP/1.0 without a Host: no route has an empty host, so a 404, not a 400.
+    let out = raw_once(gw.http(), b"GET /x HTTP/1.0\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 404") || text.starts_with("HTTP/1.0 404"), "{text}");
+    assert_eq!(public.requests(), before + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_breaks_framing_or_drops_a_request_is_a_502_and_nothing_is_sent_twice() {
     static SCRIPT: &[(&str, &[u8], bool)] = &[

@@ -826,11 +826,11 @@ impl Duplex {
 /// `X-Forwarded-For` and `X-Real-IP` taken out to be written anew) and takes its `Host` out;
 /// returns the forwarding headers to write, with the client's host (for `pass_host` too).
 fn prepare_head<'a>(parts: &mut Parts, ctx: &ForwardCtx<'a>) -> Forwarding<'a> {
-    // The Host line is written apart from the map (`request_head`): the client's leaves it.
-    let client_host = parts
-        .headers
-        .remove(header::HOST)
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    // The Host line is written apart from the map (`request_head`): the client's leaves it. An
+    // absolute-form target's host wins over the Host header, as it does for routing (RFC 9112
+    // §3.2.2: a proxy sends the target's host, not the Host it received).
+    let header_host = parts.headers.remove(header::HOST);
+    let client_host = crate::http::target_host(&parts.uri).or(header_host);
     let h = &mut parts.headers;
     let mut seen = crate::http::scan_forwarding(h);
     if seen.hop {

@@ -237,6 +237,31 @@ pub(crate) fn drain_in_background(body: ProxyBody) {
 /// A failure, with the request body when it was never sent (for [`drain_unread`]).
 type Failure = (ProxyError, ProxyBody);
 
+/// Why an HTTP/1.x request's Host is refused (400), as nginx refuses it: an HTTP/1.1 request
+/// with neither a Host header nor an absolute-form target, or one with several Host headers
+/// (RFC 9112 §3.2: a server MUST answer such a request 400).
+pub fn host_fault(parts: &http::request::Parts) -> Option<&'static str> {
+    if parts.version > http::Version::HTTP_11 {
+        return None;
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Some("several Host headers"),
+        (None, None) if parts.version == http::Version::HTTP_11 && parts.uri.authority().is_none() => {
+            Some("an HTTP/1.1 request without a Host header")
+        }
+        _ => None,
+    }
+}
+
+/// The host (and port) of a request target that names one (absolute form, or HTTP/2's
+/// `:authority`), without any `user@`: what the client's Host is to be.
+pub(crate) fn target_host(uri: &http::Uri) -> Option<HeaderValue> {
+    let a = uri.authority()?.as_str();
+    let host = a.rsplit_once('@').map_or(a, |(_, h)| h);
+    HeaderValue::from_str(host).ok().filter(|_| !host.is_empty())
+}
+
 async fn forward_inner<P: UpstreamPicker + ?Sized>(
     req: Request<ProxyBody>,
     ctx: &ForwardCtx<'_>,
@@ -251,11 +276,9 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
     } else {
         None
     };
-    let client_host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    // An absolute-form target's (or HTTP/2 `:authority`'s) host wins over the Host header, as
+    // it does for routing (RFC 9112 §3.2.2).
+    let client_host = target_host(&parts.uri).or_else(|| parts.headers.get(header::HOST).cloned());
     prepare_request_headers(&mut parts, ctx, client_host.as_ref(), upgrade.is_some(), settings.scheme);
 
     let body_empty = body.is_end_stream();

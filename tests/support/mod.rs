@@ -541,6 +541,17 @@ pub async fn raw(addr: SocketAddr, data: &[u8], timeout: Duration) -> Vec<u8> {
     out
 }
 
+/// Writes raw bytes on a fresh connection, half-closes it (the gateway answers what it got and
+/// closes), and reads until the gateway closes (at most 10 s).
+pub async fn raw_once(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(data).await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
 /// Upstream YAML with map-form nodes.
 pub fn nodes_yaml(addrs: &[SocketAddr]) -> String {
     let inner: Vec<String> = addrs.iter().map(|a| format!("\"{a}\": 1")).collect();
