@@ -506,7 +506,7 @@ async fn unary_response(t: &Transcoder, resp: Response<ProxyBody>) -> Response<P
         return error_response(t, code, &trailers, &parts.headers);
     }
     let data = collected.to_bytes();
-    let mut frames = FrameReader::default();
+    let mut frames = FrameReader::new(usize::MAX);
     frames.push(&data);
     let msg = match frames.next_message() {
         Ok(Some(m)) => m,
@@ -533,12 +533,18 @@ fn to_json(t: &Transcoder, msg: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// Splits a gRPC byte stream into messages.
-#[derive(Default)]
 struct FrameReader {
     buf: BytesMut,
+    /// Largest message taken: a node that announces a larger one (up to 4 GiB in its length
+    /// prefix) gets an error at once instead of the gateway buffering it.
+    max: usize,
 }
 
 impl FrameReader {
+    fn new(max: usize) -> FrameReader {
+        FrameReader { buf: BytesMut::new(), max }
+    }
+
     fn push(&mut self, b: &[u8]) {
         self.buf.extend_from_slice(b);
     }
@@ -550,6 +556,12 @@ impl FrameReader {
             return Err("compressed gRPC messages are not supported".into());
         }
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > self.max {
+            return Err(format!(
+                "a streamed message of {len} bytes is larger than max_resp_body_size ({})",
+                self.max
+            ));
+        }
         if self.buf.len() < 5 + len {
             return Ok(None);
         }
@@ -562,7 +574,7 @@ fn streaming_response(t: &Transcoder, resp: Response<ProxyBody>, sse: bool) -> R
     let (mut parts, body) = resp.into_parts();
     let stream = JsonStream {
         inner: body,
-        frames: FrameReader::default(),
+        frames: FrameReader::new(t.max_resp_body_size),
         out: VecDeque::new(),
         done: false,
         sse,
@@ -770,12 +782,15 @@ mod tests {
 
     #[test]
     fn frames_split_across_chunks() {
-        let mut r = FrameReader::default();
+        let mut r = FrameReader::new(3);
         let f = grpc::frame(b"abc");
         r.push(&f[..2]);
         assert_eq!(r.next_message().unwrap(), None);
         r.push(&f[2..]);
         assert_eq!(&r.next_message().unwrap().unwrap()[..], b"abc");
         assert_eq!(r.next_message().unwrap(), None);
+        // A message longer than the limit is an error as soon as its length is read.
+        r.push(&grpc::frame(b"abcd")[..5]);
+        assert!(r.next_message().unwrap_err().contains("larger than max_resp_body_size"));
     }
 }

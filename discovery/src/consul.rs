@@ -402,6 +402,7 @@ async fn watch_index(me: Weak<ConsulDiscovery>, path: &'static str) {
 
 /// Builds the `default_service` node.
 pub fn default_service(host: &str, port: u16, metadata: Map<String, Value>) -> NodeSpec {
-    let weight = metadata.get("weight").and_then(Value::as_u64).unwrap_or(1) as u32;
+    let weight =
+        metadata.get("weight").and_then(Value::as_u64).map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX));
     NodeSpec { host: host.to_string(), port: Some(port), weight, priority: 0, metadata }
 }

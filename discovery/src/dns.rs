@@ -249,18 +249,15 @@ impl DnsDiscovery {
         if entries.is_empty() {
             return Ok(None);
         }
-        // Split each SRV weight over its addresses, scaled by the LCM of address counts so
-        // weights stay integers (APISIX).
-        let lcm = entries.iter().map(|e| e.3.len() as u64).fold(1, lcm);
+        let weights = split_weights(&entries.iter().map(|e| (e.1, e.3.len())).collect::<Vec<_>>());
         let mut nodes = Vec::new();
-        for (prio, weight, srv_port, ips) in entries {
-            let per = weight * lcm / ips.len() as u64;
+        for ((prio, _, srv_port, ips), per) in entries.into_iter().zip(weights) {
             let port = port.or((srv_port != 0).then_some(srv_port));
             for ip in ips {
                 nodes.push(NodeSpec {
                     host: ip.to_string(),
                     port,
-                    weight: per.min(u32::MAX as u64) as u32,
+                    weight: per,
                     priority: -(prio as i32),
                     metadata: Map::new(),
                 });
@@ -270,11 +267,33 @@ impl DnsDiscovery {
     }
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
+fn gcd(a: u128, b: u128) -> u128 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
-fn lcm(a: u64, b: u64) -> u64 {
-    if a == 0 || b == 0 { a.max(b) } else { a / gcd(a, b) * b }
+
+/// The weight of each address of each SRV answer `(weight, address count)`: the SRV weight
+/// split over its addresses, scaled by the LCM of the address counts so the weights stay
+/// integers in proportion (APISIX). When that does not fit a node weight (targets with
+/// hundreds of addresses in many different counts), the proportions are kept as closely as
+/// 32 bits allow instead, none below 1.
+fn split_weights(entries: &[(u64, usize)]) -> Vec<u32> {
+    let exact = || -> Option<Vec<u32>> {
+        let lcm = entries.iter().try_fold(1u128, |l, &(_, n)| {
+            let n = n.max(1) as u128;
+            (l / gcd(l, n)).checked_mul(n)
+        })?;
+        entries
+            .iter()
+            .map(|&(w, n)| u32::try_from((w as u128).checked_mul(lcm)? / n.max(1) as u128).ok())
+            .collect()
+    };
+    if let Some(w) = exact() {
+        return w;
+    }
+    let share: Vec<f64> = entries.iter().map(|&(w, n)| w as f64 / n.max(1) as f64).collect();
+    let most = share.iter().copied().fold(f64::MIN_POSITIVE, f64::max);
+    let scale = u32::MAX as f64 / most;
+    share.iter().map(|s| (s * scale).round().clamp(1.0, u32::MAX as f64) as u32).collect()
 }
 
 /// No records / no such name are answers (`Ok`), anything else is an outage.
@@ -447,8 +466,22 @@ mod tests {
     }
 
     #[test]
-    fn lcm_of_address_counts() {
-        assert_eq!([1u64, 2, 3].into_iter().fold(1, lcm), 6);
+    fn srv_weights_split_over_addresses_and_never_overflow() {
+        // APISIX's scaling: weights 10 over 1, 2 and 3 addresses, times the LCM 6.
+        assert_eq!(split_weights(&[(10, 1), (10, 2), (10, 3)]), [60, 30, 20]);
+        // Address counts whose LCM is about 1.3e16, and weights past what 32 bits hold at that
+        // scale: proportions kept, the largest at u32::MAX, none 0.
+        let primes = [2usize, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53];
+        let entries: Vec<(u64, usize)> = primes.iter().map(|&n| (65_535, n)).collect();
+        let w = split_weights(&entries);
+        assert_eq!(w[0], u32::MAX);
+        assert!(w.iter().all(|&x| x >= 1));
+        let ratio = w[0] as f64 / w[15] as f64;
+        assert!((ratio - 53.0 / 2.0).abs() < 1e-3, "{ratio}");
+    }
+
+    #[test]
+    fn record_kinds() {
         assert_eq!(RecordKind::parse("SRV"), Some(RecordKind::Srv));
         assert_eq!(RecordKind::parse("srv"), None);
     }

@@ -53,6 +53,20 @@ fn parse_dump(file: &str, v: &mut Value, path: &str, errs: &mut Errors) -> Optio
     })
 }
 
+/// Whole seconds from configuration (at least one), capped as [`super::seconds`] caps them: a
+/// huge value (`fetch_interval: 1e19`) would overflow a timer's deadline and panic.
+fn whole_secs(v: u64) -> Duration {
+    super::seconds(v.max(1) as f64)
+}
+
+/// Milliseconds from configuration (at least one), capped likewise.
+fn millis(v: u64) -> Duration {
+    super::seconds(v.max(1) as f64 / 1000.0)
+}
+
+/// Longest `wait` of a Consul blocking query: Consul caps it at 10 minutes itself.
+const CONSUL_WAIT_MAX: u64 = 600;
+
 /// `timeout: {connect, send, read}` in milliseconds, as registries take it in APISIX.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -195,10 +209,10 @@ fn parse_nacos(v: &Value, path: &str, errs: &mut Errors) -> Option<NacosOptions>
     Some(NacosOptions {
         hosts,
         prefix,
-        fetch_interval: Duration::from_secs(r.fetch_interval.unwrap_or(30).max(1)),
+        fetch_interval: whole_secs(r.fetch_interval.unwrap_or(30)),
         weight: r.weight.unwrap_or(100),
-        connect_timeout: Duration::from_millis(t.connect.unwrap_or(2000).max(1)),
-        read_timeout: Duration::from_millis(t.read.unwrap_or(5000).max(1)),
+        connect_timeout: millis(t.connect.unwrap_or(2000)),
+        read_timeout: millis(t.read.unwrap_or(5000)),
         access_key: ak_sk.0,
         secret_key: ak_sk.1,
         cache_dir: std::env::temp_dir().join(format!("strait-nacos-{}", std::process::id())),
@@ -261,11 +275,11 @@ fn parse_consul(v: &Value, path: &str, errs: &mut Errors) -> Option<ConsulOption
         servers,
         token: r.token.filter(|t| !t.is_empty()),
         keepalive: r.keepalive.unwrap_or(true),
-        fetch_interval: Duration::from_secs(r.fetch_interval.unwrap_or(3).max(1)),
+        fetch_interval: whole_secs(r.fetch_interval.unwrap_or(3)),
         weight: r.weight.unwrap_or(1).max(1),
-        connect_timeout: Duration::from_millis(t.connect.unwrap_or(2000).max(1)),
-        read_timeout: Duration::from_millis(t.read.unwrap_or(2000).max(1)),
-        wait: Duration::from_secs(t.wait.unwrap_or(60).max(1)),
+        connect_timeout: millis(t.connect.unwrap_or(2000)),
+        read_timeout: millis(t.read.unwrap_or(2000)),
+        wait: whole_secs(t.wait.unwrap_or(60).min(CONSUL_WAIT_MAX)),
         skip_services: r.skip_services.unwrap_or_default(),
         default_service,
     })
@@ -300,10 +314,10 @@ fn parse_eureka(v: &Value, path: &str, errs: &mut Errors) -> Option<EurekaOption
     Some(EurekaOptions {
         hosts,
         prefix,
-        fetch_interval: Duration::from_secs(r.fetch_interval.unwrap_or(30).max(1)),
+        fetch_interval: whole_secs(r.fetch_interval.unwrap_or(30)),
         weight: r.weight.unwrap_or(100),
-        connect_timeout: Duration::from_millis(t.connect.unwrap_or(2000).max(1)),
-        read_timeout: Duration::from_millis(t.read.unwrap_or(5000).max(1)),
+        connect_timeout: millis(t.connect.unwrap_or(2000)),
+        read_timeout: millis(t.read.unwrap_or(5000)),
     })
 }
 
@@ -451,5 +465,34 @@ pub fn global_resolver(
         ttl_override: valid,
         hosts_file: true,
         ipv6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::node::NodeConfig;
+
+    /// Values past any timer's reach are taken as the longest one, not panics later (a
+    /// Consul `wait` past Consul's own 10 minutes as 10 minutes).
+    #[test]
+    fn huge_intervals_and_timeouts_are_capped() {
+        let huge = "18446744073709551615";
+        let yaml = format!(
+            "discovery:\n  consul:\n    servers: [\"http://127.0.0.1:8500\"]\n    fetch_interval: {huge}\n    timeout: {{connect: {huge}, read: {huge}, wait: {huge}}}\n  nacos:\n    host: [\"http://127.0.0.1:8848\"]\n    fetch_interval: {huge}\n  eureka:\n    host: [\"http://127.0.0.1:8761\"]\n    fetch_interval: {huge}\n    timeout: {{connect: {huge}, read: {huge}}}\n"
+        );
+        let node = NodeConfig::parse("config.yaml", &yaml, |_| None).unwrap();
+        let d = &node.discovery_config;
+        let consul = d.consul.as_ref().unwrap();
+        assert_eq!(consul.wait, Duration::from_secs(600));
+        let longest = crate::config::seconds(f64::MAX);
+        assert_eq!(consul.fetch_interval, longest);
+        assert_eq!(consul.read_timeout, longest);
+        // What the blocking query's read timeout adds up to, and a timer at it, hold.
+        let read = consul.wait + consul.wait / 16 + consul.read_timeout;
+        assert!(std::time::Instant::now().checked_add(read).is_some());
+        assert_eq!(d.nacos.as_ref().unwrap().fetch_interval, longest);
+        assert_eq!(d.eureka.as_ref().unwrap().connect_timeout, longest);
+        assert!(std::time::Instant::now().checked_add(longest * 2).is_some());
     }
 }

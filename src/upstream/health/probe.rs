@@ -207,6 +207,10 @@ pub fn health_status(body: &[u8]) -> Option<u64> {
             0 => loop {
                 let b = *msg.get(i)?;
                 i += 1;
+                if shift >= 64 {
+                    // Longer than any varint: not a health answer.
+                    return None;
+                }
                 v |= ((b & 0x7f) as u64) << shift;
                 shift += 7;
                 if b & 0x80 == 0 {
@@ -288,5 +292,8 @@ mod tests {
         assert_eq!(health_status(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
         assert_eq!(health_status(&[0, 0, 0, 0, 0]), Some(0));
         assert_eq!(health_status(&[0, 0]), None);
+        // A varint longer than ten bytes is no status (it once shifted past 64 bits: a panic).
+        let long = [0, 0, 0, 0, 12, 0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(health_status(&long), None);
     }
 }
