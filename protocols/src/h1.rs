@@ -2736,7 +2736,14 @@ struct Checked {
 thread_local! {
     // Keyed by node addresses (and TLS settings), which come from configuration and discovery:
     // no need for SipHash's flooding resistance.
-    static IDLE: RefCell<FxHashMap<PoolKey, Vec<Idle>>> = RefCell::new(FxHashMap::default());
+    static IDLE: RefCell<IdlePool> = RefCell::new(IdlePool::default());
+}
+
+/// This worker's idle node connections, by pool key.
+#[derive(Default)]
+struct IdlePool {
+    lists: FxHashMap<PoolKey, Vec<Idle>>,
+    names: crate::pool::NameCount,
 }
 
 /// Takes an idle connection for `key` that is still open and has been idle for less than the
@@ -2744,7 +2751,7 @@ thread_local! {
 fn checkout(key: &PoolKey, limits: KeepalivePool, ask_kernel: bool, now: Instant) -> Option<Checked> {
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
-        let list = p.get_mut(key)?;
+        let list = p.lists.get_mut(key)?;
         while let Some(mut c) = list.pop() {
             if now.saturating_duration_since(c.since) >= limits.idle_timeout
                 || !still_open(&mut c.stream)
@@ -2813,9 +2820,15 @@ fn checkin_at(key: &PoolKey, stream: Node, uses: u32, limits: KeepalivePool, now
     }
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
-        let list = match p.get_mut(key) {
+        let p = &mut *p;
+        let list = match p.lists.get_mut(key) {
             Some(list) => list,
-            None => p.entry(key.clone()).or_default(),
+            None => {
+                if !p.names.admit(key) {
+                    return;
+                }
+                p.lists.entry(key.clone()).or_default()
+            }
         };
         if list.len() >= limits.size {
             let stale = stale_overflow(list, limits.size, 1, now);
@@ -2834,7 +2847,9 @@ pub fn sweep(max_idle: Duration) {
 fn sweep_at(max_idle: Duration, now: Instant) {
     IDLE.with(|p| {
         let mut p = p.borrow_mut();
-        p.retain(|_, list| {
+        let p = &mut *p;
+        let names = &mut p.names;
+        p.lists.retain(|key, list| {
             list.retain_mut(|c| {
                 now.saturating_duration_since(c.since) < max_idle && still_open(&mut c.stream)
             });
@@ -2842,7 +2857,11 @@ fn sweep_at(max_idle: Duration, now: Instant) {
                 let stale = stale_overflow(list, size, 0, now);
                 list.drain(..stale);
             }
-            !list.is_empty()
+            let keep = !list.is_empty();
+            if !keep {
+                names.release(key);
+            }
+            keep
         });
     });
 }
@@ -3033,7 +3052,48 @@ mod tests {
         let key = PoolKey { addr, tls: 0, sni: None };
         let limits = KeepalivePool { size: 8, idle_timeout: Duration::from_secs(60), requests: 100 };
         checkin(&key, node, 1, limits);
-        assert!(IDLE.with(|p| p.borrow().get(&key).is_none_or(|l| l.is_empty())));
+        assert!(IDLE.with(|p| p.borrow().lists.get(&key).is_none_or(|l| l.is_empty())));
+    }
+
+    /// A node reached under many server names (a TLS node with `pass_host: pass`, each client
+    /// sending another Host) gets pools for `NAMES_PER_NODE` of them: connections for other
+    /// names are closed after use instead of piling up. A name's pool that the sweep empties
+    /// makes room for another.
+    #[tokio::test]
+    async fn a_node_gets_pools_for_a_bounded_number_of_server_names() {
+        use crate::pool::NAMES_PER_NODE;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let limits = KeepalivePool { size: 8, idle_timeout: Duration::from_secs(60), requests: 100 };
+        let key = |i: usize| PoolKey { addr, tls: 7, sni: Some(format!("h{i}.test").into()) };
+        let mut peers = Vec::new();
+        let t0 = Instant::now();
+        for i in 0..NAMES_PER_NODE + 6 {
+            let c = TcpStream::connect(addr).await.unwrap();
+            peers.push(l.accept().await.unwrap().0);
+            checkin_at(&key(i), Node::new(NodeStream::Plain(c)), 1, limits, t0);
+        }
+        let pooled = |i: usize| IDLE.with(|p| p.borrow().lists.get(&key(i)).map_or(0, |l| l.len()));
+        assert!((0..NAMES_PER_NODE).all(|i| pooled(i) == 1));
+        assert!((NAMES_PER_NODE..NAMES_PER_NODE + 6).all(|i| pooled(i) == 0), "names past the bound");
+        // Another connection for a name that has its pool still joins it; without TLS (no
+        // name) nothing is bounded.
+        let c = TcpStream::connect(addr).await.unwrap();
+        peers.push(l.accept().await.unwrap().0);
+        checkin_at(&key(0), Node::new(NodeStream::Plain(c)), 1, limits, t0);
+        assert_eq!(pooled(0), 2);
+        // Idle past `max_idle`: every pool goes, and names are free again.
+        sweep_at(Duration::from_secs(1), t0 + Duration::from_secs(2));
+        let c = TcpStream::connect(addr).await.unwrap();
+        peers.push(l.accept().await.unwrap().0);
+        checkin_at(
+            &key(NAMES_PER_NODE + 1),
+            Node::new(NodeStream::Plain(c)),
+            1,
+            limits,
+            t0 + Duration::from_secs(2),
+        );
+        assert_eq!(pooled(NAMES_PER_NODE + 1), 1);
     }
 
     /// A burst of answers keeps its node connections past the pool's `size` for the requests
@@ -3051,7 +3111,7 @@ mod tests {
         let limits = KeepalivePool { size: 2, idle_timeout: Duration::from_secs(60), requests: 100 };
         let key = PoolKey { addr, tls: 0, sni: None };
         let node = |c| Node::new(NodeStream::Plain(c));
-        let idle = || IDLE.with(|p| p.borrow().get(&key).map_or(0, |l| l.len()));
+        let idle = || IDLE.with(|p| p.borrow().lists.get(&key).map_or(0, |l| l.len()));
         let t0 = Instant::now();
         let later = t0 + crate::pool::OVERFLOW_GRACE;
         for c in conns.drain(..4) {
@@ -3061,7 +3121,7 @@ mod tests {
         checkin_at(&key, node(conns.pop().unwrap()), 1, limits, later);
         assert_eq!(idle(), 2, "three stale ones left, down to size with the newcomer");
         // The newest comes out first: the one checked in last.
-        let fresh = IDLE.with(|p| p.borrow().get(&key).and_then(|l| l.last().map(|c| c.since)));
+        let fresh = IDLE.with(|p| p.borrow().lists.get(&key).and_then(|l| l.last().map(|c| c.since)));
         assert_eq!(fresh, Some(later));
         for c in conns.drain(..) {
             checkin_at(&key, node(c), 1, limits, later);

@@ -70,6 +70,45 @@ pub(crate) fn stale_overflow<T>(
     list.iter().take(excess).take_while(|c| now.saturating_duration_since(since(c)) >= OVERFLOW_GRACE).count()
 }
 
+/// How many server names one node (address and TLS settings) may have pooled connections for,
+/// per worker and kind of pool. With `pass_host: pass` a TLS node's server name is the client's
+/// Host, so a client sending a new Host with every request would otherwise leave a new pool
+/// behind each (idle connections piling up for `idle_timeout`); past this, connections for
+/// names not pooled yet are closed after their request.
+pub(crate) const NAMES_PER_NODE: usize = 64;
+
+/// How many pools each node has by server name: see [`NAMES_PER_NODE`].
+#[derive(Default)]
+pub(crate) struct NameCount(FxHashMap<(SocketAddr, u64), usize>);
+
+impl NameCount {
+    /// Whether a pool for `key`, which has none yet, may be made; counts it if so.
+    pub(crate) fn admit(&mut self, key: &PoolKey) -> bool {
+        if key.sni.is_none() {
+            return true;
+        }
+        let n = self.0.entry((key.addr, key.tls)).or_default();
+        if *n >= NAMES_PER_NODE {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// `key`'s pool is gone.
+    pub(crate) fn release(&mut self, key: &PoolKey) {
+        if key.sni.is_none() {
+            return;
+        }
+        if let Some(n) = self.0.get_mut(&(key.addr, key.tls)) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.remove(&(key.addr, key.tls));
+            }
+        }
+    }
+}
+
 /// An HTTP/1 connection checked out of the pool.
 pub struct Pooled {
     pub(crate) key: PoolKey,
@@ -99,6 +138,10 @@ impl Pooled {
         }
         POOL.with(|p| {
             let mut p = p.borrow_mut();
+            let p = &mut *p;
+            if !p.h1.contains_key(&self.key) && !p.h1_names.admit(&self.key) {
+                return;
+            }
             let list = p.h1.entry(self.key).or_default();
             if list.len() >= self.limits.size {
                 let stale = stale_overflow(list, |i| i.since, self.limits.size, 1, now);
@@ -119,6 +162,8 @@ impl Pooled {
 struct Pool {
     h1: FxHashMap<PoolKey, Vec<Idle>>,
     h2: FxHashMap<PoolKey, Vec<http2::SendRequest<ProxyBody>>>,
+    h1_names: NameCount,
+    h2_names: NameCount,
 }
 
 thread_local! {
@@ -178,6 +223,10 @@ pub(crate) fn checkout_h2(key: &PoolKey) -> Option<http2::SendRequest<ProxyBody>
 pub(crate) fn store_h2(key: PoolKey, sender: http2::SendRequest<ProxyBody>) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
+        let p = &mut *p;
+        if !p.h2.contains_key(&key) && !p.h2_names.admit(&key) {
+            return;
+        }
         let list = p.h2.entry(key).or_default();
         if list.len() < H2_CONNS_PER_NODE {
             list.push(sender);
@@ -194,17 +243,28 @@ pub fn sweep() {
 fn sweep_at(now: Instant) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        p.h1.retain(|_, list| {
+        let p = &mut *p;
+        let names = &mut p.h1_names;
+        p.h1.retain(|key, list| {
             list.retain(|i| !i.sender.is_closed() && now.saturating_duration_since(i.since) < i.idle_timeout);
             if let Some(size) = list.last().map(|i| i.size) {
                 let stale = stale_overflow(list, |i| i.since, size, 0, now);
                 list.drain(..stale);
             }
-            !list.is_empty()
+            let keep = !list.is_empty();
+            if !keep {
+                names.release(key);
+            }
+            keep
         });
-        p.h2.retain(|_, list| {
+        let names = &mut p.h2_names;
+        p.h2.retain(|key, list| {
             list.retain(|s| !s.is_closed());
-            !list.is_empty()
+            let keep = !list.is_empty();
+            if !keep {
+                names.release(key);
+            }
+            keep
         });
     });
 }
