@@ -660,3 +660,22 @@ async fn mangled_node_configs_are_refused_or_built_never_a_panic() {
     }
     assert!(refused > rounds / 20 && built > rounds / 20, "refused {refused}, built {built}");
 }
+
+/// The control API closes a connection that sends no request within `client_header_timeout`
+/// (2 s here), as the HTTP ports do, and serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_control_api_client_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let gw = TestGateway::start("routes: []\n");
+    let mut silent = tokio::net::TcpStream::connect(gw.control()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after 15 s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(gw.control_json("/v1/status").await["config_version"].as_u64().is_some_and(|v| v >= 1));
+}
