@@ -115,6 +115,9 @@ pub(crate) fn serve(
                     shared.metrics.stream_no_route.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
+                // The route is all the session needs: a long session does not keep the whole
+                // configuration of its day alive across reloads.
+                drop(state);
                 let vars = StreamVars { client, local, sni: sni.as_deref() };
                 session(
                     Client::Tls(Box::new(tls)),
