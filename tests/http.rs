@@ -1026,6 +1026,55 @@ async fn the_host_routed_is_the_host_sent_and_a_missing_or_double_host_is_a_400(
     assert_eq!(public.requests(), before + 1);
 }
 
+/// A chunked request's trailer fields do not reach the node (nginx forwards none): a node that
+/// merges trailers into the head would otherwise take a `Host` or an `X-Forwarded-For` the
+/// gateway never wrote. The body itself arrives whole, ending as one without trailers does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_requests_trailers_do_not_reach_the_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let node = hand_node(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            // The request: its head, then a chunked body up to the empty line after `0`.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let body_start = got.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+                if let Some(b) = body_start
+                    && let Some(end) = got[b..].windows(5).position(|w| w == b"0\r\n\r\n")
+                    && (end == 0 || got[b + end - 2..b + end] == *b"\r\n")
+                {
+                    break;
+                }
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tx.send(got);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    let request = b"POST /t HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nHost: internal.test\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n";
+    let out = raw_once(gw.http(), request).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    let seen = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{text}");
+    assert!(!text.contains("internal.test"), "{text}");
+    // A size a node might read otherwise (`1 0`: 0x10 without its space) is refused.
+    let bad = b"POST /t HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1 0\r\nx\r\n0\r\n\r\n";
+    let out = raw_once(gw.http(), bad).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&out));
+    assert!(rx.try_recv().is_err(), "nothing reached the node");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_breaks_framing_or_drops_a_request_is_a_502_and_nothing_is_sent_twice() {
     static SCRIPT: &[(&str, &[u8], bool)] = &[

@@ -143,12 +143,17 @@ impl StreamedBody {
             }
             ReqBody::Chunked => {
                 let mut chunks = ChunkedState::default();
-                let (used, done) = chunks.feed(&buf[head..]);
-                if chunks.failed {
+                // Checked before anything is cut out: a body whose framing is invalid goes to
+                // hyper as it came.
+                let mut check = ChunkedState::default();
+                check.feed(&buf[head..]);
+                if check.failed {
                     return None;
                 }
+                let (used, kept, done) = chunks.feed_request(&mut buf[head..]);
                 buf.advance(head);
-                let prefix = buf.split_to(used);
+                let mut prefix = buf.split_to(used);
+                prefix.truncate(kept);
                 Some(StreamedBody { prefix, left: u64::from(!done), chunks: Some(chunks) })
             }
         }
@@ -644,11 +649,11 @@ impl BodyPump {
             PumpStep::Read(Ok(0) | Err(_)) => return Err(PumpError::Client),
             PumpStep::Read(Ok(n)) => match &mut self.chunks {
                 Some(chunks) => {
-                    let (used, done) = chunks.feed(&self.chunk[..n]);
+                    let (used, kept, done) = chunks.feed_request(&mut self.chunk[..n]);
                     if chunks.failed {
                         return Err(PumpError::BadBody);
                     }
-                    (self.from, self.to) = (0, used);
+                    (self.from, self.to) = (0, kept);
                     if done {
                         self.left = 0;
                         self.excess.extend_from_slice(&self.chunk[used..n]);
@@ -1642,12 +1647,25 @@ struct ChunkedState {
     line: usize,
     /// The trailer section, when decoding ([`ChunkedState::decode`]).
     trailer: Vec<u8>,
+    /// Bytes of the current chunk extension, and of the trailer section so far (both bounded).
+    ext: usize,
+    trailer_len: usize,
+    /// The bytes of trailer fields in the last [`ChunkedState::feed`] (a range of its input),
+    /// which a request body leaves out ([`ChunkedState::feed_request`]).
+    fields: Option<(usize, usize)>,
 }
+
+/// Longest chunk extension, and longest trailer section, taken in a chunked body: nginx allows
+/// no more than its header buffers for either.
+const CHUNK_EXT_MAX: usize = 4096;
+const TRAILERS_MAX: usize = 16 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Step {
     #[default]
     Size,
+    /// Whitespace after the size: only a `;` (an extension) or the line's end may follow.
+    SizeWs,
     Ext,
     SizeLf,
     Data,
@@ -1715,11 +1733,40 @@ impl ChunkedState {
         }
     }
 
+    /// [`ChunkedState::feed`] for a request body on its way to a node, in place: the trailer
+    /// fields are cut out of `buf` (the body still ends with the empty line after its last
+    /// chunk), as nginx forwards no request trailers, so a node that would merge them into the
+    /// head (a `Host`, an `X-Forwarded-For`) gets none. Returns the bytes taken, how many of
+    /// them (from the start of `buf`) are to be sent, and whether the body ended.
+    fn feed_request(&mut self, buf: &mut [u8]) -> (usize, usize, bool) {
+        let (used, done) = self.feed(buf);
+        match self.fields.take() {
+            Some((from, to)) => {
+                buf.copy_within(to..used, from);
+                (used, used - (to - from), done)
+            }
+            None => (used, used, done),
+        }
+    }
+
     /// Consumes `buf`: how many bytes belong to the body, and whether it ended there.
     fn feed(&mut self, buf: &[u8]) -> (usize, bool) {
+        self.fields = None;
         let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
+            if matches!(self.step, Step::Trailer | Step::TrailerLf) {
+                self.trailer_len += 1;
+                if self.trailer_len > TRAILERS_MAX {
+                    self.failed = true;
+                    return (i, false);
+                }
+                // Part of a field line (not the CR or LF of the empty line that ends the body).
+                if self.line > 0 || (self.step == Step::Trailer && b != b'\r') {
+                    let (from, _) = self.fields.unwrap_or((i, i));
+                    self.fields = Some((from, i + 1));
+                }
+            }
             match self.step {
                 Step::Size => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
@@ -1731,17 +1778,36 @@ impl ChunkedState {
                         }
                         self.data = self.data * 16 + d;
                     }
-                    b';' | b' ' | b'\t' if self.size_digits > 0 => self.step = Step::Ext,
+                    b';' if self.size_digits > 0 => {
+                        self.ext = 0;
+                        self.step = Step::Ext;
+                    }
+                    b' ' | b'\t' if self.size_digits > 0 => self.step = Step::SizeWs,
                     b'\r' if self.size_digits > 0 => self.step = Step::SizeLf,
                     _ => {
                         self.failed = true;
                         return (i, false);
                     }
                 },
+                // `5 ;ext` and `5 ` are whitespace before an extension or the line's end (RFC
+                // 9112's BWS); `1 0` is no size a node would read as we do.
+                Step::SizeWs => match b {
+                    b' ' | b'\t' => {}
+                    b';' => {
+                        self.ext = 0;
+                        self.step = Step::Ext;
+                    }
+                    b'\r' => self.step = Step::SizeLf,
+                    _ => {
+                        self.failed = true;
+                        return (i, false);
+                    }
+                },
                 Step::Ext => {
+                    self.ext += 1;
                     if b == b'\r' {
                         self.step = Step::SizeLf;
-                    } else if !field_byte(b) {
+                    } else if !field_byte(b) || self.ext > CHUNK_EXT_MAX {
                         // A bare LF (or any control byte) could end the line for a lenient client
                         // and not for us: the two would disagree on where the response ends.
                         self.failed = true;
@@ -1756,6 +1822,7 @@ impl ChunkedState {
                     self.size_digits = 0;
                     self.step = if self.data == 0 { Step::Trailer } else { Step::Data };
                     self.line = 0;
+                    self.trailer_len = 0;
                 }
                 Step::Data => {
                     let n = ((buf.len() - i) as u64).min(self.data) as usize;
@@ -2106,9 +2173,14 @@ pub(crate) struct Upload {
 }
 
 /// Whether a client's trailer field may go on to the node: not one that frames, routes,
-/// authenticates or describes the message (RFC 9110 §6.5.1), which a node that merges trailers
-/// into the headers would take for the request's own.
+/// authenticates or describes the message (RFC 9110 §6.5.1), nor one the gateway writes for the
+/// node (`X-Forwarded-*`, `X-Real-IP`, `Forwarded`), which a node that merges trailers into the
+/// headers would take for the request's own.
 fn trailer_allowed(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    if n.starts_with("x-forwarded-") || n == "x-real-ip" || n == "forwarded" {
+        return false;
+    }
     !matches!(
         *name,
         header::AUTHORIZATION
@@ -3296,6 +3368,51 @@ mod tests {
         let mut st = ChunkedState::default();
         st.feed(b"zz\r\n");
         assert!(st.failed, "a size must be hex");
+    }
+
+    #[test]
+    fn chunk_sizes_extensions_and_trailers_are_read_strictly() {
+        let fails = |body: &[u8]| {
+            let mut st = ChunkedState::default();
+            st.feed(body);
+            st.failed
+        };
+        // Whitespace after a size may only lead to an extension or the line's end.
+        assert!(!fails(b"5 \r\nhello\r\n0\r\n\r\n"));
+        assert!(!fails(b"5\t ;a=b\r\nhello\r\n0\r\n\r\n"));
+        assert!(fails(b"1 0\r\n"), "a node that drops inner spaces would read 0x10");
+        assert!(fails(b"5 junk\r\n"));
+        // Extensions and trailers are bounded.
+        let ext = [&b"5;"[..], &vec![b'e'; CHUNK_EXT_MAX + 1], b"\r\n"].concat();
+        assert!(fails(&ext));
+        let trailers = [&b"0\r\n"[..], &b"x-t: 1\r\n".repeat(TRAILERS_MAX / 8 + 1), b"\r\n"].concat();
+        assert!(fails(&trailers));
+    }
+
+    /// A request body loses its trailer fields on the way to the node, wherever the reads split
+    /// it, and ends as a body without trailers does; what follows it stays for the next request.
+    #[test]
+    fn request_trailers_are_cut_out_across_reads() {
+        let body = b"5\r\nhello\r\n0\r\nHost: internal\r\nX-Forwarded-For: 127.0.0.1\r\n\r\nNEXT";
+        for split in 0..=body.len() {
+            for split2 in split..=body.len() {
+                let mut st = ChunkedState::default();
+                let mut sent = Vec::new();
+                let mut at = 0;
+                for end in [split, split2, body.len()] {
+                    if at >= end || matches!(st.step, Step::Done) {
+                        continue;
+                    }
+                    let mut piece = body[at..end].to_vec();
+                    let (used, kept, _) = st.feed_request(&mut piece);
+                    assert!(!st.failed);
+                    sent.extend_from_slice(&piece[..kept]);
+                    at += used;
+                }
+                assert_eq!(sent, b"5\r\nhello\r\n0\r\n\r\n", "split at {split}, {split2}");
+                assert_eq!(&body[at..], b"NEXT", "split at {split}, {split2}");
+            }
+        }
     }
 
     /// Decodes `body` fed in two pieces split at every position: (data, trailers, bytes left).
