@@ -968,6 +968,15 @@ async fn conflicting_content_lengths_are_refused_not_relayed() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert_eq!(b.requests(), 0, "nothing reaches the node");
+    // Lengths that agree (`0` and `000`) go to the node as one.
+    let out = raw_once(
+        gw.http(),
+        b"GET /a HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nContent-Length: 000\r\n\r\n",
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    let seen = b.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen.get_all("content-length").iter().collect::<Vec<_>>(), ["0"]);
 }
 
 /// The Host a request is routed by is the Host the node gets: for an absolute-form target

@@ -195,9 +195,9 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
     let settings = picker.settings();
     let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
     let fwd = prepare_head(&mut parts, ctx);
-    if !body.is_empty() {
+    if !body.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH) {
         // Said once, by the relay: a client's `Connection: content-length` must not leave the
-        // node without the body's length.
+        // node without the body's length, and a client's `0` and `000` go as one `0`.
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     let head_only = parts.method == Method::HEAD;
