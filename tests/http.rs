@@ -1101,6 +1101,51 @@ async fn a_chunked_requests_trailers_do_not_reach_the_node() {
     assert!(rx.try_recv().is_err(), "nothing reached the node");
 }
 
+/// Invalid trailer bytes that arrive in a later read than the body's start (the relay is
+/// already streaming it to the node) end the exchange, and nothing panics: cutting the trailer
+/// fields out of such a read once ran past its end, and a release build aborts on a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_trailers_in_a_later_read_end_the_exchange_without_a_panic() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let panics = count_panics();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let node = hand_node(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let mut told = false;
+            // Tells once the start of the body is here, then reads until the gateway gives up.
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                got.extend_from_slice(&buf[..n]);
+                if !told && got.windows(5).any(|w| w == b"hello") {
+                    told = true;
+                    let _ = tx.send(());
+                }
+            }
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[node])
+    ));
+    for bad in [&b"0\r\nX: a\x01\r\n\r\n"[..], b"0\r\nX: a\r\n\n"] {
+        let mut s = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+        s.write_all(b"POST /t HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        s.write_all(bad).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 400"), "{text}");
+    }
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic (see above)");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_breaks_framing_or_drops_a_request_is_a_502_and_nothing_is_sent_twice() {
     static SCRIPT: &[(&str, &[u8], bool)] = &[

@@ -1655,10 +1655,10 @@ struct ChunkedState {
     fields: Option<(usize, usize)>,
 }
 
-/// Longest chunk extension, and longest trailer section, taken in a chunked body: nginx allows
-/// no more than its header buffers for either.
+/// Longest chunk extension, and longest trailer section (as long as a head), taken in a chunked
+/// body, from a client or a node.
 const CHUNK_EXT_MAX: usize = 4096;
-const TRAILERS_MAX: usize = 16 * 1024;
+const TRAILERS_MAX: usize = MAX_HEAD;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -1741,11 +1741,12 @@ impl ChunkedState {
     fn feed_request(&mut self, buf: &mut [u8]) -> (usize, usize, bool) {
         let (used, done) = self.feed(buf);
         match self.fields.take() {
-            Some((from, to)) => {
+            // (A failed body is not sent on: nothing to cut.)
+            Some((from, to)) if !self.failed && from <= to && to <= used => {
                 buf.copy_within(to..used, from);
                 (used, used - (to - from), done)
             }
-            None => (used, used, done),
+            _ => (used, used, done),
         }
     }
 
@@ -1755,17 +1756,16 @@ impl ChunkedState {
         let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
+            // Part of a trailer field line (not the CR or LF of the empty line that ends the
+            // body); recorded once the byte is taken.
+            let mut field = false;
             if matches!(self.step, Step::Trailer | Step::TrailerLf) {
                 self.trailer_len += 1;
                 if self.trailer_len > TRAILERS_MAX {
                     self.failed = true;
                     return (i, false);
                 }
-                // Part of a field line (not the CR or LF of the empty line that ends the body).
-                if self.line > 0 || (self.step == Step::Trailer && b != b'\r') {
-                    let (from, _) = self.fields.unwrap_or((i, i));
-                    self.fields = Some((from, i + 1));
-                }
+                field = self.line > 0 || (self.step == Step::Trailer && b != b'\r');
             }
             match self.step {
                 Step::Size => match b {
@@ -1870,6 +1870,10 @@ impl ChunkedState {
                     self.step = Step::Trailer;
                 }
                 Step::Done | Step::Ended => return (i, true),
+            }
+            if field {
+                let (from, _) = self.fields.unwrap_or((i, i));
+                self.fields = Some((from, i + 1));
             }
             i += 1;
         }
@@ -3387,6 +3391,31 @@ mod tests {
         assert!(fails(&ext));
         let trailers = [&b"0\r\n"[..], &b"x-t: 1\r\n".repeat(TRAILERS_MAX / 8 + 1), b"\r\n"].concat();
         assert!(fails(&trailers));
+    }
+
+    /// Invalid trailers arriving in a later read than the field's start fail the body without
+    /// cutting anything (the cut once ran past what the read had taken: a panic).
+    #[test]
+    fn invalid_trailers_in_a_later_read_fail_cleanly() {
+        for bad in [&b"X: a\x01\r\n\r\n"[..], b"\n", b"X: a\r\x02", b"X: a\n\r\n"] {
+            let mut st = ChunkedState::default();
+            let mut first = b"5\r\nhello\r\n0\r\n".to_vec();
+            let (used, kept, done) = st.feed_request(&mut first);
+            assert_eq!((used, kept, done), (first.len(), first.len(), false));
+            for split in 0..bad.len() {
+                let mut st2 = st.clone();
+                let mut a = bad[..split].to_vec();
+                let (u, k, _) = st2.feed_request(&mut a);
+                assert!(k <= u && u <= a.len());
+                if st2.failed {
+                    continue;
+                }
+                let mut b = bad[split..].to_vec();
+                let (u, k, done) = st2.feed_request(&mut b);
+                assert!(k <= u && u <= b.len() && !done);
+                assert!(st2.failed, "{bad:?} split at {split}");
+            }
+        }
     }
 
     /// A request body loses its trailer fields on the way to the node, wherever the reads split
