@@ -41,8 +41,9 @@ const READS_PER_POLL: usize = 16;
 /// CVE-2023-44487, costs its sender the connection).
 const RESET_ALLOWANCE: u32 = 128;
 /// What a stream waiting for the client's window must get through (or finish) to start its
-/// `send_timeout` again: a window handed out a byte at a time does not hold an answer (and its
-/// node connection) open for ever.
+/// `send_timeout` again, and what the client must grant the connection for every stream
+/// waiting for the connection window to start again: a window handed out a byte at a time does
+/// not hold an answer (and its node connection) open for ever.
 const STALL_PROGRESS: usize = 16 * 1024;
 /// SETTINGS frames a connection may send, beyond one for every 16 streams it completed: each
 /// one that changes the initial window touches every open stream, so a flood of them would
@@ -113,6 +114,10 @@ struct Out {
     send_window: i64,
     /// Slots waiting for the connection window.
     conn_blocked: Vec<u32>,
+    /// Connection window the client granted since the waits for it last started again: once
+    /// it reaches `STALL_PROGRESS`, every stream waiting for the connection window starts its
+    /// wait again (whichever of them the window then goes to, the connection moves).
+    conn_granted: i64,
     /// Slots paused because too much waits to be written.
     write_blocked: Vec<u32>,
     /// A slot newly waiting for a window.
@@ -249,6 +254,7 @@ where
             conn_blocked: Vec::new(),
             write_blocked: Vec::new(),
             stall_started: false,
+            conn_granted: 0,
         };
         // The server preface: SETTINGS, and the larger connection window.
         let w = &mut out.wbuf;
@@ -743,12 +749,21 @@ where
             if self.out.send_window > frame::MAX_WINDOW {
                 return Err(ConnError(Reason::FLOW_CONTROL_ERROR, "connection window overflow"));
             }
+            self.out.conn_granted += inc;
+            let progress = self.out.conn_granted >= STALL_PROGRESS as i64;
+            if progress {
+                self.out.conn_granted = 0;
+            }
             let blocked = std::mem::take(&mut self.out.conn_blocked);
             for idx in blocked {
                 let slot = &mut self.slots[idx as usize];
                 slot.in_conn_list = false;
                 if std::mem::take(&mut slot.conn_blocked) {
-                    // It may send again; its wait ends once enough went out.
+                    // It may send again. Its wait starts again when the connection made
+                    // progress; else once enough of its own went out.
+                    if progress {
+                        slot.stalled = None;
+                    }
                     queue(&mut self.local_ready, &slot.flag, idx);
                 }
             }
@@ -1239,6 +1254,9 @@ where
                 }
             }
             Step::Paused => {
+                // Waiting for the socket, not for the client's window (the socket's own
+                // timeout covers a client that stops reading).
+                slot.stalled = None;
                 if !std::mem::replace(&mut slot.in_write_list, true) {
                     self.out.write_blocked.push(idx);
                 }

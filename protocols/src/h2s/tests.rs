@@ -1342,6 +1342,32 @@ async fn a_window_that_opens_enough_keeps_a_slow_answer_going() {
     assert!(c.finish().await.is_ok());
 }
 
+#[tokio::test(start_paused = true)]
+async fn streams_sharing_a_slow_connection_window_are_not_cut_while_it_moves() {
+    let settings = Settings::new(Duration::from_secs(60), Duration::from_millis(200));
+    let mut c =
+        Client::connect_with(settings, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20)], body_of(50_000))
+            .await;
+    for id in [1, 3, 5, 7] {
+        c.headers(id, &GET, true).await;
+    }
+    // The connection window opens 16 KiB every 150 ms: one stream at a time gets it, the
+    // others wait longer than `send_timeout`, but the connection as a whole moves.
+    let mut got = std::collections::HashMap::<u32, usize>::new();
+    while got.values().sum::<usize>() < 200_000 {
+        c.window_update(0, 16 * 1024).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        for f in c.barrier().await {
+            assert!(f.kind != frame::RST_STREAM, "a stream was cut while the connection moved: {f:?}");
+            if f.kind == frame::DATA {
+                *got.entry(f.stream).or_default() += f.payload.len();
+            }
+        }
+    }
+    assert!(got.values().all(|&n| n == 50_000), "{got:?}");
+    assert!(c.finish().await.is_ok());
+}
+
 #[tokio::test]
 async fn a_stream_past_the_announced_limit_is_refused_and_the_others_go_on() {
     let (gate, service) = gated(Bytes::from_static(b"done"));
