@@ -215,6 +215,46 @@ async fn a_nacos_that_starts_after_the_gateway_is_followed_by_push() {
     eprintln!("late-started Nacos: a registration reached traffic after {:?}", t.elapsed());
 }
 
+/// Two upstreams on one Nacos service (here an `http` and a `grpc` one: two watches, one SDK
+/// subscription). A reload that drops one of them must leave the other's pushes alone: the
+/// SDK's unsubscribe ends the service's subscription for every listener, so it is sent only
+/// when the last watch of the service goes. With `fetch_interval: 30`, a registration seen
+/// within seconds came by push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_one_of_two_watches_of_a_service_keeps_the_others_pushes() {
+    let Some(nacos) = Nacos::start().await else { return };
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    nacos.register("web", "DEFAULT_GROUP", "public", a.addr, 1.0, "").await;
+    let conf = config(&[format!("http://{}", nacos.addr)]).replace("fetch_interval: 1", "fetch_interval: 30");
+    let both = format!(
+        "upstreams:\n{}{}routes:\n  - uri: /*\n    upstream_id: web\n  - uri: /g/*\n    upstream_id: g\n",
+        upstream("web", "web", ""),
+        upstream("g", "web", "    scheme: grpc\n")
+    );
+    let gw = TestGateway::start_with(&conf, &both, 1);
+    let hub = gw.running().shared.hub.clone();
+    assert!(
+        eventually(Duration::from_secs(15), || async { get(gw.http(), "/x").await.0 == StatusCode::OK })
+            .await
+    );
+    assert_eq!(hub.watch_count(), 2);
+    let v = gw.version();
+    gw.write_resources(&format!(
+        "upstreams:\n{}routes:\n  - uri: /*\n    upstream_id: web\n",
+        upstream("web", "web", "")
+    ));
+    assert!(eventually(Duration::from_secs(5), || async { gw.version() > v }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async { hub.watch_count() == 1 }).await,
+        "the grpc watch ended"
+    );
+    nacos.register("web", "DEFAULT_GROUP", "public", b.addr, 1.0, "").await;
+    assert!(
+        eventually(Duration::from_secs(12), || async { spread(&gw, "/x", 6).await.len() == 2 }).await,
+        "the remaining watch still gets pushes"
+    );
+}
+
 /// A grpc upstream uses the instance's `metadata.gRPC_port` (the registered port serves HTTP).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_upstreams_use_the_grpc_port_metadata() {

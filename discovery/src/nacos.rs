@@ -84,6 +84,42 @@ pub struct NacosDiscovery {
     /// One SDK client per namespace, created on first use.
     clients: tokio::sync::Mutex<HashMap<String, ClientSlot>>,
     tokens: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// Watches of each (namespace, group, service) with a subscription: the SDK's unsubscribe
+    /// ends the service's subscription whatever other listeners it has, so it is called only
+    /// when the last of them ends.
+    subs: Arc<SubCounts>,
+}
+
+/// (namespace, group, service).
+type SubKey = (String, String, String);
+
+/// How many watches share each service's subscription.
+#[derive(Default)]
+struct SubCounts(Mutex<HashMap<SubKey, usize>>);
+
+impl SubCounts {
+    fn enter(&self, key: &SubKey) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default() += 1;
+    }
+
+    /// One watch of `key` left: whether it was the last.
+    fn leave(&self, key: &SubKey) -> bool {
+        let mut subs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match subs.get_mut(key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                subs.remove(key);
+                true
+            }
+        }
+    }
+
+    fn watched(&self, key: &SubKey) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains_key(key)
+    }
 }
 
 /// The gRPC client of a namespace, or when to try building it again.
@@ -115,6 +151,7 @@ impl NacosDiscovery {
             http,
             clients: tokio::sync::Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            subs: Arc::new(SubCounts::default()),
         })
     }
 
@@ -358,22 +395,44 @@ impl NamingEventListener for Forward {
     }
 }
 
-/// A subscription, ended when the watch that made it ends, also when the watch is aborted
-/// (a reload that dropped the service) rather than returning: otherwise the SDK would keep it,
-/// and subscribe it again after every reconnection, for the life of the process.
+/// A watch's share of a service's subscription, counted from before it subscribes. When the
+/// last watch of the service ends, also when it is aborted (a reload that dropped the service)
+/// rather than returning, the subscription is ended: otherwise the SDK would keep it, and
+/// subscribe it again after every reconnection, for the life of the process.
 struct Subscription {
+    subs: Arc<SubCounts>,
+    key: SubKey,
     client: NamingService,
-    service: String,
-    group: String,
     listener: Arc<dyn NamingEventListener>,
+}
+
+impl Subscription {
+    fn new(
+        subs: &Arc<SubCounts>,
+        key: SubKey,
+        client: NamingService,
+        listener: Arc<dyn NamingEventListener>,
+    ) -> Subscription {
+        subs.enter(&key);
+        Subscription { subs: subs.clone(), key, client, listener }
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        if !self.subs.leave(&self.key) {
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let (client, service, group, listener) =
-            (self.client.clone(), self.service.clone(), self.group.clone(), self.listener.clone());
+        let (subs, key, client, listener) =
+            (self.subs.clone(), self.key.clone(), self.client.clone(), self.listener.clone());
         rt.spawn(async move {
+            // Not if a watch of the service came back meanwhile (a reload that removed and
+            // added it again).
+            if subs.watched(&key) {
+                return;
+            }
+            let (_, group, service) = key;
             if let Err(e) = client.unsubscribe(service.clone(), Some(group), vec![], listener).await {
                 tracing::warn!(discovery = "nacos", %service, error = %e, "unsubscribing failed");
             }
@@ -419,6 +478,12 @@ impl Discovery for NacosDiscovery {
             };
             let (etx, mut erx) = mpsc::unbounded_channel();
             let listener: Arc<dyn NamingEventListener> = Arc::new(Forward(etx));
+            let _subscription = Subscription::new(
+                &self.subs,
+                (ns.clone(), group.clone(), query.service_name.clone()),
+                client.clone(),
+                listener.clone(),
+            );
             let mut backoff = Backoff::new(Duration::from_secs(30));
             // Subscribe (retrying while the server is away), then follow pushes. A periodic
             // query reconciles and makes an outage visible in the sync status.
@@ -440,12 +505,6 @@ impl Discovery for NacosDiscovery {
             // Pushes carry the changes; this check only reconciles and shows an outage, so it
             // runs at `fetch_interval` (APISIX's poll): each is a query to the server, and a
             // gateway may watch thousands of services.
-            let _subscription = Subscription {
-                client: client.clone(),
-                service: query.service_name.clone(),
-                group: group.clone(),
-                listener: listener.clone(),
-            };
             let check_every = self.opts.fetch_interval.max(Duration::from_secs(1));
             let mut tick = tokio::time::interval(check_every);
             loop {
@@ -501,6 +560,21 @@ pub async fn poll_forever(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscription_ends_with_the_last_watch_of_its_service() {
+        let subs = SubCounts::default();
+        let web = ("public".to_string(), "DEFAULT_GROUP".to_string(), "web".to_string());
+        let api = ("public".to_string(), "DEFAULT_GROUP".to_string(), "api".to_string());
+        subs.enter(&web);
+        subs.enter(&web);
+        subs.enter(&api);
+        assert!(!subs.leave(&web), "another watch of web remains");
+        assert!(subs.watched(&web));
+        assert!(subs.leave(&api));
+        assert!(subs.leave(&web), "the last one");
+        assert!(!subs.watched(&web) && !subs.watched(&api));
+    }
 
     #[test]
     fn hosts_parse_with_credentials() {
