@@ -2900,8 +2900,10 @@ fn checkin_at(key: &PoolKey, stream: Node, uses: u32, limits: KeepalivePool, now
         let list = match p.lists.get_mut(key) {
             Some(list) => list,
             None => {
-                if !p.names.admit(key) {
-                    return;
+                let lists = &p.lists;
+                let last_used = |k: &PoolKey| lists.get(k).and_then(|l| l.last().map(|c| c.since));
+                if let Some(old) = p.names.admit(key, last_used) {
+                    p.lists.remove(&old);
                 }
                 p.lists.entry(key.clone()).or_default()
             }
@@ -3132,44 +3134,38 @@ mod tests {
     }
 
     /// A node reached under many server names (a TLS node with `pass_host: pass`, each client
-    /// sending another Host) gets pools for `NAMES_PER_NODE` of them: connections for other
-    /// names are closed after use instead of piling up. A name's pool that the sweep empties
-    /// makes room for another.
+    /// sending another Host) keeps pools for `NAMES_PER_NODE` of them: a new name's pool takes
+    /// the place of the one used longest ago, so names in use keep theirs and a flood of new
+    /// names leaves no more than the bound behind.
     #[tokio::test]
-    async fn a_node_gets_pools_for_a_bounded_number_of_server_names() {
+    async fn a_node_keeps_pools_for_its_most_recently_used_server_names() {
         use crate::pool::NAMES_PER_NODE;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let limits = KeepalivePool { size: 8, idle_timeout: Duration::from_secs(60), requests: 100 };
         let key = |i: usize| PoolKey { addr, tls: 7, sni: Some(format!("h{i}.test").into()) };
         let mut peers = Vec::new();
-        let t0 = Instant::now();
-        for i in 0..NAMES_PER_NODE + 6 {
+        let mut conn = async || {
             let c = TcpStream::connect(addr).await.unwrap();
             peers.push(l.accept().await.unwrap().0);
-            checkin_at(&key(i), Node::new(NodeStream::Plain(c)), 1, limits, t0);
+            Node::new(NodeStream::Plain(c))
+        };
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        for i in 0..NAMES_PER_NODE {
+            checkin_at(&key(i), conn().await, 1, limits, at(i as u64));
+        }
+        // Name 0 is used again: now name 1's pool is the one used longest ago.
+        checkin_at(&key(0), conn().await, 1, limits, at(1000));
+        for i in NAMES_PER_NODE..NAMES_PER_NODE + 3 {
+            checkin_at(&key(i), conn().await, 1, limits, at(2000 + i as u64));
         }
         let pooled = |i: usize| IDLE.with(|p| p.borrow().lists.get(&key(i)).map_or(0, |l| l.len()));
-        assert!((0..NAMES_PER_NODE).all(|i| pooled(i) == 1));
-        assert!((NAMES_PER_NODE..NAMES_PER_NODE + 6).all(|i| pooled(i) == 0), "names past the bound");
-        // Another connection for a name that has its pool still joins it; without TLS (no
-        // name) nothing is bounded.
-        let c = TcpStream::connect(addr).await.unwrap();
-        peers.push(l.accept().await.unwrap().0);
-        checkin_at(&key(0), Node::new(NodeStream::Plain(c)), 1, limits, t0);
-        assert_eq!(pooled(0), 2);
-        // Idle past `max_idle`: every pool goes, and names are free again.
-        sweep_at(Duration::from_secs(1), t0 + Duration::from_secs(2));
-        let c = TcpStream::connect(addr).await.unwrap();
-        peers.push(l.accept().await.unwrap().0);
-        checkin_at(
-            &key(NAMES_PER_NODE + 1),
-            Node::new(NodeStream::Plain(c)),
-            1,
-            limits,
-            t0 + Duration::from_secs(2),
-        );
-        assert_eq!(pooled(NAMES_PER_NODE + 1), 1);
+        assert_eq!(pooled(0), 2, "a name in use keeps its pool");
+        assert_eq!((pooled(1), pooled(2), pooled(3)), (0, 0, 0), "the three used longest ago made room");
+        assert!((4..NAMES_PER_NODE + 3).all(|i| pooled(i) == 1));
+        let pools = IDLE.with(|p| p.borrow().lists.keys().filter(|k| k.addr == addr).count());
+        assert_eq!(pools, NAMES_PER_NODE);
     }
 
     /// A burst of answers keeps its node connections past the pool's `size` for the requests

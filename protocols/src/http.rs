@@ -630,6 +630,10 @@ pub(crate) fn sni_of(host: &HeaderValue) -> Option<Arc<str>> {
             .map(|(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { s })
             .unwrap_or(s)
     };
+    // Names are case-insensitive: one pool for `Example.com` and `example.com`.
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(Arc::from(name.to_ascii_lowercase()));
+    }
     Some(Arc::from(name))
 }
 

@@ -73,26 +73,33 @@ pub(crate) fn stale_overflow<T>(
 /// How many server names one node (address and TLS settings) may have pooled connections for,
 /// per worker and kind of pool. With `pass_host: pass` a TLS node's server name is the client's
 /// Host, so a client sending a new Host with every request would otherwise leave a new pool
-/// behind each (idle connections piling up for `idle_timeout`); past this, connections for
-/// names not pooled yet are closed after their request.
+/// behind each (idle connections piling up for `idle_timeout`). Past this, a new name's pool
+/// takes the place of the node's pool used longest ago, whose idle connections are closed.
 pub(crate) const NAMES_PER_NODE: usize = 64;
 
-/// How many pools each node has by server name: see [`NAMES_PER_NODE`].
+/// The pools each node has by server name: see [`NAMES_PER_NODE`].
 #[derive(Default)]
-pub(crate) struct NameCount(FxHashMap<(SocketAddr, u64), usize>);
+pub(crate) struct NameCount(FxHashMap<(SocketAddr, u64), Vec<PoolKey>>);
 
 impl NameCount {
-    /// Whether a pool for `key`, which has none yet, may be made; counts it if so.
-    pub(crate) fn admit(&mut self, key: &PoolKey) -> bool {
-        if key.sni.is_none() {
-            return true;
-        }
-        let n = self.0.entry((key.addr, key.tls)).or_default();
-        if *n >= NAMES_PER_NODE {
-            return false;
-        }
-        *n += 1;
-        true
+    /// Counts a pool for `key`, which has none yet. When its node has `NAMES_PER_NODE` already,
+    /// returns the one to drop in its place: the one whose newest connection came back longest
+    /// ago (`last_used`; `None` for an empty pool, which goes first).
+    pub(crate) fn admit(
+        &mut self,
+        key: &PoolKey,
+        last_used: impl Fn(&PoolKey) -> Option<Instant>,
+    ) -> Option<PoolKey> {
+        key.sni.as_ref()?;
+        let names = self.0.entry((key.addr, key.tls)).or_default();
+        let evicted = if names.len() >= NAMES_PER_NODE {
+            let victim = (0..names.len()).min_by_key(|&i| last_used(&names[i]))?;
+            Some(names.swap_remove(victim))
+        } else {
+            None
+        };
+        names.push(key.clone());
+        evicted
     }
 
     /// `key`'s pool is gone.
@@ -100,9 +107,9 @@ impl NameCount {
         if key.sni.is_none() {
             return;
         }
-        if let Some(n) = self.0.get_mut(&(key.addr, key.tls)) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(names) = self.0.get_mut(&(key.addr, key.tls)) {
+            names.retain(|k| k != key);
+            if names.is_empty() {
                 self.0.remove(&(key.addr, key.tls));
             }
         }
@@ -139,8 +146,12 @@ impl Pooled {
         POOL.with(|p| {
             let mut p = p.borrow_mut();
             let p = &mut *p;
-            if !p.h1.contains_key(&self.key) && !p.h1_names.admit(&self.key) {
-                return;
+            if !p.h1.contains_key(&self.key) {
+                let h1 = &p.h1;
+                let last_used = |k: &PoolKey| h1.get(k).and_then(|l| l.last().map(|i| i.since));
+                if let Some(old) = p.h1_names.admit(&self.key, last_used) {
+                    p.h1.remove(&old);
+                }
             }
             let list = p.h1.entry(self.key).or_default();
             if list.len() >= self.limits.size {
@@ -224,8 +235,11 @@ pub(crate) fn store_h2(key: PoolKey, sender: http2::SendRequest<ProxyBody>) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let p = &mut *p;
-        if !p.h2.contains_key(&key) && !p.h2_names.admit(&key) {
-            return;
+        if !p.h2.contains_key(&key) {
+            // Shared connections keep no time of use: the name admitted first goes first.
+            if let Some(old) = p.h2_names.admit(&key, |_| None) {
+                p.h2.remove(&old);
+            }
         }
         let list = p.h2.entry(key).or_default();
         if list.len() < H2_CONNS_PER_NODE {
