@@ -165,6 +165,16 @@ impl DnsDiscovery {
         }
         let slot = {
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            // Names no upstream looks up any more (a reload dropped them) leave once their
+            // answer has expired.
+            let now = Instant::now();
+            hosts.retain(|name, slot| {
+                name == host
+                    || Arc::strong_count(slot) > 1
+                    || slot.try_lock().map_or(true, |a| {
+                        a.as_ref().is_some_and(|a| matches!(a.result, Ok((_, until)) if until > now))
+                    })
+            });
             hosts.entry(host.to_string()).or_default().clone()
         };
         let mut answer = slot.lock().await;
@@ -463,6 +473,11 @@ mod tests {
         // Another name is asked on its own.
         dns.lookup_host("other.test").await.unwrap();
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // A name whose answer expired leaves the table at the next lookup of another one.
+        dns.hosts.lock().unwrap().insert("gone.test".into(), Default::default());
+        dns.lookup_host("backend.test").await.unwrap();
+        assert!(!dns.hosts.lock().unwrap().contains_key("gone.test"));
+        assert_eq!(dns.hosts.lock().unwrap().len(), 2);
     }
 
     #[test]
