@@ -156,7 +156,7 @@ pub struct Running {
     background: Option<tokio::runtime::Runtime>,
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn bind_one(addr: SocketAddr, keepalive: bool) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
@@ -164,8 +164,11 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         s.set_only_v6(true)?;
     }
     // Inherited by every accepted socket (on Linux), so connections need no setsockopt of
-    // their own.
+    // their own: no delay, and on L4 listeners the sessions' TCP keepalive.
     s.set_tcp_nodelay(true)?;
+    if keepalive {
+        s.set_tcp_keepalive(&strait_protocols::stream::session_keepalive())?;
+    }
     s.bind(&addr.into())?;
     s.listen(4096)?;
     s.set_nonblocking(true)?;
@@ -173,12 +176,16 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Binds `n` sockets on `addr` (the first one picks the port when it is 0).
-fn bind_group(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<std::net::TcpListener>), StartError> {
-    let first = bind_one(addr).map_err(|e| StartError::Bind(addr, e))?;
+fn bind_group(
+    addr: SocketAddr,
+    n: usize,
+    keepalive: bool,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), StartError> {
+    let first = bind_one(addr, keepalive).map_err(|e| StartError::Bind(addr, e))?;
     let actual = first.local_addr().map_err(|e| StartError::Bind(addr, e))?;
     let mut v = vec![first];
     for _ in 1..n {
-        v.push(bind_one(actual).map_err(|e| StartError::Bind(actual, e))?);
+        v.push(bind_one(actual, keepalive).map_err(|e| StartError::Bind(actual, e))?);
     }
     Ok((actual, v))
 }
@@ -203,7 +210,7 @@ impl Running {
         let mut addrs = Addresses::default();
         let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
         let mut add = |kind: Kind, addr: SocketAddr| -> Result<SocketAddr, StartError> {
-            let (actual, socks) = bind_group(addr, workers)?;
+            let (actual, socks) = bind_group(addr, workers, matches!(kind, Kind::Stream { .. }))?;
             for (w, socket) in socks.into_iter().enumerate() {
                 per_worker[w].push(Listener { kind, socket });
             }
@@ -1199,7 +1206,8 @@ mod tests {
     /// back by Nagle's algorithm), without a setsockopt of their own.
     #[tokio::test]
     async fn accepted_connections_inherit_tcp_nodelay_from_the_listener() {
-        let listener = TcpListener::from_std(bind_one("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
+        let listener =
+            TcpListener::from_std(bind_one("127.0.0.1:0".parse().unwrap(), false).unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();

@@ -68,7 +68,6 @@ pub(crate) fn serve(
     async move {
         // Counted as a live connection (a stop drains it) for the session's life.
         let _ = &guard;
-        strait_protocols::stream::session_keepalive(&stream);
         shared.metrics.stream_connections.fetch_add(1, Ordering::Relaxed);
         let Some(listener) = shared.node.stream.get(index).cloned() else {
             return;
@@ -216,7 +215,8 @@ fn session(
             let started = Instant::now();
             match connect_tcp(peer.addr, settings.timeouts.connect).await {
                 Ok(s) => {
-                    strait_protocols::stream::session_keepalive(&s);
+                    let keepalive = strait_protocols::stream::session_keepalive();
+                    let _ = socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive);
                     break (peer, s);
                 }
                 Err(e) => {

@@ -175,17 +175,17 @@ pub enum Hello {
     Incomplete,
 }
 
-/// Turns TCP keepalive on for a socket of an L4 session (client or node side): a session
-/// without `idle_timeout` is never cut for being idle (a database pool's connections sit idle
-/// for hours), so a peer that vanished without a reset (a host lost, a NAT entry dropped) is
-/// found by the kernel's probes: after 60 s of silence, every 10 s, given up after 6, about
-/// two minutes. Then the session ends and frees its sockets and its node connection.
-pub fn session_keepalive(s: &TcpStream) {
-    let keepalive = socket2::TcpKeepalive::new()
+/// TCP keepalive for the sockets of an L4 session (client and node side): a session without
+/// `idle_timeout` is never cut for being idle (a database pool's connections sit idle for
+/// hours), so a peer that vanished without a reset (a host lost, a NAT entry dropped) is found
+/// by the kernel's probes: after 60 s of silence, every 10 s, given up after 6, about two
+/// minutes. Then the session ends and frees its sockets and its node connection. Set on the L4
+/// listeners, whose accepted sockets inherit it, and on each node connection.
+pub fn session_keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&keepalive);
+        .with_retries(6)
 }
 
 /// Parses the SNI of a TLS ClientHello at the start of `buf` (one handshake record).
