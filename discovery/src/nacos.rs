@@ -84,41 +84,113 @@ pub struct NacosDiscovery {
     /// One SDK client per namespace, created on first use.
     clients: tokio::sync::Mutex<HashMap<String, ClientSlot>>,
     tokens: Mutex<HashMap<String, (String, std::time::Instant)>>,
-    /// Watches of each (namespace, group, service) with a subscription: the SDK's unsubscribe
-    /// ends the service's subscription whatever other listeners it has, so it is called only
-    /// when the last of them ends.
-    subs: Arc<SubCounts>,
+    /// One SDK subscription per (namespace, group, service), shared by its watches (entries
+    /// stay: one per service ever watched).
+    subs: Mutex<HashMap<SubKey, Arc<ServiceSub>>>,
 }
 
 /// (namespace, group, service).
 type SubKey = (String, String, String);
 
-/// How many watches share each service's subscription.
-#[derive(Default)]
-struct SubCounts(Mutex<HashMap<SubKey, usize>>);
+/// The SDK subscription of one service, shared by every watch of it. The SDK's unsubscribe
+/// ends a service's subscription for all its listeners (and removes only the listener it is
+/// given), so each service has one listener, which hands every push to each watch, and is
+/// unsubscribed when its last watch ends.
+struct ServiceSub {
+    fan: Arc<FanOut>,
+    /// `fan`, as the SDK holds it (subscribe and unsubscribe must name the same listener).
+    listener: Arc<dyn NamingEventListener>,
+    /// Whether the SDK holds the subscription. Held across subscribing and unsubscribing, so
+    /// the two never cross (a reload that drops a service and adds it back at once).
+    subscribed: tokio::sync::Mutex<bool>,
+}
 
-impl SubCounts {
-    fn enter(&self, key: &SubKey) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default() += 1;
+impl ServiceSub {
+    fn new() -> ServiceSub {
+        let fan = Arc::new(FanOut::default());
+        let listener: Arc<dyn NamingEventListener> = fan.clone();
+        ServiceSub { fan, listener, subscribed: tokio::sync::Mutex::new(false) }
     }
 
-    /// One watch of `key` left: whether it was the last.
-    fn leave(&self, key: &SubKey) -> bool {
-        let mut subs = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match subs.get_mut(key) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            _ => {
-                subs.remove(key);
-                true
-            }
+    /// Subscribes, unless the subscription is already there.
+    async fn ensure(&self, client: &NamingService, key: &SubKey) -> Result<(), String> {
+        let mut subscribed = self.subscribed.lock().await;
+        if !*subscribed {
+            let (_, group, service) = key.clone();
+            client
+                .subscribe(service, Some(group), vec![], self.listener.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            *subscribed = true;
+        }
+        Ok(())
+    }
+}
+
+/// The listener of a service: every push goes to each watch's channel.
+#[derive(Default)]
+struct FanOut {
+    watches: Mutex<Vec<(u64, mpsc::UnboundedSender<Arc<NamingChangeEvent>>)>>,
+}
+
+impl NamingEventListener for FanOut {
+    fn event(&self, event: Arc<NamingChangeEvent>) {
+        let watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, tx) in watches.iter() {
+            let _ = tx.send(event.clone());
         }
     }
+}
 
-    fn watched(&self, key: &SubKey) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains_key(key)
+/// A watch's place among its service's listeners. When the last watch of the service leaves,
+/// also when it is aborted (a reload that dropped the service) rather than returning, the
+/// subscription is ended: otherwise the SDK would keep it, and subscribe it again after every
+/// reconnection, for the life of the process.
+struct Member {
+    sub: Arc<ServiceSub>,
+    id: u64,
+    key: SubKey,
+    client: NamingService,
+}
+
+impl Member {
+    fn join(
+        sub: &Arc<ServiceSub>,
+        tx: mpsc::UnboundedSender<Arc<NamingChangeEvent>>,
+        key: SubKey,
+        client: NamingService,
+    ) -> Member {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        sub.fan.watches.lock().unwrap_or_else(|e| e.into_inner()).push((id, tx));
+        Member { sub: sub.clone(), id, key, client }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let last = {
+            let mut watches = self.sub.fan.watches.lock().unwrap_or_else(|e| e.into_inner());
+            watches.retain(|(id, _)| *id != self.id);
+            watches.is_empty()
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        if !last {
+            return;
+        }
+        let (sub, key, client) = (self.sub.clone(), self.key.clone(), self.client.clone());
+        rt.spawn(async move {
+            let mut subscribed = sub.subscribed.lock().await;
+            // Not if a watch of the service came back meanwhile.
+            if !*subscribed || !sub.fan.watches.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                return;
+            }
+            let (_, group, service) = key;
+            match client.unsubscribe(service.clone(), Some(group), vec![], sub.listener.clone()).await {
+                Ok(()) => *subscribed = false,
+                Err(e) => tracing::warn!(discovery = "nacos", %service, error = %e, "unsubscribing failed"),
+            }
+        });
     }
 }
 
@@ -151,7 +223,7 @@ impl NacosDiscovery {
             http,
             clients: tokio::sync::Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
-            subs: Arc::new(SubCounts::default()),
+            subs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -387,59 +459,6 @@ pub fn urlencode(s: &str) -> String {
     out
 }
 
-struct Forward(mpsc::UnboundedSender<Arc<NamingChangeEvent>>);
-
-impl NamingEventListener for Forward {
-    fn event(&self, event: Arc<NamingChangeEvent>) {
-        let _ = self.0.send(event);
-    }
-}
-
-/// A watch's share of a service's subscription, counted from before it subscribes. When the
-/// last watch of the service ends, also when it is aborted (a reload that dropped the service)
-/// rather than returning, the subscription is ended: otherwise the SDK would keep it, and
-/// subscribe it again after every reconnection, for the life of the process.
-struct Subscription {
-    subs: Arc<SubCounts>,
-    key: SubKey,
-    client: NamingService,
-    listener: Arc<dyn NamingEventListener>,
-}
-
-impl Subscription {
-    fn new(
-        subs: &Arc<SubCounts>,
-        key: SubKey,
-        client: NamingService,
-        listener: Arc<dyn NamingEventListener>,
-    ) -> Subscription {
-        subs.enter(&key);
-        Subscription { subs: subs.clone(), key, client, listener }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if !self.subs.leave(&self.key) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let (subs, key, client, listener) =
-            (self.subs.clone(), self.key.clone(), self.client.clone(), self.listener.clone());
-        rt.spawn(async move {
-            // Not if a watch of the service came back meanwhile (a reload that removed and
-            // added it again).
-            if subs.watched(&key) {
-                return;
-            }
-            let (_, group, service) = key;
-            if let Err(e) = client.unsubscribe(service.clone(), Some(group), vec![], listener).await {
-                tracing::warn!(discovery = "nacos", %service, error = %e, "unsubscribing failed");
-            }
-        });
-    }
-}
-
 impl Discovery for NacosDiscovery {
     fn kind(&self) -> &'static str {
         "nacos"
@@ -476,25 +495,21 @@ impl Discovery for NacosDiscovery {
                     }
                 }
             };
+            let key = (ns.clone(), group.clone(), query.service_name.clone());
+            let sub = {
+                let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
+                subs.entry(key.clone()).or_insert_with(|| Arc::new(ServiceSub::new())).clone()
+            };
             let (etx, mut erx) = mpsc::unbounded_channel();
-            let listener: Arc<dyn NamingEventListener> = Arc::new(Forward(etx));
-            let _subscription = Subscription::new(
-                &self.subs,
-                (ns.clone(), group.clone(), query.service_name.clone()),
-                client.clone(),
-                listener.clone(),
-            );
+            let _member = Member::join(&sub, etx, key.clone(), client.clone());
             let mut backoff = Backoff::new(Duration::from_secs(30));
             // Subscribe (retrying while the server is away), then follow pushes. A periodic
             // query reconciles and makes an outage visible in the sync status.
             loop {
-                match client
-                    .subscribe(query.service_name.clone(), Some(group.clone()), vec![], listener.clone())
-                    .await
-                {
+                match sub.ensure(&client, &key).await {
                     Ok(()) => break,
                     Err(e) => {
-                        record_error(&status, "nacos", &query, &DiscoveryError::Unavailable(e.to_string()));
+                        record_error(&status, "nacos", &query, &DiscoveryError::Unavailable(e));
                         tokio::select! {
                             _ = tokio::time::sleep(backoff.next_delay()) => {}
                             _ = tx.closed() => return,
@@ -562,18 +577,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_subscription_ends_with_the_last_watch_of_its_service() {
-        let subs = SubCounts::default();
-        let web = ("public".to_string(), "DEFAULT_GROUP".to_string(), "web".to_string());
-        let api = ("public".to_string(), "DEFAULT_GROUP".to_string(), "api".to_string());
-        subs.enter(&web);
-        subs.enter(&web);
-        subs.enter(&api);
-        assert!(!subs.leave(&web), "another watch of web remains");
-        assert!(subs.watched(&web));
-        assert!(subs.leave(&api));
-        assert!(subs.leave(&web), "the last one");
-        assert!(!subs.watched(&web) && !subs.watched(&api));
+    fn every_watch_of_a_service_gets_each_push() {
+        let sub = ServiceSub::new();
+        let (a, mut ra) = mpsc::unbounded_channel();
+        let (b, mut rb) = mpsc::unbounded_channel();
+        sub.fan.watches.lock().unwrap().extend([(1, a), (2, b)]);
+        let ev = Arc::new(NamingChangeEvent {
+            service_name: "web".into(),
+            group_name: "DEFAULT_GROUP".into(),
+            clusters: String::new(),
+            instances: None,
+        });
+        sub.listener.event(ev);
+        assert!(ra.try_recv().is_ok() && rb.try_recv().is_ok());
+        sub.fan.watches.lock().unwrap().retain(|(id, _)| *id != 1);
+        sub.listener.event(Arc::new(NamingChangeEvent {
+            service_name: "web".into(),
+            group_name: "DEFAULT_GROUP".into(),
+            clusters: String::new(),
+            instances: None,
+        }));
+        assert!(ra.try_recv().is_err() && rb.try_recv().is_ok(), "a watch that left gets no more");
     }
 
     #[test]
