@@ -108,7 +108,29 @@ pub struct DnsDiscovery {
     last: Mutex<HashMap<String, RecordKind>>,
     /// `lookup_host` answers by host name; the async lock makes lookups of a name wait for the
     /// one under way.
-    hosts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<HostAnswer>>>>>,
+    hosts: Mutex<HostTable>,
+}
+
+/// Answers of `lookup_host` by host name, and how many lookups it has served.
+#[derive(Default)]
+struct HostTable {
+    slots: HashMap<String, Arc<tokio::sync::Mutex<Option<HostAnswer>>>>,
+    lookups: u64,
+}
+
+/// Drops the answers nobody uses: not `keep`, not being looked up, and expired (a failure once
+/// its second of sharing is over).
+fn prune(table: &mut HostTable, keep: &str, now: Instant) {
+    table.slots.retain(|name, slot| {
+        name == keep
+            || Arc::strong_count(slot) > 1
+            || slot.try_lock().map_or(true, |a| {
+                a.as_ref().is_some_and(|a| match &a.result {
+                    Ok((_, until)) => *until > now,
+                    Err(_) => now.duration_since(a.at) < FAILURE_SHARED,
+                })
+            })
+    });
 }
 
 impl DnsDiscovery {
@@ -146,7 +168,7 @@ impl DnsDiscovery {
             resolver,
             opts,
             last: Mutex::new(HashMap::new()),
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(HostTable::default()),
         })
     }
 
@@ -168,14 +190,13 @@ impl DnsDiscovery {
             // Names no upstream looks up any more (a reload dropped them) leave once their
             // answer has expired.
             let now = Instant::now();
-            hosts.retain(|name, slot| {
-                name == host
-                    || Arc::strong_count(slot) > 1
-                    || slot.try_lock().map_or(true, |a| {
-                        a.as_ref().is_some_and(|a| matches!(a.result, Ok((_, until)) if until > now))
-                    })
-            });
-            hosts.entry(host.to_string()).or_default().clone()
+            // (Looked at every 128 lookups, so a reload resolving thousands of names does not
+            // scan the table for each.)
+            hosts.lookups += 1;
+            if hosts.lookups.is_multiple_of(128) {
+                prune(&mut hosts, host, now);
+            }
+            hosts.slots.entry(host.to_string()).or_default().clone()
         };
         let mut answer = slot.lock().await;
         let now = Instant::now();
@@ -473,11 +494,23 @@ mod tests {
         // Another name is asked on its own.
         dns.lookup_host("other.test").await.unwrap();
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
-        // A name whose answer expired leaves the table at the next lookup of another one.
-        dns.hosts.lock().unwrap().insert("gone.test".into(), Default::default());
-        dns.lookup_host("backend.test").await.unwrap();
-        assert!(!dns.hosts.lock().unwrap().contains_key("gone.test"));
-        assert_eq!(dns.hosts.lock().unwrap().len(), 2);
+        // Names nobody looks up leave the table once their answer expired (a failure after its
+        // second of sharing); valid answers and fresh failures stay.
+        let now = Instant::now();
+        let failed = |at: Instant| {
+            Arc::new(tokio::sync::Mutex::new(Some(HostAnswer {
+                result: Err(DiscoveryError::Unavailable("down".into())),
+                at,
+            })))
+        };
+        let mut table = dns.hosts.lock().unwrap();
+        table.slots.insert("gone.test".into(), Default::default());
+        table.slots.insert("failed-now.test".into(), failed(now));
+        table.slots.insert("failed-long-ago.test".into(), failed(now - Duration::from_secs(5)));
+        prune(&mut table, "x.test", now);
+        let mut left: Vec<&str> = table.slots.keys().map(String::as_str).collect();
+        left.sort();
+        assert_eq!(left, ["backend.test", "failed-now.test", "other.test"]);
     }
 
     #[test]

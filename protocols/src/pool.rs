@@ -93,8 +93,9 @@ impl NameCount {
         key.sni.as_ref()?;
         let names = self.0.entry((key.addr, key.tls)).or_default();
         let evicted = if names.len() >= NAMES_PER_NODE {
+            // The first of equals: the name admitted longest ago (order is kept).
             let victim = (0..names.len()).min_by_key(|&i| last_used(&names[i]))?;
-            Some(names.swap_remove(victim))
+            Some(names.remove(victim))
         } else {
             None
         };
@@ -291,6 +292,27 @@ pub fn idle_h1_count() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without times of use (HTTP/2's shared connections), the names admitted longest ago make
+    /// room first, one after the other.
+    #[test]
+    fn names_without_times_of_use_leave_in_the_order_they_came() {
+        let mut names = NameCount::default();
+        let key = |i: usize| PoolKey {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            tls: 1,
+            sni: Some(format!("h{i}").into()),
+        };
+        for i in 0..NAMES_PER_NODE {
+            assert_eq!(names.admit(&key(i), |_| None), None);
+        }
+        let evicted: Vec<PoolKey> =
+            (NAMES_PER_NODE..NAMES_PER_NODE + 3).filter_map(|i| names.admit(&key(i), |_| None)).collect();
+        assert_eq!(evicted, [key(0), key(1), key(2)]);
+        // A key without a name is not counted.
+        let plain = PoolKey { sni: None, ..key(0) };
+        assert_eq!(names.admit(&plain, |_| None), None);
+    }
 
     /// As the relay's pool (`h1`'s test): a burst of returns keeps its connections past `size`
     /// for the requests that follow; those idle for the grace leave at the next return or sweep,

@@ -1204,7 +1204,9 @@ where
             return;
         }
         if self.out.pending() >= WRITE_HIGH && !matches!(slot.phase, Phase::Service(_)) {
-            // Paused until the client reads: polled again when the buffer drains.
+            // Paused until the client reads: polled again when the buffer drains. Waiting for
+            // the socket, not for the client's window.
+            slot.stalled = None;
             if !std::mem::replace(&mut slot.in_write_list, true) {
                 self.out.write_blocked.push(idx);
             }
@@ -1250,6 +1252,10 @@ where
                     self.out.stall_started = true;
                 }
                 if slot.conn_blocked && !std::mem::replace(&mut slot.in_conn_list, true) {
+                    if self.out.conn_blocked.is_empty() {
+                        // Only what the client grants from now on counts for the waits.
+                        self.out.conn_granted = 0;
+                    }
                     self.out.conn_blocked.push(idx);
                 }
             }
