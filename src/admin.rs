@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -36,10 +36,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                // Out of file descriptors (or memory): wait for some to be freed rather than
-                // spin on the thread that also runs health checks and discovery.
-                tracing::warn!(error = %e, "control API: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Not spinning on the thread that also runs health checks and discovery.
+                crate::server::accept_failed("control API", &e).await;
                 continue;
             }
         };

@@ -393,6 +393,13 @@ async fn worker(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// After a failed accept (out of file descriptors and similar): logs it and waits a moment
+/// for descriptors to be freed, instead of spinning.
+pub(crate) async fn accept_failed(what: &str, e: &io::Error) {
+    tracing::warn!(listener = what, error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
@@ -411,9 +418,7 @@ async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_failed("listener", &e).await;
                 continue;
             }
         };

@@ -35,17 +35,6 @@ async fn hit_with_header(gw: &TestGateway, key: &str) -> String {
     headers["x-backend"].to_str().unwrap().to_string()
 }
 
-async fn node_status(gw: &TestGateway, upstream: &str, port: u16) -> String {
-    let j = gw.control_json(&format!("/v1/healthcheck/upstreams/{upstream}")).await;
-    j["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["port"] == port)
-        .map(|n| n["status"].as_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roundrobin_weights_split_exactly_and_weight_zero_gets_nothing() {
     let (a, b, c, z) = (

@@ -224,12 +224,7 @@ async fn grpcs_upstream_with_verification_and_client_certificate() {
     let ca = Ca::new("grpcs-mtls-ca");
     let (server, client) = (ca.leaf(&["greeter.internal"]), ca.leaf(&["strait-client"]));
     let s = GrpcServer::start_with(Some(&server), Some(&ca.pem)).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
-    let config = BASE_CONFIG.replace(
-        "  control:",
-        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", dir.path().join("ca.pem").display()),
-    );
+    let (_dir, config) = support::certs::trusting(BASE_CONFIG, &ca);
     let route = |uri: &str, host: &str, cert: bool| {
         let tls = if cert {
             format!(

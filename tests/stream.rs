@@ -665,12 +665,8 @@ async fn tls_origination_verifies_the_node_certificate_when_asked() {
     let ca = Ca::new("origination-verify-ca");
     let leaf = ca.leaf(&["node.internal"]);
     let tls_echo = Echo::start_tls(&leaf).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
-    let config = stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.2:0\"\n").replace(
-        "  control:",
-        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", dir.path().join("ca.pem").display()),
-    );
+    let (_dir, config) =
+        support::certs::trusting(&stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.2:0\"\n"), &ca);
     let route = |server: &str, name: &str| {
         format!(
             "  - server_addr: {server}\n    upstream:\n      scheme: tls\n      tls: {{verify: true}}\n      pass_host: rewrite\n      upstream_host: {name}\n      nodes: {}\n",

@@ -651,12 +651,7 @@ async fn https_upstream_with_verification_and_client_certificate() {
     let server = ca.leaf(&["backend.internal"]);
     let client = ca.leaf(&["strait-client"]);
     let b = Backend::start_tls("secure", &server, Some(&ca.pem), &[b"http/1.1"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
-    let config = BASE_CONFIG.replace(
-        "  control:",
-        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", dir.path().join("ca.pem").display()),
-    );
+    let (_dir, config) = support::certs::trusting(BASE_CONFIG, &ca);
     let gw = TestGateway::start_with(
         &config,
         &format!(
@@ -715,12 +710,7 @@ async fn https_probes_verify_the_node_and_present_the_client_certificate() {
     let good = Backend::start_tls("good", &server, Some(&ca.pem), &[b"http/1.1"]).await;
     let sick = Backend::start_tls("sick", &server, Some(&ca.pem), &[b"http/1.1"]).await;
     sick.state.health_status.store(503, std::sync::atomic::Ordering::Relaxed);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
-    let config = BASE_CONFIG.replace(
-        "  control:",
-        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", dir.path().join("ca.pem").display()),
-    );
+    let (_dir, config) = support::certs::trusting(BASE_CONFIG, &ca);
     let gw = TestGateway::start_with(
         &config,
         &format!(
@@ -750,13 +740,9 @@ routes:
         1,
     );
     let statuses = || async {
-        let j = gw.control_json("/v1/healthcheck/upstreams/u").await;
-        let of = |port: u16| {
-            j["nodes"].as_array().unwrap().iter().find(|n| n["port"] == port).map(|n| n["status"].clone())
-        };
-        (of(good.addr.port()), of(sick.addr.port()))
+        (node_status(&gw, "u", good.addr.port()).await, node_status(&gw, "u", sick.addr.port()).await)
     };
-    let want = (Some(serde_json::json!("healthy")), Some(serde_json::json!("unhealthy")));
+    let want = ("healthy".to_string(), "unhealthy".to_string());
     assert!(
         eventually(Duration::from_secs(10), || async { statuses().await == want }).await,
         "{:?}",

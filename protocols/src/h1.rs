@@ -143,14 +143,12 @@ impl StreamedBody {
             }
             ReqBody::Chunked => {
                 let mut chunks = ChunkedState::default();
-                // Checked before anything is cut out: a body whose framing is invalid goes to
-                // hyper as it came.
-                let mut check = ChunkedState::default();
-                check.feed(&buf[head..]);
-                if check.failed {
+                // A body whose framing is invalid goes to hyper as it came (`feed_request` cuts
+                // nothing out of one that failed).
+                let (used, kept, done) = chunks.feed_request(&mut buf[head..]);
+                if chunks.failed {
                     return None;
                 }
-                let (used, kept, done) = chunks.feed_request(&mut buf[head..]);
                 buf.advance(head);
                 let mut prefix = buf.split_to(used);
                 prefix.truncate(kept);

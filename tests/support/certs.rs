@@ -168,3 +168,18 @@ GXoxaRBMrjbS0eFInsKs3Cuvy4NIRBVJTKIUdN1dsmi5R7ULgMJo7phs0kC+WGR6\n\
 sZ7Yabtrx+mSjIvNtDbAuVZXnuAVex89whTxLOslG0ALW5ZYI7IoM7cBf2jKu/p8\n\
 gYdriQtKxV37gzUTrqBSs7U=\n\
 -----END PRIVATE KEY-----\n";
+
+/// `config` (a `config.yaml` with a `control:` line under `apisix:`) with
+/// `apisix.ssl.ssl_trusted_certificate` naming `ca`, written to a file in the returned
+/// directory (which must live as long as the gateway reads it).
+#[allow(dead_code)]
+pub fn trusting(config: &str, ca: &Ca) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.pem");
+    std::fs::write(&path, &ca.pem).unwrap();
+    let config = config.replace(
+        "  control:",
+        &format!("  ssl:\n    ssl_trusted_certificate: {}\n  control:", path.display()),
+    );
+    (dir, config)
+}

@@ -541,6 +541,19 @@ pub async fn raw(addr: SocketAddr, data: &[u8], timeout: Duration) -> Vec<u8> {
     out
 }
 
+/// The health status the control API shows for the node of `upstream` on `port` (empty when
+/// it has none).
+pub async fn node_status(gw: &TestGateway, upstream: &str, port: u16) -> String {
+    let j = gw.control_json(&format!("/v1/healthcheck/upstreams/{upstream}")).await;
+    j["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["port"] == port)
+        .map(|n| n["status"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
 /// Writes raw bytes on a fresh connection, half-closes it (the gateway answers what it got and
 /// closes), and reads until the gateway closes (at most 10 s).
 pub async fn raw_once(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
