@@ -181,6 +181,7 @@ fn bench_keys_and_headers(c: &mut Criterion) {
         timeouts: None,
         websocket: false,
         grpc: false,
+        grpc_node: false,
         deadline: None,
         body_timeout: std::time::Duration::from_secs(60),
         tunnel_hold: None,

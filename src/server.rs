@@ -1041,6 +1041,7 @@ async fn one_request<S: ClientStream>(
         timeouts: route.spec.timeout,
         websocket: false,
         grpc: false,
+        grpc_node: false,
         deadline: None,
         body_timeout,
         // Upgrades go to the general path.
@@ -1184,6 +1185,7 @@ async fn handle(
         timeouts: route.spec.timeout,
         websocket: route.spec.websocket,
         grpc: is_grpc,
+        grpc_node: false,
         deadline,
         body_timeout: shared.node.client_body_timeout,
         tunnel_hold,

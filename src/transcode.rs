@@ -26,7 +26,8 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use prost::Message;
 use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor, SerializeOptions,
+    DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor, ReflectMessage,
+    SerializeOptions,
 };
 use serde_json::{Map, Value, json};
 use strait_protocols::http::{ForwardCtx, forward};
@@ -38,6 +39,20 @@ use crate::upstream::Upstream;
 
 /// Largest request body transcoded (JSON or form).
 const MAX_REQUEST_BODY: usize = 4 << 20;
+/// Most parts a dotted query or form key may have (`a.b.c=1`): each is a level of the message
+/// built from it, and building, encoding and dropping a message recurse once per level, so a
+/// key of a million parts (a self-nested message type, a 4 MiB form) would overflow the stack.
+/// A JSON body's nesting is bounded by serde_json's 128 levels.
+const MAX_KEY_PARTS: usize = 32;
+/// Deepest nesting of a node's message once the payloads of its `google.protobuf.Any` fields are
+/// opened. Decoding bounds plain nesting (prost's 100 levels), but an `Any` is decoded afresh
+/// when it is serialized, so a chain of them inside one another would recurse as deep as the
+/// answer is long.
+const MAX_NESTING: u32 = 100;
+/// How much JSON one message may become, in multiples of `max_resp_body_size`: protobuf's
+/// defaults cost nothing on the wire and a field each in JSON, so a few megabytes of empty
+/// entries would otherwise become gigabytes.
+const JSON_GROWTH: usize = 4;
 
 /// A compiled transcoding route (one service method).
 #[derive(Debug)]
@@ -49,6 +64,9 @@ pub struct Transcoder {
     show_status_in_body: bool,
     status_detail_type: Option<MessageDescriptor>,
     max_resp_body_size: usize,
+    /// The output message (or the status details) can hold a `google.protobuf.Any`: its nesting
+    /// is checked before it is serialized.
+    opens_any: bool,
 }
 
 /// Compiles a proto resource: `.proto` text first, else a base64 `FileDescriptorSet`.
@@ -197,6 +215,7 @@ pub fn build(conf: &Value, protos: &[ProtoSpec]) -> Result<Transcoder, (String, 
             as usize,
     };
     let path = format!("/{}/{}", service.full_name(), method.name());
+    let opens_any = reaches_any(&method.output()) || status_detail_type.as_ref().is_some_and(reaches_any);
     Ok(Transcoder {
         method,
         path,
@@ -205,6 +224,60 @@ pub fn build(conf: &Value, protos: &[ProtoSpec]) -> Result<Transcoder, (String, 
         show_status_in_body,
         status_detail_type,
         max_resp_body_size,
+        opens_any,
+    })
+}
+
+/// Whether a message of type `desc` can contain a `google.protobuf.Any`, at any depth.
+fn reaches_any(desc: &MessageDescriptor) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = vec![desc.clone()];
+    while let Some(d) = todo.pop() {
+        if d.full_name() == "google.protobuf.Any" {
+            return true;
+        }
+        if !seen.insert(d.full_name().to_string()) {
+            continue;
+        }
+        for f in d.fields() {
+            if let prost_reflect::Kind::Message(m) = f.kind() {
+                todo.push(m);
+            }
+        }
+    }
+    false
+}
+
+/// Whether `msg`, with the payloads of its `Any` fields opened, nests at most [`MAX_NESTING`]
+/// levels below `depth`. An `Any` whose payload cannot be opened counts as a leaf: serializing
+/// it fails on its own, without recursing.
+fn nesting_ok(msg: &DynamicMessage, depth: u32) -> bool {
+    use prost_reflect::Value as V;
+    if depth > MAX_NESTING {
+        return false;
+    }
+    let desc = msg.descriptor();
+    if desc.full_name() == "google.protobuf.Any" {
+        let url = msg.get_field_by_number(1);
+        let value = msg.get_field_by_number(2);
+        let (Some(V::String(url)), Some(V::Bytes(value))) = (url.as_deref(), value.as_deref()) else {
+            return true;
+        };
+        let name = url.rsplit('/').next().unwrap_or_default();
+        let Some(inner) = desc.parent_pool().get_message_by_name(name) else { return true };
+        return match DynamicMessage::decode(inner, value.clone()) {
+            Ok(m) => nesting_ok(&m, depth + 1),
+            Err(_) => true,
+        };
+    }
+    let nested = |v: &V| match v {
+        V::Message(m) => nesting_ok(m, depth + 1),
+        _ => true,
+    };
+    msg.fields().all(|(_, v)| match v {
+        V::List(items) => items.iter().all(nested),
+        V::Map(entries) => entries.values().all(nested),
+        v => nested(v),
     })
 }
 
@@ -227,7 +300,7 @@ pub fn http_status_for(code: u16) -> StatusCode {
         14 => 503,
         15 => 500,
         16 => 401,
-        _ => 500,
+        _ => 599,
     };
     StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
@@ -257,6 +330,10 @@ fn pairs_to_json(desc: &MessageDescriptor, pairs: &[(String, String)]) -> Result
     let mut root = Map::new();
     for (key, raw) in pairs {
         let parts: Vec<&str> = key.split('.').collect();
+        if parts.len() > MAX_KEY_PARTS {
+            let start: String = key.chars().take(64).collect();
+            return Err(format!("{start}...: more than {MAX_KEY_PARTS} nested fields"));
+        }
         let mut msg = desc.clone();
         let mut obj = &mut root;
         for (i, part) in parts.iter().enumerate() {
@@ -398,9 +475,14 @@ pub async fn handle(
     ] {
         headers.remove(h);
     }
+    // The message goes uncompressed and only an uncompressed answer can be read: the client's
+    // gRPC encodings (it is not speaking gRPC) must not ask the node for another.
+    headers.remove("grpc-encoding");
+    headers.remove("grpc-accept-encoding");
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
     let mut ctx = ctx.clone();
+    ctx.grpc_node = true;
     if let Some(d) = t.deadline {
         headers.insert("grpc-timeout", grpc::format_timeout(d));
         let at = tokio::time::Instant::now() + d;
@@ -428,13 +510,19 @@ pub async fn handle(
         // A gateway error (already JSON) or a node that is not speaking gRPC.
         return resp;
     }
-    if let Some(code) = grpc::status_of(resp.headers()).filter(|c| *c != 0) {
+    let head_status = grpc::status_of(resp.headers());
+    if let Some(code) = head_status.filter(|c| *c != 0) {
         return error_response(t, code, resp.headers(), resp.headers());
     }
     if t.method.is_server_streaming() {
-        return streaming_response(t, resp, sse);
+        return streaming_response(t, resp, sse, head_status.is_some(), ctx.deadline);
     }
-    unary_response(t, resp).await
+    unary_response(t, resp, ctx.deadline).await
+}
+
+/// Whether a failure happened because the call's deadline passed (rather than the node).
+fn past(deadline: Option<tokio::time::Instant>) -> bool {
+    deadline.is_some_and(|d| d <= tokio::time::Instant::now())
 }
 
 fn decode_status_details(t: &Transcoder, headers: &HeaderMap) -> Vec<Value> {
@@ -460,9 +548,11 @@ fn decode_status_details(t: &Transcoder, headers: &HeaderMap) -> Vec<Value> {
         .map(|any| {
             if let Some(desc) = &t.status_detail_type
                 && let Ok(m) = DynamicMessage::decode(desc.clone(), any.value.as_slice())
-                    && let Ok(v) = m.serialize_with_options(serde_json::value::Serializer, &t.serialize) {
-                        return v;
-                    }
+                && nesting_ok(&m, 0)
+                && let Ok(v) = m.serialize_with_options(serde_json::value::Serializer, &t.serialize)
+            {
+                return v;
+            }
             json!({ "type_url": any.type_url, "value": base64::engine::general_purpose::STANDARD.encode(&any.value) })
         })
         .collect()
@@ -494,10 +584,16 @@ fn error_response(
     r
 }
 
-async fn unary_response(t: &Transcoder, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+async fn unary_response(
+    t: &Transcoder,
+    resp: Response<ProxyBody>,
+    deadline: Option<tokio::time::Instant>,
+) -> Response<ProxyBody> {
     let (parts, body) = resp.into_parts();
     let collected = match http_body_util::Limited::new(body, t.max_resp_body_size).collect().await {
         Ok(c) => c,
+        // The node answered the head in time but not its message.
+        Err(_) if past(deadline) => return json_error(StatusCode::GATEWAY_TIMEOUT, "gRPC deadline exceeded"),
         Err(e) => return json_error(StatusCode::BAD_GATEWAY, &format!("reading the gRPC response: {e}")),
     };
     let trailers = collected.trailers().cloned().unwrap_or_default();
@@ -526,10 +622,45 @@ async fn unary_response(t: &Transcoder, resp: Response<ProxyBody>) -> Response<P
 fn to_json(t: &Transcoder, msg: &[u8]) -> Result<Vec<u8>, String> {
     let m = DynamicMessage::decode(t.method.output(), msg)
         .map_err(|e| format!("failed to decode the gRPC response: {e}"))?;
-    let mut out = Vec::with_capacity(msg.len() * 2);
+    message_json(&m, &t.serialize, t.opens_any, t.max_resp_body_size.saturating_mul(JSON_GROWTH))
+}
+
+/// A node's message as JSON, at most `limit` bytes of it, its nesting checked first when it can
+/// hold an `Any`.
+fn message_json(
+    m: &DynamicMessage,
+    opts: &SerializeOptions,
+    opens_any: bool,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
+    if opens_any && !nesting_ok(m, 0) {
+        return Err(format!("the gRPC response nests messages more than {MAX_NESTING} deep"));
+    }
+    let mut out = Capped { buf: Vec::new(), limit };
     let mut ser = serde_json::Serializer::new(&mut out);
-    m.serialize_with_options(&mut ser, &t.serialize).map_err(|e| e.to_string())?;
-    Ok(out)
+    m.serialize_with_options(&mut ser, opts)
+        .map_err(|e| format!("failed to encode the gRPC response as JSON: {e}"))?;
+    Ok(out.buf)
+}
+
+/// A writer that fails past `limit` bytes.
+struct Capped {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.limit {
+            return Err(std::io::Error::other(format!("the JSON is larger than {} bytes", self.limit)));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Splits a gRPC byte stream into messages.
@@ -570,7 +701,13 @@ impl FrameReader {
     }
 }
 
-fn streaming_response(t: &Transcoder, resp: Response<ProxyBody>, sse: bool) -> Response<ProxyBody> {
+fn streaming_response(
+    t: &Transcoder,
+    resp: Response<ProxyBody>,
+    sse: bool,
+    status_in_head: bool,
+    deadline: Option<tokio::time::Instant>,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let stream = JsonStream {
         inner: body,
@@ -578,7 +715,14 @@ fn streaming_response(t: &Transcoder, resp: Response<ProxyBody>, sse: bool) -> R
         out: VecDeque::new(),
         done: false,
         sse,
-        t: StreamCtx { output: t.method.output(), serialize: t.serialize.clone() },
+        status_in_head,
+        deadline,
+        t: StreamCtx {
+            output: t.method.output(),
+            serialize: t.serialize.clone(),
+            opens_any: t.opens_any,
+            json_limit: t.max_resp_body_size.saturating_mul(JSON_GROWTH),
+        },
     };
     parts.headers.clear();
     let ct = if sse { "text/event-stream" } else { "application/x-ndjson" };
@@ -590,6 +734,8 @@ fn streaming_response(t: &Transcoder, resp: Response<ProxyBody>, sse: bool) -> R
 struct StreamCtx {
     output: MessageDescriptor,
     serialize: SerializeOptions,
+    opens_any: bool,
+    json_limit: usize,
 }
 
 /// Server-streaming response as NDJSON or SSE.
@@ -599,6 +745,9 @@ struct JsonStream {
     out: VecDeque<Bytes>,
     done: bool,
     sse: bool,
+    /// The status came with the head (a trailers-only answer): no trailers are due.
+    status_in_head: bool,
+    deadline: Option<tokio::time::Instant>,
     t: StreamCtx,
 }
 
@@ -626,10 +775,13 @@ impl JsonStream {
             match self.frames.next_message() {
                 Ok(Some(m)) => match DynamicMessage::decode(self.t.output.clone(), m) {
                     Ok(msg) => {
-                        let mut out = Vec::new();
-                        let mut ser = serde_json::Serializer::new(&mut out);
-                        if msg.serialize_with_options(&mut ser, &self.t.serialize).is_ok() {
-                            self.emit(out);
+                        match message_json(&msg, &self.t.serialize, self.t.opens_any, self.t.json_limit) {
+                            Ok(json) => self.emit(json),
+                            Err(e) => {
+                                self.emit_error(13, &e);
+                                self.done = true;
+                                return;
+                            }
                         }
                     }
                     Err(e) => {
@@ -667,7 +819,19 @@ impl Body for JsonStream {
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => this.done = true,
+                Poll::Ready(None) => {
+                    // Ended without trailers: a call's end is its status.
+                    if !this.frames.buf.is_empty() {
+                        this.emit_error(13, "the gRPC stream ended inside a message");
+                    } else if !this.status_in_head {
+                        this.emit_error(13, "the gRPC stream ended without a status");
+                    }
+                    this.done = true;
+                }
+                Poll::Ready(Some(Err(_))) if past(this.deadline) => {
+                    this.emit_error(4, "deadline exceeded");
+                    this.done = true;
+                }
                 Poll::Ready(Some(Err(e))) => {
                     this.emit_error(14, &format!("the upstream stream broke: {e}"));
                     this.done = true;
@@ -684,6 +848,8 @@ impl Body for JsonStream {
                                 let msg =
                                     tr.get("grpc-message").map(grpc::decode_message).unwrap_or_default();
                                 this.emit_error(code, &msg);
+                            } else if !this.frames.buf.is_empty() {
+                                this.emit_error(13, "the gRPC stream ended inside a message");
                             }
                         }
                         this.done = true;
@@ -704,11 +870,16 @@ mod tests {
     const PROTO: &str = r#"
         syntax = "proto3";
         package t;
+        import "google/protobuf/any.proto";
         service S {
           rpc Get (Req) returns (Rep);
           rpc List (Req) returns (stream Rep);
           rpc Up (stream Req) returns (Rep);
+          rpc Open (Req) returns (Boxed);
+          rpc Lots (Req) returns (Many);
         }
+        message Boxed { google.protobuf.Any any = 1; string note = 2; }
+        message Many { repeated Req items = 1; }
         enum Kind { K0 = 0; BIG = 1; }
         message Inner { string note = 1; }
         message Req { string name = 1; int32 n = 2; int64 big = 3; Kind kind = 4; repeated string tags = 5; Inner inner = 6; bool flag = 7; }
@@ -778,6 +949,106 @@ mod tests {
         assert_eq!(http_status_for(5), StatusCode::NOT_FOUND);
         assert_eq!(http_status_for(16), StatusCode::UNAUTHORIZED);
         assert_eq!(http_status_for(1).as_u16(), 499);
+        // A code the table does not know.
+        assert_eq!(http_status_for(17).as_u16(), 599);
+        assert_eq!(http_status_for(u16::MAX).as_u16(), 599);
+    }
+
+    /// `Boxed` bytes whose `any` holds a `Boxed` whose `any` holds ... `levels` deep.
+    fn nested_anys(levels: usize) -> Vec<u8> {
+        let mut inner = Vec::new();
+        for _ in 0..levels {
+            let any = prost_types::Any { type_url: "type.googleapis.com/t.Boxed".into(), value: inner };
+            let any = any.encode_to_vec();
+            let mut boxed = vec![0x0a];
+            prost::encoding::encode_varint(any.len() as u64, &mut boxed);
+            boxed.extend_from_slice(&any);
+            inner = boxed;
+        }
+        inner
+    }
+
+    /// A node's answer whose `Any` payloads hold one another thousands deep gets an error, not
+    /// a stack overflow: each payload is decoded afresh when serialized, past prost's limit.
+    #[test]
+    fn any_payloads_nested_past_the_limit_are_an_error() {
+        let t = build(&json!({"proto_id": "p", "service": "t.S", "method": "Open"}), &protos()).unwrap();
+        assert!(t.opens_any);
+        let out: Value = serde_json::from_slice(&to_json(&t, &nested_anys(3)).unwrap()).unwrap();
+        assert_eq!(out["any"]["@type"], "type.googleapis.com/t.Boxed");
+        assert_eq!(out["any"]["any"]["any"]["@type"], "type.googleapis.com/t.Boxed");
+        assert!(to_json(&t, &nested_anys(40)).is_ok());
+        let e = to_json(&t, &nested_anys(3000)).unwrap_err();
+        assert!(e.contains("more than 100 deep"), "{e}");
+        // Without an Any anywhere, nothing is walked.
+        let t = build(&json!({"proto_id": "p", "service": "t.S", "method": "Get"}), &protos()).unwrap();
+        assert!(!t.opens_any);
+    }
+
+    /// An answer of empty entries (two bytes each on the wire, a field each in JSON) may become
+    /// at most four times `max_resp_body_size` of JSON.
+    #[test]
+    fn json_grown_past_four_times_the_answer_limit_is_an_error() {
+        let mut many = Vec::new();
+        for _ in 0..1000 {
+            many.extend_from_slice(&[0x0a, 0x00]);
+        }
+        let conf = |max: u64| json!({"proto_id": "p", "service": "t.S", "method": "Lots", "max_resp_body_size": max});
+        let t = build(&conf(2000), &protos()).unwrap();
+        let e = to_json(&t, &many).unwrap_err();
+        assert!(e.contains("larger than 8000 bytes"), "{e}");
+        let t = build(&conf(1 << 20), &protos()).unwrap();
+        let out: Value = serde_json::from_slice(&to_json(&t, &many).unwrap()).unwrap();
+        assert_eq!(out["items"].as_array().map(Vec::len), Some(1000));
+        assert_eq!(out["items"][999]["name"], "");
+    }
+
+    #[test]
+    fn keys_nested_past_32_parts_are_refused() {
+        let proto = PROTO.replace(
+            "message Inner { string note = 1; }",
+            "message Inner { string note = 1; Inner child = 2; }",
+        );
+        let protos = vec![ProtoSpec { id: "p".into(), content: proto }];
+        let t = build(&json!({"proto_id": "p", "service": "t.S", "method": "Get"}), &protos).unwrap();
+        let key = |depth: usize| format!("inner.{}note=x", "child.".repeat(depth));
+        let v = pairs_to_json(&t.method.input(), &pairs(&key(30))).unwrap();
+        assert!(v["inner"]["child"]["child"]["child"]["child"].is_object());
+        let e = pairs_to_json(&t.method.input(), &pairs(&key(31))).unwrap_err();
+        assert!(e.contains("more than 32 nested fields"), "{e}");
+        // A key of a hundred thousand parts is refused before anything is built.
+        assert!(pairs_to_json(&t.method.input(), &pairs(&key(100_000))).is_err());
+    }
+
+    /// What a streamed answer ends with when the node's stream ends without trailers: an error
+    /// line (INTERNAL), unless the status came in the head; a message cut short is one too.
+    #[tokio::test]
+    async fn a_stream_that_ends_without_its_status_ends_with_an_error_line() {
+        let t = build(&json!({"proto_id": "p", "service": "t.S", "method": "List"}), &protos()).unwrap();
+        let mut rep = DynamicMessage::new(t.method.output());
+        rep.set_field_by_name("message", prost_reflect::Value::String("one".into()));
+        let framed = grpc::frame(&rep.encode_to_vec());
+        let lines = |body: Bytes, status_in_head: bool| {
+            let resp = Response::new(ProxyBody::full(body));
+            let resp = streaming_response(&t, resp, false, status_in_head, None);
+            async move {
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                String::from_utf8_lossy(&bytes)
+                    .lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let got = lines(framed.clone(), false).await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0]["message"], "one");
+        assert_eq!(got[1]["error"]["code"], 13);
+        assert_eq!(got[1]["error"]["message"], "the gRPC stream ended without a status");
+        let got = lines(framed.clone(), true).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        let got = lines(framed.slice(..framed.len() - 1), true).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["error"]["message"], "the gRPC stream ended inside a message");
     }
 
     #[test]

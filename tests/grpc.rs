@@ -473,6 +473,132 @@ async fn transcode_status_mapping_details_and_deadline() {
     assert!(started.elapsed() < Duration::from_millis(1500));
 }
 
+/// The plugin's `deadline` runs to the end of the answer, not only to its head: a node that
+/// answers its head in time and its message too late gets the client a 504 (a unary method) or
+/// a final DEADLINE_EXCEEDED line (a streaming one), not a 502 or UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_deadline_runs_to_the_end_of_the_answer() {
+    let s = GrpcServer::start(None).await;
+    // The same service, with `StreamHellos` declared unary: its head and first message come at
+    // once, the rest of the answer `delay_ms` later.
+    let unary = g::PROTO.replace(
+        "returns (stream HelloReply);\n  rpc CollectHellos",
+        "returns (HelloReply);\n  rpc CollectHellos",
+    );
+    assert_ne!(unary, g::PROTO);
+    let indent = |p: &str| p.lines().map(|l| format!("      {l}\n")).collect::<String>();
+    let resources = format!(
+        "protos:
+  - id: streaming
+    content: |
+{streaming}  - id: unary
+    content: |
+{unary}upstreams:
+  - id: g
+    scheme: grpc
+    nodes: {n}
+routes:
+  - uri: /unary
+    upstream_id: g
+    plugins:
+      grpc-transcode:
+        proto_id: unary
+        service: test.Greeter
+        method: StreamHellos
+        deadline: 300
+  - uri: /streaming
+    upstream_id: g
+    plugins:
+      grpc-transcode:
+        proto_id: streaming
+        service: test.Greeter
+        method: StreamHellos
+        deadline: 300
+",
+        streaming = indent(g::PROTO),
+        unary = indent(&unary),
+        n = nodes_yaml(&[s.addr])
+    );
+    let gw = TestGateway::start(&resources);
+    let started = Instant::now();
+    let (status, _, body) = get(gw.http(), "/unary?name=u&count=2&delay_ms=3000").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{}", String::from_utf8_lossy(&body));
+    assert!(started.elapsed() < Duration::from_millis(2500));
+
+    let started = Instant::now();
+    let (status, _, body) = get(gw.http(), "/streaming?name=s&count=2&delay_ms=3000").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&body).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["message"], "Hello s");
+    assert_eq!(lines[1]["error"]["code"], 4);
+    assert_eq!(lines[1]["error"]["http_status"], 504);
+    // Within the deadline both answer whole.
+    let (status, _, body) = get(gw.http(), "/streaming?name=s&count=2&delay_ms=10").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(String::from_utf8_lossy(&body).lines().count(), 2);
+}
+
+/// A transcoded call's gRPC status counts for the node's passive health as a gRPC client's
+/// does: a node that fails every call with UNAVAILABLE (an HTTP 200 with `grpc-status: 14`) is
+/// taken out after `http_failures` of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcoded_calls_count_for_passive_health_by_their_grpc_status() {
+    let s = GrpcServer::start(None).await;
+    let resources = transcode_resources(s.addr, g::PROTO, "").replace(
+        "    scheme: grpc\n",
+        "    scheme: grpc
+    checks:
+      active:
+        type: tcp
+        healthy: {interval: 60, successes: 1}
+        unhealthy: {interval: 60, tcp_failures: 1}
+      passive:
+        unhealthy: {http_failures: 3}
+",
+    );
+    let gw = TestGateway::start(&resources);
+    assert_eq!(node_status(&gw, "g", s.addr.port()).await, "healthy");
+    for i in 0..3 {
+        let (status, _, _) = get(gw.http(), "/hello?code=14").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "call {i}");
+    }
+    assert_eq!(node_status(&gw, "g", s.addr.port()).await, "unhealthy");
+}
+
+/// A query or form key nested far deeper than any message needs (`inner.child.child...`, a
+/// message type that holds itself) is a 400, not a stack overflow that takes the gateway
+/// down; keys up to 32 parts deep are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_refuses_keys_nested_past_32_parts() {
+    let s = GrpcServer::start(None).await;
+    // `child` is a field the node does not know: it skips it.
+    let proto = g::PROTO.replace(
+        "message Inner {\n  string note = 1;",
+        "message Inner {\n  string note = 1;\n  Inner child = 3;",
+    );
+    assert_ne!(proto, g::PROTO);
+    let gw = TestGateway::start(&transcode_resources(s.addr, &proto, ""));
+    let key = |depth: usize| format!("inner.{}note=n", "child.".repeat(depth));
+    let (status, _, body) = get(gw.http(), &format!("/hello?name=ok&{}", key(30))).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["message"], "Hello ok");
+    let (status, _, body) = get(gw.http(), &format!("/hello?name=deep&{}", key(5_000))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("more than 32 nested fields"));
+    let form = http::Request::post("/hello")
+        .header("host", "h")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(key(500_000))))
+        .unwrap();
+    let (status, _, _) = send(gw.http(), form).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, _) = get(gw.http(), "/hello?name=after").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transcode_server_streaming_as_ndjson_and_sse_with_mid_stream_errors() {
     let s = GrpcServer::start(None).await;

@@ -244,19 +244,18 @@ impl Body for UpstreamBody {
                 };
                 this.armed = true;
                 ready!(sleep.as_mut().poll(cx));
+                if call_deadline {
+                    // The call's budget ran out; that says nothing about the node.
+                    this.pooled = None;
+                    this.peer = None;
+                } else {
+                    this.fail(Outcome::Timeout);
+                }
+                let msg = if call_deadline { "deadline exceeded" } else { "upstream read timed out" };
                 if this.grpc_client {
-                    if call_deadline {
-                        // The client's budget ran out; that says nothing about the node.
-                        this.pooled = None;
-                        this.peer = None;
-                    } else {
-                        this.fail(Outcome::Timeout);
-                    }
-                    let msg = if call_deadline { "deadline exceeded" } else { "upstream read timed out" };
                     return this.grpc_end(grpc::Code::DeadlineExceeded, msg);
                 }
-                this.fail(Outcome::Timeout);
-                Poll::Ready(Some(Err("upstream read timed out".into())))
+                Poll::Ready(Some(Err(msg.into())))
             }
         }
     }

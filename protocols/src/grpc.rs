@@ -151,12 +151,29 @@ pub fn frame(message: &[u8]) -> Bytes {
 
 /// Reads the `grpc-status` of a header or trailer map.
 pub fn status_of(headers: &HeaderMap) -> Option<u16> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    let v = headers.get("grpc-status")?;
+    // What is not a status number reads as UNKNOWN, as gRPC's clients read it.
+    Some(v.to_str().ok().and_then(|s| s.trim().parse().ok()).unwrap_or(Code::Unknown as u16))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_that_is_not_a_number_reads_as_unknown() {
+        let status = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_static(v));
+            status_of(&h)
+        };
+        assert_eq!(status_of(&HeaderMap::new()), None);
+        assert_eq!(status("0"), Some(0));
+        assert_eq!(status("14"), Some(14));
+        assert_eq!(status("abc"), Some(2));
+        assert_eq!(status("70000"), Some(2));
+        assert_eq!(status(""), Some(2));
+    }
 
     #[test]
     fn timeouts_parse_every_unit() {

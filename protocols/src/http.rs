@@ -46,6 +46,9 @@ pub struct ForwardCtx<'a> {
     pub websocket: bool,
     /// The client speaks gRPC: errors are answered with gRPC statuses.
     pub grpc: bool,
+    /// The call to the node is gRPC although the client does not speak it (grpc-transcode):
+    /// the node's `grpc-status` counts for its passive health as when the client speaks gRPC.
+    pub grpc_node: bool,
     /// Absolute deadline of the call (gRPC `grpc-timeout`), if any.
     pub deadline: Option<tokio::time::Instant>,
     /// Longest wait for the next part of a request body that is streamed to a node
@@ -928,8 +931,9 @@ fn finish_response(
         return Response::from_parts(parts, ProxyBody::Empty);
     }
 
-    let grpc_status = if ctx.grpc { grpc::status_of(&parts.headers) } else { None };
-    let grpc_pending = ctx.grpc && grpc_status.is_none() && parts.status == StatusCode::OK;
+    let grpc_call = ctx.grpc || ctx.grpc_node;
+    let grpc_status = if grpc_call { grpc::status_of(&parts.headers) } else { None };
+    let grpc_pending = grpc_call && grpc_status.is_none() && parts.status == StatusCode::OK;
     match grpc_status {
         Some(code) => peer.report_since(Outcome::GrpcStatus(code), start),
         None if !grpc_pending => peer.report_since(Outcome::HttpStatus(parts.status.as_u16()), start),
