@@ -193,43 +193,26 @@ pub fn health_request(service: &str) -> Bytes {
     grpc::frame(&msg)
 }
 
-/// Reads `HealthCheckResponse.status` (field 1, varint) from a framed response body.
+/// Reads `HealthCheckResponse.status` from a framed response body: the first message, whole
+/// and uncompressed (as its 5-byte prefix says), decoded as protobuf (other fields skipped).
 pub fn health_status(body: &[u8]) -> Option<u64> {
-    let msg = body.get(5..)?;
-    let mut i = 0;
-    while i < msg.len() {
-        let tag = msg[i];
-        i += 1;
-        let (field, wire) = (tag >> 3, tag & 7);
-        let mut v: u64 = 0;
-        let mut shift = 0;
-        match wire {
-            0 => loop {
-                let b = *msg.get(i)?;
-                i += 1;
-                if shift >= 64 {
-                    // Longer than any varint: not a health answer.
-                    return None;
-                }
-                v |= ((b & 0x7f) as u64) << shift;
-                shift += 7;
-                if b & 0x80 == 0 {
-                    break;
-                }
-            },
-            2 => {
-                let len = *msg.get(i)? as usize;
-                i += 1 + len;
-                continue;
-            }
-            _ => return None,
-        }
-        if field == 1 {
-            return Some(v);
-        }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct HealthCheckResponse {
+        #[prost(int32, tag = "1")]
+        status: i32,
     }
-    Some(0) // proto3 default: UNKNOWN
+    let (&compressed, rest) = body.split_first()?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let msg = rest[4..].get(..len)?;
+    if compressed != 0 {
+        return None;
+    }
+    let r = <HealthCheckResponse as prost::Message>::decode(msg).ok()?;
+    u64::try_from(r.status).ok()
 }
+
+/// Largest gRPC health answer read.
+const HEALTH_BODY_MAX: usize = 4096;
 
 async fn grpc_probe<S>(s: S, t: &ProbeTarget, c: &ActiveCheck) -> ProbeResult
 where
@@ -257,7 +240,11 @@ where
         let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
         let status = resp.status();
         let head_status = grpc::status_of(resp.headers());
-        let collected = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
+        // A health answer is a few bytes: more is not one (and not for the gateway to hold).
+        let collected = http_body_util::Limited::new(resp.into_body(), HEALTH_BODY_MAX)
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?;
         let trailer_status = collected.trailers().and_then(grpc::status_of);
         Ok::<_, String>((status, head_status.or(trailer_status), collected.to_bytes()))
     }
@@ -295,5 +282,27 @@ mod tests {
         // A varint longer than ten bytes is no status (it once shifted past 64 bits: a panic).
         let long = [0, 0, 0, 0, 12, 0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
         assert_eq!(health_status(&long), None);
+        // Fields are read as protobuf: an unknown field first, a long string holding bytes
+        // that look like `status: SERVING`, and field numbers past 15 are skipped.
+        let msg = |m: &[u8]| {
+            let mut b = vec![0, 0, 0, 0, m.len() as u8];
+            b.extend_from_slice(m);
+            b
+        };
+        let mut s = vec![0x12, 200, 1];
+        s.extend(std::iter::repeat_n(0x08, 100).chain(std::iter::repeat_n(0x01, 100)));
+        s.extend_from_slice(&[0x08, 2]);
+        let mut framed = vec![0, 0, 0, 0, 0];
+        framed[1..5].copy_from_slice(&(s.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&s);
+        assert_eq!(health_status(&framed), Some(2));
+        assert_eq!(health_status(&msg(&[0x80, 0x01, 0x05, 0x08, 0x01])), Some(1));
+        // Compressed, cut short, or a negative status: no status.
+        assert_eq!(health_status(&[1, 0, 0, 0, 2, 0x08, 1]), None);
+        assert_eq!(health_status(&[0, 0, 0, 0, 3, 0x08, 1]), None);
+        assert_eq!(
+            health_status(&msg(&[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01])),
+            None
+        );
     }
 }
