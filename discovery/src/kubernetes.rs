@@ -144,6 +144,11 @@ pub struct KubernetesDiscovery {
     clusters: Vec<Arc<Informer>>,
 }
 
+/// Whether an endpoint address is an IP address (an `FQDN` EndpointSlice holds names).
+fn is_ip(a: &str) -> bool {
+    a.parse::<std::net::IpAddr>().is_ok()
+}
+
 fn token_of(t: &Token) -> Option<String> {
     match t {
         Token::None => None,
@@ -188,7 +193,8 @@ impl Informer {
         h
     }
 
-    /// Parses one Endpoints or EndpointSlice object: (object key, service key, ports).
+    /// Parses one Endpoints or EndpointSlice object: (object key, service key, ports). Only IP
+    /// addresses are taken (an `FQDN` slice's names are not looked up) and only ports from 1.
     fn parse(&self, obj: &Value) -> Option<(String, String, PortMap)> {
         let md = &obj["metadata"];
         let ns = md["namespace"].as_str()?;
@@ -209,11 +215,14 @@ impl Informer {
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .filter_map(|a| a.as_str().map(str::to_string))
+                        .filter_map(|a| a.as_str().filter(|a| is_ip(a)).map(str::to_string))
                 })
                 .collect();
             for p in obj["ports"].as_array().into_iter().flatten() {
-                let Some(port) = p["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else { continue };
+                let Some(port) = p["port"].as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0)
+                else {
+                    continue;
+                };
                 let key = p["name"]
                     .as_str()
                     .filter(|n| !n.is_empty())
@@ -228,10 +237,13 @@ impl Informer {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|a| a["ip"].as_str().map(str::to_string))
+                .filter_map(|a| a["ip"].as_str().filter(|a| is_ip(a)).map(str::to_string))
                 .collect();
             for p in subset["ports"].as_array().into_iter().flatten() {
-                let Some(port) = p["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else { continue };
+                let Some(port) = p["port"].as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0)
+                else {
+                    continue;
+                };
                 let key = p["name"]
                     .as_str()
                     .filter(|n| !n.is_empty())
@@ -626,6 +638,7 @@ impl Discovery for KubernetesDiscovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz;
     use serde_json::json;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -771,5 +784,273 @@ mod tests {
         let inf = informer(serve_watch(vec![b'x'; MAX_EVENT + 8192]).await, false);
         let err = inf.watch_once().await.err().unwrap_or_default();
         assert!(err.contains("longer than 16 MiB"), "{err}");
+    }
+
+    /// An informer that leaves out `kube-*` namespaces, as `namespace_selector.not_match` would.
+    fn selective(endpoint_slices: bool) -> Arc<Informer> {
+        let opts = ClusterOptions {
+            id: None,
+            api: Url::parse("http://127.0.0.1:1").unwrap(),
+            token: Token::None,
+            namespaces: NamespaceSelector { not_matches: vec!["^kube-".into()], ..Default::default() },
+            label_selector: None,
+            default_weight: 50,
+            endpoint_slices,
+        };
+        let d = KubernetesDiscovery::new(vec![opts], Duration::from_secs(1), Duration::from_secs(5)).unwrap();
+        let inf = d.clusters[0].clone();
+        inf.state.lock().unwrap().synced = true;
+        inf
+    }
+
+    fn target(pod: &str) -> Value {
+        json!({"kind": "Pod", "namespace": "default", "name": pod, "uid": "6a0f1c2e-6d1b-4a55-9c3e-0b6f0c1d2e3f"})
+    }
+
+    /// A ready address on a port: (port name, ip, port).
+    type Ready = (&'static str, &'static str, u16);
+
+    /// The subsets of an Endpoints object as the API server serves it, each with the ready
+    /// addresses it must give.
+    fn subsets() -> Vec<(Value, Vec<Ready>)> {
+        vec![
+            (
+                json!({
+                    "addresses": [
+                        {"ip": "10.244.0.5", "nodeName": "node-a", "targetRef": target("web-1")},
+                        {"ip": "10.244.1.7", "nodeName": "node-b", "targetRef": target("web-2")}
+                    ],
+                    "notReadyAddresses": [{"ip": "10.244.2.9", "nodeName": "node-c", "targetRef": target("web-3")}],
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                              {"name": "metrics", "port": 9090, "protocol": "TCP", "appProtocol": "http"}]
+                }),
+                vec![
+                    ("http", "10.244.0.5", 8080),
+                    ("http", "10.244.1.7", 8080),
+                    ("metrics", "10.244.0.5", 9090),
+                    ("metrics", "10.244.1.7", 9090),
+                ],
+            ),
+            // An unnamed port is addressed by its number.
+            (
+                json!({"addresses": [{"ip": "fd00::5"}], "ports": [{"port": 53, "protocol": "UDP"}]}),
+                vec![("53", "fd00::5", 53)],
+            ),
+        ]
+    }
+
+    fn endpoints_object(ns: &str) -> Value {
+        json!({
+            "kind": "Endpoints", "apiVersion": "v1",
+            "metadata": {"name": "web", "namespace": ns, "uid": "0c6f2d3a-1111-4b2c-9d3e-2f4a5b6c7d8e",
+                         "resourceVersion": "12345", "creationTimestamp": "2024-01-01T00:00:00Z",
+                         "labels": {"app": "web"},
+                         "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2024-01-01T00:00:00Z"}},
+            "subsets": subsets().into_iter().map(|(s, _)| s).collect::<Vec<_>>()
+        })
+    }
+
+    /// An EndpointSlice's ports and endpoints as the API server serves them: (ports, [(endpoint,
+    /// its addresses if ready)]).
+    fn slice_parts() -> (Value, Vec<(Value, Vec<&'static str>)>) {
+        let ports = json!([{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "", "port": 9090, "protocol": "TCP"}]);
+        let endpoints = vec![
+            (
+                json!({"addresses": ["10.244.0.5"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                       "nodeName": "node-a", "zone": "zone-a", "targetRef": target("web-1")}),
+                vec!["10.244.0.5"],
+            ),
+            // No `ready` condition means ready.
+            (
+                json!({"addresses": ["10.244.1.7"], "conditions": {}, "targetRef": target("web-2")}),
+                vec!["10.244.1.7"],
+            ),
+            (
+                json!({"addresses": ["10.244.2.9"], "conditions": {"ready": false, "serving": false, "terminating": true},
+                       "targetRef": target("web-3")}),
+                vec![],
+            ),
+        ];
+        (ports, endpoints)
+    }
+
+    fn slice_object(ns: &str) -> Value {
+        let (ports, endpoints) = slice_parts();
+        json!({
+            "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {"name": "web-abc12", "namespace": ns, "resourceVersion": "12346",
+                         "generateName": "web-", "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web"}],
+                         "labels": {"kubernetes.io/service-name": "web",
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+            "addressType": "IPv4",
+            "endpoints": endpoints.into_iter().map(|(e, _)| e).collect::<Vec<_>>(),
+            "ports": ports
+        })
+    }
+
+    fn list(v: &Value) -> impl Iterator<Item = &Value> {
+        v.as_array().into_iter().flatten()
+    }
+
+    /// The ready (ip, port) pairs a parsed object holds, by port name.
+    fn sorted(ports: &PortMap) -> Vec<(&str, &str, u16)> {
+        let mut out: Vec<_> = ports
+            .iter()
+            .flat_map(|(name, addrs)| addrs.iter().map(move |(ip, p)| (name.as_str(), ip.as_str(), *p)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whatever object the API server sends, parsing never panics; only addresses the object
+    /// gives as ready become nodes; and every subset (endpoint) the mutations left as it was,
+    /// in an object still in a watched namespace, still gives its addresses.
+    #[test]
+    fn any_object_parses_and_only_ready_addresses_come_out() {
+        let (eps, slices) = (selective(false), selective(true));
+        let (key, svc, ports) = eps.parse(&endpoints_object("default")).unwrap();
+        assert_eq!((key.as_str(), svc.as_str()), ("default/web", "default/web"));
+        let mut want: Vec<_> = subsets().into_iter().flat_map(|(_, p)| p).collect();
+        want.sort();
+        assert_eq!(sorted(&ports), want);
+        assert!(eps.parse(&endpoints_object("kube-system")).is_none(), "namespace left out");
+        let (key, svc, ports) = slices.parse(&slice_object("default")).unwrap();
+        assert_eq!((key.as_str(), svc.as_str()), ("default/web-abc12", "default/web"));
+        assert_eq!(
+            sorted(&ports),
+            [
+                ("9090", "10.244.0.5", 9090),
+                ("9090", "10.244.1.7", 9090),
+                ("http", "10.244.0.5", 8080),
+                ("http", "10.244.1.7", 8080)
+            ]
+        );
+
+        let (slice_ports, slice_endpoints) = slice_parts();
+        let payloads =
+            [endpoints_object("default"), slice_object("default"), endpoints_object("kube-system")];
+        fuzz::each_seed(2_000, &payloads, |_, input| {
+            let Some(obj) = input.value() else { return };
+            let ns = obj["metadata"]["namespace"].as_str().unwrap_or("?");
+            let watched = obj["metadata"]["namespace"].is_string() && !ns.starts_with("kube-");
+            if let Some((key, _, ports)) = eps.parse(&obj) {
+                assert!(watched);
+                assert_eq!(key, format!("{ns}/{}", obj["metadata"]["name"].as_str().unwrap_or("?")));
+                let ready: Vec<&str> = list(&obj["subsets"])
+                    .flat_map(|s| list(&s["addresses"]))
+                    .filter_map(|a| a["ip"].as_str())
+                    .collect();
+                let got = sorted(&ports);
+                assert!(got.iter().all(|(_, ip, _)| ready.contains(ip)), "not a ready address: {got:?}");
+                assert!(got.iter().all(|(_, ip, port)| *port > 0 && is_ip(ip)), "not a node: {got:?}");
+                for (subset, want) in subsets() {
+                    if list(&obj["subsets"]).any(|s| *s == subset) {
+                        assert!(want.iter().all(|w| got.contains(w)), "{want:?} lost");
+                    }
+                }
+            }
+            if let Some((_, svc, ports)) = slices.parse(&obj) {
+                assert!(watched);
+                let name = obj["metadata"]["labels"]["kubernetes.io/service-name"].as_str().unwrap_or("?");
+                assert_eq!(svc, format!("{ns}/{name}"));
+                let ready: Vec<&str> = list(&obj["endpoints"])
+                    .filter(|e| e["conditions"]["ready"].as_bool() != Some(false))
+                    .flat_map(|e| list(&e["addresses"]))
+                    .filter_map(Value::as_str)
+                    .collect();
+                let got = sorted(&ports);
+                assert!(got.iter().all(|(_, ip, _)| ready.contains(ip)), "not a ready address: {got:?}");
+                assert!(got.iter().all(|(_, ip, port)| *port > 0 && is_ip(ip)), "not a node: {got:?}");
+                if obj["ports"] == slice_ports {
+                    for (endpoint, ips) in &slice_endpoints {
+                        if list(&obj["endpoints"]).any(|e| e == endpoint) {
+                            for ip in ips {
+                                assert!(
+                                    got.contains(&("http", ip, 8080)) && got.contains(&("9090", ip, 9090))
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Every object key is owned by one service, which holds it, and no service is empty.
+    fn assert_consistent(s: &State) {
+        for (key, svc) in &s.owners {
+            assert!(
+                s.services.get(svc).is_some_and(|objects| objects.contains_key(key)),
+                "{key} not in {svc}"
+            );
+        }
+        for (svc, objects) in &s.services {
+            assert!(!objects.is_empty(), "{svc} kept empty");
+            assert!(objects.keys().all(|key| s.owners.get(key) == Some(svc)), "{svc} holds another's object");
+        }
+    }
+
+    /// Whatever line the watch stream carries, applying it never panics; the state stays
+    /// consistent; an event that applies leaves the object as it now parses (or forgotten);
+    /// and after all of it, a good event still gives its nodes.
+    #[test]
+    fn any_watch_line_applies_and_the_state_stays_consistent() {
+        let informers = [selective(false), selective(true)];
+        let ev = |kind: &str, object: Value| json!({"type": kind, "object": object});
+        let payloads = [
+            ev("ADDED", endpoints_object("default")),
+            ev("MODIFIED", slice_object("default")),
+            ev("MODIFIED", endpoints_object("kube-system")),
+            ev("DELETED", slice_object("default")),
+            ev("BOOKMARK", json!({"kind": "Endpoints", "metadata": {"resourceVersion": "12400"}})),
+            ev(
+                "ERROR",
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+                               "reason": "Expired", "message": "too old resource version: 1 (12345)"}),
+            ),
+        ];
+        fuzz::each_seed(2_000, &payloads, |_, input| {
+            let line = input.bytes();
+            let event: Option<Value> = serde_json::from_slice(&line).ok();
+            for inf in &informers {
+                let applied = inf.apply(&line);
+                let s = inf.state.lock().unwrap();
+                assert_consistent(&s);
+                let (Ok(Next::Go), Some(event)) = (&applied, &event) else { continue };
+                let md = &event["object"]["metadata"];
+                if let Some(rv) = md["resourceVersion"].as_str() {
+                    assert_eq!(s.resource_version, rv);
+                }
+                let key =
+                    md["namespace"].as_str().zip(md["name"].as_str()).map(|(ns, n)| format!("{ns}/{n}"));
+                match (event["type"].as_str(), key) {
+                    (Some("ADDED" | "MODIFIED"), key) => match inf.parse(&event["object"]) {
+                        Some((key, svc, ports)) => assert_eq!(s.services[&svc].get(&key), Some(&ports)),
+                        None => assert!(key.is_none_or(|k| !s.owners.contains_key(&k))),
+                    },
+                    (Some("DELETED"), Some(key)) => assert!(!s.owners.contains_key(&key)),
+                    _ => {}
+                }
+                let services: Vec<String> = s.services.keys().cloned().collect();
+                drop(s);
+                for svc in services {
+                    for port in ["http", "metrics", "53", "9090", ""] {
+                        let _ = inf.nodes(&svc, port);
+                    }
+                }
+            }
+        });
+        let [eps, slices] = informers;
+        eps.apply(&serde_json::to_vec(&payloads[0]).unwrap()).unwrap();
+        let hosts = |inf: &Informer, port: &str| -> Vec<(String, Option<u16>)> {
+            inf.nodes("default/web", port).unwrap().nodes.into_iter().map(|n| (n.host, n.port)).collect()
+        };
+        assert_eq!(
+            hosts(&eps, "http"),
+            [("10.244.0.5".to_string(), Some(8080)), ("10.244.1.7".to_string(), Some(8080))]
+        );
+        assert_eq!(hosts(&eps, "53"), [("fd00::5".to_string(), Some(53))]);
+        slices.apply(&serde_json::to_vec(&payloads[1]).unwrap()).unwrap();
+        assert!(hosts(&slices, "http").contains(&("10.244.1.7".to_string(), Some(8080))));
     }
 }

@@ -13,6 +13,8 @@
 pub mod consul;
 pub mod dns;
 pub mod eureka;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod kubernetes;
 pub mod nacos;

@@ -430,6 +430,9 @@ fn merge(up: &Upstream, rxs: &mut [watch::Receiver<Option<NodeSet>>]) -> Option<
         any = true;
         for n in set.nodes {
             let Ok(ip) = n.host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else {
+                // Consul's names are looked up by its backend; other registries must give
+                // addresses. Merged only when a set changes, so this is said once a change.
+                tracing::warn!(upstream = %up.spec.id, host = %n.host, "discovered node address is not an IP address; left out");
                 continue;
             };
             let Some(port) = fill_port(n.port, up.spec.scheme) else { continue };
