@@ -17,7 +17,7 @@ use strait_protocols::retry::Retry;
 use strait_protocols::stream::{
     Hello, peek_client_hello, proxy, read_proxy_header, relay_tcp, v1_header, v2_header,
 };
-use strait_protocols::{Outcome, ProxyError, Scheme, UpstreamPicker, connect_tcp, connect_tls};
+use strait_protocols::{ConnectError, Outcome, ProxyError, Scheme, UpstreamPicker, connect_tcp, connect_tls};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -188,7 +188,14 @@ where
     }
 }
 
-/// Connects to a node (retrying other nodes on connect failure) and relays the session.
+/// The node side of a session, once connected (and its TLS handshake done).
+enum NodeConn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects to a node (retrying other nodes when the connection, the PROXY header or the TLS
+/// handshake fails, as nginx's `proxy_next_upstream` does) and relays the session.
 /// (A function returning an async block, as [`serve`] is.)
 #[allow(clippy::manual_async_fn)]
 fn session(
@@ -204,7 +211,7 @@ fn session(
         let settings = upstream.settings();
         let key = upstream.hash_key(vars).into_owned();
         let mut retry = Retry::new(&**upstream);
-        let (peer, mut tcp) = loop {
+        let (peer, node) = loop {
             let peer = match retry.pick(&**upstream, &key) {
                 Ok(p) => p,
                 Err(e) => {
@@ -213,11 +220,12 @@ fn session(
                 }
             };
             let started = Instant::now();
-            match connect_tcp(peer.addr, settings.timeouts.connect).await {
-                Ok(s) => {
-                    let keepalive = strait_protocols::stream::session_keepalive();
-                    let _ = socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive);
-                    break (peer, s);
+            match connect_node(settings, &peer, vars.client, client_sni, dest, send_pp).await {
+                Ok(node) => {
+                    // APISIX's stream sessions report only failures to passive checks; this only
+                    // feeds the node's latency (ewma).
+                    peer.report(Outcome::StreamOk, started.elapsed());
+                    break (peer, node);
                 }
                 Err(e) => {
                     let (error, outcome) = if e.is_timeout() {
@@ -226,57 +234,59 @@ fn session(
                         (ProxyError::Connect(e.to_string()), Outcome::TcpFailure)
                     };
                     peer.report(outcome, started.elapsed());
+                    tracing::debug!(upstream = %settings.id, node = %peer.addr, error = %e, "stream node failed");
                     if retry.failed(peer.addr, error, true).is_err() {
                         return;
                     }
                 }
             }
         };
-        let started = Instant::now();
-        if let Some(version) = send_pp {
-            let header =
-                if version == 2 { v2_header(vars.client, dest) } else { v1_header(vars.client, dest) };
-            if tcp.write_all(&header).await.is_err() {
-                peer.report(Outcome::TcpFailure, started.elapsed());
-                return;
+        let result = match node {
+            // Boxed: the TLS state towards the node is not part of every plain session. As a
+            // `NodeStream`, a node's close without `close_notify` reads as its EOF.
+            NodeConn::Tls(n) => {
+                Box::pin(relay(&mut client, strait_protocols::NodeStream::Tls(n), idle)).await
             }
-        }
-        let result = if settings.scheme == Scheme::Tls {
-            // Boxed: the TLS state towards the node is not part of every plain session.
-            let tls_session = Box::pin(async {
-                let tls = settings.tls.as_ref()?;
-                let sni = match &settings.pass_host {
-                    strait_protocols::PassHost::Rewrite(h) => h.to_str().unwrap_or("localhost").to_string(),
-                    _ => client_sni.map(str::to_string).unwrap_or_else(|| peer.host.to_string()),
-                };
-                let node = match connect_tls(tcp, peer.addr, tls.raw.clone(), &sni, settings.timeouts.connect)
-                    .await
-                {
-                    Ok(t) => t,
-                    Err(e) => {
-                        peer.report(Outcome::TcpFailure, started.elapsed());
-                        tracing::warn!(upstream = %settings.id, node = %peer.addr, error = %e, "TLS to node failed");
-                        return None;
-                    }
-                };
-                peer.report(Outcome::StreamOk, started.elapsed());
-                // As a `NodeStream`: a node's close without `close_notify` reads as its EOF.
-                Some(relay(&mut client, strait_protocols::NodeStream::Tls(Box::new(node)), idle).await)
-            });
-            match tls_session.await {
-                Some(r) => r,
-                None => return,
-            }
-        } else {
-            peer.report(Outcome::StreamOk, started.elapsed());
-            match &mut client {
+            NodeConn::Plain(mut tcp) => match &mut client {
                 // Plain TCP on both sides: socket to socket, no stream layers.
                 Client::Plain(c) => relay_tcp(c, &mut tcp, idle).await,
                 Client::Tls(_) => relay(&mut client, tcp, idle).await,
-            }
+            },
         };
         if let Err(e) = result {
             tracing::debug!(upstream = %settings.id, node = %peer.addr, error = %e, "stream session ended");
         }
     }
+}
+
+/// Connects to one node: TCP, the PROXY protocol header, then TLS for `scheme: tls`.
+async fn connect_node(
+    settings: &strait_protocols::UpstreamSettings,
+    peer: &strait_protocols::Peer,
+    client: SocketAddr,
+    client_sni: Option<&str>,
+    dest: SocketAddr,
+    send_pp: Option<u8>,
+) -> Result<NodeConn, ConnectError> {
+    let mut tcp = connect_tcp(peer.addr, settings.timeouts.connect).await?;
+    let keepalive = strait_protocols::stream::session_keepalive();
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+    if let Some(version) = send_pp {
+        let header = if version == 2 { v2_header(client, dest) } else { v1_header(client, dest) };
+        tcp.write_all(&header).await.map_err(|e| ConnectError::Io(peer.addr, e))?;
+    }
+    if settings.scheme != Scheme::Tls {
+        return Ok(NodeConn::Plain(tcp));
+    }
+    let Some(tls) = settings.tls.as_ref() else {
+        return Err(ConnectError::Tls(peer.addr, std::io::Error::other("no TLS settings for the upstream")));
+    };
+    let sni = match &settings.pass_host {
+        strait_protocols::PassHost::Rewrite(h) => h.to_str().unwrap_or("localhost").to_string(),
+        _ => client_sni.map(str::to_string).unwrap_or_else(|| peer.host.to_string()),
+    };
+    // Boxed: the handshake's state is not part of every plain session.
+    let node =
+        Box::pin(connect_tls(tcp, peer.addr, tls.raw.clone(), &sni, settings.timeouts.connect)).await?;
+    Ok(NodeConn::Tls(Box::new(node)))
 }

@@ -5,6 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::certs::{Ca, Leaf, client_tls, client_tls_with_cert, yaml_block};
@@ -349,6 +350,39 @@ async fn tls_origination_to_a_tls_node() {
     );
     assert_eq!(round_trip(gw.stream(0), b"clear to tls").await, b"clear to tlsbye");
     assert_eq!(*tls_echo.connections.lock().unwrap(), 1);
+}
+
+/// A node that takes the TCP connection but fails the TLS handshake (here: it answers in plain
+/// text and closes) is a failed connect, as in nginx's `proxy_next_upstream`: the session goes
+/// on to the next node instead of ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_tls_handshake_to_a_node_retries_the_next_node() {
+    let ca = Ca::new("origination-ca");
+    let leaf = ca.leaf(&["node.internal"]);
+    let tls_echo = Echo::start_tls(&leaf).await;
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let not_tls = plain.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = plain.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let gw = TestGateway::start_with(
+        &stream_config(PLAIN),
+        &format!(
+            "stream_routes:\n  - upstream:\n      scheme: tls\n      pass_host: rewrite\n      upstream_host: node.internal\n      nodes: {}\n",
+            nodes_yaml(&[not_tls, tls_echo.addr])
+        ),
+        2,
+    );
+    for i in 0..6 {
+        assert_eq!(round_trip(gw.stream(0), b"retried").await, b"retriedbye", "session {i}");
+    }
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) > 0, "the failing node was tried");
+    assert_eq!(*tls_echo.connections.lock().unwrap(), 6);
 }
 
 /// A TLS node that sends its greeting and closes without `close_notify` (as many servers do)

@@ -135,7 +135,10 @@ impl PassivePolicy {
             }
             Outcome::TcpFailure => Some(Event::TcpFailure),
             Outcome::Timeout => Some(Event::Timeout),
-            Outcome::StreamOk => Some(Event::Success),
+            // A connected stream session says little of the node (a client may send it
+            // nothing), and APISIX's stream sessions report only failures: a success here would
+            // reset the failure count of a node that fails every other connect.
+            Outcome::StreamOk => None,
         }
     }
 }
@@ -226,5 +229,9 @@ mod tests {
         }
         assert_eq!(p.classify(Outcome::HttpStatus(503)), Some(Event::HttpFailure));
         assert_eq!(p.classify(Outcome::HttpStatus(404)), None);
+        // A connected stream session is no success (APISIX's stream sessions report only
+        // failures): a node failing every other connect still reaches `tcp_failures`.
+        assert_eq!(p.classify(Outcome::StreamOk), None);
+        assert_eq!(p.classify(Outcome::TcpFailure), Some(Event::TcpFailure));
     }
 }
