@@ -309,7 +309,8 @@ pub async fn peek_client_hello(s: &TcpStream, first_byte: Duration, timeout: Dur
 
 /// Copies both directions until both are closed, propagating half-close (EOF in one direction
 /// shuts down writing on the other side). With `idle`, the session ends after that long without
-/// a byte in either direction. Returns bytes (client->node, node->client).
+/// a byte read or written in either direction (nginx's `proxy_timeout`). Returns bytes
+/// (client->node, node->client).
 pub async fn proxy<A, B>(a: A, b: B, idle: Option<Duration>) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -327,8 +328,8 @@ where
 }
 
 /// Runs a session's two directions until both have ended, or until it has been quiet for
-/// `idle`. `both` polls the two directions once, sets its flag when a byte was read, and
-/// gives the byte counts once both have ended.
+/// `idle`. `both` polls the two directions once, sets its flag when a byte was read or
+/// written, and gives the byte counts once both have ended.
 async fn drive<F>(idle: Option<Duration>, mut both: F) -> io::Result<(u64, u64)>
 where
     F: FnMut(&mut Context<'_>, &mut bool) -> Poll<io::Result<Option<(u64, u64)>>>,
@@ -348,7 +349,8 @@ where
     .await
 }
 
-/// Ends a quiet session: ready once `limit` has passed without a byte read in either direction.
+/// Ends a quiet session: ready once `limit` has passed without a byte read or written in either
+/// direction.
 /// The timer is armed for `limit` after the last byte seen when it was (re)armed, and moved on
 /// only when it fires, so traffic costs no timer update. Boxed: most sessions have none.
 struct IdleTimer {
@@ -362,7 +364,7 @@ impl IdleTimer {
         IdleTimer { limit, sleep: Box::pin(tokio::time::sleep(limit)), last: tokio::time::Instant::now() }
     }
 
-    /// `moved`: whether a byte was read since the last call.
+    /// `moved`: whether a byte was read or written since the last call.
     fn poll(&mut self, moved: bool, cx: &mut Context<'_>) -> Poll<()> {
         if moved {
             self.last = tokio::time::Instant::now();
@@ -419,6 +421,8 @@ impl Pipe {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.written += n;
+                // A reader taking a large answer slowly keeps the session alive too.
+                *moved = true;
             }
             if self.pending.capacity() > 0 {
                 self.pending = Vec::new();
@@ -546,7 +550,11 @@ impl OneWay {
             while self.written < self.buf.len() {
                 match to.try_write(&self.buf[self.written..]) {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Ok(n) => self.written += n,
+                    Ok(n) => {
+                        self.written += n;
+                        // A reader taking a large answer slowly keeps the session alive too.
+                        *moved = true;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => match to.poll_write_ready(cx) {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -637,6 +645,63 @@ mod tests {
         let moved =
             tokio::time::timeout(Duration::from_secs(10), relay).await.expect("relay still running").unwrap();
         assert_eq!(moved, (4, 0));
+    }
+
+    /// A session whose client takes a large answer slowly (4 KiB every 100 ms) is alive, though
+    /// the relay reads nothing for longer than `idle` while it waits to write what it holds:
+    /// a write counts as activity, as in nginx's `proxy_timeout`. Through both relays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_reader_of_a_large_answer_is_not_idle() {
+        use tokio::io::AsyncReadExt;
+        const IDLE: Duration = Duration::from_millis(300);
+        async fn slow_read(client: &mut (impl AsyncRead + Unpin)) -> usize {
+            let mut got = 0;
+            let mut buf = vec![0u8; 4096];
+            let start = tokio::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(1500) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(n)) => got += n,
+                }
+            }
+            got
+        }
+        // Node side: endless bytes.
+        async fn flood(mut node: impl AsyncWrite + Unpin) {
+            let chunk = vec![7u8; 64 * 1024];
+            while node.write_all(&chunk).await.is_ok() {}
+        }
+
+        // The generic relay, over in-memory pipes: 4 KiB towards the client, 256 KiB from the
+        // node (so one read of 64 KiB takes sixteen of the client's to write).
+        let (mut client, a) = tokio::io::duplex(4096);
+        let (b, node) = tokio::io::duplex(256 * 1024);
+        tokio::spawn(flood(node));
+        let relay = tokio::spawn(proxy(a, b, Some(IDLE)));
+        let got = slow_read(&mut client).await;
+        assert!(got >= 40_000, "the session was cut after {got} bytes");
+        assert!(!relay.is_finished(), "the relay ended while the client was reading");
+        relay.abort();
+
+        // Socket to socket, with small buffers towards the client.
+        let (la, lb) = (
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut client = sock.connect(la.local_addr().unwrap()).await.unwrap();
+        let mut a = la.accept().await.unwrap().0;
+        socket2::SockRef::from(&a).set_send_buffer_size(4096).unwrap();
+        let node = TcpStream::connect(lb.local_addr().unwrap()).await.unwrap();
+        let mut b = lb.accept().await.unwrap().0;
+        tokio::spawn(flood(node));
+        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b, Some(IDLE)).await });
+        let got = slow_read(&mut client).await;
+        assert!(got >= 40_000, "the session was cut after {got} bytes");
+        assert!(!relay.is_finished(), "the relay ended while the client was reading");
+        relay.abort();
     }
 
     #[test]
