@@ -110,7 +110,10 @@ pub(crate) fn serve(
                     Err(_) => return,
                 };
                 let sni = tls.get_ref().1.server_name().map(str::to_string);
-                let Some(route) = state.stream_router.find(sni.as_deref(), client, local).cloned() else {
+                // A client without SNI is routed as having asked for `fallback_sni` (APISIX's
+                // `ssl.server_name()`); the node is still told what the client sent.
+                let route_sni = sni.as_deref().or(shared.node.fallback_sni.as_deref());
+                let Some(route) = state.stream_router.find(route_sni, client, local).cloned() else {
                     shared.metrics.stream_no_route.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
@@ -143,7 +146,13 @@ pub(crate) fn serve(
                 handshake_timeout
             };
             match peek_client_hello(&stream, first_byte, handshake_timeout).await {
-                Ok(Hello::Tls(sni)) => sni,
+                // A name whose `ssls` entry asks for client certificates is not routed by its
+                // unverified ClientHello: that would reach its routes past the certificate check
+                // a `tls: true` listener makes (and the ClientHello can be a decoy before plain
+                // bytes). Such a connection is routed as one without SNI.
+                Ok(Hello::Tls(sni)) => {
+                    sni.filter(|name| !state.certs.policy(Some(name)).is_some_and(|p| p.client_auth))
+                }
                 Ok(_) => None,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "no ClientHello");

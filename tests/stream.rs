@@ -270,6 +270,74 @@ async fn tls_termination_with_client_ca_relays_only_for_client_certificates() {
     assert_eq!(*echo.connections.lock().unwrap(), 1);
 }
 
+/// A name whose `ssls` entry asks for client certificates is not routed by an (unverified)
+/// ClientHello on a plain listener: a client could otherwise reach its route past the
+/// certificate check of the TLS listener, with a decoy ClientHello before plain bytes. On the
+/// TLS listener, with a certificate, the route serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_name_is_not_routed_by_its_client_hello_on_a_plain_listener() {
+    let ca = Ca::new("stream-ca");
+    let client_ca = Ca::new("client-ca");
+    let leaf = ca.leaf(&["db.test"]);
+    let echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config("      - \"127.0.0.1:0\"\n      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
+        &format!(
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}    client:\n      ca: {}stream_routes:\n  - sni: db.test\n    upstream: {{nodes: {}}}\n",
+            yaml_block(&leaf.cert, 6),
+            yaml_block(&leaf.key, 6),
+            yaml_block(&client_ca.pem, 8),
+            nodes_yaml(&[echo.addr])
+        ),
+        1,
+    );
+    let mut decoy = support::certs::client_hello("db.test");
+    decoy.extend_from_slice(b"FLUSHALL\r\n");
+    assert!(closed_without_data(gw.stream(0), &decoy).await, "a decoy ClientHello was routed");
+    assert_eq!(*echo.connections.lock().unwrap(), 0);
+    let sn = rustls::pki_types::ServerName::try_from("db.test").unwrap();
+    let tcp = TcpStream::connect(gw.stream(1)).await.unwrap();
+    let connector = client_tls_with_cert(&ca, &client_ca.leaf(&["client"]));
+    let mut s = connector.connect(sn, tcp).await.expect("TLS handshake with a client certificate");
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    assert_eq!(*echo.connections.lock().unwrap(), 1);
+}
+
+/// A TLS client that sends no SNI is routed as having asked for `apisix.ssl.fallback_sni`, as
+/// APISIX's `ssl.server_name()` has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_sni_is_routed_by_fallback_sni() {
+    let ca = Ca::new("stream-ca");
+    let leaf = ca.leaf(&["db.test", "127.0.0.1"]);
+    let (echo_db, echo_other) = (Echo::start().await, Echo::start().await);
+    let config = stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n")
+        .replace("  stream_proxy:", "  ssl:\n    fallback_sni: db.test\n  stream_proxy:");
+    let gw = TestGateway::start_with(
+        &config,
+        &format!(
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}stream_routes:\n  - sni: db.test\n    upstream: {{nodes: {}}}\n  - upstream: {{nodes: {}}}\n",
+            yaml_block(&leaf.cert, 6),
+            yaml_block(&leaf.key, 6),
+            nodes_yaml(&[echo_db.addr]),
+            nodes_yaml(&[echo_other.addr])
+        ),
+        1,
+    );
+    // An IP address as the server name: rustls sends no SNI.
+    let sn = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tcp = TcpStream::connect(gw.stream(0)).await.unwrap();
+    let mut s = client_tls(&ca).connect(sn, tcp).await.expect("TLS handshake without SNI");
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    assert_eq!(*echo_db.connections.lock().unwrap(), 1, "routed by fallback_sni");
+    assert_eq!(*echo_other.connections.lock().unwrap(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_routes_by_sni_with_wildcards() {
     let ca = Ca::new("stream-ca");
