@@ -228,6 +228,34 @@ async fn tls_termination_relays_8_mib_byte_for_byte_with_half_close() {
     echoes_byte_for_byte(s, 8 << 20).await;
 }
 
+/// A TLS client that sends its request and then half-closes its TCP connection without
+/// `close_notify` (a bare `shutdown(SHUT_WR)`) still gets the node's whole answer: its EOF is
+/// passed on as a half-close, not taken as an error that ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_half_closing_without_close_notify_gets_the_whole_answer() {
+    let ca = Ca::new("stream-ca");
+    let leaf = ca.leaf(&["db.test"]);
+    let echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
+        &format!(
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}stream_routes:\n  - upstream: {{nodes: {}}}\n",
+            yaml_block(&leaf.cert, 6),
+            yaml_block(&leaf.key, 6),
+            nodes_yaml(&[echo.addr])
+        ),
+        1,
+    );
+    let (mut s, _) = tls_connect(gw.stream(0), &ca, "db.test", &leaf).await;
+    s.write_all(b"request").await.unwrap();
+    s.flush().await.unwrap();
+    s.get_mut().0.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await.expect("no EOF");
+    assert!(read.is_ok(), "{read:?}");
+    assert_eq!(back, b"requestbye", "the echo and the node's answer to the EOF");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_with_client_ca_relays_only_for_client_certificates() {
     let ca = Ca::new("stream-ca");

@@ -435,10 +435,21 @@ impl Pipe {
             }
             let mut space = [std::mem::MaybeUninit::<u8>::uninit(); PIPE_CHUNK];
             let mut read = ReadBuf::uninit(&mut space);
-            if Pin::new(&mut *from).poll_read(cx, &mut read)?.is_pending() {
-                // Nothing more for now: what the writer holds goes out before the wait.
-                ready!(Pin::new(&mut *to).poll_flush(cx))?;
-                return Poll::Pending;
+            match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                Poll::Pending => {
+                    // Nothing more for now: what the writer holds goes out before the wait.
+                    ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+                // A TLS peer that closes without `close_notify` (a bare TCP half-close, as
+                // many clients do): its EOF, passed on as one, so the other direction still
+                // delivers its answer instead of the whole session being cut.
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.closing = true;
+                    continue;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
             }
             let data = read.filled();
             if data.is_empty() {
