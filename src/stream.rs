@@ -128,7 +128,7 @@ pub(crate) fn serve(
                     sni.as_deref(),
                     dest,
                     listener.proxy_protocol_to_upstream.then_some(listener.proxy_protocol_version),
-                    route.spec.idle_timeout,
+                    route.spec.idle_timeout.or(route.upstream.spec.stream_idle),
                 )
                 .await;
             })
@@ -175,7 +175,7 @@ pub(crate) fn serve(
             sni.as_deref(),
             dest,
             listener.proxy_protocol_to_upstream.then_some(listener.proxy_protocol_version),
-            route.spec.idle_timeout,
+            route.spec.idle_timeout.or(route.upstream.spec.stream_idle),
         )
         .await;
     }

@@ -642,6 +642,45 @@ async fn idle_timeout_is_per_route_and_off_by_default() {
     assert_eq!(&back, b"still here");
 }
 
+/// An upstream's `timeout` bounds the quiet of its stream sessions by the larger of `send` and
+/// `read`, as APISIX's `set_timeouts` sets nginx's `proxy_timeout`; a route's `idle_timeout`
+/// (Strait's) takes precedence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_timeout_ends_quiet_stream_sessions_after_max_of_send_and_read() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start_with(
+        &stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.1:0\"\n"),
+        &format!(
+            "upstreams:\n  - id: db\n    timeout: {{connect: 1, send: 0.2, read: 0.5}}\n    nodes: {n}\nstream_routes:\n  - server_port: FIRST\n    upstream_id: db\n  - idle_timeout: 30\n    upstream_id: db\n",
+            n = nodes_yaml(&[echo.addr])
+        )
+        .replace("server_port: FIRST", "server_port: 1"),
+        2,
+    );
+    let first = gw.stream(0).port();
+    let v = gw.version();
+    gw.write_resources(&format!(
+        "upstreams:\n  - id: db\n    timeout: {{connect: 1, send: 0.2, read: 0.5}}\n    nodes: {n}\nstream_routes:\n  - server_port: {first}\n    upstream_id: db\n  - idle_timeout: 30\n    upstream_id: db\n",
+        n = nodes_yaml(&[echo.addr])
+    ));
+    assert!(eventually(Duration::from_secs(3), || async { gw.version() > v }).await);
+    let mut b = [0u8; 1];
+    let mut s = TcpStream::connect(gw.stream(0)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    let quiet_since = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the quiet session was not closed");
+    assert!(quiet_since.elapsed() >= Duration::from_millis(450), "cut by send (0.2 s), not read (0.5 s)");
+    // The route's idle_timeout wins: still open after the upstream's 0.5 s.
+    let mut s = TcpStream::connect(gw.stream(1)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(1000), s.read(&mut b)).await;
+    assert!(quiet.is_err(), "the route's idle_timeout must take precedence");
+}
+
 /// Whether the kernel runs a keepalive timer on the TCP socket `local` -> `remote` (of any
 /// process: the gateway runs in this one), from /proc/net/tcp; `None` if there is no such
 /// socket.

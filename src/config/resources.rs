@@ -130,6 +130,10 @@ pub struct UpstreamSpec {
     pub retries: Option<u32>,
     pub retry_timeout: Option<Duration>,
     pub timeouts: Timeouts,
+    /// With `timeout` given, how long a stream session through this upstream may go without a
+    /// byte either way: the larger of `send` and `read`, as APISIX's `set_timeouts` makes
+    /// nginx's `proxy_timeout` of them. `None`: sessions are not cut for quiet.
+    pub stream_idle: Option<Duration>,
     pub scheme: Scheme,
     pub pass_host: PassHostSpec,
     pub keepalive: KeepalivePool,
@@ -704,6 +708,7 @@ impl Builder<'_> {
             Some(t) => timeouts(t, &join(path, "timeout"), e),
             None => Timeouts::default(),
         };
+        let stream_idle = r.timeout.is_some().then(|| timeouts.send.max(timeouts.read));
         let retry_timeout = match r.retry_timeout {
             None => None,
             Some(t) if t.is_finite() && t >= 0.0 => (t > 0.0).then(|| super::seconds(t)),
@@ -818,6 +823,7 @@ impl Builder<'_> {
             retries: r.retries,
             retry_timeout,
             timeouts,
+            stream_idle,
             scheme,
             pass_host,
             keepalive,
