@@ -246,6 +246,74 @@ routes:
     assert_eq!(hit(&gw, "/x", 6).await.get("a"), Some(&6));
 }
 
+/// With active checks and no `passive` block, a node whose connections are refused is still
+/// taken out by the requests that had to retry away from it (two, APISIX's `tcp_failures`
+/// default for such reports), well before the next probe (60 s away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_away_from_a_node_report_it_without_a_passive_block() {
+    let a = Backend::start("a").await;
+    let dead = closed_port();
+    let gw = TestGateway::start(&format!(
+        "upstreams:
+  - id: u
+    nodes: {}
+    checks:
+      active:
+        type: tcp
+        healthy: {{interval: 60, successes: 1}}
+        unhealthy: {{interval: 60, tcp_failures: 3}}
+routes:
+  - uri: /*
+    upstream_id: u
+",
+        nodes_yaml(&[a.addr, dead])
+    ));
+    assert_eq!(node_status(&gw, "u", dead.port()).await, "healthy");
+    // Every request is answered by a (the dead node's tries are retried there).
+    assert_eq!(hit(&gw, "/x", 8).await.get("a"), Some(&8));
+    assert_eq!(node_status(&gw, "u", dead.port()).await, "unhealthy");
+}
+
+/// A reload that removes `checks` brings every node back (as APISIX destroys the checker): no
+/// probe could ever readmit a node left unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_checks_brings_ejected_nodes_back() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let resources = |checks: &str| {
+        format!(
+            "upstreams:
+  - id: u
+    nodes: {}
+{checks}routes:
+  - uri: /*
+    upstream_id: u
+",
+            nodes_yaml(&[a.addr, b.addr])
+        )
+    };
+    let gw = TestGateway::start(&resources(
+        "    checks:
+      active:
+        http_path: /healthz
+        healthy: {interval: 30, successes: 3}
+        unhealthy: {interval: 1, http_failures: 1}
+",
+    ));
+    b.state.health_status.store(503, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            node_status(&gw, "u", b.addr.port()).await == "unhealthy"
+        })
+        .await
+    );
+    assert_eq!(hit(&gw, "/x", 4).await.get("a"), Some(&4));
+    let v = gw.version();
+    gw.write_resources(&resources(""));
+    assert!(eventually(Duration::from_secs(5), || async { gw.version() > v }).await);
+    let counts = hit(&gw, "/x", 6).await;
+    assert_eq!(counts.get("b"), Some(&3), "b is back in rotation: {counts:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_survives_a_reload_that_changes_the_node_list() {
     let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);

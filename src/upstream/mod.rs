@@ -177,8 +177,8 @@ impl Upstream {
             keepalive: spec.keepalive,
             tls,
         };
-        let passive = spec.checks.as_ref().and_then(|c| c.passive.as_ref()).map(|p| {
-            Arc::new(PassivePolicy {
+        let passive = spec.checks.as_ref().map(|c| match &c.passive {
+            Some(p) => Arc::new(PassivePolicy {
                 healthy_statuses: p.healthy_statuses.clone(),
                 unhealthy_statuses: p.unhealthy_statuses.clone(),
                 thresholds: health::state::Thresholds {
@@ -188,7 +188,23 @@ impl Upstream {
                     timeouts: p.timeouts,
                 },
                 grpc_failures: GRPC_FAILURES.to_vec(),
-            })
+                failures_only: false,
+            }),
+            // Without `passive`, APISIX still reports each failure that makes a request retry
+            // (a refused or reset connection, a timeout) to the checker, with the library's
+            // passive thresholds: two such connects, or seven timeouts, eject a node.
+            None => Arc::new(PassivePolicy {
+                healthy_statuses: Vec::new(),
+                unhealthy_statuses: Vec::new(),
+                thresholds: health::state::Thresholds {
+                    successes: 5,
+                    http_failures: 5,
+                    tcp_failures: 2,
+                    timeouts: 7,
+                },
+                grpc_failures: Vec::new(),
+                failures_only: true,
+            }),
         });
         let all_unhealthy = spec.checks.as_ref().map_or(AllUnhealthy::UseAll, |c| c.all_unhealthy);
         let probes = HealthProbes::new(&spec, ctx);
@@ -210,6 +226,14 @@ impl Upstream {
             let old = prev.snapshot.load();
             let states: HashMap<SocketAddr, Arc<NodeState>> =
                 old.nodes.iter().map(|n| (n.addr, n.state.clone())).collect();
+            if up.spec.checks.is_none() {
+                // Checks removed (as APISIX destroys the checker): no probe or report could
+                // bring a node marked unhealthy back, so every node starts healthy again.
+                for s in states.values() {
+                    s.health.reset();
+                    *s.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+            }
             if prev.spec.nodes == up.spec.nodes && old.resolved {
                 // Same source: keep serving the nodes it last delivered.
                 let list = old.nodes.iter().map(|n| n.to_resolved()).collect();

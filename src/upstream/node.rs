@@ -111,11 +111,18 @@ pub struct PassivePolicy {
     pub thresholds: Thresholds,
     /// gRPC statuses counted as failures (RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE).
     pub grpc_failures: Vec<u16>,
+    /// Only the failures that make a request try another node count (refused or reset
+    /// connections, timeouts): what APISIX reports to an upstream's checker on each retry when
+    /// `checks` has no `passive` block.
+    pub failures_only: bool,
 }
 
 impl PassivePolicy {
     /// The health event for an outcome, if it counts.
     pub fn classify(&self, o: Outcome) -> Option<Event> {
+        if self.failures_only && !matches!(o, Outcome::TcpFailure | Outcome::Timeout) {
+            return None;
+        }
         match o {
             Outcome::HttpStatus(s) => {
                 if self.unhealthy_statuses.contains(&s) {
@@ -218,6 +225,7 @@ mod tests {
             unhealthy_statuses: vec![500, 503],
             thresholds: Thresholds { successes: 1, http_failures: 1, tcp_failures: 1, timeouts: 1 },
             grpc_failures: crate::upstream::GRPC_FAILURES.to_vec(),
+            failures_only: false,
         };
         // UNAVAILABLE, INTERNAL and RESOURCE_EXHAUSTED are the node's fault.
         for code in [14, 13, 8] {
@@ -233,5 +241,14 @@ mod tests {
         // failures): a node failing every other connect still reaches `tcp_failures`.
         assert_eq!(p.classify(Outcome::StreamOk), None);
         assert_eq!(p.classify(Outcome::TcpFailure), Some(Event::TcpFailure));
+        // Without a `passive` block only what makes a request retry counts.
+        let retries_only = PassivePolicy { failures_only: true, ..p };
+        assert_eq!(retries_only.classify(Outcome::TcpFailure), Some(Event::TcpFailure));
+        assert_eq!(retries_only.classify(Outcome::Timeout), Some(Event::Timeout));
+        for o in
+            [Outcome::HttpStatus(503), Outcome::HttpStatus(200), Outcome::GrpcStatus(14), Outcome::StreamOk]
+        {
+            assert_eq!(retries_only.classify(o), None, "{o:?}");
+        }
     }
 }

@@ -66,15 +66,20 @@ impl RoundRobin {
         if len == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for k in 0..len {
-            let idx = self.order[(start.wrapping_add(k)) % len] as usize;
-            let n = &nodes[idx];
+        let mut at = self.next.fetch_add(1, Ordering::Relaxed);
+        for _ in 0..len {
+            let n = &nodes[self.order[at % len] as usize];
             if accept(n) {
                 return Some(n);
             }
+            // A rejected node's slot passes to the next request's slot, not to the next node in
+            // the order: its share is spread over the others by their weights (as APISIX's
+            // picker, rebuilt from the healthy nodes, does), instead of all going to the node
+            // after it.
+            at = self.next.fetch_add(1, Ordering::Relaxed);
         }
-        None
+        // Other requests took slots meanwhile: look at every slot once.
+        (0..len).map(|k| &nodes[self.order[at.wrapping_add(k) % len] as usize]).find(|n| accept(n))
     }
 }
 
@@ -96,6 +101,24 @@ mod tests {
             *c.entry(n.addr.to_string()).or_default() += 1;
         }
         (seq, c)
+    }
+
+    /// An unhealthy node's share goes to the others by their weights: with A:3 B:1 C:1 and A
+    /// out, B and C get half each (the next node in order used to take all of A's share).
+    #[test]
+    fn a_rejected_node_share_is_spread_by_weight() {
+        let ns = nodes(&[("10.0.0.1:80", 3), ("10.0.0.2:80", 1), ("10.0.0.3:80", 1)]);
+        let rr = RoundRobin::new(&ns);
+        let mut c: HashMap<String, usize> = HashMap::new();
+        for _ in 0..100 {
+            let n =
+                rr.pick(&ns, &mut |n| n.addr.port() == 80 && n.addr.ip().to_string() != "10.0.0.1").unwrap();
+            *c.entry(n.addr.to_string()).or_default() += 1;
+        }
+        assert_eq!((c["10.0.0.2:80"], c["10.0.0.3:80"]), (50, 50), "{c:?}");
+        // Two of three out: the last takes everything; all out: none.
+        assert!(rr.pick(&ns, &mut |n| n.addr.ip().to_string() == "10.0.0.3").is_some());
+        assert!(rr.pick(&ns, &mut |_| false).is_none());
     }
 
     #[test]
