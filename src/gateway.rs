@@ -315,10 +315,15 @@ impl Shared {
         }
         self.applied_hash.store(h, Ordering::Relaxed);
         let started = Instant::now();
-        let text = String::from_utf8_lossy(&text);
         let file = self.resources_path.display().to_string();
-        let parsed = Resources::parse(&file, &text, &self.node, |k| std::env::var(k).ok());
-        let result = parsed.map_err(|e: ConfigErrors| e.to_string()).and_then(|res| self.apply(&res));
+        // As at start-up (`read_to_string`): bytes that are not UTF-8 are an error, not
+        // replaced, so a file that loads now also loads at the next start.
+        let result = match std::str::from_utf8(&text) {
+            Err(e) => Err(format!("{file}: not UTF-8 text: {e}")),
+            Ok(text) => Resources::parse(&file, text, &self.node, |k| std::env::var(k).ok())
+                .map_err(|e: ConfigErrors| e.to_string())
+                .and_then(|res| self.apply(&res)),
+        };
         let mut st = self.reload.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(()) => {

@@ -331,6 +331,26 @@ async fn reload_applies_changes_and_rejects_broken_files_whole() {
         .await
     );
     assert_eq!(get(gw.http(), "/v1").await.0, StatusCode::OK);
+
+    // Bytes that are not UTF-8 are rejected as at start-up, not replaced and applied.
+    let mut bad = format!(
+        "routes:\n  - uri: /v4\n    desc: \"x\"\n    upstream: {{nodes: {}}}\n#END\n",
+        nodes_yaml(&[a.addr])
+    )
+    .into_bytes();
+    let at = bad.iter().position(|b| *b == b'x').unwrap();
+    bad[at] = 0xff;
+    std::fs::write(gw.resources_path(), bad).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            gw.control_json("/v1/status").await["rejected_reloads"].as_u64() == Some(3)
+        })
+        .await
+    );
+    let status = gw.control_json("/v1/status").await;
+    assert!(status["last_reload_error"]["error"].as_str().unwrap().contains("not UTF-8"), "{status}");
+    assert_eq!(get(gw.http(), "/v4").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(get(gw.http(), "/v1").await.0, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,15 +132,46 @@ pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
 }
 
 /// Replaces `${{VAR}}` and `${{VAR:=default}}` with environment values, as APISIX does before
-/// parsing. A variable that is unset and has no default is an error.
+/// parsing. A variable that is unset and has no default is an error, naming its line. Comments
+/// are left alone: APISIX's own `config.yaml` mentions `${{VAR}}` in comments (it substitutes
+/// that file's values after parsing, so they never count).
 pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let code = &line[..comment_start(line)];
+        substitute_line(code, &lookup, &mut out).map_err(|e| format!("line {}: {e}", i + 1))?;
+        out.push_str(&line[code.len()..]);
+    }
+    Ok(out)
+}
+
+/// Where a line's YAML comment starts (its length if it has none): a `#` at the start or after
+/// a space or tab, outside quotes.
+fn comment_start(line: &str) -> usize {
+    let (mut single, mut double, mut prev) = (false, false, b' ');
+    for (i, b) in line.bytes().enumerate() {
+        match b {
+            b'\'' if !double => single = !single,
+            b'"' if !single && prev != b'\\' => double = !double,
+            b'#' if !single && !double && (prev == b' ' || prev == b'\t') => return i,
+            _ => {}
+        }
+        prev = b;
+    }
+    line.len()
+}
+
+fn substitute_line(
+    text: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), String> {
     let mut rest = text;
     while let Some(start) = rest.find("${{") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 3..];
         let Some(end) = after.find("}}") else {
-            return Err("unterminated ${{ in configuration".into());
+            return Err("unterminated ${{".into());
         };
         let inner = after[..end].trim();
         let (name, default) = match inner.split_once(":=") {
@@ -159,7 +190,7 @@ pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Re
         rest = &after[end + 2..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok(())
 }
 
 /// Parses YAML text into a JSON-like tree (map order kept).
@@ -200,6 +231,17 @@ mod tests {
         assert!(substitute_env("p: ${{MISSING}}", env).unwrap_err().contains("MISSING"));
         assert!(substitute_env("p: ${{PORT", env).is_err());
         assert_eq!(substitute_env("no vars $HOME {{x}}", env).unwrap(), "no vars $HOME {{x}}");
+        // Comments are not substituted (APISIX's shipped config.yaml has `${{VAR}}` in some),
+        // and errors name the line.
+        let text = "# port: ${{UNSET}}\np: ${{PORT}} # or ${{UNSET}}\nq: \"a # ${{PORT}}\"\nr: x#${{PORT}}\n";
+        assert_eq!(
+            substitute_env(text, env).unwrap(),
+            "# port: ${{UNSET}}\np: 9081 # or ${{UNSET}}\nq: \"a # 9081\"\nr: x#9081\n"
+        );
+        assert_eq!(
+            substitute_env("a: 1\nb: ${{MISSING}}\n", env).unwrap_err(),
+            "line 2: environment variable MISSING is not set and has no default"
+        );
     }
 
     #[test]

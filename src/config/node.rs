@@ -441,19 +441,27 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
                 None => vec![Listen { addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9443)), http2: true }],
             };
         }
-        if let Some(p) = &ssl.ssl_trusted_certificate {
-            let path = resolve_relative(file, p);
-            match std::fs::read_to_string(&path) {
-                Ok(t) => match strait_protocols::tls::parse_certs(&t) {
-                    Ok(_) => cfg.trusted_ca_pem = Some(t),
-                    Err(e) => {
-                        errs.add("apisix.ssl.ssl_trusted_certificate", format!("{}: {e}", path.display()))
-                    }
-                },
-                Err(e) => errs.add(
-                    "apisix.ssl.ssl_trusted_certificate",
-                    format!("cannot read {}: {e}", path.display()),
-                ),
+        if let Some(list) = &ssl.ssl_trusted_certificate {
+            // `system` (APISIX's default) is the system's store, which Strait always trusts;
+            // files (comma-separated, as APISIX accepts them beside `system`) add to it.
+            for p in list.split(',').map(str::trim).filter(|p| !p.is_empty() && *p != "system") {
+                let path = resolve_relative(file, p);
+                match std::fs::read_to_string(&path) {
+                    Ok(t) => match strait_protocols::tls::parse_certs(&t) {
+                        Ok(_) => {
+                            let pem = cfg.trusted_ca_pem.get_or_insert_with(String::new);
+                            pem.push_str(&t);
+                            pem.push('\n');
+                        }
+                        Err(e) => {
+                            errs.add("apisix.ssl.ssl_trusted_certificate", format!("{}: {e}", path.display()))
+                        }
+                    },
+                    Err(e) => errs.add(
+                        "apisix.ssl.ssl_trusted_certificate",
+                        format!("cannot read {}: {e}", path.display()),
+                    ),
+                }
             }
         }
         cfg.fallback_sni = ssl.fallback_sni.clone();
@@ -588,7 +596,16 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     cfg.discovery = raw.discovery.unwrap_or_default();
     cfg.discovery_config = super::discovery::parse(file, &cfg.discovery, cfg.enable_ipv6, errs);
 
-    let mut seen = std::collections::HashSet::new();
+    // Two listeners on one port clash when their addresses are equal or one is a wildcard
+    // (0.0.0.0, [::]): with SO_REUSEPORT both would bind, and which one a connection reaches
+    // would depend on the address it was made to. The control API's port counts too, as in
+    // APISIX.
+    let overlap = |a: SocketAddr, b: SocketAddr| {
+        a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    let mut seen: Vec<SocketAddr> = Vec::new();
     for l in cfg
         .http
         .iter()
@@ -596,9 +613,12 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         .chain(cfg.tls.iter().map(|l| l.addr))
         .chain(cfg.stream.iter().map(|l| l.addr))
     {
-        if l.port() != 0 && !seen.insert(l) {
-            errs.add("apisix", format!("address {l} is used by two listeners"));
+        if let Some(other) = seen.iter().find(|o| overlap(**o, l)) {
+            errs.add("apisix", format!("listeners {other} and {l} share a port"));
+        } else if let Some(c) = cfg.control.filter(|c| overlap(*c, l)) {
+            errs.add("apisix", format!("listener {l} conflicts with the control API at {c}"));
         }
+        seen.push(l);
     }
     cfg
 }
@@ -937,6 +957,28 @@ mod tests {
         assert!(e.0[0].reason.contains("only \"false\" is accepted"), "{e}");
         let e = parse("nginx_config:\n  http:\n    upstream:\n      keepalive_timeout: 30s\n").unwrap_err();
         assert!(e.0[0].reason.contains("only \"60s\" or \"60\" is accepted"), "{e}");
+    }
+
+    #[test]
+    fn listeners_sharing_a_port_or_the_control_port_are_errors() {
+        for (text, want) in [
+            ("apisix:\n  node_listen: [9080, {ip: 127.0.0.1, port: 9080}]\n", "share a port"),
+            ("apisix:\n  node_listen: [9080, 9080]\n", "share a port"),
+            ("apisix:\n  node_listen: 9090\n", "conflicts with the control API at 127.0.0.1:9090"),
+            ("apisix:\n  node_listen: [{ip: 127.0.0.1, port: 9090}]\n", "conflicts with the control API"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.0.iter().any(|e| e.reason.contains(want)), "{text}: {e}");
+        }
+        // Different addresses on one port, or the control API off: fine.
+        assert!(
+            parse("apisix:\n  node_listen: [{ip: 127.0.0.1, port: 9080}, {ip: 127.0.0.2, port: 9080}]\n")
+                .is_ok()
+        );
+        assert!(parse("apisix:\n  enable_control: false\n  node_listen: 9090\n").is_ok());
+        // `system` is the system trust store, not a file.
+        let c = parse("apisix:\n  ssl:\n    ssl_trusted_certificate: system\n").unwrap();
+        assert_eq!(c.trusted_ca_pem, None);
     }
 
     #[test]

@@ -700,8 +700,17 @@ impl Builder<'_> {
                 Balancer::RoundRobin
             }
         };
-        if r.hash_on.is_some() && !matches!(balancer, Balancer::Chash { .. }) {
-            e.add(join(path, "hash_on"), "only applies to type chash");
+        // APISIX's schema gives every upstream `hash_on: vars`, so upstreams exported from it
+        // carry the field whatever their type: it is checked against APISIX's values and
+        // otherwise ignored unless the type is chash.
+        if let Some(h) = r.hash_on.as_deref()
+            && !matches!(balancer, Balancer::Chash { .. })
+            && !matches!(h, "vars" | "header" | "cookie" | "consumer" | "vars_combinations")
+        {
+            e.add(
+                join(path, "hash_on"),
+                format!("must be vars, header, cookie, consumer or vars_combinations; not {h:?}"),
+            );
         }
 
         let timeouts = match &r.timeout {
@@ -732,10 +741,10 @@ impl Builder<'_> {
             }
         };
         if let Some(h) = &r.upstream_host
-            && !valid_host(h)
-            && h.parse::<std::net::SocketAddr>().is_err()
-            && !h.contains(':')
+            && (http::HeaderValue::from_str(h).is_err()
+                || !valid_host(h) && h.parse::<std::net::SocketAddr>().is_err() && !h.contains(':'))
         {
+            // What `validate` passes must load: the host becomes a header value.
             e.add(join(path, "upstream_host"), format!("invalid host {h:?}"));
         }
 
@@ -1691,6 +1700,35 @@ mod tests {
             let e = errors(&ssl(&extra));
             assert!(e.iter().any(|m| m.starts_with(&format!("{path}: "))), "{path}: {e:?}");
         }
+    }
+
+    #[test]
+    fn an_upstream_host_that_cannot_be_a_header_value_is_refused() {
+        let e = errors(
+            "upstreams:\n  - id: u\n    pass_host: rewrite\n    upstream_host: \"b\\u00fccher.de:80\\u0001\"\n    nodes: {\"127.0.0.1:1\": 1}\n#END\n",
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("upstreams[0].upstream_host: invalid host"), "{e:?}");
+    }
+
+    /// Upstreams exported from APISIX carry `hash_on: vars` whatever their type.
+    #[test]
+    fn hash_on_is_accepted_on_any_type_with_apisix_values() {
+        for kind in ["roundrobin", "least_conn", "ewma"] {
+            for h in ["vars", "header", "cookie", "consumer", "vars_combinations"] {
+                let r = parse(&format!(
+                    "upstreams:\n  - id: u\n    type: {kind}\n    hash_on: {h}\n    nodes: {{\"127.0.0.1:1\": 1}}\n#END\n"
+                ));
+                assert!(r.is_ok(), "{kind} with hash_on {h}: {r:?}");
+            }
+        }
+        let e = errors("upstreams:\n  - id: u\n    hash_on: nope\n    nodes: {\"127.0.0.1:1\": 1}\n#END\n");
+        assert_eq!(
+            e,
+            [
+                "upstreams[0].hash_on: must be vars, header, cookie, consumer or vars_combinations; not \"nope\""
+            ]
+        );
     }
 
     #[test]
