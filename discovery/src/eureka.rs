@@ -208,6 +208,7 @@ impl Discovery for EurekaDiscovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz;
     use serde_json::json;
 
     fn d() -> EurekaDiscovery {
@@ -301,5 +302,219 @@ mod tests {
             assert!(matches!(r.unwrap(), Err(DiscoveryError::Unavailable(m)) if m.contains("HTTP 503")));
         }
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "one fetch for fifty watches");
+    }
+
+    /// One instance of `GET /eureka/apps` as Eureka serves it (`Accept: application/json`), with
+    /// the keys of `changes` set (a null removes the key).
+    fn instance(app: &str, ip: &str, status: &str, overridden: &str, changes: Value) -> Value {
+        let mut inst = json!({
+            "instanceId": format!("{ip}:{}:8080", app.to_ascii_lowercase()),
+            "hostName": ip, "app": app, "ipAddr": ip, "status": status, "overriddenStatus": overridden,
+            "port": {"$": 8080, "@enabled": "true"}, "securePort": {"$": 443, "@enabled": "false"},
+            "countryId": 1,
+            "dataCenterInfo": {"@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo", "name": "MyOwn"},
+            "leaseInfo": {"renewalIntervalInSecs": 30, "durationInSecs": 90,
+                          "registrationTimestamp": 1_733_580_000_000_u64, "lastRenewalTimestamp": 1_733_580_030_000_u64,
+                          "evictionTimestamp": 0, "serviceUpTimestamp": 1_733_580_000_500_u64},
+            "metadata": {"@class": "java.util.Collections$EmptyMap"},
+            "homePageUrl": format!("http://{ip}:8080/"), "statusPageUrl": format!("http://{ip}:8080/actuator/info"),
+            "healthCheckUrl": format!("http://{ip}:8080/actuator/health"),
+            "vipAddress": app.to_ascii_lowercase(), "secureVipAddress": app.to_ascii_lowercase(),
+            "isCoordinatingDiscoveryServer": "false", "lastUpdatedTimestamp": "1733580000500",
+            "lastDirtyTimestamp": "1733579999000", "actionType": "ADDED"
+        });
+        for (k, v) in changes.as_object().into_iter().flatten() {
+            match v {
+                Value::Null => inst.as_object_mut().unwrap().remove(k),
+                v => inst.as_object_mut().unwrap().insert(k.clone(), v.clone()),
+            };
+        }
+        inst
+    }
+
+    /// A node as (host, port, weight).
+    type Want = (&'static str, u16, u32);
+
+    /// The instances of application WEB and the node each must give.
+    fn web_instances() -> Vec<(Value, Option<Want>)> {
+        vec![
+            (
+                instance(
+                    "WEB",
+                    "10.0.0.1",
+                    "UP",
+                    "UNKNOWN",
+                    json!({"metadata": {"management.port": "8080", "weight": "5"}}),
+                ),
+                Some(("10.0.0.1", 8080, 5)),
+            ),
+            // An enabled secure port wins.
+            (
+                instance(
+                    "WEB",
+                    "10.0.0.2",
+                    "UP",
+                    "UNKNOWN",
+                    json!({"securePort": {"$": 8443, "@enabled": "true"}}),
+                ),
+                Some(("10.0.0.2", 8443, 100)),
+            ),
+            (instance("WEB", "10.0.0.3", "UP", "OUT_OF_SERVICE", json!({})), None),
+            (instance("WEB", "10.0.0.4", "DOWN", "UNKNOWN", json!({})), None),
+            // An overridden status other than UNKNOWN wins; numbers and booleans as strings or not.
+            (
+                instance(
+                    "WEB",
+                    "10.0.0.5",
+                    "STARTING",
+                    "UP",
+                    json!({"port": {"$": "8081", "@enabled": true}, "metadata": {"weight": 20}}),
+                ),
+                Some(("10.0.0.5", 8081, 20)),
+            ),
+            // The lower-case key older servers send.
+            (
+                instance(
+                    "WEB",
+                    "fd00::6",
+                    "UP",
+                    "",
+                    json!({"overriddenStatus": null, "overriddenstatus": "UNKNOWN", "port": {"$": 9000, "@enabled": "true"}}),
+                ),
+                Some(("fd00::6", 9000, 100)),
+            ),
+            // No enabled port.
+            (
+                instance(
+                    "WEB",
+                    "10.0.0.7",
+                    "UP",
+                    "UNKNOWN",
+                    json!({"port": {"$": 8080, "@enabled": "false"}}),
+                ),
+                None,
+            ),
+        ]
+    }
+
+    fn api_instance() -> (Value, Option<Want>) {
+        (
+            instance("API", "10.1.0.1", "UP", "UNKNOWN", json!({"port": {"$": 80, "@enabled": "true"}})),
+            Some(("10.1.0.1", 80, 100)),
+        )
+    }
+
+    /// The entries of a list Eureka may give as one object.
+    fn entries(v: &Value) -> Vec<&Value> {
+        match v {
+            Value::Array(a) => a.iter().collect(),
+            Value::Object(_) => vec![v],
+            _ => vec![],
+        }
+    }
+
+    /// Whether an instance is UP: its overridden status unless that is UNKNOWN, else its status.
+    fn is_up(inst: &Value) -> bool {
+        match inst["overriddenStatus"].as_str().or(inst["overriddenstatus"].as_str()) {
+            Some(s) if s != "UNKNOWN" => s == "UP",
+            _ => inst["status"] == "UP",
+        }
+    }
+
+    /// The ports an instance gives (`port.$`, `securePort.$`), as numbers or numeric strings.
+    fn ports_of(inst: &Value) -> Vec<u64> {
+        [&inst["port"]["$"], &inst["securePort"]["$"]]
+            .into_iter()
+            .filter_map(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
+            .collect()
+    }
+
+    fn triples(set: &NodeSet) -> Vec<(&str, u16, u32)> {
+        set.nodes.iter().map(|n| (n.host.as_str(), n.port.unwrap_or(0), n.weight)).collect()
+    }
+
+    /// Whatever registry Eureka answers, indexing it never panics; every node is an UP instance
+    /// of its application (matched in any case), on a real port of that instance, at an
+    /// address of the answer; and every instance the mutations left as it was, in an
+    /// application still named, still gives its node.
+    #[test]
+    fn any_registry_indexes_and_intact_instances_stay() {
+        let d = d();
+        let web = web_instances();
+        let api = api_instance();
+        let registry = json!({"applications": {
+            "versions__delta": "1", "apps__hashcode": "DOWN_1_OUT_OF_SERVICE_1_STARTING_1_UP_5_",
+            "application": [
+                {"name": "WEB", "instance": web.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>()},
+                {"name": "API", "instance": [api.0.clone()]}
+            ]
+        }});
+        // One application with one instance, each given as an object.
+        let single = json!({"applications": {
+            "versions__delta": "1", "apps__hashcode": "UP_1_",
+            "application": {"name": "API", "instance": api.0.clone()}
+        }});
+        let reg = d.index(&registry);
+        assert_eq!(
+            triples(&reg.nodes("web")),
+            [("10.0.0.1", 8080, 5), ("10.0.0.2", 8443, 100), ("10.0.0.5", 8081, 20), ("fd00::6", 9000, 100)]
+        );
+        assert_eq!(triples(&reg.nodes("Api")), [("10.1.0.1", 80, 100)]);
+        assert_eq!(reg.apps.len(), 2);
+        assert_eq!(triples(&d.index(&single).nodes("api")), [("10.1.0.1", 80, 100)]);
+
+        let good: Vec<(Value, Option<Want>)> = web.into_iter().chain([api]).collect();
+        let payloads = [registry, single];
+        fuzz::each_seed(2_000, &payloads, |_, input| {
+            // As `fetch_from_hosts`: an answer that does not parse is an error.
+            let Some(doc) = input.value() else { return };
+            let reg = d.index(&doc);
+            let addresses = fuzz::strings_under(&doc, "ipAddr");
+            let apps: Vec<(&str, &Value)> = entries(&doc["applications"]["application"])
+                .into_iter()
+                .filter_map(|a| Some((a["name"].as_str()?, a)))
+                .collect();
+            let instances_of = |key: &str| -> Vec<&Value> {
+                apps.iter()
+                    .filter(|(name, _)| name.to_ascii_uppercase() == key)
+                    .flat_map(|(_, a)| entries(&a["instance"]))
+                    .collect()
+            };
+            for (key, set) in &reg.apps {
+                let instances = instances_of(key);
+                assert!(
+                    apps.iter().any(|(name, _)| name.to_ascii_uppercase() == *key),
+                    "{key} is no application of the answer"
+                );
+                for n in &set.nodes {
+                    let port = n.port.unwrap_or(0);
+                    assert!(port > 0, "{n:?}");
+                    assert!(addresses.contains(&n.host), "{n:?} is no address of the answer");
+                    assert!(
+                        instances.iter().any(|i| i["ipAddr"] == n.host.as_str()
+                            && is_up(i)
+                            && ports_of(i).contains(&u64::from(port))),
+                        "{n:?} is no UP instance of {key} on that port"
+                    );
+                }
+                assert!(set.nodes.windows(2).all(|w| (&w[0].host, w[0].port) <= (&w[1].host, w[1].port)));
+            }
+            for (name, a) in &apps {
+                let set = reg.nodes(name);
+                let mixed: String = name
+                    .chars()
+                    .enumerate()
+                    .map(|(i, c)| if i % 2 == 0 { c.to_ascii_lowercase() } else { c.to_ascii_uppercase() })
+                    .collect();
+                for other in [name.to_ascii_lowercase(), name.to_ascii_uppercase(), mixed] {
+                    assert_eq!(reg.nodes(&other), set, "{name:?} asked as {other:?}");
+                }
+                for inst in entries(&a["instance"]) {
+                    if let Some((_, Some(want))) = good.iter().find(|(g, _)| g == inst) {
+                        assert!(triples(&set).contains(want), "{want:?} of {name:?} lost");
+                    }
+                }
+            }
+        });
     }
 }

@@ -575,6 +575,8 @@ pub async fn poll_forever(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz;
+    use serde_json::json;
 
     #[test]
     fn every_watch_of_a_service_gets_each_push() {
@@ -617,5 +619,350 @@ mod tests {
         assert_eq!(base64(b"hello"), "aGVsbG8=");
         assert_eq!(base64(b"hi!"), "aGkh");
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+    }
+
+    fn nacos(hosts: Vec<NacosHost>) -> NacosDiscovery {
+        NacosDiscovery::new(NacosOptions {
+            hosts,
+            prefix: "/nacos/v1/".into(),
+            fetch_interval: Duration::from_secs(30),
+            weight: 7,
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            access_key: None,
+            secret_key: None,
+            cache_dir: std::env::temp_dir().join("strait-nacos-tests"),
+        })
+        .unwrap()
+    }
+
+    /// A node as (host, port, weight).
+    type Want = (&'static str, u16, u32);
+
+    /// One instance as the SDK hands it over (a push, or `select_instances`).
+    fn sdk_instance(
+        ip: &str,
+        port: i32,
+        weight: f64,
+        up: (bool, bool),
+        metadata: &[(&str, &str)],
+    ) -> ServiceInstance {
+        ServiceInstance {
+            instance_id: Some(format!("{ip}#{port}#DEFAULT#DEFAULT_GROUP@@web")),
+            ip: ip.into(),
+            port,
+            weight,
+            healthy: up.0,
+            enabled: up.1,
+            ephemeral: true,
+            cluster_name: Some("DEFAULT".into()),
+            service_name: Some("DEFAULT_GROUP@@web".into()),
+            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    /// The instances of service `web` and the node each must give to an http and to a grpc
+    /// upstream.
+    fn sdk_instances() -> Vec<(ServiceInstance, Option<Want>, Option<Want>)> {
+        let sc = ("preserved.register.source", "SPRING_CLOUD");
+        vec![
+            (
+                sdk_instance("10.0.0.1", 8080, 1.0, (true, true), &[sc, ("gRPC_port", "9090")]),
+                Some(("10.0.0.1", 8080, 100)),
+                Some(("10.0.0.1", 9090, 100)),
+            ),
+            (
+                sdk_instance("10.0.0.2", 8080, 0.5, (true, true), &[sc]),
+                Some(("10.0.0.2", 8080, 50)),
+                Some(("10.0.0.2", 8080, 50)),
+            ),
+            (sdk_instance("10.0.0.3", 8080, 1.0, (false, true), &[sc]), None, None),
+            (sdk_instance("10.0.0.4", 8080, 1.0, (true, false), &[]), None, None),
+            (
+                sdk_instance("fd00::5", 8081, 3.25, (true, true), &[]),
+                Some(("fd00::5", 8081, 325)),
+                Some(("fd00::5", 8081, 325)),
+            ),
+            (
+                sdk_instance("10.0.0.6", 65535, 100.0, (true, true), &[("gRPC_port", "50051")]),
+                Some(("10.0.0.6", 65535, 10000)),
+                Some(("10.0.0.6", 50051, 10000)),
+            ),
+        ]
+    }
+
+    /// An instance as JSON, as the SDK (de)serializes it; the metadata in key order, so that a
+    /// seed always makes the same input (a `HashMap` iterates in a different order each run).
+    fn sdk_json(i: &ServiceInstance) -> Value {
+        let metadata: std::collections::BTreeMap<&String, &String> = i.metadata.iter().collect();
+        json!({
+            "instanceId": i.instance_id, "ip": i.ip, "port": i.port, "weight": i.weight,
+            "healthy": i.healthy, "enabled": i.enabled, "ephemeral": i.ephemeral,
+            "clusterName": i.cluster_name, "serviceName": i.service_name, "metadata": metadata
+        })
+    }
+
+    fn triples(set: &NodeSet) -> Vec<(&str, u16, u32)> {
+        set.nodes.iter().map(|n| (n.host.as_str(), n.port.unwrap_or(0), n.weight)).collect()
+    }
+
+    fn is_grpc(scheme: &str) -> bool {
+        scheme == "grpc" || scheme == "grpcs"
+    }
+
+    /// The weight of a Nacos weight: scaled by 100, saturating; the configured one (7) for one
+    /// that is not a finite, non-negative number.
+    fn scaled(w: f64) -> u32 {
+        if w.is_finite() && w >= 0.0 { (w * 100.0).round().min(u32::MAX as f64) as u32 } else { 7 }
+    }
+
+    /// Whether `n` is the node of an instance at `ip` with this `port` (or, for a grpc upstream,
+    /// the gRPC port in `grpc_port`) and `weight` (`None`: not checked).
+    ///
+    /// A `grpc_port` given but not as a whole number is `Err`, and then the node's port and
+    /// weight are not checked: `node` falls back to the instance's own port for it (a gRPC
+    /// upstream sent to the HTTP port), while a whole number out of range leaves the instance
+    /// out. Which of the two is meant is open; this test does not pin either.
+    fn gives(
+        n: &NodeSpec,
+        ip: &str,
+        port: Option<i64>,
+        grpc_port: Option<Result<i64, ()>>,
+        weight: Option<f64>,
+        scheme: &str,
+    ) -> bool {
+        let port = match (is_grpc(scheme), grpc_port) {
+            (true, Some(Ok(p))) => Some(p),
+            (true, Some(Err(()))) => return n.host == ip,
+            _ => port,
+        };
+        let port = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
+        n.host == ip && port.is_some() && n.port == port && weight.is_none_or(|w| n.weight == scaled(w))
+    }
+
+    /// Whatever instances the SDK hands over (decoded from any JSON, or with any field set to
+    /// an edge value), converting them never panics; every node is a healthy, enabled
+    /// instance's, on a real port (its gRPC port for grpc upstreams), with its weight scaled;
+    /// and every instance left as it was still gives its node.
+    #[test]
+    fn any_pushed_instance_list_converts_and_intact_instances_stay() {
+        let d = nacos(vec![]);
+        let good = sdk_instances();
+        let list: Vec<ServiceInstance> = good.iter().map(|(i, _, _)| i.clone()).collect();
+        let want = |grpc: bool| -> Vec<Want> {
+            let mut w: Vec<Want> = good.iter().filter_map(|g| if grpc { g.2 } else { g.1 }).collect();
+            w.sort();
+            w
+        };
+        assert_eq!(triples(&d.nodes_of(&list, "http")), want(false));
+        assert_eq!(triples(&d.nodes_of(&list, "grpc")), want(true));
+        assert_eq!(d.nodes_of(&list, "http").nodes[0].metadata["gRPC_port"], "9090");
+
+        let payloads =
+            [Value::Array(list.iter().map(sdk_json).collect()), Value::Array(vec![sdk_json(&list[0])])];
+        let decoded: Vec<ServiceInstance> = serde_json::from_value(payloads[0].clone()).unwrap();
+        assert!(decoded.iter().zip(&list).all(|(a, b)| a.is_same_instance(b)));
+        let make = |seed: u64| -> (Vec<ServiceInstance>, &'static str) {
+            let mut rng = fuzz::Rng::new(seed);
+            let scheme = *rng.pick(&["http", "https", "grpc", "grpcs"]);
+            if seed.is_multiple_of(2) {
+                // Mutated JSON, as the SDK would decode it: the entries that still decode.
+                let list = match fuzz::input(seed, &payloads).value() {
+                    Some(Value::Array(a)) => {
+                        a.into_iter().filter_map(|x| serde_json::from_value(x).ok()).collect()
+                    }
+                    Some(x) => serde_json::from_value(x).ok().into_iter().collect(),
+                    None => vec![],
+                };
+                return (list, scheme);
+            }
+            let mut list = list.clone();
+            for _ in 0..1 + rng.below(4) {
+                if list.is_empty() {
+                    break;
+                }
+                let at = rng.below(list.len());
+                let i = &mut list[at];
+                match rng.below(10) {
+                    0 | 1 => i.port = *rng.pick(&[i32::MIN, -1, 0, 1, 65535, 65536, i32::MAX]),
+                    2 | 3 => {
+                        i.weight = *rng.pick(&[
+                            f64::NAN,
+                            f64::INFINITY,
+                            f64::NEG_INFINITY,
+                            -1.0,
+                            -0.0,
+                            0.0,
+                            f64::MIN_POSITIVE,
+                            0.005,
+                            42_949_672.95,
+                            1e308,
+                            f64::MAX,
+                        ])
+                    }
+                    4 => {
+                        i.metadata.insert("gRPC_port".into(), fuzz::odd_string(&mut rng));
+                    }
+                    5 => {
+                        i.metadata.remove("gRPC_port");
+                    }
+                    6 => i.enabled = false,
+                    7 => i.healthy = false,
+                    8 => i.ip = fuzz::odd_string(&mut rng),
+                    _ => {
+                        let i = list.remove(at);
+                        if rng.below(2) == 0 {
+                            list.insert(rng.below(list.len() + 1), i.clone());
+                            list.push(i);
+                        }
+                    }
+                }
+            }
+            (list, scheme)
+        };
+        fuzz::each_case(2_000, make, |_, (list, scheme)| {
+            let set = d.nodes_of(list, scheme);
+            assert!(set.nodes.len() <= list.len());
+            for n in &set.nodes {
+                assert!(matches!(n.port, Some(p) if p > 0), "{n:?}");
+                let from = list
+                    .iter()
+                    .filter(|i| i.healthy && i.enabled)
+                    .filter(|i| {
+                        n.metadata.len() == i.metadata.len()
+                            && i.metadata
+                                .iter()
+                                .all(|(k, v)| n.metadata.get(k) == Some(&Value::String(v.clone())))
+                    })
+                    .find(|i| {
+                        let grpc_port = i.metadata.get("gRPC_port").map(|p| p.parse().map_err(|_| ()));
+                        gives(n, &i.ip, Some(i.port.into()), grpc_port, Some(i.weight), scheme)
+                    });
+                assert!(from.is_some(), "{n:?} is no healthy, enabled instance's");
+            }
+            assert!(set.nodes.windows(2).all(|w| (&w[0].host, w[0].port) <= (&w[1].host, w[1].port)));
+            for (g, http, grpc) in &good {
+                let want = if is_grpc(scheme) { grpc } else { http };
+                if let Some(want) = want
+                    && list.iter().any(|i| i.is_same_instance(g))
+                {
+                    assert!(triples(&set).contains(want), "{want:?} lost");
+                }
+            }
+        });
+    }
+
+    /// A Nacos 1.x server that answers every request with what `body` holds at the time.
+    async fn v1_server(body: Arc<Mutex<Vec<u8>>>) -> NacosHost {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let body = body.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json;charset=UTF-8\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(&[head.as_bytes(), &body].concat()).await;
+                });
+            }
+        });
+        NacosHost::parse(&url).unwrap()
+    }
+
+    /// One entry of `hosts` in a v1 `ns/instance/list` answer, as Nacos 1.x serves it.
+    fn v1_host(i: &ServiceInstance) -> Value {
+        let mut h = sdk_json(i);
+        let more = json!({"instanceHeartBeatInterval": 5000, "instanceHeartBeatTimeOut": 15000,
+                          "ipDeleteTimeout": 30000, "instanceIdGenerator": "simple"});
+        h.as_object_mut().unwrap().extend(more.as_object().unwrap().clone());
+        h
+    }
+
+    fn v1_answer(hosts: Vec<Value>) -> Value {
+        json!({
+            "name": "DEFAULT_GROUP@@web", "groupName": "DEFAULT_GROUP", "clusters": "",
+            "cacheMillis": 10000, "hosts": hosts, "lastRefTime": 1_733_580_000_000_u64,
+            "checksum": "", "allIPs": false, "reachProtectionThreshold": false, "valid": true
+        })
+    }
+
+    /// Whatever a Nacos 1.x server answers to `ns/instance/list`, polling never panics; an
+    /// answer that is no JSON is an error; every node is an entry's that is not marked
+    /// unhealthy or disabled, on a real port (its gRPC port for grpc upstreams), at an `ip` of
+    /// the answer; and every entry left as it was still gives its node.
+    #[test]
+    fn any_v1_instance_list_parses_and_intact_hosts_stay() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let body = Arc::new(Mutex::new(Vec::new()));
+        let d = nacos(vec![rt.block_on(v1_server(body.clone()))]);
+        let poll = |bytes: Vec<u8>, scheme: &str| {
+            *body.lock().unwrap() = bytes;
+            let q = Query { service_name: "web".into(), args: vec![], scheme: scheme.into() };
+            rt.block_on(d.poll_v1(&q))
+        };
+        let good: Vec<(Value, Option<Want>, Option<Want>)> =
+            sdk_instances().into_iter().map(|(i, http, grpc)| (v1_host(&i), http, grpc)).collect();
+        let answer = v1_answer(good.iter().map(|g| g.0.clone()).collect());
+        let bytes = serde_json::to_vec(&answer).unwrap();
+        for grpc in [false, true] {
+            let mut want: Vec<Want> = good.iter().filter_map(|g| if grpc { g.2 } else { g.1 }).collect();
+            want.sort();
+            let set = poll(bytes.clone(), if grpc { "grpc" } else { "http" }).unwrap();
+            assert_eq!(triples(&set), want);
+        }
+
+        let payloads = [answer, v1_answer(vec![good[0].0.clone()])];
+        fuzz::each_seed(1_000, &payloads, |seed, input| {
+            let scheme = ["http", "grpc", "https", "grpcs"][seed as usize % 4];
+            let got = poll(input.bytes(), scheme);
+            let Some(doc) = input.value() else {
+                assert!(matches!(got, Err(DiscoveryError::Invalid(_))), "{got:?}");
+                return;
+            };
+            let set = got.unwrap();
+            let ips = fuzz::strings_under(&doc, "ip");
+            let hosts: Vec<&Value> = doc["hosts"].as_array().into_iter().flatten().collect();
+            assert!(set.nodes.len() <= hosts.len());
+            for n in &set.nodes {
+                assert!(matches!(n.port, Some(p) if p > 0), "{n:?}");
+                assert!(ips.contains(&n.host), "{n:?} is no ip of the answer");
+                let from = hosts
+                    .iter()
+                    .filter(|h| h["healthy"] != false && h["enabled"] != false)
+                    .filter(|h| n.metadata == h["metadata"].as_object().cloned().unwrap_or_default())
+                    .find(|h| {
+                        let grpc_port = h["metadata"].get("gRPC_port").map(|p| match p {
+                            Value::String(s) => s.parse().map_err(|_| ()),
+                            p => p.as_i64().ok_or(()),
+                        });
+                        let Some(ip) = h["ip"].as_str() else { return false };
+                        // A weight that is no number is not checked: `poll_v1` takes it as 1.0
+                        // (100), not as the configured weight (7) that `NacosOptions::weight`
+                        // says instances without one get. Which is meant is open.
+                        gives(n, ip, h["port"].as_i64(), grpc_port, h["weight"].as_f64(), scheme)
+                    });
+                assert!(from.is_some(), "{n:?} is no healthy, enabled entry's");
+            }
+            assert!(set.nodes.windows(2).all(|w| (&w[0].host, w[0].port) <= (&w[1].host, w[1].port)));
+            for (g, http, grpc) in &good {
+                let want = if is_grpc(scheme) { grpc } else { http };
+                if let Some(want) = want
+                    && hosts.contains(&g)
+                {
+                    assert!(triples(&set).contains(want), "{want:?} lost");
+                }
+            }
+        });
     }
 }
