@@ -123,6 +123,14 @@ impl EurekaDiscovery {
             match self.http.request(&host.url, Method::GET, &path, &headers, bytes::Bytes::new(), None).await
             {
                 Ok(r) if r.status == 200 => match serde_json::from_slice::<Value>(&r.body) {
+                    // JSON that is no registry (`null`, a number) is a failed fetch, not an
+                    // empty registry: it must not empty every watched service.
+                    Ok(v) if !v["applications"].is_object() => {
+                        last = DiscoveryError::Invalid(format!(
+                            "{}: not a registry (no applications object)",
+                            host.url.authority()
+                        ))
+                    }
                     Ok(v) => {
                         if let Ok(mut g) = self.next_host.lock() {
                             *g = (start + i) % n;
@@ -287,6 +295,20 @@ mod tests {
         let (good, _) = host(200, r#"{"applications": {"application": {"name": "WEB", "instance": {"ipAddr": "10.0.0.9", "status": "UP", "port": {"$": 80, "@enabled": "true"}}}}}"#).await;
         let r = with_hosts(vec![broken, good]).resolve(&query("web")).await.unwrap();
         assert_eq!(r.nodes.nodes.len(), 1);
+    }
+
+    /// JSON that is no registry (`null`, a number, `applications` not an object) is a failed
+    /// fetch, which keeps the last nodes, not an empty registry, which would empty every
+    /// watched service; an empty registry still resolves to no nodes.
+    #[tokio::test]
+    async fn json_that_is_no_registry_is_a_failed_fetch() {
+        for body in ["null", "0", r#""ADDED""#, r#"{"applications": "1"}"#, "{}"] {
+            let (h, _) = host(200, body).await;
+            let r = with_hosts(vec![h]).resolve(&query("web")).await;
+            assert!(matches!(r, Err(DiscoveryError::Invalid(_))), "{body}: {r:?}");
+        }
+        let (h, _) = host(200, r#"{"applications": {"versions__delta": "1", "application": []}}"#).await;
+        assert!(with_hosts(vec![h]).resolve(&query("web")).await.unwrap().nodes.nodes.is_empty());
     }
 
     #[tokio::test]

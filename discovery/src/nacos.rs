@@ -245,10 +245,11 @@ impl NacosDiscovery {
     ) -> Option<NodeSpec> {
         let mut port = port;
         if (scheme == "grpc" || scheme == "grpcs")
-            && let Some(p) =
-                metadata.get("gRPC_port").and_then(|v| v.as_str().and_then(|s| s.parse().ok()).or(v.as_i64()))
+            && let Some(v) = metadata.get("gRPC_port")
         {
-            port = p;
+            // A `gRPC_port` that is no port leaves the instance out, as one out of range does:
+            // its HTTP port would not answer gRPC.
+            port = v.as_str().and_then(|s| s.parse().ok()).or(v.as_i64())?;
         }
         let port = u16::try_from(port).ok().filter(|p| *p > 0)?;
         Some(NodeSpec {
@@ -392,7 +393,11 @@ impl NacosDiscovery {
                 Ok(resp) if resp.status == 200 => {
                     let v: Value = serde_json::from_slice(&resp.body)
                         .map_err(|e| DiscoveryError::Invalid(format!("instance list: {e}")))?;
-                    let hosts = v["hosts"].as_array().cloned().unwrap_or_default();
+                    // An answer without a `hosts` list is no instance list (an empty service
+                    // answers `"hosts": []`): a failed poll, which keeps the last nodes.
+                    let Some(hosts) = v["hosts"].as_array() else {
+                        return Err(DiscoveryError::Invalid("instance list without a hosts array".into()));
+                    };
                     let mut nodes: Vec<NodeSpec> = hosts
                         .iter()
                         .filter(|h| {
@@ -403,7 +408,9 @@ impl NacosDiscovery {
                             self.node(
                                 h["ip"].as_str()?,
                                 h["port"].as_i64()?,
-                                h["weight"].as_f64().unwrap_or(1.0),
+                                // Not a number: the configured default weight, as for a
+                                // pushed instance without one.
+                                h["weight"].as_f64().unwrap_or(f64::NAN),
                                 &md,
                                 &q.scheme,
                             )
@@ -719,10 +726,8 @@ mod tests {
     /// Whether `n` is the node of an instance at `ip` with this `port` (or, for a grpc upstream,
     /// the gRPC port in `grpc_port`) and `weight` (`None`: not checked).
     ///
-    /// A `grpc_port` given but not as a whole number is `Err`, and then the node's port and
-    /// weight are not checked: `node` falls back to the instance's own port for it (a gRPC
-    /// upstream sent to the HTTP port), while a whole number out of range leaves the instance
-    /// out. Which of the two is meant is open; this test does not pin either.
+    /// A `grpc_port` given but not as a whole number is `Err`: such an instance gives no node
+    /// for a grpc upstream, as one out of range does.
     fn gives(
         n: &NodeSpec,
         ip: &str,
@@ -733,7 +738,7 @@ mod tests {
     ) -> bool {
         let port = match (is_grpc(scheme), grpc_port) {
             (true, Some(Ok(p))) => Some(p),
-            (true, Some(Err(()))) => return n.host == ip,
+            (true, Some(Err(()))) => return false,
             _ => port,
         };
         let port = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
@@ -930,6 +935,11 @@ mod tests {
                 assert!(matches!(got, Err(DiscoveryError::Invalid(_))), "{got:?}");
                 return;
             };
+            // JSON without a `hosts` list is no answer: the poll fails (the last nodes stay).
+            if !doc["hosts"].is_array() {
+                assert!(matches!(got, Err(DiscoveryError::Invalid(_))), "{got:?}");
+                return;
+            }
             let set = got.unwrap();
             let ips = fuzz::strings_under(&doc, "ip");
             let hosts: Vec<&Value> = doc["hosts"].as_array().into_iter().flatten().collect();
@@ -947,10 +957,9 @@ mod tests {
                             p => p.as_i64().ok_or(()),
                         });
                         let Some(ip) = h["ip"].as_str() else { return false };
-                        // A weight that is no number is not checked: `poll_v1` takes it as 1.0
-                        // (100), not as the configured weight (7) that `NacosOptions::weight`
-                        // says instances without one get. Which is meant is open.
-                        gives(n, ip, h["port"].as_i64(), grpc_port, h["weight"].as_f64(), scheme)
+                        // A weight that is no number gets the configured one (7).
+                        let weight = h["weight"].as_f64().unwrap_or(f64::NAN);
+                        gives(n, ip, h["port"].as_i64(), grpc_port, Some(weight), scheme)
                     });
                 assert!(from.is_some(), "{n:?} is no healthy, enabled entry's");
             }
