@@ -289,7 +289,12 @@ impl Informer {
                 ));
             }
             let v: Value = serde_json::from_slice(&r.body).map_err(|e| format!("list: {e}"))?;
-            for item in v["items"].as_array().into_iter().flatten() {
+            // A list always has `items` (`[]` when empty): JSON without it is no answer, and
+            // taking it as an empty list would empty every watched service.
+            let Some(items) = v["items"].as_array() else {
+                return Err("list: no items array in the answer".into());
+            };
+            for item in items {
                 if let Some(object) = self.parse(item) {
                     objects.push(object);
                 }
@@ -777,6 +782,20 @@ mod tests {
         assert_eq!(hosts(&inf, "ns/web"), ["10.0.0.2", "10.0.0.3"]);
         assert!(hosts(&inf, "ns/db").is_empty());
         assert_eq!(inf.state.lock().unwrap().resource_version, "7");
+    }
+
+    /// A list answer without `items` is a failed list (which keeps the state it would have
+    /// replaced), not an empty cluster; `"items": []` is one.
+    #[tokio::test]
+    async fn a_list_answer_without_items_is_a_failed_list() {
+        for body in ["{}", "null", r#"{"kind": "Status", "items": {}}"#] {
+            let inf = informer(serve_watch(body.as_bytes().to_vec()).await, false);
+            let err = inf.list().await.err().unwrap_or_default();
+            assert!(err.contains("no items array"), "{body}: {err}");
+        }
+        let empty = br#"{"kind": "EndpointsList", "metadata": {"resourceVersion": "3"}, "items": []}"#;
+        let inf = informer(serve_watch(empty.to_vec()).await, false);
+        assert_eq!(inf.list().await, Ok(()));
     }
 
     #[tokio::test]
