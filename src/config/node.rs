@@ -422,7 +422,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     };
 
     if let Some(v) = &a.node_listen {
-        cfg.http = listen_list(v, "apisix.node_listen", cfg.enable_ipv6, errs);
+        cfg.http = listen_list(v, "apisix.node_listen", cfg.enable_ipv6, 9080, errs);
     } else if cfg.enable_ipv6 {
         cfg.http.push(Listen { addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9080)), http2: true });
     }
@@ -437,7 +437,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         let enabled = ssl.enable.unwrap_or(ssl.listen.is_some());
         if enabled && cfg.proxy_mode.http() {
             cfg.tls = match &ssl.listen {
-                Some(v) => listen_list(v, "apisix.ssl.listen", cfg.enable_ipv6, errs),
+                Some(v) => listen_list(v, "apisix.ssl.listen", cfg.enable_ipv6, 9443, errs),
                 None => vec![Listen { addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9443)), http2: true }],
             };
         }
@@ -603,6 +603,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     let overlap = |a: SocketAddr, b: SocketAddr| {
         a.port() == b.port()
             && a.port() != 0
+            && a.is_ipv4() == b.is_ipv4()
             && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
     };
     let mut seen: Vec<SocketAddr> = Vec::new();
@@ -663,7 +664,9 @@ pub fn resolve_relative(file: &str, p: &str) -> std::path::PathBuf {
 }
 
 /// `9080`, `[9080, 9081]`, `["127.0.0.1:9080"]` or `[{ip, port, enable_http2}]`.
-fn listen_list(v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -> Vec<Listen> {
+/// A listen list (`node_listen`, `ssl.listen`); `default_port` is APISIX's for a map entry
+/// without `port` (9080, or 9443 for TLS).
+fn listen_list(v: &Value, path: &str, ipv6: bool, default_port: u16, errs: &mut Errors) -> Vec<Listen> {
     let mut out = Vec::new();
     let items: Vec<(String, &Value)> = match v {
         Value::Array(a) => a.iter().enumerate().map(|(i, x)| (index(path, i), x)).collect(),
@@ -710,12 +713,15 @@ fn listen_list(v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -> Vec<List
                         continue;
                     }
                 };
-                let port = match m.get("port").and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok()) {
-                    Some(port) => port,
-                    None => {
-                        errs.add(join(&p, "port"), "required, 0..65535");
-                        continue;
-                    }
+                let port = match m.get("port") {
+                    None => default_port,
+                    Some(v) => match v.as_u64().and_then(|n| u16::try_from(n).ok()) {
+                        Some(port) => port,
+                        None => {
+                            errs.add(join(&p, "port"), "must be 0..65535");
+                            continue;
+                        }
+                    },
                 };
                 let http2 = match m.get("enable_http2") {
                     None => true,
@@ -729,6 +735,10 @@ fn listen_list(v: &Value, path: &str, ipv6: bool, errs: &mut Errors) -> Vec<List
                     }
                 };
                 out.push(Listen { addr: SocketAddr::new(ip, port), http2 });
+                // As for a bare port: without `ip`, `enable_ipv6` adds the IPv6 wildcard.
+                if ipv6 && !m.contains_key("ip") {
+                    out.push(Listen { addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), http2 });
+                }
             }
             other => errs.add(p, format!("expected a port, ip:port or a map, found {}", kind(other))),
         }
@@ -970,12 +980,19 @@ mod tests {
             let e = parse(text).unwrap_err();
             assert!(e.0.iter().any(|e| e.reason.contains(want)), "{text}: {e}");
         }
-        // Different addresses on one port, or the control API off: fine.
+        // Different addresses on one port, the two wildcards of `enable_ipv6`, or the control
+        // API off: fine.
+        assert!(parse("apisix:\n  enable_ipv6: true\n  node_listen: [9080, {port: 9081}]\n").is_ok());
         assert!(
             parse("apisix:\n  node_listen: [{ip: 127.0.0.1, port: 9080}, {ip: 127.0.0.2, port: 9080}]\n")
                 .is_ok()
         );
         assert!(parse("apisix:\n  enable_control: false\n  node_listen: 9090\n").is_ok());
+        // A map entry without `port` takes APISIX's default, and without `ip` the IPv6
+        // wildcard too when `enable_ipv6` is on.
+        let c = parse("apisix:\n  enable_ipv6: true\n  node_listen: [{enable_http2: false}]\n  ssl:\n    enable: true\n    listen: [{ip: 127.0.0.1}]\n").unwrap();
+        let addrs: Vec<String> = c.http.iter().chain(&c.tls).map(|l| l.addr.to_string()).collect();
+        assert_eq!(addrs, ["0.0.0.0:9080", "[::]:9080", "127.0.0.1:9443"]);
         // `system` is the system trust store, not a file.
         let c = parse("apisix:\n  ssl:\n    ssl_trusted_certificate: system\n").unwrap();
         assert_eq!(c.trusted_ca_pem, None);
