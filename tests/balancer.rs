@@ -54,6 +54,65 @@ async fn roundrobin_weights_split_exactly_and_weight_zero_gets_nothing() {
     assert_eq!(counts.get("z"), None, "{counts:?}");
 }
 
+/// A weight-0 node is a standby: it gets nothing while a weighted node is healthy, and all the
+/// traffic once it is the only healthy node (APISIX's picker over the healthy nodes returns a
+/// lone node whatever its weight), instead of a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_zero_standby_serves_once_it_is_the_only_healthy_node() {
+    let (a, z) = (Backend::start("a").await, Backend::start("z").await);
+    let gw = TestGateway::start(&format!(
+        "upstreams:
+  - id: u
+    nodes:
+      \"{}\": 1
+      \"{}\": 0
+    checks:
+      active:
+        http_path: /healthz
+        healthy: {{interval: 30, successes: 3}}
+        unhealthy: {{interval: 1, http_failures: 1}}
+routes:
+  - uri: /*
+    upstream_id: u
+",
+        a.addr, z.addr
+    ));
+    assert_eq!(hit(&gw, "/x", 4).await.get("a"), Some(&4));
+    a.state.health_status.store(503, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            node_status(&gw, "u", a.addr.port()).await == "unhealthy"
+        })
+        .await
+    );
+    let counts = hit(&gw, "/x", 4).await;
+    assert_eq!(counts.get("z"), Some(&4), "{counts:?}");
+}
+
+/// APISIX's single-node fast path: an upstream of one node with `retries` tries that node
+/// again (it is the only one), instead of giving up after the first failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_upstream_retries_its_one_node() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        // Takes each connection and closes it without an answer.
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  - id: u\n    retries: 2\n    nodes: {}\nroutes:\n  - uri: /*\n    upstream_id: u\n",
+        nodes_yaml(&[node])
+    ));
+    let (status, _, _) = get(gw.http(), "/x").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3, "one try and two retries");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chash_on_a_header_is_sticky_and_healthy_keys_never_move() {
     let backends = [Backend::start("n0").await, Backend::start("n1").await, Backend::start("n2").await];

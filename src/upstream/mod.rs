@@ -447,10 +447,24 @@ impl UpstreamPicker for Upstream {
             self.stats.no_node.fetch_add(1, Ordering::Relaxed);
             return Err(PickError::NoNode);
         }
+        if snap.nodes.len() == 1
+            && !matches!(self.spec.balancer, Balancer::LeastConn)
+            && matches!(self.all_unhealthy, AllUnhealthy::UseAll)
+        {
+            // APISIX's single-node fast path: the one node, whatever its health, and again on
+            // each retry.
+            return Ok(self.to_peer(&snap.nodes[0]));
+        }
         if let Some(n) = snap.pick(key, &mut |n| n.ready() && !tried.contains(&n.addr)) {
             return Ok(self.to_peer(n));
         }
-        if snap.nodes.iter().any(|n| n.ready()) {
+        let mut ready = snap.nodes.iter().filter(|n| n.ready());
+        if let Some(first) = ready.next() {
+            // A lone healthy node is used whatever its weight (a weight-0 standby once the others
+            // are out), as APISIX's picker over the healthy nodes returns a single one.
+            if ready.next().is_none() && !tried.contains(&first.addr) {
+                return Ok(self.to_peer(first));
+            }
             // Healthy nodes exist, but this request tried them all (or they carry no weight).
             return Err(if tried.is_empty() { PickError::NoNode } else { PickError::AllTried });
         }
