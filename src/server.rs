@@ -988,6 +988,10 @@ async fn one_request<S: ClientStream>(
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, peer, local, S::TLS);
+        if view.uri.is_none() {
+            // The general path answers it (400).
+            return Step::HandOff;
+        }
         if S::TLS && !client_cert_rules_allow(&state.certs, &view, stream.sni(), stream.client_verified()) {
             // The general path answers it (400).
             return Step::HandOff;
@@ -1138,6 +1142,13 @@ async fn handle(
     let (route, key) = {
         let state = shared.state.load();
         let view = RequestView::new(&parts, c.peer, c.local, c.tls);
+        if view.uri.is_none() {
+            // A path that climbs above the root, as nginx answers it.
+            drop(state);
+            strait_protocols::http::drain_unread(body).await;
+            let e = ProxyError::BadRequest("the path climbs above the root".into());
+            return error_response(&e, is_grpc);
+        }
         if c.tls && !client_cert_rules_allow(&state.certs, &view, c.sni.as_deref(), c.client_verified) {
             // APISIX: "client certificate was not present", or "client certificate verified
             // with SNI ..., but the host is ...".

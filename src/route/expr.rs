@@ -123,6 +123,10 @@ impl Expr {
         let Value::Array(items) = v else {
             return Err((String::new(), "must be a list of rules".into()));
         };
+        if items.is_empty() {
+            // lua-resty-expr: no rules, always true.
+            return Ok(Expr::All(Vec::new()));
+        }
         parse_list(items, "")
     }
 
@@ -165,7 +169,8 @@ fn parse_list(items: &[Value], path: &str) -> Result<Expr, (String, String)> {
     }
     // A logical operator followed by sub-expressions.
     if let Some(Value::String(first)) = items.first() {
-        let logic = match first.as_str() {
+        // Logic words in any case, as lua-resty-expr upper-cases them.
+        let logic = match first.to_ascii_uppercase().as_str() {
             "AND" => Some((false, false)),
             "OR" => Some((true, false)),
             "!AND" => Some((false, true)),
@@ -204,8 +209,10 @@ fn parse_rule(items: &[Value], path: &str) -> Result<Expr, (String, String)> {
     let (var, negate, op, value) = match (items.len(), strs.get(1).copied().flatten()) {
         (4, Some("!")) => (strs[0], true, strs[2], &items[3]),
         (3, _) => (strs[0], false, strs[1], &items[2]),
+        // lua-resty-expr's shorthand for `==`.
+        (2, _) => (strs[0], false, Some("=="), &items[1]),
         _ => {
-            return Err(err("a rule is [var, op, value] or [var, \"!\", op, value]".into()));
+            return Err(err("a rule is [var, op, value], [var, value] or [var, \"!\", op, value]".into()));
         }
     };
     let var = Var::parse(var.ok_or_else(|| err("variable name must be a string".into()))?).map_err(err)?;
@@ -225,7 +232,8 @@ fn parse_rule(items: &[Value], path: &str) -> Result<Expr, (String, String)> {
             .build()
             .map_err(|e| err(format!("invalid regex: {e}")))
     };
-    let op = match op_name {
+    // Operators in any case, as lua-resty-expr lower-cases them (`IN`, `HAS`).
+    let op = match op_name.to_ascii_lowercase().as_str() {
         "==" => Op::Eq(Operand::from_json(value).map_err(err)?),
         "~=" => Op::Ne(Operand::from_json(value).map_err(err)?),
         ">" => Op::Gt(number(value)?),
@@ -326,6 +334,14 @@ mod tests {
             &s
         ));
         assert!(eval(r#"["arg_a", "==", "1"]"#, &s));
+        // As lua-resty-expr takes them: logic words and operators in any case, the two-item
+        // shorthand for `==`, and no rules at all (always true).
+        assert!(eval(r#"["or", ["arg_a", "==", "9"], ["arg_b", "==", "2"]]"#, &s));
+        assert!(!eval(r#"["!Or", ["arg_a", "==", "9"], ["arg_b", "==", "2"]]"#, &s));
+        assert!(eval(r#"[["arg_a", "IN", ["1", "3"]], ["arg_b", "!", "In", ["1"]]]"#, &s));
+        assert!(eval(r#"[["arg_a", "1"]]"#, &s));
+        assert!(!eval(r#"[["arg_a", "2"]]"#, &s));
+        assert!(eval("[]", &s));
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct RequestView<'a> {
     pub parts: &'a Parts,
     /// Lower-case host without port.
     pub host: Cow<'a, str>,
+    /// The path as nginx's `$uri` has it, which routes and the `uri` variable match (see
+    /// [`uri_path`]); `None` for a path that climbs above the root (a 400).
+    pub uri: Option<Cow<'a, str>>,
     pub client: SocketAddr,
     pub local: SocketAddr,
     pub tls: bool,
@@ -51,12 +54,65 @@ impl<'a> RequestView<'a> {
             .map(|a| a.host())
             .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .unwrap_or("");
-        RequestView { parts, host: host_name(raw), client, local, tls }
+        RequestView { parts, host: host_name(raw), uri: uri_path(parts.uri.path()), client, local, tls }
     }
 
     fn query(&self) -> Option<&'a str> {
         self.parts.uri.query()
     }
+}
+
+/// A request path as nginx's `$uri` has it, which APISIX routes on: percent-escapes decoded
+/// (`%2F` too, as `match_uri_encoded_slash: false` has it), `.` and `..` segments resolved and
+/// repeated slashes merged, so `/static/../api/x`, `//api/x` and `/api%2Fx` all reach the
+/// routes of `/api/x`. `None` when `..` would climb above the root (nginx answers 400). A
+/// path with none of `%`, `//` or `/.` is returned as it is, without a copy.
+pub fn uri_path(raw: &str) -> Option<Cow<'_, str>> {
+    let b = raw.as_bytes();
+    let plain = !b
+        .iter()
+        .enumerate()
+        .any(|(i, &c)| c == b'%' || c == b'/' && matches!(b.get(i + 1), Some(b'/') | Some(b'.')));
+    if plain {
+        return Some(Cow::Borrowed(raw));
+    }
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) =
+                (b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c)))
+        {
+            decoded.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        decoded.push(b[i]);
+        i += 1;
+    }
+    let text = String::from_utf8_lossy(&decoded);
+    let segments: Vec<&str> = text.split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for seg in &segments {
+        match *seg {
+            "" | "." => {}
+            ".." => {
+                out.pop()?;
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = matches!(segments.last(), Some(&"") | Some(&".") | Some(&"..")) && !out.is_empty();
+    let mut path = String::with_capacity(text.len());
+    for seg in &out {
+        path.push('/');
+        path.push_str(seg);
+    }
+    if path.is_empty() || trailing {
+        path.push('/');
+    }
+    Some(Cow::Owned(path))
 }
 
 /// The host name routes match (and the client certificate rules check), as nginx's `$host`
@@ -137,7 +193,7 @@ pub fn cookie<'h>(parts: &'h Parts, name: &str) -> Option<&'h str> {
 impl VarSource for RequestView<'_> {
     fn var(&self, v: &Var) -> Option<Cow<'_, str>> {
         Some(match v {
-            Var::Uri => Cow::Borrowed(self.parts.uri.path()),
+            Var::Uri => Cow::Borrowed(self.uri.as_deref().unwrap_or("/")),
             Var::RequestUri => Cow::Borrowed(self.parts.uri.path_and_query().map_or("/", |p| p.as_str())),
             Var::QueryString => Cow::Borrowed(self.query().unwrap_or("")),
             Var::Host => Cow::Borrowed(&*self.host),
@@ -275,7 +331,7 @@ impl Router {
 
     /// The route for a request, if any.
     pub fn find(&self, req: &RequestView<'_>) -> Option<&Arc<Route>> {
-        let path = req.parts.uri.path();
+        let path = req.uri.as_deref()?;
         let host = &*req.host;
         if !host.is_empty() {
             if let Some(idx) = self.exact_hosts.get(host)
@@ -347,6 +403,37 @@ mod tests {
         assert_eq!(find(&r, "GET", "/api/", "a", "1.1.1.1:1").as_deref(), Some("api"));
         assert_eq!(find(&r, "GET", "/api/v1/z?q=1", "a", "1.1.1.1:1").as_deref(), Some("deep"));
         assert_eq!(find(&r, "GET", "/other", "a", "1.1.1.1:1").as_deref(), Some("all"));
+    }
+
+    /// Routes match the path as nginx's `$uri` has it (APISIX routes on it): a path that
+    /// reaches `/api/x` through `..`, doubled slashes or percent-escapes takes the routes of
+    /// `/api/x`, not those of the path as written.
+    #[test]
+    fn routes_match_the_normalized_path_as_nginx_uri() {
+        let r =
+            router(&format!("routes:\n  - {{id: all, uri: /*, {UP}}}\n  - {{id: api, uri: /api/*, {UP}}}\n"));
+        for path in
+            ["/api/x", "/static/../api/x", "//api/x", "/api%2Fx", "/%61pi/x", "/./api/./x", "/api/x/../y"]
+        {
+            assert_eq!(find(&r, "GET", path, "a", "1.1.1.1:1").as_deref(), Some("api"), "{path}");
+        }
+        assert_eq!(find(&r, "GET", "/api/../static/x", "a", "1.1.1.1:1").as_deref(), Some("all"));
+        assert_eq!(find(&r, "GET", "/../api/x", "a", "1.1.1.1:1"), None, "above the root: no route (a 400)");
+        for (raw, want) in [
+            ("/", Some("/")),
+            ("/a/b", Some("/a/b")),
+            ("/a//b/", Some("/a/b/")),
+            ("/a/b/..", Some("/a/")),
+            ("/a/..", Some("/")),
+            ("/a/.", Some("/a/")),
+            ("/.well-known/x", Some("/.well-known/x")),
+            ("/a%20b%zz", Some("/a b%zz")),
+            ("/..", None),
+            ("/a/../..", None),
+        ] {
+            assert_eq!(uri_path(raw).as_deref(), want, "{raw}");
+        }
+        assert!(matches!(uri_path("/plain/path"), Some(Cow::Borrowed(_))), "no copy for a clean path");
     }
 
     #[test]
