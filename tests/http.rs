@@ -2905,3 +2905,31 @@ async fn clients_that_stop_mid_request_are_closed_within_the_timeouts() {
     // No more bytes, and no close: the gateway must end each.
     each_session_ends(sessions, false, Duration::from_secs(20)).await;
 }
+
+/// Routes match the path as nginx's `$uri` has it, as APISIX routes: `/static/../api/x`,
+/// `//api/x` and `/api%2Fx` take the `/api/*` route, and the node gets the path as the client
+/// sent it; a path that climbs above the root is a 400, and reaches no node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_the_path_as_nginx_uri_has_it() {
+    let (api, other) = (Backend::start("api").await, Backend::start("other").await);
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /api/*\n    upstream: {{nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[api.addr]),
+        nodes_yaml(&[other.addr])
+    ));
+    for path in ["/api/x", "/static/../api/x", "//api/x", "/api%2Fx", "/%61pi/x"] {
+        let out = raw_once(
+            gw.http(),
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 200"), "{path}: {text}");
+        assert!(text.contains("x-backend: api"), "{path}: {text}");
+        assert_eq!(api.state.last_uri.lock().unwrap().as_deref(), Some(path), "the node gets {path} as sent");
+    }
+    let before = api.requests() + other.requests();
+    let out = raw_once(gw.http(), b"GET /../api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&out));
+    assert_eq!(api.requests() + other.requests(), before);
+}
