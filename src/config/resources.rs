@@ -896,8 +896,13 @@ impl Builder<'_> {
         if host.is_some() && hosts.is_some() {
             self.errs.add(path, "set either host or hosts, not both");
         }
-        // As requests' hosts are matched: lower-case, without one trailing dot (nginx's $host).
-        let name = |h: &str| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase();
+        // As requests' hosts are matched: lower-case, without one trailing dot (nginx's $host),
+        // an IPv6 literal without its brackets (`[::1]` is matched as `::1`).
+        let name = |h: &str| {
+            let h = h.strip_suffix('.').unwrap_or(h);
+            let h = h.strip_prefix('[').and_then(|i| i.strip_suffix(']')).unwrap_or(h);
+            h.to_ascii_lowercase()
+        };
         if let Some(h) = host {
             if valid_host(h) {
                 out.push(name(h));
@@ -1799,6 +1804,8 @@ mod tests {
             parse("routes:\n  - {uri: /x, host: A.Test., upstream: {nodes: {\"127.0.0.1:1\": 1}}}\n#END\n")
                 .unwrap();
         assert_eq!(dotted.routes[0].hosts, ["a.test"], "matched as requests' hosts are: no trailing dot");
+        let v6 = parse("routes:\n  - uri: /x\n    hosts: [\"[::1]\", \"[FD00::1]\"]\n    upstream: {nodes: {\"127.0.0.1:1\": 1}}\n#END\n").unwrap();
+        assert_eq!(v6.routes[0].hosts, ["::1", "fd00::1"], "as a request's [::1] host is matched");
         assert_eq!(r.routes[0].upstream.as_deref(), Some("services/s"));
         assert_eq!(r.routes[0].id, "arr_1");
     }
