@@ -167,7 +167,8 @@ impl Shared {
             &config.node.dns_resolver,
             config.node.dns_resolver_valid,
             config.node.resolver_timeout,
-            true,
+            config.node.resolver_ipv6,
+            config.node.resolv_search,
         );
         let global_dns = match DnsDiscovery::new(global) {
             Ok(d) => Some(Arc::new(d)),

@@ -65,6 +65,10 @@ pub struct DnsOptions {
     /// Consult /etc/hosts first.
     pub hosts_file: bool,
     pub ipv6: bool,
+    /// Names without a trailing dot go through resolv.conf's `search` list and `ndots` (APISIX's
+    /// `enable_resolv_search_opt`, on by default), so `backend` finds
+    /// `backend.ns.svc.cluster.local`; off, every name is taken as fully qualified.
+    pub search: bool,
 }
 
 impl Default for DnsOptions {
@@ -83,6 +87,7 @@ impl Default for DnsOptions {
             ttl_override: None,
             hosts_file: false,
             ipv6: true,
+            search: true,
         }
     }
 }
@@ -136,7 +141,7 @@ fn prune(table: &mut HostTable, keep: &str, now: Instant) {
 impl DnsDiscovery {
     /// Builds the resolver.
     pub fn new(opts: DnsOptions) -> Result<Self, DiscoveryError> {
-        let (config, mut ropts) = if !opts.servers.is_empty() {
+        let (mut config, mut ropts) = if !opts.servers.is_empty() {
             let servers = opts
                 .servers
                 .iter()
@@ -156,6 +161,24 @@ impl DnsDiscovery {
             hickory_resolver::system_conf::read_system_conf()
                 .map_err(|e| DiscoveryError::Config(format!("/etc/resolv.conf: {e}")))?
         };
+        if !opts.servers.is_empty() && opts.search {
+            // Servers given by name still take the search list and `ndots` of resolv.conf (the
+            // system's, or `resolv_conf`), as lua-resty-dns-client reads them whatever servers
+            // it is given. Without a readable one there is no search list.
+            let conf = match &opts.resolv_conf {
+                Some(text) => hickory_resolver::system_conf::parse_resolv_conf(text).ok(),
+                None => hickory_resolver::system_conf::read_system_conf().ok(),
+            };
+            if let Some((c, o)) = conf {
+                if let Some(d) = c.domain() {
+                    config.set_domain(d.clone());
+                }
+                for d in c.search() {
+                    config.add_search(d.clone());
+                }
+                ropts.ndots = o.ndots;
+            }
+        }
         ropts.timeout = opts.timeout;
         ropts.attempts = 2;
         // We schedule re-resolution ourselves at the TTL; a cache would hide outages and changes.
@@ -212,7 +235,7 @@ impl DnsDiscovery {
     }
 
     async fn lookup_host_now(&self, host: &str) -> Result<(Vec<IpAddr>, Duration), DiscoveryError> {
-        let name = fqdn(host);
+        let name = self.query_name(host);
         let mut last_err = None;
         let mut kinds = vec![RecordKind::A];
         if self.opts.ipv6 {
@@ -268,6 +291,7 @@ impl DnsDiscovery {
                 let target = srv.target.to_ascii();
                 let (ips, ttl) = match self.ips(&target, RecordKind::A).await? {
                     Some(x) => x,
+                    None if !self.opts.ipv6 => continue,
                     None => match self.ips(&target, RecordKind::Aaaa).await? {
                         Some(x) => x,
                         None => continue,
@@ -336,6 +360,13 @@ fn classify(e: NetError) -> Result<(), DiscoveryError> {
     }
 }
 
+impl DnsDiscovery {
+    /// The name as asked: as written when the search list applies, else fully qualified.
+    fn query_name(&self, host: &str) -> String {
+        if self.opts.search { host.to_string() } else { fqdn(host) }
+    }
+}
+
 /// Makes a name fully qualified so no search domain is appended.
 fn fqdn(name: &str) -> String {
     if name.ends_with('.') { name.to_string() } else { format!("{name}.") }
@@ -371,7 +402,7 @@ impl Discovery for DnsDiscovery {
                     NodeSpec { host: ip.to_string(), port, weight: 1, priority: 0, metadata: Map::new() };
                 return Ok(Resolution { nodes: NodeSet { nodes: vec![node] }, valid_for: Some(MAX_TTL) });
             }
-            let name = fqdn(&host);
+            let name = self.query_name(&host);
             let last = self.last.lock().ok().and_then(|m| m.get(&host).copied());
             let mut order: Vec<RecordKind> = Vec::with_capacity(self.opts.order.len());
             for k in &self.opts.order {
@@ -466,6 +497,72 @@ mod tests {
             }
         });
         (addr, count)
+    }
+
+    /// A name server that knows one name, `backend.svc.test.` (A 127.0.0.2), and answers
+    /// NXDOMAIN for every other; it records the names asked.
+    async fn one_name_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let q = &buf[..n];
+                let mut labels = Vec::new();
+                let mut end = 12;
+                while end < q.len() && q[end] != 0 {
+                    let len = q[end] as usize;
+                    labels.push(
+                        String::from_utf8_lossy(q.get(end + 1..end + 1 + len).unwrap_or(&[])).to_lowercase(),
+                    );
+                    end += 1 + len;
+                }
+                let name = labels.join(".");
+                let qtype = q.get(end + 1..end + 3).map(|t| u16::from_be_bytes([t[0], t[1]]));
+                log.lock().unwrap().push(name.clone());
+                let question = &q[12..(end + 5).min(q.len())];
+                let known = name == "backend.svc.test" && qtype == Some(1);
+                let rcode = if name == "backend.svc.test" { 0x80 } else { 0x83 };
+                let mut a = vec![q[0], q[1], 0x81, rcode, 0, 1, 0, u8::from(known), 0, 0, 0, 0];
+                a.extend_from_slice(question);
+                if known {
+                    a.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 127, 0, 0, 2]);
+                }
+                let _ = sock.send_to(&a, from).await;
+            }
+        });
+        (addr, asked)
+    }
+
+    /// A short name goes through resolv.conf's search list (as in a Kubernetes pod, where
+    /// `backend` is `backend.<ns>.svc.cluster.local`), also with name servers given by address;
+    /// with `search` off (`enable_resolv_search_opt: false`) it is asked as it is.
+    #[tokio::test]
+    async fn short_names_go_through_the_search_list() {
+        let (server, asked) = one_name_server().await;
+        let opts = |search: bool| DnsOptions {
+            servers: vec![server],
+            // The search list and ndots come from here; the servers above answer.
+            resolv_conf: Some("nameserver 127.0.0.1\nsearch svc.test\noptions ndots:2\n".into()),
+            ipv6: false,
+            search,
+            ..DnsOptions::default()
+        };
+        let dns = DnsDiscovery::new(opts(true)).unwrap();
+        let found = dns.lookup_host("backend").await;
+        let (ips, _) = found.unwrap_or_else(|e| panic!("{e:?}; asked {:?}", asked.lock().unwrap()));
+        assert_eq!(ips, [IpAddr::from([127, 0, 0, 2])]);
+        let q = Query { service_name: "backend:8080".into(), args: vec![], scheme: "http".into() };
+        let r = dns.resolve(&q).await.unwrap();
+        assert_eq!(r.nodes.nodes[0].host, "127.0.0.2");
+        assert!(asked.lock().unwrap().contains(&"backend.svc.test".to_string()));
+
+        let dns = DnsDiscovery::new(opts(false)).unwrap();
+        asked.lock().unwrap().clear();
+        assert!(dns.lookup_host("backend").await.is_err());
+        assert!(asked.lock().unwrap().iter().all(|n| n == "backend"), "{:?}", asked.lock().unwrap());
     }
 
     #[tokio::test]

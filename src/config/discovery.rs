@@ -456,6 +456,7 @@ pub fn global_resolver(
     valid: Option<Duration>,
     timeout: Duration,
     ipv6: bool,
+    search: bool,
 ) -> DnsOptions {
     DnsOptions {
         servers: servers.to_vec(),
@@ -465,6 +466,7 @@ pub fn global_resolver(
         ttl_override: valid,
         hosts_file: true,
         ipv6,
+        search,
     }
 }
 

@@ -87,6 +87,12 @@ pub struct NodeConfig {
     pub disable_healthcheck: bool,
     /// `apisix.enable_ipv6`.
     pub enable_ipv6: bool,
+    /// Whether the resolver for host names in nodes asks for AAAA records: `apisix.enable_ipv6`,
+    /// with APISIX's default (on) when unset.
+    pub resolver_ipv6: bool,
+    /// `apisix.enable_resolv_search_opt` (default on): that resolver applies resolv.conf's
+    /// `search` list.
+    pub resolv_search: bool,
     /// TLS versions of TLS listeners, HTTP and stream (`apisix.ssl.ssl_protocols`).
     pub ssl_protocols: strait_protocols::tls::TlsVersions,
     /// How long a TLS session can be resumed (`apisix.ssl.ssl_session_timeout`, APISIX's default
@@ -355,6 +361,8 @@ impl NodeConfig {
             discovery_config: Default::default(),
             disable_healthcheck: false,
             enable_ipv6: false,
+            resolver_ipv6: true,
+            resolv_search: true,
             ssl_protocols: Default::default(),
             ssl_session_timeout: Duration::from_secs(600),
             workers: None,
@@ -394,6 +402,8 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     }
 
     cfg.enable_ipv6 = a.enable_ipv6.unwrap_or(false);
+    cfg.resolver_ipv6 = a.enable_ipv6.unwrap_or(true);
+    cfg.resolv_search = a.enable_resolv_search_opt.unwrap_or(true);
     cfg.disable_healthcheck = a.disable_upstream_healthcheck.unwrap_or(false);
     if let Some(list) = &a.trusted_addresses {
         if list.is_empty() {
