@@ -2933,3 +2933,41 @@ async fn routes_match_the_path_as_nginx_uri_has_it() {
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&out));
     assert_eq!(api.requests() + other.requests(), before);
 }
+
+/// A node whose answer is malformed (nginx's `invalid_header`) gets the client a 502 at once:
+/// the request is not sent to another node, as nginx's default `proxy_next_upstream` (`error
+/// timeout`) does not, so the request is not run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_answer_is_a_502_and_not_retried() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bad_hits = Arc::new(AtomicUsize::new(0));
+    let hits = bad_hits.clone();
+    let bad = hand_node(move |mut s| {
+        let hits = hits.clone();
+        async move {
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            hits.fetch_add(1, Ordering::SeqCst);
+            let _ = s.write_all(b"HTTP/1.1 2000 Weird\r\nContent-Length: 0\r\n\r\n").await;
+        }
+    })
+    .await;
+    let good = Backend::start("good").await;
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  - id: u\n    retries: 1\n    nodes: {}\nroutes:\n  - uri: /*\n    upstream_id: u\n",
+        nodes_yaml(&[bad, good.addr])
+    ));
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..6 {
+        match get(gw.http(), "/x").await.0 {
+            StatusCode::OK => ok += 1,
+            StatusCode::BAD_GATEWAY => failed += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(failed > 0, "the malformed node was picked");
+    assert_eq!(bad_hits.load(Ordering::SeqCst), failed, "each 502 is one try of the bad node");
+    assert_eq!(good.requests(), ok, "no request went on to the good node after the bad answer");
+}

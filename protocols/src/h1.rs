@@ -1254,13 +1254,13 @@ async fn read_head(
                 buf.advance(parsed.len);
                 if parsed.status == 101 {
                     // No upgrade was asked for.
-                    let e = ProxyError::BadResponse("unexpected 101 Switching Protocols".into());
+                    let e = ProxyError::InvalidResponse("unexpected 101 Switching Protocols".into());
                     return Err(node_fail(e, Outcome::TcpFailure));
                 }
                 if (100..200).contains(&parsed.status) {
                     interim += 1;
                     if interim > 8 {
-                        let e = ProxyError::BadResponse("too many interim responses".into());
+                        let e = ProxyError::InvalidResponse("too many interim responses".into());
                         return Err(node_fail(e, Outcome::TcpFailure));
                     }
                     continue;
@@ -1288,10 +1288,10 @@ async fn read_head(
                 }
             }
             Ok(None) => {
-                let e = ProxyError::BadResponse("response head too large".into());
+                let e = ProxyError::InvalidResponse("response head too large".into());
                 return Err(node_fail(e, Outcome::TcpFailure));
             }
-            Err(msg) => return Err(node_fail(ProxyError::BadResponse(msg), Outcome::TcpFailure)),
+            Err(msg) => return Err(node_fail(ProxyError::InvalidResponse(msg), Outcome::TcpFailure)),
         }
     }
 }

@@ -815,7 +815,7 @@ async fn attempt_once(
 /// Maps a hyper client error to the gateway error the client sees, and the node's outcome.
 fn classify_send_error(e: &hyper::Error) -> (ProxyError, Outcome) {
     if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
-        (ProxyError::BadResponse(e.to_string()), Outcome::TcpFailure)
+        (ProxyError::InvalidResponse(e.to_string()), Outcome::TcpFailure)
     } else if is_send_timeout(e) {
         (ProxyError::Timeout("send"), Outcome::Timeout)
     } else {

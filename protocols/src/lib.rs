@@ -298,6 +298,11 @@ pub enum ProxyError {
     Timeout(&'static str),
     #[error("upstream sent an invalid response: {0}")]
     BadResponse(String),
+    /// A response head that is malformed, too large or out of place (nginx's `invalid_header`):
+    /// a 502 that is not tried on another node, as nginx's default `proxy_next_upstream`
+    /// (`error timeout`) does not.
+    #[error("upstream sent an invalid response: {0}")]
+    InvalidResponse(String),
     #[error("proxy retry timeout")]
     RetryTimeout,
     #[error("bad request: {0}")]

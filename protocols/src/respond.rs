@@ -18,9 +18,10 @@ pub fn http_status(err: &ProxyError) -> StatusCode {
         ProxyError::NoNode | ProxyError::NoHealthyNode | ProxyError::ShuttingDown => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        ProxyError::Connect(_) | ProxyError::BadResponse(_) | ProxyError::RetryTimeout => {
-            StatusCode::BAD_GATEWAY
-        }
+        ProxyError::Connect(_)
+        | ProxyError::BadResponse(_)
+        | ProxyError::InvalidResponse(_)
+        | ProxyError::RetryTimeout => StatusCode::BAD_GATEWAY,
         ProxyError::Timeout(_) | ProxyError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ProxyError::Status(s, _) => StatusCode::from_u16(*s).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -36,6 +37,7 @@ pub fn grpc_code(err: &ProxyError) -> Code {
         | ProxyError::ShuttingDown
         | ProxyError::Connect(_)
         | ProxyError::BadResponse(_)
+        | ProxyError::InvalidResponse(_)
         | ProxyError::RetryTimeout => Code::Unavailable,
         ProxyError::Timeout(_) | ProxyError::DeadlineExceeded => Code::DeadlineExceeded,
         ProxyError::BadRequest(_) => Code::Internal,

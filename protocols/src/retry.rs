@@ -71,7 +71,7 @@ impl<'a> Retry<'a> {
             "upstream attempt failed"
         );
         self.tried.push(addr);
-        if self.attempt > self.retries || !can_resend {
+        if self.attempt > self.retries || !can_resend || matches!(error, ProxyError::InvalidResponse(_)) {
             return Err(error);
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
