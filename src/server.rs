@@ -978,7 +978,7 @@ async fn one_request<S: ClientStream>(
     };
     let strait_protocols::h1::ParsedRequest { parts, len } = parsed;
     let Some(body) = strait_protocols::h1::eligible(&parts) else { return Step::HandOff };
-    if strait_protocols::http::host_fault(&parts).is_some() {
+    if strait_protocols::http::host_fault(&parts).is_some() || parts.method == http::Method::TRACE {
         // The general path answers it (400).
         return Step::HandOff;
     }
@@ -1138,6 +1138,12 @@ async fn handle(
     if let Some(fault) = strait_protocols::http::host_fault(&parts) {
         strait_protocols::http::drain_unread(body).await;
         return error_response(&ProxyError::BadRequest(fault.to_string()), is_grpc);
+    }
+    if parts.method == http::Method::TRACE {
+        // nginx refuses TRACE ("client sent TRACE method"): it would echo the request's
+        // headers, cookies included, back to whoever can make the client send one.
+        strait_protocols::http::drain_unread(body).await;
+        return error_response(&ProxyError::Status(405, "TRACE is not allowed".into()), is_grpc);
     }
     let (route, key) = {
         let state = shared.state.load();

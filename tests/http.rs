@@ -2971,3 +2971,52 @@ async fn a_malformed_answer_is_a_502_and_not_retried() {
     assert_eq!(bad_hits.load(Ordering::SeqCst), failed, "each 502 is one try of the bad node");
     assert_eq!(good.requests(), ok, "no request went on to the good node after the bad answer");
 }
+
+/// TRACE is refused with 405, as nginx refuses it: it would echo the request's headers
+/// (cookies, credentials) back; the node never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_is_refused_with_405() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let out =
+        raw_once(gw.http(), b"TRACE /x HTTP/1.1\r\nHost: a\r\nCookie: s=1\r\nConnection: close\r\n\r\n")
+            .await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 405"), "{}", String::from_utf8_lossy(&out));
+    let req = Request::builder()
+        .method("TRACE")
+        .uri("/x")
+        .header("host", "a")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(gw.http(), req).await.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(b.requests(), 0);
+    assert_eq!(get(gw.http(), "/x").await.0, StatusCode::OK);
+}
+
+/// A small body from an HTTP/2 client, read whole before it goes to the node, is bounded by
+/// `client_body_timeout` (2 s here), not by the node's `timeout.send` (0.3 s here): a client
+/// that sends it in two parts half a second apart is served, not answered 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_h2_body_sent_slowly_is_bounded_by_client_body_timeout() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{timeout: {{connect: 1, send: 0.3, read: 5}}, nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req =
+        Request::post(format!("http://{}/slow", gw.http())).header("content-length", "10").body(()).unwrap();
+    let (answer, mut up) = client.send_request(req, false).unwrap();
+    up.send_data(Bytes::from_static(b"12345"), false).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    up.send_data(Bytes::from_static(b"67890"), true).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("no answer").unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(b.requests(), 1);
+}

@@ -298,15 +298,18 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
         && body.size_hint().exact().is_some_and(|n| n <= crate::h1::BODY_MAX)
     {
         let whole = std::mem::replace(&mut body, ProxyBody::Empty);
-        let bytes = match tokio::time::timeout(timeouts.send, http_body_util::BodyExt::collect(whole)).await {
-            Ok(Ok(c)) => c.to_bytes(),
-            Ok(Err(e)) => {
-                return Err((ProxyError::BadRequest(format!("request body: {e}")), ProxyBody::Empty));
-            }
-            Err(_) => {
-                return Err((ProxyError::Status(408, "request body timed out".into()), ProxyBody::Empty));
-            }
-        };
+        // The client's pace is `client_body_timeout`'s to bound (nginx's), not the node's
+        // `timeout.send`: a few seconds' send timeout failed slow uploads of a few KiB.
+        let bytes =
+            match tokio::time::timeout(ctx.body_timeout, http_body_util::BodyExt::collect(whole)).await {
+                Ok(Ok(c)) => c.to_bytes(),
+                Ok(Err(e)) => {
+                    return Err((ProxyError::BadRequest(format!("request body: {e}")), ProxyBody::Empty));
+                }
+                Err(_) => {
+                    return Err((ProxyError::Status(408, "request body timed out".into()), ProxyBody::Empty));
+                }
+            };
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         buffered = Some(bytes);
     }
