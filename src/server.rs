@@ -310,7 +310,7 @@ async fn worker(
     let tracker = Arc::new(ConnTracker::default());
     let tls = match strait_protocols::tls::server_config(
         Arc::new(StateCerts(shared.state.clone(), shared.node.ssl_protocols)),
-        &[b"h2", b"http/1.1"],
+        &[b"h2", b"http/1.1", b"http/1.0"],
         shared.node.ssl_protocols,
         shared.http_sessions.clone(),
     ) {
@@ -322,7 +322,7 @@ async fn worker(
     };
     let tls_h1 = match strait_protocols::tls::server_config(
         Arc::new(StateCerts(shared.state.clone(), shared.node.ssl_protocols)),
-        &[b"http/1.1"],
+        &[b"http/1.1", b"http/1.0"],
         shared.node.ssl_protocols,
         shared.http_sessions.clone(),
     ) {

@@ -409,16 +409,13 @@ impl CertStore {
         if let Some(e) = self.exact.get(sni) {
             return Some(e);
         }
-        // `*.example.com` matches any depth below example.com, but not example.com itself.
-        for (i, _) in sni.match_indices('.') {
-            if i == 0 {
-                continue;
-            }
-            if let Some(e) = self.wildcard.get(&sni[i..]) {
-                return Some(e);
-            }
+        // `*.example.com` matches one label below example.com (`www.example.com`), as APISIX's
+        // SNI router does (it refuses a match with another `.` before the suffix) and as the
+        // certificate itself covers: not `a.b.example.com`, nor example.com itself.
+        match sni.find('.') {
+            Some(i) if i > 0 => self.wildcard.get(&sni[i..]),
+            _ => None,
         }
-        None
     }
 
     /// Whether no certificate is configured.
@@ -606,8 +603,8 @@ impl SniPolicy {
         };
         let http_scope = sessions.scope();
         Ok(SniPolicy {
-            h2: build(&[b"h2", b"http/1.1"], &http, &http_scope)?,
-            h1: build(&[b"http/1.1"], &http, &http_scope)?,
+            h2: build(&[b"h2", b"http/1.1", b"http/1.0"], &http, &http_scope)?,
+            h1: build(&[b"http/1.1", b"http/1.0"], &http, &http_scope)?,
             raw: build(&[], &required, &sessions.scope())?,
             client_auth,
             skip_uris,
@@ -1202,7 +1199,8 @@ mod tests {
         s.insert("API.example.com", b.clone());
         assert!(Arc::ptr_eq(&s.lookup("api.example.com").unwrap(), &b));
         assert!(Arc::ptr_eq(&s.lookup("Web.Example.com").unwrap(), &a));
-        assert!(Arc::ptr_eq(&s.lookup("x.y.example.com").unwrap(), &a));
+        // One label only, as APISIX's SNI router and the certificate itself have it.
+        assert!(s.lookup("x.y.example.com").is_none());
         assert!(s.lookup("example.com").is_none());
         assert!(s.lookup("other.org").is_none());
     }

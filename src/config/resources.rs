@@ -434,8 +434,15 @@ impl Builder<'_> {
                 self.errs.add(join(&path, "snis"), "required: the names this certificate serves");
             }
             for (j, s) in snis.iter().enumerate() {
+                let at = index(&join(&path, "snis"), j);
                 if !valid_host(s) {
-                    self.errs.add(index(&join(&path, "snis"), j), format!("invalid SNI {s:?}"));
+                    self.errs.add(at, format!("invalid SNI {s:?}"));
+                } else if s.starts_with('*') && !s.starts_with("*.") || s == "*." {
+                    // Stored as a wildcard no client name could ever reach.
+                    self.errs.add(at, format!("invalid SNI {s:?}: a wildcard is `*.` and a domain"));
+                } else if s.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>().is_ok() {
+                    self.errs
+                        .add(at, format!("invalid SNI {s:?}: TLS clients send no SNI for an IP address"));
                 }
             }
             if client && !more_keys.is_empty() {
@@ -448,7 +455,8 @@ impl Builder<'_> {
                 r.ssl_protocols.as_ref().and_then(|p| self.ssl_protocols(p, &join(&path, "ssl_protocols")));
             let spec = SslSpec {
                 id: id.clone(),
-                snis: snis.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                // As clients send them: lower-case, without a trailing dot.
+                snis: snis.iter().map(|s| s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase()).collect(),
                 cert,
                 key,
                 keys: std::iter::once(first).chain(more_keys).collect(),
@@ -1679,6 +1687,13 @@ mod tests {
         assert_eq!(spec.protocols, Some(strait_protocols::tls::TlsVersions { tls12: false, tls13: true }));
         let r = parse(&ssl("")).unwrap();
         assert!(r.ssls[0].client_auth.is_none() && r.ssls[0].protocols.is_none());
+        // SNIs as clients send them (no trailing dot); names no client could send are errors.
+        let with_snis = |snis: &str| ssl("").replace("snis: [a.test]", &format!("snis: [{snis}]"));
+        assert_eq!(parse(&with_snis("\"A.test.\"")).unwrap().ssls[0].snis, ["a.test"]);
+        for bad in ["\"*\"", "\"*a.test\"", "\"10.0.0.1\"", "\"[::1]\""] {
+            let e = errors(&with_snis(bad));
+            assert!(e.iter().any(|m| m.starts_with("ssls[0].snis[0]: invalid SNI")), "{bad}: {e:?}");
+        }
         let r =
             parse(&ssl(&format!("{ca}      skip_mtls_uri_regex: [\"^/health\"]\n      depth: 3\n"))).unwrap();
         let auth = r.ssls[0].client_auth.as_ref().unwrap();
