@@ -441,7 +441,12 @@ impl Discovery for DnsDiscovery {
                     RecordKind::Last => Ok(None),
                 };
                 match found {
-                    Ok(Some(res)) => {
+                    Ok(Some(mut res)) => {
+                        // In one order whatever the answer's: a server that rotates its records
+                        // does not make every re-resolution a change to apply.
+                        res.nodes.nodes.sort_by(|a, b| {
+                            (&a.host, a.port, a.priority).cmp(&(&b.host, b.port, b.priority))
+                        });
                         if let Ok(mut m) = self.last.lock() {
                             m.insert(host.clone(), kind);
                         }

@@ -372,6 +372,17 @@ fn static_nodes(list: &[NodeSpec], scheme: Scheme, resolved: &HashMap<String, Ip
         .collect()
 }
 
+/// The one address a name's node gets, as APISIX gives it one: the current one while the
+/// answer still holds it, else the lowest IPv4 address (IPv6 without any), so a name whose
+/// server rotates its answers (round-robin DNS) keeps its node, health and pooled connections
+/// from one re-resolution to the next.
+fn stable_pick(current: Option<IpAddr>, ips: &[IpAddr]) -> Option<IpAddr> {
+    if let Some(c) = current.filter(|c| ips.contains(c)) {
+        return Some(c);
+    }
+    ips.iter().filter(|i| i.is_ipv4()).min().or(ips.iter().min()).copied()
+}
+
 async fn resolve_static(up: Arc<Upstream>, hub: Arc<DiscoveryHub>) {
     let NodeSource::Static(list) = &up.spec.nodes else {
         return;
@@ -392,10 +403,7 @@ async fn resolve_static(up: Arc<Upstream>, hub: Arc<DiscoveryHub>) {
         for name in &names {
             match dns.lookup_host(name).await {
                 Ok((ips, ttl)) => {
-                    // One address per name, as APISIX does; the first IPv4 one, so the node's
-                    // identity stays stable across re-resolutions.
-                    let pick = ips.iter().find(|i| i.is_ipv4()).or(ips.first()).copied();
-                    if let Some(ip) = pick {
+                    if let Some(ip) = stable_pick(known.get(name).copied(), &ips) {
                         known.insert(name.clone(), ip);
                     }
                     next = next.min(ttl);
@@ -479,5 +487,23 @@ async fn follow(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name whose answers rotate keeps its address while the answer holds it; a new one is
+    /// the lowest IPv4 address, whatever the answer's order.
+    #[test]
+    fn a_rotating_answer_keeps_the_node_address() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let first = stable_pick(None, &[ip("10.0.0.3"), ip("10.0.0.1"), ip("fd00::1")]);
+        assert_eq!(first, Some(ip("10.0.0.1")));
+        assert_eq!(stable_pick(first, &[ip("10.0.0.3"), ip("10.0.0.2"), ip("10.0.0.1")]), first);
+        assert_eq!(stable_pick(first, &[ip("10.0.0.3"), ip("10.0.0.2")]), Some(ip("10.0.0.2")));
+        assert_eq!(stable_pick(None, &[ip("fd00::2"), ip("fd00::1")]), Some(ip("fd00::1")));
+        assert_eq!(stable_pick(first, &[]), None);
     }
 }
