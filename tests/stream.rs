@@ -323,6 +323,26 @@ async fn an_mtls_name_is_not_routed_by_its_client_hello_on_a_plain_listener() {
     decoy.extend_from_slice(b"FLUSHALL\r\n");
     assert!(closed_without_data(gw.stream(0), &decoy).await, "a decoy ClientHello was routed");
     assert_eq!(*echo.connections.lock().unwrap(), 0);
+    // A wildcard entry's rules cover every depth a wildcard route takes: no certificate serves
+    // `a.b.db.test`, but the `*.db.test` route would take it.
+    let wild = ca.leaf(&["*.db.test"]);
+    let deep = TestGateway::start_with(
+        &stream_config("      - \"127.0.0.1:0\"\n"),
+        &format!(
+            "ssls:\n  - snis: [\"*.db.test\"]\n    cert: {}    key: {}    client:\n      ca: {}stream_routes:\n  - sni: \"*.db.test\"\n    upstream: {{nodes: {}}}\n",
+            yaml_block(&wild.cert, 6),
+            yaml_block(&wild.key, 6),
+            yaml_block(&client_ca.pem, 8),
+            nodes_yaml(&[echo.addr])
+        ),
+        1,
+    );
+    for name in ["x.db.test", "a.b.db.test"] {
+        let mut decoy = support::certs::client_hello(name);
+        decoy.extend_from_slice(b"FLUSHALL\r\n");
+        assert!(closed_without_data(deep.stream(0), &decoy).await, "{name}: a decoy ClientHello was routed");
+    }
+    assert_eq!(*echo.connections.lock().unwrap(), 0);
     let sn = rustls::pki_types::ServerName::try_from("db.test").unwrap();
     let tcp = TcpStream::connect(gw.stream(1)).await.unwrap();
     let connector = client_tls_with_cert(&ca, &client_ca.leaf(&["client"]));

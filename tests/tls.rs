@@ -1204,3 +1204,59 @@ async fn mangled_client_hellos_on_the_https_listener_are_closed_within_the_timeo
     .await;
     assert!(ok, "{err}");
 }
+
+/// A wildcard entry's client-certificate rules cover every depth its routes match: a route for
+/// `*.secure.test` cannot be reached without a client certificate by a connection made for
+/// another name with `Host: a.b.secure.test` (no certificate serves that deeper name, but the
+/// route takes it). APISIX looks the host's entry up one label deep and would let it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_entry_client_ca_covers_hosts_of_any_depth() {
+    let ca = Ca::new("test-ca");
+    let client_ca = Ca::new("client-ca");
+    let (secure, open) = (ca.leaf(&["*.secure.test"]), ca.leaf(&["open.test"]));
+    let (b_secure, b_open) = (Backend::start("secure").await, Backend::start("open").await);
+    let (_dir, ca_file) = ca_file(&ca);
+    let gw = TestGateway::start_with(
+        &tls_config(),
+        &format!(
+            "ssls:\n{}    client:\n      ca: {}{}routes:\n  - uri: /*\n    hosts: [\"*.secure.test\"]\n    upstream: {{nodes: {}}}\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+            ssl_entry("secure", "\"*.secure.test\"", &secure),
+            yaml_block(&client_ca.pem, 8),
+            ssl_entry("open", "open.test", &open),
+            nodes_yaml(&[b_secure.addr]),
+            nodes_yaml(&[b_open.addr])
+        ),
+        1,
+    );
+    let port = gw.tls().port();
+    let resolve = format!("open.test:{port}:127.0.0.1");
+    for host in ["x.secure.test", "a.b.secure.test"] {
+        let (_, out, err) = curl(&[
+            "-sS",
+            "--cacert",
+            &ca_file,
+            "--resolve",
+            &resolve,
+            "-H",
+            &format!("Host: {host}"),
+            "-w",
+            "\n%{http_code}",
+            &format!("https://open.test:{port}/x"),
+        ])
+        .await;
+        assert!(out.ends_with("\n400"), "{host} through open.test: {out} {err}");
+    }
+    assert_eq!(b_secure.requests(), 0);
+    // The open name itself is served.
+    let (ok, out, err) = curl(&[
+        "-sS",
+        "-f",
+        "--cacert",
+        &ca_file,
+        "--resolve",
+        &resolve,
+        &format!("https://open.test:{port}/x"),
+    ])
+    .await;
+    assert!(ok && out.contains("open"), "{out} {err}");
+}

@@ -376,7 +376,7 @@ impl CertStore {
                 && normalized.get_or_init(|| normalized_path(path)).as_deref().is_some_and(matches)
         };
         let needs_cert = |p: &SniPolicy| p.client_auth && !verified && !skipped(p);
-        if let Some(p) = self.entry(host).and_then(|e| e.policy.as_deref())
+        if let Some(p) = self.policy_entry(host).and_then(|e| e.policy.as_deref())
             && p.client_auth
             && (!sni.is_some_and(|s| s.eq_ignore_ascii_case(host)) || needs_cert(p))
         {
@@ -388,7 +388,7 @@ impl CertStore {
     /// The policy of the SNI a client asked for (or of the fallback, without SNI).
     pub fn policy(&self, sni: Option<&str>) -> Option<Arc<SniPolicy>> {
         match sni {
-            Some(name) => self.entry(name)?.policy.clone(),
+            Some(name) => self.policy_entry(name)?.policy.clone(),
             None => self.fallback.as_ref()?.policy.clone(),
         }
     }
@@ -398,7 +398,24 @@ impl CertStore {
         self.entry(sni).and_then(|e| e.keys.first().cloned())
     }
 
+    /// The entry whose certificate serves `sni`: exact, else the wildcard one label above it.
+    /// `*.example.com` serves `www.example.com`, as APISIX's SNI router does (it refuses a match
+    /// with another `.` before the suffix) and as the certificate itself covers: not
+    /// `a.b.example.com`, nor example.com itself.
     fn entry(&self, sni: &str) -> Option<&SniEntry> {
+        self.find(sni, false)
+    }
+
+    /// The entry whose client-certificate rules cover `name`: as [`Self::entry`], except that a
+    /// wildcard covers any depth below its suffix, as route hosts and stream route SNIs match.
+    /// So `a.b.example.com`, which `*.example.com` routes take but no certificate serves, is
+    /// still under that entry's `client` rules, and cannot reach those routes through a
+    /// connection made for another name (or a plain listener's unverified ClientHello).
+    fn policy_entry(&self, name: &str) -> Option<&SniEntry> {
+        self.find(name, true)
+    }
+
+    fn find(&self, sni: &str, any_depth: bool) -> Option<&SniEntry> {
         let lower;
         let sni = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = sni.to_ascii_lowercase();
@@ -409,13 +426,18 @@ impl CertStore {
         if let Some(e) = self.exact.get(sni) {
             return Some(e);
         }
-        // `*.example.com` matches one label below example.com (`www.example.com`), as APISIX's
-        // SNI router does (it refuses a match with another `.` before the suffix) and as the
-        // certificate itself covers: not `a.b.example.com`, nor example.com itself.
-        match sni.find('.') {
-            Some(i) if i > 0 => self.wildcard.get(&sni[i..]),
-            _ => None,
+        for (i, _) in sni.match_indices('.') {
+            if i == 0 {
+                continue;
+            }
+            if let Some(e) = self.wildcard.get(&sni[i..]) {
+                return Some(e);
+            }
+            if !any_depth {
+                return None;
+            }
         }
+        None
     }
 
     /// Whether no certificate is configured.
