@@ -221,7 +221,7 @@ impl Body for UpstreamBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.fail(Outcome::TcpFailure);
+                this.fail(Outcome::LateTcpFailure);
                 if this.grpc_client {
                     return this.grpc_end(grpc::Code::Unavailable, &format!("upstream stream broke: {e}"));
                 }
@@ -249,7 +249,7 @@ impl Body for UpstreamBody {
                     this.pooled = None;
                     this.peer = None;
                 } else {
-                    this.fail(Outcome::Timeout);
+                    this.fail(Outcome::LateTimeout);
                 }
                 let msg = if call_deadline { "deadline exceeded" } else { "upstream read timed out" };
                 if this.grpc_client {

@@ -1603,7 +1603,7 @@ impl Broken {
             }
             Broken::Node(outcome) => {
                 if let Some(p) = peer {
-                    p.report_since(outcome, start);
+                    p.report_since(outcome.after_head(), start);
                 }
                 Failure::Client
             }

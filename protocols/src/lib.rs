@@ -45,8 +45,25 @@ pub enum Outcome {
     TcpFailure,
     /// Connect or read timed out.
     Timeout,
+    /// The connection broke after the answer's head reached the client (mid-body).
+    LateTcpFailure,
+    /// A read timed out after the answer's head reached the client (mid-body).
+    LateTimeout,
     /// A stream (L4) session ended cleanly.
     StreamOk,
+}
+
+impl Outcome {
+    /// The outcome of a failure that came after the answer's head: no retry can follow it,
+    /// which health checks without a `passive` block (counting what makes a request retry)
+    /// tell apart.
+    pub fn after_head(self) -> Outcome {
+        match self {
+            Outcome::TcpFailure => Outcome::LateTcpFailure,
+            Outcome::Timeout => Outcome::LateTimeout,
+            o => o,
+        }
+    }
 }
 
 /// Feedback channel from a forwarded request to the node it went to.

@@ -224,16 +224,16 @@ impl Upstream {
 
         if let Some(prev) = prev {
             let old = prev.snapshot.load();
+            // Checks removed (as APISIX destroys the checker): no probe or report could bring a
+            // node marked unhealthy back, so every node starts afresh, healthy. Fresh states, not
+            // the old ones reset: the old upstream lives on while its requests and sessions do,
+            // and its probes and passive reports would mark them unhealthy again.
             let states: HashMap<SocketAddr, Arc<NodeState>> =
-                old.nodes.iter().map(|n| (n.addr, n.state.clone())).collect();
-            if up.spec.checks.is_none() {
-                // Checks removed (as APISIX destroys the checker): no probe or report could
-                // bring a node marked unhealthy back, so every node starts healthy again.
-                for s in states.values() {
-                    s.health.reset();
-                    *s.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                }
-            }
+                if up.spec.checks.is_none() && prev.spec.checks.is_some() {
+                    HashMap::new()
+                } else {
+                    old.nodes.iter().map(|n| (n.addr, n.state.clone())).collect()
+                };
             if prev.spec.nodes == up.spec.nodes && old.resolved {
                 // Same source: keep serving the nodes it last delivered.
                 let list = old.nodes.iter().map(|n| n.to_resolved()).collect();

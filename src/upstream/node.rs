@@ -140,8 +140,8 @@ impl PassivePolicy {
                     Some(Event::Success)
                 }
             }
-            Outcome::TcpFailure => Some(Event::TcpFailure),
-            Outcome::Timeout => Some(Event::Timeout),
+            Outcome::TcpFailure | Outcome::LateTcpFailure => Some(Event::TcpFailure),
+            Outcome::Timeout | Outcome::LateTimeout => Some(Event::Timeout),
             // A connected stream session says little of the node (a client may send it
             // nothing), and APISIX's stream sessions report only failures: a success here would
             // reset the failure count of a node that fails every other connect.
@@ -186,7 +186,7 @@ impl PeerNode for Node {
                     self.state.observe_latency(elapsed)
                 }
             }
-            Outcome::TcpFailure | Outcome::Timeout => {
+            Outcome::TcpFailure | Outcome::Timeout | Outcome::LateTcpFailure | Outcome::LateTimeout => {
                 self.state.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -242,12 +242,19 @@ mod tests {
         assert_eq!(p.classify(Outcome::StreamOk), None);
         assert_eq!(p.classify(Outcome::TcpFailure), Some(Event::TcpFailure));
         // Without a `passive` block only what makes a request retry counts.
-        let retries_only = PassivePolicy { failures_only: true, ..p };
+        let retries_only = PassivePolicy { failures_only: true, ..p.clone() };
         assert_eq!(retries_only.classify(Outcome::TcpFailure), Some(Event::TcpFailure));
         assert_eq!(retries_only.classify(Outcome::Timeout), Some(Event::Timeout));
-        for o in
-            [Outcome::HttpStatus(503), Outcome::HttpStatus(200), Outcome::GrpcStatus(14), Outcome::StreamOk]
-        {
+        assert_eq!(p.classify(Outcome::LateTimeout), Some(Event::Timeout), "a passive block counts it");
+        // A failure after the answer's head began made nothing retry.
+        for o in [
+            Outcome::HttpStatus(503),
+            Outcome::HttpStatus(200),
+            Outcome::GrpcStatus(14),
+            Outcome::StreamOk,
+            Outcome::LateTcpFailure,
+            Outcome::LateTimeout,
+        ] {
             assert_eq!(retries_only.classify(o), None, "{o:?}");
         }
     }

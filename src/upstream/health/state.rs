@@ -148,11 +148,6 @@ impl Health {
         }
     }
 
-    /// Back to healthy with no counts, as a node starts.
-    pub fn reset(&self) {
-        self.word.store(0, Ordering::Relaxed);
-    }
-
     /// Current status.
     #[inline]
     pub fn status(&self) -> Status {
