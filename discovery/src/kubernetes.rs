@@ -289,10 +289,13 @@ impl Informer {
                 ));
             }
             let v: Value = serde_json::from_slice(&r.body).map_err(|e| format!("list: {e}"))?;
-            // A list always has `items` (`[]` when empty): JSON without it is no answer, and
-            // taking it as an empty list would empty every watched service.
-            let Some(items) = v["items"].as_array() else {
-                return Err("list: no items array in the answer".into());
+            // A list always has `items` (`[]` when empty, `null` from a server that writes an
+            // empty Go slice so): JSON without it is no answer, and taking it as an empty list
+            // would empty every watched service.
+            let items: &[Value] = match v.get("items") {
+                Some(Value::Array(a)) => a,
+                Some(Value::Null) => &[],
+                _ => return Err("list: no items array in the answer".into()),
             };
             for item in items {
                 if let Some(object) = self.parse(item) {
@@ -788,14 +791,18 @@ mod tests {
     /// replaced), not an empty cluster; `"items": []` is one.
     #[tokio::test]
     async fn a_list_answer_without_items_is_a_failed_list() {
-        for body in ["{}", "null", r#"{"kind": "Status", "items": {}}"#] {
+        for body in ["{}", "null", "0", r#"{"kind": "Status", "items": {}}"#] {
             let inf = informer(serve_watch(body.as_bytes().to_vec()).await, false);
             let err = inf.list().await.err().unwrap_or_default();
             assert!(err.contains("no items array"), "{body}: {err}");
         }
-        let empty = br#"{"kind": "EndpointsList", "metadata": {"resourceVersion": "3"}, "items": []}"#;
-        let inf = informer(serve_watch(empty.to_vec()).await, false);
-        assert_eq!(inf.list().await, Ok(()));
+        for empty in [
+            r#"{"kind": "EndpointsList", "metadata": {"resourceVersion": "3"}, "items": []}"#,
+            r#"{"kind": "EndpointsList", "metadata": {"resourceVersion": "3"}, "items": null}"#,
+        ] {
+            let inf = informer(serve_watch(empty.as_bytes().to_vec()).await, false);
+            assert_eq!(inf.list().await, Ok(()), "{empty}");
+        }
     }
 
     #[tokio::test]
