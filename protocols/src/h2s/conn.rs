@@ -801,8 +801,11 @@ where
         }
         let Some(idx) = self.ids.get(&head.stream).copied() else { return Ok(()) };
         let reason = Reason(frame::u32_at(p));
-        // A reset after the whole answer went out is a client saying it has what it needs.
-        if !matches!(self.slots[idx as usize].phase, Phase::Done) {
+        // Only a reset before the answer's head counts: that is the rapid-reset shape (open,
+        // make the gateway start the work, cancel). One after the head (a client cancelling a
+        // watch or a server stream it has what it needs of, as gRPC clients do all day on one
+        // connection) or after the whole answer is a client's normal business.
+        if matches!(self.slots[idx as usize].phase, Phase::Service(_)) {
             self.resets += 1;
         }
         self.close_slot(idx, Some(reason));

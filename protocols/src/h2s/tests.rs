@@ -1040,6 +1040,38 @@ async fn rapidly_reset_streams_cost_the_connection() {
     c.expect_conn_error(Reason::ENHANCE_YOUR_CALM, "300 streams opened and reset at once").await;
 }
 
+/// Streams a client cancels once their answer has begun (gRPC clients closing watch streams
+/// and server streams, all on one long connection) are its normal business, not a rapid-reset
+/// flood: 300 of them, with none completed, leave the connection serving.
+#[tokio::test]
+async fn streams_cancelled_after_their_answer_began_do_not_count_as_resets() {
+    let mut c = Client::connect(settings(), body_of(128 * 1024)).await;
+    let get = block(&GET);
+    for round in 0..3u32 {
+        let ids: Vec<u32> = (0..100).map(|i| 1 + 2 * (round * 100 + i)).collect();
+        let mut bytes = Vec::new();
+        for &id in &ids {
+            bytes.extend(frame_bytes(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, id, &get));
+        }
+        c.send(&bytes).await;
+        // Every head is out (HEADERS are not flow controlled; the bodies wait for windows).
+        let mut heads = 0;
+        while heads < ids.len() {
+            let seen = c.barrier().await;
+            assert!(seen.iter().all(|f| f.kind != frame::GOAWAY), "round {round}: {seen:?}");
+            heads += seen.iter().filter(|f| f.kind == frame::HEADERS).count();
+        }
+        let mut resets = Vec::new();
+        for &id in &ids {
+            resets.extend(frame_bytes(frame::RST_STREAM, 0, id, &Reason::CANCEL.0.to_be_bytes()));
+        }
+        c.send(&resets).await;
+    }
+    let seen = c.barrier().await;
+    assert!(seen.iter().all(|f| f.kind != frame::GOAWAY), "the connection was ended: {seen:?}");
+    assert!(c.finish().await.is_ok());
+}
+
 #[tokio::test]
 async fn a_client_reset_drops_the_service_future_at_once() {
     let (mut called, mut dropped, service) = watched_never();
