@@ -858,3 +858,33 @@ async fn a_grpc_node_with_mangled_answers_gets_each_call_a_status_and_never_a_pa
     }
     assert!(outcomes.iter().all(|n| *n > 0), "both outcomes for both clients: {outcomes:?}");
 }
+
+/// A gRPC node that resets a call's stream after its head (its handler failed) gets the client
+/// the status gRPC's HTTP/2 transport maps that reset to (INTERNAL_ERROR: INTERNAL), not
+/// UNAVAILABLE, which clients retry as if the node had never seen the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_resetting_a_call_after_its_head_gives_the_mapped_status() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let _ = req;
+                    let head = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut send) = respond.send_response(head, false) {
+                        let _ = send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), false);
+                        send.send_reset(h2::Reason::INTERNAL_ERROR);
+                    }
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(&grpc_route(&nodes_yaml(&[node]), ""));
+    let e = g::say_hello(gw.http(), hello("x")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+}

@@ -223,7 +223,8 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Err(e))) => {
                 this.fail(Outcome::LateTcpFailure);
                 if this.grpc_client {
-                    return this.grpc_end(grpc::Code::Unavailable, &format!("upstream stream broke: {e}"));
+                    let code = grpc::code_for_broken_stream(&e);
+                    return this.grpc_end(code, &format!("upstream stream broke: {e}"));
                 }
                 Poll::Ready(Some(Err(e.into())))
             }

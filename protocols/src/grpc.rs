@@ -53,6 +53,33 @@ pub fn code_for_http_status(status: u16) -> Code {
     }
 }
 
+/// The gRPC code for a node's stream that broke: for an HTTP/2 stream the node reset, its
+/// error code as gRPC's HTTP/2 transport maps it (PROTOCOL-HTTP2.md, "Errors": CANCEL is
+/// CANCELLED, ENHANCE_YOUR_CALM RESOURCE_EXHAUSTED, INADEQUATE_SECURITY PERMISSION_DENIED,
+/// REFUSED_STREAM UNAVAILABLE, the others INTERNAL); anything else (the connection went away)
+/// UNAVAILABLE. A client retries UNAVAILABLE, so a node whose handler failed mid-call must not
+/// look like one that never saw it.
+pub fn code_for_broken_stream(e: &(dyn std::error::Error + 'static)) -> Code {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>()
+            && !h2e.is_go_away()
+            && !h2e.is_io()
+            && let Some(reason) = h2e.reason()
+        {
+            return match reason {
+                h2::Reason::REFUSED_STREAM => Code::Unavailable,
+                h2::Reason::CANCEL => Code::Cancelled,
+                h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+                h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+                _ => Code::Internal,
+            };
+        }
+        source = s.source();
+    }
+    Code::Unavailable
+}
+
 /// Whether a request is a gRPC call (`content-type: application/grpc[+proto|...]`).
 pub fn is_grpc_request(headers: &HeaderMap) -> bool {
     headers
@@ -159,6 +186,37 @@ pub fn status_of(headers: &HeaderMap) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream the node reset maps by its error code (a client retries UNAVAILABLE, which a
+    /// node whose handler failed mid-call must not look like); a lost connection is UNAVAILABLE.
+    #[test]
+    fn a_broken_node_stream_maps_by_its_reset_code() {
+        #[derive(Debug)]
+        struct Wrapped(h2::Error);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "wrapped")
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        for (reason, code) in [
+            (h2::Reason::INTERNAL_ERROR, Code::Internal),
+            (h2::Reason::PROTOCOL_ERROR, Code::Internal),
+            (h2::Reason::CANCEL, Code::Cancelled),
+            (h2::Reason::REFUSED_STREAM, Code::Unavailable),
+            (h2::Reason::ENHANCE_YOUR_CALM, Code::ResourceExhausted),
+            (h2::Reason::INADEQUATE_SECURITY, Code::PermissionDenied),
+        ] {
+            let e = Wrapped(h2::Error::from(reason));
+            assert_eq!(code_for_broken_stream(&e) as u16, code as u16, "{reason:?}");
+        }
+        let lost = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(code_for_broken_stream(&lost) as u16, Code::Unavailable as u16);
+    }
 
     #[test]
     fn a_status_that_is_not_a_number_reads_as_unknown() {

@@ -822,7 +822,11 @@ fn classify_send_error(e: &hyper::Error) -> (ProxyError, Outcome) {
     } else if is_send_timeout(e) {
         (ProxyError::Timeout("send"), Outcome::Timeout)
     } else {
-        (ProxyError::Connect(e.to_string()), Outcome::TcpFailure)
+        match grpc::code_for_broken_stream(e) {
+            // Refused, or the connection went: the node did not take the request.
+            grpc::Code::Unavailable => (ProxyError::Connect(e.to_string()), Outcome::TcpFailure),
+            code => (ProxyError::NodeReset(code, e.to_string()), Outcome::TcpFailure),
+        }
     }
 }
 

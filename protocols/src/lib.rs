@@ -320,6 +320,11 @@ pub enum ProxyError {
     /// (`error timeout`) does not.
     #[error("upstream sent an invalid response: {0}")]
     InvalidResponse(String),
+    /// The node reset the request's HTTP/2 stream with an error code other than REFUSED_STREAM
+    /// (it took the call): a 502, not tried again, and for gRPC clients the status gRPC maps
+    /// that reset to.
+    #[error("upstream reset the stream: {1}")]
+    NodeReset(grpc::Code, String),
     #[error("proxy retry timeout")]
     RetryTimeout,
     #[error("bad request: {0}")]

@@ -21,6 +21,7 @@ pub fn http_status(err: &ProxyError) -> StatusCode {
         ProxyError::Connect(_)
         | ProxyError::BadResponse(_)
         | ProxyError::InvalidResponse(_)
+        | ProxyError::NodeReset(..)
         | ProxyError::RetryTimeout => StatusCode::BAD_GATEWAY,
         ProxyError::Timeout(_) | ProxyError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -39,6 +40,7 @@ pub fn grpc_code(err: &ProxyError) -> Code {
         | ProxyError::BadResponse(_)
         | ProxyError::InvalidResponse(_)
         | ProxyError::RetryTimeout => Code::Unavailable,
+        ProxyError::NodeReset(code, _) => *code,
         ProxyError::Timeout(_) | ProxyError::DeadlineExceeded => Code::DeadlineExceeded,
         ProxyError::BadRequest(_) => Code::Internal,
         ProxyError::Status(s, _) => grpc::code_for_http_status(*s),

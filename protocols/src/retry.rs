@@ -71,7 +71,10 @@ impl<'a> Retry<'a> {
             "upstream attempt failed"
         );
         self.tried.push(addr);
-        if self.attempt > self.retries || !can_resend || matches!(error, ProxyError::InvalidResponse(_)) {
+        if self.attempt > self.retries
+            || !can_resend
+            || matches!(error, ProxyError::InvalidResponse(_) | ProxyError::NodeReset(..))
+        {
             return Err(error);
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
