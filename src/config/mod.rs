@@ -137,12 +137,37 @@ pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
 /// that file's values after parsing, so they never count).
 pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
+    // The indentation of the line that opened a block scalar (`key: |`, `- >-`) while its
+    // content lines follow: in those, `#` is text, not a comment.
+    let mut block: Option<usize> = None;
     for (i, line) in text.split_inclusive('\n').enumerate() {
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        let blank = line.trim().is_empty();
+        if let Some(b) = block
+            && (blank || indent > b)
+        {
+            substitute_line(line, &lookup, &mut out).map_err(|e| format!("line {}: {e}", i + 1))?;
+            continue;
+        }
+        block = None;
         let code = &line[..comment_start(line)];
         substitute_line(code, &lookup, &mut out).map_err(|e| format!("line {}: {e}", i + 1))?;
         out.push_str(&line[code.len()..]);
+        if opens_block_scalar(code) {
+            block = Some(indent);
+        }
     }
     Ok(out)
+}
+
+/// Whether a line (without its comment) ends with a block scalar's indicator: `|` or `>`,
+/// with an optional chomping sign or indentation digit, after a key or a list dash.
+fn opens_block_scalar(code: &str) -> bool {
+    let t = code.trim_end();
+    let t = t.trim_end_matches(|c: char| c == '-' || c == '+' || c.is_ascii_digit());
+    let Some(rest) = t.strip_suffix(['|', '>']) else { return false };
+    let rest = rest.trim_end();
+    rest.ends_with(':') || rest.trim() == "-" || rest.is_empty()
 }
 
 /// Where a line's YAML comment starts (its length if it has none): a `#` at the start or after
@@ -241,6 +266,12 @@ mod tests {
         assert_eq!(
             substitute_env("a: 1\nb: ${{MISSING}}\n", env).unwrap_err(),
             "line 2: environment variable MISSING is not set and has no default"
+        );
+        // In a block scalar's content, `#` is text: what follows it is substituted too.
+        let text = "x: |\n  #!/bin/sh ${{PORT}}\n  a # ${{PORT}}\n\ny: 1 # ${{UNSET}}\nz:\n  - >-\n    # ${{PORT}}\n";
+        assert_eq!(
+            substitute_env(text, env).unwrap(),
+            "x: |\n  #!/bin/sh 9081\n  a # 9081\n\ny: 1 # ${{UNSET}}\nz:\n  - >-\n    # 9081\n"
         );
     }
 
