@@ -441,7 +441,8 @@ where
     let config = {
         let hello = start.client_hello();
         let state = state.load();
-        let policy = if state.certs.has_policies() { state.certs.policy(hello.server_name()) } else { None };
+        let policy =
+            if state.certs.has_policies() { state.certs.handshake_policy(hello.server_name()) } else { None };
         let config = match (&policy, kind) {
             (Some(p), TlsKind::H2) => &p.h2,
             (Some(p), TlsKind::H1) => &p.h1,

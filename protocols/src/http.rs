@@ -825,7 +825,8 @@ fn classify_send_error(e: &hyper::Error) -> (ProxyError, Outcome) {
         match grpc::code_for_broken_stream(e) {
             // Refused, or the connection went: the node did not take the request.
             grpc::Code::Unavailable => (ProxyError::Connect(e.to_string()), Outcome::TcpFailure),
-            code => (ProxyError::NodeReset(code, e.to_string()), Outcome::TcpFailure),
+            // No retry follows: as a failure after the head, for health checks.
+            code => (ProxyError::NodeReset(code, e.to_string()), Outcome::LateTcpFailure),
         }
     }
 }

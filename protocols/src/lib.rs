@@ -45,7 +45,8 @@ pub enum Outcome {
     TcpFailure,
     /// Connect or read timed out.
     Timeout,
-    /// The connection broke after the answer's head reached the client (mid-body).
+    /// The connection broke after the answer's head reached the client (mid-body), or the
+    /// node reset a call it had taken: no retry follows.
     LateTcpFailure,
     /// A read timed out after the answer's head reached the client (mid-body).
     LateTimeout,

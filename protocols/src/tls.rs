@@ -385,10 +385,21 @@ impl CertStore {
         !self.policy(sni).is_some_and(|p| needs_cert(&p))
     }
 
-    /// The policy of the SNI a client asked for (or of the fallback, without SNI).
+    /// The client-certificate rules over a name a client asked for (or the fallback's,
+    /// without SNI), at any depth below a wildcard ([`Self::policy_entry`]).
     pub fn policy(&self, sni: Option<&str>) -> Option<Arc<SniPolicy>> {
         match sni {
             Some(name) => self.policy_entry(name)?.policy.clone(),
+            None => self.fallback.as_ref()?.policy.clone(),
+        }
+    }
+
+    /// The settings a handshake for `sni` runs with: those of the entry whose certificate
+    /// serves it (one label below a wildcard, as [`Self::entry`]). A deeper name has no
+    /// certificate, and its handshake fails as it would without a policy.
+    pub fn handshake_policy(&self, sni: Option<&str>) -> Option<Arc<SniPolicy>> {
+        match sni {
+            Some(name) => self.entry(name)?.policy.clone(),
             None => self.fallback.as_ref()?.policy.clone(),
         }
     }

@@ -137,24 +137,29 @@ pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
 /// that file's values after parsing, so they never count).
 pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
-    // The indentation of the line that opened a block scalar (`key: |`, `- >-`) while its
-    // content lines follow: in those, `#` is text, not a comment.
-    let mut block: Option<usize> = None;
+    // While a block scalar (`key: |`, `- >-`) is open: the indentation of the line that
+    // opened it, and of its first content line once seen. Its content lines (blank ones, and
+    // those indented at least as its first) are text, where `#` is no comment.
+    let mut block: Option<(usize, Option<usize>)> = None;
     for (i, line) in text.split_inclusive('\n').enumerate() {
         let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
         let blank = line.trim().is_empty();
-        if let Some(b) = block
-            && (blank || indent > b)
-        {
-            substitute_line(line, &lookup, &mut out).map_err(|e| format!("line {}: {e}", i + 1))?;
-            continue;
+        if let Some((opener, content)) = block {
+            let inside = blank || content.map_or(indent > opener, |c| indent >= c);
+            if inside {
+                if content.is_none() && !blank {
+                    block = Some((opener, Some(indent)));
+                }
+                substitute_line(line, &lookup, &mut out).map_err(|e| format!("line {}: {e}", i + 1))?;
+                continue;
+            }
         }
         block = None;
         let code = &line[..comment_start(line)];
         substitute_line(code, &lookup, &mut out).map_err(|e| format!("line {}: {e}", i + 1))?;
         out.push_str(&line[code.len()..]);
         if opens_block_scalar(code) {
-            block = Some(indent);
+            block = Some((indent, None));
         }
     }
     Ok(out)
@@ -266,6 +271,13 @@ mod tests {
         assert_eq!(
             substitute_env("a: 1\nb: ${{MISSING}}\n", env).unwrap_err(),
             "line 2: environment variable MISSING is not set and has no default"
+        );
+        // A block scalar ends where a line is indented less than its first content line: the
+        // next key of a list item (`- uri: |`) is not content, and its comment is left alone.
+        let text = "- uri: |\n    text ${{PORT}}\n  name: foo  # see ${{UNSET}}\n";
+        assert_eq!(
+            substitute_env(text, env).unwrap(),
+            "- uri: |\n    text 9081\n  name: foo  # see ${{UNSET}}\n"
         );
         // In a block scalar's content, `#` is text: what follows it is substituted too.
         let text = "x: |\n  #!/bin/sh ${{PORT}}\n  a # ${{PORT}}\n\ny: 1 # ${{UNSET}}\nz:\n  - >-\n    # ${{PORT}}\n";
