@@ -40,6 +40,11 @@ const READS_PER_POLL: usize = 16;
 /// with ENHANCE_YOUR_CALM, unless as many streams completed normally (a rapid-reset flood,
 /// CVE-2023-44487, costs its sender the connection).
 const RESET_ALLOWANCE: u32 = 128;
+/// A client's reset counts toward [`RESET_ALLOWANCE`] only for a stream younger than this: a
+/// flood resets what it opens at once, while a call cancelled later (a deadline, a watch a
+/// client is done with) is ordinary; a client that waits this long per stream is bounded by
+/// `MAX_CONCURRENT` as any other.
+const RAPID_RESET_AGE: Duration = Duration::from_millis(100);
 /// What a stream waiting for the client's window must get through (or finish) to start its
 /// `send_timeout` again, and what the client must grant the connection for every stream
 /// waiting for the connection window to start again: a window handed out a byte at a time does
@@ -84,6 +89,8 @@ struct Slot<Fut> {
     /// Waiting for the client's window since (the wait ends when `STALL_PROGRESS` bytes went
     /// out, or the answer did).
     stalled: Option<Instant>,
+    /// When the client opened the stream (for [`RAPID_RESET_AGE`]).
+    opened: Instant,
     /// Bytes sent since the wait began.
     stall_sent: usize,
     /// Waiting for the connection window.
@@ -801,11 +808,14 @@ where
         }
         let Some(idx) = self.ids.get(&head.stream).copied() else { return Ok(()) };
         let reason = Reason(frame::u32_at(p));
-        // Only a reset before the answer's head counts: that is the rapid-reset shape (open,
-        // make the gateway start the work, cancel). One after the head (a client cancelling a
-        // watch or a server stream it has what it needs of, as gRPC clients do all day on one
-        // connection) or after the whole answer is a client's normal business.
-        if matches!(self.slots[idx as usize].phase, Phase::Service(_)) {
+        // Only a reset of a young stream before its answer's head counts: that is the
+        // rapid-reset shape (open, make the gateway start the work, cancel at once). One after
+        // the head (a client cancelling a watch or a server stream it has what it needs of, as
+        // gRPC clients do all day on one connection), after the whole answer, or of a call
+        // open a while (a deadline; a gRPC server that sends its head with its first message)
+        // is a client's normal business.
+        let slot = &self.slots[idx as usize];
+        if matches!(slot.phase, Phase::Service(_)) && slot.opened.elapsed() < RAPID_RESET_AGE {
             self.resets += 1;
         }
         self.close_slot(idx, Some(reason));
@@ -1080,6 +1090,7 @@ where
                     remote_done: false,
                     head_only: false,
                     stalled: None,
+                    opened: Instant::now(),
                     stall_sent: 0,
                     conn_blocked: false,
                     in_conn_list: false,
@@ -1097,6 +1108,7 @@ where
         slot.remote_done = false;
         slot.head_only = false;
         slot.stalled = None;
+        slot.opened = Instant::now();
         slot.conn_blocked = false;
         self.ids.insert(id, idx);
         idx

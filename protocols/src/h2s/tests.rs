@@ -1072,6 +1072,35 @@ async fn streams_cancelled_after_their_answer_began_do_not_count_as_resets() {
     assert!(c.finish().await.is_ok());
 }
 
+/// Calls a client cancels before any answer once they have been open a while (deadlines
+/// against a slow node; watches of a gRPC server that sends its head with its first message)
+/// are not a rapid-reset flood either: 300 of them, none completed, leave the connection
+/// serving.
+#[tokio::test]
+async fn calls_cancelled_after_a_while_without_an_answer_do_not_count_as_resets() {
+    let mut c = Client::connect(settings(), never).await;
+    let get = block(&GET);
+    for round in 0..3u32 {
+        let ids: Vec<u32> = (0..100).map(|i| 1 + 2 * (round * 100 + i)).collect();
+        let mut bytes = Vec::new();
+        for &id in &ids {
+            bytes.extend(frame_bytes(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, id, &get));
+        }
+        c.send(&bytes).await;
+        c.barrier().await;
+        // The client's deadline: the calls have been open longer than a flood keeps them.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut resets = Vec::new();
+        for &id in &ids {
+            resets.extend(frame_bytes(frame::RST_STREAM, 0, id, &Reason::CANCEL.0.to_be_bytes()));
+        }
+        c.send(&resets).await;
+        let seen = c.barrier().await;
+        assert!(seen.iter().all(|f| f.kind != frame::GOAWAY), "round {round}: {seen:?}");
+    }
+    assert!(c.finish().await.is_ok());
+}
+
 #[tokio::test]
 async fn a_client_reset_drops_the_service_future_at_once() {
     let (mut called, mut dropped, service) = watched_never();
