@@ -308,39 +308,33 @@ async fn an_mtls_name_is_not_routed_by_its_client_hello_on_a_plain_listener() {
     let client_ca = Ca::new("client-ca");
     let leaf = ca.leaf(&["db.test"]);
     let echo = Echo::start().await;
-    let gw = TestGateway::start_with(
-        &stream_config("      - \"127.0.0.1:0\"\n      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
-        &format!(
-            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}    client:\n      ca: {}stream_routes:\n  - sni: db.test\n    upstream: {{nodes: {}}}\n",
-            yaml_block(&leaf.cert, 6),
-            yaml_block(&leaf.key, 6),
-            yaml_block(&client_ca.pem, 8),
-            nodes_yaml(&[echo.addr])
-        ),
-        1,
-    );
-    let mut decoy = support::certs::client_hello("db.test");
-    decoy.extend_from_slice(b"FLUSHALL\r\n");
-    assert!(closed_without_data(gw.stream(0), &decoy).await, "a decoy ClientHello was routed");
+    // A plain listener and a TLS one; an `ssls` entry for `sni` that asks for client
+    // certificates, and a stream route for the same name.
+    let gateway = |sni: &str, leaf: &Leaf| {
+        TestGateway::start_with(
+            &stream_config("      - \"127.0.0.1:0\"\n      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
+            &format!(
+                "ssls:\n  - snis: [\"{sni}\"]\n    cert: {}    key: {}    client:\n      ca: {}stream_routes:\n  - sni: \"{sni}\"\n    upstream: {{nodes: {}}}\n",
+                yaml_block(&leaf.cert, 6),
+                yaml_block(&leaf.key, 6),
+                yaml_block(&client_ca.pem, 8),
+                nodes_yaml(&[echo.addr])
+            ),
+            1,
+        )
+    };
+    let decoy = |name: &str| [support::certs::client_hello(name), b"FLUSHALL\r\n".to_vec()].concat();
+    let gw = gateway("db.test", &leaf);
+    assert!(closed_without_data(gw.stream(0), &decoy("db.test")).await, "a decoy ClientHello was routed");
     assert_eq!(*echo.connections.lock().unwrap(), 0);
     // A wildcard entry's rules cover every depth a wildcard route takes: no certificate serves
     // `a.b.db.test`, but the `*.db.test` route would take it.
-    let wild = ca.leaf(&["*.db.test"]);
-    let deep = TestGateway::start_with(
-        &stream_config("      - \"127.0.0.1:0\"\n"),
-        &format!(
-            "ssls:\n  - snis: [\"*.db.test\"]\n    cert: {}    key: {}    client:\n      ca: {}stream_routes:\n  - sni: \"*.db.test\"\n    upstream: {{nodes: {}}}\n",
-            yaml_block(&wild.cert, 6),
-            yaml_block(&wild.key, 6),
-            yaml_block(&client_ca.pem, 8),
-            nodes_yaml(&[echo.addr])
-        ),
-        1,
-    );
+    let deep = gateway("*.db.test", &ca.leaf(&["*.db.test"]));
     for name in ["x.db.test", "a.b.db.test"] {
-        let mut decoy = support::certs::client_hello(name);
-        decoy.extend_from_slice(b"FLUSHALL\r\n");
-        assert!(closed_without_data(deep.stream(0), &decoy).await, "{name}: a decoy ClientHello was routed");
+        assert!(
+            closed_without_data(deep.stream(0), &decoy(name)).await,
+            "{name}: a decoy ClientHello was routed"
+        );
     }
     assert_eq!(*echo.connections.lock().unwrap(), 0);
     let sn = rustls::pki_types::ServerName::try_from("db.test").unwrap();
@@ -610,26 +604,32 @@ async fn a_dead_node_is_skipped_by_checks_and_connect_retries() {
     }
 }
 
+/// A gateway with two plain stream listeners whose resources name the first one's port: made
+/// with `resources(1)`, then reloaded with the port the listener got (ephemeral ports are only
+/// known once bound).
+async fn two_listeners_naming_the_first(resources: impl Fn(u16) -> String) -> TestGateway {
+    let gw = TestGateway::start_with(
+        &stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.1:0\"\n"),
+        &resources(1),
+        2,
+    );
+    let v = gw.version();
+    gw.write_resources(&resources(gw.stream(0).port()));
+    assert!(eventually(Duration::from_secs(3), || async { gw.version() > v }).await);
+    gw
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_is_per_route_and_off_by_default() {
     let echo = Echo::start().await;
-    let gw = TestGateway::start_with(
-        &stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.1:0\"\n"),
-        &format!(
-            "stream_routes:\n  - server_port: SHORT\n    idle_timeout: 0.3\n    upstream: {{nodes: {n}}}\n  - upstream: {{nodes: {n}}}\n",
+    // The short route is bound to the first listener's port.
+    let gw = two_listeners_naming_the_first(|short| {
+        format!(
+            "stream_routes:\n  - server_port: {short}\n    idle_timeout: 0.3\n    upstream: {{nodes: {n}}}\n  - upstream: {{nodes: {n}}}\n",
             n = nodes_yaml(&[echo.addr])
         )
-        .replace("server_port: SHORT", "server_port: 1"),
-        2,
-    );
-    // Bind the short route to the first listener's real port.
-    let short = gw.stream(0).port();
-    let v = gw.version();
-    gw.write_resources(&format!(
-        "stream_routes:\n  - server_port: {short}\n    idle_timeout: 0.3\n    upstream: {{nodes: {n}}}\n  - upstream: {{nodes: {n}}}\n",
-        n = nodes_yaml(&[echo.addr])
-    ));
-    assert!(eventually(Duration::from_secs(3), || async { gw.version() > v }).await);
+    })
+    .await;
     let mut s = TcpStream::connect(gw.stream(0)).await.unwrap();
     s.write_all(b"a").await.unwrap();
     let mut b = [0u8; 1];
@@ -668,22 +668,13 @@ async fn idle_timeout_is_per_route_and_off_by_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_timeout_ends_quiet_stream_sessions_after_max_of_send_and_read() {
     let echo = Echo::start().await;
-    let gw = TestGateway::start_with(
-        &stream_config("      - \"127.0.0.1:0\"\n      - \"127.0.0.1:0\"\n"),
-        &format!(
-            "upstreams:\n  - id: db\n    timeout: {{connect: 1, send: 0.2, read: 0.5}}\n    nodes: {n}\nstream_routes:\n  - server_port: FIRST\n    upstream_id: db\n  - idle_timeout: 30\n    upstream_id: db\n",
+    let gw = two_listeners_naming_the_first(|first| {
+        format!(
+            "upstreams:\n  - id: db\n    timeout: {{connect: 1, send: 0.2, read: 0.5}}\n    nodes: {n}\nstream_routes:\n  - server_port: {first}\n    upstream_id: db\n  - idle_timeout: 30\n    upstream_id: db\n",
             n = nodes_yaml(&[echo.addr])
         )
-        .replace("server_port: FIRST", "server_port: 1"),
-        2,
-    );
-    let first = gw.stream(0).port();
-    let v = gw.version();
-    gw.write_resources(&format!(
-        "upstreams:\n  - id: db\n    timeout: {{connect: 1, send: 0.2, read: 0.5}}\n    nodes: {n}\nstream_routes:\n  - server_port: {first}\n    upstream_id: db\n  - idle_timeout: 30\n    upstream_id: db\n",
-        n = nodes_yaml(&[echo.addr])
-    ));
-    assert!(eventually(Duration::from_secs(3), || async { gw.version() > v }).await);
+    })
+    .await;
     let mut b = [0u8; 1];
     let mut s = TcpStream::connect(gw.stream(0)).await.unwrap();
     s.write_all(b"a").await.unwrap();

@@ -1,4 +1,5 @@
-//! Test-only: seeded mutations of registry payloads, for the backends' robustness tests.
+//! Test-only: seeded mutations of registry payloads, for the backends' robustness tests, and
+//! [`answering_server`], a loopback registry that answers every request as told.
 //!
 //! A registry may answer any JSON. Each backend's test takes realistic answers, and for every
 //! seed of a fixed range mutates them with [`input`] (values replaced by nulls, extreme numbers,
@@ -328,4 +329,37 @@ mod tests {
         let same = a.iter().filter(|x| **x == serde_json::to_vec(&base).unwrap()).count();
         assert!(same < 20, "{same} of 200 inputs are the payload unchanged");
     }
+}
+
+/// A loopback HTTP server that reads each request's head and writes `answer()` (a whole HTTP
+/// response) back; its address as a URL, and how many connections it took.
+pub async fn answering_server(
+    answer: impl Fn() -> Vec<u8> + Send + Sync + 'static,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn.write_all(&answer()).await;
+            });
+        }
+    });
+    (url, count)
 }

@@ -651,11 +651,15 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn informer(api: Url, endpoint_slices: bool) -> Arc<Informer> {
+        informer_with(api, NamespaceSelector::default(), endpoint_slices)
+    }
+
+    fn informer_with(api: Url, namespaces: NamespaceSelector, endpoint_slices: bool) -> Arc<Informer> {
         let opts = ClusterOptions {
             id: None,
             api,
             token: Token::None,
-            namespaces: NamespaceSelector::default(),
+            namespaces,
             label_selector: None,
             default_weight: 50,
             endpoint_slices,
@@ -814,19 +818,8 @@ mod tests {
 
     /// An informer that leaves out `kube-*` namespaces, as `namespace_selector.not_match` would.
     fn selective(endpoint_slices: bool) -> Arc<Informer> {
-        let opts = ClusterOptions {
-            id: None,
-            api: Url::parse("http://127.0.0.1:1").unwrap(),
-            token: Token::None,
-            namespaces: NamespaceSelector { not_matches: vec!["^kube-".into()], ..Default::default() },
-            label_selector: None,
-            default_weight: 50,
-            endpoint_slices,
-        };
-        let d = KubernetesDiscovery::new(vec![opts], Duration::from_secs(1), Duration::from_secs(5)).unwrap();
-        let inf = d.clusters[0].clone();
-        inf.state.lock().unwrap().synced = true;
-        inf
+        let namespaces = NamespaceSelector { not_matches: vec!["^kube-".into()], ..Default::default() };
+        informer_with(Url::parse("http://127.0.0.1:1").unwrap(), namespaces, endpoint_slices)
     }
 
     fn target(pod: &str) -> Value {

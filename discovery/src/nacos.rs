@@ -859,29 +859,15 @@ mod tests {
 
     /// A Nacos 1.x server that answers every request with what `body` holds at the time.
     async fn v1_server(body: Arc<Mutex<Vec<u8>>>) -> NacosHost {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let body = body.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json;charset=UTF-8\r\ncontent-length: {}\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = conn.write_all(&[head.as_bytes(), &body].concat()).await;
-                });
-            }
-        });
+        let (url, _) = fuzz::answering_server(move || {
+            let body = body.lock().unwrap().clone();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json;charset=UTF-8\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            [head.as_bytes(), &body].concat()
+        })
+        .await;
         NacosHost::parse(&url).unwrap()
     }
 

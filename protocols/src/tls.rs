@@ -373,7 +373,7 @@ impl CertStore {
             let matches = |path: &str| p.skip_uris.iter().any(|r| r.is_match(path));
             !p.skip_uris.is_empty()
                 && matches(path)
-                && normalized.get_or_init(|| normalized_path(path)).as_deref().is_some_and(matches)
+                && normalized.get_or_init(|| crate::http::uri_path(path)).as_deref().is_some_and(matches)
         };
         let needs_cert = |p: &SniPolicy| p.client_auth && !verified && !skipped(p);
         if let Some(p) = self.policy_entry(host).and_then(|e| e.policy.as_deref())
@@ -643,46 +643,6 @@ impl SniPolicy {
             skip_uris,
         })
     }
-}
-
-/// A request path as nginx's `$uri`: `%XX` decoded, empty and `.` segments dropped, `..`
-/// taking the segment before it away; `None` when `..` would climb above the root (nginx
-/// answers 400). A trailing slash is kept.
-fn normalized_path(raw: &str) -> Option<String> {
-    let bytes = raw.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(h), Some(l)) =
-                (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b)))
-        {
-            decoded.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        decoded.push(bytes[i]);
-        i += 1;
-    }
-    let text = String::from_utf8_lossy(&decoded);
-    let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = text.split('/').collect();
-    for seg in &segments {
-        match *seg {
-            "" | "." => {}
-            ".." => {
-                out.pop()?;
-            }
-            s => out.push(s),
-        }
-    }
-    let trailing = matches!(segments.last(), Some(&"") | Some(&".") | Some(&"..")) && !out.is_empty();
-    let mut path = format!("/{}", out.join("/"));
-    if trailing {
-        path.push('/');
-    }
-    Some(path)
 }
 
 /// Serves one entry's certificates, whatever the SNI (the SNI chose the [`SniPolicy`]), with
@@ -1185,7 +1145,7 @@ mod tests {
             ("/a/../../b", None),
             ("/", Some("/")),
         ] {
-            assert_eq!(normalized_path(raw).as_deref(), want, "{raw}");
+            assert_eq!(crate::http::uri_path(raw).as_deref(), want, "{raw}");
         }
     }
 

@@ -16,6 +16,7 @@ pub mod stream;
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+pub use strait_protocols::http::uri_path;
 
 use http::request::Parts;
 use http::{Method, header};
@@ -60,59 +61,6 @@ impl<'a> RequestView<'a> {
     fn query(&self) -> Option<&'a str> {
         self.parts.uri.query()
     }
-}
-
-/// A request path as nginx's `$uri` has it, which APISIX routes on: percent-escapes decoded
-/// (`%2F` too, as `match_uri_encoded_slash: false` has it), `.` and `..` segments resolved and
-/// repeated slashes merged, so `/static/../api/x`, `//api/x` and `/api%2Fx` all reach the
-/// routes of `/api/x`. `None` when `..` would climb above the root (nginx answers 400). A
-/// path with none of `%`, `//` or `/.` is returned as it is, without a copy.
-pub fn uri_path(raw: &str) -> Option<Cow<'_, str>> {
-    let b = raw.as_bytes();
-    let plain = !b
-        .iter()
-        .enumerate()
-        .any(|(i, &c)| c == b'%' || c == b'/' && matches!(b.get(i + 1), Some(b'/') | Some(b'.')));
-    if plain {
-        return Some(Cow::Borrowed(raw));
-    }
-    let mut decoded = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && let (Some(h), Some(l)) =
-                (b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c)))
-        {
-            decoded.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        decoded.push(b[i]);
-        i += 1;
-    }
-    let text = String::from_utf8_lossy(&decoded);
-    let segments: Vec<&str> = text.split('/').collect();
-    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
-    for seg in &segments {
-        match *seg {
-            "" | "." => {}
-            ".." => {
-                out.pop()?;
-            }
-            s => out.push(s),
-        }
-    }
-    let trailing = matches!(segments.last(), Some(&"") | Some(&".") | Some(&"..")) && !out.is_empty();
-    let mut path = String::with_capacity(text.len());
-    for seg in &out {
-        path.push('/');
-        path.push_str(seg);
-    }
-    if path.is_empty() || trailing {
-        path.push('/');
-    }
-    Some(Cow::Owned(path))
 }
 
 /// The host name routes match (and the client certificate rules check), as nginx's `$host`

@@ -1040,20 +1040,28 @@ async fn rapidly_reset_streams_cost_the_connection() {
     c.expect_conn_error(Reason::ENHANCE_YOUR_CALM, "300 streams opened and reset at once").await;
 }
 
+/// The ids of the hundred streams of `round`, and the bytes that open them all (GETs) and
+/// that reset them all (CANCEL).
+fn hundred_streams(round: u32) -> (Vec<u32>, Vec<u8>, Vec<u8>) {
+    let ids: Vec<u32> = (0..100).map(|i| 1 + 2 * (round * 100 + i)).collect();
+    let get = block(&GET);
+    let (mut open, mut reset) = (Vec::new(), Vec::new());
+    for &id in &ids {
+        open.extend(frame_bytes(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, id, &get));
+        reset.extend(frame_bytes(frame::RST_STREAM, 0, id, &Reason::CANCEL.0.to_be_bytes()));
+    }
+    (ids, open, reset)
+}
+
 /// Streams a client cancels once their answer has begun (gRPC clients closing watch streams
 /// and server streams, all on one long connection) are its normal business, not a rapid-reset
 /// flood: 300 of them, with none completed, leave the connection serving.
 #[tokio::test]
 async fn streams_cancelled_after_their_answer_began_do_not_count_as_resets() {
     let mut c = Client::connect(settings(), body_of(128 * 1024)).await;
-    let get = block(&GET);
     for round in 0..3u32 {
-        let ids: Vec<u32> = (0..100).map(|i| 1 + 2 * (round * 100 + i)).collect();
-        let mut bytes = Vec::new();
-        for &id in &ids {
-            bytes.extend(frame_bytes(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, id, &get));
-        }
-        c.send(&bytes).await;
+        let (ids, open, reset) = hundred_streams(round);
+        c.send(&open).await;
         // Every head is out (HEADERS are not flow controlled; the bodies wait for windows).
         let mut heads = 0;
         while heads < ids.len() {
@@ -1061,11 +1069,7 @@ async fn streams_cancelled_after_their_answer_began_do_not_count_as_resets() {
             assert!(seen.iter().all(|f| f.kind != frame::GOAWAY), "round {round}: {seen:?}");
             heads += seen.iter().filter(|f| f.kind == frame::HEADERS).count();
         }
-        let mut resets = Vec::new();
-        for &id in &ids {
-            resets.extend(frame_bytes(frame::RST_STREAM, 0, id, &Reason::CANCEL.0.to_be_bytes()));
-        }
-        c.send(&resets).await;
+        c.send(&reset).await;
     }
     let seen = c.barrier().await;
     assert!(seen.iter().all(|f| f.kind != frame::GOAWAY), "the connection was ended: {seen:?}");
@@ -1076,25 +1080,17 @@ async fn streams_cancelled_after_their_answer_began_do_not_count_as_resets() {
 /// against a slow node; watches of a gRPC server that sends its head with its first message)
 /// are not a rapid-reset flood either: 300 of them, none completed, leave the connection
 /// serving.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn calls_cancelled_after_a_while_without_an_answer_do_not_count_as_resets() {
     let mut c = Client::connect(settings(), never).await;
-    let get = block(&GET);
     for round in 0..3u32 {
-        let ids: Vec<u32> = (0..100).map(|i| 1 + 2 * (round * 100 + i)).collect();
-        let mut bytes = Vec::new();
-        for &id in &ids {
-            bytes.extend(frame_bytes(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, id, &get));
-        }
-        c.send(&bytes).await;
+        let (_, open, reset) = hundred_streams(round);
+        c.send(&open).await;
         c.barrier().await;
-        // The client's deadline: the calls have been open longer than a flood keeps them.
+        // The client's deadline (virtual time): the calls have been open longer than a flood
+        // keeps them.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let mut resets = Vec::new();
-        for &id in &ids {
-            resets.extend(frame_bytes(frame::RST_STREAM, 0, id, &Reason::CANCEL.0.to_be_bytes()));
-        }
-        c.send(&resets).await;
+        c.send(&reset).await;
         let seen = c.barrier().await;
         assert!(seen.iter().all(|f| f.kind != frame::GOAWAY), "round {round}: {seen:?}");
     }
