@@ -329,6 +329,88 @@ async fn errors_502_503_504() {
     assert_eq!(get(gw.http(), "/delay/10").await.0, StatusCode::OK);
 }
 
+/// APISIX's `X-APISIX-Upstream-Status`: every attempt's status (nginx's `$upstream_status`)
+/// on answers whose last status is a 5xx, none on the others; and a retry that finds no node
+/// left (`retries` beyond the node count) is a 502 where running out of retries keeps the last
+/// attempt's 504. HTTP/1.1 clients (the relay) and HTTP/2 clients (the general path) alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_status_header_and_retries_beyond_the_nodes() {
+    let slow = [Backend::start("s0").await, Backend::start("s1").await];
+    let ok = Backend::start("ok").await;
+    let dead = closed_port();
+    let slow_yaml = nodes_yaml(&[slow[0].addr, slow[1].addr]);
+    let gw = TestGateway::start(&format!(
+        "routes:
+  - uri: /delay/*
+    timeout: {{connect: 1, send: 1, read: 0.3}}
+    upstream: {{nodes: {slow_yaml}}}
+  - uri: /delay/*
+    host: more
+    timeout: {{connect: 1, send: 1, read: 0.3}}
+    upstream: {{retries: 3, nodes: {slow_yaml}}}
+  - uri: /status/*
+    upstream:
+      nodes:
+        - {{host: 127.0.0.1, port: {}, weight: 1, priority: 1}}
+        - {{host: 127.0.0.1, port: {}, weight: 1, priority: 0}}
+",
+        dead.port(),
+        ok.addr.port()
+    ));
+    let h2 = |path: &str| {
+        let req = Request::get(format!("http://localhost{path}")).body(Full::new(Bytes::new())).unwrap();
+        send_h2(gw.http(), req)
+    };
+    let h2_more = || {
+        let req = Request::get("http://more/delay/2000").body(Full::new(Bytes::new())).unwrap();
+        send_h2(gw.http(), req)
+    };
+    let shown = |headers: &http::HeaderMap| {
+        headers.get("x-apisix-upstream-status").map(|v| v.to_str().unwrap_or("?").to_string())
+    };
+    for http2 in [false, true] {
+        let (status, headers) = if http2 {
+            let (s, h, ..) = h2("/delay/2000").await;
+            (s, h)
+        } else {
+            let (s, h, _) = get(gw.http(), "/delay/2000").await;
+            (s, h)
+        };
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "http2 {http2}: the retries ran out first");
+        assert_eq!(shown(&headers).as_deref(), Some("504, 504"), "http2 {http2}");
+
+        let (status, headers) = if http2 {
+            let (s, h, ..) = h2_more().await;
+            (s, h)
+        } else {
+            let (s, h, _) = get_host(gw.http(), "/delay/2000", "more").await;
+            (s, h)
+        };
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "http2 {http2}: no node left to retry");
+        assert_eq!(shown(&headers).as_deref(), Some("504, 504"), "http2 {http2}");
+
+        // The higher-priority node refuses: its 502, then the other node's own answer.
+        for (path, want, header) in
+            [("/status/503", 503, Some("502, 503")), ("/status/200", 200, None), ("/status/404", 404, None)]
+        {
+            let (status, headers) = if http2 {
+                let (s, h, ..) = h2(path).await;
+                (s, h)
+            } else {
+                let (s, h, _) = get(gw.http(), path).await;
+                (s, h)
+            };
+            assert_eq!(status.as_u16(), want, "http2 {http2} {path}");
+            assert_eq!(shown(&headers).as_deref(), header, "http2 {http2} {path}");
+        }
+    }
+    // A gateway error that never reached a node has no such header.
+    let (status, headers, _) = get(gw.http(), "/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(shown(&headers), None);
+    assert_eq!(slow[0].requests() + slow[1].requests(), 8, "each slow request tried both nodes once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_host_node_and_rewrite() {
     let b = Backend::start("b").await;

@@ -205,20 +205,32 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
     loop {
         let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
-            Err(e) => return answer_error(client, &e, head_only).await,
+            Err(e) => return answer_error(client, &e, head_only, retry.upstream_status(None)).await,
         };
         let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, settings.scheme);
         let mut head = request_head(&parts, &host, Some(&fwd));
         head.extend_from_slice(body);
         let addr = peer.addr;
         let Some(target) = Target::of(settings, addr, &host) else {
-            return answer_error(client, &ProxyError::Connect("scheme not relayed".into()), head_only).await;
+            let e = ProxyError::Connect("scheme not relayed".into());
+            return answer_error(client, &e, head_only, None).await;
         };
         // The relay lets go of the peer (least_conn's in-flight count) once the node's answer is
         // all read, before the last bytes go to the client.
         let mut slot = Some(peer);
-        match exchange(client, &head, &mut slot, &target, settings.keepalive, timeouts, head_only, resend_ok)
-            .await
+        let prior = retry.failed_statuses();
+        match exchange(
+            client,
+            &head,
+            &mut slot,
+            &target,
+            settings.keepalive,
+            timeouts,
+            head_only,
+            resend_ok,
+            prior,
+        )
+        .await
         {
             Ok(after) => return after,
             Err(Failure::Client) => return After::Close,
@@ -227,7 +239,7 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
                     peer.report(outcome, elapsed);
                 }
                 if let Err(answer) = retry.failed(addr, error, !sent || resend_ok) {
-                    return answer_error(client, &answer, head_only).await;
+                    return answer_error(client, &answer, head_only, retry.upstream_status(None)).await;
                 }
             }
         }
@@ -269,7 +281,10 @@ where
     loop {
         let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
-            Err(e) => return answer_error(client, &e, head_only).await.unless_unread(left),
+            Err(e) => {
+                let status = retry.upstream_status(None);
+                return answer_error(client, &e, head_only, status).await.unless_unread(left);
+            }
         };
         let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, settings.scheme);
         let mut head = request_head(&parts, &host, Some(&fwd));
@@ -277,14 +292,14 @@ where
         let addr = peer.addr;
         let Some(target) = Target::of(settings, addr, &host) else {
             let e = ProxyError::Connect("scheme not relayed".into());
-            return answer_error(client, &e, head_only).await.unless_unread(left);
+            return answer_error(client, &e, head_only, None).await.unless_unread(left);
         };
         let mut slot = Some(peer);
         let body_timeout = ctx.body_timeout;
         let attempt =
             StreamedAttempt { body_timeout, target, keepalive: settings.keepalive, timeouts, head_only };
         let mut pump = BodyPump::new(left, chunks.clone());
-        let ran = attempt.run(client, &head, &mut pump, &mut slot).await;
+        let ran = attempt.run(client, &head, &mut pump, &mut slot, retry.failed_statuses()).await;
         left = pump.left;
         rest.extend_from_slice(&pump.excess);
         match ran {
@@ -295,7 +310,8 @@ where
                     peer.report(outcome, elapsed);
                 }
                 if let Err(answer) = retry.failed(addr, error, !sent) {
-                    return answer_error(client, &answer, head_only).await.unless_unread(left);
+                    let status = retry.upstream_status(None);
+                    return answer_error(client, &answer, head_only, status).await.unless_unread(left);
                 }
             }
         }
@@ -330,6 +346,7 @@ impl StreamedAttempt {
         head: &[u8],
         body: &mut BodyPump,
         peer: &mut Option<Peer>,
+        prior: &[u16],
     ) -> Result<After, Failure> {
         let start = Instant::now();
         // A body is never sent twice, so a pooled connection is checked with a syscall too.
@@ -343,11 +360,11 @@ impl StreamedAttempt {
             // again must not reset the answer away.
             Err(PumpError::ClientTimeout) => {
                 let e = ProxyError::Status(408, "request body timed out".into());
-                return Ok(answer_error(client, &e, self.head_only).await.unless_unread(1));
+                return Ok(answer_error(client, &e, self.head_only, None).await.unless_unread(1));
             }
             Err(PumpError::BadBody) => {
                 let e = ProxyError::BadRequest("invalid chunked request body".into());
-                return Ok(answer_error(client, &e, self.head_only).await.unless_unread(1));
+                return Ok(answer_error(client, &e, self.head_only, None).await.unless_unread(1));
             }
             Err(PumpError::Node(error, outcome)) => return Err(node_failure(error, outcome, start, true)),
         };
@@ -363,7 +380,8 @@ impl StreamedAttempt {
         .await?;
         if whole {
             let read = self.timeouts.read;
-            return relay_response(client, got, peer, &self.target.key, self.keepalive, read, start).await;
+            return relay_response(client, got, peer, &self.target.key, self.keepalive, read, start, prior)
+                .await;
         }
         // The node answered first. The answer goes to the client as it comes, and the body to
         // the node for as long as the answer lasts (a node may answer as it reads, an echo). A
@@ -375,10 +393,7 @@ impl StreamedAttempt {
         }
         let client_close = !parsed.keepalive || parsed.framing == Framing::UntilClose;
         let mut out = parsed.head;
-        if client_close {
-            out.truncate(out.len() - 2);
-            out.extend_from_slice(b"connection: close\r\n\r\n");
-        }
+        end_head(&mut out, client_close, prior, parsed.status);
         let relay =
             Duplex { framing: parsed.framing, read_timeout: self.timeouts.read, keep_body: !client_close };
         let clean = match relay.run(client, &mut node, body, out, buf, peer).await {
@@ -1031,6 +1046,7 @@ async fn exchange<C: AsyncWrite + Unpin>(
     timeouts: crate::Timeouts,
     head_only: bool,
     resend_ok: bool,
+    prior: &[u16],
 ) -> Result<After, Failure> {
     // Read from tokio's clock (the same read outside tests): the answer head's deadline may be
     // counted from it, and must be on the clock of tokio's timers, paused in some tests.
@@ -1038,7 +1054,7 @@ async fn exchange<C: AsyncWrite + Unpin>(
     let got =
         send_and_read_head(head, target, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
             .await?;
-    relay_response(client, got, peer, &target.key, keepalive, timeouts.read, start).await
+    relay_response(client, got, peer, &target.key, keepalive, timeouts.read, start, prior).await
 }
 
 /// Relays the response whose head is in `got` (and its body) to the client.
@@ -1051,6 +1067,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
     keepalive: KeepalivePool,
     read_timeout: Duration,
     start: Instant,
+    prior: &[u16],
 ) -> Result<After, Failure> {
     let Received { mut node, uses, mut buf, head: parsed } = got;
     if let Some(p) = peer.as_ref() {
@@ -1061,10 +1078,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
     let framing = parsed.framing;
     let client_close = framing == Framing::UntilClose;
     let mut out_head = parsed.head;
-    if client_close {
-        out_head.truncate(out_head.len() - 2);
-        out_head.extend_from_slice(b"connection: close\r\n\r\n");
-    }
+    end_head(&mut out_head, client_close, prior, parsed.status);
     let relayed = relay_body(client, &mut node, &mut buf, &out_head, framing, read_timeout, peer).await;
     crate::spare::give_node(buf);
     match relayed {
@@ -1076,6 +1090,27 @@ async fn relay_response<C: AsyncWrite + Unpin>(
         }
         Err(broken) => Err(broken.failure(peer.as_ref(), start)),
     }
+}
+
+/// Adds what the gateway says in a relayed answer's head (which ends with its blank line):
+/// `connection: close` when the client's connection closes after it, and APISIX's
+/// `X-APISIX-Upstream-Status` on a node's 5xx answer, with the statuses of the attempts that
+/// failed before it (`prior`).
+fn end_head(head: &mut Vec<u8>, close: bool, prior: &[u16], status: u16) {
+    let shown = (500..600).contains(&status);
+    if !close && !shown {
+        return;
+    }
+    head.truncate(head.len() - 2);
+    if close {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    if shown {
+        head.extend_from_slice(b"X-APISIX-Upstream-Status: ");
+        crate::retry::write_statuses(head, prior, Some(status));
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
 }
 
 /// A node connection with a complete response head read from it.
@@ -2585,8 +2620,18 @@ impl http_body::Body for RawBody {
 
 /// Writes a gateway error answer (its head only, for a HEAD request); the connection stays open
 /// for the next request.
-async fn answer_error<C: AsyncWrite + Unpin>(client: &mut C, err: &ProxyError, head_only: bool) -> After {
-    let resp = error_response(err, false);
+/// Writes the gateway's answer for `err`, with `upstream_status` as APISIX's
+/// `X-APISIX-Upstream-Status` when attempts failed before it ([`Retry::upstream_status`]).
+async fn answer_error<C: AsyncWrite + Unpin>(
+    client: &mut C,
+    err: &ProxyError,
+    head_only: bool,
+    upstream_status: Option<HeaderValue>,
+) -> After {
+    let mut resp = error_response(err, false);
+    if let Some(v) = upstream_status {
+        resp.headers_mut().insert(crate::retry::UPSTREAM_STATUS, v);
+    }
     let (parts, body) = resp.into_parts();
     let body = match body {
         ProxyBody::Full(Some(b)) => b,

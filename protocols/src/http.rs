@@ -233,13 +233,24 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
     ctx: &ForwardCtx<'_>,
     picker: &P,
 ) -> Response<ProxyBody> {
-    match forward_inner(req, ctx, picker).await {
-        Ok(resp) => resp,
+    let mut retry = Retry::new(picker);
+    let (mut resp, last) = match forward_inner(req, ctx, picker, &mut retry).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            if status < 500 {
+                return resp;
+            }
+            (resp, Some(status))
+        }
         Err((e, unread)) => {
             drain_unread(unread).await;
-            error_response(&e, ctx.grpc)
+            (error_response(&e, ctx.grpc), None)
         }
+    };
+    if let Some(v) = retry.upstream_status(last) {
+        resp.headers_mut().insert(crate::retry::UPSTREAM_STATUS, v);
     }
+    resp
 }
 
 /// Reads and drops what is left of a request body the gateway answers itself, as nginx discards
@@ -319,10 +330,11 @@ pub(crate) fn target_host(uri: &http::Uri) -> Option<HeaderValue> {
     HeaderValue::from_str(host).ok().filter(|_| !host.is_empty())
 }
 
-async fn forward_inner<P: UpstreamPicker + ?Sized>(
+async fn forward_inner<'p, P: UpstreamPicker + ?Sized>(
     req: Request<ProxyBody>,
     ctx: &ForwardCtx<'_>,
-    picker: &P,
+    picker: &'p P,
+    retry: &mut Retry<'p>,
 ) -> Result<Response<ProxyBody>, Failure> {
     let settings = picker.settings();
     let timeouts = ctx.timeouts.unwrap_or(settings.timeouts);
@@ -386,7 +398,6 @@ async fn forward_inner<P: UpstreamPicker + ?Sized>(
         }
     }
 
-    let mut retry = Retry::new(picker);
     let replay = (retry.allowed() && body_empty && idempotent(&parts.method) && upgrade.is_none())
         .then(|| clone_parts(&parts));
     let mut out = Outgoing { parts, body, client_host, replay };

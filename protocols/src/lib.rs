@@ -328,6 +328,10 @@ pub enum ProxyError {
     NodeReset(grpc::Code, String),
     #[error("proxy retry timeout")]
     RetryTimeout,
+    /// A retry found no node this request has not tried (`retries` at least the node count):
+    /// a 502, as APISIX's balancer answers when its picker fails on a retry.
+    #[error("failed to pick server: all upstream servers tried")]
+    AllTried,
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("request deadline exceeded")]

@@ -22,7 +22,8 @@ pub fn http_status(err: &ProxyError) -> StatusCode {
         | ProxyError::BadResponse(_)
         | ProxyError::InvalidResponse(_)
         | ProxyError::NodeReset(..)
-        | ProxyError::RetryTimeout => StatusCode::BAD_GATEWAY,
+        | ProxyError::RetryTimeout
+        | ProxyError::AllTried => StatusCode::BAD_GATEWAY,
         ProxyError::Timeout(_) | ProxyError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ProxyError::Status(s, _) => StatusCode::from_u16(*s).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -39,7 +40,8 @@ pub fn grpc_code(err: &ProxyError) -> Code {
         | ProxyError::Connect(_)
         | ProxyError::BadResponse(_)
         | ProxyError::InvalidResponse(_)
-        | ProxyError::RetryTimeout => Code::Unavailable,
+        | ProxyError::RetryTimeout
+        | ProxyError::AllTried => Code::Unavailable,
         ProxyError::NodeReset(code, _) => *code,
         ProxyError::Timeout(_) | ProxyError::DeadlineExceeded => Code::DeadlineExceeded,
         ProxyError::BadRequest(_) => Code::Internal,

@@ -16,8 +16,11 @@ pub struct Retry<'a> {
     settings: &'a UpstreamSettings,
     /// Retries allowed after the first attempt.
     retries: u32,
+    /// `retry_timeout`'s deadline, counted from the first pick.
     deadline: Option<Instant>,
     tried: Tried,
+    /// What each failed attempt was to nginx's `$upstream_status` (502, or 504 for a timeout).
+    statuses: Vec<u16>,
     attempt: u32,
     /// What the last failed attempt ran into: the answer once no node is left to try.
     last_error: Option<ProxyError>,
@@ -29,8 +32,9 @@ impl<'a> Retry<'a> {
         Retry {
             settings,
             retries: settings.retries.unwrap_or(picker.node_count().saturating_sub(1) as u32),
-            deadline: settings.retry_timeout.map(|t| Instant::now() + t),
+            deadline: None,
             tried: Tried::default(),
+            statuses: Vec::new(),
             attempt: 0,
             last_error: None,
         }
@@ -41,15 +45,27 @@ impl<'a> Retry<'a> {
         self.retries > 0
     }
 
-    /// The node for the next attempt, or the error to answer with: the last attempt's once
-    /// every node was tried, the balancer's when there was never one.
+    /// The node for the next attempt, or the error to answer with: the balancer's when there
+    /// was never one; on a retry that finds no node left, a 502 ([`ProxyError::AllTried`]), as
+    /// APISIX's balancer answers when its picker fails on a retry (`retries` at least the node
+    /// count, or the untried nodes went unhealthy meanwhile). The last attempt's own error is the
+    /// answer only when the retries run out first ([`Retry::failed`]).
     pub fn pick<P: UpstreamPicker + ?Sized>(&mut self, picker: &P, key: &[u8]) -> Result<Peer, ProxyError> {
+        if self.attempt == 0 {
+            self.deadline = self.settings.retry_timeout.map(|t| Instant::now() + t);
+        }
         match picker.pick(key, &self.tried) {
             Ok(peer) => {
                 self.attempt += 1;
                 Ok(peer)
             }
-            Err(e) => Err(self.last_error.take().unwrap_or_else(|| e.into())),
+            Err(e) => Err(match self.last_error.take() {
+                Some(last) => {
+                    tracing::warn!(upstream = &*self.settings.id, last = %last, "failed to pick a node to retry: {e:?}");
+                    ProxyError::AllTried
+                }
+                None => e.into(),
+            }),
         }
     }
 
@@ -71,6 +87,7 @@ impl<'a> Retry<'a> {
             "upstream attempt failed"
         );
         self.tried.push(addr);
+        self.statuses.push(if matches!(error, ProxyError::Timeout(_)) { 504 } else { 502 });
         if self.attempt > self.retries
             || !can_resend
             || matches!(error, ProxyError::InvalidResponse(_) | ProxyError::NodeReset(..))
@@ -82,6 +99,45 @@ impl<'a> Retry<'a> {
         }
         self.last_error = Some(error);
         Ok(())
+    }
+
+    /// APISIX's `X-APISIX-Upstream-Status` for the answer: every attempt's status as nginx's
+    /// `$upstream_status` lists them (`504, 502, 500`), the failed ones' and then `last`, the
+    /// status of the node's answer, if one came; only when the last of them is a 5xx (APISIX's
+    /// default, `show_upstream_status_in_response_header: false`). `None` when no attempt
+    /// failed and there is no 5xx answer, so a gateway error that never reached a node (no
+    /// route, no node) has no such header, as in APISIX.
+    pub fn upstream_status(&self, last: Option<u16>) -> Option<http::HeaderValue> {
+        let shown = match last {
+            Some(s) => (500..600).contains(&s),
+            None => self.statuses.last().is_some_and(|s| (500..600).contains(s)),
+        };
+        if !shown {
+            return None;
+        }
+        let mut v = Vec::with_capacity(5 * (self.statuses.len() + 1));
+        write_statuses(&mut v, &self.statuses, last);
+        http::HeaderValue::from_bytes(&v).ok()
+    }
+
+    /// The failed attempts' statuses so far (see [`Retry::upstream_status`]).
+    pub fn failed_statuses(&self) -> &[u16] {
+        &self.statuses
+    }
+}
+
+/// The name of APISIX's header (see [`Retry::upstream_status`]).
+pub const UPSTREAM_STATUS: http::HeaderName = http::HeaderName::from_static("x-apisix-upstream-status");
+
+/// Writes `statuses` and then `last`, separated by `, ` (nginx's `$upstream_status`).
+pub fn write_statuses(out: &mut Vec<u8>, statuses: &[u16], last: Option<u16>) {
+    for (i, s) in statuses.iter().copied().chain(last).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
+        }
+        // A status has three digits (httparse and `http` take no other).
+        let s = s.min(999);
+        out.extend_from_slice(&[b'0' + (s / 100) as u8, b'0' + (s / 10 % 10) as u8, b'0' + (s % 10) as u8]);
     }
 }
 
@@ -159,13 +215,23 @@ mod tests {
         let mut r = Retry::new(&up);
         let p = r.pick(&up, b"").unwrap();
         assert!(r.failed(p.addr, ProxyError::Timeout("read"), false).is_err());
-        // More retries than nodes: every node once, then the last attempt's error.
+        // More retries than nodes: every node once, then a 502 (APISIX's balancer finds no
+        // node to retry), not the last attempt's timeout.
         let mut r = Retry::new(&up);
         for _ in 0..3 {
             let p = r.pick(&up, b"").unwrap();
             r.failed(p.addr, ProxyError::Timeout("connect"), true).unwrap();
         }
-        assert!(matches!(r.pick(&up, b""), Err(ProxyError::Timeout("connect"))));
+        assert!(matches!(r.pick(&up, b""), Err(ProxyError::AllTried)));
+        // As many retries as other nodes: the last attempt's error.
+        let up = list(3, Some(2), None);
+        let mut r = Retry::new(&up);
+        let mut last = Ok(());
+        for _ in 0..3 {
+            let p = r.pick(&up, b"").unwrap();
+            last = r.failed(p.addr, ProxyError::Timeout("read"), true);
+        }
+        assert!(matches!(last, Err(ProxyError::Timeout("read"))));
     }
 
     #[test]
