@@ -978,6 +978,10 @@ async fn one_request<S: ClientStream>(
     };
     let strait_protocols::h1::ParsedRequest { parts, len } = parsed;
     let Some(body) = strait_protocols::h1::eligible(&parts) else { return Step::HandOff };
+    if len > strait_protocols::http::HEAD_LINE_MAX && strait_protocols::http::head_fault(&parts).is_some() {
+        // The general path answers it (414 or 400); a shorter head cannot hold a line that long.
+        return Step::HandOff;
+    }
     if strait_protocols::http::host_fault(&parts).is_some() || parts.method == http::Method::TRACE {
         // The general path answers it (400).
         return Step::HandOff;
@@ -985,9 +989,11 @@ async fn one_request<S: ClientStream>(
     if grpc::is_grpc_request(&parts.headers) {
         return Step::HandOff;
     }
+    let (client, real_ip) = real_client(&shared.node, peer, &parts.headers);
+    let client_ip = real_ip.as_ref().unwrap_or(client_ip);
     let (route, key) = {
         let state = shared.state.load();
-        let view = RequestView::new(&parts, peer, local, S::TLS);
+        let view = RequestView::new(&parts, client, local, S::TLS);
         if view.uri.is_none() {
             // The general path answers it (400).
             return Step::HandOff;
@@ -1036,7 +1042,7 @@ async fn one_request<S: ClientStream>(
         }
     }
     let ctx = ForwardCtx {
-        client_addr: peer,
+        client_addr: client,
         local_port: local.port(),
         client_ip,
         local_port_value,
@@ -1124,6 +1130,25 @@ fn client_cert_rules_allow(certs: &CertStore, view: &RequestView, sni: Option<&s
     })
 }
 
+/// The client of a request from `peer`: the address a trusted proxy's header names
+/// (`nginx_config.http.real_ip_*`, [`crate::route::ip::RealIp`]), with that address as a header
+/// value for the node's `X-Real-IP` and `X-Forwarded-For`; else `peer` (and `None`: the
+/// connection's value stands).
+fn real_client(
+    node: &crate::config::NodeConfig,
+    peer: SocketAddr,
+    headers: &http::HeaderMap,
+) -> (SocketAddr, Option<http::HeaderValue>) {
+    let named = node.real_ip.as_ref().filter(|r| r.trusts(peer.ip())).and_then(|r| r.client(headers));
+    match named {
+        Some(ip) if ip != peer.ip() => {
+            let value = http::HeaderValue::from_str(&ip.to_string()).ok();
+            (SocketAddr::new(ip, peer.port()), value)
+        }
+        _ => (peer, None),
+    }
+}
+
 /// One request: route, then forward (or answer an error).
 /// `tunnel_hold` makes what a tunnel holds if the request becomes one (HTTP/1.1 upgrades).
 async fn handle(
@@ -1139,15 +1164,22 @@ async fn handle(
         strait_protocols::http::drain_unread(body).await;
         return error_response(&ProxyError::BadRequest(fault.to_string()), is_grpc);
     }
+    if let Some(e) = strait_protocols::http::head_fault(&parts) {
+        strait_protocols::http::drain_unread(body).await;
+        return error_response(&e, is_grpc);
+    }
     if parts.method == http::Method::TRACE {
         // nginx refuses TRACE ("client sent TRACE method"): it would echo the request's
         // headers, cookies included, back to whoever can make the client send one.
         strait_protocols::http::drain_unread(body).await;
         return error_response(&ProxyError::Status(405, "TRACE is not allowed".into()), is_grpc);
     }
+    // The client a trusted proxy names (nginx's realip module), else the connection's.
+    let (client, real_ip) = real_client(&shared.node, c.peer, &parts.headers);
+    let client_ip = real_ip.as_ref().unwrap_or(&c.client_ip);
     let (route, key) = {
         let state = shared.state.load();
-        let view = RequestView::new(&parts, c.peer, c.local, c.tls);
+        let view = RequestView::new(&parts, client, c.local, c.tls);
         if view.uri.is_none() {
             // A path that climbs above the root, as nginx answers it.
             drop(state);
@@ -1193,9 +1225,9 @@ async fn handle(
         return error_response(&ProxyError::NoNode, is_grpc);
     };
     let ctx = ForwardCtx {
-        client_addr: c.peer,
+        client_addr: client,
         local_port: c.local.port(),
-        client_ip: &c.client_ip,
+        client_ip,
         local_port_value: &c.local_port_value,
         downstream_tls: c.tls,
         hash_key: &key,

@@ -215,7 +215,7 @@ fn a_config_copied_from_apisix_example_is_accepted_and_its_unapplied_settings_li
         "plugins",
         "apisix.enable_server_tokens",
         "nginx_config.error_log_level",
-        "nginx_config.http.real_ip_from",
+        "nginx_config.http.charset",
     ] {
         assert!(err.contains(path), "{path} missing from {err}");
     }
@@ -225,6 +225,7 @@ fn a_config_copied_from_apisix_example_is_accepted_and_its_unapplied_settings_li
         "worker_shutdown_timeout",
         "worker_processes",
         "client_header_timeout",
+        "real_ip",
         "delete_uri_tail_slash",
         "snippet",
         "upstream.keepalive",

@@ -411,6 +411,55 @@ async fn upstream_status_header_and_retries_beyond_the_nodes() {
     assert_eq!(slow[0].requests() + slow[1].requests(), 8, "each slow request tried both nodes once");
 }
 
+/// nginx's default `large_client_header_buffers 4 8k`, which APISIX keeps: a request line over
+/// 8 KiB is a 414, a header line over 8 KiB a 400, over HTTP/1.1 (the relay and, with a head
+/// the relay hands on, the general path) and HTTP/2 alike; lines just within pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_header_lines_over_8_kib_get_nginx_answers() {
+    let b = Backend::start("b").await;
+    let gw = TestGateway::start(&format!(
+        "routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    ));
+    let status = |answer: Vec<u8>| String::from_utf8_lossy(&answer).lines().next().unwrap_or("").to_string();
+    let addr = gw.http();
+    let h1 = |path: String, extra: String| async move {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: h\r\n{extra}Connection: close\r\n\r\n");
+        raw(addr, req.as_bytes(), Duration::from_secs(10)).await
+    };
+    // `GET /aaa... HTTP/1.1\r\n`: 8,192 bytes fit, 8,193 do not.
+    let fits = format!("/{}", "a".repeat(8192 - 16));
+    let over = format!("/{}", "a".repeat(8192 - 15));
+    assert!(status(h1(fits.clone(), String::new()).await).starts_with("HTTP/1.1 200"));
+    assert!(status(h1(over.clone(), String::new()).await).starts_with("HTTP/1.1 414"));
+    // `X-Big: vvv...\r\n`: the same.
+    let fits_header = format!("X-Big: {}\r\n", "v".repeat(8192 - 9));
+    let over_header = format!("X-Big: {}\r\n", "v".repeat(8192 - 8));
+    assert!(status(h1("/x".into(), fits_header.clone()).await).starts_with("HTTP/1.1 200"));
+    let answer = h1("/x".into(), over_header.clone()).await;
+    assert!(status(answer.clone()).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&answer));
+    assert!(String::from_utf8_lossy(&answer).contains("Request Header Or Cookie Too Large"));
+    // Long heads of lines within the limit pass, up to 32 KiB in all (nginx's four buffers);
+    // past that a 431.
+    let padding =
+        |n: usize| (0..n).map(|i| format!("X-Pad-{i}: {}\r\n", "p".repeat(7000))).collect::<String>();
+    assert!(status(h1("/x".into(), padding(4)).await).starts_with("HTTP/1.1 200"));
+    assert!(status(h1("/x".into(), padding(5)).await).starts_with("HTTP/1.1 431"));
+    // HTTP/2.
+    let h2 = |path: &str, header: Option<String>| {
+        let mut req = Request::get(format!("http://h{path}"));
+        if let Some(v) = header {
+            req = req.header("x-big", v);
+        }
+        send_h2(gw.http(), req.body(Full::new(Bytes::new())).unwrap())
+    };
+    assert_eq!(h2(&fits, None).await.0, StatusCode::OK);
+    assert_eq!(h2(&over, None).await.0, StatusCode::URI_TOO_LONG);
+    assert_eq!(h2("/x", Some("v".repeat(8192 - 9))).await.0, StatusCode::OK);
+    assert_eq!(h2("/x", Some("v".repeat(8192 - 8))).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(b.requests(), 5, "only the requests within the limits reached the node");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_host_node_and_rewrite() {
     let b = Backend::start("b").await;
@@ -2742,27 +2791,29 @@ async fn forwarding_headers_are_the_same_over_http1_and_http2() {
             2,
         );
         let port = gw.http().port();
+        // The client is 127.0.0.1, in APISIX's default `real_ip_from`: the X-Real-IP it sends
+        // names the client (nginx's realip module), whose address ends X-Forwarded-For.
         let expected = if kept {
             lines(&[
                 "forwarded: for=198.51.100.7;proto=https",
-                "x-forwarded-for: 198.51.100.7, 203.0.113.9, 127.0.0.1",
+                "x-forwarded-for: 198.51.100.7, 203.0.113.9, 10.9.9.9",
                 "x-forwarded-host: fwd.example",
                 "x-forwarded-port: 8443",
                 "x-forwarded-proto: https",
-                "x-real-ip: 127.0.0.1",
+                "x-real-ip: 10.9.9.9",
             ])
         } else {
             let xff = if trusted.is_some() {
-                "x-forwarded-for: 127.0.0.1"
+                "x-forwarded-for: 10.9.9.9"
             } else {
-                "x-forwarded-for: 198.51.100.7, 203.0.113.9, 127.0.0.1"
+                "x-forwarded-for: 198.51.100.7, 203.0.113.9, 10.9.9.9"
             };
             lines(&[
                 xff,
                 &format!("x-forwarded-host: shop.example:{port}"),
                 &format!("x-forwarded-port: {port}"),
                 "x-forwarded-proto: http",
-                "x-real-ip: 127.0.0.1",
+                "x-real-ip: 10.9.9.9",
             ])
         };
 
@@ -2811,6 +2862,50 @@ async fn forwarding_headers_are_the_same_over_http1_and_http2() {
         "x-real-ip: 127.0.0.1",
     ]);
     assert_eq!(forwarding(&got), want, "trusted client, emptied or hop-by-hop headers: {got}");
+}
+
+/// nginx's realip module as APISIX configures it: behind a trusted proxy, the client is the
+/// address its header names (here the last untrusted one of `X-Forwarded-For`, recursive):
+/// `remote_addrs` routes match it and the node gets it as `X-Real-IP`; a peer that is not in
+/// `real_ip_from` names nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ip_from_a_trusted_proxy_is_the_client_address() {
+    let b = Backend::start("b").await;
+    let routes = format!(
+        "routes:\n  - uri: /*\n    remote_addrs: [203.0.113.0/24]\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[b.addr])
+    );
+    let realip = |from: &str| {
+        let settings = format!(
+            "    client_body_timeout: 2s\n    real_ip_header: X-Forwarded-For\n    real_ip_recursive: \"on\"\n    real_ip_from: [{from}, 10.0.0.0/8]\n"
+        );
+        let config = BASE_CONFIG.replace("    client_body_timeout: 2s\n", &settings);
+        assert_ne!(config, BASE_CONFIG);
+        config
+    };
+    let gw = TestGateway::start_with(&realip("127.0.0.1"), &routes, 1);
+    let xff = |v: &'static str| {
+        Request::get("/x").header("host", "h").header("x-forwarded-for", v).body(body("")).unwrap()
+    };
+    let (status, _, answer) = send(gw.http(), xff("198.51.100.1, 203.0.113.5, 10.0.0.7")).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(json(&answer)["headers"]["x-real-ip"], "203.0.113.5");
+    assert_eq!(
+        json(&answer)["headers"]["x-forwarded-for"],
+        "198.51.100.1, 203.0.113.5, 10.0.0.7, 203.0.113.5"
+    );
+    // Over HTTP/2 too.
+    let req = Request::get("http://h/x").header("x-forwarded-for", "203.0.113.9").body(body("")).unwrap();
+    let (status, _, answer, _) = send_h2(gw.http(), req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&answer)["headers"]["x-real-ip"], "203.0.113.9");
+    // Named outside the route's range, or not named: 404.
+    assert_eq!(send(gw.http(), xff("198.51.100.1")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(get(gw.http(), "/x").await.0, StatusCode::NOT_FOUND);
+    drop(gw);
+    // 127.0.0.1 is not trusted: its header names nobody.
+    let gw = TestGateway::start_with(&realip("192.0.2.1"), &routes, 1);
+    assert_eq!(send(gw.http(), xff("203.0.113.5")).await.0, StatusCode::NOT_FOUND);
 }
 
 /// A client that sends its request and then half-closes (`printf ... | nc -N`, a shell health

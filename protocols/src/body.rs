@@ -254,7 +254,11 @@ impl Body for UpstreamBody {
                 }
                 let msg = if call_deadline { "deadline exceeded" } else { "upstream read timed out" };
                 if this.grpc_client {
-                    return this.grpc_end(grpc::Code::DeadlineExceeded, msg);
+                    // The client's deadline, or the node's read timeout (UNAVAILABLE, as for a
+                    // timeout before the answer: `respond::grpc_code`).
+                    let code =
+                        if call_deadline { grpc::Code::DeadlineExceeded } else { grpc::Code::Unavailable };
+                    return this.grpc_end(code, msg);
                 }
                 Poll::Ready(Some(Err(msg.into())))
             }

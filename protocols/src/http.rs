@@ -322,6 +322,37 @@ pub fn host_fault(parts: &http::request::Parts) -> Option<&'static str> {
     }
 }
 
+/// nginx's `large_client_header_buffers` size (`4 8k` by default, which APISIX keeps): the
+/// longest request line and the longest header line, each with its line end, nginx takes.
+pub const HEAD_LINE_MAX: usize = 8 * 1024;
+
+/// Why a request's head is refused for its size, as nginx refuses it by default: a request line
+/// (method, target, `HTTP/1.1`) longer than [`HEAD_LINE_MAX`] gets a 414, a header line
+/// (`name: value`) longer than that a 400 ("Request Header Or Cookie Too Large"). For HTTP/2
+/// requests the same lengths are counted as HTTP/1.1 would write them. Nodes commonly cap
+/// lines at 8 KiB too, so a longer one would have failed there less clearly.
+pub fn head_fault(parts: &http::request::Parts) -> Option<ProxyError> {
+    let uri = &parts.uri;
+    let path = uri.path_and_query().map_or(1, |p| p.as_str().len());
+    // An HTTP/1.1 absolute-form target counts whole; HTTP/2's `:scheme` and `:authority` are
+    // apart from its `:path`, which HTTP/1.1 would send in origin form.
+    let target = match uri.authority() {
+        Some(a) if parts.version < Version::HTTP_2 => {
+            path + a.as_str().len() + uri.scheme_str().map_or(0, str::len) + 3
+        }
+        _ => path,
+    };
+    // `METHOD SP target SP HTTP/1.1 CRLF`
+    if parts.method.as_str().len() + target + 12 > HEAD_LINE_MAX {
+        return Some(ProxyError::Status(414, "Request-URI Too Large".into()));
+    }
+    // `name: value CRLF`
+    if parts.headers.iter().any(|(n, v)| n.as_str().len() + v.len() + 4 > HEAD_LINE_MAX) {
+        return Some(ProxyError::Status(400, "Request Header Or Cookie Too Large".into()));
+    }
+    None
+}
+
 /// The host (and port) of a request target that names one (absolute form, or HTTP/2's
 /// `:authority`), without any `user@`: what the client's Host is to be.
 pub(crate) fn target_host(uri: &http::Uri) -> Option<HeaderValue> {

@@ -43,7 +43,11 @@ pub fn grpc_code(err: &ProxyError) -> Code {
         | ProxyError::RetryTimeout
         | ProxyError::AllTried => Code::Unavailable,
         ProxyError::NodeReset(code, _) => *code,
-        ProxyError::Timeout(_) | ProxyError::DeadlineExceeded => Code::DeadlineExceeded,
+        // A node that timed out is what APISIX (nginx's 504) and Envoy tell a gRPC client with
+        // UNAVAILABLE, gRPC's mapping of 504; DEADLINE_EXCEEDED is for the client's own
+        // `grpc-timeout`, which it set and can act on.
+        ProxyError::Timeout(_) => Code::Unavailable,
+        ProxyError::DeadlineExceeded => Code::DeadlineExceeded,
         ProxyError::BadRequest(_) => Code::Internal,
         ProxyError::Status(s, _) => grpc::code_for_http_status(*s),
     }
@@ -82,6 +86,8 @@ mod tests {
         assert_eq!(r.headers()["grpc-status"], "14");
         assert_eq!(r.headers()["content-type"], "application/grpc");
         let r = error_response(&ProxyError::Timeout("read"), true);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        let r = error_response(&ProxyError::DeadlineExceeded, true);
         assert_eq!(r.headers()["grpc-status"], "4");
         let r = error_response(&ProxyError::NoRoute, true);
         assert_eq!(r.headers()["grpc-status"], "12");

@@ -108,6 +108,10 @@ pub struct NodeConfig {
     /// `apisix.trusted_addresses`: clients whose `X-Forwarded-*` headers are kept (`None`: not
     /// set, APISIX's compatible default; see [`strait_protocols::http::ForwardTrust`]).
     pub trusted_addresses: Option<Vec<crate::route::ip::IpNet>>,
+    /// nginx's realip module (`nginx_config.http.real_ip_*`, APISIX's defaults: `X-Real-IP`
+    /// from `127.0.0.1`); `None` when no peer is trusted or the header is `proxy_protocol`
+    /// (the PROXY header's address, which Strait takes anyway).
+    pub real_ip: Option<crate::route::ip::RealIp>,
 }
 
 impl NodeConfig {
@@ -120,6 +124,68 @@ impl NodeConfig {
             Some(_) => ForwardTrust::Untrusted,
         }
     }
+}
+
+/// APISIX's `nginx_config.http` realip defaults: `X-Real-IP`, not recursive, from `127.0.0.1`
+/// (and `unix:`, which names no TCP peer).
+fn default_real_ip() -> crate::route::ip::RealIp {
+    crate::route::ip::RealIp {
+        header: http::HeaderName::from_static("x-real-ip"),
+        recursive: false,
+        from: crate::route::ip::IpNet::parse("127.0.0.1").into_iter().collect(),
+    }
+}
+
+/// Reads `nginx_config.http.real_ip_header`, `real_ip_recursive` and `real_ip_from` over
+/// APISIX's defaults.
+fn parse_real_ip(h: &super::raw::RawNginxHttp, errs: &mut Errors) -> Option<crate::route::ip::RealIp> {
+    let mut real = default_real_ip();
+    let mut proxy_protocol = false;
+    if let Some(v) = &h.real_ip_header {
+        const PATH: &str = "nginx_config.http.real_ip_header";
+        match v.as_str().map(str::trim) {
+            Some(t) if t.eq_ignore_ascii_case("proxy_protocol") => proxy_protocol = true,
+            Some(t) => match http::HeaderName::from_bytes(t.as_bytes()) {
+                Ok(name) if !t.is_empty() => real.header = name,
+                _ => errs.add(PATH, format!("not a header name: {t:?}")),
+            },
+            None => errs.add(PATH, format!("expected a header name, found {}", shown(v))),
+        }
+    }
+    if let Some(v) = &h.real_ip_recursive {
+        match v {
+            Value::Bool(b) => real.recursive = *b,
+            Value::String(t) if t.trim() == "on" => real.recursive = true,
+            Value::String(t) if t.trim() == "off" => real.recursive = false,
+            _ => errs.add(
+                "nginx_config.http.real_ip_recursive",
+                format!("expected on or off, found {}", shown(v)),
+            ),
+        }
+    }
+    if let Some(v) = &h.real_ip_from {
+        const PATH: &str = "nginx_config.http.real_ip_from";
+        let list: Vec<&Value> = match v {
+            Value::Array(a) => a.iter().collect(),
+            Value::Null => Vec::new(),
+            one => vec![one],
+        };
+        real.from.clear();
+        for (i, item) in list.into_iter().enumerate() {
+            match item.as_str().map(str::trim) {
+                // Strait listens on no Unix socket.
+                Some("unix:") => {}
+                Some(t) => match crate::route::ip::IpNet::parse(t) {
+                    Some(n) => real.from.push(n),
+                    None => errs.add(index(PATH, i), format!("not an IP address or CIDR: {t:?}")),
+                },
+                None => {
+                    errs.add(index(PATH, i), format!("expected an IP address or CIDR, found {}", shown(item)))
+                }
+            }
+        }
+    }
+    (!proxy_protocol && !real.from.is_empty()).then_some(real)
 }
 
 /// What Strait does with a `config.yaml` setting of APISIX's that it does not implement.
@@ -212,9 +278,6 @@ const FOREIGN: &[(&str, Foreign)] = &[
     ("nginx_config.http.access_log_format_escape", Any),
     ("nginx_config.http.client_max_body_size", Only(&["0"])),
     ("nginx_config.http.underscores_in_headers", Only(&["on"])),
-    ("nginx_config.http.real_ip_header", Any),
-    ("nginx_config.http.real_ip_recursive", Any),
-    ("nginx_config.http.real_ip_from", Any),
     ("nginx_config.http.custom_lua_shared_dict", Any),
     ("nginx_config.http.lua_shared_dict", Any),
     ("nginx_config.http.proxy_ssl_server_name", Only(&["true"])),
@@ -369,6 +432,7 @@ impl NodeConfig {
             drain_timeout: None,
             ignored: Vec::new(),
             trusted_addresses: None,
+            real_ip: Some(default_real_ip()),
         }
     }
 }
@@ -591,6 +655,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
                     _ => errs.add("nginx_config.http.send_timeout", "expected a positive duration like 10s"),
                 }
             }
+            cfg.real_ip = parse_real_ip(h, errs);
             if let Some(v) = &h.client_body_timeout {
                 match parse_duration(v) {
                     Some(d) if !d.is_zero() => cfg.client_body_timeout = d,
@@ -881,6 +946,28 @@ mod tests {
     }
 
     #[test]
+    fn real_ip_settings_over_apisix_defaults() {
+        let localhost: IpAddr = Ipv4Addr::LOCALHOST.into();
+        // APISIX's defaults: X-Real-IP from 127.0.0.1.
+        let r = parse("apisix:\n  node_listen: 9080\n").unwrap().real_ip.unwrap();
+        assert_eq!(r.header, "x-real-ip");
+        assert!(!r.recursive && r.trusts(localhost));
+        let r = parse(
+            "nginx_config:\n  http:\n    real_ip_header: X-Forwarded-For\n    real_ip_recursive: \"on\"\n    real_ip_from: [10.0.0.0/8, \"unix:\"]\n",
+        )
+        .unwrap()
+        .real_ip
+        .unwrap();
+        assert_eq!(r.header, "x-forwarded-for");
+        assert!(r.recursive && !r.trusts(localhost) && r.trusts("10.1.2.3".parse().unwrap()));
+        // Nobody trusted, or the PROXY header's address (which Strait takes anyway): nothing to do.
+        assert!(parse("nginx_config:\n  http:\n    real_ip_from: []\n").unwrap().real_ip.is_none());
+        assert!(parse("nginx_config:\n  http:\n    real_ip_from: [\"unix:\"]\n").unwrap().real_ip.is_none());
+        let pp = "nginx_config:\n  http:\n    real_ip_header: proxy_protocol\n";
+        assert!(parse(pp).unwrap().real_ip.is_none());
+    }
+
+    #[test]
     fn node_listen_forms() {
         let c = parse("apisix:\n  node_listen: 9080\n").unwrap();
         assert_eq!(c.http, vec![Listen { addr: "0.0.0.0:9080".parse().unwrap(), http2: true }]);
@@ -968,6 +1055,12 @@ mod tests {
             ("nginx_config:\n  worker_processes: 100000\n", "nginx_config.worker_processes"),
             ("apisix:\n  trusted_addresses: []\n", "apisix.trusted_addresses"),
             ("apisix:\n  trusted_addresses: [\"10.0.0.0/33\"]\n", "apisix.trusted_addresses[0]"),
+            ("nginx_config:\n  http:\n    real_ip_header: \"X Real\"\n", "nginx_config.http.real_ip_header"),
+            ("nginx_config:\n  http:\n    real_ip_recursive: maybe\n", "nginx_config.http.real_ip_recursive"),
+            (
+                "nginx_config:\n  http:\n    real_ip_from: [127.0.0.1, lb.example]\n",
+                "nginx_config.http.real_ip_from[1]",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.0.len(), 1, "{text}: {e}");

@@ -154,6 +154,12 @@ pub struct RawNginxHttp {
     pub keepalive_timeout: Option<Value>,
     /// e.g. `10s`: how long a write to a client may make no progress.
     pub send_timeout: Option<Value>,
+    /// nginx's realip module: the header that names the client (`X-Real-IP`)...
+    pub real_ip_header: Option<Value>,
+    /// ... whether trusted addresses in it are skipped (`on`/`off`)...
+    pub real_ip_recursive: Option<Value>,
+    /// ... and the peers whose header is believed (IPs, CIDRs, `unix:`).
+    pub real_ip_from: Option<Value>,
 }
 
 // ---------------------------------------------------------------------------------------------

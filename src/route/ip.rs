@@ -1,6 +1,7 @@
-//! IP addresses and CIDR blocks for `remote_addr(s)` and `server_addr` matching.
+//! IP addresses and CIDR blocks for `remote_addr(s)` and `server_addr` matching, and the
+//! client address nginx's realip module takes from a trusted proxy's header ([`RealIp`]).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// An IP network (`10.0.0.0/8`, `::1/128`) or a single address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,5 +71,124 @@ mod tests {
         assert!(IpNet::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
         assert!(IpNet::parse("1.2.3.4/33").is_none());
         assert!(IpNet::parse("nope").is_none());
+    }
+}
+
+/// nginx's realip module as APISIX configures it (`nginx_config.http.real_ip_header`,
+/// `real_ip_recursive`, `real_ip_from`; APISIX's defaults: `X-Real-IP`, off, `127.0.0.1` and
+/// `unix:`): a request from an address in `from` is taken to come from the address its header
+/// names. That address is the request's `remote_addr` (routes' `remote_addrs`, `vars`, chash)
+/// and what the node gets as `X-Real-IP` and at the end of `X-Forwarded-For`.
+#[derive(Debug, Clone)]
+pub struct RealIp {
+    pub header: http::HeaderName,
+    pub recursive: bool,
+    pub from: Vec<IpNet>,
+}
+
+impl RealIp {
+    /// Whether a connection from `peer` may name its client (so the header is looked at).
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.from.iter().any(|n| n.contains(peer))
+    }
+
+    /// The client address the header of a request from a trusted peer names, as nginx's
+    /// `ngx_http_get_forwarded_addr` finds it: the last address of the list (`X-Forwarded-For`'s
+    /// lines taken as one list, another header's first line); with `recursive`, the last one
+    /// that is not itself in `from`, or the first of the list when all are. `None` (the
+    /// connection's address stays) when the header is missing or its last entry is not an
+    /// address. A port with the address is ignored.
+    pub fn client(&self, headers: &http::HeaderMap) -> Option<IpAddr> {
+        let lines = headers.get_all(&self.header);
+        if self.header == "x-forwarded-for" {
+            self.scan(lines.iter().rev())
+        } else {
+            self.scan(lines.iter().next().into_iter())
+        }
+    }
+
+    /// [`RealIp::client`] over `lines`, the last first.
+    fn scan<'h>(&self, lines: impl Iterator<Item = &'h http::HeaderValue>) -> Option<IpAddr> {
+        let mut found: Option<IpAddr> = None;
+        for line in lines {
+            for item in line.as_bytes().rsplit(|&b| b == b',' || b == b' ').filter(|i| !i.is_empty()) {
+                let Some(ip) = parse_addr(item) else { return found };
+                found = Some(ip);
+                if !self.recursive || !self.trusts(ip) {
+                    return found;
+                }
+            }
+        }
+        found
+    }
+}
+
+/// An address as nginx's `ngx_parse_addr_port` takes one: `1.2.3.4`, `1.2.3.4:80`, `::1`,
+/// `[::1]` or `[::1]:80`.
+fn parse_addr(item: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(item).ok()?;
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    s.strip_prefix('[')?.strip_suffix(']')?.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
+}
+
+#[cfg(test)]
+mod real_ip_tests {
+    use super::*;
+
+    fn real(header: &'static str, recursive: bool, from: &[&str]) -> RealIp {
+        RealIp {
+            header: http::HeaderName::from_static(header),
+            recursive,
+            from: from.iter().map(|f| IpNet::parse(f).unwrap()).collect(),
+        }
+    }
+
+    fn headers(name: &'static str, lines: &[&'static str]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for l in lines {
+            h.append(name, http::HeaderValue::from_static(l));
+        }
+        h
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn nginx_realip_rules() {
+        let r = real("x-real-ip", false, &["127.0.0.1"]);
+        assert!(r.trusts("127.0.0.1".parse().unwrap()) && !r.trusts("10.0.0.1".parse().unwrap()));
+        assert_eq!(r.client(&headers("x-real-ip", &["203.0.113.7"])), ip("203.0.113.7"));
+        assert_eq!(r.client(&headers("x-real-ip", &["203.0.113.7:4711"])), ip("203.0.113.7"));
+        assert_eq!(r.client(&headers("x-real-ip", &["[2001:db8::1]:80"])), ip("2001:db8::1"));
+        assert_eq!(r.client(&headers("x-real-ip", &["2001:db8::1"])), ip("2001:db8::1"));
+        // Not an address, or no header: the connection's address stays.
+        assert_eq!(r.client(&headers("x-real-ip", &["unknown"])), None);
+        assert_eq!(r.client(&http::HeaderMap::new()), None);
+        // Another header than X-Forwarded-For: its first line, last entry.
+        assert_eq!(r.client(&headers("x-real-ip", &["1.1.1.1, 2.2.2.2", "3.3.3.3"])), ip("2.2.2.2"));
+
+        let xff = real("x-forwarded-for", false, &["10.0.0.0/8"]);
+        // Lines are one list; the last entry wins without recursion.
+        assert_eq!(
+            xff.client(&headers("x-forwarded-for", &["1.1.1.1, 10.0.0.2", "10.0.0.3"])),
+            ip("10.0.0.3")
+        );
+        let rec = real("x-forwarded-for", true, &["10.0.0.0/8"]);
+        assert_eq!(
+            rec.client(&headers("x-forwarded-for", &["1.1.1.1, 10.0.0.2", "10.0.0.3"])),
+            ip("1.1.1.1")
+        );
+        // Every entry trusted: the first of the list.
+        assert_eq!(rec.client(&headers("x-forwarded-for", &["10.1.1.1,10.0.0.2"])), ip("10.1.1.1"));
+        // A bad entry behind trusted ones: the last trusted one found.
+        assert_eq!(rec.client(&headers("x-forwarded-for", &["junk, 10.0.0.2"])), ip("10.0.0.2"));
+        assert_eq!(rec.client(&headers("x-forwarded-for", &["1.1.1.1, junk"])), None);
     }
 }
