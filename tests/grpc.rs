@@ -134,6 +134,32 @@ async fn streaming_calls_of_every_kind_and_read_timeout_between_messages() {
         }
     };
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+    // A client deadline that falls within one read timeout after the node's (0.5 s, then 0.8 s):
+    // the node's timeout ended the wait, so still UNAVAILABLE, not DEADLINE_EXCEEDED.
+    c.ready().await.unwrap();
+    let req = HelloRequest { name: "s".into(), count: 3, delay_ms: 1500, ..Default::default() };
+    let mut req = tonic::Request::new(req);
+    req.set_timeout(Duration::from_millis(800));
+    let mut stream = c
+        .server_streaming::<_, HelloReply, _>(
+            req,
+            g::path("StreamHellos"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .map(|r| r.into_inner());
+    let err = loop {
+        match &mut stream {
+            Err(e) => break e.clone(),
+            Ok(s) => match s.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without the timeout"),
+                Err(e) => break e,
+            },
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }
 
 fn tokio_stream_iter(

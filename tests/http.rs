@@ -353,9 +353,13 @@ async fn upstream_status_header_and_retries_beyond_the_nodes() {
       nodes:
         - {{host: 127.0.0.1, port: {}, weight: 1, priority: 1}}
         - {{host: 127.0.0.1, port: {}, weight: 1, priority: 0}}
+  - uri: /status/*
+    host: one
+    upstream: {{nodes: {}}}
 ",
         dead.port(),
-        ok.addr.port()
+        ok.addr.port(),
+        nodes_yaml(&[ok.addr])
     ));
     let h2 = |path: &str| {
         let req = Request::get(format!("http://localhost{path}")).body(Full::new(Bytes::new())).unwrap();
@@ -404,6 +408,22 @@ async fn upstream_status_header_and_retries_beyond_the_nodes() {
             assert_eq!(shown(&headers).as_deref(), header, "http2 {http2} {path}");
         }
     }
+    // A first attempt's 5xx: its status alone.
+    let (status, headers, _) = get_host(gw.http(), "/status/500", "one").await;
+    assert_eq!((status.as_u16(), shown(&headers).as_deref()), (500, Some("500")));
+    // Streamed request bodies (HTTP/1.1 chunked, HTTP/2 past the 64 KiB read whole) take the
+    // relay's streaming paths: the refused connect is retried, and both statuses are shown.
+    let chunked = Request::post("/status/503")
+        .header("host", "h")
+        .header("transfer-encoding", "chunked")
+        .body(body("payload"))
+        .unwrap();
+    let (status, headers, _) = send(gw.http(), chunked).await;
+    assert_eq!((status.as_u16(), shown(&headers).as_deref()), (503, Some("502, 503")));
+    let large =
+        Request::post("http://h/status/503").body(Full::new(Bytes::from(vec![b'x'; 100_000]))).unwrap();
+    let (status, headers, ..) = send_h2(gw.http(), large).await;
+    assert_eq!((status.as_u16(), shown(&headers).as_deref()), (503, Some("502, 503")));
     // A gateway error that never reached a node has no such header.
     let (status, headers, _) = get(gw.http(), "/nowhere").await;
     assert_eq!(status, StatusCode::NOT_FOUND);

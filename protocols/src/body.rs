@@ -117,6 +117,8 @@ pub struct UpstreamBody {
     sleep: Option<Pin<Box<Sleep>>>,
     /// Whether `sleep` is set for the current wait.
     armed: bool,
+    /// The armed timer ends at the call's deadline (`deadline`), not at the read timeout.
+    armed_for_call: bool,
     pooled: Option<Pooled>,
     peer: Option<Peer>,
     /// Set for gRPC calls whose status is still to come in the trailers.
@@ -152,6 +154,7 @@ impl UpstreamBody {
             read_timeout: policy.read_timeout,
             sleep: None,
             armed: false,
+            armed_for_call: false,
             pooled,
             peer: Some(peer),
             grpc_pending: policy.grpc_pending,
@@ -243,8 +246,15 @@ impl Body for UpstreamBody {
                     }
                     None => this.sleep.insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
+                if !this.armed {
+                    this.armed_for_call = call_deadline;
+                }
                 this.armed = true;
                 ready!(sleep.as_mut().poll(cx));
+                // What the timer was set for, not what a wait starting now would end at: a
+                // call deadline that falls within one read timeout of the node's did not end
+                // this wait.
+                let call_deadline = this.armed_for_call;
                 if call_deadline {
                     // The call's budget ran out; that says nothing about the node.
                     this.pooled = None;

@@ -1494,7 +1494,10 @@ fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<P
         let te_header = name.eq_ignore_ascii_case(b"transfer-encoding");
         let stale_length = te && name.eq_ignore_ascii_case(b"content-length");
         let keep_te = mode == HeadFor::Bytes && framing == Framing::Chunked;
-        if hop || stale_length || (te_header && !keep_te) {
+        // On a 5xx the gateway says its own `X-APISIX-Upstream-Status` ([`end_head`]), in place
+        // of any the node sent, as APISIX sets it.
+        let ours = status >= 500 && name.eq_ignore_ascii_case(b"x-apisix-upstream-status");
+        if hop || stale_length || (te_header && !keep_te) || ours {
             continue;
         }
         match mode {

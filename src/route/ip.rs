@@ -86,6 +86,8 @@ pub struct RealIp {
     pub from: Vec<IpNet>,
 }
 
+static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
 impl RealIp {
     /// Whether a connection from `peer` may name its client (so the header is looked at).
     pub fn trusts(&self, peer: IpAddr) -> bool {
@@ -100,7 +102,7 @@ impl RealIp {
     /// address. A port with the address is ignored.
     pub fn client(&self, headers: &http::HeaderMap) -> Option<IpAddr> {
         let lines = headers.get_all(&self.header);
-        if self.header == "x-forwarded-for" {
+        if self.header == X_FORWARDED_FOR {
             self.scan(lines.iter().rev())
         } else {
             self.scan(lines.iter().next().into_iter())
