@@ -68,9 +68,18 @@ pub enum StartError {
 /// What kind of traffic a listener takes.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
-    Http { http2: bool },
-    Tls { http2: bool },
-    Stream { index: usize },
+    /// `proxy_protocol`: each connection starts with a PROXY protocol header.
+    Http {
+        http2: bool,
+        proxy_protocol: bool,
+    },
+    Tls {
+        http2: bool,
+        proxy_protocol: bool,
+    },
+    Stream {
+        index: usize,
+    },
 }
 
 struct Listener {
@@ -217,10 +226,10 @@ impl Running {
             Ok(actual)
         };
         for l in &shared.node.http {
-            addrs.http.push(add(Kind::Http { http2: l.http2 }, l.addr)?);
+            addrs.http.push(add(Kind::Http { http2: l.http2, proxy_protocol: l.proxy_protocol }, l.addr)?);
         }
         for l in &shared.node.tls {
-            addrs.tls.push(add(Kind::Tls { http2: l.http2 }, l.addr)?);
+            addrs.tls.push(add(Kind::Tls { http2: l.http2, proxy_protocol: l.proxy_protocol }, l.addr)?);
         }
         for (i, l) in shared.node.stream.iter().enumerate() {
             addrs.stream.push(add(Kind::Stream { index: i }, l.addr)?);
@@ -347,8 +356,8 @@ async fn worker(
             }
         };
         let acceptor = match l.kind {
-            Kind::Tls { http2: true } => Some(TlsAcceptor::from(tls.clone())),
-            Kind::Tls { http2: false } => Some(TlsAcceptor::from(tls_h1.clone())),
+            Kind::Tls { http2: true, .. } => Some(TlsAcceptor::from(tls.clone())),
+            Kind::Tls { http2: false, .. } => Some(TlsAcceptor::from(tls_h1.clone())),
             _ => None,
         };
         accepts.push(tokio::spawn(accept_loop(
@@ -431,63 +440,96 @@ async fn accept_loop(
         };
         let guard = tracker.enter(&shared);
         let shared = shared.clone();
-        match kind {
-            Kind::Http { http2 } => {
-                // One client_header_timeout from the accept for the first request head, however
-                // long telling the protocol apart takes.
-                let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
-                // The task is the future as it is: one wrapping it would hold its arguments
-                // twice, as what it captured and inside what it awaits. An h2c connection gets a
-                // task of its own once its preface is read ([`serve_h1`]).
-                let protocols = protocols.clone();
-                let first = First { deadline, h2c: http2 };
-                tokio::spawn(serve_h1(stream, first, peer, local, shared, protocols, guard));
-            }
-            Kind::Tls { http2 } => {
-                let acceptor = tls.clone();
-                let protocols = protocols.clone();
-                tokio::spawn(async move {
-                    let Some(acceptor) = acceptor else { return };
-                    // The handshake and the first request head share one client_header_timeout,
-                    // counted from the accept.
-                    let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
-                    // Boxed: the handshake's state is freed once it is done, instead of being
-                    // part of the task of every idle connection. So is the TLS state: the task
-                    // holds a pointer to it, and the general path takes that pointer.
-                    let state = shared.state.clone();
-                    let kind = if http2 { TlsKind::H2 } else { TlsKind::H1 };
-                    let hs = Box::pin(async move {
-                        let accept = accept_tls(stream, &acceptor, &state, kind);
-                        let tls = tokio::time::timeout_at(deadline, accept).await;
-                        tls.map(|r| r.map(Box::new))
-                    })
-                    .await;
-                    match hs {
-                        Ok(Ok(tls)) => {
-                            if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                                // A task of its own, sized for the HTTP/2 state, as for h2c.
-                                let ctx = ConnCtx::new(shared, peer, local, true).with_tls(&tls);
-                                tokio::spawn(serve_h2(tls, ctx, protocols, guard));
-                            } else {
-                                // A task of its own too, sized for the HTTP/1.1 relay: awaited
-                                // here, it would sit beside what this one captured. As on plain
-                                // connections, an idle connection keeps its TLS state, and the
-                                // state of a request only while it is in flight.
-                                let first = First { deadline, h2c: false };
-                                tokio::spawn(serve_h1(tls, first, peer, local, shared, protocols, guard));
-                            }
-                            return;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        if let Kind::Http { proxy_protocol: true, .. } | Kind::Tls { proxy_protocol: true, .. } = kind {
+            // The PROXY header first (within client_header_timeout), then as on any port. Its
+            // source is the client when `real_ip_header` is `proxy_protocol` and the peer is
+            // trusted (nginx's realip module), else the peer stays the client.
+            let (tls, protocols) = (tls.clone(), protocols.clone());
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let header = strait_protocols::stream::read_proxy_header(&mut stream);
+                match tokio::time::timeout(shared.node.client_header_timeout, header).await {
+                    Ok(Ok(h)) => {
+                        let real = shared.node.real_ip.as_ref();
+                        let client = crate::route::ip::RealIp::proxy_protocol_client(real, peer, h.source);
+                        dispatch(stream, client, local, kind, tls, protocols, shared, guard);
                     }
-                    drop(guard);
-                });
-            }
-            Kind::Stream { index } => {
-                // The task is the future as it is, as for HTTP/1.1 above.
-                tokio::spawn(crate::stream::serve(stream, peer, local, index, shared, guard));
-            }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "bad PROXY protocol header; closing"),
+                    Err(_) => tracing::debug!(%peer, "no PROXY protocol header in time; closing"),
+                }
+            });
+            continue;
+        }
+        dispatch(stream, peer, local, kind, tls.clone(), protocols.clone(), shared, guard);
+    }
+}
+
+/// Starts serving one accepted connection (a task of its own).
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    kind: Kind,
+    tls: Option<TlsAcceptor>,
+    protocols: Arc<HttpProtocols>,
+    shared: Arc<Shared>,
+    guard: ConnGuard,
+) {
+    match kind {
+        Kind::Http { http2, .. } => {
+            // One client_header_timeout from the accept for the first request head, however
+            // long telling the protocol apart takes.
+            let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
+            // The task is the future as it is: one wrapping it would hold its arguments
+            // twice, as what it captured and inside what it awaits. An h2c connection gets a
+            // task of its own once its preface is read ([`serve_h1`]).
+            let first = First { deadline, h2c: http2 };
+            tokio::spawn(serve_h1(stream, first, peer, local, shared, protocols, guard));
+        }
+        Kind::Tls { http2, .. } => {
+            let acceptor = tls;
+            tokio::spawn(async move {
+                let Some(acceptor) = acceptor else { return };
+                // The handshake and the first request head share one client_header_timeout,
+                // counted from the accept.
+                let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
+                // Boxed: the handshake's state is freed once it is done, instead of being
+                // part of the task of every idle connection. So is the TLS state: the task
+                // holds a pointer to it, and the general path takes that pointer.
+                let state = shared.state.clone();
+                let kind = if http2 { TlsKind::H2 } else { TlsKind::H1 };
+                let hs = Box::pin(async move {
+                    let accept = accept_tls(stream, &acceptor, &state, kind);
+                    let tls = tokio::time::timeout_at(deadline, accept).await;
+                    tls.map(|r| r.map(Box::new))
+                })
+                .await;
+                match hs {
+                    Ok(Ok(tls)) => {
+                        if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            // A task of its own, sized for the HTTP/2 state, as for h2c.
+                            let ctx = ConnCtx::new(shared, peer, local, true).with_tls(&tls);
+                            tokio::spawn(serve_h2(tls, ctx, protocols, guard));
+                        } else {
+                            // A task of its own too, sized for the HTTP/1.1 relay: awaited
+                            // here, it would sit beside what this one captured. As on plain
+                            // connections, an idle connection keeps its TLS state, and the
+                            // state of a request only while it is in flight.
+                            let first = First { deadline, h2c: false };
+                            tokio::spawn(serve_h1(tls, first, peer, local, shared, protocols, guard));
+                        }
+                        return;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+                drop(guard);
+            });
+        }
+        Kind::Stream { index } => {
+            // The task is the future as it is, as for HTTP/1.1 above.
+            tokio::spawn(crate::stream::serve(stream, peer, local, index, shared, guard));
         }
     }
 }

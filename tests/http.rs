@@ -2928,6 +2928,65 @@ async fn real_ip_from_a_trusted_proxy_is_the_client_address() {
     assert_eq!(send(gw.http(), xff("203.0.113.5")).await.0, StatusCode::NOT_FOUND);
 }
 
+/// `apisix.proxy_protocol.listen_http_port`: a port whose connections start with a PROXY
+/// header. Its source is the client only with `real_ip_header: proxy_protocol` and a trusted
+/// peer (nginx's realip module); otherwise the peer stays the client. A connection without
+/// the header is closed unanswered, and the other ports take none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_port_names_the_client_when_real_ip_says_so() {
+    let b = Backend::start("b").await;
+    let routes = format!(
+        "routes:\n  - uri: /x\n    remote_addrs: [203.0.113.0/24]\n    upstream: {{nodes: {0}}}\n  - uri: /any\n    upstream: {{nodes: {0}}}\n",
+        nodes_yaml(&[b.addr])
+    );
+    let config = |real_ip: &str| {
+        let config = BASE_CONFIG
+            .replace("  control:", "  proxy_protocol:\n    listen_http_port: 0\n  control:")
+            .replace("    client_body_timeout: 2s\n", &format!("    client_body_timeout: 2s\n{real_ip}"));
+        assert!(config.contains("listen_http_port"));
+        config
+    };
+    let request = |path: &str| {
+        format!(
+            "PROXY TCP4 203.0.113.5 192.0.2.1 40000 80\r\nGET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let pp_port = |gw: &TestGateway| {
+        let port = gw.running().addrs.http.last().expect("the PROXY protocol port").port();
+        SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))
+    };
+    let gw = TestGateway::start_with(
+        &config("    real_ip_header: proxy_protocol\n    real_ip_from: [127.0.0.1]\n"),
+        &routes,
+        1,
+    );
+    let answer =
+        String::from_utf8_lossy(&raw(pp_port(&gw), request("/x").as_bytes(), Duration::from_secs(10)).await)
+            .into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"x-real-ip\":\"203.0.113.5\""), "{answer}");
+    // No header: closed without an answer. The plain port takes none.
+    let plain = b"GET /any HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n";
+    assert!(raw(pp_port(&gw), plain, Duration::from_secs(10)).await.is_empty());
+    assert!(
+        String::from_utf8_lossy(&raw(gw.http(), plain, Duration::from_secs(10)).await)
+            .starts_with("HTTP/1.1 200")
+    );
+    drop(gw);
+    // APISIX's default realip (X-Real-IP from 127.0.0.1): the header's address is not the
+    // client's, the peer is.
+    let gw = TestGateway::start_with(&config(""), &routes, 1);
+    let answer =
+        String::from_utf8_lossy(&raw(pp_port(&gw), request("/x").as_bytes(), Duration::from_secs(10)).await)
+            .into_owned();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer = String::from_utf8_lossy(
+        &raw(pp_port(&gw), request("/any").as_bytes(), Duration::from_secs(10)).await,
+    )
+    .into_owned();
+    assert!(answer.contains("\"x-real-ip\":\"127.0.0.1\""), "{answer}");
+}
+
 /// A client that sends its request and then half-closes (`printf ... | nc -N`, a shell health
 /// check) gets the answer, on the relay (HTTP/1.1) and on the general path (HTTP/1.0, a request
 /// without `Host`, a chunked upload), and then the connection closes.

@@ -1260,3 +1260,40 @@ async fn a_wildcard_entry_client_ca_covers_hosts_of_any_depth() {
     .await;
     assert!(ok && out.contains("open"), "{out} {err}");
 }
+
+/// `apisix.proxy_protocol.listen_https_port`: the PROXY header comes before the TLS handshake,
+/// and with `real_ip_header: proxy_protocol` its source is the client (`remote_addrs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_https_port_reads_the_header_before_the_handshake() {
+    let ca = Ca::new("test-ca");
+    let leaf = ca.leaf(&["api.example.com"]);
+    let b = Backend::start("b").await;
+    let config = tls_config()
+        .replace("  control:", "  proxy_protocol:\n    listen_https_port: 0\n  control:")
+        .replace(
+            "    client_body_timeout: 2s\n",
+            "    client_body_timeout: 2s\n    real_ip_header: proxy_protocol\n    real_ip_from: [127.0.0.1]\n",
+        );
+    assert!(config.contains("listen_https_port") && config.contains("real_ip_header"));
+    let gw = TestGateway::start_with(
+        &config,
+        &format!(
+            "ssls:\n{}routes:\n  - uri: /x\n    remote_addrs: [203.0.113.0/24]\n    upstream: {{nodes: {}}}\n",
+            ssl_entry("api", "api.example.com", &leaf),
+            nodes_yaml(&[b.addr])
+        ),
+        1,
+    );
+    let port = gw.running().addrs.tls.last().expect("the PROXY protocol port").port();
+    let connect = |source: &'static str| {
+        let connector = client_tls(&ca);
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            tcp.write_all(format!("PROXY TCP4 {source} 192.0.2.1 40000 443\r\n").as_bytes()).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+            connector.connect(name, tcp).await.expect("TLS after the PROXY header")
+        }
+    };
+    assert_eq!(request_status(&mut connect("203.0.113.5").await, "api.example.com").await, 200);
+    assert_eq!(request_status(&mut connect("198.51.100.5").await, "api.example.com").await, 404);
+}

@@ -16,6 +16,9 @@ pub struct Listen {
     pub addr: SocketAddr,
     /// Serve HTTP/2 as well as HTTP/1.1 (h2c by preface on plain ports, ALPN on TLS ports).
     pub http2: bool,
+    /// Every connection starts with a PROXY protocol header (`apisix.proxy_protocol.
+    /// listen_http_port` / `listen_https_port`).
+    pub proxy_protocol: bool,
 }
 
 /// A TCP stream listener (`apisix.stream_proxy.tcp`).
@@ -109,8 +112,7 @@ pub struct NodeConfig {
     /// set, APISIX's compatible default; see [`strait_protocols::http::ForwardTrust`]).
     pub trusted_addresses: Option<Vec<crate::route::ip::IpNet>>,
     /// nginx's realip module (`nginx_config.http.real_ip_*`, APISIX's defaults: `X-Real-IP`
-    /// from `127.0.0.1`); `None` when no peer is trusted or the header is `proxy_protocol`
-    /// (the PROXY header's address, which Strait takes anyway).
+    /// from `127.0.0.1`); `None` when no peer is trusted.
     pub real_ip: Option<crate::route::ip::RealIp>,
 }
 
@@ -130,7 +132,7 @@ impl NodeConfig {
 /// (and `unix:`, which names no TCP peer).
 fn default_real_ip() -> crate::route::ip::RealIp {
     crate::route::ip::RealIp {
-        header: http::HeaderName::from_static("x-real-ip"),
+        header: Some(http::HeaderName::from_static("x-real-ip")),
         recursive: false,
         from: crate::route::ip::IpNet::parse("127.0.0.1").into_iter().collect(),
     }
@@ -140,13 +142,12 @@ fn default_real_ip() -> crate::route::ip::RealIp {
 /// APISIX's defaults.
 fn parse_real_ip(h: &super::raw::RawNginxHttp, errs: &mut Errors) -> Option<crate::route::ip::RealIp> {
     let mut real = default_real_ip();
-    let mut proxy_protocol = false;
     if let Some(v) = &h.real_ip_header {
         const PATH: &str = "nginx_config.http.real_ip_header";
         match v.as_str().map(str::trim) {
-            Some(t) if t.eq_ignore_ascii_case("proxy_protocol") => proxy_protocol = true,
+            Some(t) if t.eq_ignore_ascii_case("proxy_protocol") => real.header = None,
             Some(t) => match http::HeaderName::from_bytes(t.as_bytes()) {
-                Ok(name) if !t.is_empty() => real.header = name,
+                Ok(name) if !t.is_empty() => real.header = Some(name),
                 _ => errs.add(PATH, format!("not a header name: {t:?}")),
             },
             None => errs.add(PATH, format!("expected a header name, found {}", shown(v))),
@@ -185,7 +186,7 @@ fn parse_real_ip(h: &super::raw::RawNginxHttp, errs: &mut Errors) -> Option<crat
             }
         }
     }
-    (!proxy_protocol && !real.from.is_empty()).then_some(real)
+    (!real.from.is_empty()).then_some(real)
 }
 
 /// What Strait does with a `config.yaml` setting of APISIX's that it does not implement.
@@ -406,7 +407,11 @@ impl NodeConfig {
         NodeConfig {
             file: file.to_string(),
             proxy_mode: ProxyMode::Http,
-            http: vec![Listen { addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9080)), http2: true }],
+            http: vec![Listen {
+                addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9080)),
+                http2: true,
+                proxy_protocol: false,
+            }],
             tls: vec![],
             stream: vec![],
             control: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9090))),
@@ -498,7 +503,11 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     if let Some(v) = &a.node_listen {
         cfg.http = listen_list(v, "apisix.node_listen", cfg.enable_ipv6, 9080, errs);
     } else if cfg.enable_ipv6 {
-        cfg.http.push(Listen { addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9080)), http2: true });
+        cfg.http.push(Listen {
+            addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9080)),
+            http2: true,
+            proxy_protocol: false,
+        });
     }
     if !cfg.proxy_mode.http() {
         cfg.http.clear();
@@ -512,7 +521,11 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         if enabled && cfg.proxy_mode.http() {
             cfg.tls = match &ssl.listen {
                 Some(v) => listen_list(v, "apisix.ssl.listen", cfg.enable_ipv6, 9443, errs),
-                None => vec![Listen { addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9443)), http2: true }],
+                None => vec![Listen {
+                    addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9443)),
+                    http2: true,
+                    proxy_protocol: false,
+                }],
             };
         }
         if let Some(list) = &ssl.ssl_trusted_certificate {
@@ -588,11 +601,15 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
         }
     }
     if let Some(pp) = &a.proxy_protocol {
-        if pp.listen_http_port.is_some() {
-            errs.add("apisix.proxy_protocol.listen_http_port", "unsupported by Strait");
+        // APISIX's nginx template: `listen <port> default_server proxy_protocol` (and `ssl` for
+        // the HTTPS one), on every IPv4 address. Which address a request comes from is then
+        // `real_ip_header: proxy_protocol`'s to say ([`crate::route::ip::RealIp`]).
+        let any = |port: u16| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        if let Some(port) = pp.listen_http_port.filter(|_| cfg.proxy_mode.http()) {
+            cfg.http.push(Listen { addr: any(port), http2, proxy_protocol: true });
         }
-        if pp.listen_https_port.is_some() {
-            errs.add("apisix.proxy_protocol.listen_https_port", "unsupported by Strait");
+        if let Some(port) = pp.listen_https_port.filter(|_| cfg.proxy_mode.http()) {
+            cfg.tls.push(Listen { addr: any(port), http2, proxy_protocol: true });
         }
     }
 
@@ -751,18 +768,25 @@ fn listen_list(v: &Value, path: &str, ipv6: bool, default_port: u16, errs: &mut 
         match item {
             Value::Number(n) => match n.as_u64().and_then(|n| u16::try_from(n).ok()) {
                 Some(port) => {
-                    out.push(Listen { addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), http2: true });
+                    out.push(Listen {
+                        addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                        http2: true,
+                        proxy_protocol: false,
+                    });
                     if ipv6 {
                         out.push(Listen {
                             addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
                             http2: true,
+                            proxy_protocol: false,
                         });
                     }
                 }
                 None => errs.add(p, "port must be 0..65535"),
             },
             Value::String(s) => match parse_host_port(s, 0) {
-                Some(addr) if addr.port() != 0 || s.ends_with(":0") => out.push(Listen { addr, http2: true }),
+                Some(addr) if addr.port() != 0 || s.ends_with(":0") => {
+                    out.push(Listen { addr, http2: true, proxy_protocol: false })
+                }
                 _ => errs.add(p, format!("expected ip:port, found {s:?}")),
             },
             Value::Object(m) => {
@@ -809,10 +833,14 @@ fn listen_list(v: &Value, path: &str, ipv6: bool, default_port: u16, errs: &mut 
                         true
                     }
                 };
-                out.push(Listen { addr: SocketAddr::new(ip, port), http2 });
+                out.push(Listen { addr: SocketAddr::new(ip, port), http2, proxy_protocol: false });
                 // As for a bare port: without `ip`, `enable_ipv6` adds the IPv6 wildcard.
                 if ipv6 && !m.contains_key("ip") {
-                    out.push(Listen { addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), http2 });
+                    out.push(Listen {
+                        addr: SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+                        http2,
+                        proxy_protocol: false,
+                    });
                 }
             }
             other => errs.add(p, format!("expected a port, ip:port or a map, found {}", kind(other))),
@@ -950,7 +978,7 @@ mod tests {
         let localhost: IpAddr = Ipv4Addr::LOCALHOST.into();
         // APISIX's defaults: X-Real-IP from 127.0.0.1.
         let r = parse("apisix:\n  node_listen: 9080\n").unwrap().real_ip.unwrap();
-        assert_eq!(r.header, "x-real-ip");
+        assert_eq!(r.header.as_ref().unwrap(), "x-real-ip");
         assert!(!r.recursive && r.trusts(localhost));
         let r = parse(
             "nginx_config:\n  http:\n    real_ip_header: X-Forwarded-For\n    real_ip_recursive: \"on\"\n    real_ip_from: [10.0.0.0/8, \"unix:\"]\n",
@@ -958,25 +986,32 @@ mod tests {
         .unwrap()
         .real_ip
         .unwrap();
-        assert_eq!(r.header, "x-forwarded-for");
+        assert_eq!(r.header.as_ref().unwrap(), "x-forwarded-for");
         assert!(r.recursive && !r.trusts(localhost) && r.trusts("10.1.2.3".parse().unwrap()));
-        // Nobody trusted, or the PROXY header's address (which Strait takes anyway): nothing to do.
+        // Nobody trusted: nothing to do.
         assert!(parse("nginx_config:\n  http:\n    real_ip_from: []\n").unwrap().real_ip.is_none());
         assert!(parse("nginx_config:\n  http:\n    real_ip_from: [\"unix:\"]\n").unwrap().real_ip.is_none());
+        // The PROXY header's address, on the ports that take one.
         let pp = "nginx_config:\n  http:\n    real_ip_header: proxy_protocol\n";
-        assert!(parse(pp).unwrap().real_ip.is_none());
+        assert!(parse(pp).unwrap().real_ip.unwrap().header.is_none());
     }
 
     #[test]
     fn node_listen_forms() {
         let c = parse("apisix:\n  node_listen: 9080\n").unwrap();
-        assert_eq!(c.http, vec![Listen { addr: "0.0.0.0:9080".parse().unwrap(), http2: true }]);
+        assert_eq!(
+            c.http,
+            vec![Listen { addr: "0.0.0.0:9080".parse().unwrap(), http2: true, proxy_protocol: false }]
+        );
         let c = parse("apisix:\n  node_listen: [9080, 9081]\n").unwrap();
         assert_eq!(c.http.len(), 2);
         let c =
             parse("apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n      enable_http2: false\n")
                 .unwrap();
-        assert_eq!(c.http, vec![Listen { addr: "127.0.0.1:0".parse().unwrap(), http2: false }]);
+        assert_eq!(
+            c.http,
+            vec![Listen { addr: "127.0.0.1:0".parse().unwrap(), http2: false, proxy_protocol: false }]
+        );
     }
 
     #[test]

@@ -81,7 +81,9 @@ mod tests {
 /// and what the node gets as `X-Real-IP` and at the end of `X-Forwarded-For`.
 #[derive(Debug, Clone)]
 pub struct RealIp {
-    pub header: http::HeaderName,
+    /// `None`: `proxy_protocol`, the address of the PROXY header of a port that takes one
+    /// ([`RealIp::proxy_protocol_client`]).
+    pub header: Option<http::HeaderName>,
     pub recursive: bool,
     pub from: Vec<IpNet>,
 }
@@ -101,11 +103,26 @@ impl RealIp {
     /// connection's address stays) when the header is missing or its last entry is not an
     /// address. A port with the address is ignored.
     pub fn client(&self, headers: &http::HeaderMap) -> Option<IpAddr> {
-        let lines = headers.get_all(&self.header);
-        if self.header == X_FORWARDED_FOR {
+        let header = self.header.as_ref()?;
+        let lines = headers.get_all(header);
+        if *header == X_FORWARDED_FOR {
             self.scan(lines.iter().rev())
         } else {
             self.scan(lines.iter().next().into_iter())
+        }
+    }
+
+    /// The client of a connection from `peer` whose PROXY header named `source`: `source` when
+    /// `real_ip_header` is `proxy_protocol` and `peer` is trusted, else `peer` (nginx keeps the
+    /// header's address apart, in `$proxy_protocol_addr`, otherwise).
+    pub fn proxy_protocol_client(
+        real: Option<&RealIp>,
+        peer: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> SocketAddr {
+        match (real, source) {
+            (Some(r), Some(s)) if r.header.is_none() && r.trusts(peer.ip()) => s,
+            _ => peer,
         }
     }
 
@@ -144,7 +161,7 @@ mod real_ip_tests {
 
     fn real(header: &'static str, recursive: bool, from: &[&str]) -> RealIp {
         RealIp {
-            header: http::HeaderName::from_static(header),
+            header: Some(http::HeaderName::from_static(header)),
             recursive,
             from: from.iter().map(|f| IpNet::parse(f).unwrap()).collect(),
         }
