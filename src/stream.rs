@@ -77,10 +77,13 @@ pub(crate) fn serve(
         let mut dest = local;
         if listener.proxy_protocol {
             match tokio::time::timeout(handshake_timeout, read_proxy_header(&mut stream)).await {
-                Ok(Ok(h)) => {
+                // The header's addresses stand for the connection's only from a peer in
+                // `nginx_config.stream.real_ip_from` (APISIX trusts nobody by default).
+                Ok(Ok(h)) if shared.node.stream_real_ip_from.iter().any(|n| n.contains(peer.ip())) => {
                     client = h.source.unwrap_or(peer);
                     dest = h.destination.unwrap_or(local);
                 }
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "bad PROXY protocol header; closing");
                     return;

@@ -531,17 +531,24 @@ async fn a_tls_node_closing_without_close_notify_ends_the_session_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_in_drives_remote_addr_matching_and_out_reaches_the_node() {
     let (trusted, recorder) = (Echo::start().await, ProxyRecorder::start().await);
-    let gw = TestGateway::start_with(
-        &stream_config(
-            "      - addr: \"127.0.0.1:0\"\n        proxy_protocol: true\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol_to_upstream: true\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol_to_upstream: true\n        proxy_protocol_version: 2\n",
-        ),
-        &format!(
-            "stream_routes:\n  - remote_addr: 192.0.2.0/24\n    upstream: {{nodes: {}}}\n  - remote_addr: 127.0.0.1\n    upstream: {{nodes: {}}}\n",
-            nodes_yaml(&[trusted.addr]),
-            nodes_yaml(&[recorder.addr])
-        ),
-        2,
+    let listeners = "      - addr: \"127.0.0.1:0\"\n        proxy_protocol: true\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol_to_upstream: true\n      - addr: \"127.0.0.1:0\"\n        proxy_protocol_to_upstream: true\n        proxy_protocol_version: 2\n";
+    let routes = format!(
+        "stream_routes:\n  - remote_addr: 192.0.2.0/24\n    upstream: {{nodes: {}}}\n  - remote_addr: 127.0.0.1\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[trusted.addr]),
+        nodes_yaml(&[recorder.addr])
     );
+    // Without `nginx_config.stream.real_ip_from` (APISIX trusts nobody by default) the header
+    // is read and its addresses left alone: the peer, 127.0.0.1, is the client.
+    let gw = TestGateway::start_with(&stream_config(listeners), &routes, 1);
+    let mut msg = format!("PROXY TCP4 192.0.2.7 127.0.0.1 5555 {}\r\n", gw.stream(0).port()).into_bytes();
+    msg.extend_from_slice(b"data");
+    assert_ne!(round_trip(gw.stream(0), &msg).await, b"databye");
+    assert_eq!(*trusted.connections.lock().unwrap(), 0, "routed by the peer's address");
+    drop(gw);
+    let trusting =
+        stream_config(listeners).replace("  http:\n", "  stream:\n    real_ip_from: [127.0.0.1]\n  http:\n");
+    assert!(trusting.contains("real_ip_from"));
+    let gw = TestGateway::start_with(&trusting, &routes, 2);
     let pp_port = gw.stream(0).port();
     // v1 header claiming 192.0.2.7: routed by that address.
     let mut msg = format!("PROXY TCP4 192.0.2.7 127.0.0.1 5555 {pp_port}\r\n").into_bytes();

@@ -114,6 +114,9 @@ pub struct NodeConfig {
     /// nginx's realip module (`nginx_config.http.real_ip_*`, APISIX's defaults: `X-Real-IP`
     /// from `127.0.0.1`); `None` when no peer is trusted.
     pub real_ip: Option<crate::route::ip::RealIp>,
+    /// `nginx_config.stream.real_ip_from`: L4 peers whose PROXY header names the client (by
+    /// default nobody, as in APISIX: the peer stays the client).
+    pub stream_real_ip_from: Vec<crate::route::ip::IpNet>,
 }
 
 impl NodeConfig {
@@ -165,28 +168,34 @@ fn parse_real_ip(h: &super::raw::RawNginxHttp, errs: &mut Errors) -> Option<crat
         }
     }
     if let Some(v) = &h.real_ip_from {
-        const PATH: &str = "nginx_config.http.real_ip_from";
-        let list: Vec<&Value> = match v {
-            Value::Array(a) => a.iter().collect(),
-            Value::Null => Vec::new(),
-            one => vec![one],
-        };
-        real.from.clear();
-        for (i, item) in list.into_iter().enumerate() {
-            match item.as_str().map(str::trim) {
-                // Strait listens on no Unix socket.
-                Some("unix:") => {}
-                Some(t) => match crate::route::ip::IpNet::parse(t) {
-                    Some(n) => real.from.push(n),
-                    None => errs.add(index(PATH, i), format!("not an IP address or CIDR: {t:?}")),
-                },
-                None => {
-                    errs.add(index(PATH, i), format!("expected an IP address or CIDR, found {}", shown(item)))
-                }
+        real.from = ip_list(v, "nginx_config.http.real_ip_from", errs);
+    }
+    (!real.from.is_empty()).then_some(real)
+}
+
+/// A `real_ip_from` list (one entry or several): IPs and CIDRs, `unix:` (which names no TCP
+/// peer) left out.
+fn ip_list(v: &Value, path: &str, errs: &mut Errors) -> Vec<crate::route::ip::IpNet> {
+    let list: Vec<&Value> = match v {
+        Value::Array(a) => a.iter().collect(),
+        Value::Null => Vec::new(),
+        one => vec![one],
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, item) in list.into_iter().enumerate() {
+        match item.as_str().map(str::trim) {
+            // Strait listens on no Unix socket.
+            Some("unix:") => {}
+            Some(t) => match crate::route::ip::IpNet::parse(t) {
+                Some(n) => out.push(n),
+                None => errs.add(index(path, i), format!("not an IP address or CIDR: {t:?}")),
+            },
+            None => {
+                errs.add(index(path, i), format!("expected an IP address or CIDR, found {}", shown(item)))
             }
         }
     }
-    (!real.from.is_empty()).then_some(real)
+    out
 }
 
 /// What Strait does with a `config.yaml` setting of APISIX's that it does not implement.
@@ -393,11 +402,16 @@ impl NodeConfig {
             return errs.into_result(NodeConfig::defaults(file));
         }
         let mut ignored = Vec::new();
+        // Taken before the rest of `nginx_config.stream`, which only tunes nginx.
+        let stream_real_ip_from = take_path(&mut tree, "nginx_config.stream.real_ip_from");
         take_foreign(&mut tree, &mut errs, &mut ignored);
         let Some(raw) = decode::<RawNodeConfig>(&tree, "", &mut errs) else {
             return errs.into_result(NodeConfig::defaults(file));
         };
         let mut cfg = validate(file, raw, &mut errs);
+        if let Some(v) = &stream_real_ip_from {
+            cfg.stream_real_ip_from = ip_list(v, "nginx_config.stream.real_ip_from", &mut errs);
+        }
         ignored.append(&mut cfg.ignored);
         cfg.ignored = ignored;
         errs.into_result(cfg)
@@ -438,6 +452,7 @@ impl NodeConfig {
             ignored: Vec::new(),
             trusted_addresses: None,
             real_ip: Some(default_real_ip()),
+            stream_real_ip_from: Vec::new(),
         }
     }
 }
@@ -1095,6 +1110,10 @@ mod tests {
             (
                 "nginx_config:\n  http:\n    real_ip_from: [127.0.0.1, lb.example]\n",
                 "nginx_config.http.real_ip_from[1]",
+            ),
+            (
+                "nginx_config:\n  stream:\n    real_ip_from: [10.0.0.0/40]\n",
+                "nginx_config.stream.real_ip_from[0]",
             ),
         ] {
             let e = parse(text).unwrap_err();
