@@ -89,12 +89,17 @@ struct Listener {
 
 /// Tracks live connections of a worker so a drain can wait for them, and tells the HTTP
 /// connections when the worker stops.
-#[derive(Default)]
 pub(crate) struct ConnTracker {
     active: AtomicUsize,
     idle: Notify,
     stopping: AtomicBool,
     stop: Notify,
+    /// `nginx_config.event.worker_connections`: at this many live connections the worker's
+    /// accept loops wait (new connections stay in the kernel's backlog), as nginx stops
+    /// accepting when its connections run out.
+    limit: usize,
+    /// Told when a connection ends with the worker at its limit.
+    freed: Notify,
 }
 
 /// A live connection, counted until it is dropped; it also lends the connection the worker's
@@ -102,6 +107,30 @@ pub(crate) struct ConnTracker {
 pub(crate) struct ConnGuard(Arc<ConnTracker>, Arc<Shared>);
 
 impl ConnTracker {
+    fn new(limit: usize) -> ConnTracker {
+        ConnTracker {
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
+            limit,
+            freed: Notify::new(),
+        }
+    }
+
+    /// Completes once the worker has room for another connection (at once when it has).
+    async fn room(&self) {
+        loop {
+            let mut freed = std::pin::pin!(self.freed.notified());
+            // Listed as a waiter before the count is read: a close between the two still wakes it.
+            freed.as_mut().enable();
+            if self.active.load(Ordering::Relaxed) < self.limit {
+                return;
+            }
+            freed.await;
+        }
+    }
+
     pub(crate) fn enter(self: &Arc<Self>, shared: &Arc<Shared>) -> ConnGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
@@ -150,8 +179,12 @@ impl std::ops::Deref for ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.1.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
-        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+        let was = self.0.active.fetch_sub(1, Ordering::Relaxed);
+        if was == 1 {
             self.0.idle.notify_waiters();
+        }
+        if was >= self.0.limit {
+            self.0.freed.notify_waiters();
         }
     }
 }
@@ -316,7 +349,7 @@ async fn worker(
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let tracker = Arc::new(ConnTracker::default());
+    let tracker = Arc::new(ConnTracker::new(shared.node.worker_connections));
     let tls = match strait_protocols::tls::server_config(
         Arc::new(StateCerts(shared.state.clone(), shared.node.ssl_protocols)),
         &[b"h2", b"http/1.1", b"http/1.0"],
@@ -419,7 +452,22 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
+    let mut full_logged = false;
     loop {
+        if tracker.active.load(Ordering::Relaxed) >= tracker.limit {
+            if !full_logged {
+                // nginx's "worker_connections are not enough".
+                tracing::warn!(
+                    limit = tracker.limit,
+                    "worker_connections are not enough; accepting again once connections close"
+                );
+                full_logged = true;
+            }
+            tokio::select! {
+                () = tracker.room() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.wait_for(|s| *s) => return,

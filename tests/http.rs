@@ -2987,6 +2987,43 @@ async fn proxy_protocol_port_names_the_client_when_real_ip_says_so() {
     assert!(answer.contains("\"x-real-ip\":\"127.0.0.1\""), "{answer}");
 }
 
+/// `nginx_config.event.worker_connections`: a worker with that many live connections accepts
+/// no more (the kernel holds them) until one closes, as nginx does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_connections_bounds_live_connections_per_worker() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b").await;
+    let config =
+        BASE_CONFIG.replace("nginx_config:\n", "nginx_config:\n  event:\n    worker_connections: 2\n");
+    assert_ne!(config, BASE_CONFIG);
+    let gw = TestGateway::start_with(
+        &config,
+        &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[b.addr])),
+        1,
+    );
+    // Sends a request on `s` and reads the start of its answer.
+    async fn ask(s: &mut tokio::net::TcpStream) -> String {
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+    let mut first = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    assert_eq!(ask(&mut first).await, "HTTP/1.1 200");
+    assert_eq!(ask(&mut second).await, "HTTP/1.1 200");
+    // A third waits in the backlog: its request is not answered while the two stay open...
+    let mut third = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
+    let mut waiting = tokio::spawn(async move { ask(&mut third).await });
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut waiting).await;
+    assert!(early.is_err(), "a third connection was served past worker_connections: 2: {early:?}");
+    // ... and is served once one of them closes.
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("served").unwrap();
+    assert_eq!(answer, "HTTP/1.1 200");
+    drop(second);
+}
+
 /// A client that sends its request and then half-closes (`printf ... | nc -N`, a shell health
 /// check) gets the answer, on the relay (HTTP/1.1) and on the general path (HTTP/1.0, a request
 /// without `Host`, a chunked upload), and then the connection closes.

@@ -117,6 +117,9 @@ pub struct NodeConfig {
     /// `nginx_config.stream.real_ip_from`: L4 peers whose PROXY header names the client (by
     /// default nobody, as in APISIX: the peer stays the client).
     pub stream_real_ip_from: Vec<crate::route::ip::IpNet>,
+    /// `nginx_config.event.worker_connections`: live connections per worker before it stops
+    /// accepting (APISIX's default, 10620).
+    pub worker_connections: usize,
 }
 
 impl NodeConfig {
@@ -402,8 +405,9 @@ impl NodeConfig {
             return errs.into_result(NodeConfig::defaults(file));
         }
         let mut ignored = Vec::new();
-        // Taken before the rest of `nginx_config.stream`, which only tunes nginx.
+        // Taken before the rest of `nginx_config.stream` and `.event`, which only tune nginx.
         let stream_real_ip_from = take_path(&mut tree, "nginx_config.stream.real_ip_from");
+        let worker_connections = take_path(&mut tree, "nginx_config.event.worker_connections");
         take_foreign(&mut tree, &mut errs, &mut ignored);
         let Some(raw) = decode::<RawNodeConfig>(&tree, "", &mut errs) else {
             return errs.into_result(NodeConfig::defaults(file));
@@ -411,6 +415,15 @@ impl NodeConfig {
         let mut cfg = validate(file, raw, &mut errs);
         if let Some(v) = &stream_real_ip_from {
             cfg.stream_real_ip_from = ip_list(v, "nginx_config.stream.real_ip_from", &mut errs);
+        }
+        if let Some(v) = &worker_connections {
+            match v.as_u64().and_then(|n| usize::try_from(n).ok()).filter(|&n| n > 0) {
+                Some(n) => cfg.worker_connections = n,
+                None => errs.add(
+                    "nginx_config.event.worker_connections",
+                    format!("expected a positive integer, found {}", shown(v)),
+                ),
+            }
         }
         ignored.append(&mut cfg.ignored);
         cfg.ignored = ignored;
@@ -453,6 +466,7 @@ impl NodeConfig {
             trusted_addresses: None,
             real_ip: Some(default_real_ip()),
             stream_real_ip_from: Vec::new(),
+            worker_connections: 10620,
         }
     }
 }
@@ -1115,6 +1129,7 @@ mod tests {
                 "nginx_config:\n  stream:\n    real_ip_from: [10.0.0.0/40]\n",
                 "nginx_config.stream.real_ip_from[0]",
             ),
+            ("nginx_config:\n  event:\n    worker_connections: 0\n", "nginx_config.event.worker_connections"),
         ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.0.len(), 1, "{text}: {e}");
