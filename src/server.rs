@@ -452,16 +452,17 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
-    let mut full_logged = false;
+    // When the worker last said it was full (at most every 10 s, per port).
+    let mut full_logged: Option<std::time::Instant> = None;
     loop {
         if tracker.active.load(Ordering::Relaxed) >= tracker.limit {
-            if !full_logged {
+            if full_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 // nginx's "worker_connections are not enough".
                 tracing::warn!(
                     limit = tracker.limit,
                     "worker_connections are not enough; accepting again once connections close"
                 );
-                full_logged = true;
+                full_logged = Some(std::time::Instant::now());
             }
             tokio::select! {
                 () = tracker.room() => {}
@@ -493,14 +494,21 @@ async fn accept_loop(
             // source is the client when `real_ip_header` is `proxy_protocol` and the peer is
             // trusted (nginx's realip module), else the peer stays the client.
             let (tls, protocols) = (tls.clone(), protocols.clone());
+            // One client_header_timeout from the accept for the header and the first request.
+            let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
             tokio::spawn(async move {
                 let mut stream = stream;
                 let header = strait_protocols::stream::read_proxy_header(&mut stream);
-                match tokio::time::timeout(shared.node.client_header_timeout, header).await {
+                let read = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, header) => r,
+                    // A stop closes a connection that has sent nothing yet, as on other ports.
+                    () = guard.stopped() => return,
+                };
+                match read {
                     Ok(Ok(h)) => {
                         let real = shared.node.real_ip.as_ref();
                         let client = crate::route::ip::RealIp::proxy_protocol_client(real, peer, h.source);
-                        dispatch(stream, client, local, kind, tls, protocols, shared, guard);
+                        dispatch(stream, client, local, kind, Some(deadline), tls, protocols, shared, guard);
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "bad PROXY protocol header; closing"),
                     Err(_) => tracing::debug!(%peer, "no PROXY protocol header in time; closing"),
@@ -508,17 +516,20 @@ async fn accept_loop(
             });
             continue;
         }
-        dispatch(stream, peer, local, kind, tls.clone(), protocols.clone(), shared, guard);
+        dispatch(stream, peer, local, kind, None, tls.clone(), protocols.clone(), shared, guard);
     }
 }
 
-/// Starts serving one accepted connection (a task of its own).
+/// Starts serving one accepted connection (a task of its own). `deadline`: when its first
+/// request head (and TLS handshake) must be in, if already set (else `client_header_timeout`
+/// from now).
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     kind: Kind,
+    deadline: Option<tokio::time::Instant>,
     tls: Option<TlsAcceptor>,
     protocols: Arc<HttpProtocols>,
     shared: Arc<Shared>,
@@ -528,7 +539,8 @@ fn dispatch(
         Kind::Http { http2, .. } => {
             // One client_header_timeout from the accept for the first request head, however
             // long telling the protocol apart takes.
-            let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
+            let deadline =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + shared.node.client_header_timeout);
             // The task is the future as it is: one wrapping it would hold its arguments
             // twice, as what it captured and inside what it awaits. An h2c connection gets a
             // task of its own once its preface is read ([`serve_h1`]).
@@ -541,7 +553,8 @@ fn dispatch(
                 let Some(acceptor) = acceptor else { return };
                 // The handshake and the first request head share one client_header_timeout,
                 // counted from the accept.
-                let deadline = tokio::time::Instant::now() + shared.node.client_header_timeout;
+                let deadline = deadline
+                    .unwrap_or_else(|| tokio::time::Instant::now() + shared.node.client_header_timeout);
                 // Boxed: the handshake's state is freed once it is done, instead of being
                 // part of the task of every idle connection. So is the TLS state: the task
                 // holds a pointer to it, and the general path takes that pointer.

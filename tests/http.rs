@@ -2985,17 +2985,29 @@ async fn proxy_protocol_port_names_the_client_when_real_ip_says_so() {
     )
     .into_owned();
     assert!(answer.contains("\"x-real-ip\":\"127.0.0.1\""), "{answer}");
+    drop(gw);
+    // `real_ip_header: proxy_protocol`, but the peer is not trusted: the peer is the client.
+    let gw = TestGateway::start_with(
+        &config("    real_ip_header: proxy_protocol\n    real_ip_from: [10.0.0.0/8]\n"),
+        &routes,
+        1,
+    );
+    let answer = raw(pp_port(&gw), request("/x").as_bytes(), Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
 }
 
 /// `nginx_config.event.worker_connections`: a worker with that many live connections accepts
-/// no more (the kernel holds them) until one closes, as nginx does.
+/// no more (the kernel holds them) until one closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_connections_bounds_live_connections_per_worker() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = Backend::start("b").await;
-    let config =
-        BASE_CONFIG.replace("nginx_config:\n", "nginx_config:\n  event:\n    worker_connections: 2\n");
-    assert_ne!(config, BASE_CONFIG);
+    // The two connections that fill the worker must not time out while the third waits.
+    let config = BASE_CONFIG
+        .replace("nginx_config:\n", "nginx_config:\n  event:\n    worker_connections: 2\n")
+        .replace("client_header_timeout: 2s", "client_header_timeout: 60s");
+    assert!(config.contains("worker_connections") && config.contains("60s"));
     let gw = TestGateway::start_with(
         &config,
         &format!("routes:\n  - uri: /*\n    upstream: {{nodes: {}}}\n", nodes_yaml(&[b.addr])),

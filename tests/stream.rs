@@ -539,11 +539,16 @@ async fn proxy_protocol_in_drives_remote_addr_matching_and_out_reaches_the_node(
     );
     // Without `nginx_config.stream.real_ip_from` (APISIX trusts nobody by default) the header
     // is read and its addresses left alone: the peer, 127.0.0.1, is the client.
-    let gw = TestGateway::start_with(&stream_config(listeners), &routes, 1);
+    let by_peer = Echo::start().await;
+    let peer_routes = format!(
+        "stream_routes:\n  - remote_addr: 127.0.0.1\n    upstream: {{nodes: {}}}\n",
+        nodes_yaml(&[by_peer.addr])
+    );
+    let gw = TestGateway::start_with(&stream_config(listeners), &peer_routes, 1);
     let mut msg = format!("PROXY TCP4 192.0.2.7 127.0.0.1 5555 {}\r\n", gw.stream(0).port()).into_bytes();
     msg.extend_from_slice(b"data");
-    assert_ne!(round_trip(gw.stream(0), &msg).await, b"databye");
-    assert_eq!(*trusted.connections.lock().unwrap(), 0, "routed by the peer's address");
+    assert_eq!(round_trip(gw.stream(0), &msg).await, b"databye", "routed by the peer's address");
+    assert_eq!(*by_peer.connections.lock().unwrap(), 1);
     drop(gw);
     let trusting =
         stream_config(listeners).replace("  http:\n", "  stream:\n    real_ip_from: [127.0.0.1]\n  http:\n");
