@@ -508,7 +508,17 @@ async fn accept_loop(
                     Ok(Ok(h)) => {
                         let real = shared.node.real_ip.as_ref();
                         let client = crate::route::ip::RealIp::proxy_protocol_client(real, peer, h.source);
-                        dispatch(stream, client, local, kind, Some(deadline), tls, protocols, shared, guard);
+                        dispatch(
+                            stream,
+                            client,
+                            local,
+                            kind,
+                            Some(deadline),
+                            &tls,
+                            &protocols,
+                            shared,
+                            guard,
+                        );
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "bad PROXY protocol header; closing"),
                     Err(_) => tracing::debug!(%peer, "no PROXY protocol header in time; closing"),
@@ -516,7 +526,7 @@ async fn accept_loop(
             });
             continue;
         }
-        dispatch(stream, peer, local, kind, None, tls.clone(), protocols.clone(), shared, guard);
+        dispatch(stream, peer, local, kind, None, &tls, &protocols, shared, guard);
     }
 }
 
@@ -530,8 +540,8 @@ fn dispatch(
     local: SocketAddr,
     kind: Kind,
     deadline: Option<tokio::time::Instant>,
-    tls: Option<TlsAcceptor>,
-    protocols: Arc<HttpProtocols>,
+    tls: &Option<TlsAcceptor>,
+    protocols: &Arc<HttpProtocols>,
     shared: Arc<Shared>,
     guard: ConnGuard,
 ) {
@@ -545,10 +555,10 @@ fn dispatch(
             // twice, as what it captured and inside what it awaits. An h2c connection gets a
             // task of its own once its preface is read ([`serve_h1`]).
             let first = First { deadline, h2c: http2 };
-            tokio::spawn(serve_h1(stream, first, peer, local, shared, protocols, guard));
+            tokio::spawn(serve_h1(stream, first, peer, local, shared, protocols.clone(), guard));
         }
         Kind::Tls { http2, .. } => {
-            let acceptor = tls;
+            let (acceptor, protocols) = (tls.clone(), protocols.clone());
             tokio::spawn(async move {
                 let Some(acceptor) = acceptor else { return };
                 // The handshake and the first request head share one client_header_timeout,

@@ -180,6 +180,25 @@ mod real_ip_tests {
     }
 
     #[test]
+    fn a_proxy_header_names_the_client_only_for_proxy_protocol_from_a_trusted_peer() {
+        let lb: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+        let source: SocketAddr = "203.0.113.7:5555".parse().unwrap();
+        let mut pp = real("x-real-ip", false, &["10.0.0.0/8"]);
+        pp.header = None;
+        assert_eq!(RealIp::proxy_protocol_client(Some(&pp), lb, Some(source)), source);
+        // No address in the header (LOCAL, UNKNOWN), an untrusted peer, another header, or no
+        // realip at all: the peer.
+        assert_eq!(RealIp::proxy_protocol_client(Some(&pp), lb, None), lb);
+        let outside: SocketAddr = "192.0.2.1:40000".parse().unwrap();
+        assert_eq!(RealIp::proxy_protocol_client(Some(&pp), outside, Some(source)), outside);
+        let by_header = real("x-real-ip", false, &["10.0.0.0/8"]);
+        assert_eq!(RealIp::proxy_protocol_client(Some(&by_header), lb, Some(source)), lb);
+        assert_eq!(RealIp::proxy_protocol_client(None, lb, Some(source)), lb);
+        // And such a realip names nobody by a header.
+        assert_eq!(pp.client(&headers("x-real-ip", &["198.51.100.1"])), None);
+    }
+
+    #[test]
     fn nginx_realip_rules() {
         let r = real("x-real-ip", false, &["127.0.0.1"]);
         assert!(r.trusts("127.0.0.1".parse().unwrap()) && !r.trusts("10.0.0.1".parse().unwrap()));
