@@ -43,9 +43,9 @@ pub fn grpc_code(err: &ProxyError) -> Code {
         | ProxyError::RetryTimeout
         | ProxyError::AllTried => Code::Unavailable,
         ProxyError::NodeReset(code, _) => *code,
-        // A node that timed out is what APISIX (nginx's 504) and Envoy tell a gRPC client with
-        // UNAVAILABLE, gRPC's mapping of 504; DEADLINE_EXCEEDED is for the client's own
-        // `grpc-timeout`, which it set and can act on.
+        // A node that timed out reaches a gRPC client behind APISIX as nginx's 504, which gRPC
+        // maps to UNAVAILABLE; DEADLINE_EXCEEDED is for the client's own `grpc-timeout`, which
+        // it set and can act on.
         ProxyError::Timeout(_) => Code::Unavailable,
         ProxyError::DeadlineExceeded => Code::DeadlineExceeded,
         ProxyError::BadRequest(_) => Code::Internal,
