@@ -205,7 +205,7 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
     loop {
         let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
-            Err(e) => return answer_error(client, &e, head_only, retry.upstream_status(None)).await,
+            Err(e) => return answer_error(client, &e, head_only, retry.upstream_status(Err(&e))).await,
         };
         let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, settings.scheme);
         let mut head = request_head(&parts, &host, Some(&fwd));
@@ -239,7 +239,8 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
                     peer.report(outcome, elapsed);
                 }
                 if let Err(answer) = retry.failed(addr, error, !sent || resend_ok) {
-                    return answer_error(client, &answer, head_only, retry.upstream_status(None)).await;
+                    return answer_error(client, &answer, head_only, retry.upstream_status(Err(&answer)))
+                        .await;
                 }
             }
         }
@@ -282,7 +283,7 @@ where
         let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
             Err(e) => {
-                let status = retry.upstream_status(None);
+                let status = retry.upstream_status(Err(&e));
                 return answer_error(client, &e, head_only, status).await.unless_unread(left);
             }
         };
@@ -310,7 +311,7 @@ where
                     peer.report(outcome, elapsed);
                 }
                 if let Err(answer) = retry.failed(addr, error, !sent) {
-                    let status = retry.upstream_status(None);
+                    let status = retry.upstream_status(Err(&answer));
                     return answer_error(client, &answer, head_only, status).await.unless_unread(left);
                 }
             }

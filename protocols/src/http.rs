@@ -234,20 +234,21 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
     picker: &P,
 ) -> Response<ProxyBody> {
     let mut retry = Retry::new(picker);
-    let (mut resp, last) = match forward_inner(req, ctx, picker, &mut retry).await {
+    let (mut resp, shown) = match forward_inner(req, ctx, picker, &mut retry).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
             if status < 500 {
                 return resp;
             }
-            (resp, Some(status))
+            let shown = retry.upstream_status(Ok(status));
+            (resp, shown)
         }
         Err((e, unread)) => {
             drain_unread(unread).await;
-            (error_response(&e, ctx.grpc), None)
+            (error_response(&e, ctx.grpc), retry.upstream_status(Err(&e)))
         }
     };
-    if let Some(v) = retry.upstream_status(last) {
+    if let Some(v) = shown {
         resp.headers_mut().insert(crate::retry::UPSTREAM_STATUS, v);
     }
     resp

@@ -102,12 +102,16 @@ impl<'a> Retry<'a> {
     }
 
     /// APISIX's `X-APISIX-Upstream-Status` for the answer: every attempt's status as nginx's
-    /// `$upstream_status` lists them (`504, 502, 500`), the failed ones' and then `last`, the
-    /// status of the node's answer, if one came; only when the last of them is a 5xx (APISIX's
+    /// `$upstream_status` lists them (`504, 502, 500`), the failed ones' and then the status of
+    /// the node's answer (`Ok`), if one came; only when the last of them is a 5xx (APISIX's
     /// default, `show_upstream_status_in_response_header: false`). `None` when no attempt
     /// failed and there is no 5xx answer, so a gateway error that never reached a node (no
-    /// route, no node) has no such header, as in APISIX.
-    pub fn upstream_status(&self, last: Option<u16>) -> Option<http::HeaderValue> {
+    /// route, no node) has no such header, as in APISIX. A retry the balancer gave up on (no
+    /// node left, `retry_timeout` passed) ends the list with ` :`, as nginx's variable shows the
+    /// attempt that got no node (`504, 504 : `, whose last space no client sees: a field value
+    /// has no trailing whitespace, and HTTP/2 forbids it).
+    pub fn upstream_status(&self, answer: Result<u16, &ProxyError>) -> Option<http::HeaderValue> {
+        let last = answer.ok();
         let shown = match last {
             Some(s) => (500..600).contains(&s),
             None => self.statuses.last().is_some_and(|s| (500..600).contains(s)),
@@ -115,8 +119,11 @@ impl<'a> Retry<'a> {
         if !shown {
             return None;
         }
-        let mut v = Vec::with_capacity(5 * (self.statuses.len() + 1));
+        let mut v = Vec::with_capacity(5 * (self.statuses.len() + 1) + 3);
         write_statuses(&mut v, &self.statuses, last);
+        if matches!(answer, Err(ProxyError::AllTried | ProxyError::RetryTimeout)) {
+            v.extend_from_slice(b" :");
+        }
         http::HeaderValue::from_bytes(&v).ok()
     }
 
@@ -223,6 +230,10 @@ mod tests {
             r.failed(p.addr, ProxyError::Timeout("connect"), true).unwrap();
         }
         assert!(matches!(r.pick(&up, b""), Err(ProxyError::AllTried)));
+        let shown = r.upstream_status(Err(&ProxyError::AllTried)).unwrap();
+        assert_eq!(shown, "504, 504, 504 :", "nginx's mark for the attempt that got no node");
+        assert_eq!(r.upstream_status(Ok(503)).unwrap(), "504, 504, 504, 503");
+        assert_eq!(r.upstream_status(Ok(200)), None);
         // As many retries as other nodes: the last attempt's error.
         let up = list(3, Some(2), None);
         let mut r = Retry::new(&up);
