@@ -22,7 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
 use strait_protocols::SendTimeout;
-use strait_protocols::http::{ForwardCtx, forward};
+use strait_protocols::http::{ForwardCtx, ForwardTrust, forward};
 use strait_protocols::respond::error_response;
 use strait_protocols::{ProxyBody, ProxyError, grpc};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -511,6 +511,7 @@ async fn accept_loop(
                         dispatch(
                             stream,
                             client,
+                            Some(peer.ip()),
                             local,
                             kind,
                             Some(deadline),
@@ -526,17 +527,19 @@ async fn accept_loop(
             });
             continue;
         }
-        dispatch(stream, peer, local, kind, None, &tls, &protocols, shared, guard);
+        dispatch(stream, peer, None, local, kind, None, &tls, &protocols, shared, guard);
     }
 }
 
-/// Starts serving one accepted connection (a task of its own). `deadline`: when its first
-/// request head (and TLS handshake) must be in, if already set (else `client_header_timeout`
-/// from now).
+/// Starts serving one accepted connection (a task of its own) from client `peer`. `hop`: the
+/// TCP peer, when a PROXY header named another client (it is the one `trusted_addresses` is
+/// checked against). `deadline`: when its first request head (and TLS handshake) must be in,
+/// if already set (else `client_header_timeout` from now).
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     stream: TcpStream,
     peer: SocketAddr,
+    hop: Option<std::net::IpAddr>,
     local: SocketAddr,
     kind: Kind,
     deadline: Option<tokio::time::Instant>,
@@ -545,6 +548,7 @@ fn dispatch(
     shared: Arc<Shared>,
     guard: ConnGuard,
 ) {
+    let trust = shared.node.forward_trust(hop.unwrap_or(peer.ip()));
     match kind {
         Kind::Http { http2, .. } => {
             // One client_header_timeout from the accept for the first request head, however
@@ -554,7 +558,7 @@ fn dispatch(
             // The task is the future as it is: one wrapping it would hold its arguments
             // twice, as what it captured and inside what it awaits. An h2c connection gets a
             // task of its own once its preface is read ([`serve_h1`]).
-            let first = First { deadline, h2c: http2 };
+            let first = First { deadline, h2c: http2, trust };
             tokio::spawn(serve_h1(stream, first, peer, local, shared, protocols.clone(), guard));
         }
         Kind::Tls { http2, .. } => {
@@ -580,14 +584,14 @@ fn dispatch(
                     Ok(Ok(tls)) => {
                         if http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                             // A task of its own, sized for the HTTP/2 state, as for h2c.
-                            let ctx = ConnCtx::new(shared, peer, local, true).with_tls(&tls);
+                            let ctx = ConnCtx::new(shared, peer, local, true, trust).with_tls(&tls);
                             tokio::spawn(serve_h2(tls, ctx, protocols, guard));
                         } else {
                             // A task of its own too, sized for the HTTP/1.1 relay: awaited
                             // here, it would sit beside what this one captured. As on plain
                             // connections, an idle connection keeps its TLS state, and the
                             // state of a request only while it is in flight.
-                            let first = First { deadline, h2c: false };
+                            let first = First { deadline, h2c: false, trust };
                             tokio::spawn(serve_h1(tls, first, peer, local, shared, protocols, guard));
                         }
                         return;
@@ -619,12 +623,31 @@ struct ConnCtx {
     /// `X-Real-IP` / `X-Forwarded-Port` values, computed once per connection.
     client_ip: http::HeaderValue,
     local_port_value: http::HeaderValue,
+    /// What the client's forwarding headers are worth (`apisix.trusted_addresses`), judged by
+    /// the connection's TCP peer (APISIX's `realip_remote_addr`) once per connection.
+    trust: ForwardTrust,
 }
 
 impl ConnCtx {
-    fn new(shared: Arc<Shared>, peer: SocketAddr, local: SocketAddr, tls: bool) -> ConnCtx {
+    fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        tls: bool,
+        trust: ForwardTrust,
+    ) -> ConnCtx {
         let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
-        ConnCtx { shared, peer, local, tls, sni: None, client_verified: false, client_ip, local_port_value }
+        ConnCtx {
+            shared,
+            peer,
+            local,
+            tls,
+            sni: None,
+            client_verified: false,
+            client_ip,
+            local_port_value,
+            trust,
+        }
     }
 
     /// With what the TLS handshake said of the client. Kept whether or not some `ssls` entry
@@ -932,7 +955,9 @@ fn serve_h1<S: ClientStream>(
     // The header values are made once a plain connection's client has sent something (over TLS,
     // once the handshake is done): a connection that stays silent costs no allocation of its own.
     let empty = http::HeaderValue::from_static("");
-    let mut conn = H1Conn { stream, peer, local, shared, client_ip: empty.clone(), local_port_value: empty };
+    let trust = first.trust;
+    let mut conn =
+        H1Conn { stream, peer, local, shared, client_ip: empty.clone(), local_port_value: empty, trust };
     let mut buf = bytes::BytesMut::new();
     async move {
         // The waits for a request head share one timer and one wait for the stop signal, made
@@ -957,9 +982,9 @@ fn serve_h1<S: ClientStream>(
                     // What the client sent while the protocol was being told apart comes first.
                     Some((Proto::H1, read)) => buf = read,
                     Some((Proto::H2, read)) => {
-                        let H1Conn { stream, peer, local, shared, .. } = conn;
+                        let H1Conn { stream, peer, local, shared, trust, .. } = conn;
                         let io = strait_protocols::h1::Prefixed::new(read.freeze(), stream);
-                        let ctx = ConnCtx::new(shared, peer, local, S::TLS);
+                        let ctx = ConnCtx::new(shared, peer, local, S::TLS, trust);
                         // A guard of its own: this one is lent to the stop wait until this
                         // future ends, right after.
                         tokio::spawn(serve_h2(io, ctx, protocols, guard.again()));
@@ -1003,8 +1028,8 @@ fn serve_h1<S: ClientStream>(
                     .reset(tokio::time::Instant::now() + conn.shared.node.client_header_timeout);
             }
         }
-        let H1Conn { stream, peer, local, shared, .. } = conn;
-        let ctx = ConnCtx::new(shared, peer, local, S::TLS).with_tls(&stream);
+        let H1Conn { stream, peer, local, shared, trust, .. } = conn;
+        let ctx = ConnCtx::new(shared, peer, local, S::TLS, trust).with_tls(&stream);
         let io = strait_protocols::h1::Prefixed::new(buf.freeze(), stream);
         // Boxed: the general path's state is not part of every relayed connection's.
         Box::pin(serve_http(io, ctx, protocols, &guard)).await;
@@ -1017,6 +1042,8 @@ struct First {
     deadline: tokio::time::Instant,
     /// Tell h2c prior knowledge from HTTP/1.1 first (a plain listener with HTTP/2 on).
     h2c: bool,
+    /// [`ConnCtx::trust`].
+    trust: ForwardTrust,
 }
 
 /// What lasts of an HTTP/1.1 client connection between two requests.
@@ -1028,6 +1055,8 @@ struct H1Conn<S> {
     /// `X-Real-IP` / `X-Forwarded-Port` values, computed once per connection.
     client_ip: http::HeaderValue,
     local_port_value: http::HeaderValue,
+    /// [`ConnCtx::trust`].
+    trust: ForwardTrust,
 }
 
 /// How a connection goes on after [`one_request`].
@@ -1052,7 +1081,7 @@ async fn one_request<S: ClientStream>(
     use bytes::Buf;
     use strait_protocols::h1::{ReqBody, RequestHead};
     use tokio::io::AsyncReadExt;
-    let H1Conn { stream, peer, local, shared, client_ip, local_port_value } = conn;
+    let H1Conn { stream, peer, local, shared, client_ip, local_port_value, trust } = conn;
     let (peer, local) = (*peer, *local);
     let body_timeout = shared.node.client_body_timeout;
     let parsed = loop {
@@ -1169,7 +1198,7 @@ async fn one_request<S: ClientStream>(
         body_timeout,
         // Upgrades go to the general path.
         tunnel_hold: None,
-        trust: shared.node.forward_trust(peer.ip()),
+        trust: *trust,
     };
     shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     let after = match plan {
@@ -1351,7 +1380,7 @@ async fn handle(
         deadline,
         body_timeout: shared.node.client_body_timeout,
         tunnel_hold,
-        trust: shared.node.forward_trust(c.peer.ip()),
+        trust: c.trust,
     };
     if let Some(t) = &route.transcode {
         // Boxed: its state (~6 KiB) would otherwise be part of every request's.

@@ -2987,6 +2987,18 @@ async fn proxy_protocol_port_names_the_client_when_real_ip_says_so() {
     .into_owned();
     assert!(answer.contains("\"x-real-ip\":\"127.0.0.1\""), "{answer}");
     drop(gw);
+    // `apisix.trusted_addresses` is checked against the balancer that sent the PROXY header
+    // (APISIX's `realip_remote_addr`), not against the client it names.
+    let trusting = config("    real_ip_header: proxy_protocol\n    real_ip_from: [127.0.0.1]\n")
+        .replace("  proxy_protocol:\n", "  trusted_addresses: [127.0.0.1]\n  proxy_protocol:\n");
+    assert!(trusting.contains("trusted_addresses"));
+    let gw = TestGateway::start_with(&trusting, &routes, 1);
+    let proto = "PROXY TCP4 203.0.113.5 192.0.2.1 40000 80\r\nGET /x HTTP/1.1\r\nHost: h\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n";
+    let answer = raw(pp_port(&gw), proto.as_bytes(), Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"x-forwarded-proto\":\"https\""), "the balancer is trusted: {answer}");
+    drop(gw);
     // `real_ip_header: proxy_protocol`, but the peer is not trusted: the peer is the client.
     let gw = TestGateway::start_with(
         &config("    real_ip_header: proxy_protocol\n    real_ip_from: [10.0.0.0/8]\n"),
