@@ -186,6 +186,7 @@ fn bench_keys_and_headers(c: &mut Criterion) {
         body_timeout: std::time::Duration::from_secs(60),
         tunnel_hold: None,
         trust: Default::default(),
+        show_upstream_status: false,
     };
     c.bench_function("rewrite_request_headers", |b| {
         b.iter_batched(

@@ -1199,6 +1199,7 @@ async fn one_request<S: ClientStream>(
         // Upgrades go to the general path.
         tunnel_hold: None,
         trust: *trust,
+        show_upstream_status: shared.node.show_upstream_status,
     };
     shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     let after = match plan {
@@ -1381,6 +1382,7 @@ async fn handle(
         body_timeout: shared.node.client_body_timeout,
         tunnel_hold,
         trust: c.trust,
+        show_upstream_status: shared.node.show_upstream_status,
     };
     if let Some(t) = &route.transcode {
         // Boxed: its state (~6 KiB) would otherwise be part of every request's.

@@ -432,6 +432,41 @@ async fn upstream_status_header_and_retries_beyond_the_nodes() {
     assert_eq!(slow[0].requests() + slow[1].requests(), 8, "each slow request tried both nodes once");
 }
 
+/// `apisix.show_upstream_status_in_response_header: true`: every proxied answer carries
+/// `X-APISIX-Upstream-Status`, not only 5xx ones; the gateway's own answers (no route) none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_status_on_every_answer_when_asked() {
+    let ok = Backend::start("ok").await;
+    let dead = closed_port();
+    let config =
+        BASE_CONFIG.replace("  control:", "  show_upstream_status_in_response_header: true\n  control:");
+    assert_ne!(config, BASE_CONFIG);
+    let gw = TestGateway::start_with(
+        &config,
+        &format!(
+            "routes:\n  - uri: /status/*\n    upstream:\n      nodes:\n        - {{host: 127.0.0.1, port: {}, weight: 1, priority: 1}}\n        - {{host: 127.0.0.1, port: {}, weight: 1, priority: 0}}\n  - uri: /one/*\n    upstream: {{nodes: {}}}\n",
+            dead.port(),
+            ok.addr.port(),
+            nodes_yaml(&[ok.addr])
+        ),
+        1,
+    );
+    let shown = |headers: &http::HeaderMap| {
+        headers.get("x-apisix-upstream-status").map(|v| v.to_str().unwrap_or("?").to_string())
+    };
+    for http2 in [false, true] {
+        for (path, want) in [("/one/x", Some("200")), ("/status/204", Some("502, 204")), ("/nowhere", None)] {
+            let headers = if http2 {
+                let req = Request::get(format!("http://h{path}")).body(body("")).unwrap();
+                send_h2(gw.http(), req).await.1
+            } else {
+                get(gw.http(), path).await.1
+            };
+            assert_eq!(shown(&headers).as_deref(), want, "http2 {http2} {path}");
+        }
+    }
+}
+
 /// nginx's default `large_client_header_buffers 4 8k`, which APISIX keeps: a request line over
 /// 8 KiB is a 414, a header line over 8 KiB a 400, over HTTP/1.1 (the relay and, with a head
 /// the relay hands on, the general path) and HTTP/2 alike; lines just within pass.

@@ -205,7 +205,15 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
     loop {
         let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
-            Err(e) => return answer_error(client, &e, head_only, retry.upstream_status(Err(&e))).await,
+            Err(e) => {
+                return answer_error(
+                    client,
+                    &e,
+                    head_only,
+                    retry.upstream_status(Err(&e), ctx.show_upstream_status),
+                )
+                .await;
+            }
         };
         let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, settings.scheme);
         let mut head = request_head(&parts, &host, Some(&fwd));
@@ -218,7 +226,7 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
         // The relay lets go of the peer (least_conn's in-flight count) once the node's answer is
         // all read, before the last bytes go to the client.
         let mut slot = Some(peer);
-        let prior = retry.failed_statuses();
+        let shown = Shown { prior: retry.failed_statuses(), always: ctx.show_upstream_status };
         match exchange(
             client,
             &head,
@@ -228,7 +236,7 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
             timeouts,
             head_only,
             resend_ok,
-            prior,
+            shown,
         )
         .await
         {
@@ -239,8 +247,13 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
                     peer.report(outcome, elapsed);
                 }
                 if let Err(answer) = retry.failed(addr, error, !sent || resend_ok) {
-                    return answer_error(client, &answer, head_only, retry.upstream_status(Err(&answer)))
-                        .await;
+                    return answer_error(
+                        client,
+                        &answer,
+                        head_only,
+                        retry.upstream_status(Err(&answer), ctx.show_upstream_status),
+                    )
+                    .await;
                 }
             }
         }
@@ -283,7 +296,7 @@ where
         let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
             Err(e) => {
-                let status = retry.upstream_status(Err(&e));
+                let status = retry.upstream_status(Err(&e), ctx.show_upstream_status);
                 return answer_error(client, &e, head_only, status).await.unless_unread(left);
             }
         };
@@ -300,7 +313,15 @@ where
         let attempt =
             StreamedAttempt { body_timeout, target, keepalive: settings.keepalive, timeouts, head_only };
         let mut pump = BodyPump::new(left, chunks.clone());
-        let ran = attempt.run(client, &head, &mut pump, &mut slot, retry.failed_statuses()).await;
+        let ran = attempt
+            .run(
+                client,
+                &head,
+                &mut pump,
+                &mut slot,
+                Shown { prior: retry.failed_statuses(), always: ctx.show_upstream_status },
+            )
+            .await;
         left = pump.left;
         rest.extend_from_slice(&pump.excess);
         match ran {
@@ -311,7 +332,7 @@ where
                     peer.report(outcome, elapsed);
                 }
                 if let Err(answer) = retry.failed(addr, error, !sent) {
-                    let status = retry.upstream_status(Err(&answer));
+                    let status = retry.upstream_status(Err(&answer), ctx.show_upstream_status);
                     return answer_error(client, &answer, head_only, status).await.unless_unread(left);
                 }
             }
@@ -347,7 +368,7 @@ impl StreamedAttempt {
         head: &[u8],
         body: &mut BodyPump,
         peer: &mut Option<Peer>,
-        prior: &[u16],
+        shown: Shown<'_>,
     ) -> Result<After, Failure> {
         let start = Instant::now();
         // A body is never sent twice, so a pooled connection is checked with a syscall too.
@@ -381,7 +402,7 @@ impl StreamedAttempt {
         .await?;
         if whole {
             let read = self.timeouts.read;
-            return relay_response(client, got, peer, &self.target.key, self.keepalive, read, start, prior)
+            return relay_response(client, got, peer, &self.target.key, self.keepalive, read, start, shown)
                 .await;
         }
         // The node answered first. The answer goes to the client as it comes, and the body to
@@ -394,7 +415,7 @@ impl StreamedAttempt {
         }
         let client_close = !parsed.keepalive || parsed.framing == Framing::UntilClose;
         let mut out = parsed.head;
-        end_head(&mut out, client_close, prior, parsed.status);
+        end_head(&mut out, client_close, shown, parsed.status);
         let relay =
             Duplex { framing: parsed.framing, read_timeout: self.timeouts.read, keep_body: !client_close };
         let clean = match relay.run(client, &mut node, body, out, buf, peer).await {
@@ -1047,7 +1068,7 @@ async fn exchange<C: AsyncWrite + Unpin>(
     timeouts: crate::Timeouts,
     head_only: bool,
     resend_ok: bool,
-    prior: &[u16],
+    shown: Shown<'_>,
 ) -> Result<After, Failure> {
     // Read from tokio's clock (the same read outside tests): the answer head's deadline may be
     // counted from it, and must be on the clock of tokio's timers, paused in some tests.
@@ -1055,7 +1076,7 @@ async fn exchange<C: AsyncWrite + Unpin>(
     let got =
         send_and_read_head(head, target, keepalive, timeouts, head_only, resend_ok, HeadFor::Bytes, start)
             .await?;
-    relay_response(client, got, peer, &target.key, keepalive, timeouts.read, start, prior).await
+    relay_response(client, got, peer, &target.key, keepalive, timeouts.read, start, shown).await
 }
 
 /// Relays the response whose head is in `got` (and its body) to the client.
@@ -1068,7 +1089,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
     keepalive: KeepalivePool,
     read_timeout: Duration,
     start: Instant,
-    prior: &[u16],
+    shown: Shown<'_>,
 ) -> Result<After, Failure> {
     let Received { mut node, uses, mut buf, head: parsed } = got;
     if let Some(p) = peer.as_ref() {
@@ -1079,7 +1100,7 @@ async fn relay_response<C: AsyncWrite + Unpin>(
     let framing = parsed.framing;
     let client_close = framing == Framing::UntilClose;
     let mut out_head = parsed.head;
-    end_head(&mut out_head, client_close, prior, parsed.status);
+    end_head(&mut out_head, client_close, shown, parsed.status);
     let relayed = relay_body(client, &mut node, &mut buf, &out_head, framing, read_timeout, peer).await;
     crate::spare::give_node(buf);
     match relayed {
@@ -1093,22 +1114,30 @@ async fn relay_response<C: AsyncWrite + Unpin>(
     }
 }
 
+/// What of the attempts an answer's `X-APISIX-Upstream-Status` shows: the statuses of those
+/// that failed before it, and whether it is shown whatever the answer's status
+/// (`show_upstream_status_in_response_header: true`) or only on a 5xx.
+#[derive(Clone, Copy)]
+struct Shown<'a> {
+    prior: &'a [u16],
+    always: bool,
+}
+
 /// Adds what the gateway says in a relayed answer's head (which ends with its blank line):
 /// `connection: close` when the client's connection closes after it, and APISIX's
-/// `X-APISIX-Upstream-Status` on a node's 5xx answer, with the statuses of the attempts that
-/// failed before it (`prior`).
-fn end_head(head: &mut Vec<u8>, close: bool, prior: &[u16], status: u16) {
-    let shown = (500..600).contains(&status);
-    if !close && !shown {
+/// `X-APISIX-Upstream-Status` ([`Shown`]).
+fn end_head(head: &mut Vec<u8>, close: bool, shown: Shown<'_>, status: u16) {
+    let show = shown.always || (500..600).contains(&status);
+    if !close && !show {
         return;
     }
     head.truncate(head.len() - 2);
     if close {
         head.extend_from_slice(b"connection: close\r\n");
     }
-    if shown {
+    if show {
         head.extend_from_slice(b"X-APISIX-Upstream-Status: ");
-        crate::retry::write_statuses(head, prior, Some(status));
+        crate::retry::write_statuses(head, shown.prior, Some(status));
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");

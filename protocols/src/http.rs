@@ -61,6 +61,9 @@ pub struct ForwardCtx<'a> {
     pub tunnel_hold: Option<TunnelHold<'a>>,
     /// What the client's own forwarding headers are worth (`apisix.trusted_addresses`).
     pub trust: ForwardTrust,
+    /// `apisix.show_upstream_status_in_response_header`: `X-APISIX-Upstream-Status` on every
+    /// answer that had an attempt, not only on 5xx ones.
+    pub show_upstream_status: bool,
 }
 
 /// How a client's own `X-Forwarded-*` and `Forwarded` headers are taken, as APISIX 3.14+ does
@@ -237,15 +240,15 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
     let (mut resp, shown) = match forward_inner(req, ctx, picker, &mut retry).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            if status < 500 {
+            if status < 500 && !ctx.show_upstream_status {
                 return resp;
             }
-            let shown = retry.upstream_status(Ok(status));
+            let shown = retry.upstream_status(Ok(status), ctx.show_upstream_status);
             (resp, shown)
         }
         Err((e, unread)) => {
             drain_unread(unread).await;
-            (error_response(&e, ctx.grpc), retry.upstream_status(Err(&e)))
+            (error_response(&e, ctx.grpc), retry.upstream_status(Err(&e), ctx.show_upstream_status))
         }
     };
     if let Some(v) = shown {

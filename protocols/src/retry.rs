@@ -109,12 +109,18 @@ impl<'a> Retry<'a> {
     /// route, no node) has no such header, as in APISIX. A retry the balancer gave up on (no
     /// node left, `retry_timeout` passed) ends the list with ` :`, as nginx's variable shows the
     /// attempt that got no node (`504, 504 : `, whose last space no client sees: a field value
-    /// has no trailing whitespace, and HTTP/2 forbids it).
-    pub fn upstream_status(&self, answer: Result<u16, &ProxyError>) -> Option<http::HeaderValue> {
+    /// has no trailing whitespace, and HTTP/2 forbids it). With `always`
+    /// (`show_upstream_status_in_response_header: true`), whatever the last status, as long as
+    /// there was an attempt.
+    pub fn upstream_status(
+        &self,
+        answer: Result<u16, &ProxyError>,
+        always: bool,
+    ) -> Option<http::HeaderValue> {
         let last = answer.ok();
         let shown = match last {
-            Some(s) => (500..600).contains(&s),
-            None => self.statuses.last().is_some_and(|s| (500..600).contains(s)),
+            Some(s) => always || (500..600).contains(&s),
+            None => self.statuses.last().is_some_and(|s| always || (500..600).contains(s)),
         };
         if !shown {
             return None;
@@ -230,10 +236,11 @@ mod tests {
             r.failed(p.addr, ProxyError::Timeout("connect"), true).unwrap();
         }
         assert!(matches!(r.pick(&up, b""), Err(ProxyError::AllTried)));
-        let shown = r.upstream_status(Err(&ProxyError::AllTried)).unwrap();
+        let shown = r.upstream_status(Err(&ProxyError::AllTried), false).unwrap();
         assert_eq!(shown, "504, 504, 504 :", "nginx's mark for the attempt that got no node");
-        assert_eq!(r.upstream_status(Ok(503)).unwrap(), "504, 504, 504, 503");
-        assert_eq!(r.upstream_status(Ok(200)), None);
+        assert_eq!(r.upstream_status(Ok(503), false).unwrap(), "504, 504, 504, 503");
+        assert_eq!(r.upstream_status(Ok(200), false), None);
+        assert_eq!(r.upstream_status(Ok(200), true).unwrap(), "504, 504, 504, 200");
         // As many retries as other nodes: the last attempt's error.
         let up = list(3, Some(2), None);
         let mut r = Retry::new(&up);

@@ -120,6 +120,9 @@ pub struct NodeConfig {
     /// `nginx_config.event.worker_connections`: live connections per worker before it stops
     /// accepting (APISIX's default, 10620).
     pub worker_connections: usize,
+    /// `apisix.show_upstream_status_in_response_header`: `X-APISIX-Upstream-Status` on every
+    /// proxied answer (APISIX's default, `false`: on 5xx ones only).
+    pub show_upstream_status: bool,
 }
 
 impl NodeConfig {
@@ -242,7 +245,6 @@ const FOREIGN: &[(&str, Foreign)] = &[
     ("deployment.role_control_plane", Any),
     ("apisix.enable_admin", Any),
     ("apisix.enable_dev_mode", Any),
-    ("apisix.show_upstream_status_in_response_header", Only(&["false"])),
     ("apisix.enable_server_tokens", Any),
     ("apisix.extra_lua_path", Any),
     ("apisix.extra_lua_cpath", Any),
@@ -467,6 +469,7 @@ impl NodeConfig {
             real_ip: Some(default_real_ip()),
             stream_real_ip_from: Vec::new(),
             worker_connections: 10620,
+            show_upstream_status: false,
         }
     }
 }
@@ -503,6 +506,7 @@ fn validate(file: &str, raw: RawNodeConfig, errs: &mut Errors) -> NodeConfig {
     cfg.resolver_ipv6 = a.enable_ipv6.unwrap_or(true);
     cfg.resolv_search = a.enable_resolv_search_opt.unwrap_or(true);
     cfg.disable_healthcheck = a.disable_upstream_healthcheck.unwrap_or(false);
+    cfg.show_upstream_status = a.show_upstream_status_in_response_header.unwrap_or(false);
     if let Some(list) = &a.trusted_addresses {
         if list.is_empty() {
             errs.add("apisix.trusted_addresses", "must list at least one address (APISIX's schema)");

@@ -70,6 +70,7 @@ pub struct RawNodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawApisix {
     pub node_listen: Option<Value>,
+    pub show_upstream_status_in_response_header: Option<bool>,
     pub enable_ipv6: Option<bool>,
     pub enable_http2: Option<bool>,
     pub enable_reuseport: Option<bool>,
