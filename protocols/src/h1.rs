@@ -1132,6 +1132,10 @@ fn end_head(head: &mut Vec<u8>, close: bool, shown: Shown<'_>, status: u16) {
         return;
     }
     head.truncate(head.len() - 2);
+    if show {
+        // The gateway's replaces any the node sent, as APISIX sets it.
+        drop_line(head, b"x-apisix-upstream-status:");
+    }
     if close {
         head.extend_from_slice(b"connection: close\r\n");
     }
@@ -1141,6 +1145,23 @@ fn end_head(head: &mut Vec<u8>, close: bool, shown: Shown<'_>, status: u16) {
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
+}
+
+/// Removes from `head` (a status line and header lines, each ending with CRLF) the header lines
+/// that start with `prefix` (a lower-case name and its colon), in any case.
+fn drop_line(head: &mut Vec<u8>, prefix: &[u8]) {
+    let mut at = match head.windows(2).position(|w| w == b"\r\n") {
+        Some(i) => i + 2,
+        None => return,
+    };
+    while at < head.len() {
+        let end = head[at..].windows(2).position(|w| w == b"\r\n").map_or(head.len(), |i| at + i + 2);
+        if head[at..end].len() >= prefix.len() && head[at..at + prefix.len()].eq_ignore_ascii_case(prefix) {
+            head.drain(at..end);
+        } else {
+            at = end;
+        }
+    }
 }
 
 /// A node connection with a complete response head read from it.
@@ -1524,10 +1545,7 @@ fn parse_response(buf: &[u8], head_only: bool, mode: HeadFor) -> Result<Option<P
         let te_header = name.eq_ignore_ascii_case(b"transfer-encoding");
         let stale_length = te && name.eq_ignore_ascii_case(b"content-length");
         let keep_te = mode == HeadFor::Bytes && framing == Framing::Chunked;
-        // On a 5xx the gateway says its own `X-APISIX-Upstream-Status` ([`end_head`]), in place
-        // of any the node sent, as APISIX sets it.
-        let ours = status >= 500 && name.eq_ignore_ascii_case(b"x-apisix-upstream-status");
-        if hop || stale_length || (te_header && !keep_te) || ours {
+        if hop || stale_length || (te_header && !keep_te) {
             continue;
         }
         match mode {
@@ -3573,6 +3591,29 @@ mod tests {
         }
         let mut st = ChunkedState::default();
         assert!(matches!(st.decode(&mut BytesMut::from(&b"3\r\nabcX\r\n"[..])), Next::Frame(_)));
+    }
+
+    #[test]
+    fn the_gateways_upstream_status_replaces_the_nodes() {
+        let node_head =
+            b"HTTP/1.1 503 Service Unavailable\r\nx-apisix-upstream-status: 200\r\ndate: d\r\n\r\n";
+        let mut head = node_head.to_vec();
+        end_head(&mut head, false, Shown { prior: &[502], always: false }, 503);
+        assert_eq!(
+            String::from_utf8_lossy(&head),
+            "HTTP/1.1 503 Service Unavailable\r\ndate: d\r\nX-APISIX-Upstream-Status: 502, 503\r\n\r\n"
+        );
+        // Not shown (a 2xx, APISIX's default): the node's own header goes on as it is.
+        let ok_head = b"HTTP/1.1 200 OK\r\nX-APISIX-Upstream-Status: x\r\n\r\n";
+        let mut head = ok_head.to_vec();
+        end_head(&mut head, false, Shown { prior: &[], always: false }, 200);
+        assert_eq!(head, ok_head);
+        let mut head = ok_head.to_vec();
+        end_head(&mut head, true, Shown { prior: &[], always: true }, 200);
+        assert_eq!(
+            String::from_utf8_lossy(&head),
+            "HTTP/1.1 200 OK\r\nconnection: close\r\nX-APISIX-Upstream-Status: 200\r\n\r\n"
+        );
     }
 
     #[test]
