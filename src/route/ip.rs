@@ -130,7 +130,13 @@ impl RealIp {
     fn scan<'h>(&self, lines: impl Iterator<Item = &'h http::HeaderValue>) -> Option<IpAddr> {
         let mut found: Option<IpAddr> = None;
         for line in lines {
-            for item in line.as_bytes().rsplit(|&b| b == b',' || b == b' ').filter(|i| !i.is_empty()) {
+            let mut items =
+                line.as_bytes().rsplit(|&b| b == b',' || b == b' ').filter(|i| !i.is_empty()).peekable();
+            // A line without an address ends the search, as nginx's parse of it fails.
+            if items.peek().is_none() {
+                return found;
+            }
+            for item in items {
                 let Some(ip) = parse_addr(item) else { return found };
                 found = Some(ip);
                 if !self.recursive || !self.trusts(ip) {
@@ -228,5 +234,10 @@ mod real_ip_tests {
         // A bad entry behind trusted ones: the last trusted one found.
         assert_eq!(rec.client(&headers("x-forwarded-for", &["junk, 10.0.0.2"])), ip("10.0.0.2"));
         assert_eq!(rec.client(&headers("x-forwarded-for", &["1.1.1.1, junk"])), None);
+        // An empty last line: nothing (nginx looks at no earlier line for it).
+        assert_eq!(xff.client(&headers("x-forwarded-for", &["1.1.1.1", " , "])), None);
+        assert_eq!(rec.client(&headers("x-forwarded-for", &["1.1.1.1", ""])), None);
+        assert_eq!(rec.client(&headers("x-forwarded-for", &["1.1.1.1", "10.0.0.2", ","])), None);
+        assert_eq!(rec.client(&headers("x-forwarded-for", &["", "10.0.0.2"])), ip("10.0.0.2"));
     }
 }
