@@ -548,7 +548,7 @@ fn dispatch(
     shared: Arc<Shared>,
     guard: ConnGuard,
 ) {
-    let trust = shared.node.forward_trust(hop.unwrap_or(peer.ip()));
+    let trust = Trust::of(&shared.node, hop.unwrap_or(peer.ip()));
     match kind {
         Kind::Http { http2, .. } => {
             // One client_header_timeout from the accept for the first request head, however
@@ -623,19 +623,30 @@ struct ConnCtx {
     /// `X-Real-IP` / `X-Forwarded-Port` values, computed once per connection.
     client_ip: http::HeaderValue,
     local_port_value: http::HeaderValue,
-    /// What the client's forwarding headers are worth (`apisix.trusted_addresses`), judged by
-    /// the connection's TCP peer (APISIX's `realip_remote_addr`) once per connection.
-    trust: ForwardTrust,
+    trust: Trust,
+}
+
+/// What a connection's TCP peer is trusted with, judged once per connection (APISIX judges
+/// `realip_remote_addr`, the peer before any realip).
+#[derive(Clone, Copy)]
+struct Trust {
+    /// What the client's forwarding headers are worth (`apisix.trusted_addresses`).
+    forward: ForwardTrust,
+    /// Whether its requests may name their client (`nginx_config.http.real_ip_from`).
+    names_client: bool,
+}
+
+impl Trust {
+    fn of(node: &crate::config::NodeConfig, peer: std::net::IpAddr) -> Trust {
+        Trust {
+            forward: node.forward_trust(peer),
+            names_client: node.real_ip.as_ref().is_some_and(|r| r.trusts(peer)),
+        }
+    }
 }
 
 impl ConnCtx {
-    fn new(
-        shared: Arc<Shared>,
-        peer: SocketAddr,
-        local: SocketAddr,
-        tls: bool,
-        trust: ForwardTrust,
-    ) -> ConnCtx {
+    fn new(shared: Arc<Shared>, peer: SocketAddr, local: SocketAddr, tls: bool, trust: Trust) -> ConnCtx {
         let (client_ip, local_port_value) = strait_protocols::http::connection_values(peer, local.port());
         ConnCtx {
             shared,
@@ -1043,7 +1054,7 @@ struct First {
     /// Tell h2c prior knowledge from HTTP/1.1 first (a plain listener with HTTP/2 on).
     h2c: bool,
     /// [`ConnCtx::trust`].
-    trust: ForwardTrust,
+    trust: Trust,
 }
 
 /// What lasts of an HTTP/1.1 client connection between two requests.
@@ -1056,7 +1067,7 @@ struct H1Conn<S> {
     client_ip: http::HeaderValue,
     local_port_value: http::HeaderValue,
     /// [`ConnCtx::trust`].
-    trust: ForwardTrust,
+    trust: Trust,
 }
 
 /// How a connection goes on after [`one_request`].
@@ -1131,7 +1142,7 @@ async fn one_request<S: ClientStream>(
     if grpc::is_grpc_request(&parts.headers) {
         return Step::HandOff;
     }
-    let (client, real_ip) = real_client(&shared.node, peer, &parts.headers);
+    let (client, real_ip) = real_client(&shared.node, *trust, peer, &parts.headers);
     let client_ip = real_ip.as_ref().unwrap_or(client_ip);
     let (route, key) = {
         let state = shared.state.load();
@@ -1198,7 +1209,7 @@ async fn one_request<S: ClientStream>(
         body_timeout,
         // Upgrades go to the general path.
         tunnel_hold: None,
-        trust: *trust,
+        trust: trust.forward,
         show_upstream_status: shared.node.show_upstream_status,
     };
     shared.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
@@ -1279,10 +1290,11 @@ fn client_cert_rules_allow(certs: &CertStore, view: &RequestView, sni: Option<&s
 /// connection's value stands).
 fn real_client(
     node: &crate::config::NodeConfig,
+    trust: Trust,
     peer: SocketAddr,
     headers: &http::HeaderMap,
 ) -> (SocketAddr, Option<http::HeaderValue>) {
-    let named = node.real_ip.as_ref().filter(|r| r.trusts(peer.ip())).and_then(|r| r.client(headers));
+    let named = node.real_ip.as_ref().filter(|_| trust.names_client).and_then(|r| r.client(headers));
     match named {
         Some(ip) if ip != peer.ip() => {
             let value = http::HeaderValue::from_str(&ip.to_string()).ok();
@@ -1318,7 +1330,7 @@ async fn handle(
         return error_response(&ProxyError::Status(405, "TRACE is not allowed".into()), is_grpc);
     }
     // The client a trusted proxy names (nginx's realip module), else the connection's.
-    let (client, real_ip) = real_client(&shared.node, c.peer, &parts.headers);
+    let (client, real_ip) = real_client(&shared.node, c.trust, c.peer, &parts.headers);
     let client_ip = real_ip.as_ref().unwrap_or(&c.client_ip);
     let (route, key) = {
         let state = shared.state.load();
@@ -1381,7 +1393,7 @@ async fn handle(
         deadline,
         body_timeout: shared.node.client_body_timeout,
         tunnel_hold,
-        trust: c.trust,
+        trust: c.trust.forward,
         show_upstream_status: shared.node.show_upstream_status,
     };
     if let Some(t) = &route.transcode {

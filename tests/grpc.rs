@@ -113,53 +113,41 @@ async fn streaming_calls_of_every_kind_and_read_timeout_between_messages() {
         .await
         .expect_err("the node is slower than the read timeout");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    c.ready().await.unwrap();
-    let req = HelloRequest { name: "s".into(), count: 3, delay_ms: 1500, ..Default::default() };
-    let mut stream = c
-        .server_streaming::<_, HelloReply, _>(
-            tonic::Request::new(req),
-            g::path("StreamHellos"),
-            tonic_prost::ProstCodec::default(),
-        )
-        .await
-        .map(|r| r.into_inner());
-    let err = loop {
-        match &mut stream {
-            Err(e) => break e.clone(),
-            Ok(s) => match s.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without the timeout"),
-                Err(e) => break e,
-            },
-        }
-    };
+    let slow_stream = HelloRequest { name: "s".into(), count: 3, delay_ms: 1500, ..Default::default() };
+    let err = stream_error(&mut c, tonic::Request::new(slow_stream.clone())).await;
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 
     // A client deadline that falls within one read timeout after the node's (0.5 s, then 0.8 s):
     // the node's timeout ended the wait, so still UNAVAILABLE, not DEADLINE_EXCEEDED.
-    c.ready().await.unwrap();
-    let req = HelloRequest { name: "s".into(), count: 3, delay_ms: 1500, ..Default::default() };
-    let mut req = tonic::Request::new(req);
+    let mut req = tonic::Request::new(slow_stream);
     req.set_timeout(Duration::from_millis(800));
-    let mut stream = c
-        .server_streaming::<_, HelloReply, _>(
-            req,
-            g::path("StreamHellos"),
-            tonic_prost::ProstCodec::default(),
-        )
-        .await
-        .map(|r| r.into_inner());
-    let err = loop {
-        match &mut stream {
-            Err(e) => break e.clone(),
-            Ok(s) => match s.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without the timeout"),
-                Err(e) => break e,
-            },
-        }
-    };
+    let err = stream_error(&mut c, req).await;
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+}
+
+/// The status a `StreamHellos` call ends with, whether it fails at once or after some messages;
+/// a stream that ends cleanly fails the test.
+async fn stream_error(
+    c: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    req: tonic::Request<HelloRequest>,
+) -> tonic::Status {
+    c.ready().await.unwrap();
+    let call = c.server_streaming::<_, HelloReply, _>(
+        req,
+        g::path("StreamHellos"),
+        tonic_prost::ProstCodec::default(),
+    );
+    let mut stream = match call.await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return e,
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without the timeout"),
+            Err(e) => return e,
+        }
+    }
 }
 
 fn tokio_stream_iter(

@@ -1966,10 +1966,7 @@ async fn an_h2_stream_reset_by_the_client_cancels_the_node_exchange() {
         nodes_yaml(&[node]),
         nodes_yaml(&[b.addr])
     ));
-    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(gw.http()).await;
     let req = Request::get(format!("http://{}/hang", gw.http())).body(()).unwrap();
     let (answer, mut stream) = client.send_request(req, true).unwrap();
     let next = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
@@ -2189,10 +2186,7 @@ async fn h2c_request_bodies_are_streamed_to_http1_nodes_with_their_framing() {
     assert!(body == data, "{} bytes of {}", body.len(), data.len());
 
     // Without one, in DATA frames as they come, then trailers.
-    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(gw.http()).await;
     let req = Request::post(format!("http://{}/unsized", gw.http())).body(()).unwrap();
     let (answer, mut up) = client.send_request(req, false).unwrap();
     for part in data.chunks(100 * 1024) {
@@ -2318,10 +2312,7 @@ async fn a_node_trickling_bytes_does_not_hold_off_the_body_timeout() {
     assert!(start.elapsed() < Duration::from_secs(8), "HTTP/1.1: after {:?}", start.elapsed());
 
     // HTTP/2.
-    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(gw.http()).await;
     let req = Request::put(format!("http://{}/up", gw.http()))
         .header("content-length", "1048576")
         .body(())
@@ -2440,6 +2431,14 @@ async fn a_node_answering_an_upload_early_gets_the_rest_and_keeps_its_connection
     assert!(n <= 2, "HTTP/1.1: {n} node connections for 5 uploads one after another");
 }
 
+/// An HTTP/2 (h2c) client connection to `addr`, driven in the background, ready to send.
+async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    client.ready().await.unwrap()
+}
+
 /// A small request body from an HTTP/2 client is read whole before a node is picked: a client
 /// that declares one and does not send it gets a 408 once the send timeout has passed, and no
 /// request reaches a node; one sent in pieces is forwarded whole.
@@ -2450,10 +2449,7 @@ async fn an_h2c_body_that_does_not_come_is_a_408_and_reaches_no_node() {
         "routes:\n  - uri: /*\n    timeout: {{connect: 1, send: 1, read: 5}}\n    upstream:\n      nodes: {}\n",
         nodes_yaml(&[b.addr])
     ));
-    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(gw.http()).await;
     let req =
         Request::post(format!("http://{}/echo", gw.http())).header("content-length", "10").body(()).unwrap();
     let start = Instant::now();
@@ -3359,10 +3355,7 @@ async fn a_small_h2_body_sent_slowly_is_bounded_by_client_body_timeout() {
         "routes:\n  - uri: /*\n    upstream: {{timeout: {{connect: 1, send: 0.3, read: 5}}, nodes: {}}}\n",
         nodes_yaml(&[b.addr])
     ));
-    let tcp = tokio::net::TcpStream::connect(gw.http()).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(gw.http()).await;
     let req =
         Request::post(format!("http://{}/slow", gw.http())).header("content-length", "10").body(()).unwrap();
     let (answer, mut up) = client.send_request(req, false).unwrap();

@@ -94,6 +94,29 @@ where
     assert_eq!(&back[data.len()..], b"bye");
 }
 
+/// Writes `ping` on `s` and checks that it comes back (through an [`Echo`] node).
+async fn pings<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+}
+
+/// A gateway with one TLS-terminating listener whose `ssls` entry serves `leaf` for `db.test`,
+/// and one stream route to `echo`.
+fn tls_route(leaf: &Leaf, echo: &Echo, workers: usize) -> TestGateway {
+    TestGateway::start_with(
+        &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
+        &format!(
+            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}stream_routes:\n  - upstream: {{nodes: {}}}\n",
+            yaml_block(&leaf.cert, 6),
+            yaml_block(&leaf.key, 6),
+            nodes_yaml(&[echo.addr])
+        ),
+        workers,
+    )
+}
+
 /// A gateway with one plain TCP listener and one stream route to `nodes`.
 fn one_tcp_route(nodes: &[SocketAddr], workers: usize) -> TestGateway {
     TestGateway::start_with(
@@ -214,16 +237,7 @@ async fn tls_termination_relays_8_mib_byte_for_byte_with_half_close() {
     let ca = Ca::new("stream-ca");
     let leaf = ca.leaf(&["db.test"]);
     let echo = Echo::start().await;
-    let gw = TestGateway::start_with(
-        &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
-        &format!(
-            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}stream_routes:\n  - upstream: {{nodes: {}}}\n",
-            yaml_block(&leaf.cert, 6),
-            yaml_block(&leaf.key, 6),
-            nodes_yaml(&[echo.addr])
-        ),
-        2,
-    );
+    let gw = tls_route(&leaf, &echo, 2);
     let (s, _) = tls_connect(gw.stream(0), &ca, "db.test", &leaf).await;
     echoes_byte_for_byte(s, 8 << 20).await;
 }
@@ -236,16 +250,7 @@ async fn a_tls_client_half_closing_without_close_notify_gets_the_whole_answer() 
     let ca = Ca::new("stream-ca");
     let leaf = ca.leaf(&["db.test"]);
     let echo = Echo::start().await;
-    let gw = TestGateway::start_with(
-        &stream_config("      - addr: \"127.0.0.1:0\"\n        tls: true\n"),
-        &format!(
-            "ssls:\n  - snis: [db.test]\n    cert: {}    key: {}stream_routes:\n  - upstream: {{nodes: {}}}\n",
-            yaml_block(&leaf.cert, 6),
-            yaml_block(&leaf.key, 6),
-            nodes_yaml(&[echo.addr])
-        ),
-        1,
-    );
+    let gw = tls_route(&leaf, &echo, 1);
     let (mut s, _) = tls_connect(gw.stream(0), &ca, "db.test", &leaf).await;
     s.write_all(b"request").await.unwrap();
     s.flush().await.unwrap();
@@ -279,10 +284,7 @@ async fn tls_termination_with_client_ca_relays_only_for_client_certificates() {
     let tcp = TcpStream::connect(gw.stream(0)).await.unwrap();
     let connector = client_tls_with_cert(&ca, &client_ca.leaf(&["client"]));
     let mut s = connector.connect(sn.clone(), tcp).await.expect("TLS handshake with a client certificate");
-    s.write_all(b"ping").await.unwrap();
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b).await.unwrap();
-    assert_eq!(&b, b"ping");
+    pings(&mut s).await;
     // Without one: the gateway ends the handshake (with TLS 1.3 the client learns it at its
     // first read) and the node never sees the session.
     let tcp = TcpStream::connect(gw.stream(0)).await.unwrap();
@@ -341,10 +343,7 @@ async fn an_mtls_name_is_not_routed_by_its_client_hello_on_a_plain_listener() {
     let tcp = TcpStream::connect(gw.stream(1)).await.unwrap();
     let connector = client_tls_with_cert(&ca, &client_ca.leaf(&["client"]));
     let mut s = connector.connect(sn, tcp).await.expect("TLS handshake with a client certificate");
-    s.write_all(b"ping").await.unwrap();
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b).await.unwrap();
-    assert_eq!(&b, b"ping");
+    pings(&mut s).await;
     assert_eq!(*echo.connections.lock().unwrap(), 1);
 }
 
@@ -372,10 +371,7 @@ async fn a_client_without_sni_is_routed_by_fallback_sni() {
     let sn = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let tcp = TcpStream::connect(gw.stream(0)).await.unwrap();
     let mut s = client_tls(&ca).connect(sn, tcp).await.expect("TLS handshake without SNI");
-    s.write_all(b"ping").await.unwrap();
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b).await.unwrap();
-    assert_eq!(&b, b"ping");
+    pings(&mut s).await;
     assert_eq!(*echo_db.connections.lock().unwrap(), 1, "routed by fallback_sni");
     assert_eq!(*echo_other.connections.lock().unwrap(), 0);
 }
@@ -408,10 +404,7 @@ async fn tls_termination_routes_by_sni_with_wildcards() {
     for (name, leaf, echo) in [("db.test", &db, &echo_db), ("a.cache.test", &wild, &echo_cache)] {
         let (mut s, presented) = tls_connect(gw.stream(0), &ca, name, leaf).await;
         assert!(presented, "{name}: wrong certificate");
-        s.write_all(b"ping").await.unwrap();
-        let mut b = [0u8; 4];
-        s.read_exact(&mut b).await.unwrap();
-        assert_eq!(&b, b"ping");
+        pings(&mut s).await;
         assert_eq!(*echo.connections.lock().unwrap(), 1, "{name} routed to its node");
     }
     assert_eq!(*echo_other.connections.lock().unwrap(), 0);

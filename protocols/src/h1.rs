@@ -41,7 +41,7 @@ use crate::body::ProxyBody;
 use crate::fxhash::FxHashMap;
 use crate::http::{ForwardCtx, ForwardTrust, idempotent, upstream_host};
 use crate::respond::error_response;
-use crate::retry::Retry;
+use crate::retry::{Retry, Shown};
 use crate::{
     KeepalivePool, Outcome, Peer, ProxyError, Scheme, UpstreamPicker, UpstreamSettings, connect_tcp,
 };
@@ -201,19 +201,11 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
     let head_only = parts.method == Method::HEAD;
     let resend_ok = idempotent(&parts.method);
 
-    let mut retry = Retry::new(picker);
+    let mut retry = Retry::new(picker).show_every_status(ctx.show_upstream_status);
     loop {
         let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
-            Err(e) => {
-                return answer_error(
-                    client,
-                    &e,
-                    head_only,
-                    retry.upstream_status(Err(&e), ctx.show_upstream_status),
-                )
-                .await;
-            }
+            Err(e) => return answer_error(client, &e, head_only, retry.upstream_status(Err(&e))).await,
         };
         let host = upstream_host(&settings.pass_host, fwd.client_host.as_ref(), &peer, settings.scheme);
         let mut head = request_head(&parts, &host, Some(&fwd));
@@ -226,7 +218,6 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
         // The relay lets go of the peer (least_conn's in-flight count) once the node's answer is
         // all read, before the last bytes go to the client.
         let mut slot = Some(peer);
-        let shown = Shown { prior: retry.failed_statuses(), always: ctx.show_upstream_status };
         match exchange(
             client,
             &head,
@@ -236,7 +227,7 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
             timeouts,
             head_only,
             resend_ok,
-            shown,
+            retry.shown(),
         )
         .await
         {
@@ -247,13 +238,8 @@ pub async fn forward<C: AsyncWrite + Unpin, P: UpstreamPicker + ?Sized>(
                     peer.report(outcome, elapsed);
                 }
                 if let Err(answer) = retry.failed(addr, error, !sent || resend_ok) {
-                    return answer_error(
-                        client,
-                        &answer,
-                        head_only,
-                        retry.upstream_status(Err(&answer), ctx.show_upstream_status),
-                    )
-                    .await;
+                    return answer_error(client, &answer, head_only, retry.upstream_status(Err(&answer)))
+                        .await;
                 }
             }
         }
@@ -291,12 +277,12 @@ where
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(prefix.len() as u64 + left));
     }
     let head_only = parts.method == Method::HEAD;
-    let mut retry = Retry::new(picker);
+    let mut retry = Retry::new(picker).show_every_status(ctx.show_upstream_status);
     loop {
         let peer = match retry.pick(picker, ctx.hash_key) {
             Ok(p) => p,
             Err(e) => {
-                let status = retry.upstream_status(Err(&e), ctx.show_upstream_status);
+                let status = retry.upstream_status(Err(&e));
                 return answer_error(client, &e, head_only, status).await.unless_unread(left);
             }
         };
@@ -313,15 +299,7 @@ where
         let attempt =
             StreamedAttempt { body_timeout, target, keepalive: settings.keepalive, timeouts, head_only };
         let mut pump = BodyPump::new(left, chunks.clone());
-        let ran = attempt
-            .run(
-                client,
-                &head,
-                &mut pump,
-                &mut slot,
-                Shown { prior: retry.failed_statuses(), always: ctx.show_upstream_status },
-            )
-            .await;
+        let ran = attempt.run(client, &head, &mut pump, &mut slot, retry.shown()).await;
         left = pump.left;
         rest.extend_from_slice(&pump.excess);
         match ran {
@@ -332,7 +310,7 @@ where
                     peer.report(outcome, elapsed);
                 }
                 if let Err(answer) = retry.failed(addr, error, !sent) {
-                    let status = retry.upstream_status(Err(&answer), ctx.show_upstream_status);
+                    let status = retry.upstream_status(Err(&answer));
                     return answer_error(client, &answer, head_only, status).await.unless_unread(left);
                 }
             }
@@ -1114,20 +1092,11 @@ async fn relay_response<C: AsyncWrite + Unpin>(
     }
 }
 
-/// What of the attempts an answer's `X-APISIX-Upstream-Status` shows: the statuses of those
-/// that failed before it, and whether it is shown whatever the answer's status
-/// (`show_upstream_status_in_response_header: true`) or only on a 5xx.
-#[derive(Clone, Copy)]
-struct Shown<'a> {
-    prior: &'a [u16],
-    always: bool,
-}
-
 /// Adds what the gateway says in a relayed answer's head (which ends with its blank line):
 /// `connection: close` when the client's connection closes after it, and APISIX's
 /// `X-APISIX-Upstream-Status` ([`Shown`]).
 fn end_head(head: &mut Vec<u8>, close: bool, shown: Shown<'_>, status: u16) {
-    let show = shown.always || (500..600).contains(&status);
+    let show = shown.shows(status);
     if !close && !show {
         return;
     }

@@ -236,19 +236,19 @@ pub async fn forward<P: UpstreamPicker + ?Sized>(
     ctx: &ForwardCtx<'_>,
     picker: &P,
 ) -> Response<ProxyBody> {
-    let mut retry = Retry::new(picker);
+    let mut retry = Retry::new(picker).show_every_status(ctx.show_upstream_status);
     let (mut resp, shown) = match forward_inner(req, ctx, picker, &mut retry).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
             if status < 500 && !ctx.show_upstream_status {
                 return resp;
             }
-            let shown = retry.upstream_status(Ok(status), ctx.show_upstream_status);
+            let shown = retry.upstream_status(Ok(status));
             (resp, shown)
         }
         Err((e, unread)) => {
             drain_unread(unread).await;
-            (error_response(&e, ctx.grpc), retry.upstream_status(Err(&e), ctx.show_upstream_status))
+            (error_response(&e, ctx.grpc), retry.upstream_status(Err(&e)))
         }
     };
     if let Some(v) = shown {

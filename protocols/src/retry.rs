@@ -21,6 +21,8 @@ pub struct Retry<'a> {
     tried: Tried,
     /// What each failed attempt was to nginx's `$upstream_status` (502, or 504 for a timeout).
     statuses: Vec<u16>,
+    /// `show_upstream_status_in_response_header: true` ([`Retry::show_every_status`]).
+    always: bool,
     attempt: u32,
     /// What the last failed attempt ran into: the answer once no node is left to try.
     last_error: Option<ProxyError>,
@@ -35,9 +37,17 @@ impl<'a> Retry<'a> {
             deadline: None,
             tried: Tried::default(),
             statuses: Vec::new(),
+            always: false,
             attempt: 0,
             last_error: None,
         }
+    }
+
+    /// `X-APISIX-Upstream-Status` on every answer that had an attempt
+    /// (`show_upstream_status_in_response_header: true`), not only on 5xx ones.
+    pub fn show_every_status(mut self, always: bool) -> Self {
+        self.always = always;
+        self
     }
 
     /// Whether this upstream retries at all (a request worth replaying is kept for it).
@@ -109,18 +119,13 @@ impl<'a> Retry<'a> {
     /// route, no node) has no such header, as in APISIX. A retry the balancer gave up on (no
     /// node left, `retry_timeout` passed) ends the list with ` :`, as nginx's variable shows the
     /// attempt that got no node (`504, 504 : `, whose last space no client sees: a field value
-    /// has no trailing whitespace, and HTTP/2 forbids it). With `always`
-    /// (`show_upstream_status_in_response_header: true`), whatever the last status, as long as
-    /// there was an attempt.
-    pub fn upstream_status(
-        &self,
-        answer: Result<u16, &ProxyError>,
-        always: bool,
-    ) -> Option<http::HeaderValue> {
+    /// has no trailing whitespace, and HTTP/2 forbids it). With [`Retry::show_every_status`],
+    /// whatever the last status, as long as there was an attempt.
+    pub fn upstream_status(&self, answer: Result<u16, &ProxyError>) -> Option<http::HeaderValue> {
         let last = answer.ok();
-        let shown = match last {
-            Some(s) => always || (500..600).contains(&s),
-            None => self.statuses.last().is_some_and(|s| always || (500..600).contains(s)),
+        let shown = match last.or(self.statuses.last().copied()) {
+            Some(s) => self.shown().shows(s),
+            None => false,
         };
         if !shown {
             return None;
@@ -133,9 +138,25 @@ impl<'a> Retry<'a> {
         http::HeaderValue::from_bytes(&v).ok()
     }
 
-    /// The failed attempts' statuses so far (see [`Retry::upstream_status`]).
-    pub fn failed_statuses(&self) -> &[u16] {
-        &self.statuses
+    /// What a node's answer to the next attempt shows of the attempts so far.
+    pub fn shown(&self) -> Shown<'_> {
+        Shown { prior: &self.statuses, always: self.always }
+    }
+}
+
+/// What of a request's attempts an answer's `X-APISIX-Upstream-Status` shows: the statuses of
+/// those that failed before it, and whether it is shown whatever the answer's status
+/// (`show_upstream_status_in_response_header: true`) or only on a 5xx.
+#[derive(Clone, Copy)]
+pub struct Shown<'a> {
+    pub prior: &'a [u16],
+    pub always: bool,
+}
+
+impl Shown<'_> {
+    /// Whether an answer whose (last) status is `status` carries the header.
+    pub fn shows(&self, status: u16) -> bool {
+        self.always || (500..600).contains(&status)
     }
 }
 
@@ -236,11 +257,12 @@ mod tests {
             r.failed(p.addr, ProxyError::Timeout("connect"), true).unwrap();
         }
         assert!(matches!(r.pick(&up, b""), Err(ProxyError::AllTried)));
-        let shown = r.upstream_status(Err(&ProxyError::AllTried), false).unwrap();
+        let shown = r.upstream_status(Err(&ProxyError::AllTried)).unwrap();
         assert_eq!(shown, "504, 504, 504 :", "nginx's mark for the attempt that got no node");
-        assert_eq!(r.upstream_status(Ok(503), false).unwrap(), "504, 504, 504, 503");
-        assert_eq!(r.upstream_status(Ok(200), false), None);
-        assert_eq!(r.upstream_status(Ok(200), true).unwrap(), "504, 504, 504, 200");
+        assert_eq!(r.upstream_status(Ok(503)).unwrap(), "504, 504, 504, 503");
+        assert_eq!(r.upstream_status(Ok(200)), None);
+        let r = r.show_every_status(true);
+        assert_eq!(r.upstream_status(Ok(200)).unwrap(), "504, 504, 504, 200");
         // As many retries as other nodes: the last attempt's error.
         let up = list(3, Some(2), None);
         let mut r = Retry::new(&up);
